@@ -1,0 +1,245 @@
+"""The `safeguard` command line: the operator's interface, whose names and outputs are stable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from appservice.config import DEFAULT_CONFIG_PATH, Config, check_runnable, load_config
+from appservice.database import opened
+from appservice.errors import ConfigError
+from appservice.logs import setup_logging
+from appservice.registration import write_registration
+
+EXIT_CONFIG = 2
+
+
+def _age(since: dt.datetime) -> str:
+    seconds = int((dt.datetime.now(dt.UTC) - since).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def cmd_registration(args: argparse.Namespace, config: Config) -> int:
+    output = Path(args.output) if args.output else config.registration_path
+    content = write_registration(config, output)
+    print(f"wrote {output} (id {content['id']}, bot {config.bot_user_id})")
+    print("add it to Synapse's app_service_config_files and restart Synapse")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    from bot.templates import validate_templates
+
+    check_runnable(config)
+    problems = validate_templates(config.messages)
+    if problems:
+        raise ConfigError(f"{config.path}: " + "; ".join(problems))
+    for resource in config.stale_resources():
+        print(
+            f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "
+            f"older than resources_max_age_days ({config.file.resources_max_age_days})"
+        )
+    print(f"{config.path}: OK")
+    return 0
+
+
+async def _run(config: Config) -> int:
+    from appservice.service import Service
+
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    setup_logging(config.logging.level, config.logging.format)
+    return asyncio.run(_run(config))
+
+
+def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    async def upgrade() -> None:
+        async with opened(config.database_url, migrate=True):
+            pass
+
+    asyncio.run(upgrade())
+    print("database is at the latest schema")
+    return 0
+
+
+async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    async with opened(config.database_url, migrate=True) as engine, engine.connect() as conn:
+        return await work(conn)
+
+
+def cmd_cases(args: argparse.Namespace, config: Config) -> int:
+    from bot import records
+    from bot.store import cases
+
+    async def listing(conn: Any) -> int:
+        found = await cases.listing(conn, args.state)
+        if args.json:
+            rows = [records.case_summary(c, await cases.steps_of(conn, c.id)) for c in found]
+            print(json.dumps({"cases": rows}, indent=2, ensure_ascii=False))
+            return 0
+        print(f"{'CASE':>5}  {'STATE':<7} {'AGE':>5}  {'MEMBER':<28} {'ROOM':<28} CHECK-IN DUE")
+        for case in found:
+            due = case.due_at.strftime("%Y-%m-%d %H:%M UTC") if case.due_at else "-"
+            print(
+                f"{case.id:>5}  {case.state:<7} {_age(case.received_at):>5}  "
+                f"{case.member_id or '(purged)':<28} {case.room_id or '(purged)':<28} {due}"
+            )
+        return 0
+
+    async def show(conn: Any) -> int:
+        document = await records.export(conn, case_id=args.number)
+        if not document["cases"]:
+            print(f"no case #{args.number}", file=sys.stderr)
+            return 1
+        print(json.dumps(document["cases"][0], indent=2, ensure_ascii=False))
+        return 0
+
+    async def export(conn: Any) -> int:
+        since = dt.datetime.fromisoformat(args.since).replace(tzinfo=dt.UTC) if args.since else None
+        document = await records.export(conn, since=since, case_id=args.case)
+        text = (
+            json.dumps(document, indent=2, ensure_ascii=False)
+            if args.format == "json"
+            else records.export_csv(document)
+        )
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+
+    action = {"list": listing, "show": show, "export": export}[args.action]
+    return asyncio.run(_with_db(config, action))
+
+
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    from bot.audit_chain import verify_chain
+    from bot.store import audit
+
+    anchor = None
+    if args.head:
+        seq, _, digest = args.head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ConfigError("--head must be N:HASH as posted in the staff room")
+        anchor = (int(seq), digest)
+
+    async def verify(conn: Any) -> int:
+        rows = [row async for row in audit.chain_rows(conn)]
+        result = verify_chain(rows, anchor=anchor)
+        if result.ok:
+            print(
+                f"audit log OK: {result.entries} entries, head {result.head_seq}:{result.head_hash}"
+            )
+            return 0
+        print(f"audit log FAILED at entry {result.first_bad_seq}: {result.problem}")
+        return 1
+
+    return asyncio.run(_with_db(config, verify))
+
+
+def cmd_dev(args: argparse.Namespace, config: Config | None) -> int:
+    from appservice.devstack import run_dev
+
+    setup_logging("INFO", "text")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_dev(Path(args.dir)))
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safeguard", description="Matrix safeguarding application service"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG_PATH, help="config file (default: config.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("registration", parents=[common], help="write the registration file")
+    p.add_argument("-o", "--output", help="where to write it (default: appservice.registration)")
+    p.set_defaults(handler=cmd_registration, needs="registration")
+
+    p = sub.add_parser("run", parents=[common], help="run the service")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate the config; exit 2 if bad")
+    p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser("db", parents=[common], help="database maintenance")
+    db = p.add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", parents=[common], help="apply migrations").set_defaults(
+        handler=cmd_db_upgrade
+    )
+
+    p = sub.add_parser("cases", parents=[common], help="read the case records")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("list", parents=[common], help="one line per case")
+    q.add_argument("state", nargs="?", default="all", choices=["open", "closed", "all"])
+    q.add_argument("--json", action="store_true", help="JSON instead of a table")
+    q.set_defaults(handler=cmd_cases)
+    q = actions.add_parser("show", parents=[common], help="one case with its whole timeline")
+    q.add_argument("number", type=int)
+    q.set_defaults(handler=cmd_cases)
+    q = actions.add_parser("export", parents=[common], help="export the audit trail")
+    q.add_argument("--format", choices=["json", "csv"], default="json")
+    q.add_argument("--since", help="only cases received on/after this date (YYYY-MM-DD)")
+    q.add_argument("--case", type=int, help="only this case")
+    q.add_argument("-o", "--output", help="write to this file instead of stdout")
+    q.set_defaults(handler=cmd_cases)
+
+    p = sub.add_parser("audit", parents=[common], help="check the audit log")
+    audits = p.add_subparsers(dest="action", required=True)
+    q = audits.add_parser("verify", parents=[common], help="recompute the hash chain")
+    q.add_argument("--head", help="N:HASH posted in the staff room; the log must contain it")
+    q.set_defaults(handler=cmd_audit)
+
+    p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")
+    p.add_argument("--dir", default=".dev", help="where the dev stack lives (default: .dev)")
+    p.set_defaults(handler=cmd_dev, needs="nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "needs", None) == "nothing":
+            return args.handler(args, None)
+        config = load_config(args.config)
+        return args.handler(args, config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Load and validate config.yaml; every problem is one clear line naming the key.
+
+Relative paths (the registration file, a SQLite database) are resolved against
+the directory of the config file, so `safeguard run -c /etc/safeguard/config.yaml`
+works from any working directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from appservice.errors import ConfigError
+from appservice.registration import load_registration
+from bot.settings import (
+    AuditSettings,
+    CheckinSettings,
+    MessageTemplates,
+    PolicySettings,
+    Resource,
+    default_resources,
+)
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HomeserverSettings(_Strict):
+    url: str = Field(pattern=r"^https?://[^/\s]+")
+    domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9.\-:\[\]]+$")
+
+
+class ListenSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=29333, ge=0, le=65535)
+
+
+class AppserviceSettings(_Strict):
+    id: str = Field(default="safeguard", min_length=1)
+    bot_localpart: str = Field(default="safeguard", pattern=r"^[a-z0-9._=\-/+]+$")
+    bot_displayname: str = "Safeguarding"
+    listen: ListenSettings = ListenSettings()
+    url: str = Field(pattern=r"^https?://[^/\s]+")
+    registration: str = "registration.yaml"
+    # None means "local users only" (@*:<domain>), resolved once the domain is known.
+    allowed_inviters: list[str] | None = None
+
+
+class DatabaseSettings(_Strict):
+    url: str = "sqlite+aiosqlite:///safeguard.db"
+    # Processed transaction and event ids are kept this long, then pruned.
+    dedupe_retention_days: int = Field(default=7, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {value!r}") from exc
+        if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError(
+                f"driver {url.drivername!r} is not supported: use sqlite+aiosqlite:///FILE "
+                "or postgresql+asyncpg://USER@HOST/DB"
+            )
+        return value
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class ConfigFile(_Strict):
+    homeserver: HomeserverSettings
+    appservice: AppserviceSettings
+    database: DatabaseSettings = DatabaseSettings()
+    policy: PolicySettings = PolicySettings()
+    checkin: CheckinSettings = CheckinSettings()
+    messages: MessageTemplates = MessageTemplates()
+    resources: list[Resource] = Field(default_factory=default_resources, min_length=1)
+    resources_max_age_days: int = Field(default=365, ge=1)
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated config plus what was derived from where it was read."""
+
+    file: ConfigFile
+    path: Path
+    registration_path: Path
+    database_url: str
+
+    homeserver = property(lambda self: self.file.homeserver)
+    appservice = property(lambda self: self.file.appservice)
+    policy = property(lambda self: self.file.policy)
+    checkin = property(lambda self: self.file.checkin)
+    messages = property(lambda self: self.file.messages)
+    resources = property(lambda self: self.file.resources)
+    audit = property(lambda self: self.file.audit)
+    logging = property(lambda self: self.file.logging)
+
+    @property
+    def bot_user_id(self) -> str:
+        return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
+
+    @property
+    def allowed_inviters(self) -> list[str]:
+        configured = self.appservice.allowed_inviters
+        return configured if configured is not None else [f"@*:{self.homeserver.domain}"]
+
+    def may_invite(self, user_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(user_id, pattern) for pattern in self.allowed_inviters)
+
+    @property
+    def config_hash(self) -> str:
+        """A digest of the policy-relevant settings, recorded with every audit entry."""
+        relevant = self.file.model_dump(
+            mode="json", include={"policy", "checkin", "messages", "resources"}
+        )
+        canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def stale_resources(self, today: dt.date | None = None) -> list[Resource]:
+        today = today or dt.date.today()
+        limit = dt.timedelta(days=self.file.resources_max_age_days)
+        return [r for r in self.resources if today - r.verified_on > limit]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against config.example.yaml)"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if given is not None and not isinstance(given, dict | list):
+        message += f" (got {given!r})"
+    return f"{key}: {message}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _resolve_database_url(url: str, base: Path) -> str:
+    parsed = make_url(url)
+    if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
+        database = Path(parsed.database)
+        if not database.is_absolute():
+            database = (base / database).resolve()
+        return parsed.set(database=str(database)).render_as_string(hide_password=False)
+    return url
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate; raises ConfigError naming the first bad key(s)."""
+    config_path = Path(path)
+    data = _read_yaml(config_path)
+    try:
+        parsed = ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError(f"{config_path}: " + "; ".join(lines)) from None
+    base = config_path.resolve().parent
+    registration = Path(parsed.appservice.registration)
+    if not registration.is_absolute():
+        registration = base / registration
+    return Config(
+        file=parsed,
+        path=config_path,
+        registration_path=registration,
+        database_url=_resolve_database_url(parsed.database.url, base),
+    )
+
+
+def check_runnable(config: Config) -> None:
+    """The checks `run` needs beyond the file's shape: paths, registration, staff room."""
+    problems: list[str] = []
+    if config.policy.staff_room is None:
+        problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
+    url = make_url(config.database_url)
+    if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            problems.append(f"database.url: folder {folder} does not exist")
+        elif not os.access(folder, os.W_OK):
+            problems.append(f"database.url: folder {folder} is not writable")
+    try:
+        registration = load_registration(config.registration_path)
+    except ConfigError as exc:
+        problems.append(f"appservice.registration: {exc}")
+    else:
+        problems.extend(
+            f"appservice.registration: {problem}" for problem in registration.mismatches(config)
+        )
+    if problems:
+        raise ConfigError(f"{config.path}: " + "; ".join(problems))

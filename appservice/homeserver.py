@@ -1,0 +1,403 @@
+"""The bot's Client-Server API calls, through matrix-nio with the as_token.
+
+Implements `bot.ports.Homeserver`. Every call goes through `_call`, which tells
+the three kinds of answer apart: success; a refusal the homeserver means
+(returned as `Refused`, for the workflow to record); and "not now" — network
+errors, 5xx, rate limits past nio's own retries — retried here with backoff and
+raised as `HomeserverUnavailable` when the budget runs out, so the caller tries
+the whole step again later instead of recording a failure that was not one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    ErrorResponse,
+    JoinedRoomsResponse,
+    RoomCreateResponse,
+    RoomGetEventResponse,
+    RoomMessagesResponse,
+    RoomPreset,
+    RoomResolveAliasResponse,
+    RoomSendResponse,
+    RoomVisibility,
+)
+from nio.api import MessageDirection
+
+from bot.ports import (
+    MESSAGE_MARKER_KEY,
+    ROOM_MARKER_TYPE,
+    Done,
+    HomeserverUnavailable,
+    Refused,
+    RoomCreated,
+    RoomState,
+    Sent,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="")
+
+
+class NioHomeserver:
+    """The bot user, acting through the application service's as_token."""
+
+    def __init__(
+        self,
+        url: str,
+        as_token: str,
+        bot_user_id: str,
+        *,
+        attempts: int = 5,
+        base_delay: float = 0.25,
+        max_delay: float = 8.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self._bot_user_id = bot_user_id
+        # nio retries 429s honouring retry_after_ms; bound it so a sustained
+        # limit surfaces to us instead of hanging a step for ever.
+        config = AsyncClientConfig(
+            max_limit_exceeded=8, max_timeouts=0, request_timeout=request_timeout
+        )
+        self.client = AsyncClient(url, user=bot_user_id, config=config)
+        self.client.access_token = as_token
+        self.client.user_id = bot_user_id
+        self._attempts = attempts
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+
+    @property
+    def bot_user_id(self) -> str:
+        return self._bot_user_id
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # ---- the retry/classification core -------------------------------------------------
+
+    async def _call(self, what: str, request: Callable[[], Awaitable[T]]) -> T | Refused:
+        last_problem = "no attempt made"
+        for attempt in range(self._attempts):
+            if attempt:
+                delay = min(self._max_delay, self._base_delay * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            try:
+                response = await request()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last_problem = f"{type(exc).__name__}: {exc}"
+                continue
+            failure = _failure(response)
+            if failure is None:
+                return response
+            status, errcode, message = failure
+            if status == 429 or errcode == "M_LIMIT_EXCEEDED" or status >= 500 or status == 0:
+                last_problem = f"HTTP {status} {errcode} {message}".strip()
+                continue
+            return Refused(errcode=errcode or f"HTTP_{status}", reason=message, status=status)
+        log.warning(
+            "homeserver unavailable for %s after %d attempts: %s",
+            what,
+            self._attempts,
+            last_problem,
+        )
+        raise HomeserverUnavailable(f"{what}: {last_problem}")
+
+    async def _raw(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any] | Refused:
+        """A request nio has no method for; same classification as `_call`."""
+
+        async def request() -> dict[str, Any] | _RawError:
+            headers = {"Content-Type": "application/json"}
+            if self.client.access_token:
+                headers["Authorization"] = f"Bearer {self.client.access_token}"
+            data = json.dumps(body) if body is not None else None
+            response = await self.client.send(method, path, data, headers)
+            try:
+                payload = await response.json(content_type=None)
+            except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                payload = {}
+            if response.status >= 400:
+                return _RawError(response.status, payload if isinstance(payload, dict) else {})
+            return payload if isinstance(payload, dict) else {}
+
+        result = await self._call(f"{method} {path}", request)
+        assert not isinstance(result, _RawError)  # _call turns every error into Refused
+        return result
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    async def ensure_registered(self, displayname: str) -> None:
+        localpart = self._bot_user_id[1:].split(":", 1)[0]
+        result = await self._raw(
+            "POST",
+            "/_matrix/client/v3/register",
+            {"type": "m.login.application_service", "username": localpart},
+        )
+        if isinstance(result, Refused) and result.errcode != "M_USER_IN_USE":
+            raise HomeserverUnavailable(f"registering the bot user was refused: {result}")
+        profile = await self._raw(
+            "PUT",
+            f"/_matrix/client/v3/profile/{_quote(self._bot_user_id)}/displayname",
+            {"displayname": displayname},
+        )
+        if isinstance(profile, Refused):
+            log.warning("could not set the bot's display name: %s", profile)
+
+    async def ping(self, appservice_id: str) -> dict[str, Any] | Refused:
+        """Ask Synapse to ping us back: it also makes queued transactions flow at once."""
+        return await self._raw(
+            "POST", f"/_matrix/client/v1/appservice/{_quote(appservice_id)}/ping", {}
+        )
+
+    async def versions(self) -> bool:
+        try:
+            response = await self.client.send("GET", "/_matrix/client/versions", None, {})
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+        return response.status == 200
+
+    # ---- bot.ports.Homeserver ------------------------------------------------------------
+
+    async def _state_event(
+        self, room_id: str, event_type: str, state_key: str = "", *, as_event: bool = False
+    ) -> dict[str, Any] | Refused | None:
+        path = (
+            f"/_matrix/client/v3/rooms/{_quote(room_id)}/state/{_quote(event_type)}/"
+            f"{_quote(state_key)}"
+        )
+        if as_event:
+            path += "?format=event"
+        result = await self._raw("GET", path)
+        if isinstance(result, Refused) and result.errcode == "M_NOT_FOUND":
+            return None
+        return result
+
+    async def room_state(self, room_id: str) -> RoomState | Refused:
+        create = await self._state_event(room_id, "m.room.create", as_event=True)
+        if isinstance(create, Refused):
+            return create
+        if create is None:
+            return Refused("M_NOT_FOUND", f"no create event in {room_id}", 404)
+        power = await self._state_event(room_id, "m.room.power_levels")
+        if isinstance(power, Refused):
+            return power
+        content = create.get("content") or {}
+        return RoomState(
+            room_id=room_id,
+            create_sender=create.get("sender", ""),
+            create_content=content,
+            power_levels=power,
+            room_version=str(content.get("room_version", "1")),
+        )
+
+    async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused:
+        response = await self._call(
+            f"get event {event_id}", lambda: self.client.room_get_event(room_id, event_id)
+        )
+        if isinstance(response, Refused):
+            return response
+        assert isinstance(response, RoomGetEventResponse)
+        return response.event.source
+
+    async def membership(self, room_id: str, user_id: str) -> str | None:
+        content = await self._state_event(room_id, "m.room.member", user_id)
+        if isinstance(content, Refused) or content is None:
+            return None
+        membership = content.get("membership")
+        return membership if isinstance(membership, str) else None
+
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
+        event = await self._state_event(room_id, "m.room.member", user_id, as_event=True)
+        return event if isinstance(event, dict) else None
+
+    async def resolve_room(self, room_id_or_alias: str) -> str | Refused:
+        if room_id_or_alias.startswith("!"):
+            return room_id_or_alias
+        response = await self._call(
+            f"resolve {room_id_or_alias}",
+            lambda: self.client.room_resolve_alias(room_id_or_alias),
+        )
+        if isinstance(response, Refused):
+            return response
+        assert isinstance(response, RoomResolveAliasResponse)
+        return response.room_id
+
+    async def join_room(self, room_id: str) -> Done | Refused:
+        response = await self._call(f"join {room_id}", lambda: self.client.join(room_id))
+        return response if isinstance(response, Refused) else Done()
+
+    async def leave_room(self, room_id: str) -> Done | Refused:
+        response = await self._call(f"leave {room_id}", lambda: self.client.room_leave(room_id))
+        return response if isinstance(response, Refused) else Done()
+
+    async def joined_rooms(self) -> list[str]:
+        response = await self._call("joined rooms", self.client.joined_rooms)
+        if isinstance(response, Refused):
+            return []
+        assert isinstance(response, JoinedRoomsResponse)
+        return list(response.rooms)
+
+    async def find_marked_room(self, marker: str) -> str | None:
+        for room_id in await self.joined_rooms():
+            content = await self._state_event(room_id, ROOM_MARKER_TYPE)
+            if isinstance(content, dict) and content.get("marker") == marker:
+                return room_id
+        return None
+
+    async def create_room(
+        self,
+        *,
+        marker: str,
+        invite: list[str],
+        name: str | None = None,
+        topic: str | None = None,
+        is_direct: bool = False,
+    ) -> RoomCreated | Refused:
+        response = await self._call(
+            f"create room {marker}",
+            lambda: self.client.room_create(
+                visibility=RoomVisibility.private,
+                name=name,
+                topic=topic,
+                is_direct=is_direct,
+                # private_chat, not trusted_private_chat: in room v12 the latter
+                # would make every invitee a creator with unlimited power.
+                preset=RoomPreset.private_chat,
+                invite=invite,
+                initial_state=[
+                    {"type": ROOM_MARKER_TYPE, "state_key": "", "content": {"marker": marker}},
+                    {
+                        "type": "m.room.history_visibility",
+                        "state_key": "",
+                        "content": {"history_visibility": "invited"},
+                    },
+                ],
+            ),
+        )
+        if isinstance(response, Refused):
+            return response
+        assert isinstance(response, RoomCreateResponse)
+        return RoomCreated(response.room_id)
+
+    async def direct_rooms(self) -> dict[str, list[str]]:
+        result = await self._raw(
+            "GET",
+            f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
+        )
+        if isinstance(result, Refused):
+            return {}
+        return {
+            user: [room for room in rooms if isinstance(room, str)]
+            for user, rooms in result.items()
+            if isinstance(rooms, list)
+        }
+
+    async def remember_direct_room(self, user_id: str, room_id: str) -> None:
+        direct = await self.direct_rooms()
+        rooms = direct.setdefault(user_id, [])
+        if room_id in rooms:
+            return
+        rooms.append(room_id)
+        result = await self._raw(
+            "PUT",
+            f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
+            direct,
+        )
+        if isinstance(result, Refused):
+            log.warning("could not record the DM in m.direct: %s", result)
+
+    async def invite(self, room_id: str, user_id: str) -> Done | Refused:
+        response = await self._call(
+            f"invite to {room_id}", lambda: self.client.room_invite(room_id, user_id)
+        )
+        return response if isinstance(response, Refused) else Done()
+
+    async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
+        response = await self._call(
+            f"kick from {room_id}", lambda: self.client.room_kick(room_id, user_id, reason)
+        )
+        return response if isinstance(response, Refused) else Done()
+
+    async def send(
+        self,
+        room_id: str,
+        content: dict[str, Any],
+        *,
+        txn_id: str,
+        event_type: str = "m.room.message",
+    ) -> Sent | Refused:
+        response = await self._call(
+            f"send to {room_id}",
+            lambda: self.client.room_send(room_id, event_type, content, tx_id=txn_id),
+        )
+        if isinstance(response, Refused):
+            return response
+        assert isinstance(response, RoomSendResponse)
+        return Sent(response.event_id)
+
+    async def find_marked_message(
+        self, room_id: str, marker: str, *, limit: int = 200
+    ) -> str | None:
+        response = await self._call(
+            f"messages in {room_id}",
+            lambda: self.client.room_messages(
+                room_id,
+                start=None,
+                direction=MessageDirection.back,
+                limit=limit,
+                message_filter={"senders": [self._bot_user_id]},
+            ),
+        )
+        if isinstance(response, Refused):
+            return None
+        assert isinstance(response, RoomMessagesResponse)
+        for event in response.chunk:
+            source = getattr(event, "source", {}) or {}
+            content = source.get("content") or {}
+            tag = content.get(MESSAGE_MARKER_KEY)
+            if isinstance(tag, dict) and tag.get("marker") == marker:
+                return source.get("event_id")
+        return None
+
+    async def state_event(
+        self, room_id: str, event_type: str, state_key: str = ""
+    ) -> dict[str, Any] | None:
+        content = await self._state_event(room_id, event_type, state_key)
+        return content if isinstance(content, dict) else None
+
+
+class _RawError:
+    """A raw request's error answer, classified by `_failure` like nio's ErrorResponse."""
+
+    def __init__(self, status: int, payload: dict[str, Any]) -> None:
+        self.status = status
+        self.payload = payload
+
+
+def _failure(response: object) -> tuple[int, str, str] | None:
+    """(HTTP status, errcode, message) when the response is an error, else None."""
+    if isinstance(response, _RawError):
+        return (
+            response.status,
+            str(response.payload.get("errcode") or ""),
+            str(response.payload.get("error") or ""),
+        )
+    if isinstance(response, ErrorResponse):
+        status = response.transport_response.status if response.transport_response else 0
+        return status, str(response.status_code or ""), str(response.message or "")
+    return None

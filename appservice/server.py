@@ -1,0 +1,170 @@
+"""The Application Service API over HTTP: parse, authenticate, hand on — nothing else.
+
+Decisions live in `bot/`. This module's promises to Synapse: every
+transaction we acknowledge is durably recorded first (503 if it cannot be,
+so Synapse retries); one malformed or poisoned event never fails a transaction
+(a 4xx/5xx would make Synapse retry it for ever and block everything behind it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bot.intake import Intake, StorageUnavailable
+from bot.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# A legal Synapse transaction (100 PDUs of up to 64 KiB, plus EDUs) fits with room to spare.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+APP_PREFIX = "/_matrix/app/"
+HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def matrix_error(status: int, errcode: str, error: str) -> web.Response:
+    return web.json_response({"errcode": errcode, "error": error}, status=status)
+
+
+def _well_formed(event: object) -> bool:
+    if not isinstance(event, Mapping):
+        return False
+    for key in ("event_id", "room_id", "type", "sender"):
+        if not isinstance(event.get(key), str) or not event[key]:
+            return False
+    content = event.get("content", {})
+    return isinstance(content, Mapping)
+
+
+def _presented_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer ") :].strip()
+    # Older homeservers send the token as a query parameter.
+    return request.query.get("access_token")
+
+
+class AppServiceServer:
+    def __init__(
+        self,
+        intake: Intake,
+        hs_token: str,
+        metrics: Metrics,
+        health_checks: Mapping[str, HealthCheck],
+    ) -> None:
+        self._intake = intake
+        self._hs_token = hs_token.encode()
+        self._metrics = metrics
+        self._health_checks = dict(health_checks)
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._authenticate]
+        )
+        app.router.add_put("/_matrix/app/v1/transactions/{txn_id}", self.transaction)
+        app.router.add_get("/_matrix/app/v1/users/{user_id}", self.query_user)
+        app.router.add_get("/_matrix/app/v1/rooms/{alias}", self.query_alias)
+        app.router.add_post("/_matrix/app/v1/ping", self.ping)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    # ---- middlewares ---------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every error answers in Matrix's JSON error shape."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
+        except web.HTTPMethodNotAllowed:
+            return matrix_error(405, "M_UNRECOGNIZED", "Method not allowed on this endpoint")
+        except web.HTTPRequestEntityTooLarge:
+            return matrix_error(413, "M_TOO_LARGE", f"Body larger than {MAX_BODY_BYTES} bytes")
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path.startswith(APP_PREFIX):
+            presented = (_presented_token(request) or "").encode()
+            # Constant time: the comparison must not leak how much of a guess was right.
+            if not hmac.compare_digest(presented, self._hs_token):
+                self._metrics.transactions.labels("forbidden").inc()
+                return matrix_error(403, "M_FORBIDDEN", "Missing or invalid hs_token")
+        return await handler(request)
+
+    # ---- the Application Service API ------------------------------------------------
+
+    async def transaction(self, request: web.Request) -> web.Response:
+        txn_id = request.match_info["txn_id"]
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._metrics.transactions.labels("bad_json").inc()
+            return matrix_error(400, "M_NOT_JSON", "Body is not valid JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("events", []), list):
+            self._metrics.transactions.labels("bad_json").inc()
+            return matrix_error(400, "M_BAD_JSON", "'events' must be a list of events")
+        raw_events = payload.get("events", [])
+        events = [event for event in raw_events if _well_formed(event)]
+        skipped = len(raw_events) - len(events)
+        if skipped:
+            self._metrics.events.labels("malformed").inc(skipped)
+            log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
+        try:
+            await self._intake.accept(txn_id, events)
+        except StorageUnavailable as exc:
+            self._metrics.transactions.labels("unrecorded").inc()
+            self._metrics.errors.labels("database").inc()
+            log.error("transaction %s not recorded, asking for a retry: %s", txn_id, exc)
+            return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
+        return web.json_response({})
+
+    async def query_user(self, request: web.Request) -> web.Response:
+        # The bot creates no users on demand.
+        return matrix_error(404, "M_NOT_FOUND", "No such user")
+
+    async def query_alias(self, request: web.Request) -> web.Response:
+        return matrix_error(404, "M_NOT_FOUND", "No such room alias")
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    # ---- operations -----------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        names = list(self._health_checks)
+        results = await asyncio.gather(
+            *(self._run_check(self._health_checks[name]) for name in names)
+        )
+        checks = dict(zip(names, results, strict=True))
+        healthy = all(check.get("ok") for check in checks.values())
+        return web.json_response(
+            {"status": "ok" if healthy else "unavailable", "checks": checks},
+            status=200 if healthy else 503,
+        )
+
+    @staticmethod
+    async def _run_check(check: HealthCheck) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(check(), timeout=5)
+        except Exception as exc:  # a health check reports failure, it never raises
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )

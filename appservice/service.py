@@ -1,0 +1,228 @@
+"""The running service: one place that wires config, database, homeserver, policy and HTTP.
+
+Start order matters: the instance lock and migrations first (nothing may run on
+an old schema or beside a twin), then the HTTP server (Synapse may already be
+waiting to deliver), then the workers, which resume whatever a previous run
+left unfinished. The homeserver may be down: the service still serves and keeps
+trying in the background, and /health says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from appservice.config import Config, check_runnable
+from appservice.database import InstanceLock, create_engine, ping, upgrade
+from appservice.homeserver import NioHomeserver
+from appservice.registration import load_registration
+from appservice.server import AppServiceServer
+from appservice.webhook import HttpWebhook
+from bot.checkin import CheckinScheduler
+from bot.context import PolicyContext
+from bot.delivery import OutboxDelivery
+from bot.dispatch import Dispatcher
+from bot.intake import Intake
+from bot.metrics import Metrics
+from bot.ports import HomeserverUnavailable, Refused
+from bot.staff_tools import StaffTools
+from bot.store import cases, ingest
+from bot.store.audit import Provenance
+from bot.timers import Timers
+from bot.worker import Worker
+from bot.workflow import CaseWorkflow
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: Config, *, connect_retry_seconds: float = 5.0) -> None:
+        check_runnable(config)
+        self.config = config
+        self.registration = load_registration(config.registration_path)
+        self.metrics = Metrics()
+        self.context = PolicyContext(
+            policy=config.policy,
+            checkin=config.checkin,
+            messages=config.messages,
+            resources=list(config.resources),
+            bot_user_id=config.bot_user_id,
+            provenance=Provenance(config.policy.policy_version, config.config_hash),
+            may_invite=config.may_invite,
+            metrics=self.metrics,
+        )
+        self._connect_retry = connect_retry_seconds
+        self._lock = InstanceLock(config.database_url)
+        self.engine = create_engine(config.database_url)
+        self.homeserver = NioHomeserver(
+            config.homeserver.url, self.registration.as_token, config.bot_user_id
+        )
+        self.connected = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self.workflow = CaseWorkflow(self.engine, self.homeserver, self.context)
+        self.outbox = OutboxDelivery(self.engine, self.homeserver, self.context)
+        self.case_worker = Worker("cases", self.workflow.work_once)
+        self.outbox_worker = Worker("outbox", self.outbox.work_once)
+        self.dispatcher = Dispatcher(
+            self.engine,
+            self.homeserver,
+            self.context,
+            on_case=self.case_worker.wake,
+            on_outbox=self.outbox_worker.wake,
+        )
+        self.inbox_worker = Worker("inbox", self.dispatcher.work_once)
+        self.timers = Timers()
+        self.checkins = CheckinScheduler(
+            self.engine,
+            self.homeserver,
+            self.context,
+            is_staff=self.dispatcher.referral.is_staff,
+            timers=self.timers,
+        )
+        self.staff_tools = StaffTools(
+            self.engine,
+            self.context,
+            is_staff=self.dispatcher.referral.is_staff,
+            checkins=self.checkins,
+            timers=self.timers,
+            webhook=HttpWebhook(),
+            on_outbox=self.outbox_worker.wake,
+        )
+        self.workflow.on_scheduled = self.checkins.schedule_case
+        self.workflow.on_alerted = self.staff_tools.watch_alert
+        self.dispatcher.extra_handlers += [
+            self.staff_tools.handle_event,
+            self.checkins.handle_event,
+        ]
+        self.intake = Intake(self.engine, self.context, on_queued=self.inbox_worker.wake)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self._lock.acquire()
+        try:
+            await upgrade(self.engine)
+            await self._load_watched_rooms()
+            stale = self.config.stale_resources()
+            for resource in stale:
+                log.warning(
+                    "crisis resource %r was last verified on %s: check it is still right",
+                    resource.name,
+                    resource.verified_on,
+                )
+            server = AppServiceServer(
+                self.intake,
+                self.registration.hs_token,
+                self.metrics,
+                {"database": self._check_database, "homeserver": self._check_homeserver},
+            )
+            self._runner = web.AppRunner(server.app(), access_log=None)
+            await self._runner.setup()
+            listen = self.config.appservice.listen
+            site = web.TCPSite(self._runner, listen.host, listen.port)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else listen.port
+            log.info("listening on %s:%s", listen.host, self.port)
+            self._background.append(asyncio.create_task(self._connect(), name="connect"))
+            self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _load_watched_rooms(self) -> None:
+        staff_room = self.config.policy.staff_room
+        if staff_room and staff_room.startswith("!"):
+            self.context.staff_room_id = staff_room
+            self.context.watch(staff_room)
+        async with self.engine.connect() as conn:
+            for room_id in await cases.dm_room_ids(conn):
+                self.context.watch(room_id)
+
+    async def _connect(self) -> None:
+        """Register the bot, join the staff room, ping; retry until the homeserver answers."""
+        while True:
+            try:
+                await self.homeserver.ensure_registered(self.config.appservice.bot_displayname)
+                await self._join_staff_room()
+                pong = await self.homeserver.ping(self.config.appservice.id)
+                if isinstance(pong, Refused):
+                    log.warning("homeserver ping refused: %s", pong)
+                break
+            except HomeserverUnavailable as exc:
+                log.warning("homeserver not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(self._connect_retry)
+        self.connected.set()
+        for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
+            worker.start()
+        pending = await self.checkins.start()
+        await self.staff_tools.start()
+        log.info("%d check-in(s) scheduled", pending)
+        log.info("connected to the homeserver as %s", self.config.bot_user_id)
+
+    async def _join_staff_room(self) -> None:
+        configured = self.config.policy.staff_room
+        if configured is None:
+            return
+        room_id = await self.homeserver.resolve_room(configured)
+        if isinstance(room_id, Refused):
+            log.error("staff room %s cannot be resolved: %s", configured, room_id)
+            return
+        self.context.staff_room_id = room_id
+        self.context.watch(room_id)
+        if await self.homeserver.membership(room_id, self.config.bot_user_id) != "join":
+            joined = await self.homeserver.join_room(room_id)
+            if isinstance(joined, Refused):
+                log.error("cannot join the staff room %s: %s (invite the bot)", room_id, joined)
+
+    async def _housekeeping(self) -> None:
+        """Hourly: forget delivery bookkeeping past its retention window."""
+        retention = dt.timedelta(days=self.config.file.database.dedupe_retention_days)
+        while True:
+            try:
+                async with self.engine.begin() as conn:
+                    await ingest.prune(conn, dt.datetime.now(dt.UTC) - retention)
+                    self.metrics.inbox_backlog.set(await ingest.backlog(conn))
+            except Exception:
+                log.exception("housekeeping failed")
+            await asyncio.sleep(3600)
+
+    async def _check_database(self) -> dict[str, Any]:
+        await ping(self.engine)
+        async with self.engine.connect() as conn:
+            backlog = await ingest.backlog(conn)
+        self.metrics.inbox_backlog.set(backlog)
+        return {"ok": True, "inbox_backlog": backlog}
+
+    async def _check_homeserver(self) -> dict[str, Any]:
+        reachable = await self.homeserver.versions()
+        return {"ok": reachable, "connected": self.connected.is_set()}
+
+    async def stop(self) -> None:
+        for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
+            await worker.stop()
+        self.timers.stop()
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        await self.workflow.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.homeserver.close()
+        await self.engine.dispose()
+        await self._lock.release()
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

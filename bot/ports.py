@@ -1,0 +1,135 @@
+"""The homeserver as the policy sees it: a few verbs, each with a typed outcome.
+
+`appservice/homeserver.py` implements this with matrix-nio; unit tests use an
+in-memory fake. Verbs retry rate limits and network errors themselves; what
+they cannot get past in their budget raises `HomeserverUnavailable`, which the
+workflow treats as "try this step again later" (never as a failure), while a
+refusal the homeserver means (403, 404, ...) comes back as `Refused`, which the
+workflow records as the step's outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# State event type placed in the initial state of every room the bot creates,
+# so a crash mid-createRoom can be detected and the room reused, not duplicated.
+ROOM_MARKER_TYPE = "org.matrix.safeguard.marker"
+# Key inside the content of every message the bot sends about a case, so a
+# resumed step can find its own message instead of sending it twice.
+MESSAGE_MARKER_KEY = "org.matrix.safeguard"
+
+
+class HomeserverUnavailable(Exception):
+    """The homeserver could not be reached (or kept rate-limiting) within the retry budget."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The homeserver refused the request for good (it would refuse a retry too)."""
+
+    errcode: str
+    reason: str
+    status: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.errcode}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Sent:
+    event_id: str
+
+
+@dataclass(frozen=True)
+class RoomCreated:
+    room_id: str
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """What authorisation needs from a room: its create event and power levels."""
+
+    room_id: str
+    create_sender: str
+    create_content: dict[str, Any]
+    power_levels: dict[str, Any] | None
+    room_version: str
+
+
+class Homeserver(Protocol):
+    @property
+    def bot_user_id(self) -> str: ...
+
+    async def room_state(self, room_id: str) -> RoomState | Refused:
+        """Fresh create + power-levels state of a room (never a cached copy)."""
+        ...
+
+    async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused: ...
+
+    async def membership(self, room_id: str, user_id: str) -> str | None:
+        """The user's current membership ("join", "leave", ...), or None if never a member."""
+        ...
+
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
+        """The user's current m.room.member state event (sender, content), or None."""
+        ...
+
+    async def resolve_room(self, room_id_or_alias: str) -> str | Refused: ...
+
+    async def join_room(self, room_id: str) -> Done | Refused: ...
+
+    async def leave_room(self, room_id: str) -> Done | Refused: ...
+
+    async def find_marked_room(self, marker: str) -> str | None:
+        """A room the bot is in (joined) whose marker state names `marker`."""
+        ...
+
+    async def create_room(
+        self,
+        *,
+        marker: str,
+        invite: list[str],
+        name: str | None = None,
+        topic: str | None = None,
+        is_direct: bool = False,
+    ) -> RoomCreated | Refused:
+        """A private room (preset private_chat) carrying `marker` in its initial state."""
+        ...
+
+    async def direct_rooms(self) -> dict[str, list[str]]:
+        """The bot's m.direct account data: user id -> DM room ids."""
+        ...
+
+    async def remember_direct_room(self, user_id: str, room_id: str) -> None: ...
+
+    async def invite(self, room_id: str, user_id: str) -> Done | Refused: ...
+
+    async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused: ...
+
+    async def send(
+        self,
+        room_id: str,
+        content: dict[str, Any],
+        *,
+        txn_id: str,
+        event_type: str = "m.room.message",
+    ) -> Sent | Refused: ...
+
+    async def find_marked_message(
+        self, room_id: str, marker: str, *, limit: int = 200
+    ) -> str | None:
+        """The id of a recent event from the bot whose content carries `marker`."""
+        ...
+
+
+class Webhook(Protocol):
+    async def post_json(self, url: str, payload: dict[str, Any]) -> str | None:
+        """POST JSON; None when the receiver accepted it (2xx), else what went wrong."""
+        ...

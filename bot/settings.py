@@ -1,0 +1,188 @@
+"""The policy's settings: what a charity may change without touching code.
+
+These models live in `bot/` because the policy core reads them; the edge
+(`appservice/config.py`) loads them from YAML together with its own sections.
+Every model forbids unknown keys, so a typo is an error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """Parse "90s", "6h", "1d", "1h30m" into a timedelta; ValueError says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as '90s', '6h' or '1h30m', got {text!r}")
+    compact = text.strip().lower().replace(" ", "")
+    if not compact:
+        raise ValueError("a duration may not be empty (write e.g. '90s', '6h', '1d', '1h30m')")
+    position = 0
+    seconds = 0
+    for match in _DURATION_PART.finditer(compact):
+        if match.start() != position:
+            break
+        seconds += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position != len(compact):
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit (s, m, h, d), "
+            "compounds allowed, e.g. '90s', '6h', '1d', '1h30m'"
+        )
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return dt.timedelta(seconds=seconds)
+
+
+Duration = Annotated[dt.timedelta, Field(description="a duration such as '90s' or '1h30m'")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _coerce_duration(value: object) -> object:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"write durations with a unit, e.g. '{int(value)}s'")
+    return value
+
+
+class Resource(_Strict):
+    """A crisis service the member is pointed to, as published on `verified_on`."""
+
+    name: str = Field(min_length=1)
+    contact: str = Field(min_length=1)
+    when: str = ""
+    verified_on: dt.date
+
+
+def default_resources() -> list[Resource]:
+    verified = dt.date(2026, 11, 1)
+    return [
+        Resource(
+            name="Emergency services",
+            contact="call 999 or go to A&E",
+            when="if your life is in danger right now",
+            verified_on=verified,
+        ),
+        Resource(
+            name="Shout (The Mix crisis messenger)",
+            contact="text THEMIX to 85258",
+            when="free, 24/7, by text",
+            verified_on=verified,
+        ),
+        Resource(
+            name="Samaritans",
+            contact="call 116 123 (free) or email jo@samaritans.org",
+            when="any time, day or night",
+            verified_on=verified,
+        ),
+        Resource(
+            name="Papyrus HOPELINE247",
+            contact="call 0800 068 4141 or email pat@papyrus-uk.org",
+            when="if you are under 35",
+            verified_on=verified,
+        ),
+        Resource(
+            name="Childline",
+            contact="call 0800 1111",
+            when="if you are 18 or under",
+            verified_on=verified,
+        ),
+        Resource(
+            name="NHS 111",
+            contact="call 111 and choose the mental health option",
+            when="urgent, but not an emergency",
+            verified_on=verified,
+        ),
+    ]
+
+
+class PolicySettings(_Strict):
+    reactions: list[str] = Field(default_factory=lambda: ["🚨"], min_length=1)
+    command: str = Field(default="!safeguard", min_length=1, pattern=r"^\S+$")
+    moderator_power_level: int = 50
+    staff_room: str | None = Field(default=None, pattern=r"^[!#].+")
+    staff: list[Annotated[str, Field(pattern=r"^@[^:]+:.+$")]] = Field(default_factory=list)
+    staff_power_level: int = 50
+    dry_run: bool = False
+    room_notice: bool = True
+    policy_version: str = "2026-11"
+    lawful_basis: str = "vital interests"
+    # What is recorded as shared with emergency services by `!case N es`.
+    emergency_data_shared: str = (
+        "the member's name and Matrix user id, and the concern the moderator raised"
+    )
+    ack_within: Duration = dt.timedelta(minutes=10)
+    alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
+
+    _duration = field_validator("ack_within", mode="before")(_coerce_duration)
+
+    @field_validator("reactions")
+    @classmethod
+    def _reactions_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("a reaction key may not be blank")
+        return value
+
+
+class CheckinSettings(_Strict):
+    at: dt.time | None = None
+    timezone: str | None = None
+    after: Duration | None = None
+    remind_after: Duration = dt.timedelta(hours=4)
+    room_name: str = "Checking in with you"
+
+    _durations = field_validator("after", "remind_after", mode="before")(_coerce_duration)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as Europe/London)"
+            ) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CheckinSettings:
+        if self.after is not None and (self.at is not None or self.timezone is not None):
+            raise ValueError("set either 'after' or 'at'/'timezone', not both")
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone or "Europe/London")
+
+    @property
+    def local_time(self) -> dt.time:
+        return self.at or dt.time(10, 0)
+
+
+class AuditSettings(_Strict):
+    retention_days: int = Field(default=0, ge=0)
+
+
+class MessageTemplates(_Strict):
+    """Every text the bot sends. Placeholders are `{name}`; see templates.py for the names."""
+
+    notice: str | None = None
+    kick_reason: str | None = None
+    kick_reason_unnotified: str | None = None
+    room_notice: str | None = None
+    alert: str | None = None
+    checkin: str | None = None

@@ -1,0 +1,91 @@
+"""Parsing the staff room's `!case` commands (pure): what staff asked for, or how to ask right."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+PREFIX = "!case"
+Action = Literal["help", "list", "show", "es", "note", "claim", "ack", "close", "reopen", "hold"]
+# Actions on one case that need text after them, and what that text is called.
+_NEEDS_TEXT: dict[str, str] = {
+    "note": "<text>",
+    "close": "<outcome>",
+    "reopen": "<why>",
+    "hold": "<why>",
+    "es": "<reference> [service]",
+}
+_NO_TEXT = ("claim", "ack")
+LIST_FILTERS = ("open", "closed", "all")
+
+USAGE = """\
+!case list [open|closed|all] — the cases, newest last
+!case N — case N's whole timeline
+!case N es <reference> [service] — record that emergency services were informed
+!case N note <text> — add a staff note (kept apart from facts)
+!case N claim — claim the check-in (same as reacting ✋ to its notice)
+!case N ack — acknowledge the alert (same as reacting ✅ to it)
+!case N close <outcome> — close the case
+!case N reopen <why> — reopen a closed case
+!case N hold <why> — keep the case from retention purges
+!case help — this list"""
+
+
+@dataclass(frozen=True)
+class CaseCommand:
+    action: Action
+    case: int | None = None
+    text: str = ""
+    words: tuple[str, ...] = field(default=())
+
+    @property
+    def reference(self) -> str:
+        return self.words[0] if self.words else ""
+
+    @property
+    def service(self) -> str:
+        return " ".join(self.words[1:]) or "emergency services"
+
+
+@dataclass(frozen=True)
+class CommandError:
+    """A `!case` command that could not be understood; `message` says how to write it."""
+
+    message: str
+
+
+def parse_case_command(body: str) -> CaseCommand | CommandError | None:
+    """None when the message is not a `!case` command at all."""
+    if not isinstance(body, str):
+        return None
+    words = body.strip().split()
+    if not words or words[0].casefold() != PREFIX:
+        return None
+    rest = words[1:]
+    if not rest or rest[0].casefold() == "help":
+        return CaseCommand("help")
+    head = rest[0].casefold()
+    if head == "list":
+        chosen = rest[1].casefold() if len(rest) > 1 else "open"
+        if chosen not in LIST_FILTERS or len(rest) > 2:
+            return CommandError("write `!case list`, `!case list closed` or `!case list all`")
+        return CaseCommand("list", text=chosen)
+    number = rest[0].lstrip("#")
+    if not re.fullmatch(r"\d{1,9}", number):
+        return CommandError(
+            f"`{rest[0]}` is not a case number: write e.g. `!case 12` or `!case help`"
+        )
+    case = int(number)
+    if len(rest) == 1:
+        return CaseCommand("show", case)
+    action = rest[1].casefold()
+    arguments = rest[2:]
+    text = " ".join(arguments)
+    if action in _NO_TEXT:
+        return CaseCommand(action, case)  # type: ignore[arg-type]
+    if action in _NEEDS_TEXT:
+        if not arguments:
+            return CommandError(f"write `!case {case} {action} {_NEEDS_TEXT[action]}`")
+        return CaseCommand(action, case, text=text[:2000], words=tuple(arguments))  # type: ignore[arg-type]
+    return CommandError(f"`{rest[1]}` is not a case command; `!case help` lists them")

@@ -1,0 +1,1 @@
+"""The case store: every table and every SQL statement the service runs lives here."""

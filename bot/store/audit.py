@@ -1,0 +1,172 @@
+"""Appending to and reading the audit log (SQL only; the chain rules are in audit_chain)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.audit_chain import ChainedEntry, digest
+from bot.store.schema import audit_entries, audit_head
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Stamped on every entry: which policy and which configuration were in force."""
+
+    policy_version: str
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    case_id: int | None
+    at: dt.datetime
+    kind: str
+    facts: dict[str, Any]
+    personal: dict[str, Any] | None
+    policy_version: str
+    config_hash: str
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "case": self.case_id,
+            "at": self.at.isoformat(),
+            "kind": self.kind,
+            "facts": self.facts,
+            "personal": self.personal,
+            "policy_version": self.policy_version,
+            "config_hash": self.config_hash,
+            "hash": self.hash,
+        }
+
+
+async def append(
+    conn: AsyncConnection,
+    provenance: Provenance,
+    kind: str,
+    *,
+    case_id: int | None = None,
+    facts: dict[str, Any] | None = None,
+    personal: dict[str, Any] | None = None,
+    at: dt.datetime | None = None,
+) -> int:
+    """Append one entry inside the caller's transaction; returns its sequence number."""
+    facts = facts or {}
+    personal = personal or {}
+    at = at or dt.datetime.now(dt.UTC)
+    head_query = sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+    if conn.dialect.name == "postgresql":
+        head_query = head_query.with_for_update()
+    # The migration seeds this row, so there is always one to lock.
+    head = (await conn.execute(head_query)).one()
+    prev_seq, prev_hash = head.seq, head.hash
+    entry = ChainedEntry(
+        seq=prev_seq + 1,
+        case_id=case_id,
+        at=at,
+        kind=kind,
+        facts=facts,
+        personal_digest=digest(personal),
+        policy_version=provenance.policy_version,
+        config_hash=provenance.config_hash,
+        prev_hash=prev_hash,
+    )
+    entry_hash = entry.compute_hash()
+    await conn.execute(
+        audit_entries.insert().values(
+            seq=entry.seq,
+            case_id=case_id,
+            at=at,
+            kind=kind,
+            facts=facts,
+            personal=personal,
+            personal_digest=entry.personal_digest,
+            policy_version=entry.policy_version,
+            config_hash=entry.config_hash,
+            prev_hash=prev_hash,
+            hash=entry_hash,
+        )
+    )
+    await conn.execute(
+        audit_head.update().where(audit_head.c.id == 1).values(seq=entry.seq, hash=entry_hash)
+    )
+    return entry.seq
+
+
+def _entry(row: sa.Row[Any]) -> AuditEntry:
+    return AuditEntry(
+        seq=row.seq,
+        case_id=row.case_id,
+        at=row.at,
+        kind=row.kind,
+        facts=row.facts,
+        personal=row.personal,
+        policy_version=row.policy_version,
+        config_hash=row.config_hash,
+        hash=row.hash,
+    )
+
+
+async def entries(
+    conn: AsyncConnection,
+    *,
+    case_id: int | None = None,
+    without_case: bool = False,
+    since: dt.datetime | None = None,
+) -> list[AuditEntry]:
+    query = sa.select(audit_entries).order_by(audit_entries.c.seq)
+    if case_id is not None:
+        query = query.where(audit_entries.c.case_id == case_id)
+    if without_case:
+        query = query.where(audit_entries.c.case_id.is_(None))
+    if since is not None:
+        query = query.where(audit_entries.c.at >= since)
+    return [_entry(row) for row in await conn.execute(query)]
+
+
+async def chain_rows(
+    conn: AsyncConnection, batch: int = 1000
+) -> AsyncIterator[tuple[ChainedEntry, str, dict[str, Any] | None]]:
+    """Every entry in order, as verify_chain reads them, a batch at a time."""
+    last = 0
+    while True:
+        rows = (
+            await conn.execute(
+                sa.select(audit_entries)
+                .where(audit_entries.c.seq > last)
+                .order_by(audit_entries.c.seq)
+                .limit(batch)
+            )
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield (
+                ChainedEntry(
+                    seq=row.seq,
+                    case_id=row.case_id,
+                    at=row.at,
+                    kind=row.kind,
+                    facts=row.facts,
+                    personal_digest=row.personal_digest,
+                    policy_version=row.policy_version,
+                    config_hash=row.config_hash,
+                    prev_hash=row.prev_hash,
+                ),
+                row.hash,
+                row.personal,
+            )
+        last = rows[-1].seq
+
+
+async def head(conn: AsyncConnection) -> tuple[int, str]:
+    row = (await conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash))).one()
+    return row.seq, row.hash

@@ -1,0 +1,143 @@
+"""Recording what Synapse delivered: transaction ids, event ids, the inbox to act on."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.store.schema import inbox, seen_events, transactions
+
+
+def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    duplicate_transaction: bool
+    new_event_ids: frozenset[str]
+
+
+async def record_transaction(
+    conn: AsyncConnection,
+    txn_id: str,
+    event_ids: Sequence[str],
+    to_act_on: Sequence[dict[str, Any]],
+    now: dt.datetime,
+) -> Recorded:
+    """Persist a transaction; only events never seen before are queued to act on.
+
+    A retried transaction carries the same ids, so nothing is queued twice; a
+    reused txn id (Synapse restored from backup) still has its new events queued.
+    """
+    inserted_txn = await conn.execute(
+        _insert(conn, transactions)
+        .values(txn_id=txn_id, received_at=now, event_count=len(event_ids))
+        .on_conflict_do_nothing()
+        .returning(transactions.c.txn_id)
+    )
+    duplicate = inserted_txn.first() is None
+    new_ids: frozenset[str] = frozenset()
+    if event_ids:
+        unique_ids = list(dict.fromkeys(event_ids))
+        result = await conn.execute(
+            _insert(conn, seen_events).on_conflict_do_nothing().returning(seen_events.c.event_id),
+            [{"event_id": event_id, "received_at": now} for event_id in unique_ids],
+        )
+        new_ids = frozenset(result.scalars())
+    queued = [event for event in to_act_on if event["event_id"] in new_ids]
+    if queued:
+        await conn.execute(
+            inbox.insert(),
+            [
+                {
+                    "event_id": event["event_id"],
+                    "room_id": event["room_id"],
+                    "event_type": event["type"],
+                    "payload": event,
+                    "received_at": now,
+                    "status": "pending",
+                }
+                for event in queued
+            ],
+        )
+    return Recorded(duplicate, new_ids)
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    seq: int
+    event_id: str
+    room_id: str
+    event_type: str
+    payload: dict[str, Any]
+    received_at: dt.datetime
+    attempts: int
+
+
+async def pending(conn: AsyncConnection, limit: int = 100) -> list[InboxItem]:
+    rows = await conn.execute(
+        sa.select(inbox).where(inbox.c.status == "pending").order_by(inbox.c.seq).limit(limit)
+    )
+    return [
+        InboxItem(
+            seq=row.seq,
+            event_id=row.event_id,
+            room_id=row.room_id,
+            event_type=row.event_type,
+            payload=row.payload,
+            received_at=row.received_at,
+            attempts=row.attempts,
+        )
+        for row in rows
+    ]
+
+
+async def finish(
+    conn: AsyncConnection, seq: int, now: dt.datetime, *, error: str | None = None
+) -> None:
+    """Mark an inbox event processed (or failed for good), and drop its content."""
+    await conn.execute(
+        inbox.update()
+        .where(inbox.c.seq == seq)
+        .values(
+            status="failed" if error else "done",
+            error=error,
+            payload=None,
+            processed_at=now,
+            attempts=inbox.c.attempts + 1,
+        )
+    )
+
+
+async def count_attempt(conn: AsyncConnection, seq: int, error: str) -> None:
+    await conn.execute(
+        inbox.update().where(inbox.c.seq == seq).values(attempts=inbox.c.attempts + 1, error=error)
+    )
+
+
+async def backlog(conn: AsyncConnection) -> int:
+    query = sa.select(sa.func.count()).select_from(inbox).where(inbox.c.status == "pending")
+    return (await conn.execute(query)).scalar_one()
+
+
+async def prune(conn: AsyncConnection, older_than: dt.datetime) -> int:
+    """Forget delivery bookkeeping older than the retention window."""
+    removed = 0
+    for table, column in (
+        (transactions, transactions.c.received_at),
+        (seen_events, seen_events.c.received_at),
+    ):
+        result = await conn.execute(table.delete().where(column < older_than))
+        removed += result.rowcount or 0
+    result = await conn.execute(
+        inbox.delete().where(inbox.c.status != "pending", inbox.c.received_at < older_than)
+    )
+    return removed + (result.rowcount or 0)

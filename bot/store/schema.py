@@ -1,0 +1,180 @@
+"""The tables, as SQLAlchemy Core metadata shared by the store and the migrations."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every backend (SQLite keeps no zone, so we store naive UTC)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored: use aware UTC")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else value.replace(tzinfo=dt.UTC)
+
+
+# Every transaction id Synapse sent, so a retried transaction is acknowledged
+# without reprocessing, across restarts. Pruned after database.dedupe_retention_days.
+transactions = sa.Table(
+    "transactions",
+    metadata,
+    sa.Column("txn_id", sa.String(255), primary_key=True),
+    sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+    sa.Column("event_count", sa.Integer, nullable=False),
+)
+
+# Every event id delivered: an event redelivered in a new transaction is not processed twice.
+seen_events = sa.Table(
+    "seen_events",
+    metadata,
+    sa.Column("event_id", sa.String(255), primary_key=True),
+    sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+)
+
+# Events that may need acting on (flags, memberships, power levels, DM replies,
+# staff commands), written in the same DB transaction as the acknowledgement and
+# processed in the background. The payload is cleared once processed (no chat
+# text is kept).
+inbox = sa.Table(
+    "inbox",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("room_id", sa.String(255), nullable=False),
+    sa.Column("event_type", sa.String(255), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=True),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),  # pending|done|failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("processed_at", UTCDateTime, nullable=True),
+)
+
+cases = sa.Table(
+    "cases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),  # the case number
+    sa.Column("room_id", sa.String(255), nullable=True),  # nullable: purged by retention
+    sa.Column("member_id", sa.String(255), nullable=True),
+    # "<room>|<member>" while the case is the member's active case in that room,
+    # NULL once they rejoin: the unique constraint makes "one active case per
+    # (room, member)" hold even when two moderators flag at the same instant.
+    sa.Column("active_key", sa.String(520), nullable=True, unique=True),
+    sa.Column("state", sa.String(16), nullable=False),  # open|closed
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("flagged_at", UTCDateTime, nullable=False),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Column("due_at", UTCDateTime, nullable=True),
+    sa.Column("dm_room_id", sa.String(255), nullable=True),
+    sa.Column("checkin_room_id", sa.String(255), nullable=True),
+    sa.Column("rejoined_at", UTCDateTime, nullable=True),
+    sa.Column("closed_at", UTCDateTime, nullable=True),
+    sa.Column("outcome", sa.Text, nullable=True),
+    sa.Column("hold_reason", sa.Text, nullable=True),
+    sa.Column("purged_at", UTCDateTime, nullable=True),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True, index=True),
+    # The check-in's life after it opens: the staff-room notice staff claim with ✋,
+    # who claimed it, when staff first joined, and whether staff were reminded.
+    sa.Column("checkin_notice_event_id", sa.String(255), nullable=True, index=True),
+    sa.Column("checkin_opened_at", UTCDateTime, nullable=True),
+    sa.Column("checkin_claimed_by", sa.String(255), nullable=True),
+    sa.Column("checkin_staff_joined_at", UTCDateTime, nullable=True),
+    sa.Column("checkin_member_joined_at", UTCDateTime, nullable=True),
+    sa.Column("checkin_reminded_at", UTCDateTime, nullable=True),
+    sa.Column("alert_event_id", sa.String(255), nullable=True, index=True),
+    sa.Column("alert_acked_by", sa.String(255), nullable=True),
+    sa.Column("alert_raised_again_at", UTCDateTime, nullable=True),
+)
+
+case_steps = sa.Table(
+    "case_steps",
+    metadata,
+    sa.Column("case_id", sa.Integer, sa.ForeignKey("cases.id"), primary_key=True),
+    sa.Column("step", sa.String(32), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    # pending -> started (intent written) -> done|failed|skipped
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("progress", sa.JSON, nullable=True),  # ids learnt mid-step (e.g. the DM room)
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+# Messages that must reach a room exactly once but belong to no case step
+# (refusal reports, relays of the member's replies, room-joined notices).
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("room_id", sa.String(255), nullable=False),
+    sa.Column("content", sa.JSON, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),  # pending|sent|failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("event_id", sa.String(255), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+# Rooms the bot moderates, and what it last told staff about its kick power there.
+rooms = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("room_id", sa.String(255), primary_key=True),
+    sa.Column("inviter", sa.String(255), nullable=True),
+    sa.Column("joined_at", UTCDateTime, nullable=True),
+    sa.Column("can_kick", sa.Boolean, nullable=True),
+    sa.Column("left_at", UTCDateTime, nullable=True),
+)
+
+# The append-only, hash-chained audit log. `personal` holds the personal fields
+# (user ids, room ids, references, notes) apart from `facts`, and the hash
+# covers only their digest, so retention can erase them and the chain still verifies.
+audit_entries = sa.Table(
+    "audit_entries",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("case_id", sa.Integer, nullable=True, index=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("facts", sa.JSON, nullable=False),
+    sa.Column("personal", sa.JSON, nullable=True),
+    sa.Column("personal_digest", sa.String(64), nullable=False),
+    sa.Column("policy_version", sa.String(64), nullable=False),
+    sa.Column("config_hash", sa.String(64), nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+# One row: the chain head. Appends lock it, so two writers cannot fork the chain.
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)

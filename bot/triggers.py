@@ -1,0 +1,165 @@
+"""Recognising a flag in a raw Matrix event (pure): a reaction, a reply command, or a named user.
+
+Never raises: events come from any client, and a shape we do not understand
+is simply not a flag.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+VARIATION_SELECTOR = "\ufe0f"
+MAX_REASON = 500
+_USER_ID = re.compile(r"@[^\s:]+:[^\s]+")
+# Element pills: <a href="https://matrix.to/#/@user:server">Name</a>
+_PILL_ANCHOR = re.compile(
+    r"""<a\s[^>]*href=["']https://matrix\.to/#/(@[^"'?/]+)[^"']*["'][^>]*>.*?</a>""", re.I | re.S
+)
+_MX_REPLY = re.compile(r"<mx-reply>.*?</mx-reply>", re.I | re.S)
+_TAGS = re.compile(r"<[^>]+>")
+
+
+@dataclass(frozen=True)
+class Flag:
+    method: Literal["reaction", "reply", "command"]
+    room_id: str
+    flagger: str
+    flag_event_id: str
+    target_event_id: str | None
+    target_user: str | None
+    reason: str | None
+
+
+def normalise_key(key: str) -> str:
+    """Reaction keys compare without U+FE0F: "🚨" and "🚨\ufe0f" are the same flag."""
+    return key.replace(VARIATION_SELECTOR, "").strip()
+
+
+def strip_reply_fallback(body: str) -> str:
+    """Drop the `> <@user> quoted` lines clients put before a reply's own text."""
+    lines = body.split("\n")
+    index = 0
+    while index < len(lines) and lines[index].startswith(">"):
+        index += 1
+    if index and index < len(lines) and lines[index].strip() == "":
+        index += 1
+    return "\n".join(lines[index:]) if index else body
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _relation(content: Mapping[str, Any]) -> Mapping[str, Any]:
+    relation = content.get("m.relates_to")
+    return relation if isinstance(relation, Mapping) else {}
+
+
+def _reply_target(relation: Mapping[str, Any]) -> str | None:
+    """The replied-to event id, unless it is only a thread's fallback."""
+    if relation.get("rel_type") == "m.thread" and relation.get("is_falling_back") is True:
+        return None
+    in_reply_to = relation.get("m.in_reply_to")
+    if isinstance(in_reply_to, Mapping):
+        return _text(in_reply_to.get("event_id"))
+    return None
+
+
+def _reason(text: str) -> str | None:
+    text = " ".join(text.split())
+    return text[:MAX_REASON] or None
+
+
+def _recognise_reaction(
+    event: Mapping[str, Any], content: Mapping[str, Any], keys: frozenset[str]
+) -> Flag | None:
+    relation = _relation(content)
+    key, target = _text(relation.get("key")), _text(relation.get("event_id"))
+    if relation.get("rel_type") != "m.annotation" or key is None or target is None:
+        return None
+    if normalise_key(key) not in keys:
+        return None
+    return Flag(
+        "reaction", event["room_id"], event["sender"], event["event_id"], target, None, None
+    )
+
+
+def _plain_with_pills(formatted: str) -> str:
+    """formatted_body as text, each pill replaced by its user id (the body has only the name)."""
+    text = _PILL_ANCHOR.sub(lambda match: match.group(1), _MX_REPLY.sub("", formatted))
+    return html.unescape(_TAGS.sub("", text))
+
+
+def _recognise_command(
+    event: Mapping[str, Any], content: Mapping[str, Any], command: str
+) -> Flag | None:
+    body = _text(content.get("body"))
+    if body is None:
+        return None
+    relation = _relation(content)
+    if relation.get("rel_type") == "m.replace":
+        return None  # an edit re-states an earlier message; the original was the flag
+    reply_to = _reply_target(relation)
+    formatted = _text(content.get("formatted_body"))
+    if formatted and _PILL_ANCHOR.search(formatted):
+        text = _plain_with_pills(formatted).strip()
+    else:
+        text = (strip_reply_fallback(body) if reply_to else body).strip()
+    words = text.split(maxsplit=2)
+    if not words or words[0].casefold() != command.casefold():
+        return None
+    named = words[1] if len(words) > 1 and _USER_ID.fullmatch(words[1]) else None
+    if named is not None:
+        # An explicit user in the command wins over the message it replies to:
+        # the moderator said whom they meant.
+        reason = _reason(words[2]) if len(words) > 2 else None
+        return Flag(
+            "command", event["room_id"], event["sender"], event["event_id"], None, named, reason
+        )
+    rest = text[len(words[0]) :]
+    if reply_to is not None:
+        return Flag(
+            "reply",
+            event["room_id"],
+            event["sender"],
+            event["event_id"],
+            reply_to,
+            None,
+            _reason(rest),
+        )
+    # No id in the text and not a reply: a client may have put the pill only in m.mentions.
+    # (Replies add the replied-to sender there, so this is only trusted without a reply.)
+    mentions = content.get("m.mentions")
+    user_ids = mentions.get("user_ids") if isinstance(mentions, Mapping) else None
+    if isinstance(user_ids, list) and len(user_ids) == 1 and isinstance(user_ids[0], str):
+        return Flag(
+            "command", event["room_id"], event["sender"], event["event_id"], None, user_ids[0], None
+        )
+    return None
+
+
+def recognise_flag(
+    event: Mapping[str, Any], *, reactions: Sequence[str], command: str
+) -> Flag | None:
+    """The flag this event raises, or None (encrypted reactions count: relations are cleartext)."""
+    try:
+        if not isinstance(event, Mapping):
+            return None
+        for key in ("event_id", "room_id", "sender", "type"):
+            if not isinstance(event.get(key), str):
+                return None
+        content = event.get("content")
+        if not isinstance(content, Mapping) or not content:
+            return None
+        keys = frozenset(normalise_key(k) for k in reactions)
+        if event["type"] in ("m.reaction", "m.room.encrypted"):
+            return _recognise_reaction(event, content, keys)
+        if event["type"] == "m.room.message":
+            return _recognise_command(event, content, command)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return None

@@ -1,0 +1,292 @@
+"""The Application Service API contract: statuses, bodies, durability, one instance."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from appservice.config import ConfigError, load_config
+from appservice.database import create_engine
+from appservice.service import Service
+from bot.store import ingest
+from tests.support.scene import build_scene, open_group_room, running_service, service_config, until
+
+pytestmark = pytest.mark.synapse
+
+
+@pytest.fixture
+async def config(synapse, tmp_path):
+    return service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        staff_room="!unused:localhost",
+        staff=[],
+    )
+
+
+@pytest.fixture
+async def service(config):
+    async with running_service(config) as service:
+        yield service
+
+
+def base(service: Service) -> str:
+    return f"http://127.0.0.1:{service.port}"
+
+
+def auth(service: Service) -> dict[str, str]:
+    return {"Authorization": f"Bearer {service.registration.hs_token}"}
+
+
+def reaction(event_id: str, key: str = "🚨") -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": "!nowhere:localhost",
+        "type": "m.reaction",
+        "sender": "@someone:localhost",
+        "origin_server_ts": 1,
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": key}},
+    }
+
+
+async def put(service, txn, body, headers=None, raw=False):
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"{base(service)}/_matrix/app/v1/transactions/{txn}",
+            data=body if raw else json.dumps(body),
+            headers=auth(service) if headers is None else headers,
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+async def inbox_ids(service) -> list[str]:
+    async with service.engine.connect() as conn:
+        return [item.event_id for item in await ingest.pending(conn, limit=1000)]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}],
+    ids=["missing", "wrong", "not-bearer"],
+)
+async def test_missing_or_wrong_token_is_403(service, headers):
+    status, body = await put(service, "t1", {"events": []}, headers=headers)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    async with aiohttp.ClientSession() as session:
+        for method, path in (
+            ("GET", "users/@a:localhost"),
+            ("GET", "rooms/%23a:localhost"),
+            ("POST", "ping"),
+        ):
+            async with session.request(
+                method, f"{base(service)}/_matrix/app/v1/{path}", headers=headers
+            ) as response:
+                assert response.status == 403
+
+
+async def test_query_parameter_token_is_accepted(service):
+    status, _ = await put(
+        service, f"t?access_token={service.registration.hs_token}", {"events": []}, headers={}
+    )
+    assert status == 200
+
+
+async def test_bad_bodies_are_400_and_lose_nothing(service):
+    status, body = await put(service, "bad1", b"{not json", raw=True)
+    assert (status, body["errcode"]) == (400, "M_NOT_JSON")
+    status, body = await put(service, "bad2", {"events": {"not": "a list"}})
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+    status, body = await put(service, "bad3", ["not", "an", "object"])
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+    # The same txn id with a good body afterwards is still processed.
+    status, _ = await put(service, "bad2", {"events": [reaction("$after-bad")]})
+    assert status == 200
+    assert "$after-bad" in await inbox_ids(service)
+
+
+async def test_malformed_events_are_skipped_not_fatal(service):
+    events = [
+        "not an event",
+        42,
+        None,
+        {"event_id": "$no-type", "room_id": "!r:l", "sender": "@a:l"},
+        {
+            "event_id": "$bad-content",
+            "room_id": "!r:l",
+            "type": "m.reaction",
+            "sender": "@a:l",
+            "content": "nope",
+        },
+        reaction("$good"),
+    ]
+    status, body = await put(service, "mixed", {"events": events})
+    assert (status, body) == (200, {})
+    assert await inbox_ids(service) == ["$good"]
+    async with aiohttp.ClientSession() as session, session.get(f"{base(service)}/metrics") as r:
+        text = await r.text()
+    assert 'safeguard_events_total{outcome="malformed"} 5.0' in text
+
+
+async def test_oversized_body_is_413(service):
+    body = b'{"events": [' + b" " * (32 * 1024 * 1024 + 10) + b"]}"
+    status, payload = await put(service, "big", body, raw=True)
+    assert status == 413 and payload["errcode"] == "M_TOO_LARGE"
+
+
+async def test_legal_synapse_sized_transaction_fits(service):
+    padding = "x" * (60 * 1024)
+    events = [reaction(f"$big{n}") | {"unsigned": {"pad": padding}} for n in range(100)]
+    status, _ = await put(service, "legal", {"events": events})
+    assert status == 200
+
+
+async def test_query_ping_unknown_and_wrong_method(service):
+    async with aiohttp.ClientSession(headers=auth(service)) as session:
+        async with session.get(f"{base(service)}/_matrix/app/v1/users/@who:localhost") as r:
+            assert (r.status, (await r.json())["errcode"]) == (404, "M_NOT_FOUND")
+        async with session.get(f"{base(service)}/_matrix/app/v1/rooms/%23who:localhost") as r:
+            assert (r.status, (await r.json())["errcode"]) == (404, "M_NOT_FOUND")
+        async with session.post(f"{base(service)}/_matrix/app/v1/ping", json={}) as r:
+            assert (r.status, await r.json()) == (200, {})
+        async with session.get(f"{base(service)}/_matrix/app/v1/nonsense") as r:
+            assert (r.status, (await r.json())["errcode"]) == (404, "M_UNRECOGNIZED")
+        async with session.get(f"{base(service)}/elsewhere") as r:
+            assert (r.status, (await r.json())["errcode"]) == (404, "M_UNRECOGNIZED")
+        async with session.get(f"{base(service)}/_matrix/app/v1/transactions/1") as r:
+            assert (r.status, (await r.json())["errcode"]) == (405, "M_UNRECOGNIZED")
+
+
+async def test_health_names_each_check(service):
+    async with aiohttp.ClientSession() as session, session.get(f"{base(service)}/health") as r:
+        assert r.status == 200
+        body = await r.json()
+    assert body["checks"]["database"]["ok"] and body["checks"]["homeserver"]["ok"]
+
+
+async def test_duplicate_transaction_is_not_reprocessed_after_restart(config):
+    async with running_service(config) as first:
+        assert (await put(first, "dup", {"events": [reaction("$once")]}))[0] == 200
+        await until(lambda: _decisions_about(first, "$once"), what="the flag to be decided")
+    async with running_service(config) as second:
+        assert (await put(second, "dup", {"events": [reaction("$once")]}))[0] == 200
+        assert (await put(second, "other", {"events": [reaction("$once")]}))[0] == 200
+        await second.inbox_worker.idle.wait()
+        assert await _decisions_about(second, "$once") == 1
+
+
+async def _decisions_about(service, flag_event: str) -> int:
+    from bot.store import audit
+
+    async with service.engine.connect() as conn:
+        entries = await audit.entries(conn)
+    return sum(1 for e in entries if (e.personal or {}).get("flag_event") == flag_event)
+
+
+async def test_database_down_answers_503_so_synapse_retries(service):
+    working = service.intake._engine
+    service.intake._engine = create_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    try:
+        status, _body = await put(service, "while-down", {"events": [reaction("$kept")]})
+        assert status == 503
+    finally:
+        await service.intake._engine.dispose()
+        service.intake._engine = working
+    assert (await put(service, "while-down", {"events": [reaction("$kept")]}))[0] == 200
+    assert "$kept" in await inbox_ids(service)
+
+
+async def test_second_instance_refuses_to_start(config, service):
+    with pytest.raises(ConfigError, match="already running"):
+        await Service(load_config(config)).start()
+
+
+async def test_homeserver_down_at_start_still_serves(synapse, tmp_path):
+    path = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        staff_room="!s:localhost",
+        staff=[],
+    )
+    text = path.read_text().replace(synapse.url, "http://127.0.0.1:9")
+    path.write_text(text)
+    service = Service(load_config(path), connect_retry_seconds=0.2)
+    await service.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{service.port}/health") as r,
+        ):
+            assert r.status == 503
+            body = await r.json()
+        assert body["checks"]["homeserver"]["ok"] is False
+        assert body["checks"]["database"]["ok"] is True
+        assert (await put(service, "queued", {"events": [reaction("$q")]}))[0] == 200
+    finally:
+        await service.stop()
+
+
+async def test_bot_exists_and_synapse_delivers_messages_and_reactions(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    path = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'd.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        policy={"reactions": ["🚨", "👀"]},
+    )
+    async with running_service(path) as service:
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "ordinary message")
+        reacted = await scene.owner.react(scene.group, said, "👍")
+        seen = await until(lambda: _seen(service, {said, reacted}), what="delivery of both events")
+        assert seen
+
+
+async def _seen(service, event_ids: set[str]) -> bool:
+    from sqlalchemy import select
+
+    from bot.store.schema import seen_events
+
+    async with service.engine.connect() as conn:
+        rows = await conn.execute(
+            select(seen_events.c.event_id).where(seen_events.c.event_id.in_(event_ids))
+        )
+        return set(rows.scalars()) == event_ids
+
+
+async def test_transaction_retried_by_synapse_is_processed_once(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    path = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+    )
+    async with running_service(path):
+        await open_group_room(scene)
+    # The service is down: Synapse queues the flag and retries later.
+    said = await scene.member.send_text(scene.group, "while you were away")
+    await scene.moderator.react(scene.group, said, "🚨")
+    async with running_service(path) as service:
+        await until(lambda: _case_count(service, 1), within=30, what="one case")
+        await until(lambda: _left(scene), within=30, what="the removal")
+        assert await _case_count(service, 1)
+
+
+async def _left(scene) -> bool:
+    return await scene.membership(scene.group, scene.member) == "leave"
+
+
+async def _case_count(service, expected: int) -> bool:
+    from bot.store import cases
+
+    async with service.engine.connect() as conn:
+        return len(await cases.listing(conn)) == expected

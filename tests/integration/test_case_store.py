@@ -1,0 +1,132 @@
+"""Delivery bookkeeping and cases on both backends: nothing twice, one active case."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from appservice.database import create_engine, upgrade
+from bot.store import audit, cases, ingest
+from tests.support.databases import BACKENDS, fresh_database
+
+PROVENANCE = audit.Provenance("test-policy", "0" * 64)
+NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(params=BACKENDS)
+async def engine(request, tmp_path):
+    async with fresh_database(request.param, tmp_path) as url:
+        engine = create_engine(url)
+        await upgrade(engine)
+        yield engine
+        await engine.dispose()
+
+
+def event(event_id: str) -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": "!r:localhost",
+        "type": "m.reaction",
+        "sender": "@mod:localhost",
+        "content": {},
+    }
+
+
+async def record(engine, txn: str, ids: list[str], act: list[str]):
+    async with engine.begin() as conn:
+        return await ingest.record_transaction(conn, txn, ids, [event(i) for i in act], NOW)
+
+
+async def test_retried_transaction_queues_nothing_twice(engine):
+    first = await record(engine, "t1", ["$a", "$b"], ["$a"])
+    again = await record(engine, "t1", ["$a", "$b"], ["$a"])
+    assert not first.duplicate_transaction and first.new_event_ids == {"$a", "$b"}
+    assert again.duplicate_transaction and again.new_event_ids == frozenset()
+    async with engine.connect() as conn:
+        assert [item.event_id for item in await ingest.pending(conn)] == ["$a"]
+
+
+async def test_reused_txn_id_with_new_events_is_processed(engine):
+    await record(engine, "1", ["$a"], ["$a"])
+    # Synapse restored from a backup starts its txn ids again, with new events.
+    second = await record(engine, "1", ["$a", "$c"], ["$a", "$c"])
+    assert second.duplicate_transaction and second.new_event_ids == {"$c"}
+    async with engine.connect() as conn:
+        assert [item.event_id for item in await ingest.pending(conn)] == ["$a", "$c"]
+
+
+async def test_event_redelivered_in_new_transaction_is_not_queued(engine):
+    await record(engine, "1", ["$a"], ["$a"])
+    later = await record(engine, "2", ["$a"], ["$a"])
+    assert later.new_event_ids == frozenset()
+    async with engine.connect() as conn:
+        assert len(await ingest.pending(conn)) == 1
+
+
+async def test_finished_items_lose_their_content(engine):
+    await record(engine, "1", ["$a"], ["$a"])
+    async with engine.begin() as conn:
+        (item,) = await ingest.pending(conn)
+        await ingest.finish(conn, item.seq, NOW)
+        assert await ingest.pending(conn) == []
+        assert await ingest.backlog(conn) == 0
+
+
+async def test_prune_forgets_old_ids_only(engine):
+    await record(engine, "old", ["$old"], [])
+    async with engine.begin() as conn:
+        await ingest.prune(conn, NOW + dt.timedelta(seconds=1))
+    again = await record(engine, "new", ["$old"], [])
+    assert again.new_event_ids == {"$old"}
+
+
+def flag(member: str = "@member:localhost", flagger: str = "@mod:localhost") -> cases.NewFlag:
+    return cases.NewFlag(
+        room_id="!group:localhost",
+        member_id=member,
+        flagger=flagger,
+        method="reaction",
+        flag_event_id=f"$flag-{flagger}",
+        target_event_id="$msg",
+        reason=None,
+        flagged_at=NOW,
+        received_at=NOW,
+    )
+
+
+async def open_case(engine, new_flag):
+    async with engine.begin() as conn:
+        return await cases.open_or_corroborate(
+            conn, PROVENANCE, new_flag, steps=["notify", "remove"], dry_run=False, due_at=NOW
+        )
+
+
+async def test_second_flag_corroborates_the_active_case(engine):
+    first = await open_case(engine, flag())
+    second = await open_case(engine, flag(flagger="@mod2:localhost"))
+    assert first.created and not second.created and first.case_id == second.case_id
+    async with engine.connect() as conn:
+        kinds = [e.kind for e in await audit.entries(conn, case_id=first.case_id)]
+        steps = await cases.steps_of(conn, first.case_id)
+    assert kinds == ["flagged", "corroborated"]
+    assert [s.step for s in steps] == ["notify", "remove"]
+
+
+async def test_simultaneous_flags_open_one_case(engine):
+    results = await asyncio.gather(
+        *(open_case(engine, flag(flagger=f"@mod{n}:localhost")) for n in range(6))
+    )
+    assert len({r.case_id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+
+
+async def test_rejoin_ends_the_active_case(engine):
+    first = await open_case(engine, flag())
+    async with engine.begin() as conn:
+        assert await cases.end_active(conn, "!group:localhost", "@member:localhost", NOW) == (
+            first.case_id
+        )
+    second = await open_case(engine, flag())
+    assert second.created and second.case_id != first.case_id

@@ -1,0 +1,258 @@
+"""The referral end to end against a real Synapse: flag → DM → removal → staff alert → record."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    export_json,
+    open_group_room,
+    running_service,
+    service_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+@pytest.fixture
+async def scene(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    yield scene
+
+
+def configure(scene, **policy):
+    return service_config(
+        scene.synapse,
+        scene.directory,
+        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        policy=policy,
+    )
+
+
+async def removed(scene, user) -> bool:
+    return await scene.membership(scene.group, user) == "leave"
+
+
+async def dm_with_notice(scene) -> tuple[str, dict]:
+    room = await until(scene.dm_room_of_member, what="the DM invite")
+    await scene.member.join(room)
+    (notice,) = await until(lambda: scene.bot_messages(scene.member, room), what="the notice")
+    return room, notice
+
+
+async def test_reaction_flag_end_to_end(scene):
+    config = configure(scene)
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "I don't want to be here any more")
+        await scene.moderator.react(scene.group, said, "🚨")
+
+        await until(lambda: removed(scene, scene.member), what="the member's removal")
+        _dm, notice = await dm_with_notice(scene)
+        body = notice["content"]["body"]
+        for resource in ("Samaritans", "116 123", "Shout", "999"):
+            assert resource in body
+        kick = next(
+            e
+            for e in reversed(await scene.owner.messages(scene.group))
+            if e["type"] == "m.room.member" and e.get("state_key") == scene.member.user_id
+        )
+        assert kick["sender"] == BOT
+        assert notice["origin_server_ts"] <= kick["origin_server_ts"], "told before removal"
+        alert = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            what="the staff alert",
+        )
+        assert scene.member.user_id in alert[0]
+
+    (case,) = (await export_json(config, "--format", "json"))["cases"]
+    assert case["member"] == scene.member.user_id and case["room"] == scene.group
+    kinds = [entry["kind"] for entry in case["entries"]]
+    assert kinds[:4] == ["flagged", "step.notify", "step.remove", "step.room_notice"]
+    assert "step.alert" in kinds
+    assert case["entries"][0]["personal"]["flag_event"]
+
+
+async def test_reply_and_user_command_flags(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "goodbye everyone")
+        await scene.moderator.send_text(
+            scene.group,
+            f"> <{scene.member.user_id}> goodbye everyone\n\n!safeguard they said goodbye",
+            reply_to=said,
+        )
+        await until(lambda: removed(scene, scene.member), what="removal by reply command")
+        # The user form, with an Element pill whose plain body has only the display name.
+        other = await scene.synapse.new_user("other")
+        await scene.owner.invite(scene.group, other.user_id)
+        await other.join(scene.group)
+        await scene.moderator.send_text(
+            scene.group,
+            "!safeguard other please",
+            formatted_body=(
+                f'!safeguard <a href="https://matrix.to/#/{other.user_id}">other</a> please'
+            ),
+            mentions=[other.user_id],
+        )
+        await until(lambda: removed(scene, other), what="removal by user command with a pill")
+
+
+async def test_non_moderator_flag_does_nothing_and_is_reported(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        bystander = await scene.synapse.new_user("bystander")
+        await scene.owner.invite(scene.group, bystander.user_id)
+        await bystander.join(scene.group)
+        said = await scene.member.send_text(scene.group, "hello")
+        await bystander.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(
+                lambda m: "not_moderator" in m or "not a moderator" in m.lower()
+            ),
+            what="the refusal report",
+        )
+        assert await scene.membership(scene.group, scene.member) == "join"
+        assert await scene.member.invited_rooms() == []
+
+
+async def test_demoted_moderator_cannot_flag(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        await scene.owner.set_power_level(scene.group, scene.moderator.user_id, 0)
+        said = await scene.member.send_text(scene.group, "hi")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: "refused" in m.lower()),
+            what="the refusal report",
+        )
+        assert await scene.membership(scene.group, scene.member) == "join"
+
+
+async def test_moderator_cannot_be_flagged(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        second_mod = await scene.synapse.new_user("mod2")
+        await scene.owner.invite(scene.group, second_mod.user_id)
+        await second_mod.join(scene.group)
+        await scene.owner.set_power_level(scene.group, second_mod.user_id, 50)
+        said = await second_mod.send_text(scene.group, "I moderate here")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: "refused" in m.lower()),
+            what="the refusal report",
+        )
+        assert await scene.membership(scene.group, second_mod) == "join"
+
+
+async def test_two_moderators_at_once_make_one_case(scene):
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        second_mod = await scene.synapse.new_user("mod2")
+        await scene.owner.invite(scene.group, second_mod.user_id)
+        await second_mod.join(scene.group)
+        await scene.owner.set_power_level(scene.group, second_mod.user_id, 50)
+        said = await scene.member.send_text(scene.group, "I can't go on")
+        await asyncio.gather(
+            scene.moderator.react(scene.group, said, "🚨"),
+            second_mod.react(scene.group, said, "🚨"),
+        )
+        await until(lambda: removed(scene, scene.member), what="removal")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            what="the alert",
+        )
+        await asyncio.sleep(1.0)  # let any second flag be processed
+        async with service.engine.connect() as conn:
+            from bot.store import audit, cases
+
+            assert len(await cases.listing(conn)) == 1
+            kinds = [e.kind for e in await audit.entries(conn, case_id=1)]
+        assert kinds.count("flagged") == 1 and kinds.count("corroborated") == 1
+        assert len(await scene.member.invited_rooms()) == 1
+        assert not await scene.staff_matching(lambda m: m.startswith("Case #2"))
+
+
+async def test_dry_run_alerts_only(scene):
+    async with running_service(configure(scene, dry_run=True)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "hello")
+        await scene.moderator.react(scene.group, said, "🚨")
+        alert = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            what="the dry-run alert",
+        )
+        assert "dry run" in alert[0].lower()
+        assert await scene.membership(scene.group, scene.member) == "join"
+        assert await scene.member.invited_rooms() == []
+
+
+async def test_member_who_already_left_is_recorded(scene):
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "bye")
+        await scene.member.leave(scene.group)
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            what="the alert",
+        )
+        async with service.engine.connect() as conn:
+            from bot.store import cases
+
+            steps = {s.step: s for s in await cases.steps_of(conn, 1)}
+        assert steps["remove"].result["already_gone"] is True
+
+
+async def test_rejoined_member_flagged_again_opens_a_new_case(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "first time")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: removed(scene, scene.member), what="first removal")
+        await scene.owner.invite(scene.group, scene.member.user_id)
+        await scene.member.join(scene.group)
+        said = await scene.member.send_text(scene.group, "second time")
+        await asyncio.sleep(0.5)  # the rejoin is processed before the next flag
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #2")),
+            what="a second case",
+        )
+
+
+async def test_member_reply_in_dm_is_relayed_to_staff(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "help")
+        await scene.moderator.react(scene.group, said, "🚨")
+        dm, _ = await dm_with_notice(scene)
+        await scene.member.send_text(dm, "ok I will call them")
+        await until(
+            lambda: scene.staff_matching(lambda m: "Case #1" in m and "ok I will call them" in m),
+            what="the relayed reply",
+        )
+
+
+async def test_bot_reports_joining_a_room_and_its_kick_power(scene):
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        joined = await until(
+            lambda: scene.staff_matching(lambda m: scene.owner.user_id in m),
+            what="the room-joined report",
+        )
+        assert "can remove" in joined[0].lower()
+        await scene.owner.set_power_level(scene.group, BOT, 0)
+        await until(
+            lambda: scene.staff_matching(
+                lambda m: "cannot remove" in m.lower() or "no longer" in m.lower()
+            ),
+            what="the lost-power report",
+        )

@@ -1,0 +1,220 @@
+"""An in-memory homeserver for the policy core's unit tests (Draupnir-style small fake).
+
+Only for logic our code decides (ordering, resumption, idempotency). Anything
+Synapse decides — power levels, kicks, invites, rate limits — is tested against
+the real Synapse in tests/integration.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.ports import (
+    MESSAGE_MARKER_KEY,
+    ROOM_MARKER_TYPE,
+    Done,
+    HomeserverUnavailable,
+    Refused,
+    RoomCreated,
+    RoomState,
+    Sent,
+)
+
+
+class Crash(BaseException):
+    """The process died here: nothing after this point ran, nothing was recorded."""
+
+
+@dataclass
+class FakeRoom:
+    room_id: str
+    members: dict[str, str] = field(default_factory=dict)
+    state: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeHomeserver:
+    def __init__(self, bot_user_id: str = "@safeguard:localhost") -> None:
+        self._bot = bot_user_id
+        self.rooms: dict[str, FakeRoom] = {}
+        self.direct: dict[str, list[str]] = {}
+        self.calls: list[str] = []
+        self.kicks: list[tuple[str, str]] = []
+        self.txn_ids: dict[str, str] = {}  # forgotten when "Synapse restarts"
+        self.crash_at: int | None = None
+        self.unavailable_for: set[str] = set()
+        self.refuse: dict[str, Refused] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def bot_user_id(self) -> str:
+        return self._bot
+
+    def _enter(self, verb: str) -> None:
+        self.calls.append(verb)
+        if self.crash_at is not None and len(self.calls) == self.crash_at:
+            raise Crash(verb)
+        if verb in self.unavailable_for:
+            raise HomeserverUnavailable(verb)
+
+    def _after(self, verb: str) -> None:
+        # A crash just after the homeserver acted, before we could record it.
+        if self.crash_at is not None and -len(self.calls) == self.crash_at:
+            raise Crash(f"after {verb}")
+
+    def add_room(self, room_id: str, members: dict[str, str], power: dict[str, int]) -> FakeRoom:
+        room = FakeRoom(room_id, dict(members))
+        room.state[("m.room.create", "")] = {"room_version": "10", "creator": "@mod:localhost"}
+        room.state[("m.room.power_levels", "")] = {"users": power, "kick": 50}
+        self.rooms[room_id] = room
+        return room
+
+    def messages_in(self, room_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.rooms[room_id].events if e["type"] == "m.room.message"]
+
+    # ---- bot.ports.Homeserver ----
+
+    async def room_state(self, room_id: str) -> RoomState | Refused:
+        self._enter("room_state")
+        room = self.rooms[room_id]
+        create = room.state[("m.room.create", "")]
+        return RoomState(
+            room_id,
+            create.get("creator", ""),
+            create,
+            room.state.get(("m.room.power_levels", "")),
+            create["room_version"],
+        )
+
+    async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused:
+        self._enter("get_event")
+        for event in self.rooms[room_id].events:
+            if event["event_id"] == event_id:
+                return event
+        return Refused("M_NOT_FOUND", "no such event", 404)
+
+    async def membership(self, room_id: str, user_id: str) -> str | None:
+        self._enter("membership")
+        return self.rooms[room_id].members.get(user_id)
+
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
+        self._enter("member_event")
+        for event in reversed(self.rooms[room_id].events):
+            if event["type"] == "m.room.member" and event.get("state_key") == user_id:
+                return event
+        membership = self.rooms[room_id].members.get(user_id)
+        return {"sender": user_id, "content": {"membership": membership}} if membership else None
+
+    async def resolve_room(self, room_id_or_alias: str) -> str | Refused:
+        return room_id_or_alias
+
+    async def join_room(self, room_id: str) -> Done | Refused:
+        self._enter("join_room")
+        self.rooms[room_id].members[self._bot] = "join"
+        return Done()
+
+    async def leave_room(self, room_id: str) -> Done | Refused:
+        self._enter("leave_room")
+        return Done()
+
+    async def find_marked_room(self, marker: str) -> str | None:
+        self._enter("find_marked_room")
+        for room in self.rooms.values():
+            marked = room.state.get((ROOM_MARKER_TYPE, ""), {}).get("marker") == marker
+            if room.members.get(self._bot) == "join" and marked:
+                return room.room_id
+        return None
+
+    async def create_room(
+        self,
+        *,
+        marker: str,
+        invite: list[str],
+        name: str | None = None,
+        topic: str | None = None,
+        is_direct: bool = False,
+    ) -> RoomCreated | Refused:
+        self._enter("create_room")
+        if "create_room" in self.refuse:
+            return self.refuse["create_room"]
+        room_id = f"!created{next(self._ids)}:localhost"
+        room = FakeRoom(room_id, {self._bot: "join", **{user: "invite" for user in invite}})
+        room.state[(ROOM_MARKER_TYPE, "")] = {"marker": marker}
+        self.rooms[room_id] = room
+        self._after("create_room")
+        return RoomCreated(room_id)
+
+    async def direct_rooms(self) -> dict[str, list[str]]:
+        self._enter("direct_rooms")
+        return {user: list(rooms) for user, rooms in self.direct.items()}
+
+    async def remember_direct_room(self, user_id: str, room_id: str) -> None:
+        self._enter("remember_direct_room")
+        self.direct.setdefault(user_id, []).append(room_id)
+
+    async def invite(self, room_id: str, user_id: str) -> Done | Refused:
+        self._enter("invite")
+        self.rooms[room_id].members[user_id] = "invite"
+        return Done()
+
+    async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
+        self._enter("kick")
+        if "kick" in self.refuse:
+            return self.refuse["kick"]
+        room = self.rooms[room_id]
+        if room.members.get(user_id) not in ("join", "invite"):
+            return Refused("M_FORBIDDEN", "not in room", 403)
+        room.members[user_id] = "leave"
+        self.kicks.append((room_id, user_id))
+        room.events.append(
+            {
+                "type": "m.room.member",
+                "state_key": user_id,
+                "reason": reason,
+                "sender": self._bot,
+                "content": {"membership": "leave"},
+                "event_id": f"$kick{next(self._ids)}",
+                "order": next(self._ids),
+            }
+        )
+        self._after("kick")
+        return Done()
+
+    async def send(
+        self,
+        room_id: str,
+        content: dict[str, Any],
+        *,
+        txn_id: str,
+        event_type: str = "m.room.message",
+    ) -> Sent | Refused:
+        self._enter("send")
+        if "send" in self.refuse:
+            return self.refuse["send"]
+        if txn_id in self.txn_ids:  # Synapse's own txn-id dedupe, while it remembers
+            return Sent(self.txn_ids[txn_id])
+        event_id = f"$ev{next(self._ids)}"
+        self.rooms[room_id].events.append(
+            {
+                "type": event_type,
+                "event_id": event_id,
+                "sender": self._bot,
+                "content": content,
+                "order": next(self._ids),
+            }
+        )
+        self.txn_ids[txn_id] = event_id
+        self._after("send")
+        return Sent(event_id)
+
+    async def find_marked_message(
+        self, room_id: str, marker: str, *, limit: int = 200
+    ) -> str | None:
+        self._enter("find_marked_message")
+        for event in reversed(self.rooms[room_id].events):
+            tag = event.get("content", {}).get(MESSAGE_MARKER_KEY)
+            if isinstance(tag, dict) and tag.get("marker") == marker:
+                return event["event_id"]
+        return None

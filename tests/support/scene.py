@@ -1,0 +1,167 @@
+"""A moderated group room with its people, and the service running beside the test Synapse."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from appservice.config import load_config
+from appservice.service import Service
+
+T = TypeVar("T")
+BOT = "@safeguard:localhost"
+
+
+async def until(
+    probe: Callable[[], Awaitable[T] | T],
+    *,
+    within: float = 20.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Poll until `probe` returns something truthy; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def service_config(
+    synapse: Any,
+    directory: Path,
+    *,
+    database_url: str,
+    staff_room: str,
+    staff: list[str],
+    policy: dict[str, Any] | None = None,
+    checkin: dict[str, Any] | None = None,
+) -> Path:
+    data = {
+        "homeserver": {"url": synapse.url, "domain": synapse.server_name},
+        "appservice": {
+            "url": f"http://127.0.0.1:{synapse.as_port}",
+            "listen": {"host": "127.0.0.1", "port": synapse.as_port},
+            "registration": str(synapse.registration_path),
+        },
+        "database": {"url": database_url},
+        "policy": {"staff_room": staff_room, "staff": staff, **(policy or {})},
+        "checkin": checkin or {"after": "1h"},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+@asynccontextmanager
+async def running_service(config_path: Path) -> AsyncIterator[Service]:
+    service = Service(load_config(config_path), connect_retry_seconds=0.5)
+    await service.start()
+    try:
+        await asyncio.wait_for(service.connected.wait(), 30)
+        yield service
+    finally:
+        await service.stop()
+
+
+@dataclass
+class Scene:
+    """owner (a v12 creator), moderator (PL 50), member (PL 0) in a group room; staff in theirs."""
+
+    synapse: Any
+    owner: Any
+    moderator: Any
+    member: Any
+    staff: Any
+    group: str
+    staff_room: str
+    directory: Path
+
+    async def bot_joined(self, room: str) -> bool:
+        return (await self.owner.members(room)).get(BOT) == "join"
+
+    async def membership(self, room: str, user: Any) -> str | None:
+        return (await self.owner.members(room)).get(user.user_id)
+
+    async def bot_messages(self, viewer: Any, room: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in await viewer.messages(room)
+            if e.get("sender") == BOT and e.get("type") == "m.room.message"
+        ]
+
+    async def staff_messages(self) -> list[str]:
+        return [
+            e["content"].get("body", "")
+            for e in await self.bot_messages(self.staff, self.staff_room)
+        ]
+
+    async def staff_matching(self, predicate: Callable[[str], bool]) -> list[str]:
+        return [text for text in await self.staff_messages() if predicate(text)]
+
+    async def dm_room_of_member(self) -> str | None:
+        """The room the bot invited the member to (or that they joined with the bot)."""
+        for room in await self.member.invited_rooms():
+            return room
+        return None
+
+
+async def build_scene(synapse: Any, directory: Path, *, encrypted: bool = False) -> Scene:
+    owner = await synapse.new_user("owner")
+    moderator = await synapse.new_user("moderator")
+    member = await synapse.new_user("member")
+    staff = await synapse.new_user("staff")
+    staff_room = await staff.create_room(name="Staff", invite=[BOT])
+    return Scene(synapse, owner, moderator, member, staff, "", staff_room, directory)
+
+
+async def open_group_room(scene: Scene, *, encrypted: bool = False) -> str:
+    """Created by `owner` (a v12 creator), with the moderator at 50 and the bot able to kick."""
+    owner = scene.owner
+    room = await owner.create_room(
+        name="Group chat",
+        preset="private_chat",
+        invite=[BOT, scene.moderator.user_id, scene.member.user_id],
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        encrypted=encrypted,
+    )
+    await scene.moderator.join(room)
+    await scene.member.join(room)
+    await until(lambda: scene.bot_joined(room), what="the bot to join the group room")
+    scene.group = room
+    return room
+
+
+async def safeguard_cli(*args: str) -> tuple[int, str, str]:
+    """Run the `safeguard` command line as operators do: a separate process."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "appservice.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def export_json(config_path: Path, *extra: str) -> dict[str, Any]:
+    code, out, err = await safeguard_cli("cases", "export", "-c", str(config_path), *extra)
+    assert code == 0, err
+    return json.loads(out)

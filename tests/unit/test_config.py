@@ -1,0 +1,152 @@
+"""Config and registration: every bad key gets one clear line and exit 2; tokens are kept."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appservice.cli import main
+from appservice.config import ConfigError, check_runnable, load_config
+from appservice.registration import PLACEHOLDER_PREFIX, load_registration, write_registration
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {
+    "homeserver": {"url": "http://127.0.0.1:8008", "domain": "localhost"},
+    "appservice": {"url": "http://127.0.0.1:29333"},
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def runnable(tmp_path: Path, **policy) -> Path:
+    data = {**MINIMAL, "policy": {"staff_room": "!staff:localhost", **policy}}
+    path = write(tmp_path, data)
+    write_registration(load_config(path), tmp_path / "registration.yaml")
+    return path
+
+
+def test_example_config_is_valid_and_every_key_is_commented():
+    config = load_config(ROOT / "config.example.yaml")
+    assert config.policy.reactions == ["🚨"]
+    assert config.checkin.local_time.hour == 10
+    # Every key with a value carries a comment (resource list entries are self-describing).
+    for line in (ROOT / "config.example.yaml").read_text().splitlines():
+        key, colon, value = line.strip().partition(":")
+        if (
+            colon
+            and value.strip()
+            and not key.startswith(("#", "-", "contact", "when", "verified"))
+        ):
+            assert "#" in line, f"uncommented key: {line}"
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"policy": {"moderatr_power_level": 50}}, "policy.moderatr_power_level: unknown key"),
+        ({"policy": {"moderator_power_level": "lots"}}, "policy.moderator_power_level:"),
+        ({"homeserver": {"url": "ftp://x", "domain": "localhost"}}, "homeserver.url:"),
+        ({"database": {"url": "mysql://x/y"}}, "database.url: driver 'mysql' is not supported"),
+        ({"checkin": {"after": "soon"}}, "checkin.after: 'soon' is not a duration"),
+        ({"checkin": {"after": "1h", "at": "10:00"}}, "set either 'after' or 'at'"),
+        ({"checkin": {"timezone": "Mars/Olympus"}}, "unknown time zone 'Mars/Olympus'"),
+        ({"policy": {"staff": ["not-a-user"]}}, "policy.staff.0:"),
+        ({"resources": []}, "resources:"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, patch, expected):
+    data = {**MINIMAL, **patch}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    assert expected in str(caught.value)
+
+
+def test_missing_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="homeserver: required key is missing"):
+        load_config(write(tmp_path, {"appservice": MINIMAL["appservice"]}))
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("homeserver: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_registration_needs_only_its_keys_and_keeps_tokens(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL)
+    assert main(["registration", "-c", str(path), "-o", str(tmp_path / "reg.yaml")]) == 0
+    first = yaml.safe_load((tmp_path / "reg.yaml").read_text())
+    assert first["namespaces"]["users"] == [{"exclusive": True, "regex": "^@safeguard:localhost$"}]
+    assert first["rate_limited"] is False and first["sender_localpart"] == "safeguard"
+    assert len(first["as_token"]) > 40 and first["as_token"] != first["hs_token"]
+    assert (tmp_path / "reg.yaml").stat().st_mode & 0o077 == 0
+    main(["registration", "-c", str(path), "-o", str(tmp_path / "reg.yaml")])
+    second = yaml.safe_load((tmp_path / "reg.yaml").read_text())
+    assert (second["as_token"], second["hs_token"]) == (first["as_token"], first["hs_token"])
+
+
+def test_placeholder_tokens_are_replaced_and_refused(tmp_path):
+    shutil.copy(ROOT / "registration.yaml", tmp_path / "registration.yaml")
+    path = write(tmp_path, {**MINIMAL, "policy": {"staff_room": "!s:localhost"}})
+    config = load_config(path)
+    with pytest.raises(ConfigError, match="as_token is a placeholder"):
+        check_runnable(config)
+    assert main(["check-config", "-c", str(path)]) == 2
+    write_registration(config, tmp_path / "registration.yaml")
+    fresh = load_registration(tmp_path / "registration.yaml")
+    assert not fresh.as_token.startswith(PLACEHOLDER_PREFIX)
+    check_runnable(config)
+
+
+def test_check_config_exit_codes(tmp_path, capsys):
+    good = runnable(tmp_path)
+    assert main(["check-config", "-c", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    no_staff_room = write(tmp_path, MINIMAL, "other.yaml")
+    assert main(["check-config", "-c", str(no_staff_room)]) == 2
+    assert "policy.staff_room: required" in capsys.readouterr().err
+
+
+def test_registration_mismatch_is_reported(tmp_path):
+    path = runnable(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["appservice"]["bot_localpart"] = "otherbot"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="sender_localpart is 'safeguard'"):
+        check_runnable(load_config(path))
+
+
+def test_relative_paths_follow_the_config_file(tmp_path, monkeypatch):
+    path = runnable(tmp_path)
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.registration_path == tmp_path / "registration.yaml"
+    assert config.database_url.endswith(str(tmp_path / "safeguard.db"))
+
+
+def test_missing_database_folder_is_reported(tmp_path):
+    data = {
+        **MINIMAL,
+        "policy": {"staff_room": "!s:localhost"},
+        "database": {"url": "sqlite+aiosqlite:///no/such/dir/x.db"},
+    }
+    path = write(tmp_path, data)
+    write_registration(load_config(path), tmp_path / "registration.yaml")
+    with pytest.raises(ConfigError, match=r"database\.url: folder .* does not exist"):
+        check_runnable(load_config(path))
+
+
+def test_inviters_default_to_local_users(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.may_invite("@alice:localhost")
+    assert not config.may_invite("@mallory:evil.example")
