@@ -168,7 +168,9 @@ def cmd_dev(args: argparse.Namespace, config: Config | None) -> int:
 
     setup_logging("INFO", "text")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_dev(Path(args.dir)))
+        asyncio.run(
+            run_dev(Path(args.dir), synapse_port=args.synapse_port, service_port=args.service_port)
+        )
     return 0
 
 
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")
     p.add_argument("--dir", default=".dev", help="where the dev stack lives (default: .dev)")
+    p.add_argument("--synapse-port", type=int, default=8008, help="first run only (default 8008)")
+    p.add_argument("--service-port", type=int, default=29333, help="first run only (default 29333)")
     p.set_defaults(handler=cmd_dev, needs="nothing")
     return parser
 
