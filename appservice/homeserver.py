@@ -66,6 +66,7 @@ class NioHomeserver:
         base_delay: float = 0.25,
         max_delay: float = 8.0,
         request_timeout: float = 30.0,
+        on_rate_limited: Callable[[], None] = lambda: None,
     ) -> None:
         self._bot_user_id = bot_user_id
         # nio retries 429s honouring retry_after_ms; bound it so a sustained
@@ -76,6 +77,9 @@ class NioHomeserver:
         self.client = AsyncClient(url, user=bot_user_id, config=config)
         self.client.access_token = as_token
         self.client.user_id = bot_user_id
+        self._on_rate_limited = on_rate_limited
+        # nio runs response callbacks on each 429 before it sleeps and retries.
+        self.client.add_response_callback(self._saw_error, ErrorResponse)
         self._attempts = attempts
         self._base_delay = base_delay
         self._max_delay = max_delay
@@ -83,6 +87,12 @@ class NioHomeserver:
     @property
     def bot_user_id(self) -> str:
         return self._bot_user_id
+
+    async def _saw_error(self, response: ErrorResponse) -> None:
+        if response.status_code == "M_LIMIT_EXCEEDED" or (
+            response.transport_response is not None and response.transport_response.status == 429
+        ):
+            self._on_rate_limited()
 
     async def close(self) -> None:
         await self.client.close()

@@ -60,7 +60,10 @@ class Service:
         self._lock = InstanceLock(config.database_url)
         self.engine = create_engine(config.database_url)
         self.homeserver = NioHomeserver(
-            config.homeserver.url, self.registration.as_token, config.bot_user_id
+            config.homeserver.url,
+            self.registration.as_token,
+            config.bot_user_id,
+            on_rate_limited=self.metrics.rate_limited.inc,
         )
         self.connected = asyncio.Event()
         self._runner: web.AppRunner | None = None

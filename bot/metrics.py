@@ -43,6 +43,11 @@ class Metrics:
         self.audit_entries = Counter(
             "safeguard_audit_entries", "Audit entries written", ["kind"], registry=r
         )
+        self.rate_limited = Counter(
+            "safeguard_rate_limited",
+            "Homeserver answers of 429 (retried after retry_after_ms)",
+            registry=r,
+        )
         self.inbox_backlog = Gauge(
             "safeguard_inbox_backlog", "Events recorded but not yet acted on", registry=r
         )

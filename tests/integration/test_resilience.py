@@ -1,0 +1,195 @@
+"""Kill the service, take Synapse away, rate-limit the bot: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+import yaml
+
+from tests.support.proxy import HoldingProxy
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    export_json,
+    open_group_room,
+    running_service,
+    service_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+def _config(scene, *, homeserver_url: str | None = None, **policy):
+    path = service_config(
+        scene.synapse,
+        scene.directory,
+        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        policy=policy,
+    )
+    if homeserver_url:
+        data = yaml.safe_load(path.read_text())
+        data["homeserver"]["url"] = homeserver_url
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def _run_subprocess(config) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "appservice.cli",
+        "run",
+        "-c",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def _kicks_of(scene, user) -> list[dict]:
+    return [
+        e
+        for e in await scene.owner.messages(scene.group, limit=200)
+        if e["type"] == "m.room.member"
+        and e.get("state_key") == user.user_id
+        and e["sender"] == BOT
+    ]
+
+
+async def test_sigkill_between_notify_and_remove_resumes_once(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    config = _config(scene, homeserver_url=proxy.url)
+    try:
+        async with running_service(config):
+            await open_group_room(scene)
+        # The kick will be held in flight: the notice is sent, the removal is not.
+        proxy.hold(lambda request: request.path.endswith("/kick"))
+        process = await _run_subprocess(config)
+        said = await scene.member.send_text(scene.group, "I have a plan")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await asyncio.wait_for(proxy.held_event.wait(), 30)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        proxy.release(drop=True)  # the held kick dies with the killed process's connection
+
+        assert await scene.membership(scene.group, scene.member) == "join"
+        async with running_service(config):
+            await until(lambda: _kicks_of(scene, scene.member), within=30, what="the removal")
+            await until(
+                lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+                within=30,
+                what="the alert",
+            )
+        dm = (await scene.member.invited_rooms())[0]
+        await scene.member.join(dm)
+        notices = await scene.bot_messages(scene.member, dm)
+        assert len(notices) == 1, "the notice was not repeated"
+        assert len(await _kicks_of(scene, scene.member)) == 1, "one removal"
+        (case,) = (await export_json(config))["cases"]
+        assert case["steps"]["notify"] == case["steps"]["remove"] == "done"
+        kinds = [entry["kind"] for entry in case["entries"]]
+        assert kinds.count("step.notify") == 1 and kinds.count("step.remove") == 1
+    finally:
+        await proxy.stop()
+
+
+async def test_synapse_unreachable_for_a_while_loses_nothing(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    config = _config(scene, homeserver_url=proxy.url)
+    try:
+        async with running_service(config) as service:
+            await open_group_room(scene)
+            proxy.down = True  # every call the bot makes now fails with 502
+            said = await scene.member.send_text(scene.group, "nobody would miss me")
+            await scene.moderator.react(scene.group, said, "🚨")
+            await asyncio.sleep(4)  # the flag arrives and its processing keeps failing
+            assert await scene.membership(scene.group, scene.member) == "join"
+            proxy.down = False
+            await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
+            await until(
+                lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+                within=60,
+                what="the alert",
+            )
+            assert len(await _kicks_of(scene, scene.member)) == 1
+            async with service.engine.connect() as conn:
+                from bot.store import cases
+
+                steps = {s.step: s.status for s in await cases.steps_of(conn, 1)}
+            assert steps["notify"] == steps["remove"] == steps["alert"] == "done"
+    finally:
+        await proxy.stop()
+
+
+async def test_reaction_flag_in_an_encrypted_room(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(_config(scene)):
+        await open_group_room(scene, encrypted=True)
+        megolm = {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "ciphertext": "AwgAEnA…opaque",
+            "sender_key": "k",
+            "session_id": "s",
+            "device_id": "D",
+        }
+        said = await scene.member.send_event(scene.group, "m.room.encrypted", megolm)
+        # As Element sends an encrypted reaction: the relation stays in cleartext.
+        await scene.moderator.send_event(
+            scene.group,
+            "m.room.encrypted",
+            megolm | {"m.relates_to": {"rel_type": "m.annotation", "event_id": said, "key": "🚨"}},
+        )
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        assert await scene.membership(scene.group, scene.member) == "leave"
+
+
+async def test_rate_limited_bot_retries_until_done(strict_synapse, tmp_path):
+    scene = await build_scene(strict_synapse, tmp_path)
+    admin = await strict_synapse.new_user("admin", admin=True)
+    for user in (scene.owner, scene.moderator, scene.member, scene.staff, admin):
+        await admin.override_ratelimit(user.user_id)
+    config = service_config(
+        strict_synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+    )
+    async with running_service(config) as service:
+        await open_group_room(scene)
+        members = []
+        for n in range(3):
+            other = await strict_synapse.new_user(f"m{n}")
+            await admin.override_ratelimit(other.user_id)
+            await scene.owner.invite(scene.group, other.user_id)
+            await other.join(scene.group)
+            members.append(other)
+        for other in members:
+            said = await other.send_text(scene.group, "not ok")
+            await scene.moderator.react(scene.group, said, "🚨")
+        for number in (1, 2, 3):
+            await until(
+                lambda number=number: scene.staff_matching(
+                    lambda m: m.startswith(f"Case #{number}")
+                ),
+                within=90,
+                what=f"case {number}'s alert",
+            )
+        limited = service.metrics.registry.get_sample_value("safeguard_rate_limited_total")
+        assert limited and limited > 0, "Synapse really did rate-limit the bot"
+        for other in members:
+            assert await scene.membership(scene.group, other) == "leave"
