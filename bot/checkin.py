@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CLAIM_KEY = normalise_key("✋")
 RETRY_AFTER = dt.timedelta(seconds=10)
+# Later than this past its due time, a check-in was held up (the service was
+# down), not by scheduling jitter: staff are told it is late.
+LATE_AFTER = dt.timedelta(seconds=10)
 
 
 def matrix_to(room_id: str) -> str:
@@ -155,7 +158,7 @@ class CheckinScheduler:
     async def _open_room(self, case: Case, step: Step) -> Outcome:
         staff_room = self._ctx.staff_room_id
         late = dt.datetime.now(dt.UTC) - (case.due_at or dt.datetime.now(dt.UTC))
-        late_by = late if late > dt.timedelta(minutes=1) else None
+        late_by = late if late > LATE_AFTER else None
         resumed = step.attempts > 1
         if case.dry_run:
             if staff_room:

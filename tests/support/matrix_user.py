@@ -115,7 +115,8 @@ class MatrixUser:
     async def joined_rooms(self) -> list[str]:
         return (await self.request("GET", "/_matrix/client/v3/joined_rooms"))["joined_rooms"]
 
-    async def invited_rooms(self) -> list[str]:
+    async def invites(self) -> dict[str, dict[str, Any]]:
+        """Pending invites: room id -> {state type: content} from the invite's stripped state."""
         # Synapse caches identical /sync requests for minutes: make each one unique.
         nonce = uuid.uuid4().hex
         sync = await self.request(
@@ -124,7 +125,13 @@ class MatrixUser:
             filter=f'{{"room":{{"timeline":{{"limit":1,"not_types":["x.{nonce}"]}}}}}}',
             timeout="0",
         )
-        return list(sync.get("rooms", {}).get("invite", {}))
+        return {
+            room: {e["type"]: e.get("content", {}) for e in invite["invite_state"]["events"]}
+            for room, invite in sync.get("rooms", {}).get("invite", {}).items()
+        }
+
+    async def invited_rooms(self) -> list[str]:
+        return list(await self.invites())
 
     # ---- events ----
 

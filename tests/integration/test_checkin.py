@@ -1,0 +1,177 @@
+"""The next-day check-in against a real Synapse, short delays: exactly once, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from tests.integration.test_resilience import _config, _run_subprocess
+from tests.support.proxy import HoldingProxy
+from tests.support.scene import BOT, build_scene, export_json, open_group_room, running_service
+from tests.support.scene import until as eventually
+
+pytestmark = pytest.mark.synapse
+
+
+def checkin_config(
+    scene, *, after: str = "2s", remind_after: str = "1h", homeserver_url=None, **policy
+):
+    import yaml
+
+    path = _config(scene, homeserver_url=homeserver_url, **policy)
+    data = yaml.safe_load(path.read_text())
+    data["checkin"] = {"after": after, "remind_after": remind_after, "room_name": "Checking in"}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def flag_member(scene) -> None:
+    said = await scene.member.send_text(scene.group, "I can't do this")
+    await scene.moderator.react(scene.group, said, "🚨")
+
+
+async def checkin_rooms(scene) -> list[str]:
+    """Rooms the member is invited to whose name is the check-in's (not the DM)."""
+    staff_invites = await scene.staff.invites()
+    return [
+        room
+        for room, state in (await scene.member.invites()).items()
+        if state.get("m.room.name", {}).get("name") == "Checking in" and room in staff_invites
+    ]
+
+
+async def test_checkin_opens_and_a_staff_claim_is_recorded(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene)
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        (room,) = await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        await scene.staff.join(room)
+        (message,) = [
+            e
+            for e in await scene.staff.messages(room)
+            if e.get("sender") == BOT and e["type"] == "m.room.message"
+        ]
+        assert "Samaritans" in message["content"]["body"]
+        assert "checking in" in message["content"]["body"].lower()
+        join_rules = await scene.staff.state(room, "m.room.join_rules")
+        assert join_rules["join_rule"] == "invite"
+        create = await scene.staff.state(room, "m.room.create")
+        assert create.get("additional_creators") in (None, []), "invitees are not creators"
+        notice = await eventually(
+            lambda: _bot_event(scene, lambda body: "check-in room is open" in body),
+            what="the staff-room notice",
+        )
+        assert room in notice["content"]["body"]
+        await scene.staff.react(scene.staff_room, notice["event_id"], "✋")
+        await eventually(lambda: _entry_kinds(config, "checkin_claimed"), what="the claim")
+        (case,) = (await export_json(config))["cases"]
+        kinds = [e["kind"] for e in case["entries"]]
+        assert "step.checkin" in kinds and "checkin_staff_joined" in kinds
+        assert case["checkin_room"] == room
+
+
+async def _bot_event(scene, predicate):
+    for event in reversed(await scene.bot_messages(scene.staff, scene.staff_room)):
+        if predicate(event["content"].get("body", "")):
+            return event
+    return None
+
+
+async def _entry_kinds(config, kind: str) -> bool:
+    document = await export_json(config)
+    return any(e["kind"] == kind for case in document["cases"] for e in case["entries"])
+
+
+async def test_restart_before_due_time_opens_one_checkin(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="6s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+    async with running_service(config):
+        await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        await asyncio.sleep(2)
+        assert len(await checkin_rooms(scene)) == 1
+
+
+async def test_service_down_across_due_time_opens_late_on_restart(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="2s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+    await asyncio.sleep(13)  # down across the due time, past the lateness threshold
+    async with running_service(config):
+        await eventually(lambda: checkin_rooms(scene), within=30, what="the late check-in")
+        notice = await eventually(
+            lambda: _bot_event(scene, lambda body: "check-in room is open" in body),
+            what="the staff notice",
+        )
+        assert "late" in notice["content"]["body"]
+
+
+async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    config = checkin_config(scene, after="2s", homeserver_url=proxy.url)
+    try:
+        async with running_service(config):
+            await open_group_room(scene)
+            await flag_member(scene)
+            await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+        # The check-in room will be created, then the first invite held: kill there.
+        proxy.hold(lambda request: request.path.endswith("/invite"))
+        process = await _run_subprocess(config)
+        await asyncio.wait_for(proxy.held_event.wait(), 30)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        proxy.release(drop=True)
+        async with running_service(config):
+            await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+            await eventually(lambda: _entry_kinds(config, "step.checkin"), what="the record")
+        bot_rooms = [r for r in await scene.member.invited_rooms()]
+        assert len(await checkin_rooms(scene)) == 1
+        assert len(bot_rooms) == 2  # the DM and exactly one check-in room
+    finally:
+        await proxy.stop()
+
+
+async def test_unclaimed_checkin_is_raised_again_once(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1s", remind_after="2s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(
+            lambda: _bot_event(scene, lambda body: "no one from staff has claimed" in body),
+            within=30,
+            what="the reminder",
+        )
+        await asyncio.sleep(3)
+        reminders = [
+            e
+            for e in await scene.bot_messages(scene.staff, scene.staff_room)
+            if "no one from staff has claimed" in e["content"]["body"]
+        ]
+        assert len(reminders) == 1
+
+
+async def test_dry_run_tells_staff_when_it_would_have_opened(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1s", dry_run=True)
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(
+            lambda: _bot_event(scene, lambda body: "would have opened" in body),
+            within=30,
+            what="the dry-run notice",
+        )
+        assert await scene.member.invited_rooms() == []
