@@ -143,7 +143,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
     from bot.store import audit
 
     anchor = None
-    if args.head:
+    if getattr(args, "head", None):
         seq, _, digest = args.head.partition(":")
         if not seq.isdigit() or len(digest) != 64:
             raise ConfigError("--head must be N:HASH as posted in the staff room")
@@ -160,6 +160,25 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         print(f"audit log FAILED at entry {result.first_bad_seq}: {result.problem}")
         return 1
 
+    async def purge_now() -> int:
+        from bot.retention import purge
+        from bot.store.audit import Provenance
+
+        days = args.days if args.days is not None else config.audit.retention_days
+        if days <= 0:
+            print("audit.retention_days is 0 (keep for ever): nothing to purge")
+            return 0
+        provenance = Provenance(config.policy.policy_version, config.config_hash)
+        async with opened(config.database_url) as engine:
+            result = await purge(engine, provenance, days)
+        print(
+            f"purged {result.cases} case(s), {result.entries} entries' personal fields "
+            f"(closed more than {days} days ago, not on hold)"
+        )
+        return 0
+
+    if args.action == "purge":
+        return asyncio.run(purge_now())
     return asyncio.run(_with_db(config, verify))
 
 
@@ -223,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     audits = p.add_subparsers(dest="action", required=True)
     q = audits.add_parser("verify", parents=[common], help="recompute the hash chain")
     q.add_argument("--head", help="N:HASH posted in the staff room; the log must contain it")
+    q.set_defaults(handler=cmd_audit)
+    q = audits.add_parser("purge", parents=[common], help="apply audit.retention_days now")
+    q.add_argument("--days", type=int, help="override audit.retention_days for this run")
     q.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +31,7 @@ from bot.dispatch import Dispatcher
 from bot.intake import Intake
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
+from bot.retention import purge
 from bot.staff_tools import StaffTools
 from bot.store import cases, ingest
 from bot.store.audit import Provenance
@@ -38,6 +40,8 @@ from bot.worker import Worker
 from bot.workflow import CaseWorkflow
 
 log = logging.getLogger(__name__)
+# A check-in this far past its due time and still not open is reported as overdue.
+OVERDUE_GRACE = dt.timedelta(minutes=5)
 
 
 class Service:
@@ -122,7 +126,11 @@ class Service:
                 self.intake,
                 self.registration.hs_token,
                 self.metrics,
-                {"database": self._check_database, "homeserver": self._check_homeserver},
+                {
+                    "database": self._check_database,
+                    "homeserver": self._check_homeserver,
+                    "checkins": self._check_checkins,
+                },
             )
             self._runner = web.AppRunner(server.app(), access_log=None)
             await self._runner.setup()
@@ -184,13 +192,19 @@ class Service:
                 log.error("cannot join the staff room %s: %s (invite the bot)", room_id, joined)
 
     async def _housekeeping(self) -> None:
-        """Hourly: forget delivery bookkeeping past its retention window."""
+        """Hourly: forget old delivery bookkeeping, apply audit retention, refresh gauges."""
         retention = dt.timedelta(days=self.config.file.database.dedupe_retention_days)
         while True:
             try:
                 async with self.engine.begin() as conn:
                     await ingest.prune(conn, dt.datetime.now(dt.UTC) - retention)
                     self.metrics.inbox_backlog.set(await ingest.backlog(conn))
+                purged = await purge(
+                    self.engine, self.context.provenance, self.config.audit.retention_days
+                )
+                if purged.cases:
+                    log.info("retention purged %d case(s)", purged.cases)
+                await self._check_checkins()
             except Exception:
                 log.exception("housekeeping failed")
             await asyncio.sleep(3600)
@@ -201,6 +215,14 @@ class Service:
             backlog = await ingest.backlog(conn)
         self.metrics.inbox_backlog.set(backlog)
         return {"ok": True, "inbox_backlog": backlog}
+
+    async def _check_checkins(self) -> dict[str, Any]:
+        """Overdue check-ins make the service unhealthy: a promise to a member is slipping."""
+        async with self.engine.connect() as conn:
+            counts = await cases.checkin_counts(conn, dt.datetime.now(dt.UTC), OVERDUE_GRACE)
+        for state in ("pending", "overdue", "unclaimed"):
+            self.metrics.checkins.labels(state).set(getattr(counts, state))
+        return {"ok": counts.overdue == 0, **asdict(counts)}
 
     async def _check_homeserver(self) -> dict[str, Any]:
         reachable = await self.homeserver.versions()

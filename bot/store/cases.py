@@ -362,3 +362,30 @@ async def unacknowledged_alerts(conn: AsyncConnection) -> list[tuple[Case, dt.da
         )
     )
     return [(_case(row), row.alert_sent_at) for row in rows]
+
+
+@dataclass(frozen=True)
+class CheckinCounts:
+    pending: int
+    overdue: int
+    unclaimed: int
+
+
+async def checkin_counts(
+    conn: AsyncConnection, now: dt.datetime, grace: dt.timedelta
+) -> CheckinCounts:
+    """Check-ins waiting to open, past due by more than `grace`, and open but unclaimed."""
+    waiting = await with_pending_checkin(conn)
+    overdue = sum(1 for case in waiting if case.due_at and case.due_at < now - grace)
+    unclaimed = (
+        await conn.execute(
+            sa.select(sa.func.count())
+            .select_from(cases)
+            .where(
+                cases.c.checkin_opened_at.is_not(None),
+                cases.c.checkin_claimed_by.is_(None),
+                cases.c.checkin_staff_joined_at.is_(None),
+            )
+        )
+    ).scalar_one()
+    return CheckinCounts(len(waiting) - overdue, overdue, unclaimed)

@@ -1,0 +1,186 @@
+"""Staff act from the staff room: commands, acknowledgements, escalation — all recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.integration.test_checkin import checkin_config, checkin_rooms, flag_member
+from tests.support.scene import (
+    build_scene,
+    export_json,
+    open_group_room,
+    running_service,
+    safeguard_cli,
+    until,
+)
+from tests.support.synapse import free_port
+
+pytestmark = pytest.mark.synapse
+
+
+async def command(scene, user, text: str) -> str:
+    """Send a command; return the bot's reply to it."""
+    sent = await user.send_text(scene.staff_room, text)
+
+    async def reply():
+        for event in await scene.bot_messages(scene.staff, scene.staff_room):
+            relation = event["content"].get("m.relates_to", {})
+            if relation.get("m.in_reply_to", {}).get("event_id") == sent:
+                return event["content"]["body"]
+        return None
+
+    return await until(reply, what=f"the reply to {text!r}")
+
+
+async def kinds(config) -> list[str]:
+    (case,) = (await export_json(config))["cases"]
+    return [entry["kind"] for entry in case["entries"]]
+
+
+async def test_staff_commands_end_to_end(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await scene.staff.invite(scene.staff_room, scene.moderator.user_id)
+        await scene.moderator.join(scene.staff_room)  # in the staff room, but not staff
+        await flag_member(scene)
+        await until(lambda: checkin_rooms(scene), within=30, what="the check-in")
+
+        assert "!case N es" in await command(scene, scene.staff, "!case help")
+        listing = await command(scene, scene.staff, "!case list")
+        assert "#1" in listing and scene.member.user_id in listing
+        assert "staff alerted" in await command(scene, scene.staff, "!case 1")
+        reply = await command(scene, scene.staff, "!case 1 es CAD-4471 Metropolitan Police")
+        assert "CAD-4471" in reply and "vital interests" in reply
+        assert "note added" in await command(scene, scene.staff, "!case 1 note seemed calmer")
+        assert "claimed" in await command(scene, scene.staff, "!case 1 claim")
+        assert "acknowledged" in await command(scene, scene.staff, "!case 1 ack")
+        assert "on hold" in await command(scene, scene.staff, "!case 1 hold police enquiry")
+        closed = await command(scene, scene.staff, "!case 1 close referred to CAMHS")
+        assert "closed" in closed and "audit verify --head" in closed
+        assert "reopened" in await command(scene, scene.staff, "!case 1 reopen new information")
+        wrong = await command(scene, scene.staff, "!case 1 es")
+        assert "!case 1 es <reference> [service]" in wrong
+        assert "no case #9" in (await command(scene, scene.staff, "!case 9")).lower()
+
+        # Someone in the staff room who is not staff: no effect, but recorded.
+        await scene.moderator.send_text(scene.staff_room, "!case 1 close not my call")
+        await until(lambda: _has(config, "command_refused"), what="the refusal record")
+
+    recorded = await kinds(config)
+    for kind in (
+        "emergency_services_informed",
+        "note",
+        "checkin_claimed",
+        "alert_acknowledged",
+        "held",
+        "closed",
+        "reopened",
+        "command_refused",
+    ):
+        assert kind in recorded, kind
+    (case,) = (await export_json(config))["cases"]
+    assert case["state"] == "open" and case["on_hold"] is True
+    es = next(e for e in case["entries"] if e["kind"] == "emergency_services_informed")
+    assert es["personal"]["reference"] == "CAD-4471"
+    assert es["facts"]["service"] == "Metropolitan Police"
+    assert es["facts"]["lawful_basis"] == "vital interests" and es["facts"]["data_shared"]
+    note = next(e for e in case["entries"] if e["kind"] == "note")
+    assert note["facts"]["kind"] == "opinion" and note["personal"]["text"] == "seemed calmer"
+    refused = next(e for e in case["entries"] if e["kind"] == "command_refused")
+    assert refused["personal"]["by"] == scene.moderator.user_id
+
+
+async def _has(config, kind: str) -> bool:
+    document = await export_json(config)
+    return any(e["kind"] == kind for c in document["cases"] for e in c["entries"])
+
+
+async def test_tick_reaction_acknowledges_the_alert(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1h")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        alert = await until(lambda: _alert_event(scene), what="the alert")
+        await scene.staff.react(scene.staff_room, alert["event_id"], "✅")
+        await until(lambda: _has(config, "alert_acknowledged"), what="the acknowledgement")
+
+
+async def _alert_event(scene):
+    for event in await scene.bot_messages(scene.staff, scene.staff_room):
+        if event["content"]["body"].startswith("Case #1"):
+            return event
+    return None
+
+
+async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path):
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/page", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        scene = await build_scene(synapse, tmp_path)
+        config = checkin_config(scene, after="1h")
+        data = yaml.safe_load(config.read_text())
+        data["policy"] |= {"ack_within": "2s", "alert_webhook": f"http://127.0.0.1:{port}/page"}
+        config.write_text(yaml.safe_dump(data))
+        async with running_service(config):
+            await open_group_room(scene)
+            await flag_member(scene)
+            raised = await until(
+                lambda: scene.staff_matching(lambda m: "has not been acknowledged" in m),
+                within=30,
+                what="the second alert",
+            )
+            assert scene.staff.user_id in raised[0]
+            await until(lambda: _has(config, "alert_raised_again"), what="the record")
+            assert received and received[0]["case"] == 1
+            assert received[0]["event"] == "safeguard.alert_unacknowledged"
+            await asyncio.sleep(2.5)  # raised once, not every ack_within
+            again = await scene.staff_matching(lambda m: "has not been acknowledged" in m)
+            assert len(again) == 1 and len(received) == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_export_round_trips_and_audit_verifies(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1h")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await until(lambda: _has(config, "step.schedule"), what="the case")
+    document = await export_json(config)
+    code, out, _ = await safeguard_cli("cases", "export", "-c", str(config), "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    entries = [e for c in document["cases"] for e in c["entries"]] + document["refusals"]
+    assert len(rows) == len(entries) and rows[0].keys() >= {"case", "seq", "kind", "hash"}
+    assert [int(r["seq"]) for r in rows] == [e["seq"] for e in entries]
+    assert json.loads(rows[0]["facts"]) == entries[0]["facts"]
+    code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
+    assert code == 0 and "audit log OK" in out
+    head = document["audit_head"]
+    code, out, _ = await safeguard_cli(
+        "audit", "verify", "-c", str(config), "--head", f"{head['seq']}:{head['hash']}"
+    )
+    assert code == 0, out
+    code, out, _ = await safeguard_cli("cases", "list", "-c", str(config))
+    assert code == 0 and scene.member.user_id in out and "CHECK-IN DUE" in out
