@@ -58,11 +58,13 @@ class AppServiceServer:
         hs_token: str,
         metrics: Metrics,
         health_checks: Mapping[str, HealthCheck],
+        refresh_metrics: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._intake = intake
         self._hs_token = hs_token.encode()
         self._metrics = metrics
         self._health_checks = dict(health_checks)
+        self._refresh_metrics = refresh_metrics
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -164,6 +166,11 @@ class AppServiceServer:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self._refresh_metrics is not None:
+            try:
+                await asyncio.wait_for(self._refresh_metrics(), timeout=5)
+            except Exception:  # stale gauges beat a failed scrape
+                log.warning("could not refresh database gauges for /metrics", exc_info=True)
         return web.Response(
             body=generate_latest(self._metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},

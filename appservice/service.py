@@ -33,7 +33,7 @@ from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
 from bot.retention import purge
 from bot.staff_tools import StaffTools
-from bot.store import cases, ingest
+from bot.store import audit, cases, ingest
 from bot.store.audit import Provenance
 from bot.timers import Timers
 from bot.worker import Worker
@@ -131,6 +131,7 @@ class Service:
                     "homeserver": self._check_homeserver,
                     "checkins": self._check_checkins,
                 },
+                refresh_metrics=self._refresh_metrics,
             )
             self._runner = web.AppRunner(server.app(), access_log=None)
             await self._runner.setup()
@@ -223,6 +224,13 @@ class Service:
         for state in ("pending", "overdue", "unclaimed"):
             self.metrics.checkins.labels(state).set(getattr(counts, state))
         return {"ok": counts.overdue == 0, **asdict(counts)}
+
+    async def _refresh_metrics(self) -> None:
+        """Gauges that live in the database are read when Prometheus scrapes."""
+        await self._check_checkins()
+        async with self.engine.connect() as conn:
+            self.metrics.inbox_backlog.set(await ingest.backlog(conn))
+            self.metrics.audit_entries.set((await audit.head(conn))[0])
 
     async def _check_homeserver(self) -> dict[str, Any]:
         reachable = await self.homeserver.versions()

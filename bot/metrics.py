@@ -40,8 +40,8 @@ class Metrics:
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
         )
-        self.audit_entries = Counter(
-            "safeguard_audit_entries", "Audit entries written", ["kind"], registry=r
+        self.audit_entries = Gauge(
+            "safeguard_audit_entries", "Entries in the audit log (its chain head)", registry=r
         )
         self.rate_limited = Counter(
             "safeguard_rate_limited",

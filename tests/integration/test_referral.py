@@ -47,9 +47,19 @@ async def dm_with_notice(scene) -> tuple[str, dict]:
     return room, notice
 
 
+async def _metrics(service) -> str:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{service.port}/metrics") as response,
+    ):
+        return await response.text()
+
+
 async def test_reaction_flag_end_to_end(scene):
     config = configure(scene)
-    async with running_service(config):
+    async with running_service(config) as service:
         await open_group_room(scene)
         said = await scene.member.send_text(scene.group, "I don't want to be here any more")
         await scene.moderator.react(scene.group, said, "🚨")
@@ -71,6 +81,11 @@ async def test_reaction_flag_end_to_end(scene):
             what="the staff alert",
         )
         assert scene.member.user_id in alert[0]
+        metrics = await _metrics(service)
+        assert 'safeguard_flags_total{outcome="accepted"} 1.0' in metrics
+        assert 'safeguard_steps_total{status="done",step="remove"} 1.0' in metrics
+        assert "safeguard_step_seconds_bucket" in metrics
+        assert "safeguard_audit_entries " in metrics
 
     (case,) = (await export_json(config, "--format", "json"))["cases"]
     assert case["member"] == scene.member.user_id and case["room"] == scene.group
