@@ -10,6 +10,7 @@ costs one id row, and a flag never waits behind it.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ class ActionFilter:
             normalise_key(CLAIM_KEY),
             normalise_key(ACK_KEY),
         }
-        self._command = context.policy.command.casefold()
+        self._command = re.compile(re.escape(context.policy.command), re.IGNORECASE)
 
     def __call__(self, event: Mapping[str, Any]) -> bool:
         event_type = event["type"]
@@ -60,7 +61,7 @@ class ActionFilter:
             return False
         if event_type == "m.room.message":
             body = content.get("body")
-            return isinstance(body, str) and self._command in body.casefold()
+            return isinstance(body, str) and self._command.search(body) is not None
         return False
 
 
@@ -78,7 +79,7 @@ class Intake:
 
     async def accept(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> ingest.Recorded:
         """Record a transaction of well-formed events in one DB transaction."""
-        to_act_on = [dict(event) for event in events if self._filter(event)]
+        to_act_on = [event for event in events if self._filter(event)]
         now = dt.datetime.now(dt.UTC)
         try:
             async with self._engine.begin() as conn:
