@@ -24,19 +24,16 @@ from nio import (
     AsyncClientConfig,
     ErrorResponse,
     JoinedRoomsResponse,
-    RoomCreateResponse,
     RoomGetEventResponse,
     RoomMessagesResponse,
-    RoomPreset,
     RoomResolveAliasResponse,
     RoomSendResponse,
-    RoomVisibility,
 )
 from nio.api import MessageDirection
 
 from bot.ports import (
     MESSAGE_MARKER_KEY,
-    ROOM_MARKER_TYPE,
+    ROOM_MARKER_KEY,
     Done,
     HomeserverUnavailable,
     Refused,
@@ -46,6 +43,8 @@ from bot.ports import (
 )
 
 log = logging.getLogger(__name__)
+# Never wait longer than this on one retry_after_ms: the step is retried later anyway.
+MAX_RETRY_AFTER = 30.0
 T = TypeVar("T")
 
 
@@ -101,10 +100,14 @@ class NioHomeserver:
 
     async def _call(self, what: str, request: Callable[[], Awaitable[T]]) -> T | Refused:
         last_problem = "no attempt made"
+        retry_after: float | None = None
         for attempt in range(self._attempts):
             if attempt:
-                delay = min(self._max_delay, self._base_delay * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                backoff = min(self._max_delay, self._base_delay * 2 ** (attempt - 1))
+                # A 429 says how long to wait; otherwise back off with jitter.
+                delay = retry_after if retry_after is not None else backoff
+                await asyncio.sleep(min(delay, MAX_RETRY_AFTER) * random.uniform(1.0, 1.2))
+                retry_after = None
             try:
                 response = await request()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -113,8 +116,13 @@ class NioHomeserver:
             failure = _failure(response)
             if failure is None:
                 return response
-            status, errcode, message = failure
-            if status == 429 or errcode == "M_LIMIT_EXCEEDED" or status >= 500 or status == 0:
+            status, errcode, message, retry_after_ms = failure
+            limited = status == 429 or errcode == "M_LIMIT_EXCEEDED"
+            if limited and retry_after_ms is not None:
+                retry_after = retry_after_ms / 1000
+            if limited and isinstance(response, _RawError):
+                self._on_rate_limited()  # nio counts its own methods' 429s (_saw_error)
+            if limited or status >= 500 or status == 0:
                 last_problem = f"HTTP {status} {errcode} {message}".strip()
                 continue
             return Refused(errcode=errcode or f"HTTP_{status}", reason=message, status=status)
@@ -264,8 +272,8 @@ class NioHomeserver:
 
     async def find_marked_room(self, marker: str) -> str | None:
         for room_id in await self.joined_rooms():
-            content = await self._state_event(room_id, ROOM_MARKER_TYPE)
-            if isinstance(content, dict) and content.get("marker") == marker:
+            content = await self._state_event(room_id, "m.room.create")
+            if isinstance(content, dict) and content.get(ROOM_MARKER_KEY) == marker:
                 return room_id
         return None
 
@@ -278,31 +286,27 @@ class NioHomeserver:
         topic: str | None = None,
         is_direct: bool = False,
     ) -> RoomCreated | Refused:
-        response = await self._call(
-            f"create room {marker}",
-            lambda: self.client.room_create(
-                visibility=RoomVisibility.private,
-                name=name,
-                topic=topic,
-                is_direct=is_direct,
-                # private_chat, not trusted_private_chat: in room v12 the latter
-                # would make every invitee a creator with unlimited power.
-                preset=RoomPreset.private_chat,
-                invite=invite,
-                initial_state=[
-                    {"type": ROOM_MARKER_TYPE, "state_key": "", "content": {"marker": marker}},
-                    {
-                        "type": "m.room.history_visibility",
-                        "state_key": "",
-                        "content": {"history_visibility": "invited"},
-                    },
-                ],
-            ),
-        )
-        if isinstance(response, Refused):
-            return response
-        assert isinstance(response, RoomCreateResponse)
-        return RoomCreated(response.room_id)
+        body: dict[str, Any] = {
+            "visibility": "private",
+            # private_chat, not trusted_private_chat: in room v12 the latter would
+            # make every invitee a creator with unlimited power.
+            "preset": "private_chat",
+            "invite": invite,
+            "is_direct": is_direct,
+            "creation_content": {ROOM_MARKER_KEY: marker},
+        }
+        if name:
+            body["name"] = name
+        if topic:
+            body["topic"] = topic
+        # Raw, because nio's room_create cannot set creation_content.
+        result = await self._raw("POST", "/_matrix/client/v3/createRoom", body)
+        if isinstance(result, Refused):
+            return result
+        room_id = result.get("room_id")
+        if not isinstance(room_id, str):
+            return Refused("M_UNKNOWN", "createRoom answered without a room_id")
+        return RoomCreated(room_id)
 
     async def direct_rooms(self) -> dict[str, list[str]]:
         result = await self._raw(
@@ -317,8 +321,14 @@ class NioHomeserver:
             if isinstance(rooms, list)
         }
 
-    async def remember_direct_room(self, user_id: str, room_id: str) -> None:
-        direct = await self.direct_rooms()
+    async def remember_direct_room(
+        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
+    ) -> None:
+        direct = (
+            {user: list(rooms) for user, rooms in known.items()}
+            if known is not None
+            else (await self.direct_rooms())
+        )
         rooms = direct.setdefault(user_id, [])
         if room_id in rooms:
             return
@@ -399,15 +409,23 @@ class _RawError:
         self.payload = payload
 
 
-def _failure(response: object) -> tuple[int, str, str] | None:
-    """(HTTP status, errcode, message) when the response is an error, else None."""
+def _failure(response: object) -> tuple[int, str, str, int | None] | None:
+    """(HTTP status, errcode, message, retry_after_ms) for an error response, else None."""
     if isinstance(response, _RawError):
+        retry = response.payload.get("retry_after_ms")
         return (
             response.status,
             str(response.payload.get("errcode") or ""),
             str(response.payload.get("error") or ""),
+            retry if isinstance(retry, int) and not isinstance(retry, bool) else None,
         )
     if isinstance(response, ErrorResponse):
         status = response.transport_response.status if response.transport_response else 0
-        return status, str(response.status_code or ""), str(response.message or "")
+        retry = getattr(response, "retry_after_ms", None)
+        return (
+            status,
+            str(response.status_code or ""),
+            str(response.message or ""),
+            retry if isinstance(retry, int) else None,
+        )
     return None

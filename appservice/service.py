@@ -80,7 +80,7 @@ class Service:
             self.engine,
             self.homeserver,
             self.context,
-            on_case=self.case_worker.wake,
+            on_case=self.workflow.start_case,
             on_outbox=self.outbox_worker.wake,
         )
         self.inbox_worker = Worker("inbox", self.dispatcher.work_once)

@@ -39,7 +39,7 @@ class Dispatcher:
         homeserver: Homeserver,
         context: PolicyContext,
         *,
-        on_case: Callable[[], None],
+        on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
         retry_delays: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30),
     ) -> None:
@@ -47,7 +47,10 @@ class Dispatcher:
         self._ctx = context
         self._on_outbox = on_outbox
         self.referral = Referral(engine, homeserver, context, on_case=on_case, on_outbox=on_outbox)
-        self.membership = Membership(engine, homeserver, context, on_outbox=on_outbox)
+        self._noops: list[int] = []
+        self.membership = Membership(
+            engine, homeserver, context, on_outbox=on_outbox, finish_later=self.finish_later
+        )
         self.extra_handlers: list[ExtraHandler] = []
         self._retry_delays = retry_delays
         self._outage = 0
@@ -55,22 +58,38 @@ class Dispatcher:
     async def work_once(self) -> bool:
         async with self._engine.connect() as conn:
             items = await ingest.pending(conn, limit=50)
-        for item in items:
-            try:
-                await self._handle(item)
-            except HomeserverUnavailable as exc:
-                # Keep the event (and everything behind it) queued; try again later.
-                delay = self._retry_delays[min(self._outage, len(self._retry_delays) - 1)]
-                self._outage += 1
-                log.warning("homeserver unavailable (%s); retrying in %.1fs", exc, delay)
-                self._ctx.metrics.errors.labels("homeserver").inc()
-                await asyncio.sleep(delay)
-                return True
-            except Exception as exc:
-                log.exception("event %s could not be processed", item.event_id)
-                await self._poisoned(item, exc)
-            self._outage = 0
+        try:
+            for item in items:
+                try:
+                    await self._handle(item)
+                except HomeserverUnavailable as exc:
+                    # Keep the event (and everything behind it) queued; try again later.
+                    delay = self._retry_delays[min(self._outage, len(self._retry_delays) - 1)]
+                    self._outage += 1
+                    log.warning("homeserver unavailable (%s); retrying in %.1fs", exc, delay)
+                    self._ctx.metrics.errors.labels("homeserver").inc()
+                    await asyncio.sleep(delay)
+                    return True
+                except Exception as exc:
+                    log.exception("event %s could not be processed", item.event_id)
+                    await self._poisoned(item, exc)
+                self._outage = 0
+        finally:
+            await self._flush_noops()
         return bool(items)
+
+    def finish_later(self, item: InboxItem) -> None:
+        """An event that needed nothing: marked done with the batch, in one write.
+
+        Safe to lose in a crash: handling it again does nothing either.
+        """
+        self._noops.append(item.seq)
+
+    async def _flush_noops(self) -> None:
+        if self._noops:
+            seqs, self._noops = self._noops, []
+            async with self._engine.begin() as conn:
+                await ingest.finish_many(conn, seqs, dt.datetime.now(dt.UTC))
 
     async def _handle(self, item: InboxItem) -> None:
         event = item.payload
@@ -130,8 +149,7 @@ class Dispatcher:
         self._on_outbox()
 
     async def _finish(self, item: InboxItem) -> None:
-        async with self._engine.begin() as conn:
-            await ingest.finish(conn, item.seq, dt.datetime.now(dt.UTC))
+        self.finish_later(item)
 
     async def _poisoned(self, item: InboxItem, exc: Exception) -> None:
         now = dt.datetime.now(dt.UTC)

@@ -43,11 +43,13 @@ class Membership:
         context: PolicyContext,
         *,
         on_outbox: Callable[[], None],
+        finish_later: Callable[[InboxItem], None],
     ) -> None:
         self._engine = engine
         self._hs = homeserver
         self._ctx = context
         self._on_outbox = on_outbox
+        self._done = finish_later
 
     def _is_group_room(self, room_id: str) -> bool:
         return room_id != self._ctx.staff_room_id and room_id not in self._ctx.watched_rooms
@@ -64,7 +66,7 @@ class Membership:
             elif membership in ("leave", "ban"):
                 await self._removed(item, membership)
             else:
-                await self._done(item)
+                self._done(item)
             return
         # A display-name change is a join after a join: only a real return ends the case.
         if membership == "join" and previous != "join" and isinstance(user, str):
@@ -83,7 +85,7 @@ class Membership:
                     )
                 await finish(conn, item.seq, now)
             return
-        await self._done(item)
+        self._done(item)
 
     async def _invited(self, item: InboxItem) -> None:
         inviter = item.payload.get("sender", "")
@@ -145,9 +147,14 @@ class Membership:
             await finish(conn, item.seq, now)
 
     async def power_levels_changed(self, item: InboxItem) -> None:
+        """Only moderated rooms (the bot was invited in) matter; not rooms the bot made."""
         room_id = item.room_id
-        if not self._is_group_room(room_id):
-            await self._done(item)
+        async with self._engine.connect() as conn:
+            moderated = (
+                await conn.execute(sa.select(rooms.c.room_id).where(rooms.c.room_id == room_id))
+            ).first()
+        if moderated is None or not self._is_group_room(room_id):
+            self._done(item)
             return
         kick = await self._can_kick(room_id)
         now = dt.datetime.now(dt.UTC)
@@ -198,7 +205,3 @@ class Membership:
                 conn, self._ctx.provenance, kind, facts=facts, personal=personal, at=now
             )
             await finish(conn, item.seq, now)
-
-    async def _done(self, item: InboxItem) -> None:
-        async with self._engine.begin() as conn:
-            await finish(conn, item.seq, dt.datetime.now(dt.UTC))

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# State event type placed in the initial state of every room the bot creates,
-# so a crash mid-createRoom can be detected and the room reused, not duplicated.
-ROOM_MARKER_TYPE = "org.matrix.safeguard.marker"
+# Key in the create event's content of every room the bot creates, so a crash
+# mid-createRoom can be detected and the room reused, not duplicated. In the
+# create event itself, it costs no extra event (each one slows createRoom).
+ROOM_MARKER_KEY = "org.matrix.safeguard.marker"
 # Key inside the content of every message the bot sends about a case, so a
 # resumed step can find its own message instead of sending it twice.
 MESSAGE_MARKER_KEY = "org.matrix.safeguard"
@@ -107,7 +108,11 @@ class Homeserver(Protocol):
         """The bot's m.direct account data: user id -> DM room ids."""
         ...
 
-    async def remember_direct_room(self, user_id: str, room_id: str) -> None: ...
+    async def remember_direct_room(
+        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
+    ) -> None:
+        """Add the room to m.direct; `known` is the m.direct just read, if any."""
+        ...
 
     async def invite(self, room_id: str, user_id: str) -> Done | Refused: ...
 

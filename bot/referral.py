@@ -6,6 +6,7 @@ a moderator demoted a second ago cannot flag.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
@@ -45,7 +46,7 @@ class Referral:
         homeserver: Homeserver,
         context: PolicyContext,
         *,
-        on_case: Callable[[], None],
+        on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
     ) -> None:
         self._engine = engine
@@ -55,35 +56,17 @@ class Referral:
         self._on_outbox = on_outbox
 
     async def handle(self, item: InboxItem, flag: Flag) -> None:
-        target = flag.target_user
-        if target is None and flag.target_event_id is not None:
-            flagged = await self._hs.get_event(flag.room_id, flag.target_event_id)
-            if isinstance(flagged, Refused):
-                await self._refuse(
-                    item,
-                    flag,
-                    None,
-                    Refusal(
-                        "target_unknown",
-                        (f"the flagged message could not be read ({flagged.errcode})"),
-                    ),
-                )
-                return
-            target = flagged.get("sender") if isinstance(flagged.get("sender"), str) else None
-        if target is None:
-            await self._refuse(item, flag, None, Refusal("target_unknown", "no member was named"))
+        # The three reads are independent: fetch them together (each one is fresh).
+        flagged, room, staff_room = await asyncio.gather(
+            self._flagged_sender(flag), self._hs.room_state(flag.room_id), self.staff_room_state()
+        )
+        if isinstance(flagged, Refusal):
+            await self._refuse(item, flag, None, flagged)
             return
-        room = await self._hs.room_state(flag.room_id)
+        target = flagged
         if isinstance(room, Refused):
-            await self._refuse(
-                item,
-                flag,
-                target,
-                Refusal(
-                    "room_unreadable",
-                    (f"the bot cannot read the room's power levels ({room.errcode})"),
-                ),
-            )
+            why = f"the bot cannot read the room's power levels ({room.errcode})"
+            await self._refuse(item, flag, target, Refusal("room_unreadable", why))
             return
         refusal = decide_flag(
             flagger=flag.flagger,
@@ -91,12 +74,26 @@ class Referral:
             room=room,
             bot_user_id=self._ctx.bot_user_id,
             moderator_power_level=self._ctx.policy.moderator_power_level,
-            target_is_staff=await self.is_staff(target),
+            target_is_staff=self._staff(target, staff_room),
         )
         if refusal is not None:
             await self._refuse(item, flag, target, refusal)
             return
         await self._open(item, flag, target)
+
+    async def _flagged_sender(self, flag: Flag) -> str | Refusal:
+        """The member the flag names: given, or the flagged message's sender."""
+        if flag.target_user is not None:
+            return flag.target_user
+        if flag.target_event_id is None:
+            return Refusal("target_unknown", "no member was named")
+        flagged = await self._hs.get_event(flag.room_id, flag.target_event_id)
+        if isinstance(flagged, Refused):
+            return Refusal(
+                "target_unknown", f"the flagged message could not be read ({flagged.errcode})"
+            )
+        sender = flagged.get("sender")
+        return sender if isinstance(sender, str) else Refusal("target_unknown", "no sender")
 
     async def staff_room_state(self) -> RoomState | None:
         if self._ctx.staff_room_id is None:
@@ -105,13 +102,16 @@ class Referral:
         return None if isinstance(state, Refused) else state
 
     async def is_staff(self, user_id: str) -> bool:
-        policy = self._ctx.policy
-        if user_id in policy.staff:
+        if user_id in self._ctx.policy.staff:
             return True
+        return self._staff(user_id, await self.staff_room_state())
+
+    def _staff(self, user_id: str, staff_room: RoomState | None) -> bool:
+        policy = self._ctx.policy
         return is_staff(
             user_id,
             staff_users=policy.staff,
-            staff_room=await self.staff_room_state(),
+            staff_room=staff_room,
             staff_power_level=policy.staff_power_level,
         )
 
@@ -149,7 +149,7 @@ class Referral:
             extra={"case": opened.case_id},
         )
         if opened.created:
-            self._on_case()
+            self._on_case(opened.case_id)
 
     async def _refuse(
         self, item: InboxItem, flag: Flag, target: str | None, refusal: Refusal

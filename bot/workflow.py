@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -76,6 +76,17 @@ async def send_once(
     return sent if isinstance(sent, Refused) else sent.event_id
 
 
+@dataclass(frozen=True)
+class DmRoom:
+    room_id: str
+    created: bool
+    direct: dict[str, list[str]]  # the bot's m.direct as read, to update without re-reading
+
+
+async def _nothing() -> None:
+    return None
+
+
 class CaseWorkflow:
     def __init__(
         self,
@@ -105,19 +116,24 @@ class CaseWorkflow:
 
     # ---- the runner --------------------------------------------------------------------
 
+    def start_case(self, case_id: int) -> None:
+        """Run a newly opened case now, without waiting for the next poll."""
+        if case_id in self._running:
+            return
+        self._running.add(case_id)
+        task = asyncio.create_task(self._run_guarded(case_id), name=f"case:{case_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def work_once(self) -> bool:
         """Start every case that has work due and is not already running."""
         async with self._engine.connect() as conn:
             due = await cases.due_for_work(conn, dt.datetime.now(dt.UTC))
         started = False
         for case_id in due:
-            if case_id in self._running:
-                continue
-            self._running.add(case_id)
-            task = asyncio.create_task(self._run_guarded(case_id), name=f"case:{case_id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            started = True
+            if case_id not in self._running:
+                self.start_case(case_id)
+                started = True
         if not started and self._tasks:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return True
@@ -161,22 +177,31 @@ class CaseWorkflow:
         if case is None:
             return
         by_name = {step.step: step for step in steps}
-        for step in steps:
-            if step.finished or step.step not in self._steps:
-                continue
-            async with self._engine.begin() as conn:
-                await cases.start_step(conn, case_id, step.step, dt.datetime.now(dt.UTC))
-                step = next(s for s in await cases.steps_of(conn, case_id) if s.step == step.step)
-                case = await cases.get(conn, case_id)
-            assert case is not None
+        todo = [step for step in steps if not step.finished and step.step in self._steps]
+        if not todo:
+            return
+        # The intent is written before each call and the outcome after; one step's
+        # outcome and the next one's intent share a DB transaction. The local view is
+        # updated to match what was written rather than read back.
+        async with self._engine.begin() as conn:
+            await cases.start_step(conn, case_id, todo[0].step, dt.datetime.now(dt.UTC))
+        for index, step in enumerate(todo):
+            step = replace(step, status="started", attempts=step.attempts + 1)
+            following = todo[index + 1].step if index + 1 < len(todo) else None
             began = time.perf_counter()
             outcome = await self._steps[step.step](case, step, by_name)
-            await self._record(case, step, outcome)
+            await self._record(case, step, outcome, start_next=following)
             self._ctx.metrics.step_seconds.labels(step.step).observe(time.perf_counter() - began)
-            async with self._engine.connect() as conn:
-                by_name = {s.step: s for s in await cases.steps_of(conn, case_id)}
+            by_name[step.step] = replace(
+                step,
+                status=outcome.status,
+                result=outcome.facts | outcome.personal,
+                error=outcome.error,
+            )
 
-    async def _record(self, case: Case, step: Step, outcome: Outcome) -> None:
+    async def _record(
+        self, case: Case, step: Step, outcome: Outcome, *, start_next: str | None = None
+    ) -> None:
         now = dt.datetime.now(dt.UTC)
         facts = outcome.facts | {"status": outcome.status, "attempts": step.attempts}
         if outcome.error:
@@ -200,6 +225,8 @@ class CaseWorkflow:
                 personal=outcome.personal,
                 at=now,
             )
+            if start_next is not None:
+                await cases.start_step(conn, case.id, start_next, now)
         self._ctx.metrics.steps.labels(step.step, outcome.status).inc()
         log.info("case #%d: %s %s", case.id, step.step, outcome.status, extra={"case": case.id})
 
@@ -223,12 +250,24 @@ class CaseWorkflow:
         if case.dry_run:
             return Outcome("skipped", {"why": "dry run"})
         assert case.member_id is not None
-        dm_room = step.progress.get("dm_room") or await self._dm_room(case, step)
-        if isinstance(dm_room, Refused):
-            return Outcome("failed", {"why": "the DM room could not be opened"}, error=str(dm_room))
+        known = step.progress.get("dm_room")
+        found = (
+            DmRoom(known, created=False, direct={}) if known else await self._dm_room(case, step)
+        )
+        if isinstance(found, Refused):
+            return Outcome("failed", {"why": "the DM room could not be opened"}, error=str(found))
+        dm_room = found.room_id
         self._ctx.watch(dm_room)
         content = render_notice(self._ctx.messages, self._ctx.resources, dry_run=False)
-        sent = await self._send_once(case, step, dm_room, content)
+        # The notice and the progress together (a resumed step finds the room and the
+        # message by their markers either way); m.direct after, off the homeserver's
+        # critical path to the member.
+        sent, _ = await asyncio.gather(
+            self._send_once(case, step, dm_room, content),
+            self._save_progress(case, step, dm_room=dm_room) if not known else _nothing(),
+        )
+        if found.created:
+            await self._hs.remember_direct_room(case.member_id, dm_room, known=found.direct)
         if isinstance(sent, Refused):
             return Outcome(
                 "failed",
@@ -238,27 +277,23 @@ class CaseWorkflow:
             )
         return Outcome("done", {"event": sent}, {"dm_room": dm_room})
 
-    async def _dm_room(self, case: Case, step: Step) -> str | Refused:
+    async def _dm_room(self, case: Case, step: Step) -> DmRoom | Refused:
         member = case.member_id
         assert member is not None
         tag = marker(case, "dm")
-        room_id: str | None = None
-        if step.attempts > 1:
-            room_id = await self._hs.find_marked_room(tag)
-        if room_id is None:
-            room_id = await self._reusable_dm(member)
-        if room_id is None:
-            created = await self._hs.create_room(marker=tag, invite=[member], is_direct=True)
-            if isinstance(created, Refused):
-                return created
-            room_id = created.room_id
-            await self._hs.remember_direct_room(member, room_id)
-        await self._save_progress(case, step, dm_room=room_id)
-        return room_id
+        direct = await self._hs.direct_rooms()
+        room_id = await self._hs.find_marked_room(tag) if step.attempts > 1 else None
+        room_id = room_id or await self._reusable_dm(member, direct)
+        if room_id is not None:
+            return DmRoom(room_id, created=False, direct=direct)
+        created = await self._hs.create_room(marker=tag, invite=[member], is_direct=True)
+        if isinstance(created, Refused):
+            return created
+        return DmRoom(created.room_id, created=True, direct=direct)
 
-    async def _reusable_dm(self, member: str) -> str | None:
+    async def _reusable_dm(self, member: str, direct: dict[str, list[str]]) -> str | None:
         """A DM the bot already has with the member, that both are still in."""
-        for room_id in reversed((await self._hs.direct_rooms()).get(member, [])):
+        for room_id in reversed(direct.get(member, [])):
             if await self._hs.membership(
                 room_id, self._hs.bot_user_id
             ) == "join" and await self._hs.membership(room_id, member) in ("join", "invite"):

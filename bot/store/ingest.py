@@ -117,6 +117,15 @@ async def finish(
     )
 
 
+async def finish_many(conn: AsyncConnection, seqs: list[int], now: dt.datetime) -> None:
+    """Mark several events that needed no action as processed, in one statement."""
+    await conn.execute(
+        inbox.update()
+        .where(inbox.c.seq.in_(seqs))
+        .values(status="done", payload=None, processed_at=now, attempts=inbox.c.attempts + 1)
+    )
+
+
 async def count_attempt(conn: AsyncConnection, seq: int, error: str) -> None:
     await conn.execute(
         inbox.update().where(inbox.c.seq == seq).values(attempts=inbox.c.attempts + 1, error=error)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bot.ports import (
     MESSAGE_MARKER_KEY,
-    ROOM_MARKER_TYPE,
+    ROOM_MARKER_KEY,
     Done,
     HomeserverUnavailable,
     Refused,
@@ -122,7 +122,7 @@ class FakeHomeserver:
     async def find_marked_room(self, marker: str) -> str | None:
         self._enter("find_marked_room")
         for room in self.rooms.values():
-            marked = room.state.get((ROOM_MARKER_TYPE, ""), {}).get("marker") == marker
+            marked = room.state.get(("m.room.create", ""), {}).get(ROOM_MARKER_KEY) == marker
             if room.members.get(self._bot) == "join" and marked:
                 return room.room_id
         return None
@@ -141,7 +141,7 @@ class FakeHomeserver:
             return self.refuse["create_room"]
         room_id = f"!created{next(self._ids)}:localhost"
         room = FakeRoom(room_id, {self._bot: "join", **{user: "invite" for user in invite}})
-        room.state[(ROOM_MARKER_TYPE, "")] = {"marker": marker}
+        room.state[("m.room.create", "")] = {"room_version": "12", ROOM_MARKER_KEY: marker}
         self.rooms[room_id] = room
         self._after("create_room")
         return RoomCreated(room_id)
@@ -150,7 +150,9 @@ class FakeHomeserver:
         self._enter("direct_rooms")
         return {user: list(rooms) for user, rooms in self.direct.items()}
 
-    async def remember_direct_room(self, user_id: str, room_id: str) -> None:
+    async def remember_direct_room(
+        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
+    ) -> None:
         self._enter("remember_direct_room")
         self.direct.setdefault(user_id, []).append(room_id)
 

@@ -61,7 +61,7 @@ async def test_poisoned_event_is_recorded_and_the_next_one_processed(engine):
     exploding = Exploding({"$bad"})
     exploding.rooms = hs.rooms
     dispatcher = Dispatcher(
-        engine, exploding, context(), on_case=lambda: None, on_outbox=lambda: None
+        engine, exploding, context(), on_case=lambda case_id: None, on_outbox=lambda: None
     )
     original = dispatcher._handle
 
@@ -91,7 +91,12 @@ async def test_homeserver_outage_keeps_the_event_queued_in_order(engine):
     hs = homeserver()
     hs.unavailable_for = {"room_state"}
     dispatcher = Dispatcher(
-        engine, hs, context(), on_case=lambda: None, on_outbox=lambda: None, retry_delays=(0,)
+        engine,
+        hs,
+        context(),
+        on_case=lambda case_id: None,
+        on_outbox=lambda: None,
+        retry_delays=(0,),
     )
     await queue(engine, flag("$first"), flag("$second"))
     await dispatcher.work_once()
