@@ -169,12 +169,12 @@ class Service:
             except HomeserverUnavailable as exc:
                 log.warning("homeserver not reachable yet (%s); retrying", exc)
                 await asyncio.sleep(self._connect_retry)
-        self.connected.set()
         for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
             worker.start()
         pending = await self.checkins.start()
         await self.staff_tools.start()
         log.info("%d check-in(s) scheduled", pending)
+        self.connected.set()
         log.info("connected to the homeserver as %s", self.config.bot_user_id)
 
     async def _join_staff_room(self) -> None:
@@ -239,7 +239,7 @@ class Service:
     async def stop(self) -> None:
         for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
             await worker.stop()
-        self.timers.stop()
+        await self.timers.stop()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
