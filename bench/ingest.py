@@ -46,6 +46,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def reaction(target: str, key: str) -> dict:
+    relation = {"rel_type": "m.annotation", "event_id": target, "key": key}
+    return {"type": "m.reaction", "content": {"m.relates_to": relation}}
+
+
 def make_transaction(number: int) -> bytes:
     events = []
     for index in range(EVENTS_PER_TXN):
@@ -57,33 +62,9 @@ def make_transaction(number: int) -> bytes:
             "origin_server_ts": int(time.time() * 1000),
         }
         if index % 50 == 49:  # a flag now and then
-            events.append(
-                base
-                | {
-                    "type": "m.reaction",
-                    "content": {
-                        "m.relates_to": {
-                            "rel_type": "m.annotation",
-                            "event_id": f"$bench-{number}-0",
-                            "key": "🚨",
-                        }
-                    },
-                }
-            )
+            events.append(base | reaction(f"$bench-{number}-0", "🚨"))
         elif index % 5 == 0:
-            events.append(
-                base
-                | {
-                    "type": "m.reaction",
-                    "content": {
-                        "m.relates_to": {
-                            "rel_type": "m.annotation",
-                            "event_id": f"$bench-{number}-1",
-                            "key": "👍",
-                        }
-                    },
-                }
-            )
+            events.append(base | reaction(f"$bench-{number}-1", "👍"))
         else:
             events.append(
                 base

@@ -86,17 +86,21 @@ async def new_member(scene, name: str):
     return user
 
 
+async def react_at(scene, message: str, key: str) -> int:
+    """The moderator reacts; returns the reaction's timestamp on Synapse's clock."""
+    reaction = await scene.moderator.react(scene.group, message, key)
+    event = await scene.moderator.request(
+        "GET", f"/_matrix/client/v3/rooms/{q(scene.group)}/event/{q(reaction)}"
+    )
+    return event["origin_server_ts"]
+
+
 async def measure_ours(scene, cases: int) -> tuple[list[float], list[float]]:
     kicks, dms = [], []
     for number in range(cases):
         member = await new_member(scene, f"ours{number}")
         said = await member.send_text(scene.group, "I don't feel safe")
-        reaction = await scene.moderator.react(scene.group, said, "🚨")
-        reacted = (
-            await scene.moderator.request(
-                "GET", f"/_matrix/client/v3/rooms/{q(scene.group)}/event/{q(reaction)}"
-            )
-        )["origin_server_ts"]
+        reacted = await react_at(scene, said, "🚨")
 
         kick = await until(
             lambda member=member: kick_ts(scene, scene.group, member.user_id),
@@ -127,11 +131,7 @@ async def measure_floor(scene, as_token: str, cases: int) -> tuple[list[float], 
             member = await new_member(scene, f"floor{number}")
             said = await member.send_text(scene.group, "I don't feel safe")
             # A key our service ignores: the floor acts on it itself.
-            reaction = await scene.moderator.react(scene.group, said, "👀")
-            _, event = await call(
-                "GET", f"/_matrix/client/v3/rooms/{q(scene.group)}/event/{q(reaction)}"
-            )
-            reacted = event["origin_server_ts"]
+            reacted = await react_at(scene, said, "👀")
             room = q(scene.group)
             await call("GET", f"/_matrix/client/v3/rooms/{room}/event/{q(said)}")
             await call("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.create/?format=event")
@@ -214,12 +214,7 @@ async def flag_under_chat_load(scene, service, events: int = 10_000) -> tuple[fl
     said = await member.send_text(scene.group, "I can't cope")
     flood_task = asyncio.create_task(flood())
     await asyncio.sleep(0.05)  # the flag arrives in the middle of the chat traffic
-    reaction = await scene.moderator.react(scene.group, said, "🚨")
-    reacted = (
-        await scene.moderator.request(
-            "GET", f"/_matrix/client/v3/rooms/{q(scene.group)}/event/{q(reaction)}"
-        )
-    )["origin_server_ts"]
+    reacted = await react_at(scene, said, "🚨")
     kick = await until(
         lambda: kick_ts(scene, scene.group, member.user_id),
         within=60,

@@ -8,22 +8,16 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from appservice.database import create_engine, upgrade
 from bot.audit_chain import verify_chain
 from bot.store import audit
 from bot.store.schema import audit_entries
-from tests.support.databases import BACKENDS, fresh_database
 
 PROVENANCE = audit.Provenance("test-policy", "0" * 64)
 
 
-@pytest.fixture(params=BACKENDS)
-async def engine(request, tmp_path):
-    async with fresh_database(request.param, tmp_path) as url:
-        engine = create_engine(url)
-        await upgrade(engine)
-        yield engine
-        await engine.dispose()
+@pytest.fixture
+def engine(migrated_engine):
+    return migrated_engine
 
 
 async def _verify(engine, anchor=None):

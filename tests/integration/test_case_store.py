@@ -7,21 +7,15 @@ import datetime as dt
 
 import pytest
 
-from appservice.database import create_engine, upgrade
 from bot.store import audit, cases, ingest
-from tests.support.databases import BACKENDS, fresh_database
 
 PROVENANCE = audit.Provenance("test-policy", "0" * 64)
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 
-@pytest.fixture(params=BACKENDS)
-async def engine(request, tmp_path):
-    async with fresh_database(request.param, tmp_path) as url:
-        engine = create_engine(url)
-        await upgrade(engine)
-        yield engine
-        await engine.dispose()
+@pytest.fixture
+def engine(migrated_engine):
+    return migrated_engine
 
 
 def event(event_id: str) -> dict:

@@ -9,7 +9,14 @@ import pytest
 
 from tests.integration.test_resilience import _config, _run_subprocess
 from tests.support.proxy import HoldingProxy
-from tests.support.scene import BOT, build_scene, export_json, open_group_room, running_service
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    export_json,
+    open_group_room,
+    recorded,
+    running_service,
+)
 from tests.support.scene import until as eventually
 
 pytestmark = pytest.mark.synapse
@@ -62,28 +69,16 @@ async def test_checkin_opens_and_a_staff_claim_is_recorded(synapse, tmp_path):
         create = await scene.staff.state(room, "m.room.create")
         assert create.get("additional_creators") in (None, []), "invitees are not creators"
         notice = await eventually(
-            lambda: _bot_event(scene, lambda body: "check-in room is open" in body),
+            lambda: scene.last_staff_event(lambda body: "check-in room is open" in body),
             what="the staff-room notice",
         )
         assert room in notice["content"]["body"]
         await scene.staff.react(scene.staff_room, notice["event_id"], "✋")
-        await eventually(lambda: _entry_kinds(config, "checkin_claimed"), what="the claim")
+        await eventually(lambda: recorded(config, "checkin_claimed"), what="the claim")
         (case,) = (await export_json(config))["cases"]
         kinds = [e["kind"] for e in case["entries"]]
         assert "step.checkin" in kinds and "checkin_staff_joined" in kinds
         assert case["checkin_room"] == room
-
-
-async def _bot_event(scene, predicate):
-    for event in reversed(await scene.bot_messages(scene.staff, scene.staff_room)):
-        if predicate(event["content"].get("body", "")):
-            return event
-    return None
-
-
-async def _entry_kinds(config, kind: str) -> bool:
-    document = await export_json(config)
-    return any(e["kind"] == kind for case in document["cases"] for e in case["entries"])
 
 
 async def test_restart_before_due_time_opens_one_checkin(synapse, tmp_path):
@@ -92,7 +87,7 @@ async def test_restart_before_due_time_opens_one_checkin(synapse, tmp_path):
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+        await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
     async with running_service(config):
         await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
         await asyncio.sleep(2)
@@ -105,12 +100,12 @@ async def test_service_down_across_due_time_opens_late_on_restart(synapse, tmp_p
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+        await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
     await asyncio.sleep(13)  # down across the due time, past the lateness threshold
     async with running_service(config):
         await eventually(lambda: checkin_rooms(scene), within=30, what="the late check-in")
         notice = await eventually(
-            lambda: _bot_event(scene, lambda body: "check-in room is open" in body),
+            lambda: scene.last_staff_event(lambda body: "check-in room is open" in body),
             what="the staff notice",
         )
         assert "late" in notice["content"]["body"]
@@ -125,7 +120,7 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
         async with running_service(config):
             await open_group_room(scene)
             await flag_member(scene)
-            await eventually(lambda: _entry_kinds(config, "step.schedule"), what="scheduling")
+            await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
         # The check-in room will be created, then the first invite held: kill there.
         proxy.hold(lambda request: request.path.endswith("/invite"))
         process = await _run_subprocess(config)
@@ -135,7 +130,7 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
         proxy.release(drop=True)
         async with running_service(config):
             await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
-            await eventually(lambda: _entry_kinds(config, "step.checkin"), what="the record")
+            await eventually(lambda: recorded(config, "step.checkin"), what="the record")
         bot_rooms = [r for r in await scene.member.invited_rooms()]
         assert len(await checkin_rooms(scene)) == 1
         assert len(bot_rooms) == 2  # the DM and exactly one check-in room
@@ -150,7 +145,7 @@ async def test_unclaimed_checkin_is_raised_again_once(synapse, tmp_path):
         await open_group_room(scene)
         await flag_member(scene)
         await eventually(
-            lambda: _bot_event(scene, lambda body: "no one from staff has claimed" in body),
+            lambda: scene.last_staff_event(lambda body: "no one from staff has claimed" in body),
             within=30,
             what="the reminder",
         )
@@ -170,7 +165,7 @@ async def test_dry_run_tells_staff_when_it_would_have_opened(synapse, tmp_path):
         await open_group_room(scene)
         await flag_member(scene)
         await eventually(
-            lambda: _bot_event(scene, lambda body: "would have opened" in body),
+            lambda: scene.last_staff_event(lambda body: "would have opened" in body),
             within=30,
             what="the dry-run notice",
         )

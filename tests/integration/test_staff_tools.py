@@ -16,6 +16,7 @@ from tests.support.scene import (
     build_scene,
     export_json,
     open_group_room,
+    recorded,
     running_service,
     safeguard_cli,
     until,
@@ -73,9 +74,9 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
 
         # Someone in the staff room who is not staff: no effect, but recorded.
         await scene.moderator.send_text(scene.staff_room, "!case 1 close not my call")
-        await until(lambda: _has(config, "command_refused"), what="the refusal record")
+        await until(lambda: recorded(config, "command_refused"), what="the refusal record")
 
-    recorded = await kinds(config)
+    written = await kinds(config)
     for kind in (
         "emergency_services_informed",
         "note",
@@ -86,7 +87,7 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
         "reopened",
         "command_refused",
     ):
-        assert kind in recorded, kind
+        assert kind in written, kind
     (case,) = (await export_json(config))["cases"]
     assert case["state"] == "open" and case["on_hold"] is True
     es = next(e for e in case["entries"] if e["kind"] == "emergency_services_informed")
@@ -99,27 +100,18 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
     assert refused["personal"]["by"] == scene.moderator.user_id
 
 
-async def _has(config, kind: str) -> bool:
-    document = await export_json(config)
-    return any(e["kind"] == kind for c in document["cases"] for e in c["entries"])
-
-
 async def test_tick_reaction_acknowledges_the_alert(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="1h")
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        alert = await until(lambda: _alert_event(scene), what="the alert")
+        alert = await until(
+            lambda: scene.last_staff_event(lambda body: body.startswith("Case #1")),
+            what="the alert",
+        )
         await scene.staff.react(scene.staff_room, alert["event_id"], "✅")
-        await until(lambda: _has(config, "alert_acknowledged"), what="the acknowledgement")
-
-
-async def _alert_event(scene):
-    for event in await scene.bot_messages(scene.staff, scene.staff_room):
-        if event["content"]["body"].startswith("Case #1"):
-            return event
-    return None
+        await until(lambda: recorded(config, "alert_acknowledged"), what="the acknowledgement")
 
 
 async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path):
@@ -150,7 +142,7 @@ async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path)
                 what="the second alert",
             )
             assert scene.staff.user_id in raised[0]
-            await until(lambda: _has(config, "alert_raised_again"), what="the record")
+            await until(lambda: recorded(config, "alert_raised_again"), what="the record")
             assert received and received[0]["case"] == 1
             assert received[0]["event"] == "safeguard.alert_unacknowledged"
             await asyncio.sleep(2.5)  # raised once, not every ack_within
@@ -166,7 +158,7 @@ async def test_export_round_trips_and_audit_verifies(synapse, tmp_path):
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        await until(lambda: _has(config, "step.schedule"), what="the case")
+        await until(lambda: recorded(config, "step.schedule"), what="the case")
     document = await export_json(config)
     code, out, _ = await safeguard_cli("cases", "export", "-c", str(config), "--format", "csv")
     assert code == 0

@@ -114,6 +114,13 @@ class Scene:
     async def staff_matching(self, predicate: Callable[[str], bool]) -> list[str]:
         return [text for text in await self.staff_messages() if predicate(text)]
 
+    async def last_staff_event(self, predicate: Callable[[str], bool]) -> dict[str, Any] | None:
+        """The bot's latest staff-room message whose body matches."""
+        for event in reversed(await self.bot_messages(self.staff, self.staff_room)):
+            if predicate(event["content"].get("body", "")):
+                return event
+        return None
+
     async def dm_room_of_member(self) -> str | None:
         """The room the bot invited the member to (or that they joined with the bot)."""
         for room in await self.member.invited_rooms():
@@ -145,6 +152,12 @@ async def open_group_room(scene: Scene, *, encrypted: bool = False) -> str:
     await until(lambda: scene.bot_joined(room), what="the bot to join the group room")
     scene.group = room
     return room
+
+
+async def recorded(config_path: Path, kind: str) -> bool:
+    """Whether the exported audit trail holds an entry of this kind."""
+    document = await export_json(config_path)
+    return any(e["kind"] == kind for case in document["cases"] for e in case["entries"])
 
 
 async def safeguard_cli(*args: str) -> tuple[int, str, str]:
