@@ -6,6 +6,7 @@ import json
 
 import aiohttp
 import pytest
+import yaml
 
 from appservice.config import ConfigError, load_config
 from appservice.database import create_engine
@@ -290,3 +291,45 @@ async def _case_count(service, expected: int) -> bool:
 
     async with service.engine.connect() as conn:
         return len(await cases.listing(conn)) == expected
+
+
+async def test_invite_from_someone_not_allowed_is_rejected_and_recorded(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    path = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'i.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+    )
+    data = yaml.safe_load(path.read_text())
+    data["appservice"]["allowed_inviters"] = [scene.staff.user_id]
+    path.write_text(yaml.safe_dump(data))
+    async with running_service(path) as service:
+        room = await scene.owner.create_room(name="Unvetted", invite=["@safeguard:localhost"])
+
+        async def rejected() -> bool:
+            return (await scene.owner.members(room)).get("@safeguard:localhost") == "leave"
+
+        await until(rejected, what="the bot to reject the invite")
+        async with service.engine.connect() as conn:
+            from bot.store import audit
+
+            kinds = [e.kind for e in await audit.entries(conn)]
+        assert "invite_refused" in kinds
+
+
+async def test_one_instance_per_postgresql_database(tmp_path):
+    from appservice.database import InstanceLock
+    from tests.support.databases import fresh_database
+
+    async with fresh_database("postgresql", tmp_path) as url:
+        first, second = InstanceLock(url), InstanceLock(url)
+        await first.acquire()
+        try:
+            with pytest.raises(ConfigError, match="already running"):
+                await second.acquire()
+        finally:
+            await first.release()
+        await second.acquire()  # released with its holder: a restart is never blocked
+        await second.release()

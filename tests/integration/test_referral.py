@@ -271,3 +271,30 @@ async def test_bot_reports_joining_a_room_and_its_kick_power(scene):
             ),
             what="the lost-power report",
         )
+
+
+async def test_undeliverable_notice_still_removes_and_alert_says_so_first(scene):
+    """The member blocks all invites (MSC4380): Synapse refuses the DM, the room's safety wins."""
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        await scene.member.request(
+            "PUT",
+            f"/_matrix/client/v3/user/{scene.member.user_id}/account_data/"
+            "m.invite_permission_config",
+            {"default_action": "block"},
+        )
+        said = await scene.member.send_text(scene.group, "leave me alone")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: removed(scene, scene.member), what="the removal")
+        alert = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        first_line = alert[0].splitlines()[0]
+        assert "NOT notified" in first_line and "M_INVITE_BLOCKED" in first_line
+        kick = next(
+            e
+            for e in reversed(await scene.owner.messages(scene.group))
+            if e["type"] == "m.room.member" and e.get("state_key") == scene.member.user_id
+        )
+        assert "999" in kick["content"]["reason"]
+        assert "check your messages" in kick["content"]["reason"].lower()
