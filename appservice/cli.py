@@ -30,6 +30,14 @@ def _age(since: dt.datetime) -> str:
     return f"{max(seconds, 0)}s"
 
 
+def _date_argument(text: str) -> dt.datetime:
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (write YYYY-MM-DD)") from None
+    return dt.datetime.combine(day, dt.time(), dt.UTC)
+
+
 # ---- commands ---------------------------------------------------------------------------
 
 
@@ -121,7 +129,7 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     async def export(conn: Any) -> int:
-        since = dt.datetime.fromisoformat(args.since).replace(tzinfo=dt.UTC) if args.since else None
+        since = args.since
         document = await records.export(conn, since=since, case_id=args.case)
         text = (
             json.dumps(document, indent=2, ensure_ascii=False)
@@ -233,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(handler=cmd_cases)
     q = actions.add_parser("export", parents=[common], help="export the audit trail")
     q.add_argument("--format", choices=["json", "csv"], default="json")
-    q.add_argument("--since", help="only cases received on/after this date (YYYY-MM-DD)")
+    q.add_argument(
+        "--since", type=_date_argument, help="only cases received on/after this date (YYYY-MM-DD)"
+    )
     q.add_argument("--case", type=int, help="only this case")
     q.add_argument("-o", "--output", help="write to this file instead of stdout")
     q.set_defaults(handler=cmd_cases)

@@ -34,6 +34,8 @@ def matrix_error(status: int, errcode: str, error: str) -> web.Response:
 
 
 _REQUIRED_KEYS = ("event_id", "room_id", "type", "sender")
+# Matrix ids are far shorter; the columns hold 255 characters.
+MAX_ID_LENGTH = 255
 
 
 def _well_formed(event: object) -> bool:
@@ -43,7 +45,7 @@ def _well_formed(event: object) -> bool:
     get = event.get  # type: ignore[attr-defined]
     for key in _REQUIRED_KEYS:
         value = get(key)
-        if value.__class__ is not str or not value:
+        if value.__class__ is not str or not value or len(value) > MAX_ID_LENGTH:
             return False
     content = get("content")
     return content is None or content.__class__ is dict
@@ -130,6 +132,12 @@ class AppServiceServer:
             self._metrics.errors.labels("database").inc()
             log.error("transaction %s not recorded, asking for a retry: %s", txn_id, exc)
             return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
+        except Exception:
+            # Not acknowledged, so Synapse retries: nothing recorded is nothing lost.
+            self._metrics.transactions.labels("unrecorded").inc()
+            self._metrics.errors.labels("transaction").inc()
+            log.exception("transaction %s could not be recorded", txn_id)
+            return matrix_error(500, "M_UNKNOWN", "Internal error recording the transaction")
         return web.json_response({})
 
     async def query_user(self, request: web.Request) -> web.Response:

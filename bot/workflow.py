@@ -134,9 +134,7 @@ class CaseWorkflow:
             if case_id not in self._running:
                 self.start_case(case_id)
                 started = True
-        if not started and self._tasks:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            return True
+        # Cases in flight run on their own; a slow one never holds up a deferred one.
         return started
 
     async def cancel(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,13 @@ from bot.store.schema import inbox, seen_events, transactions
 
 def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
     return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+def storable_txn_id(txn_id: str) -> str:
+    """Synapse's txn ids are small integers; anything longer than the column is hashed."""
+    if len(txn_id) <= 255:
+        return txn_id
+    return "sha256:" + hashlib.sha256(txn_id.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ async def record_transaction(
     """
     inserted_txn = await conn.execute(
         _insert(conn, transactions)
-        .values(txn_id=txn_id, received_at=now, event_count=len(event_ids))
+        .values(txn_id=storable_txn_id(txn_id), received_at=now, event_count=len(event_ids))
         .on_conflict_do_nothing()
         .returning(transactions.c.txn_id)
     )
@@ -52,7 +60,8 @@ async def record_transaction(
             [{"event_id": event_id, "received_at": now} for event_id in unique_ids],
         )
         new_ids = frozenset(result.scalars())
-    queued = [event for event in to_act_on if event["event_id"] in new_ids]
+    # One row per event id, even if a transaction carried an event twice.
+    queued = list({e["event_id"]: e for e in to_act_on if e["event_id"] in new_ids}.values())
     if queued:
         await conn.execute(
             inbox.insert(),

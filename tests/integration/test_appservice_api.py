@@ -176,8 +176,13 @@ async def test_duplicate_transaction_is_not_reprocessed_after_restart(config):
     async with running_service(config) as second:
         assert (await put(second, "dup", {"events": [reaction("$once")]}))[0] == 200
         assert (await put(second, "other", {"events": [reaction("$once")]}))[0] == 200
-        await second.inbox_worker.idle.wait()
+        await until(lambda: _drained(second), what="the inbox to drain")
         assert await _decisions_about(second, "$once") == 1
+
+
+async def _drained(service) -> bool:
+    async with service.engine.connect() as conn:
+        return await ingest.backlog(conn) == 0
 
 
 async def _decisions_about(service, flag_event: str) -> int:
@@ -333,3 +338,28 @@ async def test_one_instance_per_postgresql_database(tmp_path):
             await first.release()
         await second.acquire()  # released with its holder: a restart is never blocked
         await second.release()
+
+
+async def test_odd_but_legal_transactions_never_wedge_delivery(service):
+    # The same event twice in one transaction: recorded once, acknowledged.
+    twice = reaction("$twice")
+    assert (await put(service, "dupes", {"events": [twice, twice]}))[0] == 200
+    # A transaction id longer than any column: still recorded, and still deduplicated.
+    long_txn = "t" * 1000
+    assert (await put(service, long_txn, {"events": [reaction("$long")]}))[0] == 200
+    assert (await put(service, long_txn, {"events": [reaction("$long")]}))[0] == 200
+    # An event id longer than the columns hold is skipped as malformed, not a 5xx.
+    status, _ = await put(service, "huge-id", {"events": [reaction("$" + "x" * 300)]})
+    assert status == 200
+    await until(lambda: _drained(service), what="the inbox to drain")
+    decided = [await _decisions_about(service, event) for event in ("$twice", "$long")]
+    assert decided == [1, 1]
+
+
+async def test_export_since_must_be_a_date(config):
+    from tests.support.scene import safeguard_cli
+
+    code, _, err = await safeguard_cli(
+        "cases", "export", "-c", str(config), "--since", "last tuesday"
+    )
+    assert code == 2 and "is not a date (write YYYY-MM-DD)" in err
