@@ -170,3 +170,54 @@ async def test_dry_run_tells_staff_when_it_would_have_opened(synapse, tmp_path):
             what="the dry-run notice",
         )
         assert await scene.member.invited_rooms() == []
+
+
+async def test_member_who_cannot_be_invited_is_recorded_and_staff_told(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="3s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await until_dm_sent(config)
+        # Now the member blocks every invite: Synapse will refuse the check-in's.
+        await scene.member.request(
+            "PUT",
+            f"/_matrix/client/v3/user/{scene.member.user_id}/account_data/"
+            "m.invite_permission_config",
+            {"default_action": "block"},
+        )
+        notice = await eventually(
+            lambda: scene.last_staff_event(lambda body: "check-in room is open" in body),
+            within=30,
+            what="the staff notice",
+        )
+        assert "could NOT be invited" in notice["content"]["body"]
+        (case,) = (await export_json(config))["cases"]
+        entry = next(e for e in case["entries"] if e["kind"] == "step.checkin")
+        assert entry["facts"]["member_invited"] is False
+        assert "M_INVITE_BLOCKED" in entry["personal"]["not_invited"][scene.member.user_id]
+
+
+async def until_dm_sent(config) -> None:
+    await eventually(lambda: recorded(config, "step.notify"), what="the notice")
+
+
+async def test_two_cases_of_one_member_get_two_checkins(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(lambda: checkin_rooms(scene), within=30, what="the first check-in")
+        await scene.owner.invite(scene.group, scene.member.user_id)
+        await scene.member.join(scene.group)
+        await eventually(lambda: recorded(config, "member_rejoined"), what="the rejoin")
+        await flag_member(scene)
+
+        async def two() -> bool:
+            return len(await checkin_rooms(scene)) == 2
+
+        await eventually(two, within=30, what="a second check-in room")
+        document = await export_json(config)
+        rooms = {case["checkin_room"] for case in document["cases"]}
+        assert len(document["cases"]) == 2 and len(rooms) == 2

@@ -150,3 +150,10 @@ def test_inviters_default_to_local_users(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert config.may_invite("@alice:localhost")
     assert not config.may_invite("@mallory:evil.example")
+
+
+def test_db_upgrade_applies_the_migrations(tmp_path, capsys):
+    path = write(tmp_path, {**MINIMAL, "database": {"url": "sqlite+aiosqlite:///fresh.db"}})
+    assert main(["db", "upgrade", "-c", str(path)]) == 0
+    assert "latest schema" in capsys.readouterr().out
+    assert (tmp_path / "fresh.db").exists()
