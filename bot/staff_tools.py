@@ -78,27 +78,40 @@ class StaffTools:
         return False
 
     async def _command(self, item: InboxItem, parsed: CaseCommand | CommandError) -> None:
+        # Staff first: anyone else gets no effect at all, not even a usage hint.
         if isinstance(parsed, CommandError):
+            if await self._refused_unless_staff(item, None, "unparsed", "command"):
+                return
             await self._reply(item, f"Sorry, I did not understand that: {parsed.message}.")
             return
         await self._run(item, parsed, via="command")
 
+    async def _refused_unless_staff(
+        self, item: InboxItem, case_id: int | None, action: str, via: str
+    ) -> bool:
+        """True (and recorded) when the sender is not staff."""
+        sender = item.payload.get("sender", "")
+        if await self._is_staff(sender):
+            return False
+        now = dt.datetime.now(dt.UTC)
+        async with self._engine.begin() as conn:
+            await audit.append(
+                conn,
+                self._ctx.provenance,
+                "command_refused",
+                case_id=case_id,
+                facts={"action": action, "via": via, "why": "not staff"},
+                personal={"by": sender},
+                at=now,
+            )
+            await finish(conn, item.seq, now)
+        return True
+
     async def _run(self, item: InboxItem, command: CaseCommand, *, via: str) -> None:
+        if await self._refused_unless_staff(item, command.case, command.action, via):
+            return
         sender = item.payload.get("sender", "")
         now = dt.datetime.now(dt.UTC)
-        if not await self._is_staff(sender):
-            async with self._engine.begin() as conn:
-                await audit.append(
-                    conn,
-                    self._ctx.provenance,
-                    "command_refused",
-                    case_id=command.case,
-                    facts={"action": command.action, "via": via, "why": "not staff"},
-                    personal={"by": sender},
-                    at=now,
-                )
-                await finish(conn, item.seq, now)
-            return
         if command.action == "claim":
             await self._claim(item, command, sender)
             return

@@ -253,6 +253,10 @@ async def test_bot_exists_and_synapse_delivers_messages_and_reactions(synapse, t
         reacted = await scene.owner.react(scene.group, said, "👍")
         seen = await until(lambda: _seen(service, {said, reacted}), what="delivery of both events")
         assert seen
+        profile = await scene.owner.request(
+            "GET", "/_matrix/client/v3/profile/@safeguard:localhost/displayname"
+        )
+        assert profile["displayname"] == "Safeguarding"
 
 
 async def _seen(service, event_ids: set[str]) -> bool:

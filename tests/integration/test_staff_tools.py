@@ -11,6 +11,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from bot.store import audit
 from tests.integration.test_checkin import checkin_config, checkin_rooms, flag_member
 from tests.support.scene import (
     build_scene,
@@ -48,7 +49,7 @@ async def kinds(config) -> list[str]:
 async def test_staff_commands_end_to_end(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="1s")
-    async with running_service(config):
+    async with running_service(config) as service:
         await open_group_room(scene)
         await scene.staff.invite(scene.staff_room, scene.moderator.user_id)
         await scene.moderator.join(scene.staff_room)  # in the staff room, but not staff
@@ -72,9 +73,37 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
         assert "!case 1 es <reference> [service]" in wrong
         assert "no case #9" in (await command(scene, scene.staff, "!case 9")).lower()
 
-        # Someone in the staff room who is not staff: no effect, but recorded.
-        await scene.moderator.send_text(scene.staff_room, "!case 1 close not my call")
-        await until(lambda: recorded(config, "command_refused"), what="the refusal record")
+        # Someone in the staff room who is not staff: no effect, but every one recorded.
+        attempts = [
+            "!case 1 close not my call",
+            "!case 1 es REF-X",
+            "!case 1 note mine",
+            "!case 1 claim",
+            "!case 1 ack",
+            "!case 1 hold mine",
+            "!case 1 reopen x",
+            "!case 1",
+            "!case list all",
+            "!case help",
+            "!case 1 frobnicate",
+        ]
+        for text in attempts:
+            await scene.moderator.send_text(scene.staff_room, text)
+
+        async def all_refused() -> bool:
+            async with service.engine.connect() as conn:
+                entries = await audit.entries(conn)
+            return sum(e.kind == "command_refused" for e in entries) == len(attempts)
+
+        await until(all_refused, what="every refusal recorded")
+        replies_to_moderator = [
+            e
+            for e in await scene.bot_messages(scene.staff, scene.staff_room)
+            if "REF-X" in e["content"]["body"] or "mine" in e["content"]["body"]
+        ]
+        assert replies_to_moderator == []
+        # The one usage hint in the room answered staff's own malformed `!case 1 es`.
+        assert len(await scene.staff_matching(lambda m: "did not understand" in m)) == 1
 
     written = await kinds(config)
     for kind in (
@@ -89,7 +118,8 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
     ):
         assert kind in written, kind
     (case,) = (await export_json(config))["cases"]
-    assert case["state"] == "open" and case["on_hold"] is True
+    assert case["state"] == "open" and case["on_hold"] is True  # reopened by staff, not closed
+    assert sum(e["kind"] == "emergency_services_informed" for e in case["entries"]) == 1
     es = next(e for e in case["entries"] if e["kind"] == "emergency_services_informed")
     assert es["personal"]["reference"] == "CAD-4471"
     assert es["facts"]["service"] == "Metropolitan Police"
