@@ -39,6 +39,13 @@ async def flag_member(scene) -> None:
     await scene.moderator.react(scene.group, said, "🚨")
 
 
+async def flagged_and_scheduled(scene, config) -> None:
+    """Open the group room, flag the member, wait until the case's check-in is scheduled."""
+    await open_group_room(scene)
+    await flag_member(scene)
+    await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
+
+
 async def checkin_rooms(scene) -> list[str]:
     """Rooms the member is invited to whose name is the check-in's (not the DM)."""
     staff_invites = await scene.staff.invites()
@@ -85,9 +92,7 @@ async def test_restart_before_due_time_opens_one_checkin(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="6s")
     async with running_service(config):
-        await open_group_room(scene)
-        await flag_member(scene)
-        await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
+        await flagged_and_scheduled(scene, config)
     async with running_service(config):
         await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
         await asyncio.sleep(2)
@@ -98,9 +103,7 @@ async def test_service_down_across_due_time_opens_late_on_restart(synapse, tmp_p
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="2s")
     async with running_service(config):
-        await open_group_room(scene)
-        await flag_member(scene)
-        await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
+        await flagged_and_scheduled(scene, config)
     await asyncio.sleep(13)  # down across the due time, past the lateness threshold
     async with running_service(config):
         await eventually(lambda: checkin_rooms(scene), within=30, what="the late check-in")
@@ -118,9 +121,7 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
     config = checkin_config(scene, after="2s", homeserver_url=proxy.url)
     try:
         async with running_service(config):
-            await open_group_room(scene)
-            await flag_member(scene)
-            await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
+            await flagged_and_scheduled(scene, config)
         # The check-in room will be created, then the first invite held: kill there.
         proxy.hold(lambda request: request.path.endswith("/invite"))
         process = await _run_subprocess(config)

@@ -12,7 +12,12 @@ import yaml
 from aiohttp import web
 
 from bot.store import audit
-from tests.integration.test_checkin import checkin_config, checkin_rooms, flag_member
+from tests.integration.test_checkin import (
+    checkin_config,
+    checkin_rooms,
+    flag_member,
+    flagged_and_scheduled,
+)
 from tests.support.scene import (
     build_scene,
     export_json,
@@ -186,9 +191,7 @@ async def test_export_round_trips_and_audit_verifies(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="1h")
     async with running_service(config):
-        await open_group_room(scene)
-        await flag_member(scene)
-        await until(lambda: recorded(config, "step.schedule"), what="the case")
+        await flagged_and_scheduled(scene, config)
     document = await export_json(config)
     code, out, _ = await safeguard_cli("cases", "export", "-c", str(config), "--format", "csv")
     assert code == 0
