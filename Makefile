@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/referral.py
+	$(BIN)/python bench/checkin.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

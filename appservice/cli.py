@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import signal
 import sys
@@ -193,6 +194,15 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 def cmd_dev(args: argparse.Namespace, config: Config | None) -> int:
     from appservice.devstack import run_dev
 
+    # The dev stack runs Synapse from this same environment; a production install
+    # (no [dev] extra) has none, and the failure would otherwise be a traceback.
+    if importlib.util.find_spec("synapse") is None:
+        print(
+            "safeguard dev needs matrix-synapse in this environment: "
+            "run `make run`, or pip install 'matrix-safeguard[dev]'",
+            file=sys.stderr,
+        )
+        return 2
     setup_logging("INFO", "text")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(

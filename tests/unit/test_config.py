@@ -157,3 +157,52 @@ def test_db_upgrade_applies_the_migrations(tmp_path, capsys):
     assert main(["db", "upgrade", "-c", str(path)]) == 0
     assert "latest schema" in capsys.readouterr().out
     assert (tmp_path / "fresh.db").exists()
+
+
+def test_dev_without_synapse_installed_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def no_synapse(name, *args, **kwargs):
+        return None if name == "synapse" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_synapse)
+    assert main(["dev", "--dir", str(tmp_path / ".dev")]) == 2
+    assert "needs matrix-synapse" in capsys.readouterr().err
+    assert not (tmp_path / ".dev").exists()
+
+
+def test_runtime_imports_are_declared_dependencies():
+    """A production install has only [project.dependencies]: every third-party
+    import in appservice/ and bot/ must be one of them, not a dev extra's passenger."""
+    import ast
+    import re
+    import sys
+    import tomllib
+
+    declared = {
+        re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower().replace("-", "_")
+        for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    # Import names that differ from their distribution's name.
+    distribution_of = {"yaml": "pyyaml", "nio": "matrix_nio"}
+    lazily_optional = {"asyncpg", "synapse"}  # the postgres and dev extras, imported on demand
+    missing = set()
+    for source in [*(ROOT / "appservice").rglob("*.py"), *(ROOT / "bot").rglob("*.py")]:
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in {"appservice", "bot"}:
+                    continue
+                if top in lazily_optional:
+                    continue
+                if distribution_of.get(top, top).lower() not in declared:
+                    missing.add(f"{top} ({source.relative_to(ROOT)})")
+    assert not missing, f"imported but not in [project.dependencies]: {sorted(missing)}"
