@@ -32,6 +32,7 @@ from bot.intake import Intake
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
 from bot.retention import purge
+from bot.staff_room import connect_staff_room, staff_room_problem
 from bot.staff_tools import StaffTools
 from bot.store import audit, cases, ingest
 from bot.store.audit import Provenance
@@ -42,6 +43,8 @@ from bot.workflow import CaseWorkflow
 log = logging.getLogger(__name__)
 # A check-in this far past its due time and still not open is reported as overdue.
 OVERDUE_GRACE = dt.timedelta(minutes=5)
+# Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
+STAFF_ROOM_RETRY_MAX = 60.0
 
 
 class Service:
@@ -103,6 +106,8 @@ class Service:
         )
         self.workflow.on_scheduled = self.checkins.schedule_case
         self.workflow.on_alerted = self.staff_tools.watch_alert
+        self._staff_room_news = asyncio.Event()
+        self.dispatcher.membership.on_staff_room_joined = self._staff_room_news.set
         self.dispatcher.extra_handlers += [
             self.staff_tools.handle_event,
             self.checkins.handle_event,
@@ -130,6 +135,7 @@ class Service:
                     "database": self._check_database,
                     "homeserver": self._check_homeserver,
                     "checkins": self._check_checkins,
+                    "staff_room": self._check_staff_room,
                 },
                 refresh_metrics=self._refresh_metrics,
             )
@@ -157,11 +163,10 @@ class Service:
                 self.context.watch(room_id)
 
     async def _connect(self) -> None:
-        """Register the bot, join the staff room, ping; retry until the homeserver answers."""
+        """Register the bot and ping, retrying until the homeserver answers; then the staff room."""
         while True:
             try:
                 await self.homeserver.ensure_registered(self.config.appservice.bot_displayname)
-                await self._join_staff_room()
                 pong = await self.homeserver.ping(self.config.appservice.id)
                 if isinstance(pong, Refused):
                     log.warning("homeserver ping refused: %s", pong)
@@ -169,6 +174,7 @@ class Service:
             except HomeserverUnavailable as exc:
                 log.warning("homeserver not reachable yet (%s); retrying", exc)
                 await asyncio.sleep(self._connect_retry)
+        await self._join_staff_room()
         for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
             worker.start()
         pending = await self.checkins.start()
@@ -178,19 +184,40 @@ class Service:
         log.info("connected to the homeserver as %s", self.config.bot_user_id)
 
     async def _join_staff_room(self) -> None:
-        configured = self.config.policy.staff_room
-        if configured is None:
-            return
-        room_id = await self.homeserver.resolve_room(configured)
-        if isinstance(room_id, Refused):
-            log.error("staff room %s cannot be resolved: %s", configured, room_id)
-            return
-        self.context.staff_room_id = room_id
-        self.context.watch(room_id)
-        if await self.homeserver.membership(room_id, self.config.bot_user_id) != "join":
-            joined = await self.homeserver.join_room(room_id)
-            if isinstance(joined, Refused):
-                log.error("cannot join the staff room %s: %s (invite the bot)", room_id, joined)
+        """Try once now; if the room is not ready, keep trying in the background.
+
+        Staff alerts wait for the room (see bot.staff_room) rather than being dropped,
+        so an alias created or an invite sent after the service started is enough.
+        """
+        try:
+            problem = await connect_staff_room(self.homeserver, self.context)
+        except HomeserverUnavailable as exc:
+            problem = f"the homeserver is not reachable ({exc})"
+        if problem is not None:
+            log.error("%s; staff alerts wait until it is fixed", problem)
+            self._background.append(
+                asyncio.create_task(self._keep_joining_staff_room(problem), name="staff-room")
+            )
+
+    async def _keep_joining_staff_room(self, problem: str) -> None:
+        delay = self._connect_retry
+        while problem is not None:
+            # An invite to the staff room cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._staff_room_news.wait(), delay)
+            self._staff_room_news.clear()
+            delay = min(delay * 2, STAFF_ROOM_RETRY_MAX)
+            try:
+                now = await connect_staff_room(self.homeserver, self.context)
+            except HomeserverUnavailable as exc:
+                log.warning("staff room: homeserver not reachable (%s); retrying", exc)
+                continue
+            if now is not None and now != problem:
+                log.error("%s; staff alerts wait until it is fixed", now)
+            problem = now
+        log.info("joined the staff room %s", self.context.staff_room_id)
+        await self.workflow.retry_deferred()
+        self.outbox_worker.wake()
 
     async def _housekeeping(self) -> None:
         """Hourly: forget old delivery bookkeeping, apply audit retention, refresh gauges."""
@@ -236,9 +263,16 @@ class Service:
         reachable = await self.homeserver.versions()
         return {"ok": reachable, "connected": self.connected.is_set()}
 
+    async def _check_staff_room(self) -> dict[str, Any]:
+        problem = await staff_room_problem(self.homeserver, self.context)
+        return {"ok": problem is None, "room": self.context.staff_room_id} | (
+            {"problem": problem} if problem else {}
+        )
+
     async def stop(self) -> None:
-        for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
-            await worker.stop()
+        await asyncio.gather(
+            *(w.stop() for w in (self.inbox_worker, self.case_worker, self.outbox_worker))
+        )
         await self.timers.stop()
         for task in self._background:
             task.cancel()

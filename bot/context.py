@@ -26,5 +26,14 @@ class PolicyContext:
     # kept in memory so the transaction hot path can tell them apart cheaply.
     watched_rooms: set[str] = field(default_factory=set)
 
+    @property
+    def staff_room(self) -> str:
+        """Where staff messages are queued: the room id once resolved, else the configured
+        alias, which delivery resolves (and waits for) when it can."""
+        room = self.staff_room_id or self.policy.staff_room
+        if room is None:  # check_runnable refuses to run such a config
+            raise RuntimeError("policy.staff_room is not set")
+        return room
+
     def watch(self, room_id: str) -> None:
         self.watched_rooms.add(room_id)

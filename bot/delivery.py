@@ -19,6 +19,7 @@ class OutboxDelivery:
         self._engine = engine
         self._hs = homeserver
         self._ctx = context
+        self._waiting_for: str | None = None  # why the queue is held, logged once per hold
 
     async def work_once(self) -> bool:
         async with self._engine.connect() as conn:
@@ -26,18 +27,26 @@ class OutboxDelivery:
         for message in queued:
             now = dt.datetime.now(dt.UTC)
             try:
+                # Queued while the staff room's alias did not resolve yet: resolve it now.
+                room_id = await self._hs.resolve_room(message.room_id)
+                if isinstance(room_id, Refused):
+                    return self._hold(f"{message.room_id} does not resolve ({room_id})")
                 event_id = None
                 if message.attempts:
                     # A previous attempt may have been sent before a crash.
-                    event_id = await self._hs.find_marked_message(message.room_id, message.marker)
+                    event_id = await self._hs.find_marked_message(room_id, message.marker)
                 if event_id is None:
                     # Intent first: after a crash, the next attempt looks before sending.
                     async with self._engine.begin() as conn:
                         await outbox.mark(conn, message.id, status="pending", now=now)
                     content = message.content | {MESSAGE_MARKER_KEY: {"marker": message.marker}}
                     sent = await self._hs.send(
-                        message.room_id, content, txn_id=f"safeguard.{message.marker}"
+                        room_id, content, txn_id=f"safeguard.{message.marker}"
                     )
+                    if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
+                        # Not (yet) in the staff room, or not allowed to post: an operator
+                        # can fix that (/health says so), and nothing for staff is dropped.
+                        return self._hold(f"cannot post in {room_id} ({sent})")
                     if isinstance(sent, Refused):
                         async with self._engine.begin() as conn:
                             await outbox.mark(
@@ -51,4 +60,12 @@ class OutboxDelivery:
                 return False
             async with self._engine.begin() as conn:
                 await outbox.mark(conn, message.id, status="sent", now=now, event_id=event_id)
+            self._waiting_for = None
         return bool(queued)
+
+    def _hold(self, why: str) -> bool:
+        """Keep the queue (in order) until the next round; say why once, not every round."""
+        if why != self._waiting_for:
+            log.error("staff messages wait: %s", why)
+            self._waiting_for = why
+        return False

@@ -128,11 +128,10 @@ class Dispatcher:
                 and sender == case.member_id
                 and event.get("type") == "m.room.message"
                 and isinstance(body, str)
-                and self._ctx.staff_room_id
             ):
                 await outbox.queue(
                     conn,
-                    self._ctx.staff_room_id,
+                    self._ctx.staff_room,
                     render_relay(case_number=case.id, member=sender, text=body),
                     now,
                 )
@@ -166,11 +165,10 @@ class Dispatcher:
                 at=now,
             )
             # A failed event might have been a flag: a person must look at it.
-            if self._ctx.staff_room_id:
-                await outbox.queue(
-                    conn,
-                    self._ctx.staff_room_id,
-                    render_processing_failed(event_id=item.event_id, room=item.room_id),
-                    now,
-                )
+            await outbox.queue(
+                conn,
+                self._ctx.staff_room,
+                render_processing_failed(event_id=item.event_id, room=item.room_id),
+                now,
+            )
         self._on_outbox()

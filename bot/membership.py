@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.authorization import can_kick, power_level
 from bot.context import PolicyContext
 from bot.ports import Homeserver, Refused
+from bot.staff_room import connect_staff_room
 from bot.store import audit, cases, outbox
 from bot.store.ingest import InboxItem, finish
 from bot.store.schema import rooms
@@ -50,6 +51,8 @@ class Membership:
         self._ctx = context
         self._on_outbox = on_outbox
         self._done = finish_later
+        # Told when the bot joins the staff room on an invite (alerts may be waiting for it).
+        self.on_staff_room_joined: Callable[[], None] = lambda: None
 
     def _is_group_room(self, room_id: str) -> bool:
         return room_id != self._ctx.staff_room_id and room_id not in self._ctx.watched_rooms
@@ -106,8 +109,12 @@ class Membership:
                 item, "join_failed", {"error": str(joined)}, {"room": room_id, "inviter": inviter}
             )
             return
+        if self._ctx.staff_room_id is None:
+            # The staff room's alias may only now exist (this may be that room's invite).
+            await connect_staff_room(self._hs, self._ctx)
         if room_id == self._ctx.staff_room_id:
             await self._record(item, "staff_room_joined", {}, {"room": room_id, "inviter": inviter})
+            self.on_staff_room_joined()
             return
         kick = await self._can_kick(room_id)
         async with self._engine.begin() as conn:
@@ -120,13 +127,12 @@ class Membership:
                 personal={"room": room_id, "inviter": inviter},
                 at=now,
             )
-            if self._ctx.staff_room_id:
-                await outbox.queue(
-                    conn,
-                    self._ctx.staff_room_id,
-                    render_room_joined(inviter=inviter, room=room_id, can_kick=bool(kick)),
-                    now,
-                )
+            await outbox.queue(
+                conn,
+                self._ctx.staff_room,
+                render_room_joined(inviter=inviter, room=room_id, can_kick=bool(kick)),
+                now,
+            )
             await finish(conn, item.seq, now)
         self._on_outbox()
 
@@ -174,9 +180,9 @@ class Membership:
                     personal={"room": room_id, "by": item.payload.get("sender")},
                     at=now,
                 )
-                if not kick and self._ctx.staff_room_id:
+                if not kick:
                     await outbox.queue(
-                        conn, self._ctx.staff_room_id, render_kick_power_lost(room=room_id), now
+                        conn, self._ctx.staff_room, render_kick_power_lost(room=room_id), now
                     )
             await finish(conn, item.seq, now)
         self._on_outbox()

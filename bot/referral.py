@@ -171,10 +171,10 @@ class Referral:
                 at=now,
             )
             # The bot's own events are not worth a staff message; every other refusal is.
-            if self._ctx.staff_room_id and refusal.code != "own_event":
+            if refusal.code != "own_event":
                 await outbox.queue(
                     conn,
-                    self._ctx.staff_room_id,
+                    self._ctx.staff_room,
                     render_refusal(
                         self._ctx.messages,
                         flagger=flag.flagger,

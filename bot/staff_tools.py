@@ -218,10 +218,7 @@ class StaffTools:
     async def _queue_reply(
         self, conn: AsyncConnection, item: InboxItem, text: str, now: dt.datetime
     ) -> None:
-        if self._ctx.staff_room_id:
-            await outbox.queue(
-                conn, self._ctx.staff_room_id, notice(text, reply_to=item.event_id), now
-            )
+        await outbox.queue(conn, self._ctx.staff_room, notice(text, reply_to=item.event_id), now)
 
     async def _reply(self, item: InboxItem, text: str) -> None:
         now = dt.datetime.now(dt.UTC)
@@ -275,8 +272,7 @@ class StaffTools:
             await cases.set_fields(conn, case.id, alert_raised_again_at=now)
             content = notice(text)
             content["m.mentions"] = {"user_ids": staff}
-            if self._ctx.staff_room_id:
-                await outbox.queue(conn, self._ctx.staff_room_id, content, now)
+            await outbox.queue(conn, self._ctx.staff_room, content, now)
             await audit.append(
                 conn,
                 self._ctx.provenance,
@@ -292,10 +288,10 @@ class StaffTools:
         now = dt.datetime.now(dt.UTC)
         async with self._engine.begin() as conn:
             seq, digest = await audit.head(conn)
-            if self._ctx.staff_room_id and seq:
+            if seq:
                 await outbox.queue(
                     conn,
-                    self._ctx.staff_room_id,
+                    self._ctx.staff_room,
                     notice(
                         f"Audit chain head: {seq}:{digest} — keep this; "
                         f"`safeguard audit verify --head {seq}:{digest}` proves the log since."

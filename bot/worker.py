@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+# How long stopping waits for the round in progress before cancelling it.
+STOP_GRACE_SECONDS = 3.0
 
 
 class Worker:
@@ -25,6 +27,7 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
+        self._stopping = False
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -32,15 +35,27 @@ class Worker:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Let the round in progress finish, then stop; cancel it only if it overruns.
+
+        Every round is safe to cut short (work is resumable), but cancelling one in
+        the middle of a database transaction can leave its connection, and with
+        SQLite the write lock, behind until the process exits.
+        """
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        done, _ = await asyncio.wait({self._task}, timeout=grace)
+        if not done:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        self._stopping = False
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wakeup.clear()
             try:
                 busy = await self._work_once()
@@ -50,7 +65,7 @@ class Worker:
                 # A bug must not stop the loop: the work stays queued and is retried.
                 log.exception("%s worker failed; retrying in %.0fs", self.name, self._poll_interval)
                 busy = False
-            if busy:
+            if busy and not self._stopping:
                 self.idle.clear()
                 continue
             self.idle.set()

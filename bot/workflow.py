@@ -23,9 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.context import PolicyContext
 from bot.ports import MESSAGE_MARKER_KEY, Homeserver, HomeserverUnavailable, Refused
+from bot.staff_room import StaffRoomUnavailable
 from bot.store import audit, cases
 from bot.store.cases import Case, Step
 from bot.templates import render_alert, render_kick_reason, render_notice, render_room_notice
+from bot.worker import STOP_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,19 @@ class CaseWorkflow:
         # Cases in flight run on their own; a slow one never holds up a deferred one.
         return started
 
-    async def cancel(self) -> None:
-        """Stop in-flight cases; every step is resumable, so the next start finishes them."""
+    async def retry_deferred(self) -> None:
+        """Something that held cases back is fixed (e.g. the staff room): retry them now."""
+        async with self._engine.begin() as conn:
+            await cases.end_deferrals(conn, dt.datetime.now(dt.UTC))
+        await self.work_once()
+
+    async def cancel(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop in-flight cases; every step is resumable, so the next start finishes them.
+
+        The steps in progress get a moment to finish first (see Worker.stop for why).
+        """
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -363,7 +376,10 @@ class CaseWorkflow:
         """Tell staff everything they need to act, including informing emergency services."""
         staff_room = self._ctx.staff_room_id
         if staff_room is None:
-            return Outcome("failed", error="no staff room is configured")
+            # Staff must hear of every case: wait for the room, never drop the alert.
+            raise StaffRoomUnavailable(
+                f"the staff room {self._ctx.policy.staff_room} is not resolved"
+            )
         notify, remove = steps["notify"], steps["remove"]
         late = case.received_at - case.flagged_at
         async with self._engine.connect() as conn:
@@ -391,6 +407,10 @@ class CaseWorkflow:
             checkin_zone=self._ctx.checkin.zone,
         )
         sent = await self._send_once(case, step, staff_room, content)
+        if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
+            # The bot is not (or no longer) allowed to post there: an operator can fix
+            # that, and /health says so; until then the alert waits.
+            raise StaffRoomUnavailable(f"cannot post in the staff room {staff_room}: {sent}")
         if isinstance(sent, Refused):
             return Outcome("failed", error=str(sent))
         async with self._engine.begin() as conn:

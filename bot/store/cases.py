@@ -235,6 +235,13 @@ async def defer(conn: AsyncConnection, case_id: int, until: dt.datetime) -> None
     await conn.execute(cases.update().where(cases.c.id == case_id).values(next_attempt_at=until))
 
 
+async def end_deferrals(conn: AsyncConnection, now: dt.datetime) -> None:
+    """Make every deferred case due now (what held them back has been fixed)."""
+    await conn.execute(
+        cases.update().where(cases.c.next_attempt_at > now).values(next_attempt_at=now)
+    )
+
+
 async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
     """Write the intent before the network call: a restart then knows to look before acting."""
     await conn.execute(

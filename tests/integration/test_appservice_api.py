@@ -162,11 +162,33 @@ async def test_query_ping_unknown_and_wrong_method(service):
             assert (r.status, (await r.json())["errcode"]) == (405, "M_UNRECOGNIZED")
 
 
-async def test_health_names_each_check(service):
+async def health(service: Service) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as session, session.get(f"{base(service)}/health") as r:
-        assert r.status == 200
-        body = await r.json()
+        return r.status, await r.json()
+
+
+async def test_health_names_each_check(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        staff_room=scene.staff_room,
+        staff=[],
+    )
+    async with running_service(config) as service:
+        status, body = await health(service)
+    assert status == 200
+    assert set(body["checks"]) == {"database", "homeserver", "checkins", "staff_room"}
+    assert all(check["ok"] for check in body["checks"].values())
+
+
+async def test_health_says_the_bot_is_not_in_the_staff_room(service):
+    status, body = await health(service)
+    assert status == 503
     assert body["checks"]["database"]["ok"] and body["checks"]["homeserver"]["ok"]
+    assert body["checks"]["staff_room"]["ok"] is False
+    assert "!unused:localhost" in body["checks"]["staff_room"]["problem"]
 
 
 async def test_duplicate_transaction_is_not_reprocessed_after_restart(config):

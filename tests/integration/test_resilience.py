@@ -193,3 +193,72 @@ async def test_rate_limited_bot_retries_until_done(strict_synapse, tmp_path):
         assert limited and limited > 0, "Synapse really did rate-limit the bot"
         for other in members:
             assert await scene.membership(scene.group, other) == "leave"
+
+
+async def _health(service) -> tuple[int, dict]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{service.port}/health") as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize("not_ready", ["alias-not-created", "bot-not-invited"])
+async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp_path, not_ready):
+    """The member is protected at once; the alert is not dropped but sent once the room works."""
+    scene = await build_scene(synapse, tmp_path, staff_room=False)
+    alias_name = f"staff-{tmp_path.name}"
+    if not_ready == "bot-not-invited":
+        scene.staff_room = await scene.staff.create_room(name="Staff")
+        configured = scene.staff_room
+    else:
+        configured = f"#{alias_name}:{synapse.server_name}"
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=configured,
+        staff=[scene.staff.user_id],
+    )
+    async with running_service(config) as service:
+        status, body = await _health(service)
+        assert status == 503 and body["checks"]["staff_room"]["ok"] is False
+        assert body["checks"]["staff_room"]["problem"]
+
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "i can't do this any more")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: _kicks_of(scene, scene.member), what="the removal")
+        await asyncio.sleep(1.5)  # the alert has been tried, and waits
+        async with service.engine.connect() as conn:
+            from bot.store import cases
+
+            steps = {s.step: s.status for s in await cases.steps_of(conn, 1)}
+        assert steps["notify"] == steps["remove"] == "done"
+        assert steps["alert"] == "started"  # not failed: waiting for the room
+
+        if not_ready == "bot-not-invited":
+            await scene.staff.invite(scene.staff_room, BOT)
+        else:
+            scene.staff_room = await scene.staff.create_room(
+                name="Staff", alias=alias_name, invite=[BOT]
+            )
+        alerts = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            within=30,
+            what="the alert once the staff room works",
+        )
+        assert len(alerts) == 1
+        # What was queued for staff meanwhile is not dropped either.
+        await until(
+            lambda: scene.staff_matching(lambda m: f"added me to {scene.group}" in m),
+            within=30,
+            what="the room-joined notice queued while the staff room was not ready",
+        )
+        status, body = await _health(service)
+        assert body["checks"]["staff_room"] == {"ok": True, "room": scene.staff_room}
+    document = await export_json(config)
+    (case,) = document["cases"]
+    assert [e["kind"] for e in case["entries"]].count("step.alert") == 1

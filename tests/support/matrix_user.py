@@ -59,10 +59,13 @@ class MatrixUser:
         initial_state: list[dict[str, Any]] | tuple[()] = (),
         encrypted: bool = False,
         is_direct: bool = False,
+        alias: str | None = None,
     ) -> str:
         body: dict[str, Any] = {"preset": preset, "invite": list(invite), "is_direct": is_direct}
         if name:
             body["name"] = name
+        if alias:
+            body["room_alias_name"] = alias
         if power_levels:
             body["power_level_content_override"] = power_levels
         if room_version:

@@ -128,12 +128,15 @@ class Scene:
         return None
 
 
-async def build_scene(synapse: Any, directory: Path, *, encrypted: bool = False) -> Scene:
+async def build_scene(
+    synapse: Any, directory: Path, *, encrypted: bool = False, staff_room: bool = True
+) -> Scene:
+    """With staff_room=False the test makes the staff room itself (scene.staff_room is '')."""
     owner = await synapse.new_user("owner")
     moderator = await synapse.new_user("moderator")
     member = await synapse.new_user("member")
     staff = await synapse.new_user("staff")
-    staff_room = await staff.create_room(name="Staff", invite=[BOT])
+    staff_room = await staff.create_room(name="Staff", invite=[BOT]) if staff_room else ""
     return Scene(synapse, owner, moderator, member, staff, "", staff_room, directory)
 
 
