@@ -12,7 +12,15 @@ from appservice.config import ConfigError, load_config
 from appservice.database import create_engine
 from appservice.service import Service
 from bot.store import ingest
-from tests.support.scene import build_scene, open_group_room, running_service, service_config, until
+from tests.support.scene import (
+    build_scene,
+    fetch,
+    health,
+    open_group_room,
+    running_service,
+    service_config,
+    until,
+)
 
 pytestmark = pytest.mark.synapse
 
@@ -128,8 +136,7 @@ async def test_malformed_events_are_skipped_not_fatal(service):
     status, body = await put(service, "mixed", {"events": events})
     assert (status, body) == (200, {})
     assert await inbox_ids(service) == ["$good"]
-    async with aiohttp.ClientSession() as session, session.get(f"{base(service)}/metrics") as r:
-        text = await r.text()
+    _status, text = await fetch(service, "/metrics")
     assert 'safeguard_events_total{outcome="malformed"} 5.0' in text
 
 
@@ -160,11 +167,6 @@ async def test_query_ping_unknown_and_wrong_method(service):
             assert (r.status, (await r.json())["errcode"]) == (404, "M_UNRECOGNIZED")
         async with session.get(f"{base(service)}/_matrix/app/v1/transactions/1") as r:
             assert (r.status, (await r.json())["errcode"]) == (405, "M_UNRECOGNIZED")
-
-
-async def health(service: Service) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session, session.get(f"{base(service)}/health") as r:
-        return r.status, await r.json()
 
 
 async def test_health_names_each_check(synapse, tmp_path):
@@ -246,12 +248,8 @@ async def test_homeserver_down_at_start_still_serves(synapse, tmp_path):
     service = Service(load_config(path), connect_retry_seconds=0.2)
     await service.start()
     try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{service.port}/health") as r,
-        ):
-            assert r.status == 503
-            body = await r.json()
+        status, body = await health(service)
+        assert status == 503
         assert body["checks"]["homeserver"]["ok"] is False
         assert body["checks"]["database"]["ok"] is True
         assert (await put(service, "queued", {"events": [reaction("$q")]}))[0] == 200

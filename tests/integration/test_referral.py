@@ -10,6 +10,7 @@ from tests.support.scene import (
     BOT,
     build_scene,
     export_json,
+    fetch,
     open_group_room,
     running_service,
     service_config,
@@ -47,16 +48,6 @@ async def dm_with_notice(scene) -> tuple[str, dict]:
     return room, notice
 
 
-async def _metrics(service) -> str:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{service.port}/metrics") as response,
-    ):
-        return await response.text()
-
-
 async def test_reaction_flag_end_to_end(scene):
     config = configure(scene)
     async with running_service(config) as service:
@@ -81,7 +72,7 @@ async def test_reaction_flag_end_to_end(scene):
             what="the staff alert",
         )
         assert scene.member.user_id in alert[0]
-        metrics = await _metrics(service)
+        _status, metrics = await fetch(service, "/metrics")
         assert 'safeguard_flags_total{outcome="accepted"} 1.0' in metrics
         assert 'safeguard_steps_total{status="done",step="remove"} 1.0' in metrics
         assert "safeguard_step_seconds_bucket" in metrics

@@ -15,6 +15,7 @@ from tests.support.scene import (
     BOT,
     build_scene,
     export_json,
+    health,
     open_group_room,
     running_service,
     service_config,
@@ -124,13 +125,21 @@ async def test_synapse_unreachable_for_a_while_loses_nothing(synapse, tmp_path):
                 what="the alert",
             )
             assert len(await _kicks_of(scene, scene.member)) == 1
-            async with service.engine.connect() as conn:
-                from bot.store import cases
-
-                steps = {s.step: s.status for s in await cases.steps_of(conn, 1)}
-            assert steps["notify"] == steps["remove"] == steps["alert"] == "done"
+            # The alert is visible a moment before its outcome is recorded.
+            await until(
+                lambda: _steps_done(service, 1, "notify", "remove", "alert"),
+                what="the steps to be recorded as done",
+            )
     finally:
         await proxy.stop()
+
+
+async def _steps_done(service, case_id: int, *names: str) -> bool:
+    from bot.store import cases
+
+    async with service.engine.connect() as conn:
+        steps = {s.step: s.status for s in await cases.steps_of(conn, case_id)}
+    return all(steps[name] == "done" for name in names)
 
 
 async def test_reaction_flag_in_an_encrypted_room(synapse, tmp_path):
@@ -195,16 +204,6 @@ async def test_rate_limited_bot_retries_until_done(strict_synapse, tmp_path):
             assert await scene.membership(scene.group, other) == "leave"
 
 
-async def _health(service) -> tuple[int, dict]:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{service.port}/health") as response,
-    ):
-        return response.status, await response.json()
-
-
 @pytest.mark.parametrize("not_ready", ["alias-not-created", "bot-not-invited"])
 async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp_path, not_ready):
     """The member is protected at once; the alert is not dropped but sent once the room works."""
@@ -223,7 +222,7 @@ async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp
         staff=[scene.staff.user_id],
     )
     async with running_service(config) as service:
-        status, body = await _health(service)
+        status, body = await health(service)
         assert status == 503 and body["checks"]["staff_room"]["ok"] is False
         assert body["checks"]["staff_room"]["problem"]
 
@@ -257,7 +256,7 @@ async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp
             within=30,
             what="the room-joined notice queued while the staff room was not ready",
         )
-        status, body = await _health(service)
+        status, body = await health(service)
         assert body["checks"]["staff_room"] == {"ok": True, "room": scene.staff_room}
     document = await export_json(config)
     (case,) = document["cases"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import yaml
 
 from appservice.config import load_config
@@ -181,3 +182,17 @@ async def export_json(config_path: Path, *extra: str) -> dict[str, Any]:
     code, out, err = await safeguard_cli("cases", "export", "-c", str(config_path), *extra)
     assert code == 0, err
     return json.loads(out)
+
+
+async def fetch(service: Service, path: str) -> tuple[int, str]:
+    """GET one of the service's own endpoints (/health, /metrics)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{service.port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def health(service: Service) -> tuple[int, dict[str, Any]]:
+    status, text = await fetch(service, "/health")
+    return status, json.loads(text)
