@@ -51,12 +51,8 @@ def cmd_registration(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
-    from bot.templates import validate_templates
-
+    # Neither the homeserver nor the database is needed: `run` does the same checks first.
     check_runnable(config)
-    problems = validate_templates(config.messages)
-    if problems:
-        raise ConfigError(f"{config.path}: " + "; ".join(problems))
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "
@@ -70,15 +66,17 @@ async def _run(config: Config) -> int:
     from appservice.service import Service
 
     service = Service(config)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, service.stopped.set)
     await service.start()
     try:
-        await stop.wait()
+        await service.stopped.wait()
     finally:
         await service.stop()
+    if service.fatal:
+        print(f"error: {service.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -98,7 +96,8 @@ def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
-    async with opened(config.database_url, migrate=True) as engine, engine.connect() as conn:
+    """Read-only commands never migrate: they say to run `safeguard db upgrade` instead."""
+    async with opened(config.database_url) as engine, engine.connect() as conn:
         return await work(conn)
 
 
@@ -148,7 +147,7 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, config: Config) -> int:
-    from bot.audit_chain import verify_chain
+    from bot.audit_chain import ChainVerifier
     from bot.store import audit
 
     anchor = None
@@ -159,8 +158,12 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         anchor = (int(seq), digest)
 
     async def verify(conn: Any) -> int:
-        rows = [row async for row in audit.chain_rows(conn)]
-        result = verify_chain(rows, anchor=anchor)
+        # Streamed: the log is read a batch at a time, never held whole.
+        verifier = ChainVerifier(anchor=anchor)
+        async for row in audit.chain_rows(conn):
+            if not verifier.feed(*row):
+                break
+        result = verifier.result()
         if result.ok:
             print(
                 f"audit log OK: {result.entries} entries, head {result.head_seq}:{result.head_hash}"

@@ -28,9 +28,11 @@ from bot.settings import (
     CheckinSettings,
     MessageTemplates,
     PolicySettings,
+    ReconcileSettings,
     Resource,
     default_resources,
 )
+from bot.templates import validate_templates
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 
@@ -95,6 +97,7 @@ class ConfigFile(_Strict):
     resources: list[Resource] = Field(default_factory=default_resources, min_length=1)
     resources_max_age_days: int = Field(default=365, ge=1)
     audit: AuditSettings = AuditSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     logging: LoggingSettings = LoggingSettings()
 
 
@@ -204,8 +207,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def check_runnable(config: Config) -> None:
-    """The checks `run` needs beyond the file's shape: paths, registration, staff room."""
-    problems: list[str] = []
+    """Everything `run` needs beyond the file's shape — paths, registration, staff room,
+    templates — checked before connecting to anything. `check-config` runs the same."""
+    problems: list[str] = list(validate_templates(config.messages))
     if config.policy.staff_room is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
     url = make_url(config.database_url)

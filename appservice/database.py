@@ -1,15 +1,21 @@
 """Database engines, migrations and the one-instance lock.
 
-SQLite runs in WAL mode with a busy timeout and BEGIN IMMEDIATE, so the CLI can
-read while the service writes and two writers queue instead of failing with
-"database is locked"; PostgreSQL needs nothing special.
+SQLite runs in WAL mode with a busy timeout. Writes (`engine.begin()`) take the
+write lock up front with BEGIN IMMEDIATE, so two writers queue instead of one
+failing with "database is locked"; reads (`engine.connect()`) begin deferred
+and take no lock at all, so the CLI and /health read while the service writes.
+PostgreSQL needs nothing special.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import fcntl
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,17 +27,34 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from appservice.errors import ConfigError
+from bot.store.schema import heartbeat
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 # An arbitrary constant: the advisory-lock key that says "a safeguard service runs here".
 _PG_LOCK_KEY = 0x5AFE6A4D
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# /health must answer within seconds even while another process holds the write lock.
+HEALTH_BUSY_TIMEOUT_MS = 2_000
+_WRITE = "safeguard_write"
 
 
-def create_engine(url: str) -> AsyncEngine:
+class SqliteEngine(AsyncEngine):
+    """`begin()` is a write transaction (BEGIN IMMEDIATE); `connect()` reads take no lock."""
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        async with self.connect() as conn:
+            await conn.execution_options(**{_WRITE: True})
+            async with conn.begin():
+                yield conn
+
+
+def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.drivername.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        plain = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+        engine = SqliteEngine(plain.sync_engine)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -39,19 +62,31 @@ def create_engine(url: str) -> AsyncEngine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(connection: Any) -> None:
-            # Take the write lock up front: a deferred transaction that later
-            # writes can fail at once with SQLITE_BUSY instead of waiting.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write takes the lock up front: a deferred transaction that later writes
+            # can fail at once with SQLITE_BUSY instead of waiting its turn. A read
+            # takes none, and sees a consistent snapshot (WAL).
+            writing = connection.get_execution_options().get(_WRITE, False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+async def write_heartbeat(engine: AsyncEngine) -> None:
+    """A committed write: the only proof the database can record (a read, or a write rolled
+    back, succeeds on a full or read-only disk)."""
+    now = dt.datetime.now(dt.UTC)
+    async with engine.begin() as conn:
+        updated = await conn.execute(heartbeat.update().where(heartbeat.c.id == 1).values(at=now))
+        if not updated.rowcount:
+            await conn.execute(heartbeat.insert().values(id=1, at=now))
 
 
 def _alembic_config(connection: Any) -> AlembicConfig:
@@ -75,19 +110,86 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         )
 
 
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    assert head is not None
+    return head
+
+
+async def schema_problem(engine: AsyncEngine) -> str | None:
+    """None if the database is at the latest schema; else what to do about it."""
+    try:
+        current = await current_revision(engine)
+    except Exception as exc:
+        return f"the database cannot be read ({type(exc).__name__}: {exc})"
+    head = head_revision()
+    if current == head:
+        return None
+    if current is None:
+        return "the database has no schema yet: run `safeguard db upgrade -c CONFIG` first"
+    return (
+        f"the database schema is at {current}, this version needs {head}: "
+        "run `safeguard db upgrade -c CONFIG` first"
+    )
+
+
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
 
 
 class InstanceLock:
-    """Held while the service runs; dies with the process, so a crash never blocks a restart."""
+    """Held while the service runs; dies with the process, so a crash never blocks a restart.
+
+    On PostgreSQL the lock lives on one connection: if that connection drops, the lock
+    is gone and a second instance could take it. `watch` checks it every second and
+    calls `on_lost` (the service then stops, non-zero, for its supervisor to restart
+    it); a newly started instance waits `settle_seconds` before acting, so an instance
+    whose connection just dropped has noticed and stopped first.
+    """
+
+    WATCH_SECONDS = 1.0
 
     def __init__(self, database_url: str) -> None:
         self._url = make_url(database_url)
         self._file: Any = None
         self._pg: AsyncConnection | None = None
         self._pg_engine: AsyncEngine | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def settle_seconds(self) -> float:
+        """How long to wait after taking the lock before acting (PostgreSQL only)."""
+        return 3 * self.WATCH_SECONDS if self._pg is not None else 0.0
+
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        if self._pg is not None and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(on_lost), name="instance-lock")
+
+    async def _watch(self, on_lost: Callable[[str], None]) -> None:
+        assert self._pg is not None
+        while True:
+            await asyncio.sleep(self.WATCH_SECONDS)
+            try:
+                async with asyncio.timeout(self.WATCH_SECONDS):
+                    held = (
+                        await self._pg.execute(
+                            text(
+                                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                "AND pid = pg_backend_pid() AND objid = :key AND granted"
+                            ),
+                            {"key": _PG_LOCK_KEY},
+                        )
+                    ).scalar_one()
+                    await self._pg.commit()
+            except Exception as exc:
+                on_lost(f"the connection holding the instance lock failed ({type(exc).__name__})")
+                return
+            if not held:
+                on_lost("the instance lock is no longer held")
+                return
 
     @property
     def _sqlite_path(self) -> Path | None:
@@ -134,6 +236,11 @@ class InstanceLock:
                 )
 
     async def release(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
@@ -147,11 +254,16 @@ class InstanceLock:
 
 
 @asynccontextmanager
-async def opened(url: str, *, migrate: bool = True) -> AsyncIterator[AsyncEngine]:
+async def opened(url: str, *, migrate: bool = False) -> AsyncIterator[AsyncEngine]:
+    """An engine on the database; read-only users (migrate=False) need it up to date."""
     engine = create_engine(url)
     try:
         if migrate:
             await upgrade(engine)
+        else:
+            problem = await schema_problem(engine)
+            if problem is not None:
+                raise ConfigError(problem)
         yield engine
     finally:
         await engine.dispose()

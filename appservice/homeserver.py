@@ -3,9 +3,16 @@
 Implements `bot.ports.Homeserver`. Every call goes through `_call`, which tells
 the three kinds of answer apart: success; a refusal the homeserver means
 (returned as `Refused`, for the workflow to record); and "not now" — network
-errors, 5xx, rate limits past nio's own retries — retried here with backoff and
-raised as `HomeserverUnavailable` when the budget runs out, so the caller tries
-the whole step again later instead of recording a failure that was not one.
+errors, 5xx, rate limits past nio's own retries, a rejected token — retried here
+with backoff and raised as `HomeserverUnavailable` when the budget runs out, so
+the caller tries the whole step again later instead of recording a failure that
+was not one.
+
+A call that creates something (a room, a message) is never retried blindly
+after an answer went missing: the homeserver may have acted on it. It raises at
+once, and the step's next attempt looks for what the first one did (by its
+marker) before acting again. Only a connection that was never made, or a 429,
+is retried in place.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from bot.ports import (
     RoomCreated,
     RoomState,
     Sent,
+    TimelinePage,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,8 @@ class NioHomeserver:
         self._attempts = attempts
         self._base_delay = base_delay
         self._max_delay = max_delay
+        # Why the last call could not get through (None once one does): /health shows it.
+        self.problem: str | None = None
 
     @property
     def bot_user_id(self) -> str:
@@ -98,7 +108,9 @@ class NioHomeserver:
 
     # ---- the retry/classification core -------------------------------------------------
 
-    async def _call(self, what: str, request: Callable[[], Awaitable[T]]) -> T | Refused:
+    async def _call(
+        self, what: str, request: Callable[[], Awaitable[T]], *, idempotent: bool = True
+    ) -> T | Refused:
         last_problem = "no attempt made"
         retry_after: float | None = None
         for attempt in range(self._attempts):
@@ -110,11 +122,18 @@ class NioHomeserver:
                 retry_after = None
             try:
                 response = await request()
+            except aiohttp.ClientConnectorError as exc:
+                # Never connected: nothing reached the homeserver, so trying again is safe.
+                last_problem = f"{type(exc).__name__}: {exc}"
+                continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 last_problem = f"{type(exc).__name__}: {exc}"
+                if not idempotent:
+                    break  # the homeserver may have acted: the step looks before retrying
                 continue
             failure = _failure(response)
             if failure is None:
+                self.problem = None
                 return response
             status, errcode, message, retry_after_ms = failure
             limited = status == 429 or errcode == "M_LIMIT_EXCEEDED"
@@ -122,20 +141,32 @@ class NioHomeserver:
                 retry_after = retry_after_ms / 1000
             if limited and isinstance(response, _RawError):
                 self._on_rate_limited()  # nio counts its own methods' 429s (_saw_error)
+            if status == 401 or errcode == "M_UNKNOWN_TOKEN":
+                # Our as_token was rejected (rotated, or the registration not loaded):
+                # an operator's fix, never a refusal of this one request.
+                last_problem = (
+                    f"the homeserver rejected the as_token ({errcode or status}): check that "
+                    "the registration file Synapse loads matches the service's"
+                )
+                break
             if limited or status >= 500 or status == 0:
                 last_problem = f"HTTP {status} {errcode} {message}".strip()
+                if not limited and not idempotent:
+                    break
                 continue
+            self.problem = None
             return Refused(errcode=errcode or f"HTTP_{status}", reason=message, status=status)
-        log.warning(
-            "homeserver unavailable for %s after %d attempts: %s",
-            what,
-            self._attempts,
-            last_problem,
-        )
+        self.problem = last_problem
+        log.warning("homeserver unavailable for %s: %s", what, last_problem)
         raise HomeserverUnavailable(f"{what}: {last_problem}")
 
     async def _raw(
-        self, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        idempotent: bool = True,
     ) -> dict[str, Any] | Refused:
         """A request nio has no method for; same classification as `_call`."""
 
@@ -153,7 +184,7 @@ class NioHomeserver:
                 return _RawError(response.status, payload if isinstance(payload, dict) else {})
             return payload if isinstance(payload, dict) else {}
 
-        result = await self._call(f"{method} {path}", request)
+        result = await self._call(f"{method} {path.split('?')[0]}", request, idempotent=idempotent)
         assert not isinstance(result, _RawError)  # _call turns every error into Refused
         return result
 
@@ -188,6 +219,24 @@ class NioHomeserver:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
         return response.status == 200
+
+    async def check(self) -> str | None:
+        """None if the homeserver answers and accepts our token; else what is wrong."""
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        try:
+            response = await self.client.send(
+                "GET", "/_matrix/client/v3/account/whoami", None, headers
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"the homeserver is not reachable ({type(exc).__name__}: {exc})"
+        if response.status == 200:
+            return None
+        if response.status == 401:
+            return (
+                "the homeserver rejected the as_token (M_UNKNOWN_TOKEN): check that the "
+                "registration file Synapse loads matches the service's"
+            )
+        return f"the homeserver answered HTTP {response.status}"
 
     # ---- bot.ports.Homeserver ------------------------------------------------------------
 
@@ -239,9 +288,8 @@ class NioHomeserver:
         membership = content.get("membership")
         return membership if isinstance(membership, str) else None
 
-    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
-        event = await self._state_event(room_id, "m.room.member", user_id, as_event=True)
-        return event if isinstance(event, dict) else None
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | Refused | None:
+        return await self._state_event(room_id, "m.room.member", user_id, as_event=True)
 
     async def resolve_room(self, room_id_or_alias: str) -> str | Refused:
         if room_id_or_alias.startswith("!"):
@@ -299,8 +347,9 @@ class NioHomeserver:
             body["name"] = name
         if topic:
             body["topic"] = topic
-        # Raw, because nio's room_create cannot set creation_content.
-        result = await self._raw("POST", "/_matrix/client/v3/createRoom", body)
+        # Raw, because nio's room_create cannot set creation_content. Not retried
+        # blindly: a lost answer may hide a created room (the step finds it by its marker).
+        result = await self._raw("POST", "/_matrix/client/v3/createRoom", body, idempotent=False)
         if isinstance(result, Refused):
             return result
         room_id = result.get("room_id")
@@ -364,6 +413,9 @@ class NioHomeserver:
         response = await self._call(
             f"send to {room_id}",
             lambda: self.client.room_send(room_id, event_type, content, tx_id=txn_id),
+            # Synapse forgets txn ids when it restarts: after a lost answer the step
+            # looks for its marked message instead of sending again.
+            idempotent=False,
         )
         if isinstance(response, Refused):
             return response
@@ -393,6 +445,45 @@ class NioHomeserver:
             if isinstance(tag, dict) and tag.get("marker") == marker:
                 return source.get("event_id")
         return None
+
+    # ---- bot.ports.Timeline ---------------------------------------------------------------
+
+    async def _messages(
+        self, room_id: str, *, direction: str, token: str | None, limit: int
+    ) -> TimelinePage | Refused:
+        query = f"dir={direction}&limit={limit}"
+        if token is not None:
+            query += f"&from={quote(token, safe='')}"
+        result = await self._raw(
+            "GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/messages?{query}"
+        )
+        if isinstance(result, Refused):
+            return result
+        chunk = result.get("chunk")
+        events = [e for e in chunk if isinstance(e, dict)] if isinstance(chunk, list) else []
+        for event in events:
+            event.setdefault("room_id", room_id)
+        end = result.get("end")
+        return TimelinePage(events, end if isinstance(end, str) and events else None)
+
+    async def current_position(self, room_id: str) -> str | Refused:
+        result = await self._raw(
+            "GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/messages?dir=b&limit=1"
+        )
+        if isinstance(result, Refused):
+            return result
+        start = result.get("start")
+        if not isinstance(start, str):
+            return Refused("M_UNKNOWN", "no position in the /messages answer")
+        return start
+
+    async def read_forward(self, room_id: str, token: str, *, limit: int) -> TimelinePage | Refused:
+        return await self._messages(room_id, direction="f", token=token, limit=limit)
+
+    async def read_back(
+        self, room_id: str, token: str | None, *, limit: int
+    ) -> TimelinePage | Refused:
+        return await self._messages(room_id, direction="b", token=token, limit=limit)
 
     async def state_event(
         self, room_id: str, event_type: str, state_key: str = ""

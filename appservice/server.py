@@ -1,9 +1,11 @@
 """The Application Service API over HTTP: parse, authenticate, hand on — nothing else.
 
-Decisions live in `bot/`. This module's promises to Synapse: every
-transaction we acknowledge is durably recorded first (503 if it cannot be,
-so Synapse retries); one malformed or poisoned event never fails a transaction
-(a 4xx/5xx would make Synapse retry it for ever and block everything behind it).
+Decisions live in `bot/`. This module's promises to Synapse, which retries any
+answer but 200 for ever and holds everything behind it: every transaction we
+acknowledge is durably recorded first (503 if it cannot be, so Synapse
+retries); one malformed or poisoned event never fails a transaction (it is
+skipped and counted); no input gets a 500. Only a body that is not a
+transaction at all (not JSON, not an object, nesting the parser refuses) gets a 400.
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.intake import Intake, StorageUnavailable
+from bot.intake import (
+    Intake,
+    StorageUnavailable,
+    may_hold_surrogates,
+    well_formed,
+    without_lone_surrogates,
+)
 from bot.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -26,29 +34,11 @@ log = logging.getLogger(__name__)
 # A legal Synapse transaction (100 PDUs of up to 64 KiB, plus EDUs) fits with room to spare.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 APP_PREFIX = "/_matrix/app/"
-HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
+HealthReport = Callable[[], Awaitable[tuple[bool, dict[str, dict[str, Any]]]]]
 
 
 def matrix_error(status: int, errcode: str, error: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": error}, status=status)
-
-
-_REQUIRED_KEYS = ("event_id", "room_id", "type", "sender")
-# Matrix ids are far shorter; the columns hold 255 characters.
-MAX_ID_LENGTH = 255
-
-
-def _well_formed(event: object) -> bool:
-    # On the hot path for every event Synapse sends: exact type checks, no copies.
-    if event.__class__ is not dict:
-        return False
-    get = event.get  # type: ignore[attr-defined]
-    for key in _REQUIRED_KEYS:
-        value = get(key)
-        if value.__class__ is not str or not value or len(value) > MAX_ID_LENGTH:
-            return False
-    content = get("content")
-    return content is None or content.__class__ is dict
 
 
 def _presented_token(request: web.Request) -> str | None:
@@ -65,13 +55,13 @@ class AppServiceServer:
         intake: Intake,
         hs_token: str,
         metrics: Metrics,
-        health_checks: Mapping[str, HealthCheck],
+        health: HealthReport,
         refresh_metrics: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._intake = intake
         self._hs_token = hs_token.encode()
         self._metrics = metrics
-        self._health_checks = dict(health_checks)
+        self._health = health
         self._refresh_metrics = refresh_metrics
 
     def app(self) -> web.Application:
@@ -113,31 +103,33 @@ class AppServiceServer:
         body = await request.read()
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, bad UTF-8, or nested past the parser
             self._metrics.transactions.labels("bad_json").inc()
             return matrix_error(400, "M_NOT_JSON", "Body is not valid JSON")
         if not isinstance(payload, dict) or not isinstance(payload.get("events", []), list):
             self._metrics.transactions.labels("bad_json").inc()
             return matrix_error(400, "M_BAD_JSON", "'events' must be a list of events")
         raw_events = payload.get("events", [])
-        events = [event for event in raw_events if _well_formed(event)]
+        events = [event for event in raw_events if well_formed(event)]
         skipped = len(raw_events) - len(events)
         if skipped:
             self._metrics.events.labels("malformed").inc(skipped)
             log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
+        if may_hold_surrogates(body):
+            # A lone surrogate in content cannot be stored or hashed: replace it (ids
+            # with one were skipped above as malformed).
+            events = [without_lone_surrogates(event) for event in events]
         try:
             await self._intake.accept(txn_id, events)
-        except StorageUnavailable as exc:
-            self._metrics.transactions.labels("unrecorded").inc()
-            self._metrics.errors.labels("database").inc()
-            log.error("transaction %s not recorded, asking for a retry: %s", txn_id, exc)
-            return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
-        except Exception:
+        except Exception as exc:
             # Not acknowledged, so Synapse retries: nothing recorded is nothing lost.
             self._metrics.transactions.labels("unrecorded").inc()
-            self._metrics.errors.labels("transaction").inc()
-            log.exception("transaction %s could not be recorded", txn_id)
-            return matrix_error(500, "M_UNKNOWN", "Internal error recording the transaction")
+            self._metrics.errors.labels("database").inc()
+            if isinstance(exc, StorageUnavailable):
+                log.error("transaction %s not recorded, asking for a retry: %s", txn_id, exc)
+            else:
+                log.exception("transaction %s could not be recorded; asking for a retry", txn_id)
+            return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
         return web.json_response({})
 
     async def query_user(self, request: web.Request) -> web.Response:
@@ -153,23 +145,11 @@ class AppServiceServer:
     # ---- operations -----------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        names = list(self._health_checks)
-        results = await asyncio.gather(
-            *(self._run_check(self._health_checks[name]) for name in names)
-        )
-        checks = dict(zip(names, results, strict=True))
-        healthy = all(check.get("ok") for check in checks.values())
+        healthy, checks = await self._health()
         return web.json_response(
             {"status": "ok" if healthy else "unavailable", "checks": checks},
             status=200 if healthy else 503,
         )
-
-    @staticmethod
-    async def _run_check(check: HealthCheck) -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(check(), timeout=5)
-        except Exception as exc:  # a health check reports failure, it never raises
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self._refresh_metrics is not None:

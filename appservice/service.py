@@ -1,10 +1,11 @@
-"""The running service: one place that wires config, database, homeserver, policy and HTTP.
+"""The running service: the one place that builds every part and hands each its collaborators.
 
 Start order matters: the instance lock and migrations first (nothing may run on
 an old schema or beside a twin), then the HTTP server (Synapse may already be
-waiting to deliver), then the workers, which resume whatever a previous run
-left unfinished. The homeserver may be down: the service still serves and keeps
-trying in the background, and /health says so.
+waiting to deliver), then — once the homeserver answers — the workers, which
+resume whatever a previous run left unfinished, and a catch-up of every watched
+room. The homeserver may be down: the service still serves and keeps trying in
+the background, and /health says so.
 """
 
 from __future__ import annotations
@@ -13,38 +14,54 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
 from appservice.config import Config, check_runnable
-from appservice.database import InstanceLock, create_engine, ping, upgrade
+from appservice.database import (
+    HEALTH_BUSY_TIMEOUT_MS,
+    InstanceLock,
+    create_engine,
+    upgrade,
+)
+from appservice.health import HealthChecks
 from appservice.homeserver import NioHomeserver
 from appservice.registration import load_registration
 from appservice.server import AppServiceServer
 from appservice.webhook import HttpWebhook
-from bot.checkin import CheckinScheduler
-from bot.context import PolicyContext
+from bot.checkin_events import CheckinEvents
 from bot.delivery import OutboxDelivery
-from bot.dispatch import Dispatcher
-from bot.intake import Intake
+from bot.deployment import Deployment
+from bot.dispatch import Classifier, Dispatcher, EventKind
+from bot.engine import StepEngine
+from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake
+from bot.membership import Membership
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
+from bot.reconcile import Reconciler
+from bot.referral import Referral
+from bot.relay import Relay
 from bot.retention import purge
-from bot.staff_room import connect_staff_room, staff_room_problem
+from bot.rooms import RoomDirectory
+from bot.staff import StaffDirectory
+from bot.staff_room import StaffRoom
 from bot.staff_tools import StaffTools
-from bot.store import audit, cases, ingest
+from bot.steps import Toolbox, build_steps
+from bot.store import audit, cases, ingest, outbox, rooms
 from bot.store.audit import Provenance
+from bot.templates import render_template_fallback
+from bot.texts import Texts
 from bot.timers import Timers
 from bot.worker import Worker
-from bot.workflow import CaseWorkflow
 
 log = logging.getLogger(__name__)
-# A check-in this far past its due time and still not open is reported as overdue.
-OVERDUE_GRACE = dt.timedelta(minutes=5)
 # Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
 STAFF_ROOM_RETRY_MAX = 60.0
+HOUSEKEEPING_EVERY = dt.timedelta(hours=1)
+CHAIN_HEAD_EVERY = dt.timedelta(days=1)
+# How often the homeserver is probed, so catch-up starts as soon as it answers again.
+PROBE_SECONDS = 5.0
 
 
 class Service:
@@ -53,19 +70,24 @@ class Service:
         self.config = config
         self.registration = load_registration(config.registration_path)
         self.metrics = Metrics()
-        self.context = PolicyContext(
+        self.deployment = Deployment(
             policy=config.policy,
             checkin=config.checkin,
             messages=config.messages,
-            resources=list(config.resources),
+            resources=tuple(config.resources),
             bot_user_id=config.bot_user_id,
             provenance=Provenance(config.policy.policy_version, config.config_hash),
             may_invite=config.may_invite,
-            metrics=self.metrics,
+            reconcile=config.file.reconcile,
         )
+        assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
         self._lock = InstanceLock(config.database_url)
         self.engine = create_engine(config.database_url)
+        # /health writes through its own connection, which gives up in seconds when locked.
+        self._health_engine = create_engine(
+            config.database_url, busy_timeout_ms=HEALTH_BUSY_TIMEOUT_MS
+        )
         self.homeserver = NioHomeserver(
             config.homeserver.url,
             self.registration.as_token,
@@ -73,55 +95,131 @@ class Service:
             on_rate_limited=self.metrics.rate_limited.inc,
         )
         self.connected = asyncio.Event()
+        self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
+        self.fatal: str | None = None
         self._runner: web.AppRunner | None = None
         self._background: list[asyncio.Task[Any]] = []
-        self.workflow = CaseWorkflow(self.engine, self.homeserver, self.context)
-        self.outbox = OutboxDelivery(self.engine, self.homeserver, self.context)
-        self.case_worker = Worker("cases", self.workflow.work_once)
+        self._staff_room_news = asyncio.Event()
+        self._fallbacks: set[asyncio.Task[None]] = set()
+
+        # ---- who and where ----
+        self.staff_room = StaffRoom(config.policy.staff_room)
+        self.rooms = RoomDirectory(self.staff_room)
+        self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
+        self.texts = Texts(config.messages, on_fallback=self._template_fell_back)
+        webhook = HttpWebhook()
+
+        # ---- the workers ----
+        self.outbox = OutboxDelivery(self.engine, self.homeserver)
         self.outbox_worker = Worker("outbox", self.outbox.work_once)
-        self.dispatcher = Dispatcher(
-            self.engine,
-            self.homeserver,
-            self.context,
-            on_case=self.workflow.start_case,
-            on_outbox=self.outbox_worker.wake,
+        tools = Toolbox(
+            db=self.engine,
+            homeserver=self.homeserver,
+            deployment=self.deployment,
+            texts=self.texts,
+            staff_room=self.staff_room,
+            rooms=self.rooms,
+            metrics=self.metrics,
+            webhook=webhook,
         )
-        self.inbox_worker = Worker("inbox", self.dispatcher.work_once)
-        self.timers = Timers()
-        self.checkins = CheckinScheduler(
+        self.steps = StepEngine(self.engine, build_steps(tools), tools)
+        self.steps.on_outbox = self.outbox_worker.wake
+
+        # ---- the inbox ----
+        on_outbox = self.outbox_worker.wake
+        referral = Referral(
+            self.homeserver,
+            self.deployment,
+            self.staff,
+            self.staff_room,
+            self.metrics,
+            on_case=self.steps.start_case,
+            on_outbox=on_outbox,
+        )
+        self.membership = Membership(
             self.engine,
             self.homeserver,
-            self.context,
-            is_staff=self.dispatcher.referral.is_staff,
-            timers=self.timers,
+            self.deployment,
+            self.staff_room,
+            self.rooms,
+            on_outbox=on_outbox,
+            on_staff_room_joined=self._staff_room_news.set,
+        )
+        checkins = CheckinEvents(
+            self.engine,
+            self.homeserver,
+            self.deployment,
+            self.staff_room,
+            is_staff=self.staff.is_staff,
+            on_outbox=on_outbox,
         )
         self.staff_tools = StaffTools(
             self.engine,
-            self.context,
-            is_staff=self.dispatcher.referral.is_staff,
-            checkins=self.checkins,
-            timers=self.timers,
-            webhook=HttpWebhook(),
-            on_outbox=self.outbox_worker.wake,
+            self.deployment,
+            self.staff_room,
+            is_staff=self.staff.is_staff,
+            checkins=checkins,
+            on_outbox=on_outbox,
+            on_case_changed=self.steps.start_case,
         )
-        self.workflow.on_scheduled = self.checkins.schedule_case
-        self.workflow.on_alerted = self.staff_tools.watch_alert
-        self._staff_room_news = asyncio.Event()
-        self.dispatcher.membership.on_staff_room_joined = self._staff_room_news.set
-        self.dispatcher.extra_handlers += [
-            self.staff_tools.handle_event,
-            self.checkins.handle_event,
-        ]
-        self.intake = Intake(self.engine, self.context, on_queued=self.inbox_worker.wake)
+        relay = Relay(
+            self.engine, self.deployment, self.staff_room, self.rooms, on_outbox=on_outbox
+        )
+        self.dispatcher = Dispatcher(
+            self.engine,
+            self.homeserver,
+            Classifier(self.rooms, config.bot_user_id),
+            {
+                EventKind.FLAG: referral,
+                EventKind.BOT_MEMBERSHIP: self.membership.bot_membership,
+                EventKind.MEMBERSHIP: self.membership.member_event,
+                EventKind.CHECKIN_MEMBERSHIP: checkins.membership,
+                EventKind.POWER_LEVELS: self.membership.power_levels_changed,
+                EventKind.STAFF_MESSAGE: self.staff_tools.message,
+                EventKind.STAFF_REACTION: self.staff_tools.reaction,
+                EventKind.MEMBER_MESSAGE: relay,
+            },
+            deployment=self.deployment,
+            staff_room=self.staff_room,
+            metrics=self.metrics,
+            on_outbox=on_outbox,
+        )
+        self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))
+        self.inbox_worker = Worker("inbox", lambda: self.dispatcher.work_lane(OTHER_LANE))
+        self.intake = Intake(
+            self.engine,
+            ActionFilter(config.policy, self.rooms),
+            self.metrics,
+            on_queued=self._wake_lane,
+        )
+        self.reconciler = Reconciler(
+            self.engine,
+            self.homeserver,
+            self.intake,
+            self._watched_rooms,
+            self.deployment.reconcile,
+        )
+        self.timers = Timers()
+        self.health = HealthChecks(
+            self.engine,
+            self._health_engine,
+            self.homeserver,
+            self.staff_room,
+            self.intake,
+            self.metrics,
+            connected=self.connected.is_set,
+        )
         self.port: int | None = None
+
+    # ---- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._lock.acquire()
         try:
             await upgrade(self.engine)
-            await self._load_watched_rooms()
-            stale = self.config.stale_resources()
-            for resource in stale:
+            self._lock.watch(self._lock_lost)
+            await self._load_private_rooms()
+            for resource in self.config.stale_resources():
                 log.warning(
                     "crisis resource %r was last verified on %s: check it is still right",
                     resource.name,
@@ -131,12 +229,7 @@ class Service:
                 self.intake,
                 self.registration.hs_token,
                 self.metrics,
-                {
-                    "database": self._check_database,
-                    "homeserver": self._check_homeserver,
-                    "checkins": self._check_checkins,
-                    "staff_room": self._check_staff_room,
-                },
+                self.health.report,
                 refresh_metrics=self._refresh_metrics,
             )
             self._runner = web.AppRunner(server.app(), access_log=None)
@@ -148,22 +241,20 @@ class Service:
             self.port = sockets[0].getsockname()[1] if sockets else listen.port
             log.info("listening on %s:%s", listen.host, self.port)
             self._background.append(asyncio.create_task(self._connect(), name="connect"))
-            self._background.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         except BaseException:
             await self.stop()
             raise
 
-    async def _load_watched_rooms(self) -> None:
-        staff_room = self.config.policy.staff_room
-        if staff_room and staff_room.startswith("!"):
-            self.context.staff_room_id = staff_room
-            self.context.watch(staff_room)
+    async def _load_private_rooms(self) -> None:
         async with self.engine.connect() as conn:
-            for room_id in await cases.dm_room_ids(conn):
-                self.context.watch(room_id)
+            dms, checkins = await cases.private_rooms(conn)
+        for room_id in dms:
+            self.rooms.add_dm(room_id)
+        for room_id in checkins:
+            self.rooms.add_checkin(room_id)
 
     async def _connect(self) -> None:
-        """Register the bot and ping, retrying until the homeserver answers; then the staff room."""
+        """Register the bot and ping, retrying until the homeserver answers; then the rest."""
         while True:
             try:
                 await self.homeserver.ensure_registered(self.config.appservice.bot_displayname)
@@ -174,27 +265,62 @@ class Service:
             except HomeserverUnavailable as exc:
                 log.warning("homeserver not reachable yet (%s); retrying", exc)
                 await asyncio.sleep(self._connect_retry)
+        # A twin whose lock connection just dropped must have stopped before we act.
+        await asyncio.sleep(self._lock.settle_seconds)
         await self._join_staff_room()
-        for worker in (self.inbox_worker, self.case_worker, self.outbox_worker):
+        for worker in (self.flag_worker, self.inbox_worker, self.outbox_worker):
             worker.start()
-        pending = await self.checkins.start()
-        await self.staff_tools.start()
-        log.info("%d check-in(s) scheduled", pending)
+        self.steps.start()
+        self.timers.start()
+        now = dt.datetime.now(dt.UTC)
+        self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
+        self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
+        self.reconciler.start()
+        self._background.append(asyncio.create_task(self._probe(), name="probe"))
         self.connected.set()
         log.info("connected to the homeserver as %s", self.config.bot_user_id)
+
+    async def _probe(self) -> None:
+        """Watch the homeserver: when it answers again after an outage, catch up at once."""
+        was_down = False
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            down = await self.homeserver.check() is not None
+            if was_down and not down:
+                log.info("the homeserver answers again: catching up")
+                self.reconciler.trigger()
+                await self.steps.retry_waiting()
+                self.outbox_worker.wake()
+            was_down = down
+
+    def _wake_lane(self, lane: int) -> None:
+        (self.flag_worker if lane == FLAG_LANE else self.inbox_worker).wake()
+
+    async def _watched_rooms(self) -> list[tuple[str, dt.datetime | None]]:
+        """Rooms whose events we must not miss: moderated, staff, open cases' private rooms."""
+        async with self.engine.connect() as conn:
+            moderated = await rooms.moderated(conn)
+            private = await cases.open_private_rooms(conn)
+        watched: list[tuple[str, dt.datetime | None]] = [
+            (room.room_id, room.joined_at) for room in moderated
+        ]
+        if self.staff_room.room_id:
+            watched.append((self.staff_room.room_id, None))
+        watched.extend((room_id, None) for room_id in sorted(private))
+        return watched
 
     async def _join_staff_room(self) -> None:
         """Try once now; if the room is not ready, keep trying in the background.
 
-        Staff alerts wait for the room (see bot.staff_room) rather than being dropped,
-        so an alias created or an invite sent after the service started is enough.
+        Whatever is for staff waits for the room (see bot.staff_room) rather than being
+        dropped, so an alias created or an invite sent after the service started is enough.
         """
         try:
-            problem = await connect_staff_room(self.homeserver, self.context)
+            problem = await self.staff_room.connect(self.homeserver)
         except HomeserverUnavailable as exc:
             problem = f"the homeserver is not reachable ({exc})"
         if problem is not None:
-            log.error("%s; staff alerts wait until it is fixed", problem)
+            log.error("%s; staff messages wait until it is fixed", problem)
             self._background.append(
                 asyncio.create_task(self._keep_joining_staff_room(problem), name="staff-room")
             )
@@ -208,83 +334,93 @@ class Service:
             self._staff_room_news.clear()
             delay = min(delay * 2, STAFF_ROOM_RETRY_MAX)
             try:
-                now = await connect_staff_room(self.homeserver, self.context)
+                now = await self.staff_room.connect(self.homeserver)
             except HomeserverUnavailable as exc:
                 log.warning("staff room: homeserver not reachable (%s); retrying", exc)
                 continue
             if now is not None and now != problem:
-                log.error("%s; staff alerts wait until it is fixed", now)
+                log.error("%s; staff messages wait until it is fixed", now)
             problem = now
-        log.info("joined the staff room %s", self.context.staff_room_id)
-        await self.workflow.retry_deferred()
+        log.info("joined the staff room %s", self.staff_room.room_id)
+        await self.steps.retry_waiting()
         self.outbox_worker.wake()
 
-    async def _housekeeping(self) -> None:
+    # ---- timed jobs --------------------------------------------------------------------
+
+    async def housekeeping(self) -> None:
         """Hourly: forget old delivery bookkeeping, apply audit retention, refresh gauges."""
         retention = dt.timedelta(days=self.config.file.database.dedupe_retention_days)
-        while True:
-            try:
-                async with self.engine.begin() as conn:
-                    await ingest.prune(conn, dt.datetime.now(dt.UTC) - retention)
-                    self.metrics.inbox_backlog.set(await ingest.backlog(conn))
-                purged = await purge(
-                    self.engine, self.context.provenance, self.config.audit.retention_days
-                )
-                if purged.cases:
-                    log.info("retention purged %d case(s)", purged.cases)
-                await self._check_checkins()
-            except Exception:
-                log.exception("housekeeping failed")
-            await asyncio.sleep(3600)
-
-    async def _check_database(self) -> dict[str, Any]:
-        await ping(self.engine)
-        async with self.engine.connect() as conn:
-            backlog = await ingest.backlog(conn)
-        self.metrics.inbox_backlog.set(backlog)
-        return {"ok": True, "inbox_backlog": backlog}
-
-    async def _check_checkins(self) -> dict[str, Any]:
-        """Overdue check-ins make the service unhealthy: a promise to a member is slipping."""
-        async with self.engine.connect() as conn:
-            counts = await cases.checkin_counts(conn, dt.datetime.now(dt.UTC), OVERDUE_GRACE)
-        for state in ("pending", "overdue", "unclaimed"):
-            self.metrics.checkins.labels(state).set(getattr(counts, state))
-        return {"ok": counts.overdue == 0, **asdict(counts)}
+        async with self.engine.begin() as conn:
+            await ingest.prune(conn, dt.datetime.now(dt.UTC) - retention)
+        purged = await purge(
+            self.engine, self.deployment.provenance, self.config.audit.retention_days
+        )
+        if purged.cases:
+            log.info("retention purged %d case(s)", purged.cases)
+        await self._refresh_metrics()
 
     async def _refresh_metrics(self) -> None:
         """Gauges that live in the database are read when Prometheus scrapes."""
-        await self._check_checkins()
+        await self.health.checkins()
         async with self.engine.connect() as conn:
             self.metrics.inbox_backlog.set(await ingest.backlog(conn))
             self.metrics.audit_entries.set((await audit.head(conn))[0])
 
-    async def _check_homeserver(self) -> dict[str, Any]:
-        reachable = await self.homeserver.versions()
-        return {"ok": reachable, "connected": self.connected.is_set()}
+    # ---- faults ----------------------------------------------------------------------------
 
-    async def _check_staff_room(self) -> dict[str, Any]:
-        problem = await staff_room_problem(self.homeserver, self.context)
-        return {"ok": problem is None, "room": self.context.staff_room_id} | (
-            {"problem": problem} if problem else {}
-        )
+    def _template_fell_back(self, name: str, problem: str) -> None:
+        """A template failed at run time: record it and tell staff (once per template)."""
+        task = asyncio.get_running_loop().create_task(self._report_fallback(name, problem))
+        self._fallbacks.add(task)
+        task.add_done_callback(self._fallbacks.discard)
+
+    async def _report_fallback(self, name: str, problem: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        try:
+            async with self.engine.begin() as conn:
+                await audit.append(
+                    conn,
+                    self.deployment.provenance,
+                    "template_fallback",
+                    facts={"template": name, "problem": problem},
+                    at=now,
+                )
+                await outbox.queue(
+                    conn,
+                    self.staff_room.address,
+                    render_template_fallback(name=name, problem=problem),
+                    now,
+                )
+        except Exception:
+            log.exception("could not record the fall-back of messages.%s", name)
+        self.outbox_worker.wake()
+
+    def _lock_lost(self, why: str) -> None:
+        """Another instance could start now: stop before it can act (exit non-zero)."""
+        log.critical("%s: stopping so that no second instance acts beside this one", why)
+        self.fatal = why
+        self.stopped.set()
+
+    # ---- stop --------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        await self.reconciler.stop()
         await asyncio.gather(
-            *(w.stop() for w in (self.inbox_worker, self.case_worker, self.outbox_worker))
+            *(w.stop() for w in (self.flag_worker, self.inbox_worker, self.outbox_worker))
         )
+        await self.steps.stop()
         await self.timers.stop()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
-        await self.workflow.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await self.homeserver.close()
         await self.engine.dispose()
+        await self._health_engine.dispose()
         await self._lock.release()
 
     async def __aenter__(self) -> Service:

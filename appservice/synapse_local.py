@@ -160,6 +160,13 @@ class LocalSynapse:
                 text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
         return text
 
+    async def kill(self) -> None:
+        """SIGKILL: Synapse dies mid-whatever, as in a power cut (tests of what it loses)."""
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
     async def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.returncode is not None:

@@ -63,49 +63,82 @@ class Verification:
     problem: str | None = None
 
 
+class ChainVerifier:
+    """Checks (entry, stored hash, personal fields or None if purged) rows fed in seq order,
+    one at a time, so a log of any length is verified in constant memory.
+
+    `anchor` is a (seq, hash) pair posted outside the database earlier: the log
+    must still contain that entry with that hash, or it was rewritten.
+    """
+
+    def __init__(self, *, anchor: tuple[int, str] | None = None) -> None:
+        self._anchor = anchor
+        self._anchor_seen = False
+        self._prev_hash = GENESIS_HASH
+        self._expected_seq = 1
+        self._count = 0
+        self._failure: Verification | None = None
+
+    def feed(self, entry: ChainedEntry, stored_hash: str, personal: dict[str, Any] | None) -> bool:
+        """False once a bad entry is found (the rest need not be read)."""
+        if self._failure is not None:
+            return False
+        self._count += 1
+        problem = self._problem(entry, stored_hash, personal)
+        if problem is not None:
+            self._failure = Verification(
+                False, self._count, entry.seq, stored_hash, entry.seq, problem
+            )
+            return False
+        if self._anchor is not None and entry.seq == self._anchor[0]:
+            self._anchor_seen = True
+        self._prev_hash = stored_hash
+        self._expected_seq += 1
+        return True
+
+    def _problem(
+        self, entry: ChainedEntry, stored_hash: str, personal: dict[str, Any] | None
+    ) -> str | None:
+        if entry.seq != self._expected_seq:
+            return f"entry {self._expected_seq} is missing (found {entry.seq} after it)"
+        if entry.prev_hash != self._prev_hash:
+            return f"entry {entry.seq} does not follow entry {entry.seq - 1}"
+        if personal is not None and digest(personal) != entry.personal_digest:
+            return f"entry {entry.seq}: personal fields do not match their digest"
+        if entry.compute_hash() != stored_hash:
+            return f"entry {entry.seq}: content does not match its hash"
+        if (
+            self._anchor is not None
+            and entry.seq == self._anchor[0]
+            and stored_hash != self._anchor[1]
+        ):
+            return f"entry {entry.seq} does not match the posted head {self._anchor[1][:16]}…"
+        return None
+
+    def result(self) -> Verification:
+        if self._failure is not None:
+            return self._failure
+        head_seq = self._expected_seq - 1
+        if self._anchor is not None and not self._anchor_seen:
+            return Verification(
+                False,
+                self._count,
+                head_seq,
+                self._prev_hash,
+                self._anchor[0],
+                f"entry {self._anchor[0]} named by the posted head is not in the log",
+            )
+        return Verification(True, self._count, head_seq, self._prev_hash)
+
+
 def verify_chain(
     rows: Iterable[tuple[ChainedEntry, str, dict[str, Any] | None]],
     *,
     anchor: tuple[int, str] | None = None,
 ) -> Verification:
-    """Check (entry, stored hash, personal fields or None if purged) rows in seq order.
-
-    `anchor` is a (seq, hash) pair posted outside the database earlier: the log
-    must still contain that entry with that hash, or it was rewritten.
-    """
-    prev_hash = GENESIS_HASH
-    expected_seq = 1
-    count = 0
-    anchor_seen = False
-    for entry, stored_hash, personal in rows:
-        count += 1
-
-        def bad(
-            problem: str, entry: ChainedEntry = entry, count: int = count, found: str = stored_hash
-        ) -> Verification:
-            return Verification(False, count, entry.seq, found, entry.seq, problem)
-
-        if entry.seq != expected_seq:
-            return bad(f"entry {expected_seq} is missing (found {entry.seq} after it)")
-        if entry.prev_hash != prev_hash:
-            return bad(f"entry {entry.seq} does not follow entry {entry.seq - 1}")
-        if personal is not None and digest(personal) != entry.personal_digest:
-            return bad(f"entry {entry.seq}: personal fields do not match their digest")
-        if entry.compute_hash() != stored_hash:
-            return bad(f"entry {entry.seq}: content does not match its hash")
-        if anchor is not None and entry.seq == anchor[0]:
-            if stored_hash != anchor[1]:
-                return bad(f"entry {entry.seq} does not match the posted head {anchor[1][:16]}…")
-            anchor_seen = True
-        prev_hash = stored_hash
-        expected_seq += 1
-    if anchor is not None and not anchor_seen:
-        return Verification(
-            False,
-            count,
-            expected_seq - 1,
-            prev_hash,
-            anchor[0],
-            f"entry {anchor[0]} named by the posted head is not in the log",
-        )
-    return Verification(True, count, expected_seq - 1, prev_hash)
+    """Check rows already in memory (see ChainVerifier)."""
+    verifier = ChainVerifier(anchor=anchor)
+    for row in rows:
+        if not verifier.feed(*row):
+            break
+    return verifier.result()

@@ -1,4 +1,10 @@
-"""Delivering the outbox: staff-room messages that belong to no case step, each exactly once."""
+"""Delivering the outbox: staff-room messages that belong to no case step, each exactly once.
+
+Messages go out in order. A staff room that cannot take them (not resolved, the
+bot not allowed to post) holds the queue — /health says why — and nothing is
+dropped. Any other refusal is retried a few times, then recorded as failed,
+logged, and counted on /health, where an operator sees it.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,25 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.context import PolicyContext
 from bot.ports import MESSAGE_MARKER_KEY, Homeserver, HomeserverUnavailable, Refused
 from bot.store import outbox
 
 log = logging.getLogger(__name__)
+MAX_FAILURES = 3
+FAILURE_DELAYS = (2.0, 10.0, 30.0)
 
 
 class OutboxDelivery:
-    def __init__(self, engine: AsyncEngine, homeserver: Homeserver, context: PolicyContext) -> None:
-        self._engine = engine
+    def __init__(self, db: AsyncEngine, homeserver: Homeserver) -> None:
+        self._db = db
         self._hs = homeserver
-        self._ctx = context
         self._waiting_for: str | None = None  # why the queue is held, logged once per hold
 
     async def work_once(self) -> bool:
-        async with self._engine.connect() as conn:
-            queued = await outbox.pending(conn)
+        now = dt.datetime.now(dt.UTC)
+        async with self._db.connect() as conn:
+            queued = await outbox.pending(conn, now=now)
         for message in queued:
-            now = dt.datetime.now(dt.UTC)
             try:
                 # Queued while the staff room's alias did not resolve yet: resolve it now.
                 room_id = await self._hs.resolve_room(message.room_id)
@@ -33,11 +39,11 @@ class OutboxDelivery:
                     return self._hold(f"{message.room_id} does not resolve ({room_id})")
                 event_id = None
                 if message.attempts:
-                    # A previous attempt may have been sent before a crash.
+                    # A previous attempt may have been sent before a crash or a lost answer.
                     event_id = await self._hs.find_marked_message(room_id, message.marker)
                 if event_id is None:
                     # Intent first: after a crash, the next attempt looks before sending.
-                    async with self._engine.begin() as conn:
+                    async with self._db.begin() as conn:
                         await outbox.mark(conn, message.id, status="pending", now=now)
                     content = message.content | {MESSAGE_MARKER_KEY: {"marker": message.marker}}
                     sent = await self._hs.send(
@@ -48,20 +54,27 @@ class OutboxDelivery:
                         # can fix that (/health says so), and nothing for staff is dropped.
                         return self._hold(f"cannot post in {room_id} ({sent})")
                     if isinstance(sent, Refused):
-                        async with self._engine.begin() as conn:
-                            await outbox.mark(
-                                conn, message.id, status="failed", now=now, error=str(sent)
-                            )
-                        log.error("staff message %d refused: %s", message.id, sent)
+                        await self._refused(message, sent, now)
                         continue
                     event_id = sent.event_id
             except HomeserverUnavailable as exc:
                 log.warning("staff message %d waits for the homeserver: %s", message.id, exc)
                 return False
-            async with self._engine.begin() as conn:
+            async with self._db.begin() as conn:
                 await outbox.mark(conn, message.id, status="sent", now=now, event_id=event_id)
             self._waiting_for = None
         return bool(queued)
+
+    async def _refused(self, message: outbox.Outgoing, sent: Refused, now: dt.datetime) -> None:
+        failures = message.failures + 1
+        async with self._db.begin() as conn:
+            if failures >= MAX_FAILURES:
+                await outbox.mark(conn, message.id, status="failed", now=now, error=str(sent))
+                log.error("staff message %d refused for good: %s", message.id, sent)
+                return
+            delay = dt.timedelta(seconds=FAILURE_DELAYS[failures - 1])
+            await outbox.retry_later(conn, message.id, now + delay, error=str(sent))
+        log.warning("staff message %d refused (%s); retrying", message.id, sent)
 
     def _hold(self, why: str) -> bool:
         """Keep the queue (in order) until the next round; say why once, not every round."""

@@ -1,174 +1,234 @@
-"""Draining the inbox: each recorded event goes to the handler the policy has for it.
+"""Draining the inbox: each recorded event goes to the handler for what it is.
 
-Events are handled one at a time in arrival order. A homeserver outage leaves
-the event queued and is retried with backoff (nothing is lost, order is kept);
-an event that breaks its handler is recorded as failed, counted, audited and
-reported to staff — it never blocks the events behind it.
+Two lanes, each drained in arrival order by its own worker: flags, and
+everything else (staff commands, memberships, relays). A moderator's flag is
+never queued behind a command reply, a refusal report or an event being retried.
+
+The dispatcher owns acknowledgement: a handler records its decision through
+`Handling.transaction()`, which marks the event done in that same database
+transaction; an event whose handler recorded nothing is marked done with the
+batch. When handling fails:
+- the homeserver is down (checked, not assumed): the event waits, uncounted,
+  and the lane backs off — nothing is lost, order is kept;
+- anything else, including a homeserver call that fails because of the event
+  itself (a 70,000-character event id...): the attempt is counted and the event
+  retried later without holding up the rest; after MAX_ATTEMPTS it is recorded
+  as failed, counted, audited and reported to staff, and the lane moves on.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from enum import Enum
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bot.context import PolicyContext
-from bot.membership import Membership
+from bot.deployment import Deployment
+from bot.metrics import Metrics
 from bot.ports import Homeserver, HomeserverUnavailable
-from bot.referral import Referral
-from bot.store import audit, cases, ingest, outbox
+from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
+from bot.rooms import RoomDirectory, RoomKind
+from bot.staff_room import StaffRoom
+from bot.store import audit, ingest, outbox
 from bot.store.ingest import InboxItem
-from bot.templates import render_processing_failed, render_relay
-from bot.triggers import recognise_flag
+from bot.templates import render_processing_failed
 
 log = logging.getLogger(__name__)
 
-# A handler may add itself here for events the referral issue does not cover
-# (staff commands, check-in claims): (item) -> handled?
-ExtraHandler = Callable[[InboxItem], Any]
+MAX_ATTEMPTS = 5
+# Backoff (seconds) before an event's next attempt, by attempts so far.
+RETRY_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
+OUTAGE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class EventKind(Enum):
+    FLAG = "flag"  # a possible flag in a group room
+    BOT_MEMBERSHIP = "bot_membership"  # the bot invited, kicked, banned
+    MEMBERSHIP = "membership"  # someone joining or leaving a group room
+    CHECKIN_MEMBERSHIP = "checkin_membership"
+    POWER_LEVELS = "power_levels"
+    STAFF_MESSAGE = "staff_message"  # a `!case` command, perhaps
+    STAFF_REACTION = "staff_reaction"  # ✅ on an alert, ✋ on a check-in notice
+    MEMBER_MESSAGE = "member_message"  # in a DM or check-in room: relayed to staff
+    IGNORED = "ignored"
+
+
+class Classifier:
+    def __init__(self, rooms: RoomDirectory, bot_user_id: str) -> None:
+        self._rooms = rooms
+        self._bot = bot_user_id
+
+    def __call__(self, item: InboxItem) -> EventKind:
+        event = item.payload
+        if event.get("sender") == self._bot and item.event_type != "m.room.member":
+            return EventKind.IGNORED
+        kind = self._rooms.kind(item.room_id)
+        if item.event_type == "m.room.member":
+            if event.get("state_key") == self._bot:
+                return EventKind.BOT_MEMBERSHIP
+            if kind is RoomKind.CHECKIN:
+                return EventKind.CHECKIN_MEMBERSHIP
+            return EventKind.MEMBERSHIP if kind is RoomKind.GROUP else EventKind.IGNORED
+        if item.event_type == "m.room.power_levels":
+            return EventKind.POWER_LEVELS
+        if kind is RoomKind.STAFF:
+            if item.event_type == "m.room.message":
+                return EventKind.STAFF_MESSAGE
+            if item.event_type in ("m.reaction", "m.room.encrypted"):
+                reacted = annotation(event.get("content"))
+                if reacted is not None and reacted[0] in (ACK_KEY, CLAIM_KEY):
+                    return EventKind.STAFF_REACTION
+            return EventKind.IGNORED
+        if kind in (RoomKind.DM, RoomKind.CHECKIN):
+            if item.event_type in ("m.room.message", "m.room.encrypted"):
+                return EventKind.MEMBER_MESSAGE
+            return EventKind.IGNORED
+        if item.event_type in ("m.reaction", "m.room.message", "m.room.encrypted"):
+            return EventKind.FLAG
+        return EventKind.IGNORED
+
+
+class Handling:
+    """One event being handled; its decision is recorded with its acknowledgement."""
+
+    def __init__(self, db: AsyncEngine, item: InboxItem) -> None:
+        self._db = db
+        self.item = item
+        self.finished = False
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction that also marks the event done (once, at commit)."""
+        async with self._db.begin() as conn:
+            yield conn
+            if not self.finished:
+                await ingest.finish(conn, self.item.seq, dt.datetime.now(dt.UTC))
+        self.finished = True
+
+
+Handler = Callable[[Handling], Awaitable[None]]
 
 
 class Dispatcher:
     def __init__(
         self,
-        engine: AsyncEngine,
+        db: AsyncEngine,
         homeserver: Homeserver,
-        context: PolicyContext,
+        classify: Callable[[InboxItem], EventKind],
+        handlers: Mapping[EventKind, Handler],
         *,
-        on_case: Callable[[int], None],
+        deployment: Deployment,
+        staff_room: StaffRoom,
+        metrics: Metrics,
         on_outbox: Callable[[], None],
-        retry_delays: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30),
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+        outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
     ) -> None:
-        self._engine = engine
-        self._ctx = context
+        self._db = db
+        self._hs = homeserver
+        self._classify = classify
+        self._handlers = dict(handlers)
+        self._deployment = deployment
+        self._staff_room = staff_room
+        self._metrics = metrics
         self._on_outbox = on_outbox
-        self.referral = Referral(engine, homeserver, context, on_case=on_case, on_outbox=on_outbox)
-        self._noops: list[int] = []
-        self.membership = Membership(
-            engine, homeserver, context, on_outbox=on_outbox, finish_later=self.finish_later
-        )
-        self.extra_handlers: list[ExtraHandler] = []
         self._retry_delays = retry_delays
-        self._outage = 0
+        self._outage_delays = outage_delays
+        self._outages = 0
 
-    async def work_once(self) -> bool:
-        async with self._engine.connect() as conn:
-            items = await ingest.pending(conn, limit=50)
+    async def work_lane(self, lane: int) -> bool:
+        """Handle the lane's due events in order; True if there may be more to do now."""
+        now = dt.datetime.now(dt.UTC)
+        async with self._db.connect() as conn:
+            items = await ingest.pending(conn, lane=lane, now=now, limit=50)
+        nothing_to_do: list[int] = []
         try:
             for item in items:
+                handling = Handling(self._db, item)
                 try:
-                    await self._handle(item)
+                    handler = self._handlers.get(self._classify(item))
+                    if handler is not None:
+                        await handler(handling)
                 except HomeserverUnavailable as exc:
-                    # Keep the event (and everything behind it) queued; try again later.
-                    delay = self._retry_delays[min(self._outage, len(self._retry_delays) - 1)]
-                    self._outage += 1
-                    log.warning("homeserver unavailable (%s); retrying in %.1fs", exc, delay)
-                    self._ctx.metrics.errors.labels("homeserver").inc()
-                    await asyncio.sleep(delay)
-                    return True
+                    if await self._is_outage():
+                        await self._wait_for_homeserver(item, exc)
+                        return False
+                    await self._failed(item, exc)
                 except Exception as exc:
-                    log.exception("event %s could not be processed", item.event_id)
-                    await self._poisoned(item, exc)
-                self._outage = 0
+                    log.exception("event %s could not be handled", item.event_id)
+                    await self._failed(item, exc)
+                else:
+                    self._outages = 0
+                    if not handling.finished:
+                        nothing_to_do.append(item.seq)
         finally:
-            await self._flush_noops()
-        return bool(items)
+            if nothing_to_do:
+                async with self._db.begin() as conn:
+                    await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
+        return len(items) == 50
 
-    def finish_later(self, item: InboxItem) -> None:
-        """An event that needed nothing: marked done with the batch, in one write.
+    async def _is_outage(self) -> bool:
+        """Whether the homeserver itself is unwell (not just this event's call failing)."""
+        try:
+            return await self._hs.check() is not None
+        except Exception:
+            return True
 
-        Safe to lose in a crash: handling it again does nothing either.
-        """
-        self._noops.append(item.seq)
+    async def _wait_for_homeserver(self, item: InboxItem, exc: Exception) -> None:
+        delay = self._outage_delays[min(self._outages, len(self._outage_delays) - 1)]
+        self._outages += 1
+        log.warning("homeserver unavailable (%s); retrying in %.1fs", exc, delay)
+        self._metrics.errors.labels("homeserver").inc()
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        async with self._db.begin() as conn:
+            await ingest.retry_later(conn, item.seq, until, str(exc)[:500], counted=False)
 
-    async def _flush_noops(self) -> None:
-        if self._noops:
-            seqs, self._noops = self._noops, []
-            async with self._engine.begin() as conn:
-                await ingest.finish_many(conn, seqs, dt.datetime.now(dt.UTC))
-
-    async def _handle(self, item: InboxItem) -> None:
-        event = item.payload
-        event_type = item.event_type
-        for handler in self.extra_handlers:
-            if await handler(item):
-                return
-        if event_type == "m.room.member":
-            await self.membership.member_event(item)
-            return
-        if event_type == "m.room.power_levels":
-            await self.membership.power_levels_changed(item)
-            return
-        if item.room_id in self._ctx.watched_rooms and item.room_id != self._ctx.staff_room_id:
-            await self._relay_dm_reply(item)
-            return
-        if item.room_id != self._ctx.staff_room_id:
-            flag = recognise_flag(
-                event, reactions=self._ctx.policy.reactions, command=self._ctx.policy.command
-            )
-            if flag is not None:
-                await self.referral.handle(item, flag)
-                return
-        await self._finish(item)
-
-    async def _relay_dm_reply(self, item: InboxItem) -> None:
-        event = item.payload
-        content = event.get("content")
-        body = content.get("body") if isinstance(content, Mapping) else None
-        now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
-            case = await cases.case_for_dm_room(conn, item.room_id)
-            sender = event.get("sender")
-            if (
-                case is not None
-                and sender == case.member_id
-                and event.get("type") == "m.room.message"
-                and isinstance(body, str)
-            ):
-                await outbox.queue(
-                    conn,
-                    self._ctx.staff_room,
-                    render_relay(case_number=case.id, member=sender, text=body),
-                    now,
-                )
-                await audit.append(
-                    conn,
-                    self._ctx.provenance,
-                    "member_replied",
-                    case_id=case.id,
-                    facts={"relayed_to_staff": True, "event": item.event_id},
-                    personal={"member": sender},
-                    at=now,
-                )
-            await ingest.finish(conn, item.seq, now)
-        self._on_outbox()
-
-    async def _finish(self, item: InboxItem) -> None:
-        self.finish_later(item)
-
-    async def _poisoned(self, item: InboxItem, exc: Exception) -> None:
-        now = dt.datetime.now(dt.UTC)
-        self._ctx.metrics.errors.labels("event").inc()
+    async def _failed(self, item: InboxItem, exc: Exception) -> None:
+        """Count the attempt; retry later without blocking the lane, or give up for good."""
         error = f"{type(exc).__name__}: {exc}"[:500]
-        async with self._engine.begin() as conn:
+        attempts = item.attempts + 1
+        if attempts < MAX_ATTEMPTS:
+            delay = self._retry_delays[min(attempts, len(self._retry_delays)) - 1]
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+            async with self._db.begin() as conn:
+                await ingest.retry_later(conn, item.seq, until, error, counted=True)
+            log.warning(
+                "event %s failed (attempt %d of %d): %s",
+                item.event_id,
+                attempts,
+                MAX_ATTEMPTS,
+                type(exc).__name__,
+            )
+            return
+        await self._poisoned(item, error)
+
+    async def _poisoned(self, item: InboxItem, error: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        self._metrics.errors.labels("event").inc()
+        async with self._db.begin() as conn:
             await ingest.finish(conn, item.seq, now, error=error)
             await audit.append(
                 conn,
-                self._ctx.provenance,
+                self._deployment.provenance,
                 "event_failed",
-                facts={"event": item.event_id, "type": item.event_type, "error": error},
+                facts={
+                    "event": item.event_id,
+                    "type": item.event_type,
+                    "error": error,
+                    "attempts": item.attempts + 1,
+                },
                 personal={"room": item.room_id},
                 at=now,
             )
             # A failed event might have been a flag: a person must look at it.
             await outbox.queue(
                 conn,
-                self._ctx.staff_room,
+                self._staff_room.address,
                 render_processing_failed(event_id=item.event_id, room=item.room_id),
                 now,
             )
+        log.error("event %s failed for good after %d attempts", item.event_id, item.attempts + 1)
         self._on_outbox()

@@ -1,101 +1,248 @@
-"""Accepting a transaction: record it durably, fast, and queue only what may need action.
+"""Accepting events: record them durably, fast, and queue only what may need action.
 
 Every event id is recorded (so nothing is processed twice), but only events that
 could matter to the policy — reactions with a flag key, messages carrying the
 command, memberships, power levels, anything in the staff room or a member's
-DM — are queued with their content. Ordinary chat stays out of the inbox: it
-costs one id row, and a flag never waits behind it.
+DM or check-in room — are queued with their content. Ordinary chat stays out of
+the inbox: it costs one id row, and a flag never waits behind it.
+
+The same intake takes Synapse's transactions and the events reconciliation
+finds that Synapse never delivered, so both are checked and deduplicated alike.
+An event the database cannot store (an id with a lone surrogate, say) is
+skipped like any other malformed event; only the database being unable to
+record anything makes a transaction fail (and Synapse retry it).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.context import PolicyContext
+from bot.metrics import Metrics
+from bot.reactions import ACK_KEY, CLAIM_KEY, normalise_key
+from bot.rooms import RoomDirectory
+from bot.settings import PolicySettings
 from bot.store import ingest
-from bot.triggers import normalise_key
 
-# Reactions staff use on the bot's own staff-room messages.
-CLAIM_KEY = "✋"
-ACK_KEY = "✅"
+log = logging.getLogger(__name__)
+
 STATE_TYPES = frozenset(
     {"m.room.member", "m.room.power_levels", "m.room.create", "m.room.tombstone"}
 )
+# Matrix ids are far shorter; the columns hold 255 characters.
+MAX_ID_LENGTH = 255
+_REQUIRED_KEYS = ("event_id", "room_id", "type", "sender")
+# Flags are handled in a lane of their own (bot/dispatch.py), ahead of everything else.
+FLAG_LANE, OTHER_LANE = 0, 1
 
 
 class StorageUnavailable(Exception):
-    """The database could not record a transaction; the homeserver must retry it."""
+    """The database could not record the events; the homeserver must retry them."""
+
+
+def _storable(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")  # a lone surrogate cannot be stored (nor hashed)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def well_formed(event: object) -> bool:
+    """The shape every recorded event must have (hot path: exact type checks, no copies)."""
+    if event.__class__ is not dict:
+        return False
+    get = event.get  # type: ignore[attr-defined]
+    for key in _REQUIRED_KEYS:
+        value = get(key)
+        if value.__class__ is not str or not value or len(value) > MAX_ID_LENGTH:
+            return False
+        if not _storable(value):
+            return False
+    content = get("content")
+    return content is None or content.__class__ is dict
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogates(body: bytes) -> bool:
+    """Whether a JSON body escapes UTF-16 surrogates (rare: clients send UTF-8)."""
+    return _SURROGATE_ESCAPE.search(body) is not None
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """The value with every lone UTF-16 surrogate replaced by U+FFFD (pairs are joined)."""
+    if isinstance(value, str):
+        if _storable(value):
+            return value
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    return value
 
 
 class ActionFilter:
-    """The cheap test, run on every event on the hot path, of whether to queue it."""
+    """The cheap test, run on every event on the hot path: queue it, and in which lane?"""
 
-    def __init__(self, context: PolicyContext) -> None:
-        self._context = context
-        self._keys = frozenset(normalise_key(k) for k in context.policy.reactions) | {
-            normalise_key(CLAIM_KEY),
-            normalise_key(ACK_KEY),
-        }
-        self._command = re.compile(re.escape(context.policy.command), re.IGNORECASE)
+    def __init__(self, policy: PolicySettings, rooms: RoomDirectory) -> None:
+        self._rooms = rooms
+        self._flag_keys = frozenset(normalise_key(k) for k in policy.reactions)
+        self._staff_keys = frozenset({normalise_key(CLAIM_KEY), normalise_key(ACK_KEY)})
+        self._command = re.compile(re.escape(policy.command), re.IGNORECASE)
 
-    def __call__(self, event: Mapping[str, Any]) -> bool:
+    def lane(self, event: Mapping[str, Any]) -> int | None:
+        """FLAG_LANE, OTHER_LANE, or None when the event needs no action."""
         event_type = event["type"]
         if event_type in STATE_TYPES:
-            return True
-        if event["room_id"] in self._context.watched_rooms:
-            return True
+            return OTHER_LANE
+        room_id = event["room_id"]
+        if self._rooms.is_private(room_id):
+            return OTHER_LANE
         content = event.get("content")
         if not isinstance(content, Mapping):
-            return False
+            return None
         if event_type in ("m.reaction", "m.room.encrypted"):
             relation = content.get("m.relates_to")
             if isinstance(relation, Mapping) and relation.get("rel_type") == "m.annotation":
                 key = relation.get("key")
-                return isinstance(key, str) and normalise_key(key) in self._keys
-            return False
+                if isinstance(key, str):
+                    key = normalise_key(key)
+                    if key in self._flag_keys:
+                        return FLAG_LANE
+                    if key in self._staff_keys:
+                        return OTHER_LANE
+            return None
         if event_type == "m.room.message":
             body = content.get("body")
-            return isinstance(body, str) and self._command.search(body) is not None
-        return False
+            if isinstance(body, str) and self._command.search(body) is not None:
+                return FLAG_LANE
+        return None
+
+
+# Errors that mean the database cannot record anything now (answer 503, Synapse retries);
+# anything else raised while recording is about the data, and is narrowed down per event.
+_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Intake:
     def __init__(
         self,
-        engine: AsyncEngine,
-        context: PolicyContext,
-        on_queued: Callable[[], None],
+        db: AsyncEngine,
+        action_filter: ActionFilter,
+        metrics: Metrics,
+        on_queued: Callable[[int], None],
     ) -> None:
-        self._engine = engine
-        self._filter = ActionFilter(context)
+        self._db = db
+        self._filter = action_filter
         self._on_queued = on_queued
-        self._metrics = context.metrics
+        self._metrics = metrics
+        # The outcome of the last write, for /health: None, or why it failed.
+        self.last_write_error: str | None = None
 
-    async def accept(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> ingest.Recorded:
-        """Record a transaction of well-formed events in one DB transaction."""
-        to_act_on = [event for event in events if self._filter(event)]
+    async def accept(
+        self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
+    ) -> ingest.Recorded:
+        """Record well-formed events in one DB transaction (malformed ones are the caller's)."""
+        lanes = [self._filter.lane(event) for event in events]
+        to_act_on = [
+            (event, lane) for event, lane in zip(events, lanes, strict=True) if lane is not None
+        ]
         now = dt.datetime.now(dt.UTC)
         try:
-            async with self._engine.begin() as conn:
-                recorded = await ingest.record_transaction(
-                    conn, txn_id, [event["event_id"] for event in events], to_act_on, now
+            recorded = await self._record(txn_id, events, to_act_on, now, caught_up)
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        except (SQLAlchemyError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise self._unavailable(exc) from exc
+            # Something in the events themselves: record them one by one, skip the bad.
+            log.warning("%s: recording event by event (%s)", txn_id, type(exc).__name__)
+            recorded = await self._record_one_by_one(txn_id, events, to_act_on, now, caught_up)
+        self.last_write_error = None
+        self._count(recorded, len(events))
+        new_lanes = {
+            lane for event, lane in to_act_on if event["event_id"] in recorded.new_event_ids
+        }
+        for lane in sorted(new_lanes):
+            self._on_queued(lane)
+        return recorded
+
+    def _unavailable(self, exc: BaseException) -> StorageUnavailable:
+        self.last_write_error = f"{type(exc).__name__}: {exc}"[:300]
+        return StorageUnavailable(self.last_write_error)
+
+    async def _record(
+        self,
+        txn_id: str,
+        events: Sequence[dict[str, Any]],
+        to_act_on: Sequence[tuple[dict[str, Any], int]],
+        now: dt.datetime,
+        caught_up: bool,
+    ) -> ingest.Recorded:
+        async with self._db.begin() as conn:
+            return await ingest.record_transaction(
+                conn,
+                txn_id,
+                [event["event_id"] for event in events],
+                to_act_on,
+                now,
+                caught_up=caught_up,
+            )
+
+    async def _record_one_by_one(
+        self,
+        txn_id: str,
+        events: Sequence[dict[str, Any]],
+        to_act_on: Sequence[tuple[dict[str, Any], int]],
+        now: dt.datetime,
+        caught_up: bool,
+    ) -> ingest.Recorded:
+        lanes = {id(event): lane for event, lane in to_act_on}
+        new_ids: set[str] = set()
+        duplicate = True
+        for position, event in enumerate(events):
+            lane = lanes.get(id(event))
+            try:
+                one = await self._record(
+                    txn_id,
+                    [event],
+                    [(event, lane)] if lane is not None else [],
+                    now,
+                    caught_up,
                 )
-        except (SQLAlchemyError, OSError) as exc:
-            raise StorageUnavailable(str(exc)) from exc
-        duplicates = len(events) - len(recorded.new_event_ids)
+            except _UNAVAILABLE as exc:
+                raise self._unavailable(exc) from exc
+            except (SQLAlchemyError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
+                # Logged by position and error type, never by content.
+                log.warning(
+                    "%s: event %d cannot be stored (%s); skipped",
+                    txn_id,
+                    position,
+                    type(exc).__name__,
+                )
+                self._metrics.events.labels("malformed").inc()
+                continue
+            new_ids |= one.new_event_ids
+            duplicate = duplicate and one.duplicate_transaction
+        return ingest.Recorded(duplicate, frozenset(new_ids))
+
+    def _count(self, recorded: ingest.Recorded, total: int) -> None:
+        duplicates = total - len(recorded.new_event_ids)
         self._metrics.transactions.labels(
             "duplicate" if recorded.duplicate_transaction else "new"
         ).inc()
-        if duplicates:
+        if duplicates > 0:
             self._metrics.events.labels("duplicate").inc(duplicates)
         if recorded.new_event_ids:
             self._metrics.events.labels("new").inc(len(recorded.new_event_ids))
-        if any(event["event_id"] in recorded.new_event_ids for event in to_act_on):
-            self._on_queued()
-        return recorded

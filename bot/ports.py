@@ -23,7 +23,11 @@ MESSAGE_MARKER_KEY = "org.matrix.safeguard"
 
 
 class HomeserverUnavailable(Exception):
-    """The homeserver could not be reached (or kept rate-limiting) within the retry budget."""
+    """Not now: the homeserver could not be reached, kept rate-limiting, answered 5xx, or
+    rejected our token (M_UNKNOWN_TOKEN: fixed by an operator, never a refusal to record).
+
+    Callers try again later; nothing is recorded as failed because of it.
+    """
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,9 @@ class Homeserver(Protocol):
         """The user's current membership ("join", "leave", ...), or None if never a member."""
         ...
 
-    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
-        """The user's current m.room.member state event (sender, content), or None."""
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | Refused | None:
+        """The user's current m.room.member state event (sender, content); None if they were
+        never a member; Refused if the bot may not read it (which says nothing either way)."""
         ...
 
     async def resolve_room(self, room_id_or_alias: str) -> str | Refused: ...
@@ -131,6 +136,32 @@ class Homeserver(Protocol):
         self, room_id: str, marker: str, *, limit: int = 200
     ) -> str | None:
         """The id of a recent event from the bot whose content carries `marker`."""
+        ...
+
+
+@dataclass(frozen=True)
+class TimelinePage:
+    """Events of a room's timeline in order, and the token to read on from."""
+
+    events: list[dict[str, Any]]
+    next_token: str | None
+
+
+class Timeline(Protocol):
+    """Reading rooms' timelines back, to catch up on events never delivered to us."""
+
+    async def current_position(self, room_id: str) -> str | Refused:
+        """A token for "now" in the room's timeline (read forwards from it later)."""
+        ...
+
+    async def read_forward(self, room_id: str, token: str, *, limit: int) -> TimelinePage | Refused:
+        """Events after `token`, oldest first; `next_token` None when nothing more yet."""
+        ...
+
+    async def read_back(
+        self, room_id: str, token: str | None, *, limit: int
+    ) -> TimelinePage | Refused:
+        """Events before `token` (None: now), newest first."""
         ...
 
 

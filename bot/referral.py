@@ -12,21 +12,20 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from bot.authorization import Refusal, decide_flag, is_staff
+from bot.authorization import Refusal, decide_flag
 from bot.checkin_time import due_at
-from bot.context import PolicyContext
-from bot.ports import Homeserver, Refused, RoomState
+from bot.deployment import Deployment
+from bot.dispatch import Handling
+from bot.metrics import Metrics
+from bot.ports import Homeserver, Refused
+from bot.staff import StaffDirectory
+from bot.staff_room import StaffRoom
+from bot.steps import CASE_STEPS
 from bot.store import audit, cases, outbox
-from bot.store.ingest import InboxItem, finish
 from bot.templates import render_refusal
-from bot.triggers import Flag
+from bot.triggers import Flag, recognise_flag
 
 log = logging.getLogger(__name__)
-
-# Case steps, in the order the policy runs them (see workflow.py).
-CASE_STEPS = ["notify", "remove", "room_notice", "alert", "schedule", "checkin"]
 
 
 def event_time(event: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
@@ -42,44 +41,57 @@ def event_time(event: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
 class Referral:
     def __init__(
         self,
-        engine: AsyncEngine,
         homeserver: Homeserver,
-        context: PolicyContext,
+        deployment: Deployment,
+        staff: StaffDirectory,
+        staff_room: StaffRoom,
+        metrics: Metrics,
         *,
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
     ) -> None:
-        self._engine = engine
         self._hs = homeserver
-        self._ctx = context
+        self._deployment = deployment
+        self._policy = deployment.policy
+        self._staff = staff
+        self._staff_room = staff_room
+        self._metrics = metrics
         self._on_case = on_case
         self._on_outbox = on_outbox
 
-    async def handle(self, item: InboxItem, flag: Flag) -> None:
+    async def __call__(self, handling: Handling) -> None:
+        """Dispatcher entry: a possible flag in a group room."""
+        flag = recognise_flag(
+            handling.item.payload, reactions=self._policy.reactions, command=self._policy.command
+        )
+        if flag is not None:
+            await self.handle(handling, flag)
+
+    async def handle(self, handling: Handling, flag: Flag) -> None:
         # The three reads are independent: fetch them together (each one is fresh).
         flagged, room, staff_room = await asyncio.gather(
-            self._flagged_sender(flag), self._hs.room_state(flag.room_id), self.staff_room_state()
+            self._flagged_sender(flag), self._hs.room_state(flag.room_id), self._staff.room_state()
         )
         if isinstance(flagged, Refusal):
-            await self._refuse(item, flag, None, flagged)
+            await self._refuse(handling, flag, None, flagged)
             return
         target = flagged
         if isinstance(room, Refused):
             why = f"the bot cannot read the room's power levels ({room.errcode})"
-            await self._refuse(item, flag, target, Refusal("room_unreadable", why))
+            await self._refuse(handling, flag, target, Refusal("room_unreadable", why))
             return
         refusal = decide_flag(
             flagger=flag.flagger,
             target=target,
             room=room,
-            bot_user_id=self._ctx.bot_user_id,
-            moderator_power_level=self._ctx.policy.moderator_power_level,
-            target_is_staff=self._staff(target, staff_room),
+            bot_user_id=self._deployment.bot_user_id,
+            moderator_power_level=self._policy.moderator_power_level,
+            target_is_staff=self._staff.is_staff_in(target, staff_room),
         )
         if refusal is not None:
-            await self._refuse(item, flag, target, refusal)
+            await self._refuse(handling, flag, target, refusal)
             return
-        await self._open(item, flag, target)
+        await self._open(handling, flag, target)
 
     async def _flagged_sender(self, flag: Flag) -> str | Refusal:
         """The member the flag names: given, or the flagged message's sender."""
@@ -95,28 +107,8 @@ class Referral:
         sender = flagged.get("sender")
         return sender if isinstance(sender, str) else Refusal("target_unknown", "no sender")
 
-    async def staff_room_state(self) -> RoomState | None:
-        if self._ctx.staff_room_id is None:
-            return None
-        state = await self._hs.room_state(self._ctx.staff_room_id)
-        return None if isinstance(state, Refused) else state
-
-    async def is_staff(self, user_id: str) -> bool:
-        if user_id in self._ctx.policy.staff:
-            return True
-        return self._staff(user_id, await self.staff_room_state())
-
-    def _staff(self, user_id: str, staff_room: RoomState | None) -> bool:
-        policy = self._ctx.policy
-        return is_staff(
-            user_id,
-            staff_users=policy.staff,
-            staff_room=staff_room,
-            staff_power_level=policy.staff_power_level,
-        )
-
-    async def _open(self, item: InboxItem, flag: Flag, target: str) -> None:
-        now = dt.datetime.now(dt.UTC)
+    async def _open(self, handling: Handling, flag: Flag, target: str) -> None:
+        item = handling.item
         flagged_at = event_time(item.payload, item.received_at)
         new_flag = cases.NewFlag(
             room_id=flag.room_id,
@@ -128,19 +120,18 @@ class Referral:
             reason=flag.reason,
             flagged_at=flagged_at,
             received_at=item.received_at,
+            caught_up=item.caught_up,
         )
-        dry_run = self._ctx.policy.dry_run
-        async with self._engine.begin() as conn:
+        async with handling.transaction() as conn:
             opened = await cases.open_or_corroborate(
                 conn,
-                self._ctx.provenance,
+                self._deployment.provenance,
                 new_flag,
                 steps=CASE_STEPS,
-                dry_run=dry_run,
-                due_at=due_at(flagged_at, self._ctx.checkin),
+                dry_run=self._policy.dry_run,
+                due_at=due_at(flagged_at, self._deployment.checkin),
             )
-            await finish(conn, item.seq, now)
-        self._ctx.metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
+        self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
         log.info(
             "case #%d %s by %s flag",
             opened.case_id,
@@ -152,13 +143,13 @@ class Referral:
             self._on_case(opened.case_id)
 
     async def _refuse(
-        self, item: InboxItem, flag: Flag, target: str | None, refusal: Refusal
+        self, handling: Handling, flag: Flag, target: str | None, refusal: Refusal
     ) -> None:
         now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
+        async with handling.transaction() as conn:
             await audit.append(
                 conn,
-                self._ctx.provenance,
+                self._deployment.provenance,
                 "refused",
                 facts={"code": refusal.code, "method": flag.method, "detail": refusal.detail},
                 personal={
@@ -174,9 +165,9 @@ class Referral:
             if refusal.code != "own_event":
                 await outbox.queue(
                     conn,
-                    self._ctx.staff_room,
+                    self._staff_room.address,
                     render_refusal(
-                        self._ctx.messages,
+                        self._deployment.messages,
                         flagger=flag.flagger,
                         member=target,
                         room=flag.room_id,
@@ -185,7 +176,6 @@ class Referral:
                     ),
                     now,
                 )
-            await finish(conn, item.seq, now)
-        self._ctx.metrics.flags.labels(f"refused_{refusal.code}").inc()
+        self._metrics.flags.labels(f"refused_{refusal.code}").inc()
         log.info("flag refused: %s", refusal.code)
         self._on_outbox()

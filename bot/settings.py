@@ -173,6 +173,19 @@ class CheckinSettings(_Strict):
         return self.at or dt.time(10, 0)
 
 
+class ReconcileSettings(_Strict):
+    """Catching up on events the homeserver never delivered (Synapse drops its in-memory
+    appservice queue when it restarts)."""
+
+    # How far back a room's timeline is read when the service has no position for it.
+    lookback: Duration = dt.timedelta(hours=24)
+    # How often every watched room is checked, so a homeserver restart nobody noticed
+    # (no call of ours failed) is still caught up.
+    interval: Duration = dt.timedelta(seconds=30)
+
+    _durations = field_validator("lookback", "interval", mode="before")(_coerce_duration)
+
+
 class AuditSettings(_Strict):
     retention_days: int = Field(default=0, ge=0)
 

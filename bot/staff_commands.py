@@ -20,7 +20,7 @@ _NO_TEXT = ("claim", "ack")
 LIST_FILTERS = ("open", "closed", "all")
 
 USAGE = """\
-!case list [open|closed|all] — the cases, newest last
+!case list [open|closed|all] [page] — the cases, oldest first, a page at a time
 !case N — case N's whole timeline
 !case N es <reference> [service] — record that emergency services were informed
 !case N note <text> — add a staff note (kept apart from facts)
@@ -38,6 +38,7 @@ class CaseCommand:
     case: int | None = None
     text: str = ""
     words: tuple[str, ...] = field(default=())
+    page: int = 1
 
     @property
     def reference(self) -> str:
@@ -67,10 +68,19 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
         return CaseCommand("help")
     head = rest[0].casefold()
     if head == "list":
-        chosen = rest[1].casefold() if len(rest) > 1 else "open"
-        if chosen not in LIST_FILTERS or len(rest) > 2:
-            return CommandError("write `!case list`, `!case list closed` or `!case list all`")
-        return CaseCommand("list", text=chosen)
+        arguments = [word.casefold() for word in rest[1:]]
+        chosen = "open"
+        if arguments and arguments[0] in LIST_FILTERS:
+            chosen = arguments.pop(0)
+        page = 1
+        if arguments and re.fullmatch(r"\d{1,6}", arguments[0]) and int(arguments[0]) > 0:
+            page = int(arguments.pop(0))
+        if arguments:
+            return CommandError(
+                "write `!case list`, `!case list closed`, `!case list all` "
+                "(add a page number for more, e.g. `!case list all 2`)"
+            )
+        return CaseCommand("list", text=chosen, page=page)
     number = rest[0].lstrip("#")
     if not re.fullmatch(r"\d{1,9}", number):
         return CommandError(

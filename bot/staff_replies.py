@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 from collections.abc import Sequence
-from typing import Any
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
@@ -49,23 +47,24 @@ def _age(since: dt.datetime, now: dt.datetime) -> str:
     return f"{max(seconds, 0)}s"
 
 
-def notice(text: str, *, reply_to: str | None = None) -> dict[str, Any]:
-    """An m.notice whose HTML keeps the line breaks; replies to the command when given."""
-    content: dict[str, Any] = {
-        "msgtype": "m.notice",
-        "body": text,
-        "format": "org.matrix.custom.html",
-        "formatted_body": html.escape(text).replace("\n", "<br>"),
-    }
-    if reply_to:
-        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-    return content
+# Cases per `!case list` page: with ids at their longest the reply stays far below
+# Matrix's 64 KiB event limit (the HTML copy doubles it).
+LIST_PAGE_SIZE = 20
 
 
-def case_listing(found: Sequence[Case], which: str, now: dt.datetime) -> str:
-    if not found:
+def case_listing(
+    found: Sequence[Case], which: str, now: dt.datetime, *, page: int = 1, total: int | None = None
+) -> str:
+    total = len(found) if total is None else total
+    if total == 0:
         return f"No {which if which != 'all' else ''} cases.".replace("  ", " ")
-    lines = [f"Cases ({which}):"]
+    pages = max(1, -(-total // LIST_PAGE_SIZE))
+    if not found:
+        return (
+            f"There are {pages} page(s) of {which} cases; `!case list {which} {pages}` is the last."
+        )
+    first = (page - 1) * LIST_PAGE_SIZE + 1
+    lines = [f"Cases ({which}), {first}–{first + len(found) - 1} of {total}:"]
     for case in found:
         checkin = "no check-in"
         if case.checkin_opened_at:
@@ -80,6 +79,8 @@ def case_listing(found: Sequence[Case], which: str, now: dt.datetime) -> str:
             f"#{case.id} {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
             f"{case.state}, {_age(case.received_at, now)} old, {checkin}"
         )
+    if page < pages:
+        lines.append(f"More: `!case list {which} {page + 1}` (page {page} of {pages}).")
     return "\n".join(lines)
 
 
@@ -102,6 +103,10 @@ def _entry_line(entry: AuditEntry) -> str:
     return f"{_when(entry.at)}  {words}{suffix}"
 
 
+# A timeline longer than this (characters) shows its latest entries only.
+MAX_TIMELINE = 24_000
+
+
 def case_timeline(case: Case, entries: Sequence[AuditEntry]) -> str:
     head = (
         f"Case #{case.id}: {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
@@ -111,4 +116,16 @@ def case_timeline(case: Case, entries: Sequence[AuditEntry]) -> str:
         head += f" (outcome: {case.outcome})"
     if case.hold_reason:
         head += f" — ON HOLD: {case.hold_reason}"
-    return "\n".join([head, *(_entry_line(entry) for entry in entries)])
+    lines = [_entry_line(entry) for entry in entries]
+    kept: list[str] = []
+    size = len(head)
+    for line in reversed(lines):
+        size += len(line) + 1
+        if size > MAX_TIMELINE:
+            omitted = len(lines) - len(kept)
+            kept.append(
+                f"… {omitted} earlier entries: `safeguard cases show {case.id}` has them all"
+            )
+            break
+        kept.append(line)
+    return "\n".join([head, *reversed(kept)])

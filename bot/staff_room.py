@@ -4,13 +4,12 @@
 has not been invited to yet, when the service starts. Neither is fatal (the
 service must keep recording flags and protecting members), but neither is
 forgotten either: the service keeps trying until the room is resolved and
-joined, /health says what is wrong meanwhile, and a case's staff alert waits
+joined, /health says what is wrong meanwhile, and whatever is for staff waits
 for the room rather than being dropped.
 """
 
 from __future__ import annotations
 
-from bot.context import PolicyContext
 from bot.ports import Homeserver, HomeserverUnavailable, Refused
 
 
@@ -18,32 +17,49 @@ class StaffRoomUnavailable(HomeserverUnavailable):
     """The staff room cannot take messages yet; whatever was for it waits and is retried."""
 
 
-async def connect_staff_room(homeserver: Homeserver, context: PolicyContext) -> str | None:
-    """Resolve `policy.staff_room` and make sure the bot is joined.
+class StaffRoom:
+    """The staff room as configured, and the room id it resolved to."""
 
-    Returns None when the bot is in the staff room, or what is wrong, in words
-    an operator can act on. Raises HomeserverUnavailable if Synapse cannot be reached.
-    """
-    configured = context.policy.staff_room
-    if configured is None:
-        return "policy.staff_room is not set"
-    room_id = context.staff_room_id or await homeserver.resolve_room(configured)
-    if isinstance(room_id, Refused):
-        return f"the staff room {configured} cannot be resolved ({room_id})"
-    context.staff_room_id = room_id
-    context.watch(room_id)
-    if await homeserver.membership(room_id, context.bot_user_id) == "join":
+    def __init__(self, configured: str) -> None:
+        self.configured = configured
+        self.room_id: str | None = configured if configured.startswith("!") else None
+
+    @property
+    def address(self) -> str:
+        """Where staff messages are queued: the room id once resolved, else the alias,
+        which delivery resolves (and waits for) when it can."""
+        return self.room_id or self.configured
+
+    def require(self) -> str:
+        """The room id, or StaffRoomUnavailable (the caller's work waits for the room)."""
+        if self.room_id is None:
+            raise StaffRoomUnavailable(f"the staff room {self.configured} is not resolved yet")
+        return self.room_id
+
+    def is_staff_room(self, room_id: str) -> bool:
+        return room_id == self.room_id
+
+    async def connect(self, homeserver: Homeserver) -> str | None:
+        """Resolve the room and make sure the bot is joined.
+
+        Returns None when the bot is in the staff room, or what is wrong, in words
+        an operator can act on. Raises HomeserverUnavailable if Synapse cannot be reached.
+        """
+        room_id = self.room_id or await homeserver.resolve_room(self.configured)
+        if isinstance(room_id, Refused):
+            return f"the staff room {self.configured} cannot be resolved ({room_id})"
+        self.room_id = room_id
+        if await homeserver.membership(room_id, homeserver.bot_user_id) == "join":
+            return None
+        joined = await homeserver.join_room(room_id)
+        if isinstance(joined, Refused):
+            return f"the bot cannot join the staff room {room_id} ({joined}): invite it"
         return None
-    joined = await homeserver.join_room(room_id)
-    if isinstance(joined, Refused):
-        return f"the bot cannot join the staff room {room_id} ({joined}): invite it"
-    return None
 
-
-async def staff_room_problem(homeserver: Homeserver, context: PolicyContext) -> str | None:
-    """What stops the bot posting in the staff room now, without trying to fix it."""
-    if context.staff_room_id is None:
-        return f"the staff room {context.policy.staff_room} is not resolved yet"
-    if await homeserver.membership(context.staff_room_id, context.bot_user_id) != "join":
-        return f"the bot is not in the staff room {context.staff_room_id}"
-    return None
+    async def problem(self, homeserver: Homeserver) -> str | None:
+        """What stops the bot posting in the staff room now, without trying to fix it."""
+        if self.room_id is None:
+            return f"the staff room {self.configured} is not resolved yet"
+        if await homeserver.membership(self.room_id, homeserver.bot_user_id) != "join":
+            return f"the bot is not in the staff room {self.room_id}"
+        return None

@@ -1,4 +1,4 @@
-"""Staff act on cases from the staff room: `!case` commands, ✅ acknowledgements, escalation.
+"""Staff act on cases from the staff room: `!case` commands and ✅ acknowledgements.
 
 Only staff (policy.staff, or staff_power_level in the staff room) have any
 effect; anyone else's command is recorded and otherwise ignored. Commands edit
@@ -10,120 +10,115 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bot.checkin import CheckinScheduler
-from bot.context import PolicyContext
-from bot.ports import Webhook
+from bot.checkin_events import CheckinEvents
+from bot.deployment import Deployment
+from bot.dispatch import Handling
+from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
 from bot.staff_commands import USAGE, CaseCommand, CommandError, parse_case_command
-from bot.staff_replies import case_listing, case_timeline, notice
+from bot.staff_replies import LIST_PAGE_SIZE, case_listing, case_timeline
+from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox
-from bot.store.ingest import InboxItem, finish
-from bot.timers import Timers
-from bot.triggers import normalise_key
+from bot.templates import notice
 
 log = logging.getLogger(__name__)
-ACK_KEY = normalise_key("✅")
 
 
 class StaffTools:
     def __init__(
         self,
-        engine: AsyncEngine,
-        context: PolicyContext,
+        db: AsyncEngine,
+        deployment: Deployment,
+        staff_room: StaffRoom,
         *,
         is_staff: Callable[[str], Awaitable[bool]],
-        checkins: CheckinScheduler,
-        timers: Timers,
-        webhook: Webhook,
+        checkins: CheckinEvents,
         on_outbox: Callable[[], None],
+        on_case_changed: Callable[[int], None],
     ) -> None:
-        self._engine = engine
-        self._ctx = context
+        self._db = db
+        self._deployment = deployment
+        self._staff_room = staff_room
         self._is_staff = is_staff
         self._checkins = checkins
-        self._timers = timers
-        self._webhook = webhook
         self._on_outbox = on_outbox
+        self._on_case_changed = on_case_changed
 
-    # ---- dispatcher hook ---------------------------------------------------------------
+    # ---- dispatcher entries --------------------------------------------------------------
 
-    async def handle_event(self, item: InboxItem) -> bool:
-        if item.room_id != self._ctx.staff_room_id:
-            return False
-        event = item.payload
-        content = event.get("content")
-        if not isinstance(content, Mapping) or event.get("sender") == self._ctx.bot_user_id:
-            return False
-        if item.event_type == "m.room.message":
-            parsed = parse_case_command(content.get("body", ""))
-            if parsed is None:
-                return False
-            await self._command(item, parsed)
-            return True
-        if item.event_type == "m.reaction":
-            relation = content.get("m.relates_to")
-            if not isinstance(relation, Mapping):
-                return False
-            key, target = relation.get("key"), relation.get("event_id")
-            if isinstance(key, str) and normalise_key(key) == ACK_KEY and isinstance(target, str):
-                async with self._engine.connect() as conn:
-                    case = await cases.by_column(conn, "alert_event_id", target)
-                if case is not None:
-                    await self._run(item, CaseCommand("ack", case.id), via="reaction")
-                    return True
-        return False
-
-    async def _command(self, item: InboxItem, parsed: CaseCommand | CommandError) -> None:
+    async def message(self, handling: Handling) -> None:
+        """A message in the staff room: a `!case` command, or nothing for us."""
+        content = handling.item.payload.get("content") or {}
+        parsed = parse_case_command(content.get("body", ""))
+        if parsed is None:
+            return
         # Staff first: anyone else gets no effect at all, not even a usage hint.
         if isinstance(parsed, CommandError):
-            if await self._refused_unless_staff(item, None, "unparsed", "command"):
+            if await self._refused_unless_staff(handling, None, "unparsed", "command"):
                 return
-            await self._reply(item, f"Sorry, I did not understand that: {parsed.message}.")
+            await self._reply(handling, f"Sorry, I did not understand that: {parsed.message}.")
             return
-        await self._run(item, parsed, via="command")
+        await self._run(handling, parsed, via="command")
+
+    async def reaction(self, handling: Handling) -> None:
+        """✅ on an alert acknowledges it; ✋ on a check-in notice claims the check-in."""
+        reacted = annotation(handling.item.payload.get("content"))
+        if reacted is None:
+            return
+        key, target = reacted
+        if key == CLAIM_KEY:
+            await self._checkins.claim_by_reaction(handling, target)
+            return
+        if key != ACK_KEY:
+            return
+        async with self._db.connect() as conn:
+            case = await cases.by_alert(conn, target)
+        if case is not None:
+            await self._run(handling, CaseCommand("ack", case.id), via="reaction")
+
+    # ---- commands ------------------------------------------------------------------------
 
     async def _refused_unless_staff(
-        self, item: InboxItem, case_id: int | None, action: str, via: str
+        self, handling: Handling, case_id: int | None, action: str, via: str
     ) -> bool:
         """True (and recorded) when the sender is not staff."""
-        sender = item.payload.get("sender", "")
+        sender = handling.item.payload.get("sender", "")
         if await self._is_staff(sender):
             return False
-        now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
+        async with handling.transaction() as conn:
             await audit.append(
                 conn,
-                self._ctx.provenance,
+                self._deployment.provenance,
                 "command_refused",
                 case_id=case_id,
                 facts={"action": action, "via": via, "why": "not staff"},
                 personal={"by": sender},
-                at=now,
+                at=dt.datetime.now(dt.UTC),
             )
-            await finish(conn, item.seq, now)
         return True
 
-    async def _run(self, item: InboxItem, command: CaseCommand, *, via: str) -> None:
-        if await self._refused_unless_staff(item, command.case, command.action, via):
+    async def _run(self, handling: Handling, command: CaseCommand, *, via: str) -> None:
+        if await self._refused_unless_staff(handling, command.case, command.action, via):
             return
-        sender = item.payload.get("sender", "")
+        sender = handling.item.payload.get("sender", "")
         now = dt.datetime.now(dt.UTC)
         if command.action == "claim":
-            await self._claim(item, command, sender)
+            await self._claim(handling, command, sender)
             return
-        async with self._engine.begin() as conn:
+        async with handling.transaction() as conn:
             reply = await self._apply(conn, command, sender, now, via)
-            await self._queue_reply(conn, item, reply, now)
-            await finish(conn, item.seq, now)
+            await self._queue_reply(conn, handling, reply, now)
         self._on_outbox()
+        if command.case is not None and command.action in ("close", "reopen"):
+            self._on_case_changed(command.case)
 
-    async def _claim(self, item: InboxItem, command: CaseCommand, sender: str) -> None:
+    async def _claim(self, handling: Handling, command: CaseCommand, sender: str) -> None:
         assert command.case is not None
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             case = await cases.get(conn, command.case)
         if case is None or case.checkin_room_id is None:
             text = (
@@ -131,10 +126,10 @@ class StaffTools:
                 if case
                 else f"There is no case #{command.case}."
             )
-            await self._reply(item, text)
+            await self._reply(handling, text)
             return
-        await self._checkins.claim(case, sender, via="command")
-        await self._reply(item, f"Case #{case.id}: check-in claimed by {sender}.")
+        await self._checkins.claim(handling, case, sender, via="command")
+        await self._reply(handling, f"Case #{case.id}: check-in claimed by {sender}.")
 
     async def _apply(
         self, conn: AsyncConnection, command: CaseCommand, sender: str, now: dt.datetime, via: str
@@ -143,8 +138,14 @@ class StaffTools:
         if command.action == "help":
             return USAGE
         if command.action == "list":
-            found = await cases.listing(conn, command.text)
-            return case_listing(found, command.text, now)
+            total = await cases.count(conn, command.text)
+            found = await cases.page(
+                conn,
+                command.text,
+                offset=(command.page - 1) * LIST_PAGE_SIZE,
+                limit=LIST_PAGE_SIZE,
+            )
+            return case_listing(found, command.text, now, page=command.page, total=total)
         assert command.case is not None
         case = await cases.get(conn, command.case)
         if case is None:
@@ -155,7 +156,7 @@ class StaffTools:
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(
                 conn,
-                self._ctx.provenance,
+                self._deployment.provenance,
                 kind,
                 case_id=case.id,
                 facts=facts,
@@ -163,7 +164,7 @@ class StaffTools:
                 at=now,
             )
 
-        policy = self._ctx.policy
+        policy = self._deployment.policy
         if command.action == "es":
             await entry(
                 "emergency_services_informed",
@@ -216,82 +217,28 @@ class StaffTools:
         raise AssertionError(command.action)
 
     async def _queue_reply(
-        self, conn: AsyncConnection, item: InboxItem, text: str, now: dt.datetime
+        self, conn: AsyncConnection, handling: Handling, text: str, now: dt.datetime
     ) -> None:
-        await outbox.queue(conn, self._ctx.staff_room, notice(text, reply_to=item.event_id), now)
-
-    async def _reply(self, item: InboxItem, text: str) -> None:
-        now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
-            await self._queue_reply(conn, item, text, now)
-            await finish(conn, item.seq, now)
-        self._on_outbox()
-
-    # ---- unacknowledged alerts -----------------------------------------------------------
-
-    async def start(self) -> None:
-        """Re-create an escalation timer for every alert not yet acknowledged."""
-        async with self._engine.connect() as conn:
-            waiting = await cases.unacknowledged_alerts(conn)
-        for case, sent_at in waiting:
-            self.watch_alert(case.id, sent_at)
-        self._timers.every("post-chain-head", dt.timedelta(days=1), self.post_chain_head)
-
-    def watch_alert(self, case_id: int, sent_at: dt.datetime | None = None) -> None:
-        sent_at = sent_at or dt.datetime.now(dt.UTC)
-        self._timers.at(
-            f"escalate:{case_id}", sent_at + self._ctx.policy.ack_within, self.escalate, case_id
+        await outbox.queue(
+            conn, self._staff_room.address, notice(text, reply_to=handling.item.event_id), now
         )
 
-    async def escalate(self, case_id: int) -> None:
-        async with self._engine.connect() as conn:
-            case = await cases.get(conn, case_id)
-        if case is None or case.alert_acked_by or case.alert_raised_again_at:
-            return
-        staff = list(self._ctx.policy.staff)
-        minutes = int(self._ctx.policy.ack_within.total_seconds() // 60)
-        text = (
-            f"Case #{case.id}: the alert has not been acknowledged for {minutes} minutes. "
-            f"{' '.join(staff)} please look now, then react ✅ to the alert or write "
-            f"`!case {case.id} ack`."
-        )
-        webhook_problem: str | None = None
-        webhook_url = self._ctx.policy.alert_webhook
-        if webhook_url:
-            webhook_problem = await self._webhook.post_json(
-                webhook_url,
-                {
-                    "event": "safeguard.alert_unacknowledged",
-                    "case": case.id,
-                    "unacknowledged_for_seconds": int(self._ctx.policy.ack_within.total_seconds()),
-                    "text": f"Safeguarding case #{case.id} has not been acknowledged.",
-                },
-            )
-        now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
-            await cases.set_fields(conn, case.id, alert_raised_again_at=now)
-            content = notice(text)
-            content["m.mentions"] = {"user_ids": staff}
-            await outbox.queue(conn, self._ctx.staff_room, content, now)
-            await audit.append(
-                conn,
-                self._ctx.provenance,
-                "alert_raised_again",
-                case_id=case.id,
-                facts={"webhook": bool(webhook_url), "webhook_error": webhook_problem},
-                at=now,
-            )
+    async def _reply(self, handling: Handling, text: str) -> None:
+        async with handling.transaction() as conn:
+            await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC))
         self._on_outbox()
+
+    # ---- the chain head, anchored outside the database -----------------------------------
 
     async def post_chain_head(self) -> None:
-        """Anchor the chain outside the database: anyone can later check the log against it."""
+        """Daily: anyone can later check the log against the head posted here."""
         now = dt.datetime.now(dt.UTC)
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             seq, digest = await audit.head(conn)
             if seq:
                 await outbox.queue(
                     conn,
-                    self._ctx.staff_room,
+                    self._staff_room.address,
                     notice(
                         f"Audit chain head: {seq}:{digest} — keep this; "
                         f"`safeguard audit verify --head {seq}:{digest}` proves the log since."

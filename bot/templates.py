@@ -93,11 +93,20 @@ DEFAULTS["alert"] = (
 KICK_REASON_LIMIT = 300
 
 
+class TemplateError(Exception):
+    """A configured template could not be rendered; the built-in text is used instead."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"messages.{name}: {detail}")
+        self.name = name
+
+
 def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
 def validate_templates(messages: MessageTemplates) -> list[str]:
+    """Every problem a configured template has, found before any member could meet it."""
     problems = []
     for name, allowed in PLACEHOLDERS.items():
         template = getattr(messages, name, None)
@@ -113,12 +122,22 @@ def validate_templates(messages: MessageTemplates) -> list[str]:
                 f"messages.{name}: unknown placeholder(s) {', '.join(sorted(unknown))}; "
                 f"available: {', '.join(sorted(allowed)) or 'none'}"
             )
+            continue
+        # Names can be right and the template still fail (a format spec such as {case:d}):
+        # render it once with sample values, as a member's message would be.
+        try:
+            _render(messages, name, dict.fromkeys(allowed, "sample"))
+        except TemplateError as exc:
+            problems.append(str(exc))
     return problems
 
 
 def _render(messages: MessageTemplates, name: str, values: Mapping[str, str]) -> str:
     template = getattr(messages, name, None) or DEFAULTS[name]
-    return template.format_map(dict(values))
+    try:
+        return template.format_map(dict(values))
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
+        raise TemplateError(name, f"cannot be rendered ({type(exc).__name__}: {exc})") from None
 
 
 def resource_lines(resources: Sequence[Resource]) -> str:
@@ -138,6 +157,14 @@ def _content(text: str, msgtype: str = "m.text") -> dict[str, Any]:
         "format": "org.matrix.custom.html",
         "formatted_body": html.escape(text).replace("\n", "<br>"),
     }
+
+
+def notice(text: str, *, reply_to: str | None = None) -> dict[str, Any]:
+    """An m.notice whose HTML keeps the line breaks; a Matrix reply when `reply_to` is given."""
+    content = _content(text, "m.notice")
+    if reply_to:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
 
 
 # ---- to the member and the room ---------------------------------------------------------
@@ -273,8 +300,10 @@ def render_refusal(
     )
 
 
-def render_relay(*, case_number: int, member: str, text: str) -> dict[str, Any]:
-    return _content(f"Case #{case_number} — {member} replied to the notice:\n{text}", "m.notice")
+def render_relay(*, case_number: int, member: str, text: str, where: str = "DM") -> dict[str, Any]:
+    said = "replied to the notice" if where == "DM" else "wrote in the check-in room"
+    waiting = "" if where == "DM" else " No one from staff has joined it yet."
+    return _content(f"Case #{case_number} — {member} {said}:{waiting}\n{text}", "m.notice")
 
 
 def render_processing_failed(*, event_id: str, room: str) -> dict[str, Any]:
@@ -313,12 +342,19 @@ def render_checkin_opened(
     dry_run: bool,
     due_at: dt.datetime | None,
     member_not_invited: str | None = None,
+    failed: str | None = None,
 ) -> dict[str, Any]:
     if dry_run:
         when = _when(due_at) if due_at else "now"
         return _content(
             f"Case #{case_number}: the check-in would have opened {when} (dry run: no room "
             "was created).",
+            "m.notice",
+        )
+    if failed:
+        return _content(
+            f"Case #{case_number}: the check-in room could NOT be opened ({failed}). "
+            "Please contact the member another way today.",
             "m.notice",
         )
     lines = [f"Case #{case_number}: the check-in room is open: {link}"]
@@ -342,3 +378,35 @@ def render_checkin_reminder(*, case_number: int, link: str, staff: Sequence[str]
     )
     content["m.mentions"] = {"user_ids": list(staff)}
     return content
+
+
+def render_alert_again(
+    *, case_number: int, waited: dt.timedelta, staff: Sequence[str]
+) -> dict[str, Any]:
+    who = " ".join(staff)
+    content = _content(
+        f"Case #{case_number}: the alert has not been acknowledged for {_duration(waited)}. "
+        + (f"{who} please look now, " if who else "Please look now, ")
+        + f"then react ✅ to the alert or write `!case {case_number} ack`.",
+        "m.notice",
+    )
+    content["m.mentions"] = {"user_ids": list(staff)}
+    return content
+
+
+def render_step_failed(*, case_number: int, step: str, error: str | None) -> dict[str, Any]:
+    return _content(
+        f"Case #{case_number}: the step '{step}' could not be done"
+        + (f" ({error})" if error else "")
+        + ". Please act on it by hand; `!case "
+        + f"{case_number}` shows the whole case.",
+        "m.notice",
+    )
+
+
+def render_template_fallback(*, name: str, problem: str) -> dict[str, Any]:
+    return _content(
+        f"The configured message template messages.{name} could not be used ({problem}). "
+        "The built-in text was sent instead. Please ask an operator to fix the configuration.",
+        "m.notice",
+    )

@@ -1,8 +1,11 @@
-"""Timed jobs on APScheduler, with the one rule every job here needs: never skip.
+"""Periodic jobs on APScheduler (housekeeping, the daily chain-head post), with the rules
+every job here needs: never skip, never die.
 
-APScheduler's default misfire_grace_time (1 s) silently drops a job that fell
-due while the service was down; every job here runs however late, once
-(coalesced), and is idempotent, because the database — not the job — is the truth.
+APScheduler's default misfire_grace_time (1 s) silently drops a run that fell
+due while the event loop was busy; every run here happens however late, once
+(coalesced). A job that raises is logged and runs again at its next time.
+Case work that falls due (check-ins, reminders, escalations) is not here: it is
+a step of its case, run by the step engine from the database.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = logging.getLogger(__name__)
-Job = Callable[..., Awaitable[Any]]
+Job = Callable[[], Awaitable[Any]]
 
 
 class Timers:
@@ -29,55 +32,50 @@ class Timers:
             self._scheduler.start()
 
     async def stop(self) -> None:
-        """Stop firing and cancel jobs in flight: each is idempotent and re-created at start."""
+        """Stop firing and cancel runs in flight: each job is idempotent."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         for task in self._running:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
 
-    @property
-    def running(self) -> bool:
-        return self._scheduler.running
-
-    def at(self, job_id: str, when: dt.datetime, job: Job, *args: Any) -> None:
-        self._scheduler.add_job(
-            self._run,
-            "date",
-            run_date=when,
-            args=[job, *args],
-            id=job_id,
-            replace_existing=True,
-            misfire_grace_time=None,
-            coalesce=True,
-        )
-
     def every(
         self, job_id: str, interval: dt.timedelta, job: Job, *, first: dt.datetime | None = None
     ) -> None:
+        """Run `job` every `interval`, first at `first` (default: one interval from now)."""
+        options: dict[str, Any] = {}
+        if first is not None:
+            # Passing next_run_time=None would add the job paused: it would never run.
+            options["next_run_time"] = first
         self._scheduler.add_job(
             self._run,
             "interval",
             seconds=interval.total_seconds(),
-            args=[job],
+            args=[job_id, job],
             id=job_id,
             replace_existing=True,
             misfire_grace_time=None,
             coalesce=True,
-            next_run_time=first,
+            **options,
         )
 
-    def count(self, prefix: str = "") -> int:
-        return sum(1 for job in self._scheduler.get_jobs() if job.id.startswith(prefix))
+    def next_run(self, job_id: str) -> dt.datetime | None:
+        job = self._scheduler.get_job(job_id)
+        return job.next_run_time if job is not None else None
 
-    async def _run(self, job: Job, *args: Any) -> None:
+    def job_ids(self) -> list[str]:
+        return [job.id for job in self._scheduler.get_jobs()]
+
+    async def _run(self, job_id: str, job: Job) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         try:
-            await job(*args)
+            await job()
         except asyncio.CancelledError:
             # Only stop() cancels a job; ending quietly keeps shutdown out of the error log.
-            log.info("timed job %s stopped with the service", getattr(job, "__name__", job))
+            log.info("timed job %s stopped with the service", job_id)
+        except Exception:
+            log.exception("timed job %s failed; it runs again at its next time", job_id)
         finally:
             self._running.discard(task)

@@ -12,9 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-VARIATION_SELECTOR = "\ufe0f"
+from bot.reactions import annotation, normalise_key
+
 MAX_REASON = 500
 _USER_ID = re.compile(r"@[^\s:]+:[^\s]+")
+# What a flag may name, as the spec bounds it (255 characters). Anything longer or
+# stranger is not a flag: acting on it would only make the homeserver choke.
+_PLAUSIBLE_USER = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-:\[\]]+")
+_PLAUSIBLE_EVENT = re.compile(r"\$[\x21-\x7e]+")
+MAX_ID = 255
 # Element pills: <a href="https://matrix.to/#/@user:server">Name</a>
 _PILL_ANCHOR = re.compile(
     r"""<a\s[^>]*href=["']https://matrix\.to/#/(@[^"'?/]+)[^"']*["'][^>]*>.*?</a>""", re.I | re.S
@@ -34,9 +40,16 @@ class Flag:
     reason: str | None
 
 
-def normalise_key(key: str) -> str:
-    """Reaction keys compare without U+FE0F: "🚨" and "🚨\ufe0f" are the same flag."""
-    return key.replace(VARIATION_SELECTOR, "").strip()
+def plausible_user_id(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= MAX_ID and bool(_PLAUSIBLE_USER.fullmatch(value))
+    )
+
+
+def plausible_event_id(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= MAX_ID and bool(_PLAUSIBLE_EVENT.fullmatch(value))
+    )
 
 
 def strip_reply_fallback(body: str) -> str:
@@ -77,12 +90,10 @@ def _reason(text: str) -> str | None:
 def _recognise_reaction(
     event: Mapping[str, Any], content: Mapping[str, Any], keys: frozenset[str]
 ) -> Flag | None:
-    relation = _relation(content)
-    key, target = _text(relation.get("key")), _text(relation.get("event_id"))
-    if relation.get("rel_type") != "m.annotation" or key is None or target is None:
+    reacted = annotation(content)
+    if reacted is None or reacted[0] not in keys or not plausible_event_id(reacted[1]):
         return None
-    if normalise_key(key) not in keys:
-        return None
+    target = reacted[1]
     return Flag(
         "reaction", event["room_id"], event["sender"], event["event_id"], target, None, None
     )
@@ -113,6 +124,8 @@ def _recognise_command(
     if not words or words[0].casefold() != command.casefold():
         return None
     named = words[1] if len(words) > 1 and _USER_ID.fullmatch(words[1]) else None
+    if named is not None and not plausible_user_id(named):
+        return None
     if named is not None:
         # An explicit user in the command wins over the message it replies to:
         # the moderator said whom they meant.
@@ -122,6 +135,8 @@ def _recognise_command(
         )
     rest = text[len(words[0]) :]
     if reply_to is not None:
+        if not plausible_event_id(reply_to):
+            return None
         return Flag(
             "reply",
             event["room_id"],
@@ -135,7 +150,7 @@ def _recognise_command(
     # (Replies add the replied-to sender there, so this is only trusted without a reply.)
     mentions = content.get("m.mentions")
     user_ids = mentions.get("user_ids") if isinstance(mentions, Mapping) else None
-    if isinstance(user_ids, list) and len(user_ids) == 1 and isinstance(user_ids[0], str):
+    if isinstance(user_ids, list) and len(user_ids) == 1 and plausible_user_id(user_ids[0]):
         return Flag(
             "command", event["room_id"], event["sender"], event["event_id"], None, user_ids[0], None
         )

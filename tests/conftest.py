@@ -20,3 +20,11 @@ async def strict_synapse(tmp_path_factory):
     handle = await start_synapse(tmp_path_factory.mktemp("strict-synapse"), rate_limits="strict")
     yield handle
     await handle.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def restartable_synapse(tmp_path_factory):
+    """A Synapse of its own for the fault-injection tests, which stop and kill it."""
+    handle = await start_synapse(tmp_path_factory.mktemp("restartable-synapse"))
+    yield handle
+    await handle.close()

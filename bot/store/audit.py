@@ -132,6 +132,19 @@ async def entries(
     return [_entry(row) for row in await conn.execute(query)]
 
 
+async def first_of_case(conn: AsyncConnection, case_id: int) -> AuditEntry | None:
+    """The entry that opened the case (the flag: who, how, why)."""
+    row = (
+        await conn.execute(
+            sa.select(audit_entries)
+            .where(audit_entries.c.case_id == case_id)
+            .order_by(audit_entries.c.seq)
+            .limit(1)
+        )
+    ).first()
+    return _entry(row) if row else None
+
+
 async def chain_rows(
     conn: AsyncConnection, batch: int = 1000
 ) -> AsyncIterator[tuple[ChainedEntry, str, dict[str, Any] | None]]:

@@ -13,6 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bot.store import audit
 from bot.store.schema import case_steps, cases
 
+FINISHED = frozenset({"done", "failed", "skipped"})
+UNFINISHED = ("pending", "started")
+
 
 def active_key(room_id: str, member_id: str) -> str:
     return f"{room_id}|{member_id}"
@@ -44,6 +47,7 @@ class Case:
     alert_event_id: str | None
     alert_acked_by: str | None
     alert_raised_again_at: dt.datetime | None
+    next_attempt_at: dt.datetime | None = None  # when the step engine looks at it next
 
     @property
     def active(self) -> bool:
@@ -62,10 +66,12 @@ class Step:
     progress: dict[str, Any]
     result: dict[str, Any]
     error: str | None
+    not_before: dt.datetime | None = None
+    failures: int = 0
 
     @property
     def finished(self) -> bool:
-        return self.status in ("done", "failed", "skipped")
+        return self.status in FINISHED
 
 
 def _case(row: sa.Row[Any]) -> Case:
@@ -92,6 +98,8 @@ class NewFlag:
     reason: str | None
     flagged_at: dt.datetime
     received_at: dt.datetime
+    # Found by reconciliation: the homeserver never delivered it to us.
+    caught_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,11 +121,14 @@ def _flag_personal(flag: NewFlag) -> dict[str, Any]:
 
 def _flag_facts(flag: NewFlag) -> dict[str, Any]:
     late = (flag.received_at - flag.flagged_at).total_seconds()
-    return {
+    facts: dict[str, Any] = {
         "method": flag.method,
         "flagged_at": flag.flagged_at.isoformat(),
         "late_seconds": round(max(late, 0.0), 3),
     }
+    if flag.caught_up:
+        facts["caught_up"] = True
+    return facts
 
 
 async def open_or_corroborate(
@@ -214,32 +225,59 @@ async def steps_of(conn: AsyncConnection, case_id: int) -> list[Step]:
     return [_step(row) for row in rows]
 
 
-async def due_for_work(conn: AsyncConnection, now: dt.datetime) -> list[int]:
-    """Cases with an unfinished step whose next attempt is due."""
-    unfinished = (
-        sa.select(case_steps.c.case_id)
-        .where(case_steps.c.status.in_(("pending", "started")))
-        .where(case_steps.c.step != "checkin")
-        .distinct()
-    )
+async def due(conn: AsyncConnection, now: dt.datetime, *, limit: int = 100) -> list[int]:
+    """Cases the step engine should look at now, the longest-waiting first."""
     rows = await conn.execute(
         sa.select(cases.c.id)
-        .where(cases.c.id.in_(unfinished))
-        .where(sa.or_(cases.c.next_attempt_at.is_(None), cases.c.next_attempt_at <= now))
-        .order_by(cases.c.id)
+        .where(cases.c.next_attempt_at <= now)
+        .order_by(cases.c.next_attempt_at, cases.c.id)
+        .limit(limit)
     )
     return list(rows.scalars())
 
 
-async def defer(conn: AsyncConnection, case_id: int, until: dt.datetime) -> None:
-    await conn.execute(cases.update().where(cases.c.id == case_id).values(next_attempt_at=until))
+async def next_due_at(conn: AsyncConnection) -> dt.datetime | None:
+    """When the step engine next has something to do (one timer for every case)."""
+    # min() keeps the column's type, so the value comes back as an aware UTC datetime.
+    return (await conn.execute(sa.select(sa.func.min(cases.c.next_attempt_at)))).scalar_one()
 
 
-async def end_deferrals(conn: AsyncConnection, now: dt.datetime) -> None:
-    """Make every deferred case due now (what held them back has been fixed)."""
+async def set_next_attempt(conn: AsyncConnection, case_id: int, when: dt.datetime | None) -> None:
+    await conn.execute(cases.update().where(cases.c.id == case_id).values(next_attempt_at=when))
+
+
+async def retry_started_now(conn: AsyncConnection, now: dt.datetime) -> None:
+    """Steps waiting to be retried (started, backing off) become due now."""
+    waiting = sa.select(case_steps.c.case_id).where(case_steps.c.status == "started")
     await conn.execute(
-        cases.update().where(cases.c.next_attempt_at > now).values(next_attempt_at=now)
+        case_steps.update().where(case_steps.c.status == "started").values(not_before=None)
     )
+    await conn.execute(
+        cases.update()
+        .where(
+            cases.c.id.in_(waiting),
+            sa.or_(cases.c.next_attempt_at.is_(None), cases.c.next_attempt_at > now),
+        )
+        .values(next_attempt_at=now)
+    )
+
+
+async def add_steps(
+    conn: AsyncConnection, case_id: int, names: list[str], positions: dict[str, int]
+) -> None:
+    """Give a case steps it does not have yet (e.g. a withdrawal); existing ones stay."""
+    have = set(
+        (
+            await conn.execute(sa.select(case_steps.c.step).where(case_steps.c.case_id == case_id))
+        ).scalars()
+    )
+    new = [
+        {"case_id": case_id, "step": name, "position": positions[name], "status": "pending"}
+        for name in names
+        if name not in have
+    ]
+    if new:
+        await conn.execute(case_steps.insert(), new)
 
 
 async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
@@ -265,6 +303,26 @@ async def save_progress(
     )
 
 
+async def retry_step_later(
+    conn: AsyncConnection,
+    case_id: int,
+    step: str,
+    *,
+    not_before: dt.datetime,
+    failed: bool,
+    error: str | None,
+) -> None:
+    """The step stays started (its next attempt looks before acting) until `not_before`."""
+    values: dict[str, Any] = {"not_before": not_before}
+    if failed:
+        values |= {"failures": case_steps.c.failures + 1, "error": error}
+    await conn.execute(
+        case_steps.update()
+        .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
+        .values(**values)
+    )
+
+
 async def finish_step(
     conn: AsyncConnection,
     case_id: int,
@@ -278,7 +336,7 @@ async def finish_step(
     await conn.execute(
         case_steps.update()
         .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
-        .values(status=status, result=result, error=error, finished_at=now)
+        .values(status=status, result=result, error=error, finished_at=now, not_before=None)
     )
 
 
@@ -307,68 +365,59 @@ async def has_active(conn: AsyncConnection, room_id: str, member_id: str) -> boo
     return (await conn.execute(query)).first() is not None
 
 
-async def case_for_dm_room(conn: AsyncConnection, room_id: str) -> Case | None:
+async def _latest_where(conn: AsyncConnection, condition: Any) -> Case | None:
     row = (
-        await conn.execute(
-            sa.select(cases)
-            .where(cases.c.dm_room_id == room_id)
-            .order_by(cases.c.id.desc())
-            .limit(1)
-        )
+        await conn.execute(sa.select(cases).where(condition).order_by(cases.c.id.desc()).limit(1))
     ).first()
     return _case(row) if row else None
 
 
-async def dm_room_ids(conn: AsyncConnection) -> set[str]:
-    rows = await conn.execute(sa.select(cases.c.dm_room_id).where(cases.c.dm_room_id.is_not(None)))
-    return set(rows.scalars())
+async def by_dm_room(conn: AsyncConnection, room_id: str) -> Case | None:
+    """The newest case whose member's DM is this room."""
+    return await _latest_where(conn, cases.c.dm_room_id == room_id)
 
 
-async def with_pending_checkin(conn: AsyncConnection) -> list[Case]:
-    """Cases whose check-in has not opened yet (the scheduler's truth at start)."""
-    pending_checkin = sa.select(case_steps.c.case_id).where(
-        case_steps.c.step == "checkin", case_steps.c.status.in_(("pending", "started"))
+async def by_checkin_room(conn: AsyncConnection, room_id: str) -> Case | None:
+    return await _latest_where(conn, cases.c.checkin_room_id == room_id)
+
+
+async def by_checkin_notice(conn: AsyncConnection, event_id: str) -> Case | None:
+    """The case whose check-in notice in the staff room is this event (✋ claims it)."""
+    return await _latest_where(conn, cases.c.checkin_notice_event_id == event_id)
+
+
+async def by_alert(conn: AsyncConnection, event_id: str) -> Case | None:
+    """The case whose staff alert is this event (✅ acknowledges it)."""
+    return await _latest_where(conn, cases.c.alert_event_id == event_id)
+
+
+async def private_rooms(conn: AsyncConnection) -> tuple[set[str], set[str]]:
+    """(DM rooms, check-in rooms) the bot opened: their members' messages reach staff."""
+    dms = await conn.execute(sa.select(cases.c.dm_room_id).where(cases.c.dm_room_id.is_not(None)))
+    checkins = await conn.execute(
+        sa.select(cases.c.checkin_room_id).where(cases.c.checkin_room_id.is_not(None))
     )
+    return set(dms.scalars()), set(checkins.scalars())
+
+
+async def open_private_rooms(conn: AsyncConnection) -> set[str]:
+    """DM and check-in rooms of open cases (watched for events the homeserver never sent)."""
     rows = await conn.execute(
-        sa.select(cases).where(cases.c.id.in_(pending_checkin)).order_by(cases.c.due_at)
+        sa.select(cases.c.dm_room_id, cases.c.checkin_room_id).where(cases.c.state == "open")
     )
-    return [_case(row) for row in rows]
+    return {room for row in rows for room in row if room}
 
 
-async def awaiting_staff(conn: AsyncConnection) -> list[Case]:
-    """Opened check-ins no staff member has claimed or joined, not yet reminded."""
+async def failed_alerts(conn: AsyncConnection) -> list[int]:
+    """Open cases whose staff alert could not be delivered: a person must be told another way."""
     rows = await conn.execute(
-        sa.select(cases).where(
-            cases.c.checkin_opened_at.is_not(None),
-            cases.c.checkin_claimed_by.is_(None),
-            cases.c.checkin_staff_joined_at.is_(None),
-            cases.c.checkin_reminded_at.is_(None),
-        )
+        sa.select(cases.c.id)
+        .join(case_steps, case_steps.c.case_id == cases.c.id)
+        .where(case_steps.c.step == "alert", case_steps.c.status == "failed")
+        .where(cases.c.state == "open")
+        .order_by(cases.c.id)
     )
-    return [_case(row) for row in rows]
-
-
-async def by_column(conn: AsyncConnection, column: str, value: str) -> Case | None:
-    row = (
-        await conn.execute(
-            sa.select(cases).where(cases.c[column] == value).order_by(cases.c.id.desc()).limit(1)
-        )
-    ).first()
-    return _case(row) if row else None
-
-
-async def unacknowledged_alerts(conn: AsyncConnection) -> list[tuple[Case, dt.datetime]]:
-    """Alerts sent but neither acknowledged nor raised again, with when they were sent."""
-    rows = await conn.execute(
-        sa.select(cases, case_steps.c.finished_at.label("alert_sent_at"))
-        .join(case_steps, sa.and_(case_steps.c.case_id == cases.c.id, case_steps.c.step == "alert"))
-        .where(
-            cases.c.alert_event_id.is_not(None),
-            cases.c.alert_acked_by.is_(None),
-            cases.c.alert_raised_again_at.is_(None),
-        )
-    )
-    return [(_case(row), row.alert_sent_at) for row in rows]
+    return list(rows.scalars())
 
 
 @dataclass(frozen=True)
@@ -381,18 +430,48 @@ class CheckinCounts:
 async def checkin_counts(
     conn: AsyncConnection, now: dt.datetime, grace: dt.timedelta
 ) -> CheckinCounts:
-    """Check-ins waiting to open, past due by more than `grace`, and open but unclaimed."""
-    waiting = await with_pending_checkin(conn)
-    overdue = sum(1 for case in waiting if case.due_at and case.due_at < now - grace)
+    """Check-ins waiting to open, past due by more than `grace`, and open but unclaimed.
+
+    Aggregates only: the cost is the same with ten pending check-ins or ten thousand.
+    """
+    waiting = (
+        sa.select(
+            sa.func.count().label("pending"),
+            sa.func.count(sa.case((cases.c.due_at < now - grace, 1))).label("overdue"),
+        )
+        .select_from(cases.join(case_steps, case_steps.c.case_id == cases.c.id))
+        .where(
+            case_steps.c.step == "checkin",
+            case_steps.c.status.in_(UNFINISHED),
+            cases.c.state == "open",
+        )
+    )
+    counts = (await conn.execute(waiting)).one()
     unclaimed = (
         await conn.execute(
             sa.select(sa.func.count())
             .select_from(cases)
             .where(
+                cases.c.state == "open",
                 cases.c.checkin_opened_at.is_not(None),
                 cases.c.checkin_claimed_by.is_(None),
                 cases.c.checkin_staff_joined_at.is_(None),
             )
         )
     ).scalar_one()
-    return CheckinCounts(len(waiting) - overdue, overdue, unclaimed)
+    return CheckinCounts(counts.pending - counts.overdue, counts.overdue, unclaimed)
+
+
+async def count(conn: AsyncConnection, state: str = "all") -> int:
+    query = sa.select(sa.func.count()).select_from(cases)
+    if state in ("open", "closed"):
+        query = query.where(cases.c.state == state)
+    return (await conn.execute(query)).scalar_one()
+
+
+async def page(conn: AsyncConnection, state: str, *, offset: int, limit: int) -> list[Case]:
+    """One page of the listing, oldest first."""
+    query = sa.select(cases).order_by(cases.c.id).offset(offset).limit(limit)
+    if state in ("open", "closed"):
+        query = query.where(cases.c.state == state)
+    return [_case(row) for row in await conn.execute(query)]

@@ -37,8 +37,10 @@ async def record_transaction(
     conn: AsyncConnection,
     txn_id: str,
     event_ids: Sequence[str],
-    to_act_on: Sequence[dict[str, Any]],
+    to_act_on: Sequence[tuple[dict[str, Any], int]],
     now: dt.datetime,
+    *,
+    caught_up: bool = False,
 ) -> Recorded:
     """Persist a transaction; only events never seen before are queued to act on.
 
@@ -61,7 +63,7 @@ async def record_transaction(
         )
         new_ids = frozenset(result.scalars())
     # One row per event id, even if a transaction carried an event twice.
-    queued = list({e["event_id"]: e for e in to_act_on if e["event_id"] in new_ids}.values())
+    queued = {e["event_id"]: (e, lane) for e, lane in to_act_on if e["event_id"] in new_ids}
     if queued:
         await conn.execute(
             inbox.insert(),
@@ -73,8 +75,10 @@ async def record_transaction(
                     "payload": event,
                     "received_at": now,
                     "status": "pending",
+                    "lane": lane,
+                    "caught_up": caught_up,
                 }
-                for event in queued
+                for event, lane in queued.values()
             ],
         )
     return Recorded(duplicate, new_ids)
@@ -89,12 +93,26 @@ class InboxItem:
     payload: dict[str, Any]
     received_at: dt.datetime
     attempts: int
+    lane: int = 1
+    caught_up: bool = False
 
 
-async def pending(conn: AsyncConnection, limit: int = 100) -> list[InboxItem]:
-    rows = await conn.execute(
-        sa.select(inbox).where(inbox.c.status == "pending").order_by(inbox.c.seq).limit(limit)
-    )
+async def pending(
+    conn: AsyncConnection,
+    *,
+    lane: int | None = None,
+    now: dt.datetime | None = None,
+    limit: int = 100,
+) -> list[InboxItem]:
+    """Queued events in arrival order (of one lane; due for an attempt at `now`)."""
+    query = sa.select(inbox).where(inbox.c.status == "pending")
+    if lane is not None:
+        query = query.where(inbox.c.lane == lane)
+    if now is not None:
+        query = query.where(
+            sa.or_(inbox.c.next_attempt_at.is_(None), inbox.c.next_attempt_at <= now)
+        )
+    rows = await conn.execute(query.order_by(inbox.c.seq).limit(limit))
     return [
         InboxItem(
             seq=row.seq,
@@ -104,9 +122,29 @@ async def pending(conn: AsyncConnection, limit: int = 100) -> list[InboxItem]:
             payload=row.payload,
             received_at=row.received_at,
             attempts=row.attempts,
+            lane=row.lane,
+            caught_up=row.caught_up,
         )
         for row in rows
     ]
+
+
+async def next_attempt_at(conn: AsyncConnection, lane: int) -> dt.datetime | None:
+    """When the lane's earliest event waiting to be retried falls due."""
+    query = sa.select(sa.func.min(inbox.c.next_attempt_at)).where(
+        inbox.c.status == "pending", inbox.c.lane == lane
+    )
+    return (await conn.execute(query)).scalar_one()
+
+
+async def retry_later(
+    conn: AsyncConnection, seq: int, until: dt.datetime, error: str, *, counted: bool
+) -> None:
+    """Keep the event queued until `until`; `counted`: the attempt counts towards the cap."""
+    values: dict[str, Any] = {"next_attempt_at": until, "error": error}
+    if counted:
+        values["attempts"] = inbox.c.attempts + 1
+    await conn.execute(inbox.update().where(inbox.c.seq == seq).values(**values))
 
 
 async def finish(
@@ -132,12 +170,6 @@ async def finish_many(conn: AsyncConnection, seqs: list[int], now: dt.datetime) 
         inbox.update()
         .where(inbox.c.seq.in_(seqs))
         .values(status="done", payload=None, processed_at=now, attempts=inbox.c.attempts + 1)
-    )
-
-
-async def count_attempt(conn: AsyncConnection, seq: int, error: str) -> None:
-    await conn.execute(
-        inbox.update().where(inbox.c.seq == seq).values(attempts=inbox.c.attempts + 1, error=error)
     )
 
 

@@ -18,6 +18,7 @@ class Outgoing:
     room_id: str
     content: dict[str, Any]
     attempts: int
+    failures: int = 0
 
     @property
     def marker(self) -> str:
@@ -35,11 +36,37 @@ async def queue(
     return result.scalar_one()
 
 
-async def pending(conn: AsyncConnection, limit: int = 50) -> list[Outgoing]:
-    rows = await conn.execute(
-        sa.select(outbox).where(outbox.c.status == "pending").order_by(outbox.c.id).limit(limit)
+async def pending(
+    conn: AsyncConnection, *, now: dt.datetime | None = None, limit: int = 50
+) -> list[Outgoing]:
+    """Queued messages in order (those due for an attempt at `now`)."""
+    query = sa.select(outbox).where(outbox.c.status == "pending")
+    if now is not None:
+        query = query.where(
+            sa.or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now)
+        )
+    rows = await conn.execute(query.order_by(outbox.c.id).limit(limit))
+    return [Outgoing(row.id, row.room_id, row.content, row.attempts, row.failures) for row in rows]
+
+
+async def retry_later(
+    conn: AsyncConnection, message_id: int, until: dt.datetime, *, error: str
+) -> None:
+    await conn.execute(
+        outbox.update()
+        .where(outbox.c.id == message_id)
+        .values(failures=outbox.c.failures + 1, next_attempt_at=until, error=error)
     )
-    return [Outgoing(row.id, row.room_id, row.content, row.attempts) for row in rows]
+
+
+async def failed_since(conn: AsyncConnection, since: dt.datetime) -> int:
+    """Messages for staff given up on since `since` (shown on /health)."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(outbox)
+        .where(outbox.c.status == "failed", outbox.c.sent_at >= since)
+    )
+    return (await conn.execute(query)).scalar_one()
 
 
 async def mark(

@@ -70,6 +70,14 @@ inbox = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("processed_at", UTCDateTime, nullable=True),
+    # Flags have a lane of their own, so a moderator's flag never waits behind
+    # command replies, refusal reports or an event being retried.
+    sa.Column("lane", sa.SmallInteger, nullable=False, server_default="1"),
+    # An event whose handling failed is retried from here, without holding up the rest.
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    # Found by reconciliation (the homeserver never delivered it), not by a transaction.
+    sa.Column("caught_up", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("ix_inbox_lane_pending", "lane", "status", "seq"),
 )
 
 cases = sa.Table(
@@ -122,6 +130,10 @@ case_steps = sa.Table(
     sa.Column("progress", sa.JSON, nullable=True),  # ids learnt mid-step (e.g. the DM room)
     sa.Column("result", sa.JSON, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # Not before this time: a retry's backoff (the step's own due time is derived).
+    sa.Column("not_before", UTCDateTime, nullable=True),
+    # Refusals and errors that were not outages, so far: bounded before the step fails.
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
 )
 
 # Messages that must reach a room exactly once but belong to no case step
@@ -138,6 +150,27 @@ outbox = sa.Table(
     sa.Column("sent_at", UTCDateTime, nullable=True),
     sa.Column("event_id", sa.String(255), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+)
+
+# Where the service last read each watched room's timeline up to (a stream token),
+# so events the homeserver never delivered can be caught up after a gap.
+room_positions = sa.Table(
+    "room_positions",
+    metadata,
+    sa.Column("room_id", sa.String(255), primary_key=True),
+    sa.Column("token", sa.Text, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One row, rewritten by /health: a committed write is the only proof the database
+# can record (a read, or a rolled-back write, succeeds on a full disk).
+heartbeat = sa.Table(
+    "heartbeat",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", UTCDateTime, nullable=False),
 )
 
 # Rooms the bot moderates, and what it last told staff about its kick power there.

@@ -30,7 +30,7 @@ def event(event_id: str) -> dict:
 
 async def record(engine, txn: str, ids: list[str], act: list[str]):
     async with engine.begin() as conn:
-        return await ingest.record_transaction(conn, txn, ids, [event(i) for i in act], NOW)
+        return await ingest.record_transaction(conn, txn, ids, [(event(i), 1) for i in act], NOW)
 
 
 async def test_retried_transaction_queues_nothing_twice(engine):

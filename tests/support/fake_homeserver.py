@@ -20,6 +20,7 @@ from bot.ports import (
     RoomCreated,
     RoomState,
     Sent,
+    TimelinePage,
 )
 
 
@@ -46,6 +47,9 @@ class FakeHomeserver:
         self.crash_at: int | None = None
         self.unavailable_for: set[str] = set()
         self.refuse: dict[str, Refused] = {}
+        self.down = False  # what check() reports: the whole homeserver away
+        # Synapse creating a room, then dying before it sent the invites (seen in real life).
+        self.create_dies_before_invites = False
         self._ids = itertools.count(1)
 
     @property
@@ -99,8 +103,13 @@ class FakeHomeserver:
         self._enter("membership")
         return self.rooms[room_id].members.get(user_id)
 
-    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | None:
+    async def check(self) -> str | None:
+        return "the homeserver is down" if self.down else None
+
+    async def member_event(self, room_id: str, user_id: str) -> dict[str, Any] | Refused | None:
         self._enter("member_event")
+        if "member_event" in self.refuse:
+            return self.refuse["member_event"]
         for event in reversed(self.rooms[room_id].events):
             if event["type"] == "m.room.member" and event.get("state_key") == user_id:
                 return event
@@ -140,9 +149,12 @@ class FakeHomeserver:
         if "create_room" in self.refuse:
             return self.refuse["create_room"]
         room_id = f"!created{next(self._ids)}:localhost"
-        room = FakeRoom(room_id, {self._bot: "join", **{user: "invite" for user in invite}})
+        room = FakeRoom(room_id, {self._bot: "join"})
         room.state[("m.room.create", "")] = {"room_version": "12", ROOM_MARKER_KEY: marker}
         self.rooms[room_id] = room
+        if self.create_dies_before_invites:
+            raise Crash("create_room, before its invites")
+        room.members.update({user: "invite" for user in invite})
         self._after("create_room")
         return RoomCreated(room_id)
 
@@ -220,3 +232,25 @@ class FakeHomeserver:
             if isinstance(tag, dict) and tag.get("marker") == marker:
                 return event["event_id"]
         return None
+
+    # ---- bot.ports.Timeline (a token is a position in the room's event list) ----
+
+    async def current_position(self, room_id: str) -> str | Refused:
+        return str(len(self.rooms[room_id].events))
+
+    async def read_forward(self, room_id: str, token: str, *, limit: int) -> TimelinePage | Refused:
+        events = self.rooms[room_id].events[int(token) : int(token) + limit]
+        return TimelinePage(
+            [e | {"room_id": room_id} for e in events],
+            str(int(token) + len(events)) if events else None,
+        )
+
+    async def read_back(
+        self, room_id: str, token: str | None, *, limit: int
+    ) -> TimelinePage | Refused:
+        end = len(self.rooms[room_id].events) if token is None else int(token)
+        start = max(0, end - limit)
+        events = self.rooms[room_id].events[start:end]
+        return TimelinePage(
+            [e | {"room_id": room_id} for e in reversed(events)], str(start) if start else None
+        )

@@ -1,44 +1,78 @@
-"""A pass-through HTTP proxy in front of Synapse that can hold chosen requests in flight.
+"""A pass-through HTTP proxy, in front of Synapse or of the service, that can misbehave on cue.
 
-It decides nothing: every request it lets through reaches the real Synapse
-unchanged. Holding one (e.g. the kick) lets a test kill the service at an
-exact point of the workflow, or stand in for a Synapse that is briefly down.
+It decides nothing: every request it lets through reaches the real upstream
+unchanged unless a test says otherwise. It can:
+- hold chosen requests in flight (kill the service at an exact point, or keep a
+  Synapse transaction in flight so the next events queue in Synapse's memory);
+- stand in for an upstream that is down (502);
+- let a request take effect upstream and lose the answer (502 to the caller);
+- rewrite a request on its way (Synapse created the room but never sent the invite).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from tests.support.synapse import free_port
 
+Predicate = Callable[[web.Request], bool]
+
 
 class HoldingProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, port: int | None = None) -> None:
         self.upstream = upstream
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.held: list[str] = []
         self.held_event = asyncio.Event()
-        self._hold: Callable[[web.Request], bool] = lambda request: False
+        self.forwarded: list[tuple[str, str, bytes]] = []  # (method, path, body) let through
+        self._hold: Predicate = lambda request: False
         self._release = asyncio.Event()
         self.down = False
         self._drop = False
+        self._lose_answer: Predicate = lambda request: False
+        self._rewrite: list[tuple[Predicate, Callable[[dict[str, Any]], dict[str, Any]]]] = []
+        self.lost_answers: list[str] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def hold(self, predicate: Callable[[web.Request], bool]) -> None:
+    def hold(self, predicate: Predicate) -> None:
         self._hold = predicate
         self._release.clear()
+        self.held_event.clear()
 
     def release(self, *, drop: bool = False) -> None:
-        """Let held requests go on to Synapse, or (drop) fail them as a dead connection would."""
+        """Let held requests go on upstream, or (drop) fail them as a dead connection would."""
         self._drop = drop
         self._hold = lambda request: False
         self._release.set()
+
+    def lose_answer(self, predicate: Predicate, *, once: bool = True) -> None:
+        """The next matching request takes effect upstream; its caller gets a 502."""
+
+        def matching(request: web.Request) -> bool:
+            if not predicate(request):
+                return False
+            if once:
+                self._lose_answer = lambda request: False
+            return True
+
+        self._lose_answer = matching
+
+    def rewrite(
+        self, predicate: Predicate, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        """Change the JSON body of the next matching request before it goes upstream."""
+        self._rewrite.append((predicate, change))
+
+    def bodies(self, path_part: str) -> list[bytes]:
+        return [body for _method, path, body in self.forwarded if path_part in path]
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         if self.down:
@@ -49,17 +83,28 @@ class HoldingProxy:
             await self._release.wait()
             if self._drop:
                 return web.Response(status=502, text="dropped")
+        body = await request.read()
+        for index, (predicate, change) in enumerate(self._rewrite):
+            if predicate(request):
+                body = json.dumps(change(json.loads(body))).encode()
+                del self._rewrite[index]
+                break
+        lose = self._lose_answer(request)
         assert self._session is not None
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
         async with self._session.request(
-            request.method,
-            f"{self.upstream}{request.rel_url}",
-            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
-            data=await request.read(),
+            request.method, f"{self.upstream}{request.rel_url}", headers=headers, data=body
         ) as upstream:
-            body = await upstream.read()
+            answer = await upstream.read()
+            self.forwarded.append((request.method, request.path, body))
+            if lose:
+                self.lost_answers.append(f"{request.method} {request.path}")
+                return web.Response(status=502, text="answer lost")
             return web.Response(
                 status=upstream.status,
-                body=body,
+                body=answer,
                 content_type=upstream.content_type,
                 charset=upstream.charset,
             )
@@ -78,3 +123,10 @@ class HoldingProxy:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+    async def __aenter__(self) -> HoldingProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -52,17 +52,22 @@ def service_config(
     staff: list[str],
     policy: dict[str, Any] | None = None,
     checkin: dict[str, Any] | None = None,
+    listen_port: int | None = None,
+    homeserver_url: str | None = None,
+    **sections: dict[str, Any],
 ) -> Path:
-    data = {
-        "homeserver": {"url": synapse.url, "domain": synapse.server_name},
+    """A service config for the test Synapse; `listen_port` when a proxy sits on the AS port."""
+    data: dict[str, Any] = {
+        "homeserver": {"url": homeserver_url or synapse.url, "domain": synapse.server_name},
         "appservice": {
             "url": f"http://127.0.0.1:{synapse.as_port}",
-            "listen": {"host": "127.0.0.1", "port": synapse.as_port},
+            "listen": {"host": "127.0.0.1", "port": listen_port or synapse.as_port},
             "registration": str(synapse.registration_path),
         },
         "database": {"url": database_url},
         "policy": {"staff_room": staff_room, "staff": staff, **(policy or {})},
         "checkin": checkin or {"after": "1h"},
+        **sections,
     }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))

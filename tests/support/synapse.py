@@ -48,6 +48,17 @@ class SynapseHandle:
         self.users.append(user)
         return user
 
+    async def restart(self, *, kill: bool = False, down_for: float = 0.0) -> None:
+        """Stop Synapse (SIGTERM, or SIGKILL) and start it again on the same port and data."""
+        import asyncio
+
+        if kill:
+            await self.process.kill()
+        else:
+            await self.process.stop()
+        await asyncio.sleep(down_for)
+        await self.process.start()
+
     async def close(self) -> None:
         for user in self.users:
             await user.close()

@@ -1,4 +1,10 @@
-"""A poisoned event is recorded, counted and reported; the events behind it still flow."""
+"""The inbox: an event that keeps failing is given up on and reported; nothing else waits.
+
+A homeserver outage (checked, not assumed) keeps the event queued and uncounted;
+a failure caused by the event itself is counted and, after MAX_ATTEMPTS, the
+event is recorded as failed, staff are told, and the lane moves on. Flags have
+a lane of their own.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,17 @@ import pytest
 
 from appservice.database import create_engine, upgrade
 from appservice.logs import JsonFormatter
-from bot.dispatch import Dispatcher
+from bot.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
+from bot.intake import FLAG_LANE, OTHER_LANE
+from bot.metrics import Metrics
+from bot.ports import HomeserverUnavailable
+from bot.referral import Referral
+from bot.rooms import RoomDirectory
+from bot.staff import StaffDirectory
+from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
 from tests.support.fake_homeserver import FakeHomeserver
-from tests.unit.test_workflow import GROUP, MEMBER, MOD, STAFF, context, homeserver
+from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
 
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
 
@@ -26,94 +39,145 @@ async def engine(tmp_path):
     await engine.dispose()
 
 
-def flag(event_id: str) -> dict:
+def homeserver() -> FakeHomeserver:
+    hs = FakeHomeserver()
+    hs.add_room(GROUP, {MEMBER: "join", MOD: "join", hs.bot_user_id: "join"}, {MOD: 50})
+    hs.add_room(STAFF, {hs.bot_user_id: "join"}, {})
+    return hs
+
+
+def flag(event_id: str, member: str = MEMBER) -> dict:
     return {
         "event_id": event_id,
         "room_id": GROUP,
         "type": "m.room.message",
         "sender": MOD,
         "origin_server_ts": 1,
-        "content": {"body": f"!safeguard {MEMBER}"},
+        "content": {"body": f"!safeguard {member}"},
     }
 
 
-async def queue(engine, *events: dict) -> None:
+def membership(event_id: str) -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": GROUP,
+        "type": "m.room.member",
+        "sender": MEMBER,
+        "state_key": MEMBER,
+        "content": {"membership": "join"},
+    }
+
+
+async def queue(engine, *events: tuple[dict, int]) -> None:
     async with engine.begin() as conn:
         await ingest.record_transaction(
-            conn, "t", [e["event_id"] for e in events], list(events), NOW
+            conn, "t", [e["event_id"] for e, _ in events], list(events), NOW
         )
 
 
-class Exploding(FakeHomeserver):
-    def __init__(self, fail_for: set[str]) -> None:
-        super().__init__()
-        self.fail_for = fail_for
-        self.current = ""
-
-    async def room_state(self, room_id):
-        if self.current in self.fail_for:
-            raise ValueError("a bug in a handler")
-        return await super().room_state(room_id)
-
-
-async def test_poisoned_event_is_recorded_and_the_next_one_processed(engine):
-    hs = homeserver()
-    exploding = Exploding({"$bad"})
-    exploding.rooms = hs.rooms
-    dispatcher = Dispatcher(
-        engine, exploding, context(), on_case=lambda case_id: None, on_outbox=lambda: None
+def build(engine, hs, **options) -> Dispatcher:
+    settings = deployment()
+    staff_room = StaffRoom(STAFF)
+    metrics = Metrics()
+    referral = Referral(
+        hs,
+        settings,
+        StaffDirectory(hs, settings.policy, staff_room),
+        staff_room,
+        metrics,
+        on_case=lambda case_id: None,
+        on_outbox=lambda: None,
     )
-    original = dispatcher._handle
+    return Dispatcher(
+        engine,
+        hs,
+        Classifier(RoomDirectory(staff_room), settings.bot_user_id),
+        {EventKind.FLAG: referral},
+        deployment=settings,
+        staff_room=staff_room,
+        metrics=metrics,
+        on_outbox=lambda: None,
+        retry_delays=(0.0,),
+        outage_delays=(0.0,),
+    )
 
-    async def tracking(item):
-        exploding.current = item.event_id
-        await original(item)
 
-    dispatcher._handle = tracking
-    await queue(engine, flag("$bad"), flag("$good"))
-    await dispatcher.work_once()
+async def drain(dispatcher: Dispatcher, lane: int, rounds: int = 10) -> None:
+    for _ in range(rounds):
+        await dispatcher.work_lane(lane)
+
+
+@pytest.mark.parametrize("error", [ValueError, HomeserverUnavailable])
+async def test_event_that_keeps_failing_is_given_up_and_the_next_one_processed(engine, error):
+    hs = homeserver()
+    dispatcher = build(engine, hs)
+    original = hs.room_state
+    seen: list[str] = []
+
+    async def failing_for_bad(room_id):
+        # The bad flag names "@bad:localhost"; the homeserver itself is fine (check() is None).
+        if seen and seen[-1] == "$bad":
+            raise error("caused by this event")
+        return await original(room_id)
+
+    hs.room_state = failing_for_bad  # type: ignore[method-assign]
+    classify = dispatcher._classify
+
+    def tracking(item):
+        seen.append(item.event_id)
+        return classify(item)
+
+    dispatcher._classify = tracking
+    await queue(engine, (flag("$bad", "@bad:localhost"), FLAG_LANE), (flag("$good"), FLAG_LANE))
+    await drain(dispatcher, FLAG_LANE)
     async with engine.connect() as conn:
         assert await ingest.pending(conn) == []
         entries = await audit.entries(conn)
         messages = await outbox.pending(conn)
     kinds = [e.kind for e in entries]
-    assert kinds == ["event_failed", "flagged"]
-    assert entries[0].facts["event"] == "$bad" and "ValueError" in entries[0].facts["error"]
+    assert kinds.count("flagged") == 1 and kinds.count("event_failed") == 1
+    assert kinds.index("flagged") < kinds.index("event_failed"), "the good flag did not wait"
+    failed = next(e for e in entries if e.kind == "event_failed")
+    assert failed.facts["event"] == "$bad" and failed.facts["attempts"] == MAX_ATTEMPTS
     assert any("could not be processed" in m.content["body"] for m in messages)
     assert messages[0].room_id == STAFF
-    errors = dispatcher._ctx.metrics.registry.get_sample_value(
-        "safeguard_errors_total", {"where": "event"}
-    )
-    assert errors == 1
 
 
-async def test_homeserver_outage_keeps_the_event_queued_in_order(engine):
+async def test_homeserver_outage_keeps_the_event_queued_uncounted_in_order(engine):
     hs = homeserver()
     hs.unavailable_for = {"room_state"}
-    dispatcher = Dispatcher(
-        engine,
-        hs,
-        context(),
-        on_case=lambda case_id: None,
-        on_outbox=lambda: None,
-        retry_delays=(0,),
-    )
-    await queue(engine, flag("$first"), flag("$second"))
-    await dispatcher.work_once()
+    hs.down = True
+    dispatcher = build(engine, hs)
+    await queue(engine, (flag("$first"), FLAG_LANE), (flag("$second"), FLAG_LANE))
+    await drain(dispatcher, FLAG_LANE, rounds=MAX_ATTEMPTS + 2)
     async with engine.connect() as conn:
-        assert [i.event_id for i in await ingest.pending(conn)] == ["$first", "$second"]
+        pending = await ingest.pending(conn)
+        assert [i.event_id for i in pending] == ["$first", "$second"]
+        assert all(item.attempts == 0 for item in pending), "an outage is not the event's fault"
         assert await audit.entries(conn) == []
     hs.unavailable_for = set()
-    await dispatcher.work_once()
+    hs.down = False
+    await drain(dispatcher, FLAG_LANE)
     async with engine.connect() as conn:
         assert await ingest.pending(conn) == []
         kinds = [e.kind for e in await audit.entries(conn)]
     assert kinds == ["flagged", "corroborated"]
 
 
+async def test_flags_have_a_lane_of_their_own(engine):
+    hs = homeserver()
+    dispatcher = build(engine, hs)
+    await queue(engine, (membership("$join"), OTHER_LANE), (flag("$flag"), FLAG_LANE))
+    assert await dispatcher.work_lane(FLAG_LANE) is False
+    async with engine.connect() as conn:
+        left = [item.event_id for item in await ingest.pending(conn)]
+        assert left == ["$join"], "the flag was handled without waiting for the other lane"
+        assert [e.kind for e in await audit.entries(conn)] == ["flagged"]
+
+
 def test_json_logs_carry_the_case_number_and_no_extras():
     record = logging.LogRecord(
-        "bot.workflow", logging.INFO, __file__, 1, "case #%d: %s", (4, "x"), None
+        "bot.engine", logging.INFO, __file__, 1, "case #%d: %s", (4, "x"), None
     )
     record.case = 4
     line = json.loads(JsonFormatter().format(record))

@@ -1,0 +1,139 @@
+"""GET /health: the truth about whether the service can keep its promises, within seconds.
+
+503 is for faults an operator must act on — the database cannot record, the
+homeserver is unreachable or rejects our token, the staff room cannot take
+messages, a check-in is overdue, an alert or a staff message could not be
+delivered — never for work in progress (starting up, catching up).
+
+Each check runs as a task of its own and is waited for at most CHECK_SECONDS:
+a check stuck behind a locked database answers "timed out" instead of holding
+the whole answer (the stuck task is left to finish, and reused meanwhile, so
+checks never pile up). Every check costs the same however many cases there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from appservice.database import write_heartbeat
+from appservice.homeserver import NioHomeserver
+from bot.intake import Intake
+from bot.metrics import Metrics
+from bot.staff_room import StaffRoom
+from bot.store import cases, ingest, outbox
+
+CHECK_SECONDS = 5.0
+# A check-in this far past its due time and still not open is reported as overdue.
+OVERDUE_GRACE = dt.timedelta(minutes=5)
+# Staff messages given up on within this window keep /health at 503.
+FAILED_MESSAGE_WINDOW = dt.timedelta(hours=24)
+Check = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class HealthChecks:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        health_db: AsyncEngine,
+        homeserver: NioHomeserver,
+        staff_room: StaffRoom,
+        intake: Intake,
+        metrics: Metrics,
+        *,
+        connected: Callable[[], bool],
+        extra: Mapping[str, Check] | None = None,
+    ) -> None:
+        self._db = db
+        self._health_db = health_db
+        self._hs = homeserver
+        self._staff_room = staff_room
+        self._intake = intake
+        self._metrics = metrics
+        self._connected = connected
+        self._checks: dict[str, Check] = {
+            "database": self.database,
+            "homeserver": self.homeserver,
+            "checkins": self.checkins,
+            "staff_room": self.staff_room,
+            "alerts": self.alerts,
+            **(extra or {}),
+        }
+        self._in_flight: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+    async def report(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._bounded(name) for name in names))
+        checks = dict(zip(names, results, strict=True))
+        return all(check.get("ok") for check in checks.values()), checks
+
+    async def _bounded(self, name: str) -> dict[str, Any]:
+        task = self._in_flight.get(name)
+        if task is None or task.done():
+            task = asyncio.create_task(self._checks[name](), name=f"health:{name}")
+            self._in_flight[name] = task
+        done, _ = await asyncio.wait({task}, timeout=CHECK_SECONDS)
+        if not done:
+            return {"ok": False, "error": f"no answer within {CHECK_SECONDS:.0f}s"}
+        try:
+            return task.result()
+        except Exception as exc:  # a health check reports failure, it never raises
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    # ---- the checks ----------------------------------------------------------------------
+
+    async def database(self) -> dict[str, Any]:
+        """A committed write (on its own short-timeout connection) and the last real one."""
+        try:
+            await write_heartbeat(self._health_db)
+        except Exception as exc:
+            return {"ok": False, "error": f"cannot write: {type(exc).__name__}: {exc}"[:300]}
+        result: dict[str, Any] = {"ok": True}
+        if self._intake.last_write_error:
+            result |= {"ok": False, "error": f"last write failed: {self._intake.last_write_error}"}
+        async with self._health_db.connect() as conn:
+            backlog = await ingest.backlog(conn)
+        self._metrics.inbox_backlog.set(backlog)
+        return result | {"inbox_backlog": backlog}
+
+    async def homeserver(self) -> dict[str, Any]:
+        problem = await self._hs.check()
+        result: dict[str, Any] = {"ok": problem is None, "connected": self._connected()}
+        if problem:
+            result["problem"] = problem
+        return result
+
+    async def checkins(self) -> dict[str, Any]:
+        """Overdue check-ins make the service unhealthy: a promise to a member is slipping."""
+        async with self._health_db.connect() as conn:
+            counts = await cases.checkin_counts(conn, dt.datetime.now(dt.UTC), OVERDUE_GRACE)
+        for state in ("pending", "overdue", "unclaimed"):
+            self._metrics.checkins.labels(state).set(getattr(counts, state))
+        return {"ok": counts.overdue == 0, **asdict(counts)}
+
+    async def staff_room(self) -> dict[str, Any]:
+        problem = await self._staff_room.problem(self._hs)
+        return {"ok": problem is None, "room": self._staff_room.room_id} | (
+            {"problem": problem} if problem else {}
+        )
+
+    async def alerts(self) -> dict[str, Any]:
+        """Cases whose alert, or staff messages that, could not be delivered."""
+        since = dt.datetime.now(dt.UTC) - FAILED_MESSAGE_WINDOW
+        async with self._health_db.connect() as conn:
+            undelivered = await cases.failed_alerts(conn)
+            failed_messages = await outbox.failed_since(conn, since)
+        result: dict[str, Any] = {
+            "ok": not undelivered and not failed_messages,
+            "undelivered_alerts": undelivered,
+            "failed_staff_messages_24h": failed_messages,
+        }
+        if undelivered:
+            numbers = ", ".join(f"#{n}" for n in undelivered)
+            result["problem"] = f"the staff alert of case {numbers} could not be delivered"
+        return result

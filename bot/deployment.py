@@ -1,0 +1,27 @@
+"""What the policy core knows of its deployment: settled once at start, never changed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bot.settings import (
+    CheckinSettings,
+    MessageTemplates,
+    PolicySettings,
+    ReconcileSettings,
+    Resource,
+)
+from bot.store.audit import Provenance
+
+
+@dataclass(frozen=True)
+class Deployment:
+    policy: PolicySettings
+    checkin: CheckinSettings
+    messages: MessageTemplates
+    resources: tuple[Resource, ...]
+    bot_user_id: str
+    provenance: Provenance
+    may_invite: Callable[[str], bool]
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)

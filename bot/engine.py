@@ -1,0 +1,397 @@
+"""The step engine: every step of every case, run exactly once, in one place, by one contract.
+
+For each step (bot/steps/): the intent is written before it touches the
+homeserver (status `started`, the attempt counted), the outcome after, in the
+same database transaction as its audit entry and whatever a person must be
+told. A step runs when the steps it requires have finished and its due time
+has come; the case row's `next_attempt_at` is when the engine must look at a
+case again, so one timer — the earliest of them — serves every case, however
+many check-ins are pending.
+
+What can go wrong, and what then:
+- the homeserver is unreachable, rate-limits past its budget, or rejects our
+  token (an outage): the step waits with backoff; nothing is recorded as failed;
+- the homeserver refuses, or a step hits a bug: retried up to the step's
+  `retries`, then recorded `failed` with its reason, and a person is told — in
+  the staff alert if it is still to come, else by a staff-room message; an
+  alert that itself fails pages `policy.alert_webhook` and shows on /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bot.ports import HomeserverUnavailable
+from bot.staff_room import StaffRoomUnavailable
+from bot.steps import CaseStep, Outcome, StepRun, Toolbox
+from bot.store import audit, cases, outbox
+from bot.store.cases import Case, Step
+from bot.templates import render_step_failed
+from bot.worker import STOP_GRACE_SECONDS
+
+log = logging.getLogger(__name__)
+
+# Outage backoff (seconds), by the step's attempt number.
+OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Backoff before retrying a step that failed but might succeed (by its failure count).
+FAILURE_DELAYS = (2.0, 10.0, 30.0)
+# Steps whose failure the staff alert itself reports, when it is still to come.
+REPORTED_BY_ALERT = frozenset({"notify", "remove"})
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _delay(delays: tuple[float, ...], count: int) -> dt.timedelta:
+    return dt.timedelta(seconds=delays[min(max(count, 1), len(delays)) - 1])
+
+
+class StepEngine:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        steps: Mapping[str, CaseStep],
+        tools: Toolbox,
+        *,
+        max_parallel_cases: int = 8,
+        poll_interval: float = 30.0,
+        outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
+        failure_delays: tuple[float, ...] = FAILURE_DELAYS,
+    ) -> None:
+        self._db = db
+        self._steps = dict(steps)
+        self._tools = tools
+        self._metrics = tools.metrics
+        self._slots = asyncio.Semaphore(max_parallel_cases)
+        self._poll = poll_interval
+        self._outage_delays = outage_delays
+        self._failure_delays = failure_delays
+        self._running: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.on_outbox = lambda: None  # told when a staff message was queued
+
+    # ---- the timer -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._loop(), name="step-engine")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop the timer; steps in flight get `grace` seconds, then are cancelled.
+
+        Every step is resumable, so whatever is cut short finishes on the next start;
+        cancelling in the middle of a database transaction is what the grace avoids.
+        """
+        self._stopping = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            timeout = self._poll
+            try:
+                next_at = await self._start_due_cases()
+                if next_at is not None:
+                    timeout = min(self._poll, max((next_at - _now()).total_seconds(), 0.0))
+            except Exception:
+                # A database hiccup must not stop the timer: the rows are still the truth.
+                log.exception("the step engine could not read its due cases; retrying")
+                timeout = min(self._poll, 2.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _start_due_cases(self) -> dt.datetime | None:
+        """Start every due case not already running; returns when to look next."""
+        async with self._db.connect() as conn:
+            due = await cases.due(conn, _now())
+            next_at = await cases.next_due_at(conn)
+        for case_id in due:
+            self.start_case(case_id)
+        if next_at is not None and next_at <= _now():
+            # Only cases in flight are due: they wake the timer when they finish.
+            return None if len(due) < 100 else next_at
+        return next_at
+
+    def start_case(self, case_id: int) -> None:
+        """Run a case now (e.g. just opened), unless it is already running."""
+        if case_id in self._running or self._stopping:
+            return
+        self._running.add(case_id)
+        task = asyncio.create_task(self._run_guarded(case_id), name=f"case:{case_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_guarded(self, case_id: int) -> None:
+        try:
+            async with self._slots:
+                await self.run_case(case_id)
+        except Exception:
+            # Recording failed (the database): the case stays due and is retried.
+            log.exception("case #%d: could not be advanced; retrying", case_id)
+            self._metrics.errors.labels("workflow").inc()
+            await asyncio.sleep(1)
+        finally:
+            self._running.discard(case_id)
+            self.wake()
+
+    async def retry_waiting(self) -> None:
+        """What held steps back is fixed (e.g. the staff room works now): retry them now."""
+        async with self._db.begin() as conn:
+            await cases.retry_started_now(conn, _now())
+        self.wake()
+
+    # ---- one case --------------------------------------------------------------------
+
+    async def run_case(self, case_id: int) -> None:
+        """Run every step of the case that can run now, in order; then set its next look."""
+        deferred: set[str] = set()  # each step is tried at most once per round when waiting
+        while True:
+            async with self._db.connect() as conn:
+                case = await cases.get(conn, case_id)
+                steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
+            if case is None:
+                return
+            step = self._next_runnable(case, steps, _now(), skip=deferred)
+            if step is None:
+                break
+            deferred.add(step.step)
+            if not await self._run_step(case, step, steps):
+                break  # the homeserver is away: the other steps would wait for it too
+        async with self._db.begin() as conn:
+            case = await cases.get(conn, case_id)
+            steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
+            if case is not None:
+                await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+
+    def _ready(self, steps: Mapping[str, Step], unit: CaseStep) -> bool:
+        return all(steps[name].finished for name in unit.requires if name in steps)
+
+    def _when(self, case: Case, steps: Mapping[str, Step], step: Step) -> dt.datetime | None:
+        """When `step` may run (None: its preconditions do not hold yet)."""
+        unit = self._steps.get(step.step)
+        if unit is None or step.finished or not self._ready(steps, unit):
+            return None
+        times = [t for t in (unit.due(case, steps), step.not_before) if t is not None]
+        return max(times) if times else case.received_at
+
+    def _next_runnable(
+        self, case: Case, steps: Mapping[str, Step], now: dt.datetime, *, skip: set[str]
+    ) -> Step | None:
+        for step in sorted(steps.values(), key=lambda s: s.position):
+            if step.step in skip and step.status == "started":
+                continue
+            when = self._when(case, steps, step)
+            if when is not None and when <= now:
+                return step
+        return None
+
+    def _next_look(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
+        times = [self._when(case, steps, step) for step in steps.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    async def _run_step(self, case: Case, step: Step, steps: dict[str, Step]) -> bool:
+        """Run one step under the contract; False if a homeserver outage deferred it.
+
+        A staff room that cannot take messages defers only the steps that post there:
+        the member's steps (a check-in, say) go on.
+        """
+        unit = self._steps[step.step]
+        now = _now()
+        async with self._db.begin() as conn:
+            await cases.start_step(conn, case.id, step.step, now)  # the intent
+        step = replace(step, status="started", attempts=step.attempts + 1)
+        steps[step.step] = step
+        run = StepRun(case, step, steps, self._saver(case, step))
+        began = time.perf_counter()
+        try:
+            outcome = await unit.run(run)
+        except HomeserverUnavailable as exc:
+            await self._defer(unit, run, str(exc))
+            return isinstance(exc, StaffRoomUnavailable)
+        except Exception as exc:
+            log.exception("case #%d: step %s crashed", case.id, step.step, extra={"case": case.id})
+            self._metrics.errors.labels("workflow").inc()
+            outcome = Outcome("failed", error=f"internal error ({type(exc).__name__})", retry=True)
+        if outcome.status == "failed" and outcome.retry and step.failures < unit.retries:
+            await self._retry_later(case, step, outcome)
+            return True
+        await self._record(case, unit, step, steps, outcome)
+        self._metrics.step_seconds.labels(step.step).observe(time.perf_counter() - began)
+        return True
+
+    def _saver(self, case: Case, step: Step) -> Any:
+        async def save(
+            *, progress: dict[str, Any] | None = None, case_fields: dict[str, Any] | None = None
+        ) -> None:
+            async with self._db.begin() as conn:
+                if progress is not None:
+                    await cases.save_progress(conn, case.id, step.step, progress)
+                if case_fields:
+                    await cases.set_fields(conn, case.id, **case_fields)
+
+        return save
+
+    async def _defer(self, unit: CaseStep, run: StepRun, why: str) -> None:
+        case, step = run.case, run.step
+        until = _now() + _delay(self._outage_delays, step.attempts)
+        async with self._db.begin() as conn:
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=False, error=None
+            )
+        log.warning(
+            "case #%d: %s waits %.0fs: %s",
+            case.id,
+            step.step,
+            (until - _now()).total_seconds(),
+            why,
+            extra={"case": case.id},
+        )
+        self._metrics.errors.labels("homeserver").inc()
+        try:
+            await unit.deferred(run, why)
+        except Exception:
+            log.exception("case #%d: %s: deferral hook failed", case.id, step.step)
+
+    async def _retry_later(self, case: Case, step: Step, outcome: Outcome) -> None:
+        until = _now() + _delay(self._failure_delays, step.failures + 1)
+        async with self._db.begin() as conn:
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=True, error=outcome.error
+            )
+        log.warning(
+            "case #%d: %s failed (%s); retrying (%d of %d)",
+            case.id,
+            step.step,
+            outcome.error,
+            step.failures + 1,
+            self._steps[step.step].retries,
+            extra={"case": case.id},
+        )
+
+    async def _record(
+        self,
+        case: Case,
+        unit: CaseStep,
+        step: Step,
+        steps: Mapping[str, Step],
+        outcome: Outcome,
+    ) -> None:
+        now = _now()
+        facts = outcome.facts | {"status": outcome.status, "attempts": step.attempts}
+        if outcome.error:
+            facts["error"] = outcome.error
+        async with self._db.begin() as conn:
+            await cases.finish_step(
+                conn,
+                case.id,
+                step.step,
+                status=outcome.status,
+                result=outcome.facts | outcome.personal,
+                error=outcome.error,
+                now=now,
+            )
+            if outcome.case_fields:
+                await cases.set_fields(conn, case.id, **outcome.case_fields)
+            await audit.append(
+                conn,
+                self._tools.deployment.provenance,
+                unit.kind,
+                case_id=case.id,
+                facts=facts,
+                personal=outcome.personal,
+                at=now,
+            )
+            told = False
+            if outcome.status == "failed":
+                told = await self._tell_staff_of_failure(conn, case, step, steps, outcome, now)
+        self._metrics.steps.labels(step.step, outcome.status).inc()
+        log.info("case #%d: %s %s", case.id, step.step, outcome.status, extra={"case": case.id})
+        if told:
+            self.on_outbox()
+        if outcome.status == "failed" and step.step == "alert":
+            await self._page_failed_alert(case, outcome)
+
+    async def _tell_staff_of_failure(
+        self,
+        conn: AsyncConnection,
+        case: Case,
+        step: Step,
+        steps: Mapping[str, Step],
+        outcome: Outcome,
+        now: dt.datetime,
+    ) -> bool:
+        """Queue a staff message about a failed step, unless the alert will say it."""
+        alert = steps.get("alert")
+        if step.step == "alert" or (
+            step.step in REPORTED_BY_ALERT and alert is not None and not alert.finished
+        ):
+            return False
+        content = render_step_failed(case_number=case.id, step=step.step, error=outcome.error)
+        if case.alert_event_id:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": case.alert_event_id}}
+        await outbox.queue(conn, self._tools.staff_room.address, content, now)
+        return True
+
+    async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:
+        """Staff could not be told in their room: page whoever is on call (and /health says)."""
+        log.error(
+            "case #%d: the staff alert could not be delivered: %s",
+            case.id,
+            outcome.error,
+            extra={"case": case.id},
+        )
+        url = self._tools.deployment.policy.alert_webhook
+        problem = "no alert_webhook is configured"
+        if url:
+            problem = (
+                await self._tools.webhook.post_json(
+                    url,
+                    {
+                        "event": "safeguard.alert_failed",
+                        "case": case.id,
+                        "error": outcome.error,
+                        "text": f"Safeguarding case #{case.id}: the staff alert could not be "
+                        "delivered. Check the service's /health and the staff room now.",
+                    },
+                )
+                or "sent"
+            )
+        async with self._db.begin() as conn:
+            await audit.append(
+                conn,
+                self._tools.deployment.provenance,
+                "alert_paged",
+                case_id=case.id,
+                facts={"webhook": problem},
+                at=_now(),
+            )

@@ -1,0 +1,49 @@
+"""Which kind of room an event comes from, known in memory so the hot path can tell cheaply.
+
+The staff room, the members' DMs and the check-in rooms are the bot's own
+conversations: every message there matters (a member's reply, a staff command).
+Any other room the bot is in is a group room it moderates.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from bot.staff_room import StaffRoom
+
+
+class RoomKind(Enum):
+    STAFF = "staff"
+    DM = "dm"
+    CHECKIN = "checkin"
+    GROUP = "group"
+
+
+class RoomDirectory:
+    def __init__(self, staff_room: StaffRoom) -> None:
+        self.staff_room = staff_room
+        self._dms: set[str] = set()
+        self._checkins: set[str] = set()
+
+    def add_dm(self, room_id: str) -> None:
+        self._dms.add(room_id)
+
+    def add_checkin(self, room_id: str) -> None:
+        self._checkins.add(room_id)
+
+    def kind(self, room_id: str) -> RoomKind:
+        if self.staff_room.is_staff_room(room_id):
+            return RoomKind.STAFF
+        if room_id in self._dms:
+            return RoomKind.DM
+        if room_id in self._checkins:
+            return RoomKind.CHECKIN
+        return RoomKind.GROUP
+
+    def is_private(self, room_id: str) -> bool:
+        """The staff room, a DM or a check-in room: every event there may need acting on."""
+        return (
+            room_id in self._dms
+            or room_id in self._checkins
+            or self.staff_room.is_staff_room(room_id)
+        )

@@ -1,0 +1,35 @@
+"""Who is staff: users named in `policy.staff`, and anyone with `policy.staff_power_level`
+in the staff room (read fresh for each decision, never from a cache)."""
+
+from __future__ import annotations
+
+from bot.authorization import is_staff
+from bot.ports import Homeserver, Refused, RoomState
+from bot.settings import PolicySettings
+from bot.staff_room import StaffRoom
+
+
+class StaffDirectory:
+    def __init__(self, homeserver: Homeserver, policy: PolicySettings, room: StaffRoom) -> None:
+        self._hs = homeserver
+        self._policy = policy
+        self._room = room
+
+    async def room_state(self) -> RoomState | None:
+        if self._room.room_id is None:
+            return None
+        state = await self._hs.room_state(self._room.room_id)
+        return None if isinstance(state, Refused) else state
+
+    def is_staff_in(self, user_id: str, staff_room: RoomState | None) -> bool:
+        return is_staff(
+            user_id,
+            staff_users=self._policy.staff,
+            staff_room=staff_room,
+            staff_power_level=self._policy.staff_power_level,
+        )
+
+    async def is_staff(self, user_id: str) -> bool:
+        if user_id in self._policy.staff:
+            return True
+        return self.is_staff_in(user_id, await self.room_state())

@@ -1,0 +1,101 @@
+"""checkin: the next-day check-in, a private room with the member and staff, opened once.
+
+Its due time was fixed when the flag arrived; the case row is the truth, so a
+restart before the due time still opens it on time and a service that was down
+at the due time opens it on return (and staff are told it is late). It needs
+`schedule`, not the alert: a broken staff room must not hold back the member's
+check-in. A crash while opening leaves one room (its marker is in its create
+event), and a resumed attempt invites whoever the earlier one did not.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from bot.ports import Refused
+from bot.steps.base import CaseStep, Outcome, StepRun
+from bot.store.cases import Case, Step
+from bot.templates import render_checkin
+
+# Later than this past its due time, a check-in was held up (the service was
+# down), not by scheduling jitter: staff are told it is late.
+LATE_AFTER = dt.timedelta(seconds=10)
+PRESENT = frozenset({"join", "invite"})
+
+
+def matrix_to(room_id: str) -> str:
+    return f"https://matrix.to/#/{room_id}"
+
+
+class Checkin(CaseStep):
+    name = "checkin"
+    requires = ("schedule",)
+
+    def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
+        return case.due_at
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        if case.state == "closed":
+            return Outcome.skipped("the case was closed before the check-in")
+        if case.dry_run:
+            return Outcome.skipped("dry run", would_open_at=str(case.due_at))
+        if run.steps["schedule"].status != "done":
+            return Outcome.skipped("the check-in was not scheduled")
+        assert case.member_id is not None
+        now = dt.datetime.now(dt.UTC)
+        late = now - (case.due_at or now)
+        room_id = run.progress.get("room")
+        if room_id is None and run.resumed:
+            room_id = await self.hs.find_marked_room(run.marker())
+        if room_id is None:
+            created = await self.hs.create_room(
+                marker=run.marker(), invite=[], name=self.deployment.checkin.room_name
+            )
+            if isinstance(created, Refused):
+                return Outcome.refused("the room could not be created", created, retry=True)
+            room_id = created.room_id
+        self.tools.rooms.add_checkin(room_id)
+        if run.progress.get("room") != room_id:
+            await run.save(
+                progress=run.progress | {"room": room_id},
+                case_fields={"checkin_room_id": room_id},
+            )
+        invited, not_invited = await self._invite_all(
+            room_id, [case.member_id, *self.deployment.policy.staff]
+        )
+        staff_roles = ["a member of our staff team"] if self.deployment.policy.staff else []
+        content = self.tools.texts(
+            render_checkin, self.deployment.resources, staff_roles=staff_roles
+        )
+        message = await self.tools.send_once(run, room_id, content)
+        facts: dict[str, Any] = {
+            "late_seconds": round(late.total_seconds()) if late > LATE_AFTER else 0,
+            "message": message if isinstance(message, str) else None,
+            "member_invited": case.member_id in invited,
+        }
+        if isinstance(message, Refused):
+            facts["message_error"] = str(message)
+        personal = {"room": room_id, "invited": invited, "not_invited": not_invited}
+        return Outcome(
+            "done",
+            facts,
+            personal,
+            case_fields={"checkin_room_id": room_id, "checkin_opened_at": now},
+        )
+
+    async def _invite_all(self, room_id: str, users: list[str]) -> tuple[list[str], dict[str, str]]:
+        invited: list[str] = []
+        failed: dict[str, str] = {}
+        for user in dict.fromkeys(users):
+            if await self.hs.membership(room_id, user) in PRESENT:
+                invited.append(user)
+                continue
+            result = await self.hs.invite(room_id, user)
+            if isinstance(result, Refused):
+                failed[user] = str(result)
+            else:
+                invited.append(user)
+        return invited, failed

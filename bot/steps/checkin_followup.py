@@ -1,0 +1,80 @@
+"""After the check-in: staff are told where it is, and reminded if nobody picks it up.
+
+Both are steps of their own so that neither the check-in waits for the staff
+room nor a staff message is skipped: a staff room that cannot take them defers
+them until it can.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+from bot.ports import Refused
+from bot.steps.base import CaseStep, Outcome, StepRun
+from bot.steps.checkin import matrix_to
+from bot.store.cases import Case, Step
+from bot.templates import render_checkin_opened, render_checkin_reminder
+
+
+class CheckinNotice(CaseStep):
+    """Tell the staff room where the check-in is (or that it could not be opened)."""
+
+    name = "checkin_notice"
+    requires = ("checkin",)
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        checkin = run.steps["checkin"]
+        if checkin.status == "skipped" and not case.dry_run:
+            return Outcome.skipped(checkin.result.get("why", "no check-in"))
+        room_id = checkin.result.get("room")
+        late = checkin.result.get("late_seconds") or 0
+        not_invited = (checkin.result.get("not_invited") or {}).get(case.member_id or "")
+        content = render_checkin_opened(
+            case_number=case.id,
+            link=matrix_to(room_id) if room_id else None,
+            late_by=dt.timedelta(seconds=late) if late else None,
+            dry_run=case.dry_run,
+            due_at=case.due_at,
+            member_not_invited=not_invited,
+            failed=checkin.error if checkin.status == "failed" else None,
+        )
+        sent = await self.tools.send_to_staff(run, content)
+        if isinstance(sent, Refused):
+            return Outcome.refused("the staff room refused the notice", sent, retry=True)
+        fields = {"checkin_notice_event_id": sent} if checkin.status == "done" else {}
+        return Outcome("done", {"event": sent}, case_fields=fields)
+
+
+class CheckinReminder(CaseStep):
+    """Raise an unclaimed, unjoined check-in again in the staff room, once."""
+
+    name = "checkin_reminder"
+    requires = ("checkin", "checkin_notice")
+    audit_kind = "checkin_reminded"
+
+    def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
+        opened = steps["checkin"].finished_at
+        return opened + self.deployment.checkin.remind_after if opened else None
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        if run.steps["checkin"].status != "done":
+            return Outcome.skipped("no check-in room was opened")
+        if case.state == "closed":
+            return Outcome.skipped("the case is closed")
+        if case.checkin_claimed_by or case.checkin_staff_joined_at:
+            return Outcome.skipped("staff have it")
+        staff = list(self.deployment.policy.staff)
+        content = render_checkin_reminder(
+            case_number=case.id, link=matrix_to(case.checkin_room_id or ""), staff=staff
+        )
+        sent = await self.tools.send_to_staff(run, content)
+        if isinstance(sent, Refused):
+            return Outcome.refused("the staff room refused the reminder", sent, retry=True)
+        return Outcome(
+            "done",
+            {"event": sent, "sent": True},
+            case_fields={"checkin_reminded_at": dt.datetime.now(dt.UTC)},
+        )

@@ -1,0 +1,54 @@
+"""The rooms the bot moderates: who added it, when, and whether it can remove members there."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.store.schema import rooms
+
+
+@dataclass(frozen=True)
+class ModeratedRoom:
+    room_id: str
+    inviter: str | None
+    joined_at: dt.datetime | None
+    can_kick: bool | None
+    left_at: dt.datetime | None
+
+
+def _room(row: sa.Row) -> ModeratedRoom:  # type: ignore[type-arg]
+    return ModeratedRoom(row.room_id, row.inviter, row.joined_at, row.can_kick, row.left_at)
+
+
+async def joined(
+    conn: AsyncConnection, room_id: str, *, inviter: str, at: dt.datetime, can_kick: bool | None
+) -> None:
+    values = {"inviter": inviter, "joined_at": at, "can_kick": can_kick, "left_at": None}
+    updated = await conn.execute(rooms.update().where(rooms.c.room_id == room_id).values(**values))
+    if not updated.rowcount:
+        await conn.execute(rooms.insert().values(room_id=room_id, **values))
+
+
+async def left(conn: AsyncConnection, room_id: str, *, at: dt.datetime) -> None:
+    await conn.execute(rooms.update().where(rooms.c.room_id == room_id).values(left_at=at))
+
+
+async def get(conn: AsyncConnection, room_id: str) -> ModeratedRoom | None:
+    row = (await conn.execute(sa.select(rooms).where(rooms.c.room_id == room_id))).first()
+    return _room(row) if row else None
+
+
+async def set_can_kick(conn: AsyncConnection, room_id: str, value: bool | None) -> None:
+    await conn.execute(rooms.update().where(rooms.c.room_id == room_id).values(can_kick=value))
+
+
+async def moderated(conn: AsyncConnection) -> list[ModeratedRoom]:
+    """Rooms the bot is in to moderate (joined, not since removed)."""
+    rows = await conn.execute(
+        sa.select(rooms).where(rooms.c.left_at.is_(None)).order_by(rooms.c.joined_at)
+    )
+    return [_room(row) for row in rows]

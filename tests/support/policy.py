@@ -1,0 +1,85 @@
+"""The policy core wired to an in-memory homeserver, for unit tests of what our code decides."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.deployment import Deployment
+from bot.engine import StepEngine
+from bot.metrics import Metrics
+from bot.rooms import RoomDirectory
+from bot.settings import CheckinSettings, MessageTemplates, PolicySettings, default_resources
+from bot.staff_room import StaffRoom
+from bot.steps import Toolbox, build_steps
+from bot.store import audit
+from bot.texts import Texts
+
+GROUP, STAFF = "!group:localhost", "!staff:localhost"
+MEMBER, MOD = "@member:localhost", "@mod:localhost"
+BOT = "@safeguard:localhost"
+PROVENANCE = audit.Provenance("test", "0" * 64)
+
+
+def deployment(
+    *, messages: MessageTemplates | None = None, checkin: CheckinSettings | None = None, **policy
+) -> Deployment:
+    return Deployment(
+        policy=PolicySettings(staff_room=STAFF, **policy),
+        checkin=checkin or CheckinSettings(after=dt.timedelta(hours=1)),
+        messages=messages or MessageTemplates(),
+        resources=tuple(default_resources()),
+        bot_user_id=BOT,
+        provenance=PROVENANCE,
+        may_invite=lambda user: True,
+    )
+
+
+class RecordingWebhook:
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, dict[str, Any]]] = []
+
+    async def post_json(self, url: str, payload: dict[str, Any]) -> str | None:
+        self.posted.append((url, payload))
+        return None
+
+
+def toolbox(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None) -> Toolbox:
+    settings = settings or deployment()
+    staff_room = StaffRoom(STAFF)
+    return Toolbox(
+        db=db,
+        homeserver=homeserver,
+        deployment=settings,
+        texts=Texts(settings.messages),
+        staff_room=staff_room,
+        rooms=RoomDirectory(staff_room),
+        metrics=Metrics(),
+        webhook=RecordingWebhook(),
+    )
+
+
+def step_engine(
+    db: AsyncEngine, homeserver: Any, settings: Deployment | None = None, **options: Any
+) -> StepEngine:
+    tools = toolbox(db, homeserver, settings)
+    options.setdefault("outage_delays", (0.0,))
+    options.setdefault("failure_delays", (0.0,))
+    return StepEngine(db, build_steps(tools), tools, **options)
+
+
+async def run_until_waiting(runner: StepEngine, db: AsyncEngine, case_id: int) -> None:
+    """Run the case round after round until nothing of it is due now (retries included)."""
+    from bot.store import cases
+
+    for _ in range(20):
+        await runner.run_case(case_id)
+        async with db.connect() as conn:
+            case = await cases.get(conn, case_id)
+        if case is None or case.next_attempt_at is None:
+            return
+        if case.next_attempt_at > dt.datetime.now(dt.UTC):
+            return
+    raise AssertionError(f"case #{case_id} never settled")
