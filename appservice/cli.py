@@ -53,6 +53,10 @@ def cmd_registration(args: argparse.Namespace, config: Config) -> int:
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     # Neither the homeserver nor the database is needed: `run` does the same checks first.
     check_runnable(config)
+    from appservice.registration import load_registration
+
+    for warning in load_registration(config.registration_path).warnings(config):
+        print(f"warning: appservice.registration: {warning}")
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "

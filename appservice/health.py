@@ -33,6 +33,9 @@ CHECK_SECONDS = 5.0
 OVERDUE_GRACE = dt.timedelta(minutes=5)
 # Staff messages given up on within this window keep /health at 503.
 FAILED_MESSAGE_WINDOW = dt.timedelta(hours=24)
+# A transaction that could not be recorded keeps /health at 503 this long (or until the
+# next one is recorded): a small heartbeat can succeed where a real write fails.
+FAILED_WRITE_WINDOW = dt.timedelta(minutes=5)
 Check = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -94,8 +97,14 @@ class HealthChecks:
         except Exception as exc:
             return {"ok": False, "error": f"cannot write: {type(exc).__name__}: {exc}"[:300]}
         result: dict[str, Any] = {"ok": True}
-        if self._intake.last_write_error:
-            result |= {"ok": False, "error": f"last write failed: {self._intake.last_write_error}"}
+        failed_at = self._intake.last_write_failed_at
+        if (
+            self._intake.last_write_error
+            and failed_at is not None
+            and dt.datetime.now(dt.UTC) - failed_at < FAILED_WRITE_WINDOW
+        ):
+            error = f"a transaction could not be recorded: {self._intake.last_write_error}"
+            result |= {"ok": False, "error": error}
         async with self._health_db.connect() as conn:
             backlog = await ingest.backlog(conn)
         self._metrics.inbox_backlog.set(backlog)

@@ -18,9 +18,12 @@ is retried in place.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -37,7 +40,9 @@ from nio import (
     RoomSendResponse,
 )
 from nio.api import MessageDirection
+from nio.client.async_client import client_session
 
+from appservice.registration import ROOM_ALIAS_PREFIX
 from bot.ports import (
     MESSAGE_MARKER_KEY,
     ROOM_MARKER_KEY,
@@ -53,11 +58,37 @@ from bot.ports import (
 log = logging.getLogger(__name__)
 # Never wait longer than this on one retry_after_ms: the step is retried later anyway.
 MAX_RETRY_AFTER = 30.0
+# A room alias reserved this long with no room behind it was left by a Synapse that died
+# mid-createRoom (no creation takes that long): it is released and the room made anew.
+EMPTY_RESERVATION_SECONDS = 20.0
 T = TypeVar("T")
 
 
 def _quote(value: str) -> str:
     return quote(value, safe="")
+
+
+class BotClient(AsyncClient):
+    """nio's client, without aiohttp's silent second try of a request.
+
+    aiohttp resends a PUT or DELETE on a fresh connection when a kept-alive one drops
+    before the answer — and PUT is how a message is sent. If the homeserver had
+    already stored the message and then restarted (forgetting the transaction id),
+    the resend is a duplicate nobody sees coming. Every retry is ours to decide
+    (NioHomeserver._call), so that one is turned off. aiohttp has no public switch
+    for it: the session's `_retry_connection` flag is what it reads.
+    """
+
+    @client_session
+    async def _session_ready(self) -> None:
+        assert self.client_session is not None
+        self.client_session._retry_connection = False  # type: ignore[attr-defined]
+
+    async def send(self, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+        session = self.client_session
+        if session is None or getattr(session, "_retry_connection", False):
+            await self._session_ready()
+        return await super().send(*args, **kwargs)
 
 
 class NioHomeserver:
@@ -74,14 +105,23 @@ class NioHomeserver:
         max_delay: float = 8.0,
         request_timeout: float = 30.0,
         on_rate_limited: Callable[[], None] = lambda: None,
+        domain: str | None = None,
+        room_aliases: bool = True,
     ) -> None:
         self._bot_user_id = bot_user_id
+        self._domain = domain or bot_user_id.split(":", 1)[1]
+        # Room creation with an alias in our namespace (see create_room); off when the
+        # registration does not reserve it.
+        self._room_aliases = room_aliases
+        self._alias_key = as_token.encode()
+        # Aliases found reserved with no room yet: alias -> when first seen (monotonic).
+        self._empty_reservations: dict[str, float] = {}
         # nio retries 429s honouring retry_after_ms; bound it so a sustained
         # limit surfaces to us instead of hanging a step for ever.
         config = AsyncClientConfig(
             max_limit_exceeded=8, max_timeouts=0, request_timeout=request_timeout
         )
-        self.client = AsyncClient(url, user=bot_user_id, config=config)
+        self.client = BotClient(url, user=bot_user_id, config=config)
         self.client.access_token = as_token
         self.client.user_id = bot_user_id
         self._on_rate_limited = on_rate_limited
@@ -325,6 +365,12 @@ class NioHomeserver:
                 return room_id
         return None
 
+    def _alias_for(self, marker: str) -> str:
+        """An alias only this deployment can derive from the marker (no one can squat it:
+        the namespace is the appservice's, exclusively)."""
+        digest = hmac.new(self._alias_key, marker.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{ROOM_ALIAS_PREFIX}{digest}"
+
     async def create_room(
         self,
         *,
@@ -333,6 +379,72 @@ class NioHomeserver:
         name: str | None = None,
         topic: str | None = None,
         is_direct: bool = False,
+    ) -> RoomCreated | Refused:
+        """A private room carrying `marker`, created at most once.
+
+        The room gets an alias derived from the marker, in the appservice's exclusive
+        namespace. Synapse reserves the alias before it sends any event of the room, so
+        a second attempt — after a lost answer, or while the first is still being
+        processed — is refused with "in use" and resolves to the one room.
+        """
+        if not self._room_aliases:
+            return await self._create_room(marker, invite, name, topic, is_direct, alias=None)
+        alias = self._alias_for(marker)
+        created = await self._create_room(marker, invite, name, topic, is_direct, alias=alias)
+        if isinstance(created, Refused) and created.errcode == "M_EXCLUSIVE":
+            log.warning(
+                "the registration does not reserve the room alias namespace: rooms are "
+                "created without an alias (re-run `safeguard registration`, restart Synapse)"
+            )
+            self._room_aliases = False
+            return await self._create_room(marker, invite, name, topic, is_direct, alias=None)
+        if isinstance(created, Refused) and (
+            created.errcode == "M_ROOM_IN_USE" or created.status == 409
+        ):
+            return await self._existing_room(f"#{alias}:{self._domain}", marker)
+        return created
+
+    async def _existing_room(self, alias: str, marker: str) -> RoomCreated | Refused:
+        """The room an earlier attempt created, once its create event is there.
+
+        Synapse reserves the alias before it writes the room's first event: a Synapse
+        killed in between leaves a reservation with no room behind it. One that stays
+        empty longer than any room creation takes is released, and the room created anew.
+        """
+        room_id = await self.resolve_room(alias)
+        if isinstance(room_id, Refused):
+            raise HomeserverUnavailable(f"{alias} is taken but does not resolve yet ({room_id})")
+        create = await self._state_event(room_id, "m.room.create")
+        if create is None or isinstance(create, Refused):
+            first_seen = self._empty_reservations.setdefault(alias, time.monotonic())
+            waited = time.monotonic() - first_seen
+            if waited < EMPTY_RESERVATION_SECONDS:
+                raise HomeserverUnavailable(
+                    f"the room {room_id} is still being created",
+                    retry_after=min(2.0, EMPTY_RESERVATION_SECONDS - waited),
+                )
+            released = await self._raw(
+                "DELETE", f"/_matrix/client/v3/directory/room/{_quote(alias)}", idempotent=True
+            )
+            self._empty_reservations.pop(alias, None)
+            log.warning("released %s: its room %s was never created (%s)", alias, room_id, released)
+            raise HomeserverUnavailable(
+                f"the room for {marker} must be created again", retry_after=0.0
+            )
+        self._empty_reservations.pop(alias, None)
+        if create.get(ROOM_MARKER_KEY) != marker:
+            return Refused("M_ROOM_IN_USE", f"{alias} names a room that is not {marker}")
+        return RoomCreated(room_id)
+
+    async def _create_room(
+        self,
+        marker: str,
+        invite: list[str],
+        name: str | None,
+        topic: str | None,
+        is_direct: bool,
+        *,
+        alias: str | None,
     ) -> RoomCreated | Refused:
         body: dict[str, Any] = {
             "visibility": "private",
@@ -347,6 +459,12 @@ class NioHomeserver:
             body["name"] = name
         if topic:
             body["topic"] = topic
+        if alias is not None:
+            body["room_alias_name"] = alias
+            # The alias is for our bookkeeping only: members see no room address.
+            body["initial_state"] = [
+                {"type": "m.room.canonical_alias", "state_key": "", "content": {}}
+            ]
         # Raw, because nio's room_create cannot set creation_content. Not retried
         # blindly: a lost answer may hide a created room (the step finds it by its marker).
         result = await self._raw("POST", "/_matrix/client/v3/createRoom", body, idempotent=False)

@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from appservice.config import Config
 
 PLACEHOLDER_PREFIX = "PLACEHOLDER"
+# Rooms the bot creates carry an alias in this exclusive namespace, which makes creating
+# one idempotent: a second attempt (the first one's answer lost) finds it instead.
+ROOM_ALIAS_PREFIX = "_safeguard_"
+
+
+def alias_namespace(domain: str) -> str:
+    return f"^#{re.escape(ROOM_ALIAS_PREFIX)}[0-9a-f]+:{re.escape(domain)}$"
 
 
 def is_placeholder(token: object) -> bool:
@@ -51,6 +58,18 @@ class Registration:
         if (self.url or "").rstrip("/") != config.appservice.url.rstrip("/"):
             problems.append(f"url is {self.url!r} but appservice.url is {config.appservice.url!r}")
         return problems
+
+    def warnings(self, config: Config) -> list[str]:
+        """What an older registration lacks; the service runs, but less robustly."""
+        namespaces = self.raw.get("namespaces") or {}
+        aliases = [a.get("regex") for a in namespaces.get("aliases") or [] if isinstance(a, dict)]
+        if alias_namespace(config.homeserver.domain) not in aliases:
+            return [
+                "the registration reserves no room alias namespace, so a room creation whose "
+                "answer was lost cannot be told apart from one that never happened: re-run "
+                "`safeguard registration` and restart Synapse"
+            ]
+        return []
 
 
 def load_registration(path: Path) -> Registration:
@@ -101,7 +120,7 @@ def build_registration(config: Config, existing: dict[str, Any] | None = None) -
         # The bot is the only user we act as, and no one else may claim its id.
         "namespaces": {
             "users": [{"exclusive": True, "regex": f"^{bot}$"}],
-            "aliases": [],
+            "aliases": [{"exclusive": True, "regex": alias_namespace(config.homeserver.domain)}],
             "rooms": [],
         },
         # A safeguarding action must never wait behind a rate limit we could avoid.

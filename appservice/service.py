@@ -88,11 +88,16 @@ class Service:
         self._health_engine = create_engine(
             config.database_url, busy_timeout_ms=HEALTH_BUSY_TIMEOUT_MS
         )
+        registration_warnings = self.registration.warnings(config)
+        for warning in registration_warnings:
+            log.warning("%s: %s", config.registration_path, warning)
         self.homeserver = NioHomeserver(
             config.homeserver.url,
             self.registration.as_token,
             config.bot_user_id,
             on_rate_limited=self.metrics.rate_limited.inc,
+            domain=config.homeserver.domain,
+            room_aliases=not registration_warnings,
         )
         self.connected = asyncio.Event()
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)

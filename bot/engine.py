@@ -236,7 +236,7 @@ class StepEngine:
         try:
             outcome = await unit.run(run)
         except HomeserverUnavailable as exc:
-            await self._defer(unit, run, str(exc))
+            await self._defer(unit, run, exc)
             return isinstance(exc, StaffRoomUnavailable)
         except Exception as exc:
             log.exception("case #%d: step %s crashed", case.id, step.step, extra={"case": case.id})
@@ -261,9 +261,13 @@ class StepEngine:
 
         return save
 
-    async def _defer(self, unit: CaseStep, run: StepRun, why: str) -> None:
+    async def _defer(self, unit: CaseStep, run: StepRun, exc: HomeserverUnavailable) -> None:
         case, step = run.case, run.step
-        until = _now() + _delay(self._outage_delays, step.attempts)
+        why = str(exc)
+        delay = _delay(self._outage_delays, step.attempts)
+        if exc.retry_after is not None:
+            delay = min(delay, dt.timedelta(seconds=exc.retry_after))
+        until = _now() + delay
         async with self._db.begin() as conn:
             await cases.retry_step_later(
                 conn, case.id, step.step, not_before=until, failed=False, error=None

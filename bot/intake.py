@@ -147,8 +147,9 @@ class Intake:
         self._filter = action_filter
         self._on_queued = on_queued
         self._metrics = metrics
-        # The outcome of the last write, for /health: None, or why it failed.
+        # The outcome of the last write, for /health: None, or why it failed and when.
         self.last_write_error: str | None = None
+        self.last_write_failed_at: dt.datetime | None = None
 
     async def accept(
         self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
@@ -180,6 +181,7 @@ class Intake:
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         self.last_write_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_write_failed_at = dt.datetime.now(dt.UTC)
         return StorageUnavailable(self.last_write_error)
 
     async def _record(

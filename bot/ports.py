@@ -26,8 +26,13 @@ class HomeserverUnavailable(Exception):
     """Not now: the homeserver could not be reached, kept rate-limiting, answered 5xx, or
     rejected our token (M_UNKNOWN_TOKEN: fixed by an operator, never a refusal to record).
 
-    Callers try again later; nothing is recorded as failed because of it.
+    Callers try again later; nothing is recorded as failed because of it. `retry_after`
+    (seconds), when known, says how soon trying again makes sense.
     """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,13 @@ class Reconciler:
         if since is not None:
             oldest = max(oldest, since)
         if token is None:
-            return await self._first_read(room_id, oldest)
+            first = await self._first_read(room_id, oldest)
+            if first:
+                # Mostly what happened before the bot was there (never sent to us): no alarm.
+                log.info(
+                    "read %d earlier event(s) of %s, watched for the first time", first, room_id
+                )
+            return 0
         found = 0
         while True:
             page = await self._timeline.read_forward(room_id, token, limit=PAGE)

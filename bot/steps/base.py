@@ -74,7 +74,9 @@ class StepRun:
 
 
 def marker(case: Case, what: str) -> str:
-    return f"case:{case.id}:{what}"
+    """What marks the bot's rooms and messages for this case: unique to the case row, so
+    a database started afresh (case numbers from 1 again) never finds an old case's room."""
+    return f"{case.tag}:{what}"
 
 
 def marked(content: dict[str, Any], case: Case, what: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,17 @@ class Case:
     alert_acked_by: str | None
     alert_raised_again_at: dt.datetime | None
     next_attempt_at: dt.datetime | None = None  # when the step engine looks at it next
+    nonce: str | None = None  # random, set when the case is opened (None: an older case)
 
     @property
     def active(self) -> bool:
         return self.rejoined_at is None
+
+    @property
+    def tag(self) -> str:
+        """The case as its markers name it: number and nonce (cases opened before the nonce
+        existed keep the plain number, so their steps still find what they did)."""
+        return f"case:{self.id}" if self.nonce is None else f"case:{self.id}.{self.nonce}"
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ async def open_or_corroborate(
                             received_at=flag.received_at,
                             due_at=due_at,
                             next_attempt_at=flag.received_at,
+                            nonce=secrets.token_hex(8),
                         )
                         .returning(cases.c.id)
                     )

@@ -103,6 +103,8 @@ cases = sa.Table(
     sa.Column("hold_reason", sa.Text, nullable=True),
     sa.Column("purged_at", UTCDateTime, nullable=True),
     sa.Column("next_attempt_at", UTCDateTime, nullable=True, index=True),
+    # Random per case: the bot's rooms and messages are marked with it (see Case.tag).
+    sa.Column("nonce", sa.String(32), nullable=True),
     # The check-in's life after it opens: the staff-room notice staff claim with ✋,
     # who claimed it, when staff first joined, and whether staff were reminded.
     sa.Column("checkin_notice_event_id", sa.String(255), nullable=True, index=True),

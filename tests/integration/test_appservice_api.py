@@ -391,3 +391,96 @@ async def test_export_since_must_be_a_date(config):
         "cases", "export", "-c", str(config), "--since", "last tuesday"
     )
     assert code == 2 and "is not a date (write YYYY-MM-DD)" in err
+
+
+async def test_ids_the_database_cannot_store_are_skipped_not_a_500(service):
+    """A lone UTF-16 surrogate in an id (escaped in JSON) is skipped like any malformed event."""
+    body = (
+        b'{"events": ['
+        b'{"event_id": "$bad\\ud800", "room_id": "!r:l", "type": "m.reaction", "sender": "@a:l"},'
+        b'{"event_id": "$ok", "room_id": "!r\\udfff:l", "type": "m.reaction", "sender": "@a:l"},'
+        + json.dumps(reaction("$fine") | {"content": {"body": "x"}}).encode()
+        + b"]}"
+    )
+    status, payload = await put(service, "surrogates", body, raw=True)
+    assert (status, payload) == (200, {})
+    # Content with a lone surrogate is kept (made storable), not a reason to drop the event.
+    lone = reaction("$content-surrogate")
+    lone["content"]["m.relates_to"]["key"] = "🚨"
+    lone["content"]["note"] = "\ud800 alone"
+    status, _ = await put(
+        service, "surrogate-content", json.dumps({"events": [lone]}).encode(), raw=True
+    )
+    assert status == 200
+    ids = await inbox_ids(service)
+    assert "$content-surrogate" in ids and not any("\ud800" in i for i in ids)
+
+
+async def test_nesting_the_parser_refuses_is_a_400_in_matrix_shape(service):
+    deep = b'{"events": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    status, payload = await put(service, "deep", deep, raw=True)
+    assert (status, payload["errcode"]) == (400, "M_NOT_JSON")
+    nested_event = reaction("$nested") | {"content": {"x": json.loads("[" * 500 + "]" * 500)}}
+    assert (await put(service, "nested", {"events": [nested_event]}))[0] == 200
+
+
+async def test_losing_the_postgresql_instance_lock_stops_the_service(tmp_path):
+    """The lock's connection is cut: the service stops, non-zero, before a twin could act."""
+    import asyncio
+    import os
+    import sys
+
+    from sqlalchemy import text
+
+    from appservice.database import _PG_LOCK_KEY
+    from appservice.registration import write_registration
+    from tests.support.databases import fresh_database
+
+    async with fresh_database("postgresql", tmp_path) as url:
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "homeserver": {"url": "http://127.0.0.1:9", "domain": "localhost"},
+                    "appservice": {"url": "http://127.0.0.1:2", "listen": {"port": 0}},
+                    "database": {"url": url},
+                    "policy": {"staff_room": "!s:localhost"},
+                }
+            )
+        )
+        write_registration(load_config(path), tmp_path / "registration.yaml")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "appservice.cli",
+            "run",
+            "-c",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        admin = create_engine(url)
+        lock_holder = (
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :key AND granted"
+        )
+        try:
+
+            async def holder() -> int | None:
+                async with admin.connect() as conn:
+                    return (
+                        await conn.execute(text(lock_holder), {"key": _PG_LOCK_KEY})
+                    ).scalar_one_or_none()
+
+            pid = await until(holder, within=30, what="the service to take the lock")
+            async with admin.connect() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            code = await asyncio.wait_for(process.wait(), 30)
+            assert code != 0
+            assert process.stderr is not None
+            assert "instance lock" in (await process.stderr.read()).decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await admin.dispose()

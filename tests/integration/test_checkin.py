@@ -223,3 +223,32 @@ async def test_two_cases_of_one_member_get_two_checkins(synapse, tmp_path):
         document = await export_json(config)
         rooms = {case["checkin_room"] for case in document["cases"]}
         assert len(document["cases"]) == 2 and len(rooms) == 2
+
+
+async def test_checkin_opens_on_time_while_the_staff_room_refuses_the_bot(synapse, tmp_path):
+    """The bot may not post in the staff room: the alert and check-in notice wait; the
+    member's check-in does not. Once the power is restored, staff get both, once."""
+    scene = await build_scene(synapse, tmp_path, staff_room=False)
+    scene.staff_room = await scene.staff.create_room(
+        name="Staff", invite=[BOT], power_levels={"events_default": 100}
+    )
+    config = checkin_config(scene, after="2s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        (room,) = await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        (case,) = (await export_json(config))["cases"]
+        assert case["steps"]["alert"] == "started", "waiting, not failed"
+        assert case["steps"]["checkin"] == "done"
+        await scene.staff.set_power_level(scene.staff_room, BOT, 100)
+        await eventually(
+            lambda: scene.last_staff_event(lambda body: body.startswith("Case #1\n")),
+            within=60,
+            what="the alert once the bot may post",
+        )
+        notice = await eventually(
+            lambda: scene.last_staff_event(lambda body: "check-in room is open" in body),
+            within=60,
+            what="the check-in's staff notice",
+        )
+        assert room in notice["content"]["body"]

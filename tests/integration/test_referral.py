@@ -289,3 +289,39 @@ async def test_undeliverable_notice_still_removes_and_alert_says_so_first(scene)
         )
         assert "999" in kick["content"]["reason"]
         assert "check your messages" in kick["content"]["reason"].lower()
+
+
+async def test_a_reaction_to_an_absurd_event_id_holds_nothing_up(scene):
+    """70,000 characters of event id: not a flag (no homeserver call chokes on it).
+
+    Synapse refuses such a reaction from a client, so it comes the way a homeserver
+    (or anyone with the hs_token) could deliver it: in a transaction.
+    """
+    from tests.integration.test_appservice_api import put
+
+    config = configure(scene)
+    async with running_service(config) as service:
+        await open_group_room(scene)
+        absurd = {
+            "event_id": "$absurd-relation",
+            "room_id": scene.group,
+            "type": "m.reaction",
+            "sender": scene.moderator.user_id,
+            "origin_server_ts": 1,
+            "content": {
+                "m.relates_to": {
+                    "rel_type": "m.annotation",
+                    "event_id": "$" + "x" * 70_000,
+                    "key": "🚨",
+                }
+            },
+        }
+        assert (await put(service, "absurd", {"events": [absurd]}))[0] == 200
+        said = await scene.member.send_text(scene.group, "I'm not ok")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: removed(scene, scene.member), what="the real flag behind it")
+        async with service.engine.connect() as conn:
+            from bot.store import audit
+
+            kinds = [e.kind for e in await audit.entries(conn)]
+        assert "event_failed" not in kinds and kinds.count("flagged") == 1

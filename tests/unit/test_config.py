@@ -206,3 +206,56 @@ def test_runtime_imports_are_declared_dependencies():
                 if distribution_of.get(top, top).lower() not in declared:
                     missing.add(f"{top} ({source.relative_to(ROOT)})")
     assert not missing, f"imported but not in [project.dependencies]: {sorted(missing)}"
+
+
+def test_run_refuses_a_template_typo_before_connecting_to_anything(tmp_path, capsys):
+    """`run` exits 2 naming the key; no homeserver or database is touched (none exists here)."""
+    path = runnable(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["messages"] = {"notice": "Hi {resourcez}"}
+    data["database"] = {"url": f"sqlite+aiosqlite:///{tmp_path / 'never.db'}"}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "messages.notice" in err and "resourcez" in err
+    assert not (tmp_path / "never.db").exists()
+    assert main(["check-config", "-c", str(path)]) == 2
+
+
+def test_a_template_that_cannot_render_is_refused_too(tmp_path, capsys):
+    path = runnable(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["messages"] = {"alert": "Case {case:d}"}  # the right name, a format that fails
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert "messages.alert" in capsys.readouterr().err
+
+
+def test_read_only_commands_never_migrate(tmp_path, capsys):
+    """They say to run `safeguard db upgrade` instead of changing the schema under a service."""
+    path = write(tmp_path, {**MINIMAL, "database": {"url": "sqlite+aiosqlite:///fresh.db"}})
+    for command in (["cases", "list"], ["cases", "export"], ["audit", "verify"]):
+        assert main([*command, "-c", str(path)]) == 2, command
+        assert "safeguard db upgrade" in capsys.readouterr().err
+    assert main(["db", "upgrade", "-c", str(path)]) == 0
+    assert main(["cases", "list", "-c", str(path)]) == 0
+
+
+async def test_sqlite_reads_take_no_write_lock(tmp_path):
+    """A read goes ahead while another connection holds the write lock (WAL, deferred BEGIN)."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from appservice.database import create_engine, upgrade
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", busy_timeout_ms=10_000)
+    await upgrade(engine)
+    try:
+        async with engine.begin() as writer:
+            await writer.execute(sa.text("INSERT INTO heartbeat (id, at) VALUES (1, '2026-01-01')"))
+            async with asyncio.timeout(5), engine.connect() as reader:
+                count = await reader.execute(sa.text("SELECT count(*) FROM cases"))
+                assert count.scalar_one() == 0
+    finally:
+        await engine.dispose()

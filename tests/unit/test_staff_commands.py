@@ -64,3 +64,54 @@ def test_not_case_commands(body):
 @given(st.text())
 def test_never_raises(body):
     parse_case_command(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("!case list 2", CaseCommand("list", text="open", page=2)),
+        ("!case list all 3", CaseCommand("list", text="all", page=3)),
+        ("!case list closed", CaseCommand("list", text="closed", page=1)),
+    ],
+)
+def test_list_pages(body, expected):
+    assert parse_case_command(body) == expected
+
+
+@given(st.lists(st.text(max_size=30), max_size=6))
+def test_never_raises_on_words(words):
+    parse_case_command(" ".join(["!case", *words]))
+
+
+def test_a_long_listing_is_paged_under_the_event_size_limit():
+    """10,000 cases with the longest ids: each page fits a Matrix event and says how to go on."""
+    import datetime as dt
+    import json
+
+    from bot.staff_replies import LIST_PAGE_SIZE, case_listing
+    from bot.store.cases import Case
+    from bot.templates import notice
+
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+    long_id = "@" + "m" * 240 + ":example.org"
+
+    def case(number: int) -> Case:
+        fields = dict.fromkeys(Case.__dataclass_fields__)
+        fields |= {
+            "id": number,
+            "room_id": "!" + "r" * 250,
+            "member_id": long_id,
+            "state": "open",
+            "dry_run": False,
+            "flagged_at": now,
+            "received_at": now,
+            "due_at": now,
+        }
+        return Case(**fields)
+
+    page = [case(n) for n in range(1, LIST_PAGE_SIZE + 1)]
+    text = case_listing(page, "all", now, page=1, total=10_000)
+    assert len(json.dumps(notice(text)).encode()) < 60_000
+    assert "`!case list all 2`" in text and f"1–{LIST_PAGE_SIZE} of 10000" in text
+    last = case_listing(page[:5], "all", now, page=500, total=9_985)
+    assert "More:" not in last

@@ -28,6 +28,9 @@ def upgrade() -> None:
             sa.Column("caught_up", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
         batch.create_index("ix_inbox_lane_pending", ["lane", "status", "seq"], unique=False)
+    with op.batch_alter_table("cases") as batch:
+        # Existing cases keep no nonce: their markers stay as they were.
+        batch.add_column(sa.Column("nonce", sa.String(length=32), nullable=True))
     with op.batch_alter_table("case_steps") as batch:
         batch.add_column(sa.Column("not_before", sa.DateTime(), nullable=True))
         batch.add_column(sa.Column("failures", sa.Integer(), server_default="0", nullable=False))
@@ -101,6 +104,8 @@ def downgrade() -> None:
     with op.batch_alter_table("case_steps") as batch:
         batch.drop_column("failures")
         batch.drop_column("not_before")
+    with op.batch_alter_table("cases") as batch:
+        batch.drop_column("nonce")
     with op.batch_alter_table("inbox") as batch:
         batch.drop_index("ix_inbox_lane_pending")
         batch.drop_column("caught_up")

@@ -1,0 +1,265 @@
+"""/health tells the truth: a full, read-only or locked database, a rejected token, an
+alert that could not be delivered — each is a 503 naming the cause, within seconds.
+
+The disk faults are real: the database lives on a small tmpfs that the test fills
+or remounts read-only; the lock is held by another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.integration.test_appservice_api import put, reaction
+from tests.support.scene import (
+    build_scene,
+    export_json,
+    health,
+    open_group_room,
+    running_service,
+    service_config,
+    until,
+)
+from tests.support.synapse import free_port
+
+pytestmark = pytest.mark.synapse
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str = "4m") -> Iterator[Path]:
+    """A real filesystem of `size`, mounted for the test (root in the test machine)."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a test filesystem here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    return filler
+
+
+def many_reactions(prefix: str, count: int = 100) -> dict:
+    padding = "p" * 2000
+    return {
+        "events": [reaction(f"${prefix}{n}") | {"unsigned": {"pad": padding}} for n in range(count)]
+    }
+
+
+async def test_full_disk_is_503_on_health_and_transactions_then_recovers(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    with small_disk(tmp_path) as disk:
+        config = service_config(
+            synapse,
+            tmp_path,
+            database_url=f"sqlite+aiosqlite:///{disk / 'safeguard.db'}",
+            staff_room=scene.staff_room,
+            staff=[],
+        )
+        async with running_service(config) as service:
+            assert (await health(service))[0] == 200
+            filler = fill(disk)
+            status, _ = await put(service, "while-full", many_reactions("full"))
+            assert status == 503, "not recorded: Synapse must retry it"
+            status, body = await health(service)
+            assert status == 503 and body["checks"]["database"]["ok"] is False
+            assert "full" in body["checks"]["database"]["error"].lower()
+            filler.unlink()
+            status, _ = await put(service, "while-full", many_reactions("full"))
+            assert status == 200
+            status, body = await health(service)
+            assert body["checks"]["database"]["ok"] is True, body
+
+
+async def test_read_only_database_is_503(synapse, tmp_path):
+    """SQLite's own read-only answer (SQLITE_READONLY), on every new connection from now on.
+
+    (A filesystem cannot be remounted read-only under a process writing to it.)
+    """
+    from sqlalchemy import event
+
+    scene = await build_scene(synapse, tmp_path)
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[],
+    )
+    async with running_service(config) as service:
+        for engine in (service.engine, service._health_engine):
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def read_only(dbapi_connection, _record):
+                dbapi_connection.execute("PRAGMA query_only=ON")
+
+            await engine.dispose()
+        assert (await put(service, "ro", {"events": [reaction("$ro")]}))[0] == 503
+        status, body = await health(service)
+        assert status == 503 and body["checks"]["database"]["ok"] is False
+        assert "readonly" in body["checks"]["database"]["error"].lower()
+
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA busy_timeout=1000")
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+async def test_locked_database_gets_a_prompt_503(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    database = tmp_path / "locked.db"
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{database}",
+        staff_room=scene.staff_room,
+        staff=[],
+    )
+    async with running_service(config) as service:
+        locker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            LOCKER,
+            str(database),
+            "25",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert locker.stdout is not None
+            assert (await locker.stdout.readline()).strip() == b"locked"
+            # Not a speed test: /health must answer at all while the lock is held.
+            status, body = await asyncio.wait_for(health(service), 12)
+            assert status == 503 and body["checks"]["database"]["ok"] is False
+        finally:
+            locker.kill()
+            await locker.wait()
+        status, body = await health(service)
+        assert body["checks"]["database"]["ok"] is True
+
+
+async def test_rejected_as_token_is_an_outage_named_on_health_never_a_failure(synapse, tmp_path):
+    """A rotated as_token: every call gets 401 M_UNKNOWN_TOKEN; the flag waits, then happens."""
+    scene = await build_scene(synapse, tmp_path)
+    good = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+    )
+    async with running_service(good):
+        await open_group_room(scene)
+    registration = yaml.safe_load(synapse.registration_path.read_text())
+    rotated = tmp_path / "rotated-registration.yaml"
+    rotated.write_text(yaml.safe_dump(registration | {"as_token": "rotated-" + "x" * 40}))
+    data = yaml.safe_load(good.read_text())
+    data["appservice"]["registration"] = str(rotated)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    from appservice.config import load_config
+    from appservice.service import Service
+
+    service = Service(load_config(bad), connect_retry_seconds=0.2)
+    await service.start()
+    try:
+        said = await scene.member.send_text(scene.group, "it's too much")
+        await scene.moderator.react(scene.group, said, "🚨")
+
+        async def named() -> bool:
+            status, body = await health(service)
+            return status == 503 and "as_token" in body["checks"]["homeserver"].get("problem", "")
+
+        await until(named, what="/health to name the rejected token")
+        await asyncio.sleep(2)
+        assert await scene.membership(scene.group, scene.member) == "join"
+    finally:
+        await service.stop()
+    async with running_service(good):
+        await until(
+            lambda: scene.membership(scene.group, scene.member),
+            what="the member's membership",
+        )
+        await until(
+            lambda: _membership_is(scene, "leave"), within=30, what="the removal once fixed"
+        )
+        await until(lambda: _alert_done(good), within=30, what="the alert")
+    (case,) = (await export_json(good))["cases"]
+    assert all(status in ("done", "pending") for status in case["steps"].values()), case["steps"]
+
+
+async def _membership_is(scene, value: str) -> bool:
+    return await scene.membership(scene.group, scene.member) == value
+
+
+async def _alert_done(config) -> bool:
+    document = await export_json(config)
+    return bool(document["cases"]) and document["cases"][0]["steps"]["alert"] == "done"
+
+
+async def test_alert_the_staff_room_refuses_is_paged_and_named_on_health(synapse, tmp_path):
+    """Synapse refuses an alert too large to send (413): failed, paged, and on /health."""
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/page", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        scene = await build_scene(synapse, tmp_path)
+        config = service_config(
+            synapse,
+            tmp_path,
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+            staff_room=scene.staff_room,
+            staff=[scene.staff.user_id],
+            policy={"alert_webhook": f"http://127.0.0.1:{port}/page"},
+            messages={"alert": "Case #{case}\n" + "x" * 70_000},
+        )
+        async with running_service(config) as service:
+            await open_group_room(scene)
+            said = await scene.member.send_text(scene.group, "help")
+            await scene.moderator.react(scene.group, said, "🚨")
+
+            async def unhealthy() -> dict | None:
+                status, body = await health(service)
+                return body if status == 503 and not body["checks"]["alerts"]["ok"] else None
+
+            body = await until(unhealthy, within=60, what="the undelivered alert on /health")
+            assert body["checks"]["alerts"]["undelivered_alerts"] == [1]
+            assert "#1" in body["checks"]["alerts"]["problem"]
+            await until(lambda: received, what="the page")
+            assert received[0]["event"] == "safeguard.alert_failed" and received[0]["case"] == 1
+            assert await scene.membership(scene.group, scene.member) == "leave", "member safe"
+    finally:
+        await runner.cleanup()
