@@ -16,6 +16,7 @@ from typing import Any
 
 from appservice.config import DEFAULT_CONFIG_PATH, Config, check_runnable, load_config
 from appservice.database import opened
+from appservice.digest_key import digest_key_path, load_digest_key, require_digest_key
 from appservice.errors import ConfigError
 from appservice.logs import setup_logging
 from appservice.registration import write_registration
@@ -57,6 +58,11 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
     for warning in load_registration(config.registration_path).warnings(config):
         print(f"warning: appservice.registration: {warning}")
+    if config.policy.staff_room and not config.policy.staff_room.startswith("!"):
+        print(
+            "note: policy.staff_room is an alias: it is pinned to the room it first resolves "
+            "to; a room id leaves no doubt about which room gets the alerts"
+        )
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "
@@ -163,7 +169,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
     async def verify(conn: Any) -> int:
         # Streamed: the log is read a batch at a time, never held whole.
-        verifier = ChainVerifier(anchor=anchor)
+        verifier = ChainVerifier(anchor=anchor, key=load_digest_key(config, create=False))
         async for row in audit.chain_rows(conn):
             if not verifier.feed(*row):
                 break
@@ -172,6 +178,11 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"audit log OK: {result.entries} entries, head {result.head_seq}:{result.head_hash}"
             )
+            if verifier.unchecked_personal:
+                print(
+                    f"note: the personal fields of {verifier.unchecked_personal} entries were "
+                    f"not checked: the digest key ({digest_key_path(config)}) is missing"
+                )
             return 0
         print(f"audit log FAILED at entry {result.first_bad_seq}: {result.problem}")
         return 1
@@ -184,12 +195,15 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         if days <= 0:
             print("audit.retention_days is 0 (keep for ever): nothing to purge")
             return 0
-        provenance = Provenance(config.policy.policy_version, config.config_hash)
+        provenance = Provenance(
+            config.policy.policy_version, config.config_hash, require_digest_key(config)
+        )
         async with opened(config.database_url) as engine:
             result = await purge(engine, provenance, days)
         print(
             f"purged {result.cases} case(s), {result.entries} entries' personal fields "
-            f"(closed more than {days} days ago, not on hold)"
+            f"(closed more than {days} days ago, not on hold), and {result.caseless} "
+            "entries outside cases"
         )
         return 0
 

@@ -8,13 +8,12 @@ works from any working directory.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -58,8 +57,9 @@ class AppserviceSettings(_Strict):
     listen: ListenSettings = ListenSettings()
     url: str = Field(pattern=r"^https?://[^/\s]+")
     registration: str = "registration.yaml"
-    # None means "local users only" (@*:<domain>), resolved once the domain is known.
-    allowed_inviters: list[str] | None = None
+    # Who besides staff may invite the bot into a room (user ids or * globs). Staff
+    # always may; by default no one else.
+    allowed_inviters: list[Annotated[str, Field(pattern=r"^@.+")]] = Field(default_factory=list)
 
 
 class DatabaseSettings(_Strict):
@@ -120,16 +120,21 @@ class Config:
     logging = property(lambda self: self.file.logging)
 
     @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, or in memory)."""
+        url = make_url(self.database_url)
+        if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+            return Path(url.database)
+        return None
+
+    @property
     def bot_user_id(self) -> str:
         return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
 
     @property
-    def allowed_inviters(self) -> list[str]:
-        configured = self.appservice.allowed_inviters
-        return configured if configured is not None else [f"@*:{self.homeserver.domain}"]
-
-    def may_invite(self, user_id: str) -> bool:
-        return any(fnmatch.fnmatchcase(user_id, pattern) for pattern in self.allowed_inviters)
+    def allowed_inviters(self) -> tuple[str, ...]:
+        """Besides staff (always allowed): who may put the bot in a room."""
+        return tuple(self.appservice.allowed_inviters)
 
     @property
     def config_hash(self) -> str:

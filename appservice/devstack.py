@@ -98,13 +98,16 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
             {
                 "name": "Group chat",
                 "preset": "private_chat",
-                "invite": [bot, f"@member:{SERVER_NAME}"],
+                "invite": [f"@member:{SERVER_NAME}", f"@staff:{SERVER_NAME}"],
                 # The moderator creates the room (a creator in room v12); the bot can kick.
                 "power_level_content_override": {"users": {bot: 50}},
             },
         )
     )["room_id"]
     await member.call("POST", f"/_matrix/client/v3/join/{group_room}", {})
+    # Only staff can put the bot in a room (appservice.allowed_inviters widens that).
+    await staff.call("POST", f"/_matrix/client/v3/join/{group_room}", {})
+    await staff.call("POST", f"/_matrix/client/v3/rooms/{group_room}/invite", {"user_id": bot})
     await member.call(
         "PUT",
         f"/_matrix/client/v3/rooms/{group_room}/send/m.room.message/hello",

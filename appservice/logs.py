@@ -43,6 +43,27 @@ def setup_logging(level: str, format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # nio logs request details at INFO; keep it to warnings.
-    logging.getLogger("nio").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+# Libraries that, at DEBUG (some at INFO), log what must never reach a log: the SQL
+# drivers every bound parameter (inbox payloads, relayed replies), nio request and
+# response bodies, aiohttp requests with their query strings (tokens).
+CHATTY = {
+    "sqlalchemy.engine": logging.WARNING,
+    "sqlalchemy.pool": logging.WARNING,
+    "aiosqlite": logging.WARNING,
+    "asyncpg": logging.WARNING,
+    "alembic": logging.WARNING,
+    "nio": logging.WARNING,
+    "peewee": logging.WARNING,
+    "aiohttp.access": logging.WARNING,
+    "aiohttp.client": logging.WARNING,
+    "apscheduler": logging.WARNING,
+}
+
+
+def quiet_libraries() -> None:
+    """Whatever `logging.level` is (DEBUG included), these stay at WARNING."""
+    for name, level in CHATTY.items():
+        logging.getLogger(name).setLevel(level)

@@ -25,6 +25,7 @@ from appservice.database import (
     create_engine,
     upgrade,
 )
+from appservice.digest_key import load_digest_key
 from appservice.health import HealthChecks
 from appservice.homeserver import NioHomeserver
 from appservice.registration import load_registration
@@ -42,7 +43,10 @@ from bot.ports import HomeserverUnavailable, Refused
 from bot.reconcile import Reconciler
 from bot.referral import Referral
 from bot.relay import Relay
+from bot.reports import RefusalReports
 from bot.retention import purge
+from bot.room_admin import RoomAdmin
+from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory
 from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
@@ -62,6 +66,9 @@ HOUSEKEEPING_EVERY = dt.timedelta(hours=1)
 CHAIN_HEAD_EVERY = dt.timedelta(days=1)
 # How often the homeserver is probed, so catch-up starts as soon as it answers again.
 PROBE_SECONDS = 5.0
+# How often refusal windows that have ended are reported (each window is
+# policy.refusal_report_every long).
+REFUSAL_FLUSH_EVERY = dt.timedelta(seconds=30)
 
 
 class Service:
@@ -76,8 +83,12 @@ class Service:
             messages=config.messages,
             resources=tuple(config.resources),
             bot_user_id=config.bot_user_id,
-            provenance=Provenance(config.policy.policy_version, config.config_hash),
-            may_invite=config.may_invite,
+            provenance=Provenance(
+                config.policy.policy_version,
+                config.config_hash,
+                digest_key=load_digest_key(config, create=True) or b"",
+            ),
+            extra_inviters=config.allowed_inviters,
             reconcile=config.file.reconcile,
         )
         assert config.policy.staff_room is not None  # check_runnable
@@ -108,9 +119,10 @@ class Service:
         self._fallbacks: set[asyncio.Task[None]] = set()
 
         # ---- who and where ----
-        self.staff_room = StaffRoom(config.policy.staff_room)
+        self.staff_room = StaffRoom(config.policy.staff_room, self.engine)
         self.rooms = RoomDirectory(self.staff_room)
         self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
+        self.room_state = RoomStateCache(self.homeserver)
         self.texts = Texts(config.messages, on_fallback=self._template_fell_back)
         webhook = HttpWebhook()
 
@@ -132,21 +144,36 @@ class Service:
 
         # ---- the inbox ----
         on_outbox = self.outbox_worker.wake
+        self.refusal_reports = RefusalReports(
+            self.engine,
+            self.staff_room,
+            config.policy.refusal_report_every,
+            on_outbox=on_outbox,
+        )
         referral = Referral(
             self.homeserver,
             self.deployment,
             self.staff,
             self.staff_room,
             self.metrics,
+            room_state=self.room_state,
+            reports=self.refusal_reports,
             on_case=self.steps.start_case,
             on_outbox=on_outbox,
         )
+
+        async def may_invite(user_id: str) -> bool:
+            return await self.staff.may_invite_bot(user_id, self.deployment.extra_inviters)
+
         self.membership = Membership(
             self.engine,
             self.homeserver,
             self.deployment,
             self.staff_room,
             self.rooms,
+            may_invite=may_invite,
+            room_state=self.room_state,
+            reports=self.refusal_reports,
             on_outbox=on_outbox,
             on_staff_room_joined=self._staff_room_news.set,
         )
@@ -164,6 +191,7 @@ class Service:
             self.staff_room,
             is_staff=self.staff.is_staff,
             checkins=checkins,
+            room_admin=RoomAdmin(self.engine, self.homeserver, self.deployment, self.room_state),
             on_outbox=on_outbox,
             on_case_changed=self.steps.start_case,
         )
@@ -196,6 +224,7 @@ class Service:
             ActionFilter(config.policy, self.rooms),
             self.metrics,
             on_queued=self._wake_lane,
+            on_state=self.room_state.state_changed,
         )
         self.reconciler = Reconciler(
             self.engine,
@@ -223,6 +252,7 @@ class Service:
         try:
             await upgrade(self.engine)
             self._lock.watch(self._lock_lost)
+            await self.staff_room.load_pin()
             await self._load_private_rooms()
             for resource in self.config.stale_resources():
                 log.warning(
@@ -280,6 +310,8 @@ class Service:
         now = dt.datetime.now(dt.UTC)
         self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
         self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
+        self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
+        await self._warm_room_state()
         self.reconciler.start()
         self._background.append(asyncio.create_task(self._probe(), name="probe"))
         self.connected.set()
@@ -291,12 +323,21 @@ class Service:
         while True:
             await asyncio.sleep(PROBE_SECONDS)
             down = await self.homeserver.check() is not None
+            if down and not was_down:
+                # What we knew of rooms may have changed meanwhile, unseen.
+                self.room_state.forget_everything()
             if was_down and not down:
                 log.info("the homeserver answers again: catching up")
                 self.reconciler.trigger()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
             was_down = down
+
+    async def _warm_room_state(self) -> None:
+        """Know each moderated room's state ahead of its first flag (read off any flag's path)."""
+        async with self.engine.connect() as conn:
+            for room in await rooms.moderated(conn):
+                self.room_state.warm(room.room_id)
 
     def _wake_lane(self, lane: int) -> None:
         (self.flag_worker if lane == FLAG_LANE else self.inbox_worker).wake()
@@ -423,6 +464,7 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.room_state.close()
         await self.homeserver.close()
         await self.engine.dispose()
         await self._health_engine.dispose()

@@ -3,18 +3,26 @@
 Each entry's hash covers the previous entry's hash, its own facts and the digest
 of its personal fields (never the fields themselves), so retention can erase
 personal data while the chain still proves nothing else was changed.
+
+The digest is keyed (HMAC-SHA256 with a per-deployment secret kept outside the
+database): a plain hash of a user id could be recovered after a purge by
+hashing guesses. Entries written before keyed digests keep their plain SHA-256
+and verify as they were.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 GENESIS_HASH = "0" * 64
+KEYED = "hmac-sha256"
+PLAIN = "sha256"
 
 
 def canonical_json(value: Any) -> bytes:
@@ -23,6 +31,20 @@ def canonical_json(value: Any) -> bytes:
 
 def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def personal_digest(personal: Any, key: bytes) -> str:
+    """The keyed digest of an entry's personal fields (HMAC-SHA256)."""
+    return hmac.new(key, canonical_json(personal), hashlib.sha256).hexdigest()
+
+
+def digest_matches(personal: Any, alg: str, stored: str, key: bytes | None) -> bool | None:
+    """Whether `personal` still matches its digest; None if the key needed is not at hand."""
+    if alg == PLAIN:
+        return digest(personal) == stored
+    if key is None:
+        return None
+    return hmac.compare_digest(personal_digest(personal, key), stored)
 
 
 @dataclass(frozen=True)
@@ -36,21 +58,24 @@ class ChainedEntry:
     policy_version: str
     config_hash: str
     prev_hash: str
+    personal_alg: str = PLAIN
 
     def compute_hash(self) -> str:
-        return digest(
-            {
-                "seq": self.seq,
-                "case": self.case_id,
-                "at": self.at.astimezone(dt.UTC).isoformat(timespec="microseconds"),
-                "kind": self.kind,
-                "facts": self.facts,
-                "personal": self.personal_digest,
-                "policy_version": self.policy_version,
-                "config_hash": self.config_hash,
-                "prev": self.prev_hash,
-            }
-        )
+        covered = {
+            "seq": self.seq,
+            "case": self.case_id,
+            "at": self.at.astimezone(dt.UTC).isoformat(timespec="microseconds"),
+            "kind": self.kind,
+            "facts": self.facts,
+            "personal": self.personal_digest,
+            "policy_version": self.policy_version,
+            "config_hash": self.config_hash,
+            "prev": self.prev_hash,
+        }
+        if self.personal_alg != PLAIN:
+            # Covered too, so a keyed entry cannot be passed off as a plain one.
+            covered["personal_alg"] = self.personal_alg
+        return digest(covered)
 
 
 @dataclass(frozen=True)
@@ -71,8 +96,10 @@ class ChainVerifier:
     must still contain that entry with that hash, or it was rewritten.
     """
 
-    def __init__(self, *, anchor: tuple[int, str] | None = None) -> None:
+    def __init__(self, *, anchor: tuple[int, str] | None = None, key: bytes | None = None) -> None:
         self._anchor = anchor
+        self._key = key
+        self.unchecked_personal = 0  # keyed digests not checked: the key was not given
         self._anchor_seen = False
         self._prev_hash = GENESIS_HASH
         self._expected_seq = 1
@@ -103,8 +130,12 @@ class ChainVerifier:
             return f"entry {self._expected_seq} is missing (found {entry.seq} after it)"
         if entry.prev_hash != self._prev_hash:
             return f"entry {entry.seq} does not follow entry {entry.seq - 1}"
-        if personal is not None and digest(personal) != entry.personal_digest:
-            return f"entry {entry.seq}: personal fields do not match their digest"
+        if personal is not None:
+            matches = digest_matches(personal, entry.personal_alg, entry.personal_digest, self._key)
+            if matches is None:
+                self.unchecked_personal += 1
+            elif not matches:
+                return f"entry {entry.seq}: personal fields do not match their digest"
         if entry.compute_hash() != stored_hash:
             return f"entry {entry.seq}: content does not match its hash"
         if (
@@ -135,9 +166,10 @@ def verify_chain(
     rows: Iterable[tuple[ChainedEntry, str, dict[str, Any] | None]],
     *,
     anchor: tuple[int, str] | None = None,
+    key: bytes | None = None,
 ) -> Verification:
     """Check rows already in memory (see ChainVerifier)."""
-    verifier = ChainVerifier(anchor=anchor)
+    verifier = ChainVerifier(anchor=anchor, key=key)
     for row in rows:
         if not verifier.feed(*row):
             break

@@ -32,6 +32,7 @@ RefusalCode = Literal[
     "target_outranks_flagger",
     "target_unknown",
     "room_unreadable",
+    "not_in_room",
 ]
 
 
@@ -91,6 +92,15 @@ def can_kick(user_id: str, target_power: float, state: RoomState) -> bool:
     """The spec's rule: at least the kick level, and strictly above the target."""
     mine = power_level(user_id, state)
     return mine >= kick_level(state) and mine > target_power
+
+
+def can_redact(user_id: str, state: RoomState) -> bool:
+    """At least the room's `redact` level (default 50): may redact others' events."""
+    levels = state.power_levels
+    needed = DEFAULT_KICK_LEVEL
+    if isinstance(levels, Mapping) and "redact" in levels:
+        needed = _as_int(levels["redact"], DEFAULT_KICK_LEVEL)
+    return power_level(user_id, state) >= needed
 
 
 def is_staff(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot.settings import (
@@ -23,5 +22,6 @@ class Deployment:
     resources: tuple[Resource, ...]
     bot_user_id: str
     provenance: Provenance
-    may_invite: Callable[[str], bool]
+    # Who besides staff may put the bot in a room (user ids or * globs; empty: staff only).
+    extra_inviters: tuple[str, ...] = ()
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)

@@ -99,6 +99,10 @@ class Handling:
         self.item = item
         self.finished = False
 
+    def database(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A read of the database (no lock, nothing acknowledged)."""
+        return self._db.connect()
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction that also marks the event done (once, at commit)."""
@@ -217,10 +221,9 @@ class Dispatcher:
                 facts={
                     "event": item.event_id,
                     "type": item.event_type,
-                    "error": error,
                     "attempts": item.attempts + 1,
                 },
-                personal={"room": item.room_id},
+                personal={"room": item.room_id, "error": error},
                 at=now,
             )
             # A failed event might have been a flag: a person must look at it.

@@ -312,8 +312,13 @@ class StepEngine:
     ) -> None:
         now = _now()
         facts = outcome.facts | {"status": outcome.status, "attempts": step.attempts}
+        personal = outcome.personal
         if outcome.error:
-            facts["error"] = outcome.error
+            # The homeserver's words may name people: personal, erasable. The code is not.
+            personal = personal | {"error": outcome.error}
+            code = outcome.error.split(":", 1)[0]
+            if code.startswith("M_") and code.replace("_", "").isalnum():
+                facts["errcode"] = code
         async with self._db.begin() as conn:
             await cases.finish_step(
                 conn,
@@ -332,7 +337,7 @@ class StepEngine:
                 unit.kind,
                 case_id=case.id,
                 facts=facts,
-                personal=outcome.personal,
+                personal=personal,
                 at=now,
             )
             told = False

@@ -142,9 +142,13 @@ class Intake:
         action_filter: ActionFilter,
         metrics: Metrics,
         on_queued: Callable[[int], None],
+        on_state: Callable[[str, str, object], None] = lambda room, kind, key: None,
     ) -> None:
         self._db = db
         self._filter = action_filter
+        # Told of every state event at once (room, type, state_key): what is known of the
+        # room ahead of a flag is stale from this moment (bot/room_state.py).
+        self._on_state = on_state
         self._on_queued = on_queued
         self._metrics = metrics
         # The outcome of the last write, for /health: None, or why it failed and when.
@@ -155,6 +159,9 @@ class Intake:
         self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
     ) -> ingest.Recorded:
         """Record well-formed events in one DB transaction (malformed ones are the caller's)."""
+        for event in events:
+            if event["type"] in STATE_TYPES or event["type"] == "m.room.join_rules":
+                self._on_state(event["room_id"], event["type"], event.get("state_key"))
         lanes = [self._filter.lane(event) for event in events]
         to_act_on = [
             (event, lane) for event, lane in zip(events, lanes, strict=True) if lane is not None

@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.authorization import can_kick, power_level
+from bot.authorization import can_kick, can_redact, power_level
 from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.ports import Homeserver, Refused
+from bot.reports import RefusalReports
+from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox, rooms
-from bot.templates import render_kick_power_lost, render_room_joined
+from bot.templates import render_invite_refused, render_kick_power_lost, render_room_joined
 
 log = logging.getLogger(__name__)
 
 ABSENT = frozenset({"leave", "ban", None})
+
+
+def room_powers(bot_user_id: str, state: Any) -> tuple[bool, bool]:
+    """(can remove members, can redact others' events), for the bot in that room."""
+    # Members sit at users_default; the bot must outrank them to remove them.
+    default = power_level("@nobody:invalid", state)
+    return can_kick(bot_user_id, default, state), can_redact(bot_user_id, state)
 
 
 def _membership(content: object) -> str | None:
@@ -44,6 +53,9 @@ class Membership:
         staff_room: StaffRoom,
         room_directory: RoomDirectory,
         *,
+        may_invite: Callable[[str], Awaitable[bool]],
+        room_state: RoomStateCache,
+        reports: RefusalReports,
         on_outbox: Callable[[], None],
         on_staff_room_joined: Callable[[], None],
     ) -> None:
@@ -52,6 +64,9 @@ class Membership:
         self._deployment = deployment
         self._staff_room = staff_room
         self._rooms = room_directory
+        self._may_invite = may_invite
+        self._room_state = room_state
+        self._reports = reports
         self._on_outbox = on_outbox
         # Told when the bot joins the staff room on an invite (alerts may be waiting for it).
         self._on_staff_room_joined = on_staff_room_joined
@@ -90,45 +105,59 @@ class Membership:
                 )
 
     async def _invited(self, handling: Handling) -> None:
+        """The bot acts only where staff put it: the staff room's invite is always taken;
+        any other room's only from staff (or the inviters operators allowed)."""
         item = handling.item
         inviter = item.payload.get("sender", "")
         room_id = item.room_id
         now = dt.datetime.now(dt.UTC)
-        if not self._deployment.may_invite(inviter):
+        if self._staff_room.room_id is None:
+            # The staff room's alias may only now exist (this may be that room's invite).
+            await self._staff_room.resolve(self._hs)
+        if self._staff_room.is_staff_room(room_id):
+            await self._join_staff_room(handling, inviter)
+            return
+        if not await self._may_invite(inviter):
             await self._hs.leave_room(room_id)  # rejects the invite
-            await self._record(
-                handling,
-                "invite_refused",
-                {"why": "inviter not allowed"},
-                {"room": room_id, "inviter": inviter},
-            )
+            async with handling.transaction() as conn:
+                await audit.append(
+                    conn,
+                    self._deployment.provenance,
+                    "invite_refused",
+                    facts={"why": "inviter not allowed"},
+                    personal={"room": room_id, "inviter": inviter},
+                    at=now,
+                )
+                told = await self._reports.refused(
+                    conn,
+                    kind="invite",
+                    actor=inviter,
+                    room_id=room_id,
+                    report=render_invite_refused(inviter=inviter, room=room_id),
+                    now=now,
+                )
+            if told:
+                self._on_outbox()
             return
         joined = await self._hs.join_room(room_id)
         if isinstance(joined, Refused):
             await self._record(
                 handling,
                 "join_failed",
-                {"error": str(joined)},
-                {"room": room_id, "inviter": inviter},
+                {"errcode": joined.errcode},
+                {"room": room_id, "inviter": inviter, "error": str(joined)},
             )
             return
-        if self._staff_room.room_id is None:
-            # The staff room's alias may only now exist (this may be that room's invite).
-            await self._staff_room.connect(self._hs)
-        if self._staff_room.is_staff_room(room_id):
-            await self._record(
-                handling, "staff_room_joined", {}, {"room": room_id, "inviter": inviter}
-            )
-            self._on_staff_room_joined()
-            return
-        kick = await self._can_kick(room_id)
+        kick, redact = await self._powers(room_id)
         async with handling.transaction() as conn:
-            await rooms.joined(conn, room_id, inviter=inviter, at=now, can_kick=kick)
+            await rooms.joined(
+                conn, room_id, inviter=inviter, at=now, can_kick=kick, can_redact=redact
+            )
             await audit.append(
                 conn,
                 self._deployment.provenance,
                 "room_joined",
-                facts={"can_kick": kick},
+                facts={"can_kick": kick, "can_redact": redact},
                 personal={"room": room_id, "inviter": inviter},
                 at=now,
             )
@@ -139,6 +168,20 @@ class Membership:
                 now,
             )
         self._on_outbox()
+
+    async def _join_staff_room(self, handling: Handling, inviter: str) -> None:
+        room_id = handling.item.room_id
+        joined = await self._hs.join_room(room_id)
+        if isinstance(joined, Refused):
+            await self._record(
+                handling,
+                "join_failed",
+                {"errcode": joined.errcode},
+                {"room": room_id, "inviter": inviter, "error": str(joined)},
+            )
+            return
+        await self._record(handling, "staff_room_joined", {}, {"room": room_id, "inviter": inviter})
+        self._on_staff_room_joined()
 
     async def _removed(self, handling: Handling, membership: str) -> None:
         item = handling.item
@@ -164,33 +207,33 @@ class Membership:
             known = await rooms.get(conn, room_id)
         if known is None:
             return  # not a room we were invited to moderate
-        kick = await self._can_kick(room_id)
-        if known.can_kick == kick:
+        kick, redact = await self._powers(room_id)
+        if known.can_kick == kick and known.can_redact == redact:
             return
         now = dt.datetime.now(dt.UTC)
         async with handling.transaction() as conn:
-            await rooms.set_can_kick(conn, room_id, kick)
+            await rooms.set_powers(conn, room_id, can_kick=kick, can_redact=redact)
             await audit.append(
                 conn,
                 self._deployment.provenance,
                 "kick_power_changed",
-                facts={"can_kick": kick},
+                facts={"can_kick": kick, "can_redact": redact},
                 personal={"room": room_id, "by": item.payload.get("sender")},
                 at=now,
             )
-            if not kick:
+            if not kick and known.can_kick:
                 await outbox.queue(
                     conn, self._staff_room.address, render_kick_power_lost(room=room_id), now
                 )
         self._on_outbox()
 
-    async def _can_kick(self, room_id: str) -> bool | None:
-        state = await self._hs.room_state(room_id)
+    async def _powers(self, room_id: str) -> tuple[bool | None, bool | None]:
+        """Whether the bot can remove members there, and redact others' events (None:
+        the room's state cannot be read). Read fresh; the cache keeps it for flags."""
+        state = await self._room_state.fresh(room_id)
         if isinstance(state, Refused):
-            return None
-        # Members sit at users_default; the bot must outrank them to remove them.
-        default = power_level("@nobody:invalid", state)
-        return can_kick(self._deployment.bot_user_id, default, state)
+            return None, None
+        return room_powers(self._deployment.bot_user_id, state)
 
     async def _record(
         self, handling: Handling, kind: str, facts: dict[str, Any], personal: dict[str, Any]

@@ -1,7 +1,13 @@
 """A moderator's flag becomes a case, or a recorded refusal: the referral decision.
 
-Authorisation always runs on room state fetched now, never on a cached copy:
-a moderator demoted a second ago cannot flag.
+Who may flag: a moderator of that room (on the room's state as it is now — a
+moderator demoted a second ago cannot flag). Whom: someone in that room, or who
+left it within `policy.recent_leave`; never staff, a moderator, or the bot.
+
+A flag from someone who is plainly not a moderator is refused on the room's
+state known ahead (bot/room_state.py) with no homeserver call, so a flood of
+refused flags costs a database write each and never queues in front of a real
+one; a flag that may be accepted is decided on state read now.
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bot.authorization import Refusal, decide_flag
+from bot.authorization import Refusal, decide_flag, power_level
 from bot.checkin_time import due_at
 from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.metrics import Metrics
 from bot.ports import Homeserver, Refused
+from bot.reports import RefusalReports
+from bot.room_state import RoomStateCache
 from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.steps import CASE_STEPS
-from bot.store import audit, cases, outbox
+from bot.store import audit, cases
+from bot.templates import duration_words as _duration
 from bot.templates import render_refusal
 from bot.triggers import Flag, recognise_flag
 
@@ -47,6 +56,8 @@ class Referral:
         staff_room: StaffRoom,
         metrics: Metrics,
         *,
+        room_state: RoomStateCache,
+        reports: RefusalReports,
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
     ) -> None:
@@ -56,6 +67,8 @@ class Referral:
         self._staff = staff
         self._staff_room = staff_room
         self._metrics = metrics
+        self._room_state = room_state
+        self._reports = reports
         self._on_case = on_case
         self._on_outbox = on_outbox
 
@@ -68,9 +81,28 @@ class Referral:
             await self.handle(handling, flag)
 
     async def handle(self, handling: Handling, flag: Flag) -> None:
-        # The three reads are independent: fetch them together (each one is fresh).
+        known = self._room_state.current(flag.room_id)
+        if known is not None and flag.flagger != self._deployment.bot_user_id:
+            power = power_level(flag.flagger, known)
+            if power < self._policy.moderator_power_level:
+                # Plainly not a moderator, on state known to be current: no call needed.
+                why = decide_flag(
+                    flagger=flag.flagger,
+                    target="",
+                    room=known,
+                    bot_user_id=self._deployment.bot_user_id,
+                    moderator_power_level=self._policy.moderator_power_level,
+                    target_is_staff=False,
+                )
+                assert why is not None
+                await self._refuse(handling, flag, None, why)
+                return
+        # A flag that may be accepted: decided on state read now. The reads are
+        # independent, so they are made together.
         flagged, room, staff_room = await asyncio.gather(
-            self._flagged_sender(flag), self._hs.room_state(flag.room_id), self._staff.room_state()
+            self._flagged_sender(flag),
+            self._room_state.fresh(flag.room_id),
+            self._staff.room_state(),
         )
         if isinstance(flagged, Refusal):
             await self._refuse(handling, flag, None, flagged)
@@ -91,7 +123,37 @@ class Referral:
         if refusal is not None:
             await self._refuse(handling, flag, target, refusal)
             return
+        absent = await self._absence(handling, flag, target)
+        if absent is not None:
+            await self._refuse(handling, flag, target, absent)
+            return
         await self._open(handling, flag, target)
+
+    async def _absence(self, handling: Handling, flag: Flag, target: str) -> Refusal | None:
+        """None if the target may be flagged in that room: in it (joined, invited,
+        knocking), gone less than `policy.recent_leave` before the flag, or already the
+        subject of an open case there (then it is corroboration)."""
+        event = await self._room_state.member_event(flag.room_id, target)
+        if isinstance(event, Refused):
+            return None  # unreadable says nothing either way: the removal's answer decides
+        content = (event or {}).get("content") or {}
+        membership = content.get("membership")
+        if membership in ("join", "invite", "knock"):
+            return None
+        flagged_at = event_time(handling.item.payload, handling.item.received_at)
+        left_at = event_time(event or {}, flagged_at - 2 * self._policy.recent_leave)
+        if event is not None and flagged_at - left_at <= self._policy.recent_leave:
+            return None
+        async with handling.database() as conn:
+            if await cases.has_active(conn, flag.room_id, target):
+                return None
+        if event is None:
+            return Refusal("not_in_room", f"{target} has never been in that room")
+        return Refusal(
+            "not_in_room",
+            f"{target} left that room more than {_duration(self._policy.recent_leave)} "
+            "before the flag",
+        )
 
     async def _flagged_sender(self, flag: Flag) -> str | Refusal:
         """The member the flag names: given, or the flagged message's sender."""
@@ -151,8 +213,9 @@ class Referral:
                 conn,
                 self._deployment.provenance,
                 "refused",
-                facts={"code": refusal.code, "method": flag.method, "detail": refusal.detail},
+                facts={"code": refusal.code, "method": flag.method},
                 personal={
+                    "detail": refusal.detail,
                     "room": flag.room_id,
                     "flagger": flag.flagger,
                     "member": target,
@@ -161,21 +224,24 @@ class Referral:
                 },
                 at=now,
             )
-            # The bot's own events are not worth a staff message; every other refusal is.
-            if refusal.code != "own_event":
-                await outbox.queue(
-                    conn,
-                    self._staff_room.address,
-                    render_refusal(
-                        self._deployment.messages,
-                        flagger=flag.flagger,
-                        member=target,
-                        room=flag.room_id,
-                        method=flag.method,
-                        refusal=refusal,
-                    ),
-                    now,
-                )
+            # The bot's own events are not worth a staff message; every other refusal is,
+            # coalesced per (flagger, room).
+            told = refusal.code != "own_event" and await self._reports.refused(
+                conn,
+                kind="flag",
+                actor=flag.flagger,
+                room_id=flag.room_id,
+                report=render_refusal(
+                    self._deployment.messages,
+                    flagger=flag.flagger,
+                    member=target,
+                    room=flag.room_id,
+                    method=flag.method,
+                    refusal=refusal,
+                ),
+                now=now,
+            )
         self._metrics.flags.labels(f"refused_{refusal.code}").inc()
         log.info("flag refused: %s", refusal.code)
-        self._on_outbox()
+        if told:
+            self._on_outbox()

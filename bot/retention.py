@@ -1,4 +1,5 @@
-"""Retention: purge personal fields of cases closed longer ago than audit.retention_days."""
+"""Retention: purge personal fields of cases closed longer ago than audit.retention_days,
+and of entries outside any case recorded longer ago than that."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import datetime as dt
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.store import audit
-from bot.store.retention import Purged, purge_closed_before
+from bot.store.retention import Purged, purge_caseless_before, purge_closed_before
 
 
 async def purge(
@@ -20,7 +21,8 @@ async def purge(
     if retention_days <= 0:
         return Purged(0, 0)
     now = now or dt.datetime.now(dt.UTC)
+    cutoff = now - dt.timedelta(days=retention_days)
     async with engine.begin() as conn:
-        return await purge_closed_before(
-            conn, provenance, now - dt.timedelta(days=retention_days), now
-        )
+        purged = await purge_closed_before(conn, provenance, cutoff, now)
+        caseless = await purge_caseless_before(conn, provenance, cutoff, now)
+    return Purged(purged.cases, purged.entries, caseless)

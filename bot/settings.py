@@ -125,8 +125,15 @@ class PolicySettings(_Strict):
     )
     ack_within: Duration = dt.timedelta(minutes=10)
     alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
+    # A member who left the room this recently can still be flagged (told, staff alerted);
+    # anyone else not in the room cannot (a refusal: nothing is sent to them).
+    recent_leave: Duration = dt.timedelta(hours=24)
+    # Refusals from one person in one room are reported to staff once per this window.
+    refusal_report_every: Duration = dt.timedelta(minutes=5)
 
-    _duration = field_validator("ack_within", mode="before")(_coerce_duration)
+    _duration = field_validator(
+        "ack_within", "recent_leave", "refusal_report_every", mode="before"
+    )(_coerce_duration)
 
     @field_validator("reactions")
     @classmethod
@@ -188,6 +195,9 @@ class ReconcileSettings(_Strict):
 
 class AuditSettings(_Strict):
     retention_days: int = Field(default=0, ge=0)
+    # The secret that keys the digests of personal fields (HMAC-SHA256). Created on first
+    # run; default: beside the SQLite database, or beside the config file on PostgreSQL.
+    digest_key_file: str | None = None
 
 
 class MessageTemplates(_Strict):

@@ -3,6 +3,9 @@ in the staff room (read fresh for each decision, never from a cache)."""
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 from bot.authorization import is_staff
 from bot.ports import Homeserver, Refused, RoomState
 from bot.settings import PolicySettings
@@ -33,3 +36,9 @@ class StaffDirectory:
         if user_id in self._policy.staff:
             return True
         return self.is_staff_in(user_id, await self.room_state())
+
+    async def may_invite_bot(self, user_id: str, extra_inviters: Sequence[str]) -> bool:
+        """Staff, or someone operators listed in appservice.allowed_inviters."""
+        if any(fnmatch.fnmatchcase(user_id, pattern) for pattern in extra_inviters):
+            return True
+        return await self.is_staff(user_id)

@@ -29,7 +29,9 @@ USAGE = """\
 !case N close <outcome> — close the case
 !case N reopen <why> — reopen a closed case
 !case N hold <why> — keep the case from retention purges
-!case help — this list"""
+!case help — this list
+!rooms — the rooms I moderate: who added me, when, whether I can remove and redact there
+!rooms leave <room> — make me leave a room (a room id or #alias)"""
 
 
 @dataclass(frozen=True)
@@ -99,3 +101,25 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
             return CommandError(f"write `!case {case} {action} {_NEEDS_TEXT[action]}`")
         return CaseCommand(action, case, text=text[:2000], words=tuple(arguments))  # type: ignore[arg-type]
     return CommandError(f"`{rest[1]}` is not a case command; `!case help` lists them")
+
+
+@dataclass(frozen=True)
+class RoomsCommand:
+    """`!rooms` (list) or `!rooms leave <room>`."""
+
+    action: Literal["list", "leave"]
+    room: str | None = None
+
+
+def parse_rooms_command(body: str) -> RoomsCommand | CommandError | None:
+    """None when the message is not a `!rooms` command at all."""
+    if not isinstance(body, str):
+        return None
+    words = body.strip().split()
+    if not words or words[0].casefold() != "!rooms":
+        return None
+    if len(words) == 1:
+        return RoomsCommand("list")
+    if words[1].casefold() == "leave" and len(words) == 3 and words[2][:1] in ("!", "#"):
+        return RoomsCommand("leave", words[2])
+    return CommandError("write `!rooms`, or `!rooms leave !roomid:server` (or a #alias)")

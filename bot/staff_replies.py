@@ -91,10 +91,10 @@ def _entry_line(entry: AuditEntry) -> str:
     detail = []
     if "status" in facts and entry.kind.startswith("step."):
         detail.append(str(facts["status"]))
-    for key in ("method", "why", "error", "service", "outcome", "via"):
+    for key in ("method", "why", "via"):
         if facts.get(key):
             detail.append(f"{key}: {facts[key]}")
-    for key in ("by", "flagger", "reference", "text"):
+    for key in ("by", "flagger", "reference", "service", "outcome", "why", "error", "text"):
         if personal.get(key):
             detail.append(f"{key}: {personal[key]}")
     if entry.kind == "note":

@@ -1,4 +1,4 @@
-"""The staff room: where every alert goes, so the bot must be in it.
+"""The staff room: where every alert goes, so the bot must be in it — and only it.
 
 `policy.staff_room` may be an alias that does not exist yet, or a room the bot
 has not been invited to yet, when the service starts. Neither is fatal (the
@@ -6,11 +6,25 @@ service must keep recording flags and protecting members), but neither is
 forgotten either: the service keeps trying until the room is resolved and
 joined, /health says what is wrong meanwhile, and whatever is for staff waits
 for the room rather than being dropped.
+
+An alias is resolved once and the room id pinned in the database: whoever later
+points the alias at another room (or creates it first, before staff do, and
+invites the bot) does not become the staff room. A moved alias is logged and
+shown on /health; configuring a room id avoids the question altogether.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from bot.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.store import pins
+
+log = logging.getLogger(__name__)
+PIN = "staff_room"
 
 
 class StaffRoomUnavailable(HomeserverUnavailable):
@@ -18,11 +32,16 @@ class StaffRoomUnavailable(HomeserverUnavailable):
 
 
 class StaffRoom:
-    """The staff room as configured, and the room id it resolved to."""
+    """The staff room as configured, and the room id it resolved to (pinned)."""
 
-    def __init__(self, configured: str) -> None:
+    def __init__(self, configured: str, db: AsyncEngine | None = None) -> None:
         self.configured = configured
+        self._db = db
         self.room_id: str | None = configured if configured.startswith("!") else None
+
+    @property
+    def is_alias(self) -> bool:
+        return not self.configured.startswith("!")
 
     @property
     def address(self) -> str:
@@ -39,16 +58,38 @@ class StaffRoom:
     def is_staff_room(self, room_id: str) -> bool:
         return room_id == self.room_id
 
+    async def load_pin(self) -> None:
+        """At start: the room an alias was pinned to before, if it was."""
+        if not self.is_alias or self._db is None:
+            return
+        async with self._db.connect() as conn:
+            pinned = await pins.get(conn, PIN)
+        if pinned is not None and pinned.source == self.configured:
+            self.room_id = pinned.value
+
+    async def resolve(self, homeserver: Homeserver) -> str | Refused:
+        """The room id; an alias is resolved (and pinned) the first time only."""
+        if self.room_id is not None:
+            return self.room_id
+        room_id = await homeserver.resolve_room(self.configured)
+        if isinstance(room_id, Refused):
+            return room_id
+        if self._db is not None:
+            async with self._db.begin() as conn:
+                await pins.put(conn, PIN, room_id, self.configured, dt.datetime.now(dt.UTC))
+        log.info("staff room %s pinned to %s", self.configured, room_id)
+        self.room_id = room_id
+        return room_id
+
     async def connect(self, homeserver: Homeserver) -> str | None:
         """Resolve the room and make sure the bot is joined.
 
         Returns None when the bot is in the staff room, or what is wrong, in words
         an operator can act on. Raises HomeserverUnavailable if Synapse cannot be reached.
         """
-        room_id = self.room_id or await homeserver.resolve_room(self.configured)
+        room_id = await self.resolve(homeserver)
         if isinstance(room_id, Refused):
             return f"the staff room {self.configured} cannot be resolved ({room_id})"
-        self.room_id = room_id
         if await homeserver.membership(room_id, homeserver.bot_user_id) == "join":
             return None
         joined = await homeserver.join_room(room_id)
@@ -57,9 +98,23 @@ class StaffRoom:
         return None
 
     async def problem(self, homeserver: Homeserver) -> str | None:
-        """What stops the bot posting in the staff room now, without trying to fix it."""
+        """What stops the bot posting in the staff room now, or makes it doubtful."""
         if self.room_id is None:
             return f"the staff room {self.configured} is not resolved yet"
         if await homeserver.membership(self.room_id, homeserver.bot_user_id) != "join":
             return f"the bot is not in the staff room {self.room_id}"
+        if self.is_alias:
+            now = await homeserver.resolve_room(self.configured)
+            if not isinstance(now, Refused) and now != self.room_id:
+                log.warning(
+                    "%s now points to %s; the staff room stays %s",
+                    self.configured,
+                    now,
+                    self.room_id,
+                )
+                return (
+                    f"{self.configured} now points to {now}, not to the staff room "
+                    f"{self.room_id} (pinned when it was first resolved): find out who "
+                    "moved it; to use another room, configure its room id"
+                )
         return None

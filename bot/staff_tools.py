@@ -19,7 +19,15 @@ from bot.checkin_events import CheckinEvents
 from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
-from bot.staff_commands import USAGE, CaseCommand, CommandError, parse_case_command
+from bot.room_admin import RoomAdmin
+from bot.staff_commands import (
+    USAGE,
+    CaseCommand,
+    CommandError,
+    RoomsCommand,
+    parse_case_command,
+    parse_rooms_command,
+)
 from bot.staff_replies import LIST_PAGE_SIZE, case_listing, case_timeline
 from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox
@@ -37,10 +45,12 @@ class StaffTools:
         *,
         is_staff: Callable[[str], Awaitable[bool]],
         checkins: CheckinEvents,
+        room_admin: RoomAdmin,
         on_outbox: Callable[[], None],
         on_case_changed: Callable[[int], None],
     ) -> None:
         self._db = db
+        self._room_admin = room_admin
         self._deployment = deployment
         self._staff_room = staff_room
         self._is_staff = is_staff
@@ -51,9 +61,14 @@ class StaffTools:
     # ---- dispatcher entries --------------------------------------------------------------
 
     async def message(self, handling: Handling) -> None:
-        """A message in the staff room: a `!case` command, or nothing for us."""
+        """A message in the staff room: a `!case` or `!rooms` command, or nothing for us."""
         content = handling.item.payload.get("content") or {}
-        parsed = parse_case_command(content.get("body", ""))
+        body = content.get("body", "")
+        rooms_command = parse_rooms_command(body)
+        if rooms_command is not None:
+            await self._rooms(handling, rooms_command)
+            return
+        parsed = parse_case_command(body)
         if parsed is None:
             return
         # Staff first: anyone else gets no effect at all, not even a usage hint.
@@ -81,6 +96,26 @@ class StaffTools:
             await self._run(handling, CaseCommand("ack", case.id), via="reaction")
 
     # ---- commands ------------------------------------------------------------------------
+
+    async def _rooms(self, handling: Handling, command: RoomsCommand | CommandError) -> None:
+        action = command.action if isinstance(command, RoomsCommand) else "unparsed"
+        if await self._refused_unless_staff(handling, None, f"rooms {action}", "command"):
+            return
+        if isinstance(command, CommandError):
+            await self._reply(handling, f"Sorry, I did not understand that: {command.message}.")
+            return
+        if command.action == "list":
+            await self._reply(handling, await self._room_admin.listing())
+            return
+        assert command.room is not None
+        sender = handling.item.payload.get("sender", "")
+        reply, left = await self._room_admin.leave(command.room, sender)
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            if left is not None:
+                await self._room_admin.record_left(conn, left, sender, now)
+            await self._queue_reply(conn, handling, reply, now)
+        self._on_outbox()
 
     async def _refused_unless_staff(
         self, handling: Handling, case_id: int | None, action: str, via: str
@@ -169,12 +204,11 @@ class StaffTools:
             await entry(
                 "emergency_services_informed",
                 {
-                    "service": command.service,
                     "lawful_basis": policy.lawful_basis,
                     "data_shared": policy.emergency_data_shared,
                     "informed_at": now.isoformat(),
                 },
-                {"reference": command.reference},
+                {"reference": command.reference, "service": command.service},
             )
             return (
                 f"Case #{case.id}: recorded that {command.service} were informed by {sender} "
@@ -198,7 +232,7 @@ class StaffTools:
             await cases.set_fields(
                 conn, case.id, state="closed", closed_at=now, outcome=command.text
             )
-            await entry("closed", {"outcome": command.text}, {})
+            await entry("closed", {}, {"outcome": command.text})
             head = await audit.head(conn)
             return (
                 f"Case #{case.id} closed. Audit chain head: {head[0]}:{head[1]} "
@@ -208,11 +242,11 @@ class StaffTools:
             if case.state != "closed":
                 return f"Case #{case.id} is open already."
             await cases.set_fields(conn, case.id, state="open", closed_at=None)
-            await entry("reopened", {"why": command.text}, {})
+            await entry("reopened", {}, {"why": command.text})
             return f"Case #{case.id} reopened."
         if command.action == "hold":
             await cases.set_fields(conn, case.id, hold_reason=command.text)
-            await entry("held", {"why": command.text}, {})
+            await entry("held", {}, {"why": command.text})
             return f"Case #{case.id} is on hold: retention will not purge it."
         raise AssertionError(command.action)
 

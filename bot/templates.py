@@ -204,6 +204,20 @@ def _when(at: dt.datetime, zone: dt.tzinfo | None = None) -> str:
     return local.strftime("%a %d %b %Y %H:%M %Z")
 
 
+def duration_words(delta: dt.timedelta) -> str:
+    """'24 hours', '5 minutes', '90 seconds', '1 day': a duration as people say it."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    if seconds >= 3600:
+        return _duration(delta)
+    if seconds >= 60:
+        return f"{seconds // 60} minutes"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
 def _duration(delta: dt.timedelta) -> str:
     seconds = int(delta.total_seconds())
     hours, rest = divmod(seconds, 3600)
@@ -408,5 +422,26 @@ def render_template_fallback(*, name: str, problem: str) -> dict[str, Any]:
     return _content(
         f"The configured message template messages.{name} could not be used ({problem}). "
         "The built-in text was sent instead. Please ask an operator to fix the configuration.",
+        "m.notice",
+    )
+
+
+def render_refusals_summary(
+    *, kind: str, actor: str, room: str, count: int, since: dt.datetime
+) -> dict[str, Any]:
+    what = "flag(s)" if kind == "flag" else "invite(s) of the bot"
+    return _content(
+        f"{count} more {what} from {actor} in {room} were refused since "
+        f"{_when(since)} (each is recorded). Nothing was done to anyone. If this was a real "
+        "concern, a moderator should act now; if it is misuse, consider removing them.",
+        "m.notice",
+    )
+
+
+def render_invite_refused(*, inviter: str, room: str) -> dict[str, Any]:
+    return _content(
+        f"{inviter} tried to add me to {room}. I declined: only staff (and the inviters "
+        "configured in appservice.allowed_inviters) can put me in a room. If that room "
+        "should be moderated, a staff member can invite me.",
         "m.notice",
     )

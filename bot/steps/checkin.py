@@ -76,9 +76,9 @@ class Checkin(CaseStep):
             "message": message if isinstance(message, str) else None,
             "member_invited": case.member_id in invited,
         }
+        personal: dict[str, Any] = {"room": room_id, "invited": invited, "not_invited": not_invited}
         if isinstance(message, Refused):
-            facts["message_error"] = str(message)
-        personal = {"room": room_id, "invited": invited, "not_invited": not_invited}
+            personal["message_error"] = str(message)
         return Outcome(
             "done",
             facts,

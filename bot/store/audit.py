@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bot.audit_chain import ChainedEntry, digest
+from bot.audit_chain import KEYED, ChainedEntry, personal_digest
 from bot.store.schema import audit_entries, audit_head
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """Stamped on every entry: which policy and which configuration were in force."""
+    """Stamped on every entry: which policy and which configuration were in force; and the
+    deployment's secret that keys the digests of personal fields (never stored here)."""
 
     policy_version: str
     config_hash: str
+    digest_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,11 @@ async def append(
         at=at,
         kind=kind,
         facts=facts,
-        personal_digest=digest(personal),
+        personal_digest=personal_digest(personal, provenance.digest_key),
         policy_version=provenance.policy_version,
         config_hash=provenance.config_hash,
         prev_hash=prev_hash,
+        personal_alg=KEYED,
     )
     entry_hash = entry.compute_hash()
     await conn.execute(
@@ -89,6 +92,7 @@ async def append(
             facts=facts,
             personal=personal,
             personal_digest=entry.personal_digest,
+            personal_alg=entry.personal_alg,
             policy_version=entry.policy_version,
             config_hash=entry.config_hash,
             prev_hash=prev_hash,
@@ -173,6 +177,7 @@ async def chain_rows(
                     policy_version=row.policy_version,
                     config_hash=row.config_hash,
                     prev_hash=row.prev_hash,
+                    personal_alg=row.personal_alg,
                 ),
                 row.hash,
                 row.personal,

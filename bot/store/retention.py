@@ -29,6 +29,7 @@ PERSONAL_CASE_COLUMNS = (
 class Purged:
     cases: int
     entries: int
+    caseless: int = 0  # entries outside any case (refusals, rejected invites, ...)
 
 
 async def purge_closed_before(
@@ -81,3 +82,40 @@ async def purge_closed_before(
         )
         total_entries += entry_count
     return Purged(len(due), total_entries)
+
+
+async def purge_caseless_before(
+    conn: AsyncConnection, provenance: audit.Provenance, cutoff: dt.datetime, now: dt.datetime
+) -> int:
+    """Erase the personal fields of entries that belong to no case (refused flags, rejected
+    invites, refused commands, rooms joined...) recorded before `cutoff`; one tombstone."""
+    condition = sa.and_(
+        audit_entries.c.case_id.is_(None),
+        audit_entries.c.at < cutoff,
+        audit_entries.c.personal.is_not(None),
+        audit_entries.c.kind != "purged",
+    )
+    span = (
+        await conn.execute(
+            sa.select(
+                sa.func.count(), sa.func.min(audit_entries.c.at), sa.func.max(audit_entries.c.at)
+            ).where(condition)
+        )
+    ).one()
+    count, first, last = span
+    if not count:
+        return 0
+    await conn.execute(audit_entries.update().where(condition).values(personal=None))
+    await audit.append(
+        conn,
+        provenance,
+        "purged",
+        facts={
+            "entries_purged": count,
+            "outside_cases": True,
+            "from": first.isoformat(),
+            "to": last.isoformat(),
+        },
+        at=now,
+    )
+    return count

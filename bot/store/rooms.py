@@ -18,16 +18,31 @@ class ModeratedRoom:
     joined_at: dt.datetime | None
     can_kick: bool | None
     left_at: dt.datetime | None
+    can_redact: bool | None = None
 
 
 def _room(row: sa.Row) -> ModeratedRoom:  # type: ignore[type-arg]
-    return ModeratedRoom(row.room_id, row.inviter, row.joined_at, row.can_kick, row.left_at)
+    return ModeratedRoom(
+        row.room_id, row.inviter, row.joined_at, row.can_kick, row.left_at, row.can_redact
+    )
 
 
 async def joined(
-    conn: AsyncConnection, room_id: str, *, inviter: str, at: dt.datetime, can_kick: bool | None
+    conn: AsyncConnection,
+    room_id: str,
+    *,
+    inviter: str,
+    at: dt.datetime,
+    can_kick: bool | None,
+    can_redact: bool | None,
 ) -> None:
-    values = {"inviter": inviter, "joined_at": at, "can_kick": can_kick, "left_at": None}
+    values = {
+        "inviter": inviter,
+        "joined_at": at,
+        "can_kick": can_kick,
+        "can_redact": can_redact,
+        "left_at": None,
+    }
     updated = await conn.execute(rooms.update().where(rooms.c.room_id == room_id).values(**values))
     if not updated.rowcount:
         await conn.execute(rooms.insert().values(room_id=room_id, **values))
@@ -42,8 +57,14 @@ async def get(conn: AsyncConnection, room_id: str) -> ModeratedRoom | None:
     return _room(row) if row else None
 
 
-async def set_can_kick(conn: AsyncConnection, room_id: str, value: bool | None) -> None:
-    await conn.execute(rooms.update().where(rooms.c.room_id == room_id).values(can_kick=value))
+async def set_powers(
+    conn: AsyncConnection, room_id: str, *, can_kick: bool | None, can_redact: bool | None
+) -> None:
+    await conn.execute(
+        rooms.update()
+        .where(rooms.c.room_id == room_id)
+        .values(can_kick=can_kick, can_redact=can_redact)
+    )
 
 
 async def moderated(conn: AsyncConnection) -> list[ModeratedRoom]:

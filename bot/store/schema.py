@@ -184,6 +184,31 @@ rooms = sa.Table(
     sa.Column("joined_at", UTCDateTime, nullable=True),
     sa.Column("can_kick", sa.Boolean, nullable=True),
     sa.Column("left_at", UTCDateTime, nullable=True),
+    sa.Column("can_redact", sa.Boolean, nullable=True),
+)
+
+# Refusals from one person in one room are reported to staff once per window (the
+# rest counted, and told in one message when the window ends). See bot/reports.py.
+refusal_reports = sa.Table(
+    "refusal_reports",
+    metadata,
+    sa.Column("key", sa.String(600), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(255), nullable=False),
+    sa.Column("room_id", sa.String(255), nullable=False),
+    sa.Column("window_started_at", UTCDateTime, nullable=False),
+    sa.Column("suppressed", sa.Integer, nullable=False, server_default="0"),
+)
+
+# What the service settled once and must not let drift: the staff room an alias
+# resolved to the first time (an alias moved later is a squatter's move, not ours).
+pinned = sa.Table(
+    "pinned",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+    sa.Column("source", sa.String(255), nullable=False),
+    sa.Column("pinned_at", UTCDateTime, nullable=False),
 )
 
 # The append-only, hash-chained audit log. `personal` holds the personal fields
@@ -199,6 +224,9 @@ audit_entries = sa.Table(
     sa.Column("facts", sa.JSON, nullable=False),
     sa.Column("personal", sa.JSON, nullable=True),
     sa.Column("personal_digest", sa.String(64), nullable=False),
+    # How personal_digest was made: "hmac-sha256" (keyed, the default) or "sha256"
+    # (entries written before keyed digests; kept verifiable as they were).
+    sa.Column("personal_alg", sa.String(16), nullable=False, server_default="sha256"),
     sa.Column("policy_version", sa.String(64), nullable=False),
     sa.Column("config_hash", sa.String(64), nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),

@@ -14,7 +14,7 @@ from bot.store.schema import audit_entries
 from tests.support.databases import BACKENDS, fresh_database
 from tests.support.scene import export_json, safeguard_cli
 
-PROVENANCE = audit.Provenance("2026-11", "c" * 64)
+PROVENANCE = audit.Provenance("2026-11", "c" * 64, b"5" * 64)
 LONG_AGO = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 
@@ -34,6 +34,11 @@ async def database(request, tmp_path):
                 }
             )
         )
+        # The deployment's digest key, as the service's first run would have written it.
+        from appservice.config import load_config
+        from appservice.digest_key import digest_key_path
+
+        digest_key_path(load_config(config)).write_text(PROVENANCE.digest_key.decode())
         yield engine, config
         await engine.dispose()
 
@@ -113,6 +118,49 @@ async def test_purge_keeps_the_chain_and_the_counts(database):
     async with engine.connect() as conn:
         total = (await conn.execute(sa.select(sa.func.count()).select_from(audit_entries))).scalar()
     assert total == 5
+
+
+async def test_purge_erases_entries_outside_cases_too(database):
+    """Refused flags, rejected invites, refused commands: no case, still personal data."""
+    engine, config = database
+    async with engine.begin() as conn:
+        await audit.append(
+            conn,
+            PROVENANCE,
+            "refused",
+            facts={"code": "not_moderator", "method": "reaction"},
+            personal={"flagger": "@troll:localhost", "detail": "@troll is not a moderator"},
+            at=LONG_AGO,
+        )
+        await audit.append(
+            conn, PROVENANCE, "invite_refused", personal={"inviter": "@x:localhost"}, at=LONG_AGO
+        )
+        await audit.append(conn, PROVENANCE, "refused", personal={"flagger": "@recent:localhost"})
+    code, out, err = await safeguard_cli("audit", "purge", "-c", str(config))
+    assert code == 0 and "2 entries outside cases" in out, (out, err)
+    document = await export_json(config)
+    refusals = {e["seq"]: e for e in document["refusals"]}
+    assert refusals[1]["personal"] is None and refusals[3]["personal"] == {
+        "flagger": "@recent:localhost"
+    }
+    async with engine.connect() as conn:
+        kinds = [e.kind for e in await audit.entries(conn, without_case=True)]
+    assert kinds[-1] == "purged"
+    code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
+    assert code == 0, out
+
+
+async def test_verify_without_the_digest_key_checks_the_chain_and_says_what_it_could_not(
+    database,
+):
+    engine, config = database
+    await closed_case(engine, "@a:localhost")
+    from appservice.config import load_config
+    from appservice.digest_key import digest_key_path
+
+    digest_key_path(load_config(config)).unlink()
+    code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
+    assert code == 0 and "not checked" in out and "digest key" in out
 
 
 async def test_export_since_and_case_filters(database):

@@ -12,7 +12,7 @@ from bot.audit_chain import verify_chain
 from bot.store import audit
 from bot.store.schema import audit_entries
 
-PROVENANCE = audit.Provenance("test-policy", "0" * 64)
+PROVENANCE = audit.Provenance("test-policy", "0" * 64, b"5" * 64)
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def engine(migrated_engine):
 async def _verify(engine, anchor=None):
     async with engine.connect() as conn:
         rows = [row async for row in audit.chain_rows(conn)]
-    return verify_chain(rows, anchor=anchor)
+    return verify_chain(rows, anchor=anchor, key=PROVENANCE.digest_key)
 
 
 async def _append_some(engine, count: int) -> None:
@@ -128,3 +128,62 @@ async def test_timestamps_round_trip_exactly(engine):
         (entry,) = await audit.entries(conn)
     assert entry.at == at
     assert (await _verify(engine)).ok
+
+
+async def test_personal_digests_are_keyed(engine):
+    """A purged entry's digest cannot be matched by hashing guessed user ids."""
+    from bot.audit_chain import digest, personal_digest
+
+    await _append_some(engine, 1)
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(audit_entries))).one()
+    guess = {"member": "@m0:localhost"}
+    assert row.personal_alg == "hmac-sha256"
+    assert row.personal_digest != digest(guess), "not a plain hash anyone could recompute"
+    assert row.personal_digest == personal_digest(guess, PROVENANCE.digest_key)
+    wrong_key = verify_chain([r async for r in _rows(engine)], key=b"another deployment's key")
+    assert not wrong_key.ok
+
+
+async def _rows(engine):
+    async with engine.connect() as conn:
+        async for row in audit.chain_rows(conn):
+            yield row
+
+
+async def test_entries_from_before_keyed_digests_still_verify(engine):
+    """Plain SHA-256 entries (written before this version) verify as they were."""
+    from bot.audit_chain import GENESIS_HASH, ChainedEntry, digest
+
+    at = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    personal = {"member": "@old:localhost"}
+    old = ChainedEntry(1, 1, at, "flagged", {"n": 0}, digest(personal), "p", "c" * 64, GENESIS_HASH)
+    async with engine.begin() as conn:
+        await conn.execute(
+            audit_entries.insert().values(
+                seq=1,
+                case_id=1,
+                at=at,
+                kind="flagged",
+                facts={"n": 0},
+                personal=personal,
+                personal_digest=old.personal_digest,
+                personal_alg="sha256",
+                policy_version="p",
+                config_hash="c" * 64,
+                prev_hash=GENESIS_HASH,
+                hash=old.compute_hash(),
+            )
+        )
+        await conn.execute(
+            sa.text("UPDATE audit_head SET seq = 1, hash = :h"), {"h": old.compute_hash()}
+        )
+    await _append_some(engine, 2)
+    assert (await _verify(engine)).ok
+    # Passing a keyed entry off as a plain one breaks its hash.
+    async with engine.begin() as conn:
+        await conn.execute(
+            audit_entries.update().where(audit_entries.c.seq == 2).values(personal_alg="sha256")
+        )
+    result = await _verify(engine)
+    assert (result.ok, result.first_bad_seq) == (False, 2)

@@ -9,7 +9,7 @@ import pytest
 
 from bot.store import audit, cases, ingest
 
-PROVENANCE = audit.Provenance("test-policy", "0" * 64)
+PROVENANCE = audit.Provenance("test-policy", "0" * 64, b"5" * 64)
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 

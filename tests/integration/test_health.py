@@ -52,7 +52,8 @@ def small_disk(tmp_path: Path, size: str = "4m") -> Iterator[Path]:
 
 def fill(disk: Path) -> Path:
     filler = disk / "filler"
-    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+    # The suppression outside the file: closing it (a last flush) may hit the full disk too.
+    with contextlib.suppress(OSError), open(filler, "wb") as handle:
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()

@@ -251,7 +251,7 @@ async def test_bot_reports_joining_a_room_and_its_kick_power(scene):
     async with running_service(configure(scene)):
         await open_group_room(scene)
         joined = await until(
-            lambda: scene.staff_matching(lambda m: scene.owner.user_id in m),
+            lambda: scene.staff_matching(lambda m: f"{scene.staff.user_id} added me" in m),
             what="the room-joined report",
         )
         assert "can remove" in joined[0].lower()

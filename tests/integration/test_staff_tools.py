@@ -127,7 +127,7 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
     assert sum(e["kind"] == "emergency_services_informed" for e in case["entries"]) == 1
     es = next(e for e in case["entries"] if e["kind"] == "emergency_services_informed")
     assert es["personal"]["reference"] == "CAD-4471"
-    assert es["facts"]["service"] == "Metropolitan Police"
+    assert es["personal"]["service"] == "Metropolitan Police" and "service" not in es["facts"]
     assert es["facts"]["lawful_basis"] == "vital interests" and es["facts"]["data_shared"]
     note = next(e for e in case["entries"] if e["kind"] == "note")
     assert note["facts"]["kind"] == "opinion" and note["personal"]["text"] == "seemed calmer"

@@ -20,7 +20,7 @@ from bot.texts import Texts
 GROUP, STAFF = "!group:localhost", "!staff:localhost"
 MEMBER, MOD = "@member:localhost", "@mod:localhost"
 BOT = "@safeguard:localhost"
-PROVENANCE = audit.Provenance("test", "0" * 64)
+PROVENANCE = audit.Provenance("test", "0" * 64, b"5" * 64)
 
 
 def deployment(
@@ -33,7 +33,6 @@ def deployment(
         resources=tuple(default_resources()),
         bot_user_id=BOT,
         provenance=PROVENANCE,
-        may_invite=lambda user: True,
     )
 
 

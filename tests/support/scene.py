@@ -147,17 +147,22 @@ async def build_scene(
 
 
 async def open_group_room(scene: Scene, *, encrypted: bool = False) -> str:
-    """Created by `owner` (a v12 creator), with the moderator at 50 and the bot able to kick."""
+    """Created by `owner` (a v12 creator), with the moderator at 50 and the bot able to kick.
+
+    Staff join it and invite the bot: by default only staff can put the bot in a room.
+    """
     owner = scene.owner
     room = await owner.create_room(
         name="Group chat",
         preset="private_chat",
-        invite=[BOT, scene.moderator.user_id, scene.member.user_id],
+        invite=[scene.moderator.user_id, scene.member.user_id, scene.staff.user_id],
         power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
         encrypted=encrypted,
     )
     await scene.moderator.join(room)
     await scene.member.join(room)
+    await scene.staff.join(room)
+    await scene.staff.invite(room, BOT)
     await until(lambda: scene.bot_joined(room), what="the bot to join the group room")
     scene.group = room
     return room

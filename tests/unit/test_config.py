@@ -146,10 +146,14 @@ def test_missing_database_folder_is_reported(tmp_path):
         check_runnable(load_config(path))
 
 
-def test_inviters_default_to_local_users(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL))
-    assert config.may_invite("@alice:localhost")
-    assert not config.may_invite("@mallory:evil.example")
+def test_inviters_default_to_staff_only(tmp_path):
+    """No one but staff (always allowed) may put the bot in a room, unless operators widen it."""
+    assert load_config(write(tmp_path, MINIMAL)).allowed_inviters == ()
+    widened = {**MINIMAL, "appservice": {**MINIMAL["appservice"], "allowed_inviters": ["@*-mod:l"]}}
+    assert load_config(write(tmp_path, widened, "w.yaml")).allowed_inviters == ("@*-mod:l",)
+    bad = {**MINIMAL, "appservice": {**MINIMAL["appservice"], "allowed_inviters": ["everyone"]}}
+    with pytest.raises(ConfigError, match=r"appservice\.allowed_inviters\.0"):
+        load_config(write(tmp_path, bad, "b.yaml"))
 
 
 def test_db_upgrade_applies_the_migrations(tmp_path, capsys):

@@ -21,6 +21,8 @@ from bot.intake import FLAG_LANE, OTHER_LANE
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable
 from bot.referral import Referral
+from bot.reports import RefusalReports
+from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory
 from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
@@ -85,6 +87,8 @@ def build(engine, hs, **options) -> Dispatcher:
         StaffDirectory(hs, settings.policy, staff_room),
         staff_room,
         metrics,
+        room_state=RoomStateCache(hs),
+        reports=RefusalReports(engine, staff_room, dt.timedelta(minutes=5), on_outbox=lambda: None),
         on_case=lambda case_id: None,
         on_outbox=lambda: None,
     )

@@ -1,0 +1,286 @@
+"""The bot cannot be turned against anyone: tried as a hostile user would, against real Synapse.
+
+- a plain user's own room (they are its creator, so a "moderator" there): the bot
+  declines the invite and staff are told who tried;
+- a target who is not in the room: refused, nothing sent to them;
+- a flood of refused flags: each recorded, staff told once a window, a real flag
+  still acted on (its timing is measured by bench/storm.py, not here);
+- a staff-room alias moved to a squatter's room: the pinned room stays;
+- DEBUG logs: no chat text, no tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import pytest
+import yaml
+
+from appservice.logs import setup_logging
+from bot.store import audit
+from tests.support.matrix_user import q
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    export_json,
+    health,
+    open_group_room,
+    running_service,
+    service_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+def configure(scene, **policy):
+    return service_config(
+        scene.synapse,
+        scene.directory,
+        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        policy=policy,
+    )
+
+
+async def entries(service, kind: str) -> list[audit.AuditEntry]:
+    async with service.engine.connect() as conn:
+        return [e for e in await audit.entries(conn) if e.kind == kind]
+
+
+async def test_a_plain_users_own_room_gets_nothing_from_the_bot(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    mallory = await synapse.new_user("mallory")
+    victim = await synapse.new_user("victim")
+    async with running_service(configure(scene)) as service:
+        room = await mallory.create_room(name="Trap", invite=[BOT, victim.user_id])
+        await victim.join(room)
+
+        async def declined() -> bool:
+            return (await mallory.members(room)).get(BOT) == "leave"
+
+        await until(declined, what="the bot to decline the invite")
+        report = await until(
+            lambda: scene.staff_matching(lambda m: f"{mallory.user_id} tried to add me" in m),
+            what="staff told who tried",
+        )
+        assert room in report[0]
+        said = await victim.send_text(room, "hello")
+        await mallory.react(room, said, "🚨")
+        await mallory.send_text(room, f"!safeguard {victim.user_id}")
+        await until(lambda: entries(service, "invite_refused"), what="the refusal's record")
+        await asyncio.sleep(2)
+        assert await victim.invited_rooms() == [], "no crisis DM to the victim"
+        assert not await scene.staff_matching(lambda m: m.startswith("Case #"))
+
+
+async def test_staff_can_always_invite_and_operators_can_widen_it(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = configure(scene)
+    data = yaml.safe_load(config.read_text())
+    data["appservice"]["allowed_inviters"] = [scene.owner.user_id]
+    config.write_text(yaml.safe_dump(data))
+    async with running_service(config):
+        room = await scene.owner.create_room(name="Listed", invite=[BOT])
+
+        async def joined() -> bool:
+            return (await scene.owner.members(room)).get(BOT) == "join"
+
+        await until(joined, what="the bot to accept a listed inviter")
+
+
+async def test_only_people_in_the_room_can_be_flagged(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    outsider = await synapse.new_user("outsider")
+    async with running_service(configure(scene, recent_leave="3s")) as service:
+        await open_group_room(scene)
+        # Never in the room; and someone who does not exist at all.
+        await scene.moderator.send_text(scene.group, f"!safeguard {outsider.user_id}")
+        await scene.moderator.send_text(scene.group, "!safeguard @nobody-at-all:localhost")
+        refused = await until(
+            lambda: _refusals(service, "not_in_room", 2), what="two not_in_room refusals"
+        )
+        assert {e.personal["member"] for e in refused} == {
+            outsider.user_id,
+            "@nobody-at-all:localhost",
+        }
+        assert await outsider.invited_rooms() == [], "nothing sent to them"
+        # Someone who left just now is still told, and staff alerted; no removal needed.
+        said = await scene.member.send_text(scene.group, "I'm done with all this")
+        await scene.member.leave(scene.group)
+        await scene.moderator.react(scene.group, said, "🚨")
+        alert = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        assert "already left" in alert[0]
+        assert len(await scene.member.invited_rooms()) == 1, "they were told"
+        # Someone who left longer ago than policy.recent_leave: a refusal.
+        other = await synapse.new_user("left-long-ago")
+        await scene.owner.invite(scene.group, other.user_id)
+        await other.join(scene.group)
+        said = await other.send_text(scene.group, "bye for now")
+        await other.leave(scene.group)
+        await asyncio.sleep(4)
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: _refusals(service, "not_in_room", 3), what="a third refusal")
+        assert await other.invited_rooms() == []
+
+
+async def _refusals(service, code: str, count: int) -> list[audit.AuditEntry] | None:
+    found = [e for e in await entries(service, "refused") if e.facts.get("code") == code]
+    return found if len(found) >= count else None
+
+
+async def test_a_flood_of_refused_flags_is_recorded_coalesced_and_holds_no_flag_up(
+    synapse, tmp_path
+):
+    scene = await build_scene(synapse, tmp_path)
+    troll = await synapse.new_user("troll")
+    async with running_service(configure(scene, refusal_report_every="3s")) as service:
+        await open_group_room(scene)
+        await scene.owner.invite(scene.group, troll.user_id)
+        await troll.join(scene.group)
+        # Synapse refuses a second identical reaction from one user: 60 different targets.
+        targets = [await scene.member.send_text(scene.group, f"m{n}") for n in range(60)]
+        storm = [troll.react(scene.group, target, "🚨") for target in targets]
+        await asyncio.gather(*storm)
+        real = await scene.member.send_text(scene.group, "I have a plan to end it")
+        await scene.moderator.react(scene.group, real, "🚨")
+
+        async def removed() -> bool:
+            return await scene.membership(scene.group, scene.member) == "leave"
+
+        await until(removed, within=30, what="the real flag's removal amid the storm")
+        await until(lambda: _refusals(service, "not_moderator", 60), what="all 60 recorded")
+        first = await scene.staff_matching(lambda m: m.startswith("Flag refused"))
+        assert len(first) == 1, "staff told once, at once"
+        summary = await until(
+            lambda: scene.staff_matching(lambda m: "59 more flag(s)" in m),
+            within=60,
+            what="one summary when the window ends",
+        )
+        assert troll.user_id in summary[0]
+
+
+async def test_a_moved_staff_room_alias_does_not_move_the_staff_room(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path, staff_room=False)
+    alias_name = f"staff-{tmp_path.name}"
+    alias = f"#{alias_name}:{synapse.server_name}"
+    scene.staff_room = await scene.staff.create_room(name="Staff", alias=alias_name, invite=[BOT])
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=alias,
+        staff=[scene.staff.user_id],
+    )
+    mallory = await synapse.new_user("mallory")
+    async with running_service(config) as service:
+
+        async def staff_room_joined() -> bool:
+            return (await scene.staff.members(scene.staff_room)).get(BOT) == "join"
+
+        await until(staff_room_joined, what="the staff room joined")
+    # Meanwhile, the alias is pointed at a room a squatter made (and invites the bot to).
+    squat = await mallory.create_room(name="Staff (real, honest)", invite=[BOT])
+    await scene.staff.request("DELETE", f"/_matrix/client/v3/directory/room/{q(alias)}")
+    await mallory.request(
+        "PUT", f"/_matrix/client/v3/directory/room/{q(alias)}", {"room_id": squat}
+    )
+    async with running_service(config) as service:
+        _status, body = await until(
+            lambda: _unhealthy(service), what="/health to report the moved alias"
+        )
+        assert "now points to" in body["checks"]["staff_room"]["problem"]
+        assert body["checks"]["staff_room"]["room"] == scene.staff_room
+        assert (await mallory.members(squat)).get(BOT) != "join", "the squat is not joined"
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "help me")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            what="the alert in the pinned staff room",
+        )
+        squat_events = await mallory.messages(squat)
+        assert not [
+            e for e in squat_events if e.get("sender") == BOT and e["type"] == "m.room.message"
+        ]
+
+
+async def _unhealthy(service):
+    status, body = await health(service)
+    return (status, body) if not body["checks"]["staff_room"]["ok"] else None
+
+
+async def test_debug_logs_hold_no_chat_text_and_no_tokens(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = configure(scene)
+    captured = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    setup_logging("DEBUG", "text")
+    capture = logging.StreamHandler(captured)
+    capture.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    root.addHandler(capture)
+    try:
+        async with running_service(config) as service:
+            await open_group_room(scene)
+            said = await scene.member.send_text(scene.group, "SECRET-CHAT-TEXT nobody may log")
+            await scene.moderator.send_text(
+                scene.group, "!safeguard SECRET-REASON they said so", reply_to=said
+            )
+            dm = await until(scene.dm_room_of_member, what="the DM")
+            await scene.member.join(dm)
+            await scene.member.send_text(dm, "SECRET-RELAYED-REPLY please help")
+            await until(
+                lambda: scene.staff_matching(lambda m: "SECRET-RELAYED-REPLY" in m),
+                what="the relayed reply",
+            )
+            tokens = (service.registration.as_token, service.registration.hs_token)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    text = captured.getvalue()
+    assert "INFO bot.engine case #1: notify done" in text, "the capture works"
+    for secret in ("SECRET-CHAT-TEXT", "SECRET-RELAYED-REPLY", "SECRET-REASON", *tokens):
+        assert secret not in text, f"{secret[:12]}… reached the logs"
+
+
+async def test_rooms_lists_and_leaves(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        listing = await _command(scene, "!rooms")
+        assert scene.group in listing and scene.staff.user_id in listing
+        assert "can remove members: yes" in listing and "can redact: yes" in listing
+        left = await _command(scene, f"!rooms leave {scene.group}")
+        assert "I have left" in left
+
+        async def gone() -> bool:
+            return (await scene.owner.members(scene.group)).get(BOT) == "leave"
+
+        await until(gone, what="the bot to leave")
+        assert await entries(service, "room_left")
+        assert "moderate no rooms" in await _command(scene, "!rooms")
+    document = await export_json(config_of(scene))
+    assert "refusals" in document
+
+
+def config_of(scene):
+    return scene.directory / "config.yaml"
+
+
+async def _command(scene, text: str) -> str:
+    sent = await scene.staff.send_text(scene.staff_room, text)
+
+    async def reply():
+        for event in await scene.bot_messages(scene.staff, scene.staff_room):
+            relation = event["content"].get("m.relates_to", {})
+            if relation.get("m.in_reply_to", {}).get("event_id") == sent:
+                return event["content"]["body"]
+        return None
+
+    return await until(reply, what=f"the reply to {text!r}")
