@@ -343,6 +343,38 @@ class NioHomeserver:
         assert isinstance(response, RoomResolveAliasResponse)
         return response.room_id
 
+    async def display_name(self, user_id: str) -> str | None:
+        result = await self._raw("GET", f"/_matrix/client/v3/profile/{_quote(user_id)}/displayname")
+        if isinstance(result, Refused):
+            return None
+        name = result.get("displayname")
+        return name if isinstance(name, str) else None
+
+    async def room_name(self, room_id: str) -> str | None:
+        content = await self._state_event(room_id, "m.room.name")
+        name = content.get("name") if isinstance(content, dict) else None
+        return name if isinstance(name, str) else None
+
+    async def redact(
+        self, room_id: str, event_id: str, *, reason: str, txn_id: str
+    ) -> Done | Refused:
+        result = await self._raw(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_quote(room_id)}/redact/{_quote(event_id)}/"
+            f"{_quote(txn_id)}",
+            {"reason": reason},
+        )
+        return result if isinstance(result, Refused) else Done()
+
+    async def is_redacted(self, room_id: str, event_id: str) -> bool | None:
+        result = await self._raw(
+            "GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/event/{_quote(event_id)}"
+        )
+        if isinstance(result, Refused):
+            return None
+        unsigned = result.get("unsigned") or {}
+        return "redacted_because" in unsigned or not result.get("content")
+
     async def join_room(self, room_id: str) -> Done | Refused:
         response = await self._call(f"join {room_id}", lambda: self.client.join(room_id))
         return response if isinstance(response, Refused) else Done()

@@ -54,7 +54,6 @@ from bot.staff_tools import StaffTools
 from bot.steps import Toolbox, build_steps
 from bot.store import audit, cases, ingest, outbox, rooms
 from bot.store.audit import Provenance
-from bot.templates import render_template_fallback
 from bot.texts import Texts
 from bot.timers import Timers
 from bot.worker import Worker
@@ -123,7 +122,7 @@ class Service:
         self.rooms = RoomDirectory(self.staff_room)
         self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
         self.room_state = RoomStateCache(self.homeserver)
-        self.texts = Texts(config.messages, on_fallback=self._template_fell_back)
+        self.texts = Texts(self.deployment, on_fallback=self._template_fell_back)
         webhook = HttpWebhook()
 
         # ---- the workers ----
@@ -148,6 +147,7 @@ class Service:
             self.engine,
             self.staff_room,
             config.policy.refusal_report_every,
+            texts=self.texts,
             on_outbox=on_outbox,
         )
         referral = Referral(
@@ -158,6 +158,7 @@ class Service:
             self.metrics,
             room_state=self.room_state,
             reports=self.refusal_reports,
+            texts=self.texts,
             on_case=self.steps.start_case,
             on_outbox=on_outbox,
         )
@@ -174,8 +175,10 @@ class Service:
             may_invite=may_invite,
             room_state=self.room_state,
             reports=self.refusal_reports,
+            texts=self.texts,
             on_outbox=on_outbox,
             on_staff_room_joined=self._staff_room_news.set,
+            on_case=self.steps.start_case,
         )
         checkins = CheckinEvents(
             self.engine,
@@ -196,7 +199,12 @@ class Service:
             on_case_changed=self.steps.start_case,
         )
         relay = Relay(
-            self.engine, self.deployment, self.staff_room, self.rooms, on_outbox=on_outbox
+            self.engine,
+            self.deployment,
+            self.staff_room,
+            self.rooms,
+            texts=self.texts,
+            on_outbox=on_outbox,
         )
         self.dispatcher = Dispatcher(
             self.engine,
@@ -215,6 +223,7 @@ class Service:
             deployment=self.deployment,
             staff_room=self.staff_room,
             metrics=self.metrics,
+            texts=self.texts,
             on_outbox=on_outbox,
         )
         self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))
@@ -434,7 +443,7 @@ class Service:
                 await outbox.queue(
                     conn,
                     self.staff_room.address,
-                    render_template_fallback(name=name, problem=problem),
+                    self.texts.template_fallback(name=name, problem=problem),
                     now,
                 )
         except Exception:

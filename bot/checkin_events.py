@@ -70,6 +70,8 @@ class CheckinEvents:
             and await self._is_staff(user)
         ):
             kind, fields = "checkin_staff_joined", {"checkin_staff_joined_at": now}
+            if case.dealt_with_at is None:
+                fields["dealt_with_at"] = now
         if kind is None:
             return
         async with handling.transaction() as conn:
@@ -122,6 +124,8 @@ class CheckinEvents:
         async with handling.transaction() as conn:
             if case.checkin_claimed_by is None:
                 await cases.set_fields(conn, case.id, checkin_claimed_by=user)
+            if case.dealt_with_at is None:
+                await cases.set_fields(conn, case.id, dealt_with_at=now)
             await audit.append(
                 conn,
                 self._deployment.provenance,

@@ -34,7 +34,7 @@ from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
 from bot.store.ingest import InboxItem
-from bot.templates import render_processing_failed
+from bot.texts import Texts
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Dispatcher:
         deployment: Deployment,
         staff_room: StaffRoom,
         metrics: Metrics,
+        texts: Texts,
         on_outbox: Callable[[], None],
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
@@ -138,6 +139,7 @@ class Dispatcher:
         self._deployment = deployment
         self._staff_room = staff_room
         self._metrics = metrics
+        self._texts = texts
         self._on_outbox = on_outbox
         self._retry_delays = retry_delays
         self._outage_delays = outage_delays
@@ -230,7 +232,7 @@ class Dispatcher:
             await outbox.queue(
                 conn,
                 self._staff_room.address,
-                render_processing_failed(event_id=item.event_id, room=item.room_id),
+                self._texts.processing_failed(event_id=item.event_id, room=item.room_id),
                 now,
             )
         log.error("event %s failed for good after %d attempts", item.event_id, item.attempts + 1)

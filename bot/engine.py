@@ -35,7 +35,6 @@ from bot.staff_room import StaffRoomUnavailable
 from bot.steps import CaseStep, Outcome, StepRun, Toolbox
 from bot.store import audit, cases, outbox
 from bot.store.cases import Case, Step
-from bot.templates import render_step_failed
 from bot.worker import STOP_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -365,9 +364,9 @@ class StepEngine:
             step.step in REPORTED_BY_ALERT and alert is not None and not alert.finished
         ):
             return False
-        content = render_step_failed(case_number=case.id, step=step.step, error=outcome.error)
-        if case.alert_event_id:
-            content["m.relates_to"] = {"m.in_reply_to": {"event_id": case.alert_event_id}}
+        content = self._tools.texts.step_failed(
+            case_number=case.id, step=step.step, error=outcome.error, reply_to=case.alert_event_id
+        )
         await outbox.queue(conn, self._tools.staff_room.address, content, now)
         return True
 

@@ -22,8 +22,10 @@ from bot.reports import RefusalReports
 from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
+from bot.steps import POSITIONS
+from bot.steps.rejoin import rejoin_due
 from bot.store import audit, cases, outbox, rooms
-from bot.templates import render_invite_refused, render_kick_power_lost, render_room_joined
+from bot.texts import Texts
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,12 @@ class Membership:
         may_invite: Callable[[str], Awaitable[bool]],
         room_state: RoomStateCache,
         reports: RefusalReports,
+        texts: Texts,
         on_outbox: Callable[[], None],
         on_staff_room_joined: Callable[[], None],
+        on_case: Callable[[int], None] = lambda case_id: None,
     ) -> None:
+        self._on_case = on_case
         self._db = db
         self._hs = homeserver
         self._deployment = deployment
@@ -67,6 +72,7 @@ class Membership:
         self._may_invite = may_invite
         self._room_state = room_state
         self._reports = reports
+        self._texts = texts
         self._on_outbox = on_outbox
         # Told when the bot joins the staff room on an invite (alerts may be waiting for it).
         self._on_staff_room_joined = on_staff_room_joined
@@ -87,22 +93,38 @@ class Membership:
         membership = _membership(event.get("content"))
         unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), Mapping) else {}
         previous = _membership(unsigned.get("prev_content"))
-        # A display-name change is a join after a join: only a real return ends the case.
+        # A display-name change is a join after a join: only a real return counts.
         if membership != "join" or previous == "join" or not isinstance(user, str):
             return
         now = dt.datetime.now(dt.UTC)
+        removing = self._deployment.policy.on_rejoin == "remove"
         async with handling.transaction() as conn:
-            case_id = await cases.end_active(conn, item.room_id, user, now)
-            if case_id is not None:
-                await audit.append(
-                    conn,
-                    self._deployment.provenance,
-                    "member_rejoined",
-                    case_id=case_id,
-                    facts={"note": "later flags in this room open a new case"},
-                    personal={"room": item.room_id, "member": user},
-                    at=now,
-                )
+            case = await cases.active_case(conn, item.room_id, user)
+            if case is None:
+                return
+            if case.state == "open" and removing:
+                # They are removed again: the case stays the one later flags corroborate.
+                await cases.rearm_step(conn, case.id, "remove_again", POSITIONS["remove_again"], {})
+            else:
+                await cases.end_active(conn, item.room_id, user, now)
+            if case.state == "open":
+                await rejoin_due(conn, case.id, removing=removing, position=POSITIONS["rejoin"])
+                await cases.set_next_attempt(conn, case.id, now)
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "member_rejoined",
+                case_id=case.id,
+                facts={
+                    "removed_again": case.state == "open" and removing,
+                    "note": "later flags in this room open a new case"
+                    if not (case.state == "open" and removing)
+                    else "removed again (policy.on_rejoin: remove)",
+                },
+                personal={"room": item.room_id, "member": user},
+                at=now,
+            )
+        self._on_case(case.id)
 
     async def _invited(self, handling: Handling) -> None:
         """The bot acts only where staff put it: the staff room's invite is always taken;
@@ -133,7 +155,7 @@ class Membership:
                     kind="invite",
                     actor=inviter,
                     room_id=room_id,
-                    report=render_invite_refused(inviter=inviter, room=room_id),
+                    report=self._texts.invite_refused(inviter=inviter, room=room_id),
                     now=now,
                 )
             if told:
@@ -164,7 +186,9 @@ class Membership:
             await outbox.queue(
                 conn,
                 self._staff_room.address,
-                render_room_joined(inviter=inviter, room=room_id, can_kick=bool(kick)),
+                self._texts.room_joined(
+                    inviter=inviter, room=room_id, can_kick=kick, can_redact=redact
+                ),
                 now,
             )
         self._on_outbox()
@@ -221,9 +245,12 @@ class Membership:
                 personal={"room": room_id, "by": item.payload.get("sender")},
                 at=now,
             )
-            if not kick and known.can_kick:
+            if (known.can_kick and not kick) or (known.can_redact and not redact):
                 await outbox.queue(
-                    conn, self._staff_room.address, render_kick_power_lost(room=room_id), now
+                    conn,
+                    self._staff_room.address,
+                    self._texts.powers_lost(room=room_id, can_kick=kick, can_redact=redact),
+                    now,
                 )
         self._on_outbox()
 

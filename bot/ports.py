@@ -94,6 +94,24 @@ class Homeserver(Protocol):
 
     async def resolve_room(self, room_id_or_alias: str) -> str | Refused: ...
 
+    async def display_name(self, user_id: str) -> str | None:
+        """The user's display name (their profile), or None."""
+        ...
+
+    async def room_name(self, room_id: str) -> str | None:
+        """The room's name (m.room.name), or None."""
+        ...
+
+    async def redact(
+        self, room_id: str, event_id: str, *, reason: str, txn_id: str
+    ) -> Done | Refused:
+        """Redact an event (the flag, say), with a reason everyone can read."""
+        ...
+
+    async def is_redacted(self, room_id: str, event_id: str) -> bool | None:
+        """Whether the event is redacted already (None: it cannot be read)."""
+        ...
+
     async def join_room(self, room_id: str) -> Done | Refused: ...
 
     async def leave_room(self, room_id: str) -> Done | Refused: ...

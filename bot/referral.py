@@ -28,11 +28,12 @@ from bot.reports import RefusalReports
 from bot.room_state import RoomStateCache
 from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
-from bot.steps import CASE_STEPS
+from bot.steps import CASE_STEPS, POSITIONS
+from bot.steps.corroboration import corroboration_due
 from bot.store import audit, cases
-from bot.templates import duration_words as _duration
-from bot.templates import render_refusal
+from bot.texts import Texts
 from bot.triggers import Flag, recognise_flag
+from bot.wording import duration_words as _duration
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Referral:
         *,
         room_state: RoomStateCache,
         reports: RefusalReports,
+        texts: Texts,
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
     ) -> None:
@@ -69,6 +71,7 @@ class Referral:
         self._metrics = metrics
         self._room_state = room_state
         self._reports = reports
+        self._texts = texts
         self._on_case = on_case
         self._on_outbox = on_outbox
 
@@ -193,6 +196,15 @@ class Referral:
                 dry_run=self._policy.dry_run,
                 due_at=due_at(flagged_at, self._deployment.checkin),
             )
+            if not opened.created:
+                # Staff are told (as a reply to the alert), and this flag is redacted too.
+                await corroboration_due(
+                    conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
+                )
+                await cases.rearm_step(
+                    conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], {}
+                )
+                await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
         self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
         log.info(
             "case #%d %s by %s flag",
@@ -201,8 +213,7 @@ class Referral:
             flag.method,
             extra={"case": opened.case_id},
         )
-        if opened.created:
-            self._on_case(opened.case_id)
+        self._on_case(opened.case_id)
 
     async def _refuse(
         self, handling: Handling, flag: Flag, target: str | None, refusal: Refusal
@@ -231,13 +242,13 @@ class Referral:
                 kind="flag",
                 actor=flag.flagger,
                 room_id=flag.room_id,
-                report=render_refusal(
-                    self._deployment.messages,
+                report=self._texts.refusal(
+                    code=refusal.code,
+                    detail=refusal.detail,
                     flagger=flag.flagger,
                     member=target,
                     room=flag.room_id,
                     method=flag.method,
-                    refusal=refusal,
                 ),
                 now=now,
             )

@@ -1,5 +1,6 @@
 """Every message from the member reaches staff: replies in the DM, and words in the
-check-in room before any staff member has joined it.
+check-in room before any staff member has joined it — and the moderator's reply to
+their debrief.
 
 The text goes to the staff room only; the case records the event id and that it
 was relayed, never the text.
@@ -17,7 +18,7 @@ from bot.dispatch import Handling
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox
-from bot.templates import render_relay
+from bot.texts import Texts
 
 
 class Relay:
@@ -28,8 +29,10 @@ class Relay:
         staff_room: StaffRoom,
         room_directory: RoomDirectory,
         *,
+        texts: Texts,
         on_outbox: Callable[[], None],
     ) -> None:
+        self._texts = texts
         self._db = db
         self._deployment = deployment
         self._staff_room = staff_room
@@ -44,36 +47,46 @@ class Relay:
         if item.event_type != "m.room.message" or not isinstance(body, str):
             return
         in_checkin = self._rooms.kind(item.room_id) is RoomKind.CHECKIN
+        sender = event.get("sender")
         async with self._db.connect() as conn:
-            case = await (
-                cases.by_checkin_room(conn, item.room_id)
-                if in_checkin
-                else cases.by_dm_room(conn, item.room_id)
-            )
-        if case is None or event.get("sender") != case.member_id:
+            if in_checkin:
+                case, where = await cases.by_checkin_room(conn, item.room_id), "check-in room"
+            else:
+                case, where = await cases.by_dm_room(conn, item.room_id), "DM"
+                if case is None or sender != case.member_id:
+                    case, where = await cases.by_debrief_room(conn, item.room_id), "debrief"
+        if case is None:
+            return
+        if where == "debrief":
+            await self._relay(handling, case, str(sender), body, where)
+            return
+        if sender != case.member_id:
             return
         if in_checkin and case.checkin_staff_joined_at is not None:
             return  # staff are in the room with them: they read it there
+        await self._relay(handling, case, case.member_id or "", body, where)
+
+    async def _relay(
+        self, handling: Handling, case: cases.Case, sender: str, body: str, where: str
+    ) -> None:
+        item = handling.item
         now = dt.datetime.now(dt.UTC)
         async with handling.transaction() as conn:
             await outbox.queue(
                 conn,
                 self._staff_room.address,
-                render_relay(
-                    case_number=case.id,
-                    member=case.member_id or "",
-                    text=body,
-                    where="check-in room" if in_checkin else "DM",
-                ),
+                self._texts.relay(case_number=case.id, member=sender, text=body, where=where),
                 now,
             )
             await audit.append(
                 conn,
                 self._deployment.provenance,
-                "checkin_member_wrote" if in_checkin else "member_replied",
+                {"check-in room": "checkin_member_wrote", "debrief": "moderator_replied"}.get(
+                    where, "member_replied"
+                ),
                 case_id=case.id,
                 facts={"relayed_to_staff": True, "event": item.event_id},
-                personal={"member": case.member_id},
+                personal={"member" if where != "debrief" else "moderator": sender},
                 at=now,
             )
         self._on_outbox()

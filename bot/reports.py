@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.staff_room import StaffRoom
 from bot.store import outbox, refusal_reports
-from bot.templates import render_refusals_summary
+from bot.texts import Texts
 
 
 class RefusalReports:
@@ -27,8 +27,10 @@ class RefusalReports:
         staff_room: StaffRoom,
         every: dt.timedelta,
         *,
+        texts: Texts,
         on_outbox: Callable[[], None],
     ) -> None:
+        self._texts = texts
         self._db = db
         self._staff_room = staff_room
         self._every = every
@@ -63,7 +65,7 @@ class RefusalReports:
                 await outbox.queue(
                     conn,
                     self._staff_room.address,
-                    render_refusals_summary(
+                    self._texts.refusals_summary(
                         kind=pending.kind,
                         actor=pending.actor,
                         room=pending.room_id,

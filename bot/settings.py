@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,6 +64,8 @@ class Resource(_Strict):
     contact: str = Field(min_length=1)
     when: str = ""
     verified_on: dt.date
+    # The "if your life is in danger right now" line, apart from the services to talk to.
+    emergency: bool = False
 
 
 def default_resources() -> list[Resource]:
@@ -74,6 +76,7 @@ def default_resources() -> list[Resource]:
             contact="call 999 or go to A&E",
             when="if your life is in danger right now",
             verified_on=verified,
+            emergency=True,
         ),
         Resource(
             name="Shout (The Mix crisis messenger)",
@@ -130,6 +133,17 @@ class PolicySettings(_Strict):
     recent_leave: Duration = dt.timedelta(hours=24)
     # Refusals from one person in one room are reported to staff once per this window.
     refusal_report_every: Duration = dt.timedelta(minutes=5)
+    # Once the case is recorded, the flag itself (the reaction, the command) is redacted,
+    # so the room keeps no trace of it; optionally the flagged message too.
+    redact_flag: bool = True
+    redact_flagged_message: bool = False
+    # The moderator who flagged gets a short DM: thanks, what happens next, where to get
+    # support themselves (moderator_support: a named person, a room, a number...).
+    moderator_debrief: bool = True
+    moderator_support: str = "reply to this message and a member of our staff team will call you"
+    # The member rejoins the group room while their case is open: staff are told (tell),
+    # and with `remove` the bot removes them again, as discreetly as the first time.
+    on_rejoin: Literal["tell", "remove"] = "tell"
 
     _duration = field_validator(
         "ack_within", "recent_leave", "refusal_report_every", mode="before"
@@ -201,11 +215,31 @@ class AuditSettings(_Strict):
 
 
 class MessageTemplates(_Strict):
-    """Every text the bot sends. Placeholders are `{name}`; see templates.py for the names."""
+    """Every text the bot sends (bot/templates.py has each one's default and placeholders)."""
 
     notice: str | None = None
+    checkin: str | None = None
+    withdrawn: str | None = None
     kick_reason: str | None = None
     kick_reason_unnotified: str | None = None
+    redaction_reason: str | None = None
     room_notice: str | None = None
+    moderator_debrief: str | None = None
     alert: str | None = None
-    checkin: str | None = None
+    alert_again: str | None = None
+    corroborated: str | None = None
+    rejoined: str | None = None
+    relay: str | None = None
+    checkin_opened: str | None = None
+    checkin_failed: str | None = None
+    checkin_dry_run: str | None = None
+    checkin_reminder: str | None = None
+    withdrawal_done: str | None = None
+    step_failed: str | None = None
+    refusal: str | None = None
+    refusals_summary: str | None = None
+    invite_refused: str | None = None
+    room_joined: str | None = None
+    powers_lost: str | None = None
+    processing_failed: str | None = None
+    template_fallback: str | None = None

@@ -7,7 +7,20 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 PREFIX = "!case"
-Action = Literal["help", "list", "show", "es", "note", "claim", "ack", "close", "reopen", "hold"]
+Action = Literal[
+    "help",
+    "list",
+    "show",
+    "es",
+    "note",
+    "claim",
+    "ack",
+    "close",
+    "reopen",
+    "hold",
+    "withdraw",
+    "stats",
+]
 # Actions on one case that need text after them, and what that text is called.
 _NEEDS_TEXT: dict[str, str] = {
     "note": "<text>",
@@ -15,7 +28,9 @@ _NEEDS_TEXT: dict[str, str] = {
     "reopen": "<why>",
     "hold": "<why>",
     "es": "<reference> [service]",
+    "withdraw": "<why> [--keep-checkin]",
 }
+KEEP_CHECKIN = "--keep-checkin"
 _NO_TEXT = ("claim", "ack")
 LIST_FILTERS = ("open", "closed", "all")
 
@@ -29,6 +44,9 @@ USAGE = """\
 !case N close <outcome> — close the case
 !case N reopen <why> — reopen a closed case
 !case N hold <why> — keep the case from retention purges
+!case N withdraw <why> [--keep-checkin] — a wrong flag: apologise, invite the member back,
+    cancel the check-in (unless kept) and close the case as withdrawn
+!case stats [days] — flags per moderator and per room (default: the last 30 days)
 !case help — this list
 !rooms — the rooms I moderate: who added me, when, whether I can remove and redact there
 !rooms leave <room> — make me leave a room (a room id or #alias)"""
@@ -40,7 +58,11 @@ class CaseCommand:
     case: int | None = None
     text: str = ""
     words: tuple[str, ...] = field(default=())
-    page: int = 1
+    page: int = 1  # the listing's page, or the days `stats` looks back
+
+    @property
+    def keep_checkin(self) -> bool:
+        return KEEP_CHECKIN in self.words
 
     @property
     def reference(self) -> str:
@@ -69,6 +91,12 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
     if not rest or rest[0].casefold() == "help":
         return CaseCommand("help")
     head = rest[0].casefold()
+    if head == "stats":
+        if len(rest) == 1:
+            return CaseCommand("stats", page=30)
+        if len(rest) == 2 and re.fullmatch(r"\d{1,4}", rest[1]) and int(rest[1]) > 0:
+            return CaseCommand("stats", page=int(rest[1]))
+        return CommandError("write `!case stats` or `!case stats 90` (days)")
     if head == "list":
         arguments = [word.casefold() for word in rest[1:]]
         chosen = "open"
@@ -97,6 +125,15 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
     if action in _NO_TEXT:
         return CaseCommand(action, case)  # type: ignore[arg-type]
     if action in _NEEDS_TEXT:
+        if action == "withdraw":
+            keep = KEEP_CHECKIN in arguments
+            arguments = [word for word in arguments if word != KEEP_CHECKIN]
+            text = " ".join(arguments)
+            if not arguments:
+                return CommandError(f"write `!case {case} withdraw {_NEEDS_TEXT[action]}`")
+            return CaseCommand(
+                "withdraw", case, text=text[:2000], words=(KEEP_CHECKIN,) if keep else ()
+            )
         if not arguments:
             return CommandError(f"write `!case {case} {action} {_NEEDS_TEXT[action]}`")
         return CaseCommand(action, case, text=text[:2000], words=tuple(arguments))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,10 +31,14 @@ from bot.staff_commands import (
 )
 from bot.staff_replies import LIST_PAGE_SIZE, case_listing, case_timeline
 from bot.staff_room import StaffRoom
+from bot.steps import POSITIONS, WITHDRAW_STEPS
 from bot.store import audit, cases, outbox
 from bot.templates import notice
 
 log = logging.getLogger(__name__)
+# What counts as staff dealing with a case: the alert is not raised again after it.
+DEALING_WITH = frozenset({"es", "ack", "note", "close", "withdraw"})
+CHECKIN_STEPS = ["checkin", "checkin_notice", "checkin_reminder"]
 
 
 class StaffTools:
@@ -93,7 +98,8 @@ class StaffTools:
         async with self._db.connect() as conn:
             case = await cases.by_alert(conn, target)
         if case is not None:
-            await self._run(handling, CaseCommand("ack", case.id), via="reaction")
+            # Answered as a reply to the alert itself, naming who acknowledged it.
+            await self._run(handling, CaseCommand("ack", case.id), via="reaction", reply_to=target)
 
     # ---- commands ------------------------------------------------------------------------
 
@@ -136,7 +142,9 @@ class StaffTools:
             )
         return True
 
-    async def _run(self, handling: Handling, command: CaseCommand, *, via: str) -> None:
+    async def _run(
+        self, handling: Handling, command: CaseCommand, *, via: str, reply_to: str | None = None
+    ) -> None:
         if await self._refused_unless_staff(handling, command.case, command.action, via):
             return
         sender = handling.item.payload.get("sender", "")
@@ -146,9 +154,9 @@ class StaffTools:
             return
         async with handling.transaction() as conn:
             reply = await self._apply(conn, command, sender, now, via)
-            await self._queue_reply(conn, handling, reply, now)
+            await self._queue_reply(conn, handling, reply, now, reply_to=reply_to)
         self._on_outbox()
-        if command.case is not None and command.action in ("close", "reopen"):
+        if command.case is not None and command.action in ("close", "reopen", "withdraw"):
             self._on_case_changed(command.case)
 
     async def _claim(self, handling: Handling, command: CaseCommand, sender: str) -> None:
@@ -172,6 +180,8 @@ class StaffTools:
         """Record the command; returns the reply text."""
         if command.action == "help":
             return USAGE
+        if command.action == "stats":
+            return await self._stats(conn, command.page, now)
         if command.action == "list":
             total = await cases.count(conn, command.text)
             found = await cases.page(
@@ -200,6 +210,9 @@ class StaffTools:
             )
 
         policy = self._deployment.policy
+        if command.action in DEALING_WITH and case.dealt_with_at is None:
+            # Staff are on it: the alert is not raised again.
+            await cases.set_fields(conn, case.id, dealt_with_at=now)
         if command.action == "es":
             await entry(
                 "emergency_services_informed",
@@ -224,6 +237,8 @@ class StaffTools:
                 "alert_acknowledged", {"via": via, "first": case.alert_acked_by is None}, {}
             )
             return f"Case #{case.id}: alert acknowledged by {sender}."
+        if command.action == "withdraw":
+            return await self._withdraw(conn, case, command, sender, now, entry)
         if command.action == "close":
             if case.state == "closed":
                 return (
@@ -233,6 +248,7 @@ class StaffTools:
                 conn, case.id, state="closed", closed_at=now, outcome=command.text
             )
             await entry("closed", {}, {"outcome": command.text})
+            await self._cancel_checkin(conn, case.id, "the case was closed before it", now)
             head = await audit.head(conn)
             return (
                 f"Case #{case.id} closed. Audit chain head: {head[0]}:{head[1]} "
@@ -250,11 +266,86 @@ class StaffTools:
             return f"Case #{case.id} is on hold: retention will not purge it."
         raise AssertionError(command.action)
 
+    async def _withdraw(
+        self,
+        conn: AsyncConnection,
+        case: cases.Case,
+        command: CaseCommand,
+        sender: str,
+        now: dt.datetime,
+        entry: Any,
+    ) -> str:
+        """A wrong flag: recorded, the case closed as withdrawn, the check-in cancelled
+        (unless kept); the apology and the way back are steps (bot/steps/withdraw.py)."""
+        if case.outcome and case.outcome.startswith("withdrawn"):
+            return f"Case #{case.id} was withdrawn already."
+        await entry("withdrawn", {"keep_checkin": command.keep_checkin}, {"why": command.text})
+        await cases.set_fields(
+            conn,
+            case.id,
+            state="closed",
+            closed_at=now,
+            outcome=f"withdrawn: {command.text}",
+            active_key=None,
+        )
+        if not command.keep_checkin:
+            await self._cancel_checkin(conn, case.id, "withdrawn", now)
+        for name in WITHDRAW_STEPS:
+            progress = {"by": sender, "why": command.text} if name == "withdraw_report" else {}
+            await cases.rearm_step(conn, case.id, name, POSITIONS[name], progress)
+        await cases.set_next_attempt(conn, case.id, now)
+        kept = " The check-in stays as planned." if command.keep_checkin else ""
+        return (
+            f"Case #{case.id}: withdrawing. I'm apologising to the member and inviting them "
+            f"back into the room; I'll say here how it went.{kept}"
+        )
+
+    async def _cancel_checkin(
+        self, conn: AsyncConnection, case_id: int, why: str, now: dt.datetime
+    ) -> None:
+        for name in await cases.skip_pending(conn, case_id, CHECKIN_STEPS, why, now):
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                f"step.{name}" if name != "checkin_reminder" else "checkin_reminded",
+                case_id=case_id,
+                facts={"status": "skipped", "why": why},
+                at=now,
+            )
+
+    async def _stats(self, conn: AsyncConnection, days: int, now: dt.datetime) -> str:
+        """Who carries this most often: flags per moderator and per room, over `days`."""
+        since = now - dt.timedelta(days=days)
+        flags = [
+            e
+            for e in await audit.entries(conn, since=since)
+            if e.kind in ("flagged", "corroborated")
+        ]
+        if not flags:
+            return f"No flags in the last {days} days."
+        moderators = Counter((e.personal or {}).get("flagger") or "(purged)" for e in flags)
+        rooms = Counter((e.personal or {}).get("room") or "(purged)" for e in flags)
+        lines = [f"Flags in the last {days} days: {len(flags)} (cases and corroborations)."]
+        lines.append("By moderator (who may need a debrief):")
+        lines += [f"  {who}: {count}" for who, count in moderators.most_common(20)]
+        lines.append("By room:")
+        lines += [f"  {room}: {count}" for room, count in rooms.most_common(20)]
+        return "\n".join(lines)
+
     async def _queue_reply(
-        self, conn: AsyncConnection, handling: Handling, text: str, now: dt.datetime
+        self,
+        conn: AsyncConnection,
+        handling: Handling,
+        text: str,
+        now: dt.datetime,
+        *,
+        reply_to: str | None = None,
     ) -> None:
         await outbox.queue(
-            conn, self._staff_room.address, notice(text, reply_to=handling.item.event_id), now
+            conn,
+            self._staff_room.address,
+            notice(text, reply_to=reply_to or handling.item.event_id),
+            now,
         )
 
     async def _reply(self, handling: Handling, text: str) -> None:

@@ -1,46 +1,382 @@
-"""The texts the steps send, rendered so that a broken template never stalls a case.
+"""Every text the bot sends, filled in from its template — and never a stalled case over one.
 
 `run` refuses a template that fails to render (bot.templates.validate_templates),
-so a failure here means something validation could not foresee. The member still
-gets the built-in text at once; the fall-back is reported (recorded, staff told)
-through `on_fallback`, once per template.
+so a failure here means something validation could not foresee. The text is
+then sent with the built-in template at once, and the fall-back reported
+(recorded, staff told) through `on_fallback`, once per template.
+
+Staff texts name people as `Display Name (@user:server)` and rooms as
+`Room name (!id:server)`, and give every time in `checkin.timezone`, named once.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from bot.deployment import Deployment
 from bot.settings import MessageTemplates
-from bot.templates import TemplateError
+from bot.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
+from bot.wording import (
+    checkin_when,
+    duration_words,
+    emergency_line,
+    resource_lines,
+    since_words,
+    when,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 BUILT_IN = MessageTemplates()
+
+
+def _reply(message: dict[str, Any], reply_to: str | None) -> dict[str, Any]:
+    if reply_to:
+        message["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return message
+
+
+def _mentioning(message: dict[str, Any], users: Sequence[str]) -> dict[str, Any]:
+    message["m.mentions"] = {"user_ids": list(users)}
+    return message
 
 
 class Texts:
     def __init__(
         self,
-        messages: MessageTemplates,
+        deployment: Deployment,
         on_fallback: Callable[[str, str], None] = lambda name, problem: None,
     ) -> None:
-        self.messages = messages
-        self._on_fallback = on_fallback
+        self._deployment = deployment
+        self.messages = deployment.messages
+        self._resources = deployment.resources
+        self._zone = deployment.checkin.zone
+        self._zone_name = deployment.checkin.timezone or "Europe/London"
+        self._policy = deployment.policy
+        self.on_fallback = on_fallback
         self._reported: set[str] = set()
 
-    def render(self, render: Callable[[MessageTemplates], T]) -> T:
-        """`render(messages)`, or with the built-in texts if a configured one fails."""
+    # ---- the rendering core ----------------------------------------------------------------
+
+    def text(self, name: str, **values: Any) -> str:
+        """Template `name` filled in; the built-in one if the configured one fails."""
+        strings: Mapping[str, str] = {key: str(value) for key, value in values.items()}
         try:
-            return render(self.messages)
+            return render_text(self.messages, name, strings)
         except TemplateError as exc:
             log.error("%s; the built-in text was used instead", exc)
             if exc.name not in self._reported:
                 self._reported.add(exc.name)
-                self._on_fallback(exc.name, str(exc))
-            return render(BUILT_IN)
+                self.on_fallback(exc.name, str(exc))
+            return render_text(BUILT_IN, name, strings)
 
-    def __call__(self, render: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """texts(render_x, ...) renders with the configured templates, falling back safely."""
-        return self.render(lambda messages: render(messages, *args, **kwargs))
+    def when(self, at: dt.datetime) -> str:
+        return when(at, self._zone)
+
+    # ---- to the member and the room ----------------------------------------------------
+
+    def notice(self, due_at: dt.datetime | None, now: dt.datetime) -> dict[str, Any]:
+        return content(
+            self.text(
+                "notice",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+                checkin_when=checkin_when(now, due_at, self._zone),
+            )
+        )
+
+    def checkin(
+        self, *, flagged_at: dt.datetime, now: dt.datetime, staff_roles: Sequence[str]
+    ) -> dict[str, Any]:
+        return content(
+            self.text(
+                "checkin",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+                staff=" and ".join(staff_roles) if staff_roles else "our staff team",
+                since=since_words(flagged_at, now, self._zone),
+            )
+        )
+
+    def withdrawn(self, *, room: str) -> dict[str, Any]:
+        return content(self.text("withdrawn", room=room))
+
+    def kick_reason(self, *, notified: bool) -> str:
+        name = "kick_reason" if notified else "kick_reason_unnotified"
+        return self.text(name)[:KICK_REASON_LIMIT]
+
+    def redaction_reason(self) -> str:
+        return self.text("redaction_reason")[:KICK_REASON_LIMIT]
+
+    def room_notice(self) -> dict[str, Any]:
+        text = self.text("room_notice", resources=resource_lines(self._resources))
+        return content(text, "m.notice")
+
+    def moderator_debrief(
+        self, *, case_number: int, due_at: dt.datetime | None, now: dt.datetime
+    ) -> dict[str, Any]:
+        return content(
+            self.text(
+                "moderator_debrief",
+                case=case_number,
+                checkin_when=checkin_when(now, due_at, self._zone),
+                support=self._policy.moderator_support,
+            )
+        )
+
+    # ---- to staff ------------------------------------------------------------------------
+
+    def alert(
+        self,
+        *,
+        case_number: int,
+        member: str,
+        room: str,
+        flagger: str,
+        flagged_at: dt.datetime,
+        method: str,
+        reason: str | None,
+        notified: bool,
+        not_notified_why: str | None,
+        removed: bool,
+        removal_note: str | None,
+        late_by: dt.timedelta | None,
+        due_at: dt.datetime | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        if dry_run:
+            status_line = " — DRY RUN: the member was not messaged or removed"
+            outcomes = "Nothing was sent to the member and no one was removed (dry run)."
+        else:
+            status_line = "" if notified else f" — member was NOT notified: {not_notified_why}"
+            outcomes = "\n".join(
+                [
+                    "✔ Member notified by DM, before removal"
+                    if notified
+                    else f"✘ Member was NOT notified ({not_notified_why}): please reach them "
+                    "another way",
+                    "✔ Removed from the room"
+                    if removed
+                    else f"✘ Not removed: {removal_note or 'unknown reason'}",
+                ]
+            )
+        if due_at is None:
+            checkin = "Check-in: could not be scheduled — arrange it by hand."
+        elif dry_run:
+            checkin = f"Check-in would open {self.when(due_at)} (dry run: it will not)."
+        else:
+            checkin = f"Check-in room opens {self.when(due_at)}."
+        checklist = (
+            "If a life may be at immediate risk:\n"
+            "☐ Call 999 and give them what you know (the member's details from your records)\n"
+            f"☐ Record it: !case {case_number} es <reference> [service]\n"
+            f"☐ Acknowledge this alert: react ✅ or write !case {case_number} ack\n"
+            f"☐ Notes: !case {case_number} note <text> — the whole case: !case {case_number}"
+        )
+        return content(
+            self.text(
+                "alert",
+                case=case_number,
+                status_line=status_line,
+                member=member,
+                room=room,
+                flagger=flagger,
+                when=self.when(flagged_at),
+                method=method,
+                reason=reason or "(none given)",
+                outcomes=outcomes,
+                late=f" — arrived {duration_words(late_by)} late" if late_by else "",
+                checkin=checkin,
+                checklist=checklist,
+                zone=self._zone_name,
+            ),
+            "m.notice",
+        )
+
+    def alert_again(self, *, case_number: int, waited: dt.timedelta) -> dict[str, Any]:
+        staff = list(self._policy.staff)
+        who = f"{' '.join(staff)}: " if staff else ""
+        return _mentioning(
+            notice(
+                self.text("alert_again", case=case_number, waited=duration_words(waited), staff=who)
+            ),
+            staff,
+        )
+
+    def corroborated(
+        self,
+        *,
+        case_number: int,
+        flagger: str,
+        member: str,
+        method: str,
+        at: dt.datetime,
+        reason: str | None,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        text = self.text(
+            "corroborated",
+            case=case_number,
+            flagger=flagger,
+            member=member,
+            method=method,
+            when=self.when(at),
+            reason=reason or "(none given)",
+        )
+        return notice(text, reply_to=reply_to)
+
+    def rejoined(
+        self, *, case_number: int, member: str, room: str, removing: bool, reply_to: str | None
+    ) -> dict[str, Any]:
+        action = (
+            "As policy.on_rejoin is `remove`, I am removing them again, as discreetly as before."
+            if removing
+            else "They were not removed again: please decide what to do, and reach out to them."
+        )
+        text = self.text("rejoined", case=case_number, member=member, room=room, action=action)
+        return notice(text, reply_to=reply_to)
+
+    def relay(self, *, case_number: int, member: str, text: str, where: str) -> dict[str, Any]:
+        said = {
+            "DM": "replied to the notice",
+            "debrief": "(the moderator who flagged) replied to their debrief",
+        }.get(where, "wrote in the check-in room")
+        waiting = " No one from staff has joined it yet." if where == "check-in room" else ""
+        return notice(
+            self.text(
+                "relay", case=case_number, member=member, said=said, waiting=waiting, text=text
+            )
+        )
+
+    def checkin_opened(
+        self,
+        *,
+        case_number: int,
+        link: str,
+        late_by: dt.timedelta | None,
+        member_not_invited: str | None,
+    ) -> dict[str, Any]:
+        late = (
+            f"\nIt opened {duration_words(late_by)} late (the service was unavailable)."
+            if late_by
+            else ""
+        )
+        not_invited = (
+            f"\nThe member could NOT be invited ({member_not_invited}): please reach them "
+            "another way."
+            if member_not_invited
+            else ""
+        )
+        return notice(
+            self.text(
+                "checkin_opened",
+                case=case_number,
+                link=link,
+                late=late,
+                not_invited=not_invited,
+            )
+        )
+
+    def checkin_failed(self, *, case_number: int, error: str | None) -> dict[str, Any]:
+        return notice(self.text("checkin_failed", case=case_number, error=error or "unknown"))
+
+    def checkin_dry_run(self, *, case_number: int, due_at: dt.datetime | None) -> dict[str, Any]:
+        at = self.when(due_at) if due_at else "now"
+        return notice(self.text("checkin_dry_run", case=case_number, when=at))
+
+    def checkin_reminder(
+        self, *, case_number: int, link: str, member_waiting: bool
+    ) -> dict[str, Any]:
+        staff = list(self._policy.staff)
+        waiting = " The member has joined and is waiting." if member_waiting else ""
+        text = self.text(
+            "checkin_reminder",
+            case=case_number,
+            staff=f"{' '.join(staff)}: " if staff else "",
+            link=link,
+            waiting=waiting,
+        )
+        return _mentioning(notice(text), staff)
+
+    def withdrawal_done(
+        self, *, case_number: int, by: str, why: str, outcomes: str, reply_to: str | None
+    ) -> dict[str, Any]:
+        text = self.text("withdrawal_done", case=case_number, by=by, why=why, outcomes=outcomes)
+        return notice(text, reply_to=reply_to)
+
+    def step_failed(
+        self, *, case_number: int, step: str, error: str | None, reply_to: str | None
+    ) -> dict[str, Any]:
+        text = self.text(
+            "step_failed", case=case_number, step=step, error=f" ({error})" if error else ""
+        )
+        return notice(text, reply_to=reply_to)
+
+    def refusal(
+        self, *, code: str, detail: str, room: str, flagger: str, method: str, member: str | None
+    ) -> dict[str, Any]:
+        return notice(
+            self.text(
+                "refusal",
+                code=code,
+                detail=detail,
+                room=room,
+                flagger=flagger,
+                method=method,
+                member=f" — member: {member}" if member else "",
+            )
+        )
+
+    def refusals_summary(
+        self, *, kind: str, actor: str, room: str, count: int, since: dt.datetime
+    ) -> dict[str, Any]:
+        what = "flag(s)" if kind == "flag" else "invite(s) of the bot"
+        return notice(
+            self.text(
+                "refusals_summary",
+                count=count,
+                what=what,
+                actor=actor,
+                room=room,
+                since=f"{self.when(since)} ({self._zone_name})",
+            )
+        )
+
+    def invite_refused(self, *, inviter: str, room: str) -> dict[str, Any]:
+        return notice(self.text("invite_refused", inviter=inviter, room=room))
+
+    @staticmethod
+    def _powers(can_kick: bool | None, can_redact: bool | None) -> str:
+        kick = (
+            "I can remove members there."
+            if can_kick
+            else "I CANNOT remove members there: give me a power level at or above the kick "
+            "level, or flags there will be recorded but nobody can be removed."
+        )
+        redact = (
+            " I can remove the flags themselves once recorded."
+            if can_redact
+            else " I CANNOT redact there: flags (the 🚨, the command) will stay visible to the "
+            "room; give me the redact power level."
+        )
+        return kick + redact
+
+    def room_joined(
+        self, *, inviter: str, room: str, can_kick: bool | None, can_redact: bool | None
+    ) -> dict[str, Any]:
+        powers = self._powers(can_kick, can_redact)
+        return notice(self.text("room_joined", inviter=inviter, room=room, powers=powers))
+
+    def powers_lost(
+        self, *, room: str, can_kick: bool | None, can_redact: bool | None
+    ) -> dict[str, Any]:
+        powers = self._powers(can_kick, can_redact)
+        return notice(self.text("powers_lost", room=room, powers=powers))
+
+    def processing_failed(self, *, event_id: str, room: str) -> dict[str, Any]:
+        return notice(self.text("processing_failed", event=event_id, room=room))
+
+    def template_fallback(self, *, name: str, problem: str) -> dict[str, Any]:
+        return notice(self.text("template_fallback", name=name, problem=problem))

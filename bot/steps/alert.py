@@ -10,6 +10,7 @@ then recorded as failed: the webhook is paged and /health names the case.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 
@@ -17,7 +18,6 @@ from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import audit
 from bot.store.cases import Step
-from bot.templates import render_alert
 
 log = logging.getLogger(__name__)
 # A flag that reaches us later than this is reported as late in the staff alert.
@@ -50,12 +50,16 @@ class Alert(CaseStep):
             first = await audit.first_of_case(conn, case.id)
         personal = (first.personal if first else None) or {}
         late = case.received_at - case.flagged_at
-        content = self.tools.texts(
-            render_alert,
+        member, room, flagger = await asyncio.gather(
+            self.tools.person(case.member_id),
+            self.tools.place(case.room_id),
+            self.tools.person(personal.get("flagger")),
+        )
+        content = self.tools.texts.alert(
             case_number=case.id,
-            member=case.member_id or "",
-            room=case.room_id or "",
-            flagger=personal.get("flagger") or "",
+            member=member,
+            room=room,
+            flagger=flagger,
             flagged_at=case.flagged_at,
             method=first.facts.get("method", "") if first else "",
             reason=personal.get("reason"),
@@ -66,7 +70,6 @@ class Alert(CaseStep):
             late_by=late if late > LATE_AFTER else None,
             due_at=case.due_at,
             dry_run=case.dry_run,
-            checkin_zone=self.deployment.checkin.zone,
         )
         sent = await self.tools.send_to_staff(run, content)
         if isinstance(sent, Refused):

@@ -29,6 +29,7 @@ from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
 from bot.texts import Texts
+from bot.wording import person, place
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ class Toolbox:
             room_id, marked(content, run.case, what), txn_id=f"safeguard.{tag}"
         )
         return sent if isinstance(sent, Refused) else sent.event_id
+
+    async def person(self, user_id: str | None) -> str:
+        """`Sam (@sam:example.org)` as staff texts name people."""
+        if not user_id:
+            return "(unknown)"
+        return person(user_id, await self.homeserver.display_name(user_id))
+
+    async def place(self, room_id: str | None) -> str:
+        """`Group chat (!abc:example.org)` as staff texts name rooms."""
+        if not room_id:
+            return "(unknown)"
+        return place(room_id, await self.homeserver.room_name(room_id))
 
     async def send_to_staff(
         self, run: StepRun, content: dict[str, Any], what: str | None = None

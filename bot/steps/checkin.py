@@ -17,7 +17,6 @@ from typing import Any
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store.cases import Case, Step
-from bot.templates import render_checkin
 
 # Later than this past its due time, a check-in was held up (the service was
 # down), not by scheduling jitter: staff are told it is late.
@@ -38,8 +37,7 @@ class Checkin(CaseStep):
 
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
-        if case.state == "closed":
-            return Outcome.skipped("the case was closed before the check-in")
+        # (Closing or withdrawing a case cancels its check-in, unless staff keep it.)
         if case.dry_run:
             return Outcome.skipped("dry run", would_open_at=str(case.due_at))
         if run.steps["schedule"].status != "done":
@@ -67,8 +65,8 @@ class Checkin(CaseStep):
             room_id, [case.member_id, *self.deployment.policy.staff]
         )
         staff_roles = ["a member of our staff team"] if self.deployment.policy.staff else []
-        content = self.tools.texts(
-            render_checkin, self.deployment.resources, staff_roles=staff_roles
+        content = self.tools.texts.checkin(
+            flagged_at=case.flagged_at, now=now, staff_roles=staff_roles
         )
         message = await self.tools.send_once(run, room_id, content)
         facts: dict[str, Any] = {

@@ -14,7 +14,6 @@ from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.steps.checkin import matrix_to
 from bot.store.cases import Case, Step
-from bot.templates import render_checkin_opened, render_checkin_reminder
 
 
 class CheckinNotice(CaseStep):
@@ -31,15 +30,18 @@ class CheckinNotice(CaseStep):
         room_id = checkin.result.get("room")
         late = checkin.result.get("late_seconds") or 0
         not_invited = (checkin.result.get("not_invited") or {}).get(case.member_id or "")
-        content = render_checkin_opened(
-            case_number=case.id,
-            link=matrix_to(room_id) if room_id else None,
-            late_by=dt.timedelta(seconds=late) if late else None,
-            dry_run=case.dry_run,
-            due_at=case.due_at,
-            member_not_invited=not_invited,
-            failed=checkin.error if checkin.status == "failed" else None,
-        )
+        texts = self.tools.texts
+        if case.dry_run:
+            content = texts.checkin_dry_run(case_number=case.id, due_at=case.due_at)
+        elif checkin.status == "failed":
+            content = texts.checkin_failed(case_number=case.id, error=checkin.error)
+        else:
+            content = texts.checkin_opened(
+                case_number=case.id,
+                link=matrix_to(room_id or ""),
+                late_by=dt.timedelta(seconds=late) if late else None,
+                member_not_invited=not_invited,
+            )
         sent = await self.tools.send_to_staff(run, content)
         if isinstance(sent, Refused):
             return Outcome.refused("the staff room refused the notice", sent, retry=True)
@@ -55,8 +57,10 @@ class CheckinReminder(CaseStep):
     audit_kind = "checkin_reminded"
 
     def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
-        opened = steps["checkin"].finished_at
-        return opened + self.deployment.checkin.remind_after if opened else None
+        checkin = steps["checkin"]
+        if checkin.status != "done" or checkin.finished_at is None:
+            return None  # nothing to remind of: it runs at once, and skips
+        return checkin.finished_at + self.deployment.checkin.remind_after
 
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
@@ -66,9 +70,10 @@ class CheckinReminder(CaseStep):
             return Outcome.skipped("the case is closed")
         if case.checkin_claimed_by or case.checkin_staff_joined_at:
             return Outcome.skipped("staff have it")
-        staff = list(self.deployment.policy.staff)
-        content = render_checkin_reminder(
-            case_number=case.id, link=matrix_to(case.checkin_room_id or ""), staff=staff
+        content = self.tools.texts.checkin_reminder(
+            case_number=case.id,
+            link=matrix_to(case.checkin_room_id or ""),
+            member_waiting=case.checkin_member_joined_at is not None,
         )
         sent = await self.tools.send_to_staff(run, content)
         if isinstance(sent, Refused):

@@ -13,7 +13,6 @@ from typing import Any
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.templates import render_kick_reason
 
 PRESENT = frozenset({"join", "invite", "knock"})
 
@@ -36,7 +35,7 @@ class Remove(CaseStep):
             if gone is not None:
                 return gone
         notified = run.steps["notify"].status == "done"
-        reason = self.tools.texts(render_kick_reason, notified=notified)
+        reason = self.tools.texts.kick_reason(notified=notified)
         kicked = await self.hs.kick(case.room_id, case.member_id, reason)
         if isinstance(kicked, Refused):
             # Refused because they left meanwhile (or a resumed kick already worked)?

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.templates import render_room_notice
 
 
 class RoomNotice(CaseStep):
@@ -21,7 +20,7 @@ class RoomNotice(CaseStep):
         if removal.status != "done" or removal.result.get("already_gone"):
             return Outcome.skipped("no one was removed")
         assert case.room_id is not None
-        content = self.tools.texts(render_room_notice, self.deployment.resources)
+        content = self.tools.texts.room_notice()
         sent = await self.tools.send_once(run, case.room_id, content)
         if isinstance(sent, Refused):
             return Outcome.refused("the notice could not be posted", sent, retry=True)

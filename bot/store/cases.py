@@ -50,6 +50,10 @@ class Case:
     alert_raised_again_at: dt.datetime | None
     next_attempt_at: dt.datetime | None = None  # when the step engine looks at it next
     nonce: str | None = None  # random, set when the case is opened (None: an older case)
+    # When staff first acted on it (ack, ✅, es, a note, a claim, joining the check-in):
+    # the alert is not raised again after that.
+    dealt_with_at: dt.datetime | None = None
+    debrief_room_id: str | None = None  # the DM with the moderator who flagged
 
     @property
     def active(self) -> bool:
@@ -114,6 +118,7 @@ class NewFlag:
 class Opened:
     case_id: int
     created: bool  # False: the flag corroborated the member's active case
+    seq: int = 0  # the audit entry that recorded the flag
 
 
 def _flag_personal(flag: NewFlag) -> dict[str, Any]:
@@ -193,7 +198,7 @@ async def open_or_corroborate(
             facts = _flag_facts(flag) | {"dry_run": dry_run}
             if due_at is not None:
                 facts["checkin_due_at"] = due_at.isoformat()
-            await audit.append(
+            seq = await audit.append(
                 conn,
                 provenance,
                 "flagged",
@@ -202,8 +207,8 @@ async def open_or_corroborate(
                 personal=_flag_personal(flag),
                 at=flag.received_at,
             )
-            return Opened(case_id, created=True)
-    await audit.append(
+            return Opened(case_id, created=True, seq=seq)
+    seq = await audit.append(
         conn,
         provenance,
         "corroborated",
@@ -212,7 +217,7 @@ async def open_or_corroborate(
         personal=_flag_personal(flag),
         at=flag.received_at,
     )
-    return Opened(existing, created=False)
+    return Opened(existing, created=False, seq=seq)
 
 
 async def get(conn: AsyncConnection, case_id: int) -> Case | None:
@@ -287,6 +292,46 @@ async def add_steps(
     ]
     if new:
         await conn.execute(case_steps.insert(), new)
+
+
+async def skip_pending(
+    conn: AsyncConnection, case_id: int, steps: list[str], why: str, now: dt.datetime
+) -> list[str]:
+    """Steps not yet begun that are no longer wanted (a closed case's check-in): skipped.
+
+    Returns the ones skipped (a step already under way finishes as it would have)."""
+    rows = await conn.execute(
+        sa.select(case_steps.c.step).where(
+            case_steps.c.case_id == case_id,
+            case_steps.c.step.in_(steps),
+            case_steps.c.status == "pending",
+        )
+    )
+    skipped = list(rows.scalars())
+    if skipped:
+        await conn.execute(
+            case_steps.update()
+            .where(case_steps.c.case_id == case_id, case_steps.c.step.in_(skipped))
+            .values(status="skipped", result={"why": why}, finished_at=now)
+        )
+    return skipped
+
+
+async def rearm_step(
+    conn: AsyncConnection, case_id: int, step: str, position: int, progress: dict[str, Any]
+) -> None:
+    """Make a step due again (a new flag to redact, the member back again), or add it."""
+    updated = await conn.execute(
+        case_steps.update()
+        .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
+        .values(status="pending", not_before=None, failures=0, progress=progress, error=None)
+    )
+    if not updated.rowcount:
+        await conn.execute(
+            case_steps.insert().values(
+                case_id=case_id, step=step, position=position, status="pending", progress=progress
+            )
+        )
 
 
 async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
@@ -368,6 +413,11 @@ async def end_active(
     return case_id
 
 
+async def active_case(conn: AsyncConnection, room_id: str, member_id: str) -> Case | None:
+    """The member's case in that room that later flags would corroborate, if any."""
+    return await _latest_where(conn, cases.c.active_key == active_key(room_id, member_id))
+
+
 async def has_active(conn: AsyncConnection, room_id: str, member_id: str) -> bool:
     key = active_key(room_id, member_id)
     query = sa.select(cases.c.id).where(cases.c.active_key == key)
@@ -386,6 +436,11 @@ async def by_dm_room(conn: AsyncConnection, room_id: str) -> Case | None:
     return await _latest_where(conn, cases.c.dm_room_id == room_id)
 
 
+async def by_debrief_room(conn: AsyncConnection, room_id: str) -> Case | None:
+    """The newest case whose moderator's debrief is in this room."""
+    return await _latest_where(conn, cases.c.debrief_room_id == room_id)
+
+
 async def by_checkin_room(conn: AsyncConnection, room_id: str) -> Case | None:
     return await _latest_where(conn, cases.c.checkin_room_id == room_id)
 
@@ -402,7 +457,14 @@ async def by_alert(conn: AsyncConnection, event_id: str) -> Case | None:
 
 async def private_rooms(conn: AsyncConnection) -> tuple[set[str], set[str]]:
     """(DM rooms, check-in rooms) the bot opened: their members' messages reach staff."""
-    dms = await conn.execute(sa.select(cases.c.dm_room_id).where(cases.c.dm_room_id.is_not(None)))
+    dms = await conn.execute(
+        sa.union(
+            sa.select(cases.c.dm_room_id.label("room")).where(cases.c.dm_room_id.is_not(None)),
+            sa.select(cases.c.debrief_room_id.label("room")).where(
+                cases.c.debrief_room_id.is_not(None)
+            ),
+        )
+    )
     checkins = await conn.execute(
         sa.select(cases.c.checkin_room_id).where(cases.c.checkin_room_id.is_not(None))
     )

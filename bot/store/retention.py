@@ -22,6 +22,7 @@ PERSONAL_CASE_COLUMNS = (
     "outcome",
     "checkin_notice_event_id",
     "alert_event_id",
+    "debrief_room_id",
 )
 
 

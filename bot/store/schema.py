@@ -116,6 +116,8 @@ cases = sa.Table(
     sa.Column("alert_event_id", sa.String(255), nullable=True, index=True),
     sa.Column("alert_acked_by", sa.String(255), nullable=True),
     sa.Column("alert_raised_again_at", UTCDateTime, nullable=True),
+    sa.Column("dealt_with_at", UTCDateTime, nullable=True),
+    sa.Column("debrief_room_id", sa.String(255), nullable=True),
 )
 
 case_steps = sa.Table(

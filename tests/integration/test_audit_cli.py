@@ -12,7 +12,7 @@ from appservice.database import create_engine, upgrade
 from bot.store import audit, cases
 from bot.store.schema import audit_entries
 from tests.support.databases import BACKENDS, fresh_database
-from tests.support.scene import export_json, safeguard_cli
+from tests.support.scene import export_json, export_via_cli, safeguard_cli
 
 PROVENANCE = audit.Provenance("2026-11", "c" * 64, b"5" * 64)
 LONG_AGO = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
@@ -98,13 +98,13 @@ async def test_purge_keeps_the_chain_and_the_counts(database):
     engine, config = database
     purged_case = await closed_case(engine, "@gone:localhost")
     held_case = await closed_case(engine, "@kept:localhost", hold=True)
-    before = await export_json(config)
+    before = await export_via_cli(config)
     code, out, err = await safeguard_cli("audit", "purge", "-c", str(config))
     assert code == 0, err
     assert "purged 1 case(s)" in out
     code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
     assert code == 0, out
-    after = {c["number"]: c for c in (await export_json(config))["cases"]}
+    after = {c["number"]: c for c in (await export_via_cli(config))["cases"]}
     gone, kept = after[purged_case], after[held_case]
     assert gone["member"] is None and gone["room"] is None and gone["purged_at"]
     assert all(not e["personal"] for e in gone["entries"])  # erased (the tombstone has none)
@@ -138,7 +138,7 @@ async def test_purge_erases_entries_outside_cases_too(database):
         await audit.append(conn, PROVENANCE, "refused", personal={"flagger": "@recent:localhost"})
     code, out, err = await safeguard_cli("audit", "purge", "-c", str(config))
     assert code == 0 and "2 entries outside cases" in out, (out, err)
-    document = await export_json(config)
+    document = await export_via_cli(config)
     refusals = {e["seq"]: e for e in document["refusals"]}
     assert refusals[1]["personal"] is None and refusals[3]["personal"] == {
         "flagger": "@recent:localhost"

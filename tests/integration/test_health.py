@@ -210,7 +210,7 @@ async def test_rejected_as_token_is_an_outage_named_on_health_never_a_failure(sy
         )
         await until(lambda: _alert_done(good), within=30, what="the alert")
     (case,) = (await export_json(good))["cases"]
-    assert all(status in ("done", "pending") for status in case["steps"].values()), case["steps"]
+    assert "failed" not in case["steps"].values(), case["steps"]
 
 
 async def _membership_is(scene, value: str) -> bool:

@@ -48,6 +48,8 @@ class FakeHomeserver:
         self.unavailable_for: set[str] = set()
         self.refuse: dict[str, Refused] = {}
         self.down = False  # what check() reports: the whole homeserver away
+        self.display_names: dict[str, str] = {}
+        self.redactions: list[tuple[str, str, str]] = []
         # Synapse creating a room, then dying before it sent the invites (seen in real life).
         self.create_dies_before_invites = False
         self._ids = itertools.count(1)
@@ -118,6 +120,28 @@ class FakeHomeserver:
 
     async def resolve_room(self, room_id_or_alias: str) -> str | Refused:
         return room_id_or_alias
+
+    async def display_name(self, user_id: str) -> str | None:
+        self._enter("display_name")
+        return self.display_names.get(user_id)
+
+    async def room_name(self, room_id: str) -> str | None:
+        self._enter("room_name")
+        return self.rooms[room_id].state.get(("m.room.name", ""), {}).get("name")
+
+    async def redact(
+        self, room_id: str, event_id: str, *, reason: str, txn_id: str
+    ) -> Done | Refused:
+        self._enter("redact")
+        if "redact" in self.refuse:
+            return self.refuse["redact"]
+        self.redactions.append((room_id, event_id, reason))
+        self._after("redact")
+        return Done()
+
+    async def is_redacted(self, room_id: str, event_id: str) -> bool | None:
+        self._enter("is_redacted")
+        return any(r[:2] == (room_id, event_id) for r in self.redactions)
 
     async def join_room(self, room_id: str) -> Done | Refused:
         self._enter("join_room")

@@ -52,7 +52,7 @@ def toolbox(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None
         db=db,
         homeserver=homeserver,
         deployment=settings,
-        texts=Texts(settings.messages),
+        texts=Texts(settings),
         staff_room=staff_room,
         rooms=RoomDirectory(staff_room),
         metrics=Metrics(),
@@ -82,3 +82,33 @@ async def run_until_waiting(runner: StepEngine, db: AsyncEngine, case_id: int) -
         if case.next_attempt_at > dt.datetime.now(dt.UTC):
             return
     raise AssertionError(f"case #{case_id} never settled")
+
+
+def referral(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None) -> Any:
+    """The referral decision wired to the fake homeserver (what unit tests need of it)."""
+    from bot.referral import Referral
+    from bot.reports import RefusalReports
+    from bot.room_state import RoomStateCache
+    from bot.staff import StaffDirectory
+
+    settings = settings or deployment()
+    staff_room = StaffRoom(STAFF)
+    texts = Texts(settings)
+    return Referral(
+        homeserver,
+        settings,
+        StaffDirectory(homeserver, settings.policy, staff_room),
+        staff_room,
+        Metrics(),
+        room_state=RoomStateCache(homeserver),
+        reports=RefusalReports(
+            db,
+            staff_room,
+            settings.policy.refusal_report_every,
+            texts=texts,
+            on_outbox=lambda: None,
+        ),
+        texts=texts,
+        on_case=lambda case_id: None,
+        on_outbox=lambda: None,
+    )

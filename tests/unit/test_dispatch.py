@@ -20,15 +20,13 @@ from bot.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
 from bot.intake import FLAG_LANE, OTHER_LANE
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable
-from bot.referral import Referral
-from bot.reports import RefusalReports
-from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory
-from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
+from bot.texts import Texts
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
+from tests.support.policy import referral as build_referral
 
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
 
@@ -81,17 +79,7 @@ def build(engine, hs, **options) -> Dispatcher:
     settings = deployment()
     staff_room = StaffRoom(STAFF)
     metrics = Metrics()
-    referral = Referral(
-        hs,
-        settings,
-        StaffDirectory(hs, settings.policy, staff_room),
-        staff_room,
-        metrics,
-        room_state=RoomStateCache(hs),
-        reports=RefusalReports(engine, staff_room, dt.timedelta(minutes=5), on_outbox=lambda: None),
-        on_case=lambda case_id: None,
-        on_outbox=lambda: None,
-    )
+    referral = build_referral(engine, hs, settings)
     return Dispatcher(
         engine,
         hs,
@@ -100,6 +88,7 @@ def build(engine, hs, **options) -> Dispatcher:
         deployment=settings,
         staff_room=staff_room,
         metrics=metrics,
+        texts=Texts(settings),
         on_outbox=lambda: None,
         retry_delays=(0.0,),
         outage_delays=(0.0,),

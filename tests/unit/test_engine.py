@@ -33,6 +33,7 @@ from tests.support.policy import (
 
 NOW = dt.datetime.now(dt.UTC)
 REFERRAL_STEPS = ["notify", "remove", "room_notice", "alert", "schedule"]
+AT_ONCE = [*REFERRAL_STEPS, "redact_flag", "redact_message", "debrief"]
 
 
 def homeserver() -> FakeHomeserver:
@@ -75,6 +76,12 @@ def notices(hs: FakeHomeserver, step: str) -> list[dict]:
     ]
 
 
+def _marker(room) -> str:
+    from bot.ports import ROOM_MARKER_KEY
+
+    return room.state.get(("m.room.create", ""), {}).get(ROOM_MARKER_KEY) or ""
+
+
 async def steps(engine, case_id: int) -> dict[str, cases.Step]:
     async with engine.connect() as conn:
         return {s.step: s for s in await cases.steps_of(conn, case_id)}
@@ -100,7 +107,10 @@ async def test_clean_run_order_and_record(engine):
     (alert,) = notices(hs, "alert")
     assert alert["content"]["body"].startswith(f"Case #{case_id}")
     assert len(notices(hs, "room_notice")) == 1
-    assert await kinds(engine, case_id) == ["flagged"] + [f"step.{s}" for s in REFERRAL_STEPS]
+    assert await kinds(engine, case_id) == ["flagged"] + [f"step.{s}" for s in AT_ONCE]
+    assert hs.redactions == [(GROUP, "$flag", "Removed by a moderator")], "the flag is gone"
+    (debrief,) = notices(hs, "debrief")
+    assert "Case #1" in debrief["content"]["body"]
     async with engine.connect() as conn:
         case = await cases.get(conn, case_id)
         assert case is not None and case.next_attempt_at is not None
@@ -144,14 +154,14 @@ async def test_dm_room_created_but_invite_lost_is_mended_before_removal(engine):
     case_id = await new_case(engine)
     with contextlib.suppress(Crash):
         await step_engine(engine, hs).run_case(case_id)
-    (dm,) = [r for r in hs.rooms.values() if r.room_id.startswith("!created")]
+    (dm,) = [r for r in hs.rooms.values() if _marker(r).endswith(":dm")]
     assert MEMBER not in dm.members, "the earlier attempt took effect: room, no invite"
     hs.create_dies_before_invites = False
     await step_engine(engine, hs).run_case(case_id)
     assert dm.members[MEMBER] == "invite", "the resumed step invited the member"
     (notice,) = notices(hs, "notify")
     assert notice in dm.events
-    assert [r for r in hs.rooms.values() if r.room_id.startswith("!created")] == [dm]
+    assert [r for r in hs.rooms.values() if _marker(r).endswith(":dm")] == [dm]
     done = await steps(engine, case_id)
     assert done["notify"].status == "done" and done["notify"].result["invited_again"] is True
     invite_order = hs.calls.index("invite")
@@ -166,9 +176,9 @@ async def test_undeliverable_notice_still_removes_and_says_so_first(engine):
     done = await steps(engine, case_id)
     assert done["notify"].status == "failed" and done["remove"].status == "done"
     kick = next(e for e in hs.rooms[GROUP].events if e["type"] == "m.room.member")
-    assert "999" in kick["reason"]
+    assert kick["reason"] == "Removed by a moderator", "the room learns nothing"
     (alert,) = notices(hs, "alert")
-    assert "NOT" in alert["content"]["body"].splitlines()[0]
+    assert "NOT" in alert["content"]["body"].splitlines()[0], "staff must reach them"
 
 
 async def test_member_already_gone_is_recorded_not_retried(engine):
@@ -288,7 +298,7 @@ async def test_template_failing_at_run_time_falls_back_and_is_reported(engine):
     settings = deployment(messages=broken)
     runner = step_engine(engine, hs, settings)
     reported: list[str] = []
-    runner._tools.texts._on_fallback = lambda name, problem: reported.append(name)
+    runner._tools.texts.on_fallback = lambda name, problem: reported.append(name)
     await runner.run_case(case_id)
     (notice,) = notices(hs, "notify")
     assert "worried about you" in notice["content"]["body"], "the built-in text was sent"

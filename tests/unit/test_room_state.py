@@ -10,16 +10,12 @@ import pytest
 
 from appservice.database import create_engine, upgrade
 from bot.dispatch import Handling
-from bot.metrics import Metrics
-from bot.referral import Referral
-from bot.reports import RefusalReports
 from bot.room_state import RoomStateCache
-from bot.staff import StaffDirectory
-from bot.staff_room import StaffRoom
 from bot.store import audit, ingest
 from bot.triggers import Flag
 from tests.support.fake_homeserver import FakeHomeserver
-from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
+from tests.support.policy import GROUP, MEMBER, MOD, STAFF
+from tests.support.policy import referral as build_referral
 
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
 
@@ -89,21 +85,9 @@ async def engine(tmp_path):
 
 async def test_a_plain_non_moderator_is_refused_with_no_homeserver_call(engine):
     hs = homeserver()
-    settings = deployment()
-    staff_room = StaffRoom(STAFF)
-    cache = RoomStateCache(hs)
+    referral = build_referral(engine, hs)
+    cache = referral._room_state
     await cache.state(GROUP)
-    referral = Referral(
-        hs,
-        settings,
-        StaffDirectory(hs, settings.policy, staff_room),
-        staff_room,
-        Metrics(),
-        room_state=cache,
-        reports=RefusalReports(engine, staff_room, dt.timedelta(minutes=5), on_outbox=lambda: None),
-        on_case=lambda case: None,
-        on_outbox=lambda: None,
-    )
     event = {
         "event_id": "$r",
         "room_id": GROUP,

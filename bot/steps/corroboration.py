@@ -1,0 +1,64 @@
+"""corroboration: a second moderator's flag of a member with an open case is told to staff,
+as a reply to the case's alert that itself says `Case #N`, who, and the reason given.
+
+Armed again by each corroborating flag (bot/referral.py); each is told once.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.ports import Refused
+from bot.steps.base import CaseStep, Outcome, StepRun
+from bot.store import audit, cases
+from bot.store.schema import case_steps
+
+
+async def corroboration_due(
+    conn: AsyncConnection, case_id: int, seq: int, *, position: int
+) -> None:
+    """Add the flag recorded at `seq` to what the step has to tell staff."""
+    row = (
+        await conn.execute(
+            sa.select(case_steps.c.progress, case_steps.c.status).where(
+                case_steps.c.case_id == case_id, case_steps.c.step == "corroboration"
+            )
+        )
+    ).first()
+    progress = dict(row.progress or {}) if row else {}
+    progress["pending"] = [*progress.get("pending", []), seq]
+    await cases.rearm_step(conn, case_id, "corroboration", position, progress)
+
+
+class Corroboration(CaseStep):
+    name = "corroboration"
+    requires = ("alert",)
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        pending: list[int] = list(run.progress.get("pending", []))
+        told: list[int] = list(run.progress.get("told", []))
+        async with self.tools.db.connect() as conn:
+            entries = {e.seq: e for e in await audit.entries(conn, case_id=case.id)}
+        member = await self.tools.person(case.member_id)
+        for seq in pending:
+            if seq in told or seq not in entries:
+                continue
+            entry = entries[seq]
+            personal = entry.personal or {}
+            content = self.tools.texts.corroborated(
+                case_number=case.id,
+                flagger=await self.tools.person(personal.get("flagger")),
+                member=member,
+                method=entry.facts.get("method", "flag"),
+                at=entry.at,
+                reason=personal.get("reason"),
+                reply_to=case.alert_event_id,
+            )
+            sent = await self.tools.send_to_staff(run, content, f"corroboration-{seq}")
+            if isinstance(sent, Refused):
+                return Outcome.refused("the staff room refused the message", sent, retry=True)
+            told.append(seq)
+            await run.save(progress=run.progress | {"told": told})
+        return Outcome("done", {"told": len(told)})

@@ -1,0 +1,85 @@
+"""A wrong flag undone (`!case N withdraw <why>`): an apology to the member, the way back
+into the room, and staff told how it went.
+
+The withdrawal itself (recorded, the case closed as withdrawn, the check-in
+cancelled unless staff keep it) is the command's; these steps do what it needs
+done on the homeserver, each once.
+"""
+
+from __future__ import annotations
+
+from bot.ports import Refused
+from bot.steps.base import CaseStep, Outcome, StepRun
+from bot.steps.direct import open_dm
+
+WITHDRAW_STEPS = ["withdraw_apology", "withdraw_reinvite", "withdraw_report"]
+
+
+class WithdrawApology(CaseStep):
+    name = "withdraw_apology"
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        if case.dry_run or case.member_id is None:
+            return Outcome.skipped("nobody was told anything (dry run)")
+        opened = await open_dm(self.hs, run, case.member_id, "dm")
+        if isinstance(opened, Refused):
+            return Outcome.refused("no DM could be opened with the member", opened, retry=True)
+        content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
+        sent = await self.tools.send_once(run, opened.room_id, content)
+        if isinstance(sent, Refused):
+            return Outcome.refused("the apology could not be sent", sent, retry=True)
+        return Outcome("done", {"event": sent})
+
+
+class WithdrawReinvite(CaseStep):
+    name = "withdraw_reinvite"
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        if case.dry_run or case.member_id is None or case.room_id is None:
+            return Outcome.skipped("nobody was removed (dry run)")
+        membership = await self.hs.membership(case.room_id, case.member_id)
+        if membership in ("join", "invite"):
+            return Outcome("done", {"already_back": True})
+        invited = await self.hs.invite(case.room_id, case.member_id)
+        if isinstance(invited, Refused):
+            # Recorded, and staff told (withdraw_report says so): they can invite them.
+            return Outcome.refused("the bot could not invite them back", invited)
+        return Outcome("done", {"invited": True})
+
+
+class WithdrawReport(CaseStep):
+    name = "withdraw_report"
+    requires = ("withdraw_apology", "withdraw_reinvite")
+
+    async def run(self, run: StepRun) -> Outcome:
+        case = run.case
+        apology, back = run.steps["withdraw_apology"], run.steps["withdraw_reinvite"]
+        lines = [
+            "✔ Apology sent to the member"
+            if apology.status == "done"
+            else f"✘ No apology sent ({apology.error or apology.result.get('why')})",
+            "✔ Invited back into the room"
+            if back.status == "done"
+            else f"✘ Not invited back ({back.error or back.result.get('why')}): "
+            "please invite them yourself",
+        ]
+        checkin = run.steps.get("checkin")
+        if checkin is not None:
+            lines.append(
+                "The check-in was cancelled."
+                if checkin.status == "skipped" and checkin.result.get("why") == "withdrawn"
+                else "The check-in stays as planned."
+            )
+        content = self.tools.texts.withdrawal_done(
+            case_number=case.id,
+            by=run.progress.get("by") or "staff",
+            why=run.progress.get("why") or "(no reason given)",
+            outcomes="\n".join(lines),
+            reply_to=case.alert_event_id,
+        )
+        sent = await self.tools.send_to_staff(run, content)
+        if isinstance(sent, Refused):
+            return Outcome.refused("the staff room refused the report", sent, retry=True)
+        return Outcome("done", {"event": sent})

@@ -1,0 +1,281 @@
+"""Discretion and follow-through, seen from each person's client, against real Synapse.
+
+The room learns nothing it should not (a neutral removal, the flag redacted); the
+member's every word reaches staff; closed cases stay quiet; every action by
+reaction is answered; the moderator is looked after; a wrong flag can be undone;
+a member coming back is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration.test_checkin import checkin_config, checkin_rooms
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    export_json,
+    open_group_room,
+    recorded,
+    running_service,
+    service_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+def configure(scene, *, checkin: dict | None = None, **policy):
+    return service_config(
+        scene.synapse,
+        scene.directory,
+        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        policy=policy,
+        checkin=checkin,
+    )
+
+
+async def kick_event(scene, user) -> dict | None:
+    for event in reversed(await scene.owner.messages(scene.group, limit=200)):
+        if (
+            event["type"] == "m.room.member"
+            and event.get("state_key") == user.user_id
+            and event["sender"] == BOT
+        ):
+            return event
+    return None
+
+
+async def redacted(scene, event_id: str) -> bool:
+    event = await scene.owner.request(
+        "GET", f"/_matrix/client/v3/rooms/{_q(scene.group)}/event/{_q(event_id)}"
+    )
+    return "redacted_because" in event.get("unsigned", {})
+
+
+def _q(value: str) -> str:
+    from tests.support.matrix_user import q
+
+    return q(value)
+
+
+async def reply_to(scene, event_id: str) -> str | None:
+    for event in await scene.bot_messages(scene.staff, scene.staff_room):
+        relation = event["content"].get("m.relates_to", {})
+        if relation.get("m.in_reply_to", {}).get("event_id") == event_id:
+            return event["content"]["body"]
+    return None
+
+
+async def test_the_room_sees_a_neutral_removal_and_no_flag(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    await scene.member.request(
+        "PUT",
+        f"/_matrix/client/v3/profile/{_q(scene.member.user_id)}/displayname",
+        {"displayname": "Zorya"},
+    )
+    config = configure(scene, redact_flagged_message=True)
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "I have a plan to end it")
+        command = await scene.moderator.send_text(
+            scene.group, "!safeguard they said they have a plan", reply_to=said
+        )
+        kick = await until(lambda: kick_event(scene, scene.member), what="the removal")
+        assert kick["content"].get("reason") == "Removed by a moderator"
+        await until(lambda: redacted(scene, command), what="the command redacted")
+        await until(lambda: redacted(scene, said), what="the flagged message redacted")
+        notice = await until(lambda: _room_notice(scene), what="the room notice, naming no one")
+        for hint in ("Zorya", scene.member.user_id, "safety", "risk", "worried"):
+            assert hint not in notice
+        alert = (await scene.staff_matching(lambda m: m.startswith("Case #1")))[0]
+        assert f"Member: Zorya ({scene.member.user_id})" in alert
+        assert f"Room: Group chat ({scene.group})" in alert
+
+
+async def _room_notice(scene) -> str | None:
+    for event in await scene.bot_messages(scene.owner, scene.group):
+        return event["content"]["body"]
+    return None
+
+
+async def test_a_reaction_flag_is_redacted_and_a_refused_one_is_not(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    bystander = await synapse.new_user("bystander")
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        await scene.owner.invite(scene.group, bystander.user_id)
+        await bystander.join(scene.group)
+        other = await scene.member.send_text(scene.group, "hmm")
+        refused = await bystander.react(scene.group, other, "🚨")
+        said = await scene.member.send_text(scene.group, "goodbye")
+        flag = await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: redacted(scene, flag), what="the 🚨 redacted")
+        await until(lambda: scene.staff_matching(lambda m: "Flag refused" in m), what="refusal")
+        assert not await redacted(scene, refused), "a refused flag is not the bot's to remove"
+
+
+async def test_the_member_waiting_in_the_checkin_room_reaches_staff(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1s", remind_after="4s")
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "I can't")
+        await scene.moderator.react(scene.group, said, "🚨")
+        (room,) = await until(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        await scene.member.join(room)
+        await scene.member.send_text(room, "hello? is anyone there")
+        relayed = await until(
+            lambda: scene.staff_matching(lambda m: "hello? is anyone there" in m),
+            what="the relayed message",
+        )
+        assert relayed[0].startswith("Case #1") and "No one from staff has joined" in relayed[0]
+        await until(lambda: recorded(config, "checkin_member_wrote"), what="its record")
+        reminder = await until(
+            lambda: scene.staff_matching(lambda m: "no one from staff has claimed" in m),
+            within=30,
+            what="the reminder",
+        )
+        assert "The member has joined and is waiting" in reminder[0]
+    (case,) = (await export_json(config))["cases"]
+    entry = next(e for e in case["entries"] if e["kind"] == "checkin_member_wrote")
+    assert "hello" not in str(entry), "the text is not stored"
+
+
+async def test_closed_or_dealt_with_cases_are_not_raised_again(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene, ack_within="3s")):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "bye")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="alert")
+        await scene.staff.send_text(scene.staff_room, "!case 1 es CAD-1 police")
+        other = await synapse.new_user("second")
+        await scene.owner.invite(scene.group, other.user_id)
+        await other.join(scene.group)
+        said = await other.send_text(scene.group, "me too")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: scene.staff_matching(lambda m: m.startswith("Case #2")), what="alert")
+        await scene.staff.send_text(scene.staff_room, "!case 2 close false alarm")
+        await asyncio.sleep(6)
+        assert not await scene.staff_matching(lambda m: "has not been acknowledged" in m)
+
+
+async def test_actions_by_reaction_are_answered_and_corroboration_told(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = configure(scene, checkin={"after": "1s"})
+    async with running_service(config):
+        await open_group_room(scene)
+        second = await synapse.new_user("mod2")
+        await scene.owner.invite(scene.group, second.user_id)
+        await second.join(scene.group)
+        await scene.owner.set_power_level(scene.group, second.user_id, 50)
+        said = await scene.member.send_text(scene.group, "I'm going to do it tonight")
+        await scene.moderator.react(scene.group, said, "🚨")
+        alert = await until(
+            lambda: scene.last_staff_event(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        await second.send_text(scene.group, f"!safeguard {scene.member.user_id} she told me too")
+        told = await until(lambda: reply_to(scene, alert["event_id"]), what="corroboration")
+        assert told.startswith("Case #1") and "she told me too" in told
+        await scene.staff.react(scene.staff_room, alert["event_id"], "✅")
+        acked = await until(
+            lambda: scene.staff_matching(lambda m: "acknowledged by" in m), what="the ✅ answer"
+        )
+        assert scene.staff.user_id in acked[0]
+        notice = await until(
+            lambda: scene.last_staff_event(lambda m: "check-in room is open" in m),
+            within=30,
+            what="the check-in notice",
+        )
+        await scene.staff.react(scene.staff_room, notice["event_id"], "✋")
+        claimed = await until(lambda: reply_to(scene, notice["event_id"]), what="the ✋ answer")
+        assert "claimed by" in claimed and scene.staff.user_id in claimed
+
+
+async def test_the_moderator_is_debriefed_and_stats_show_who_carries_this(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = configure(scene, moderator_support="Jo, our volunteer lead: #volunteers:localhost")
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "bye all")
+        await scene.moderator.react(scene.group, said, "🚨")
+        (room,) = await until(scene.moderator.invited_rooms, what="the debrief invite")
+        await scene.moderator.join(room)
+        debrief = await until(lambda: scene.bot_messages(scene.moderator, room), what="debrief")
+        body = debrief[0]["content"]["body"]
+        assert "Case #1" in body and "right thing" in body and "Jo, our volunteer lead" in body
+        await scene.moderator.send_text(room, "that was hard, can someone call me")
+        await until(
+            lambda: scene.staff_matching(lambda m: "can someone call me" in m),
+            what="the moderator's reply relayed",
+        )
+        sent = await scene.staff.send_text(scene.staff_room, "!case stats")
+        stats = await until(lambda: reply_to(scene, sent), what="the stats")
+        assert f"{scene.moderator.user_id}: 1" in stats and f"{scene.group}: 1" in stats
+
+
+async def test_a_wrong_flag_is_withdrawn_with_an_apology_and_a_way_back(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    config = configure(scene, checkin={"after": "1h"})
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "just a joke about exams killing me")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="alert")
+        await scene.staff.send_text(scene.staff_room, "!case 1 withdraw it was a joke")
+        done = await until(
+            lambda: scene.staff_matching(lambda m: "withdrawn by" in m), what="the report"
+        )
+        assert "✔ Apology sent" in done[0] and "✔ Invited back" in done[0]
+        assert "check-in was cancelled" in done[0]
+        invites = await scene.member.invites()
+        assert scene.group in invites, "invited back into the (invite-only) room"
+        dm = next(room for room in invites if room != scene.group)
+        await scene.member.join(dm)
+        texts = [e["content"]["body"] for e in await scene.bot_messages(scene.member, dm)]
+        assert any("by mistake" in text for text in texts)
+    (case,) = (await export_json(config))["cases"]
+    assert case["state"] == "closed" and case["outcome"].startswith("withdrawn")
+    assert case["steps"]["checkin"] == "skipped"
+
+
+@pytest.mark.parametrize("on_rejoin", ["tell", "remove"])
+async def test_a_member_coming_back_is_seen(synapse, tmp_path, on_rejoin):
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene, on_rejoin=on_rejoin)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "bye")
+        await scene.moderator.react(scene.group, said, "🚨")
+        alert = await until(
+            lambda: scene.last_staff_event(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        await until(lambda: kick_event(scene, scene.member), what="the removal")
+        await scene.owner.invite(scene.group, scene.member.user_id)
+        await scene.member.join(scene.group)
+        told = await until(lambda: reply_to(scene, alert["event_id"]), what="staff told")
+        assert told.startswith("Case #1") and "rejoined" in told
+
+        async def kicks() -> int:
+            return sum(
+                1
+                for e in await scene.owner.messages(scene.group, limit=200)
+                if e["type"] == "m.room.member"
+                and e.get("state_key") == scene.member.user_id
+                and e["sender"] == BOT
+                and e["content"].get("membership") == "leave"
+            )
+
+        if on_rejoin == "remove":
+            await until(lambda: _is(kicks, 2), what="removed again")
+        else:
+            await asyncio.sleep(2)
+            assert await kicks() == 1
+
+
+async def _is(probe, value) -> bool:
+    return await probe() == value
