@@ -212,6 +212,36 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_with_db(config, verify))
 
 
+def cmd_e2ee(args: argparse.Namespace, config: Config) -> int:
+    from appservice.crypto import offline_status
+    from appservice.registration import load_registration
+
+    if not config.file.encryption.enabled:
+        print("end-to-end encryption is off (encryption.enabled: false)")
+        return 0
+    registration = load_registration(config.registration_path)
+    status = asyncio.run(
+        offline_status(
+            config.homeserver.url, registration.as_token, config.bot_user_id, config.crypto_store
+        )
+    )
+    print(f"bot:              {config.bot_user_id}")
+    print(f"device:           {status.get('device_id') or '(none yet)'}")
+    print(f"crypto store:     {status.get('store')}")
+    if status.get("identity_key"):
+        print(f"identity key:     {status['identity_key']}")
+    if "one_time_keys" in status:
+        print(f"one-time keys:    {status['one_time_keys']} on the homeserver")
+    rooms = status.get("encrypted_rooms")
+    if rooms is not None:
+        print(f"encrypted rooms:  {len(rooms)}")
+        for room in rooms:
+            print(f"  {room}")
+    if status.get("note"):
+        print(status["note"])
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace, config: Config | None) -> int:
     from appservice.devstack import run_dev
 
@@ -287,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = audits.add_parser("purge", parents=[common], help="apply audit.retention_days now")
     q.add_argument("--days", type=int, help="override audit.retention_days for this run")
     q.set_defaults(handler=cmd_audit)
+
+    p = sub.add_parser("e2ee", parents=[common], help="the bot's end-to-end encryption")
+    e2ee = p.add_subparsers(dest="action", required=True)
+    e2ee.add_parser(
+        "status", parents=[common], help="device id, one-time keys, encrypted rooms"
+    ).set_defaults(handler=cmd_e2ee)
 
     p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")
     p.add_argument("--dir", default=".dev", help="where the dev stack lives (default: .dev)")

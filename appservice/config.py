@@ -82,6 +82,18 @@ class DatabaseSettings(_Strict):
         return value
 
 
+class EncryptionSettings(_Strict):
+    """End-to-end encryption (appservice/crypto.py): the bot's device and its store."""
+
+    enabled: bool = True
+    # The crypto store (the device's keys): default beside the SQLite database, or
+    # beside the config file on PostgreSQL. Back it up with the database.
+    store: str | None = None
+    # The bot's own rooms (the member's DM, the check-in, the moderator's debrief) are
+    # created encrypted.
+    private_rooms: bool = True
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -98,6 +110,7 @@ class ConfigFile(_Strict):
     resources_max_age_days: int = Field(default=365, ge=1)
     audit: AuditSettings = AuditSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    encryption: EncryptionSettings = EncryptionSettings()
     logging: LoggingSettings = LoggingSettings()
 
 
@@ -126,6 +139,22 @@ class Config:
         if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
             return Path(url.database)
         return None
+
+    @property
+    def crypto_store(self) -> Path:
+        configured = self.file.encryption.store
+        if configured:
+            path = Path(configured)
+            return path if path.is_absolute() else self.path.resolve().parent / path
+        database = self.sqlite_path
+        if database is not None:
+            return database.with_name(database.name + ".crypto")
+        return self.path.resolve().parent / "safeguard-crypto"
+
+    @property
+    def sender_localpart(self) -> str:
+        """The appservice's own account: never joins a room (the bot is a namespace user)."""
+        return f"{self.appservice.bot_localpart}-appservice"
 
     @property
     def bot_user_id(self) -> str:

@@ -50,8 +50,10 @@ class HealthChecks:
         metrics: Metrics,
         *,
         connected: Callable[[], bool],
+        crypto: Any = None,
         extra: Mapping[str, Check] | None = None,
     ) -> None:
+        self._crypto = crypto
         self._db = db
         self._health_db = health_db
         self._hs = homeserver
@@ -65,6 +67,7 @@ class HealthChecks:
             "checkins": self.checkins,
             "staff_room": self.staff_room,
             "alerts": self.alerts,
+            "encryption": self.encryption,
             **(extra or {}),
         }
         self._in_flight: dict[str, asyncio.Task[dict[str, Any]]] = {}
@@ -130,6 +133,12 @@ class HealthChecks:
         return {"ok": problem is None, "room": self._staff_room.room_id} | (
             {"problem": problem} if problem else {}
         )
+
+    async def encryption(self) -> dict[str, Any]:
+        """The bot's device: ready, and its one-time keys published (off: says so, ok)."""
+        if self._crypto is None:
+            return {"ok": True, "enabled": False}
+        return {"enabled": True, **self._crypto.status()}
 
     async def alerts(self) -> dict[str, Any]:
         """Cases whose alert, or staff messages that, could not be delivered."""

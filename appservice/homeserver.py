@@ -18,6 +18,7 @@ is retried in place.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import json
@@ -25,8 +26,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from nio import (
@@ -37,7 +38,6 @@ from nio import (
     RoomGetEventResponse,
     RoomMessagesResponse,
     RoomResolveAliasResponse,
-    RoomSendResponse,
 )
 from nio.api import MessageDirection
 from nio.client.async_client import client_session
@@ -55,7 +55,11 @@ from bot.ports import (
     TimelinePage,
 )
 
+if TYPE_CHECKING:
+    from appservice.crypto import BotCrypto
+
 log = logging.getLogger(__name__)
+ENCRYPTION = {"algorithm": "m.megolm.v1.aes-sha2"}
 # Never wait longer than this on one retry_after_ms: the step is retried later anyway.
 MAX_RETRY_AFTER = 30.0
 # A room alias reserved this long with no room behind it was left by a Synapse that died
@@ -68,8 +72,25 @@ def _quote(value: str) -> str:
     return quote(value, safe="")
 
 
+# Set while a call must be made as the appservice itself (registering the bot).
+_AS_APPSERVICE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "as_appservice", default=False
+)
+
+
+def with_query(path: str, **params: str) -> str:
+    parts = urlsplit(path)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True)) | params
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 class BotClient(AsyncClient):
-    """nio's client, without aiohttp's silent second try of a request.
+    """nio's client acting as the bot through the as_token, without aiohttp's silent
+    second try of a request.
+
+    The bot is a user in the appservice's namespace, not its sender: every request
+    carries `?user_id=` (and, for the bot's device, `?device_id=`), so no access token
+    exists to leak or rotate, and every call stays an appservice call.
 
     aiohttp resends a PUT or DELETE on a fresh connection when a kept-alive one drops
     before the answer — and PUT is how a message is sent. If the homeserver had
@@ -79,16 +100,24 @@ class BotClient(AsyncClient):
     for it: the session's `_retry_connection` flag is what it reads.
     """
 
+    masquerade_user = ""
+    masquerade_device = ""
+
     @client_session
     async def _session_ready(self) -> None:
         assert self.client_session is not None
         self.client_session._retry_connection = False  # type: ignore[attr-defined]
 
-    async def send(self, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+    async def send(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         session = self.client_session
         if session is None or getattr(session, "_retry_connection", False):
             await self._session_ready()
-        return await super().send(*args, **kwargs)
+        if self.masquerade_user and not _AS_APPSERVICE.get():
+            params = {"user_id": self.masquerade_user}
+            if self.masquerade_device:
+                params["device_id"] = self.masquerade_device
+            path = with_query(path, **params)
+        return await super().send(method, path, *args, **kwargs)
 
 
 class NioHomeserver:
@@ -124,6 +153,12 @@ class NioHomeserver:
         self.client = BotClient(url, user=bot_user_id, config=config)
         self.client.access_token = as_token
         self.client.user_id = bot_user_id
+        self.client.masquerade_user = bot_user_id
+        # The bot's end-to-end encryption, when on (appservice/crypto.py).
+        self.crypto: BotCrypto | None = None
+        # Who each room the bot created was created with: an encrypted message waits for
+        # the sync to show them (their devices get the room key).
+        self._created_with: dict[str, list[str]] = {}
         self._on_rate_limited = on_rate_limited
         # nio runs response callbacks on each 429 before it sleeps and retries.
         self.client.add_response_callback(self._saw_error, ErrorResponse)
@@ -232,11 +267,19 @@ class NioHomeserver:
 
     async def ensure_registered(self, displayname: str) -> None:
         localpart = self._bot_user_id[1:].split(":", 1)[0]
-        result = await self._raw(
-            "POST",
-            "/_matrix/client/v3/register",
-            {"type": "m.login.application_service", "username": localpart},
-        )
+        token = _AS_APPSERVICE.set(True)  # the bot may not exist yet: ask as the appservice
+        try:
+            result = await self._raw(
+                "POST",
+                "/_matrix/client/v3/register",
+                {
+                    "type": "m.login.application_service",
+                    "username": localpart,
+                    "inhibit_login": True,
+                },
+            )
+        finally:
+            _AS_APPSERVICE.reset(token)
         if isinstance(result, Refused) and result.errcode != "M_USER_IN_USE":
             raise HomeserverUnavailable(f"registering the bot user was refused: {result}")
         profile = await self._raw(
@@ -411,29 +454,38 @@ class NioHomeserver:
         name: str | None = None,
         topic: str | None = None,
         is_direct: bool = False,
+        encrypted: bool = False,
     ) -> RoomCreated | Refused:
-        """A private room carrying `marker`, created at most once.
+        """A private room carrying `marker`, created at most once (encrypted, if asked,
+        from its first event).
 
         The room gets an alias derived from the marker, in the appservice's exclusive
         namespace. Synapse reserves the alias before it sends any event of the room, so
         a second attempt — after a lost answer, or while the first is still being
         processed — is refused with "in use" and resolves to the one room.
         """
+        encrypted = encrypted and self.crypto is not None
+        options = {"name": name, "topic": topic, "is_direct": is_direct, "encrypted": encrypted}
         if not self._room_aliases:
-            return await self._create_room(marker, invite, name, topic, is_direct, alias=None)
-        alias = self._alias_for(marker)
-        created = await self._create_room(marker, invite, name, topic, is_direct, alias=alias)
-        if isinstance(created, Refused) and created.errcode == "M_EXCLUSIVE":
-            log.warning(
-                "the registration does not reserve the room alias namespace: rooms are "
-                "created without an alias (re-run `safeguard registration`, restart Synapse)"
-            )
-            self._room_aliases = False
-            return await self._create_room(marker, invite, name, topic, is_direct, alias=None)
-        if isinstance(created, Refused) and (
-            created.errcode == "M_ROOM_IN_USE" or created.status == 409
-        ):
-            return await self._existing_room(f"#{alias}:{self._domain}", marker)
+            created = await self._create_room(marker, invite, alias=None, **options)
+        else:
+            alias = self._alias_for(marker)
+            created = await self._create_room(marker, invite, alias=alias, **options)
+            if isinstance(created, Refused) and created.errcode == "M_EXCLUSIVE":
+                log.warning(
+                    "the registration does not reserve the room alias namespace: rooms are "
+                    "created without an alias (re-run `safeguard registration`, restart Synapse)"
+                )
+                self._room_aliases = False
+                created = await self._create_room(marker, invite, alias=None, **options)
+            elif isinstance(created, Refused) and (
+                created.errcode == "M_ROOM_IN_USE" or created.status == 409
+            ):
+                created = await self._existing_room(f"#{alias}:{self._domain}", marker)
+        if isinstance(created, RoomCreated):
+            self._created_with[created.room_id] = list(invite)
+            if encrypted and self.crypto is not None:
+                self.crypto.created_encrypted(created.room_id)
         return created
 
     async def _existing_room(self, alias: str, marker: str) -> RoomCreated | Refused:
@@ -472,10 +524,11 @@ class NioHomeserver:
         self,
         marker: str,
         invite: list[str],
+        *,
         name: str | None,
         topic: str | None,
         is_direct: bool,
-        *,
+        encrypted: bool,
         alias: str | None,
     ) -> RoomCreated | Refused:
         body: dict[str, Any] = {
@@ -491,12 +544,17 @@ class NioHomeserver:
             body["name"] = name
         if topic:
             body["topic"] = topic
+        initial_state: list[dict[str, Any]] = []
         if alias is not None:
             body["room_alias_name"] = alias
             # The alias is for our bookkeeping only: members see no room address.
-            body["initial_state"] = [
-                {"type": "m.room.canonical_alias", "state_key": "", "content": {}}
-            ]
+            initial_state.append({"type": "m.room.canonical_alias", "state_key": "", "content": {}})
+        if encrypted:
+            initial_state.append(
+                {"type": "m.room.encryption", "state_key": "", "content": dict(ENCRYPTION)}
+            )
+        if initial_state:
+            body["initial_state"] = initial_state
         # Raw, because nio's room_create cannot set creation_content. Not retried
         # blindly: a lost answer may hide a created room (the step finds it by its marker).
         result = await self._raw("POST", "/_matrix/client/v3/createRoom", body, idempotent=False)
@@ -544,7 +602,12 @@ class NioHomeserver:
         response = await self._call(
             f"invite to {room_id}", lambda: self.client.room_invite(room_id, user_id)
         )
-        return response if isinstance(response, Refused) else Done()
+        if isinstance(response, Refused):
+            return response
+        if room_id in self._created_with and user_id not in self._created_with[room_id]:
+            # An encrypted message waits until the sync shows them: their devices get the key.
+            self._created_with[room_id].append(user_id)
+        return Done()
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
         response = await self._call(
@@ -560,17 +623,43 @@ class NioHomeserver:
         txn_id: str,
         event_type: str = "m.room.message",
     ) -> Sent | Refused:
-        response = await self._call(
-            f"send to {room_id}",
-            lambda: self.client.room_send(room_id, event_type, content, tx_id=txn_id),
+        if await self._encrypted(room_id):
+            assert self.crypto is not None
+            content = await self.crypto.encrypt(
+                room_id, event_type, content, members=self._created_with.get(room_id, [])
+            )
+            event_type = "m.room.encrypted"
+        result = await self._raw(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_quote(room_id)}/send/{_quote(event_type)}/"
+            f"{_quote(txn_id)}",
+            content,
             # Synapse forgets txn ids when it restarts: after a lost answer the step
             # looks for its marked message instead of sending again.
             idempotent=False,
         )
-        if isinstance(response, Refused):
-            return response
-        assert isinstance(response, RoomSendResponse)
-        return Sent(response.event_id)
+        if isinstance(result, Refused):
+            return result
+        event_id = result.get("event_id")
+        if not isinstance(event_id, str):
+            return Refused("M_UNKNOWN", "the send answered without an event_id")
+        return Sent(event_id)
+
+    async def _encrypted(self, room_id: str) -> bool:
+        """Whether what the bot sends to the room must be encrypted (and can be)."""
+        if self.crypto is None:
+            return False
+
+        async def read() -> bool:
+            state = await self._state_event(room_id, "m.room.encryption")
+            return isinstance(state, dict) and bool(state.get("algorithm"))
+
+        if not await self.crypto.room_encrypted(room_id, read):
+            return False
+        if not self.crypto.ready.is_set():
+            # Never in the clear into an encrypted room: wait for the device instead.
+            raise HomeserverUnavailable("end-to-end encryption is not ready yet")
+        return True
 
     async def find_marked_message(
         self, room_id: str, marker: str, *, limit: int = 200
@@ -590,6 +679,9 @@ class NioHomeserver:
         assert isinstance(response, RoomMessagesResponse)
         for event in response.chunk:
             source = getattr(event, "source", {}) or {}
+            if source.get("type") == "m.room.encrypted" and self.crypto is not None:
+                # Our own message: decrypted with the session the bot shared it with.
+                source = self.crypto.decrypt({**source, "room_id": room_id}) or source
             content = source.get("content") or {}
             tag = content.get(MESSAGE_MARKER_KEY)
             if isinstance(tag, dict) and tag.get("marker") == marker:

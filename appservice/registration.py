@@ -50,10 +50,11 @@ class Registration:
         problems = []
         if self.id != config.appservice.id:
             problems.append(f"id is {self.id!r} but appservice.id is {config.appservice.id!r}")
-        if self.sender_localpart != config.appservice.bot_localpart:
+        if self.sender_localpart not in (config.sender_localpart, config.appservice.bot_localpart):
             problems.append(
-                f"sender_localpart is {self.sender_localpart!r} but appservice.bot_localpart is "
-                f"{config.appservice.bot_localpart!r}"
+                f"sender_localpart is {self.sender_localpart!r}, expected "
+                f"{config.sender_localpart!r} (appservice.bot_localpart "
+                f"{config.appservice.bot_localpart!r})"
             )
         if (self.url or "").rstrip("/") != config.appservice.url.rstrip("/"):
             problems.append(f"url is {self.url!r} but appservice.url is {config.appservice.url!r}")
@@ -61,15 +62,24 @@ class Registration:
 
     def warnings(self, config: Config) -> list[str]:
         """What an older registration lacks; the service runs, but less robustly."""
+        found = []
         namespaces = self.raw.get("namespaces") or {}
         aliases = [a.get("regex") for a in namespaces.get("aliases") or [] if isinstance(a, dict)]
         if alias_namespace(config.homeserver.domain) not in aliases:
-            return [
+            found.append(
                 "the registration reserves no room alias namespace, so a room creation whose "
                 "answer was lost cannot be told apart from one that never happened: re-run "
                 "`safeguard registration` and restart Synapse"
-            ]
-        return []
+            )
+        if self.sender_localpart == config.appservice.bot_localpart and (
+            config.file.encryption.enabled
+        ):
+            found.append(
+                "the bot is the registration's sender, which Synapse does not let sync, so "
+                "end-to-end encryption is off: re-run `safeguard registration` (the sender "
+                f"becomes {config.sender_localpart!r}) and restart Synapse"
+            )
+        return found
 
 
 def load_registration(path: Path) -> Registration:
@@ -116,7 +126,9 @@ def build_registration(config: Config, existing: dict[str, Any] | None = None) -
         "url": config.appservice.url,
         "as_token": token("as_token"),
         "hs_token": token("hs_token"),
-        "sender_localpart": config.appservice.bot_localpart,
+        # The bot is a user in the namespace, not the sender: only then may it /sync for
+        # its end-to-end encryption (Synapse refuses /sync to the sender).
+        "sender_localpart": config.sender_localpart,
         # The bot is the only user we act as, and no one else may claim its id.
         "namespaces": {
             "users": [{"exclusive": True, "regex": f"^{bot}$"}],

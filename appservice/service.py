@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from appservice.config import Config, check_runnable
+from appservice.crypto import BotCrypto
 from appservice.database import (
     HEALTH_BUSY_TIMEOUT_MS,
     InstanceLock,
@@ -89,6 +90,9 @@ class Service:
             ),
             extra_inviters=config.allowed_inviters,
             reconcile=config.file.reconcile,
+            encrypt_private_rooms=config.file.encryption.enabled
+            and config.file.encryption.private_rooms
+            and self.registration.sender_localpart != config.appservice.bot_localpart,
         )
         assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
@@ -107,8 +111,22 @@ class Service:
             config.bot_user_id,
             on_rate_limited=self.metrics.rate_limited.inc,
             domain=config.homeserver.domain,
-            room_aliases=not registration_warnings,
+            room_aliases=not any("alias" in w for w in registration_warnings),
         )
+        # End-to-end encryption needs the bot to be a namespace user, not the sender.
+        self.crypto: BotCrypto | None = None
+        if config.file.encryption.enabled and (
+            self.registration.sender_localpart != config.appservice.bot_localpart
+        ):
+            self.crypto = BotCrypto(
+                config.homeserver.url,
+                self.registration.as_token,
+                config.bot_user_id,
+                config.crypto_store,
+                display_name=config.appservice.bot_displayname,
+                on_room_key=self._room_key_arrived,
+            )
+            self.homeserver.crypto = self.crypto
         self.connected = asyncio.Event()
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
         self.fatal: str | None = None
@@ -225,12 +243,13 @@ class Service:
             metrics=self.metrics,
             texts=self.texts,
             on_outbox=on_outbox,
+            decrypter=self.crypto,
         )
         self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))
         self.inbox_worker = Worker("inbox", lambda: self.dispatcher.work_lane(OTHER_LANE))
         self.intake = Intake(
             self.engine,
-            ActionFilter(config.policy, self.rooms),
+            ActionFilter(config.policy, self.rooms, can_decrypt=self.crypto is not None),
             self.metrics,
             on_queued=self._wake_lane,
             on_state=self.room_state.state_changed,
@@ -251,6 +270,7 @@ class Service:
             self.intake,
             self.metrics,
             connected=self.connected.is_set,
+            crypto=self.crypto,
         )
         self.port: int | None = None
 
@@ -311,6 +331,8 @@ class Service:
                 await asyncio.sleep(self._connect_retry)
         # A twin whose lock connection just dropped must have stopped before we act.
         await asyncio.sleep(self._lock.settle_seconds)
+        if self.crypto is not None:
+            self._background.append(asyncio.create_task(self._start_crypto(), name="crypto"))
         await self._join_staff_room()
         for worker in (self.flag_worker, self.inbox_worker, self.outbox_worker):
             worker.start()
@@ -325,6 +347,36 @@ class Service:
         self._background.append(asyncio.create_task(self._probe(), name="probe"))
         self.connected.set()
         log.info("connected to the homeserver as %s", self.config.bot_user_id)
+
+    async def _start_crypto(self) -> None:
+        """The bot's device and keys; retried until the homeserver lets it (messages for
+        encrypted rooms wait meanwhile: never sent in the clear)."""
+        assert self.crypto is not None
+        delay = self._connect_retry
+        while True:
+            try:
+                await self.crypto.start()
+                return
+            except Exception as exc:
+                self.crypto.problem = f"encryption is not ready: {type(exc).__name__}: {exc}"
+                log.warning("%s; retrying in %.0fs", self.crypto.problem, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _room_key_arrived(self) -> None:
+        """A room key came: encrypted events waiting for one are worth trying again now."""
+        task = asyncio.get_running_loop().create_task(self._retry_encrypted())
+        self._fallbacks.add(task)
+        task.add_done_callback(self._fallbacks.discard)
+
+    async def _retry_encrypted(self) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await ingest.retry_encrypted_now(conn)
+        except Exception:
+            log.warning("could not bring encrypted events forward", exc_info=True)
+        self.flag_worker.wake()
+        self.inbox_worker.wake()
 
     async def _probe(self) -> None:
         """Watch the homeserver: when it answers again after an outage, catch up at once."""
@@ -474,6 +526,8 @@ class Service:
             await self._runner.cleanup()
             self._runner = None
         await self.room_state.close()
+        if self.crypto is not None:
+            await self.crypto.close()
         await self.homeserver.close()
         await self.engine.dispose()
         await self._health_engine.dispose()

@@ -25,3 +25,5 @@ class Deployment:
     # Who besides staff may put the bot in a room (user ids or * globs; empty: staff only).
     extra_inviters: tuple[str, ...] = ()
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    # The bot's own rooms (DM, check-in, debrief) are created end-to-end encrypted.
+    encrypt_private_rooms: bool = False

@@ -22,13 +22,14 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from enum import Enum
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.deployment import Deployment
 from bot.metrics import Metrics
-from bot.ports import Homeserver, HomeserverUnavailable
+from bot.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
@@ -39,6 +40,10 @@ from bot.texts import Texts
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+# An encrypted event whose key has not come this long after it did: staff are told a
+# message could not be read (a key may still come late: it is retried until then).
+UNDECRYPTABLE_AFTER = dt.timedelta(minutes=2)
+KEY_WAIT = dt.timedelta(seconds=2)
 # Backoff (seconds) before an event's next attempt, by attempts so far.
 RETRY_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 OUTAGE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -129,9 +134,13 @@ class Dispatcher:
         metrics: Metrics,
         texts: Texts,
         on_outbox: Callable[[], None],
+        decrypter: Decrypter | None = None,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
     ) -> None:
+        self._decrypter = decrypter
+        self._keys_asked: set[str] = set()
+        self.undecryptable_after = UNDECRYPTABLE_AFTER
         self._db = db
         self._hs = homeserver
         self._classify = classify
@@ -153,6 +162,10 @@ class Dispatcher:
         nothing_to_do: list[int] = []
         try:
             for item in items:
+                readable = await self._readable(item)
+                if readable is None:
+                    continue  # waiting for its key (or given up, and staff told)
+                item = readable
                 handling = Handling(self._db, item)
                 try:
                     handler = self._handlers.get(self._classify(item))
@@ -175,6 +188,55 @@ class Dispatcher:
                 async with self._db.begin() as conn:
                     await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
         return len(items) == 50
+
+    async def _readable(self, item: InboxItem) -> InboxItem | None:
+        """The item with an encrypted event decrypted (in memory only: plaintext is never
+        stored); None while its key has not arrived."""
+        if item.event_type != "m.room.encrypted" or self._decrypter is None:
+            return item
+        decrypted = self._decrypter.decrypt(item.payload)
+        if decrypted is not None:
+            return replace(item, payload=decrypted, event_type=str(decrypted.get("type")))
+        if annotation(item.payload.get("content")) is not None:
+            return item  # an encrypted reaction: its relation is in the clear, and enough
+        now = dt.datetime.now(dt.UTC)
+        if now - item.received_at < self.undecryptable_after:
+            if item.event_id not in self._keys_asked:
+                self._keys_asked.add(item.event_id)
+                try:
+                    await self._decrypter.request_key(item.payload)
+                except Exception:
+                    log.warning("could not ask for the key of %s", item.event_id, exc_info=True)
+            async with self._db.begin() as conn:
+                await ingest.retry_later(
+                    conn, item.seq, now + KEY_WAIT, "waiting for its key", counted=False
+                )
+            return None
+        await self._undecryptable(item, now)
+        return None
+
+    async def _undecryptable(self, item: InboxItem, now: dt.datetime) -> None:
+        """Its key never came: recorded (no content), and staff told, once."""
+        sender = str(item.payload.get("sender", ""))
+        async with self._db.begin() as conn:
+            await ingest.finish(conn, item.seq, now, error="its key never arrived")
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "undecryptable",
+                facts={"event": item.event_id},
+                personal={"room": item.room_id, "sender": sender},
+                at=now,
+            )
+            await outbox.queue(
+                conn,
+                self._staff_room.address,
+                self._texts.undecryptable(sender=sender, room=item.room_id),
+                now,
+            )
+        self._keys_asked.discard(item.event_id)
+        log.warning("event %s could not be decrypted: its key never arrived", item.event_id)
+        self._on_outbox()
 
     async def _is_outage(self) -> bool:
         """Whether the homeserver itself is unwell (not just this event's call failing)."""

@@ -95,8 +95,13 @@ def without_lone_surrogates(value: Any) -> Any:
 class ActionFilter:
     """The cheap test, run on every event on the hot path: queue it, and in which lane?"""
 
-    def __init__(self, policy: PolicySettings, rooms: RoomDirectory) -> None:
+    def __init__(
+        self, policy: PolicySettings, rooms: RoomDirectory, *, can_decrypt: bool = False
+    ) -> None:
         self._rooms = rooms
+        # With the bot's encryption on, an encrypted message in a group room may be a
+        # `!safeguard` command: it is queued (in the flag lane) to be decrypted and read.
+        self._can_decrypt = can_decrypt
         self._flag_keys = frozenset(normalise_key(k) for k in policy.reactions)
         self._staff_keys = frozenset({normalise_key(CLAIM_KEY), normalise_key(ACK_KEY)})
         self._command = re.compile(re.escape(policy.command), re.IGNORECASE)
@@ -122,7 +127,8 @@ class ActionFilter:
                         return FLAG_LANE
                     if key in self._staff_keys:
                         return OTHER_LANE
-            return None
+                return None
+            return FLAG_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
         if event_type == "m.room.message":
             body = content.get("body")
             if isinstance(body, str) and self._command.search(body) is not None:

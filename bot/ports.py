@@ -128,8 +128,10 @@ class Homeserver(Protocol):
         name: str | None = None,
         topic: str | None = None,
         is_direct: bool = False,
+        encrypted: bool = False,
     ) -> RoomCreated | Refused:
-        """A private room (preset private_chat) carrying `marker` in its initial state."""
+        """A private room (preset private_chat) carrying `marker` in its initial state,
+        end-to-end encrypted from its first event when `encrypted` (and the bot can)."""
         ...
 
     async def direct_rooms(self) -> dict[str, list[str]]:
@@ -185,6 +187,18 @@ class Timeline(Protocol):
         self, room_id: str, token: str | None, *, limit: int
     ) -> TimelinePage | Refused:
         """Events before `token` (None: now), newest first."""
+        ...
+
+
+class Decrypter(Protocol):
+    """The bot's end-to-end encryption, as the policy needs it: reading what it is sent."""
+
+    def decrypt(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """The event with its plaintext type and content; None while its key is missing."""
+        ...
+
+    async def request_key(self, event: dict[str, Any]) -> None:
+        """Ask for the key of an event that could not be decrypted."""
         ...
 
 

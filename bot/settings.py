@@ -242,4 +242,5 @@ class MessageTemplates(_Strict):
     room_joined: str | None = None
     powers_lost: str | None = None
     processing_failed: str | None = None
+    undecryptable: str | None = None
     template_fallback: str | None = None

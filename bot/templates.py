@@ -184,6 +184,11 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "please check that room now and act by hand if needed.",
         frozenset({"event", "room"}),
     ),
+    "undecryptable": (
+        "A message from {sender} in {room} could not be read: its encryption key never "
+        "reached me. If it was a flag or a command, please send it again.",
+        frozenset({"sender", "room"}),
+    ),
     "template_fallback": (
         "The configured message template messages.{name} could not be used ({problem}). "
         "The built-in text was sent instead. Please ask an operator to fix the configuration.",

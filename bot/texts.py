@@ -378,5 +378,8 @@ class Texts:
     def processing_failed(self, *, event_id: str, room: str) -> dict[str, Any]:
         return notice(self.text("processing_failed", event=event_id, room=room))
 
+    def undecryptable(self, *, sender: str, room: str) -> dict[str, Any]:
+        return notice(self.text("undecryptable", sender=sender, room=room))
+
     def template_fallback(self, *, name: str, problem: str) -> dict[str, Any]:
         return notice(self.text("template_fallback", name=name, problem=problem))

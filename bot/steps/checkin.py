@@ -50,7 +50,10 @@ class Checkin(CaseStep):
             room_id = await self.hs.find_marked_room(run.marker())
         if room_id is None:
             created = await self.hs.create_room(
-                marker=run.marker(), invite=[], name=self.deployment.checkin.room_name
+                marker=run.marker(),
+                invite=[],
+                name=self.deployment.checkin.room_name,
+                encrypted=self.deployment.encrypt_private_rooms,
             )
             if isinstance(created, Refused):
                 return Outcome.refused("the room could not be created", created, retry=True)

@@ -29,7 +29,9 @@ class Debrief(CaseStep):
         moderator = ((first.personal if first else None) or {}).get("flagger")
         if not isinstance(moderator, str):
             return Outcome.skipped("the flagging moderator is not known (purged)")
-        opened = await open_dm(self.hs, run, moderator, "debrief")
+        opened = await open_dm(
+            self.hs, run, moderator, "debrief", encrypted=self.deployment.encrypt_private_rooms
+        )
         if isinstance(opened, Refused):
             return Outcome.refused("no DM could be opened with the moderator", opened, retry=True)
         self.tools.rooms.add_dm(opened.room_id)  # their reply reaches staff

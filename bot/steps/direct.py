@@ -27,7 +27,9 @@ class OpenedDm:
     direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
 
 
-async def open_dm(hs: Homeserver, run: StepRun, user: str, what: str) -> OpenedDm | Refused:
+async def open_dm(
+    hs: Homeserver, run: StepRun, user: str, what: str, *, encrypted: bool
+) -> OpenedDm | Refused:
     known = run.progress.get(f"{what}_room")
     tag = run.marker(what)
     direct: dict[str, list[str]] | None = None
@@ -39,7 +41,9 @@ async def open_dm(hs: Homeserver, run: StepRun, user: str, what: str) -> OpenedD
         direct = await hs.direct_rooms()
         room_id = await _shared_dm(hs, user, direct)
     if room_id is None:
-        created = await hs.create_room(marker=tag, invite=[user], is_direct=True)
+        created = await hs.create_room(
+            marker=tag, invite=[user], is_direct=True, encrypted=encrypted
+        )
         if isinstance(created, Refused):
             return created
         return OpenedDm(created.room_id, True, False, direct)

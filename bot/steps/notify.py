@@ -25,7 +25,9 @@ class Notify(CaseStep):
         if case.dry_run:
             return Outcome.skipped("dry run")
         assert case.member_id is not None
-        opened = await open_dm(self.hs, run, case.member_id, "dm")
+        opened = await open_dm(
+            self.hs, run, case.member_id, "dm", encrypted=self.deployment.encrypt_private_rooms
+        )
         if isinstance(opened, Refused):
             return Outcome.refused("the DM room could not be opened", opened)
         room_id = opened.room_id

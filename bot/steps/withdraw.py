@@ -22,7 +22,9 @@ class WithdrawApology(CaseStep):
         case = run.case
         if case.dry_run or case.member_id is None:
             return Outcome.skipped("nobody was told anything (dry run)")
-        opened = await open_dm(self.hs, run, case.member_id, "dm")
+        opened = await open_dm(
+            self.hs, run, case.member_id, "dm", encrypted=self.deployment.encrypt_private_rooms
+        )
         if isinstance(opened, Refused):
             return Outcome.refused("no DM could be opened with the member", opened, retry=True)
         content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))

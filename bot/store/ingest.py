@@ -137,6 +137,15 @@ async def next_attempt_at(conn: AsyncConnection, lane: int) -> dt.datetime | Non
     return (await conn.execute(query)).scalar_one()
 
 
+async def retry_encrypted_now(conn: AsyncConnection) -> None:
+    """Keys arrived: encrypted events waiting for theirs are due again at once."""
+    await conn.execute(
+        inbox.update()
+        .where(inbox.c.status == "pending", inbox.c.event_type == "m.room.encrypted")
+        .values(next_attempt_at=None)
+    )
+
+
 async def retry_later(
     conn: AsyncConnection, seq: int, until: dt.datetime, error: str, *, counted: bool
 ) -> None:

@@ -181,7 +181,14 @@ async def test_health_names_each_check(synapse, tmp_path):
     async with running_service(config) as service:
         status, body = await health(service)
     assert status == 200
-    assert set(body["checks"]) == {"database", "homeserver", "checkins", "staff_room", "alerts"}
+    assert set(body["checks"]) == {
+        "database",
+        "homeserver",
+        "checkins",
+        "staff_room",
+        "alerts",
+        "encryption",
+    }
     assert all(check["ok"] for check in body["checks"].values())
 
 

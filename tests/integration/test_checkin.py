@@ -237,6 +237,8 @@ async def test_checkin_opens_on_time_while_the_staff_room_refuses_the_bot(synaps
         await open_group_room(scene)
         await flag_member(scene)
         (room,) = await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        # The invites land just before the step's record: wait for the record, not the room.
+        await eventually(lambda: recorded(config, "step.checkin"), what="the check-in's record")
         (case,) = (await export_json(config))["cases"]
         assert case["steps"]["alert"] == "started", "waiting, not failed"
         assert case["steps"]["checkin"] == "done"

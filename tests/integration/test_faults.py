@@ -104,12 +104,13 @@ async def rooms_marked(scene: Scene, case_number: int, what: str) -> int:
     assert case is not None
     marker = f"{case.tag}:{what}"
     token = yaml.safe_load(scene.synapse.registration_path.read_text())["as_token"]
-    bot = MatrixUser(scene.synapse.url, BOT, token)
+    bot = MatrixUser(scene.synapse.url, BOT, token)  # the as_token, acting as the bot
     try:
         count = 0
-        for room in await bot.joined_rooms():
+        joined = await bot.request("GET", "/_matrix/client/v3/joined_rooms", user_id=BOT)
+        for room in joined["joined_rooms"]:
             create = await bot.request(
-                "GET", f"/_matrix/client/v3/rooms/{q(room)}/state/m.room.create/"
+                "GET", f"/_matrix/client/v3/rooms/{q(room)}/state/m.room.create/", user_id=BOT
             )
             count += create.get("org.matrix.safeguard.marker") == marker
         return count

@@ -168,6 +168,7 @@ class FakeHomeserver:
         name: str | None = None,
         topic: str | None = None,
         is_direct: bool = False,
+        encrypted: bool = False,
     ) -> RoomCreated | Refused:
         self._enter("create_room")
         if "create_room" in self.refuse:

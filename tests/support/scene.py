@@ -67,6 +67,9 @@ def service_config(
         "database": {"url": database_url},
         "policy": {"staff_room": staff_room, "staff": staff, **(policy or {})},
         "checkin": checkin or {"after": "1h"},
+        # The test users here are plain clients that read no encrypted messages; the
+        # encrypted rooms are tested with real end-to-end clients (test_encryption.py).
+        "encryption": {"private_rooms": False},
         **sections,
     }
     path = directory / "config.yaml"

@@ -1,0 +1,252 @@
+"""End-to-end encrypted rooms, against real Synapse, with real end-to-end clients
+(matrix-nio with their own stores, trusting every device) as staff, moderator and member.
+
+- an encrypted staff room: the alert decrypts to "Case #N"; an encrypted `!case list`
+  gets an encrypted reply;
+- an encrypted group room: an encrypted `!safeguard` reply removes the member;
+- the member's DM and check-in room are created encrypted, and the member decrypts
+  the notice and the check-in message;
+- kill -9 while the encrypted alert is being sent: still exactly one alert;
+- a message the bot cannot decrypt is not silent: staff are told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.e2e_user import E2EUser, new_e2e_user
+from tests.support.proxy import HoldingProxy
+from tests.support.scene import (
+    BOT,
+    export_json,
+    running_service,
+    safeguard_cli,
+    service_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+@dataclass
+class EncryptedScene:
+    synapse: object
+    owner: object  # a plain client: creates the group room, checks memberships
+    moderator: E2EUser
+    member: E2EUser
+    staff: E2EUser
+    staff_room: str
+    group: str = ""
+
+    async def close(self) -> None:
+        for user in (self.moderator, self.member, self.staff):
+            await user.close()
+
+
+async def encrypted_scene(synapse, tmp_path: Path) -> EncryptedScene:
+    stores = tmp_path / "stores"
+    owner = await synapse.new_user("owner")
+    moderator = await new_e2e_user(synapse, "moderator", stores)
+    member = await new_e2e_user(synapse, "member", stores)
+    staff = await new_e2e_user(synapse, "staff", stores)
+    staff_room = await staff.create_encrypted_room(name="Staff", invite=[BOT])
+    return EncryptedScene(synapse, owner, moderator, member, staff, staff_room)
+
+
+def config_for(scene: EncryptedScene, directory: Path, **extra) -> Path:
+    path = service_config(
+        scene.synapse,
+        directory,
+        database_url=f"sqlite+aiosqlite:///{directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        checkin={"after": "4s"},
+        **extra,
+    )
+    data = yaml.safe_load(path.read_text())
+    data["encryption"] = {"private_rooms": True}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def open_encrypted_group(scene: EncryptedScene) -> str:
+    room = await scene.owner.create_room(
+        name="Group chat",
+        invite=[scene.moderator.user_id, scene.member.user_id, scene.staff.user_id],
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        encrypted=True,
+    )
+    for user in (scene.moderator, scene.member, scene.staff):
+        await user.join(room)
+    await scene.staff.client.room_invite(room, BOT)  # only staff put the bot in a room
+
+    async def bot_in() -> bool:
+        return (await scene.owner.members(room)).get(BOT) == "join"
+
+    await until(bot_in, what="the bot to join the encrypted group room")
+    scene.group = room
+    return room
+
+
+async def staff_alerts(scene: EncryptedScene, number: int) -> list[str]:
+    return [
+        body
+        for body in scene.staff.texts_in(scene.staff_room, BOT)
+        if body.startswith(f"Case #{number}\n")
+    ]
+
+
+async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
+    scene = await encrypted_scene(synapse, tmp_path)
+    try:
+        config = config_for(scene, tmp_path)
+        async with running_service(config) as service:
+            assert service.crypto is not None
+            await until(service.crypto.ready.is_set, what="the bot's device")
+            await open_encrypted_group(scene)
+            said = await scene.member.send_text(scene.group, "I have a plan to end it tonight")
+            await scene.moderator.send_text(
+                scene.group, "!safeguard they said they have a plan", reply_to=said
+            )
+
+            async def removed() -> bool:
+                return (await scene.owner.members(scene.group)).get(scene.member.user_id) == "leave"
+
+            await until(removed, within=30, what="the member removed by an encrypted command")
+            alerts = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
+            assert "they said they have a plan" in alerts[0]
+            # The member's DM: created encrypted, the notice decrypts on their phone.
+            dm = await until(scene.member.invited, what="the DM invite")
+            await scene.member.join(dm[0])
+            notice = await until(
+                lambda: scene.member.texts_in(dm[0], BOT), within=30, what="the notice"
+            )
+            assert "worried about you" in notice[0]
+            assert scene.member.encrypted(dm[0]), "the DM is encrypted"
+            # An encrypted command in the encrypted staff room, an encrypted reply.
+            await scene.staff.send_text(scene.staff_room, "!case list")
+            listing = await until(
+                lambda: [t for t in scene.staff.texts_in(scene.staff_room, BOT) if "Cases (" in t],
+                what="the reply to !case list",
+            )
+            assert "#1" in listing[0]
+            # The check-in room: encrypted too.
+            rooms = await until(
+                lambda: [r for r in scene.member.client.invited_rooms if r != dm[0]],
+                within=30,
+                what="the check-in invite",
+            )
+            await scene.member.join(rooms[0])
+            checkin = await until(
+                lambda: scene.member.texts_in(rooms[0], BOT), within=30, what="the check-in"
+            )
+            assert "checking in" in checkin[0].lower()
+            assert scene.member.encrypted(rooms[0])
+            assert not scene.staff.undecryptable and not scene.member.undecryptable
+        code, out, _ = await safeguard_cli("e2ee", "status", "-c", str(config))
+        assert code == 0 and "device:" in out and "SAFEGUARD" in out and "encrypted rooms:" in out
+    finally:
+        await scene.close()
+
+
+async def test_killed_while_sending_an_encrypted_alert_still_one_alert(synapse, tmp_path):
+    scene = await encrypted_scene(synapse, tmp_path)
+    try:
+        async with HoldingProxy(synapse.url) as proxy:
+            config = config_for(scene, tmp_path, homeserver_url=proxy.url)
+            async with running_service(config):
+                await open_encrypted_group(scene)
+            proxy.hold(lambda r: scene.staff_room in r.path and "/send/m.room.encrypted/" in r.path)
+            process = await _run_logged(config, tmp_path / "service.log")
+            said = await scene.member.send_text(scene.group, "goodbye everyone")
+            await scene.moderator.react(scene.group, said, "🚨")
+            try:
+                await asyncio.wait_for(proxy.held_event.wait(), 60)
+            except TimeoutError:
+                print("SERVICE LOG", (tmp_path / "service.log").read_text()[-5000:])
+                raise
+            # The alert reaches Synapse; the service dies before it hears back.
+            proxy.release()
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            async with running_service(config):
+
+                async def recorded_once() -> bool:
+                    document = await export_json(config)
+                    return bool(document["cases"]) and (
+                        document["cases"][0]["steps"]["alert"] == "done"
+                    )
+
+                await until(recorded_once, within=60, what="the alert recorded")
+                await asyncio.sleep(1)
+            assert len(await staff_alerts(scene, 1)) == 1, "exactly one alert"
+    finally:
+        await scene.close()
+
+
+async def test_a_message_the_bot_cannot_read_is_told_to_staff(synapse, tmp_path):
+    scene = await encrypted_scene(synapse, tmp_path)
+    try:
+        config = config_for(scene, tmp_path)
+        async with running_service(config) as service:
+            await until(service.crypto.ready.is_set, what="the bot's device")
+            import datetime as dt
+
+            service.dispatcher.undecryptable_after = dt.timedelta(seconds=2)
+            plain = scene.owner
+            await scene.staff.client.room_invite(scene.staff_room, plain.user_id)
+            await until(lambda: _invited(plain, scene.staff_room), what="the invite")
+            await plain.join(scene.staff_room)
+            # Encrypted with a session nobody ever shared with the bot.
+            await plain.send_event(
+                scene.staff_room,
+                "m.room.encrypted",
+                {
+                    "algorithm": "m.megolm.v1.aes-sha2",
+                    "ciphertext": "AwgAEhAxxx",
+                    "sender_key": "bogus",
+                    "session_id": "never-shared",
+                    "device_id": "NOPE",
+                },
+            )
+            told = await until(
+                lambda: [
+                    t
+                    for t in scene.staff.texts_in(scene.staff_room, BOT)
+                    if "could not be read" in t
+                ],
+                within=30,
+                what="staff told",
+            )
+            assert plain.user_id in told[0]
+    finally:
+        await scene.close()
+
+
+async def _invited(user, room: str) -> bool:
+    return room in await user.invited_rooms()
+
+
+async def _run_logged(config: Path, log: Path) -> asyncio.subprocess.Process:
+    import os
+    import sys
+
+    with open(log, "wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "appservice.cli",
+            "run",
+            "-c",
+            str(config),
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )

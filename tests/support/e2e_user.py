@@ -1,0 +1,142 @@
+"""A real end-to-end client for tests: matrix-nio with its own store, a device, a sync loop.
+
+It trusts every device on first use (as the bot does), sends encrypted in encrypted
+rooms, decrypts what it receives, and joins the rooms it is invited to when told.
+Deliberately not the project's own code: it stands for Element on a member's phone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from pathlib import Path
+from typing import Any
+
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    MatrixRoom,
+    MegolmEvent,
+    RoomCreateResponse,
+    RoomMessageNotice,
+    RoomMessageText,
+    RoomSendResponse,
+)
+
+from appservice.synapse_local import register_user
+from tests.support.scene import until
+
+ENCRYPTION = {
+    "type": "m.room.encryption",
+    "state_key": "",
+    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+}
+
+
+class E2EUser:
+    def __init__(self, hs_url: str, user_id: str, password: str, store: Path) -> None:
+        store.mkdir(parents=True, exist_ok=True)
+        self.user_id = user_id
+        self._password = password
+        self.client = AsyncClient(
+            hs_url,
+            user_id,
+            store_path=str(store),
+            config=AsyncClientConfig(store_sync_tokens=True, encryption_enabled=True),
+        )
+        # (room, sender, body, event_id), decrypted (or never encrypted).
+        self.received: list[tuple[str, str, str, str]] = []
+        self.undecryptable: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self.client.add_event_callback(self._text, (RoomMessageText, RoomMessageNotice))
+        self.client.add_event_callback(self._megolm, MegolmEvent)
+
+    async def _text(self, room: MatrixRoom, event: RoomMessageText | RoomMessageNotice) -> None:
+        self.received.append((room.room_id, event.sender, event.body, event.event_id))
+
+    async def _megolm(self, room: MatrixRoom, event: MegolmEvent) -> None:
+        self.undecryptable.append(event.event_id)
+
+    async def start(self) -> None:
+        await self.client.login(self._password, device_name="e2e-test")
+        await self.client.sync(timeout=0, full_state=True)
+        if self.client.should_upload_keys:
+            await self.client.keys_upload()
+        self._task = asyncio.create_task(self.client.sync_forever(timeout=500))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.client.close()
+
+    # ---- rooms --------------------------------------------------------------------------
+
+    async def create_encrypted_room(
+        self,
+        *,
+        name: str,
+        invite: list[str],
+        power_levels: dict[str, Any] | None = None,
+    ) -> str:
+        response = await self.client.room_create(
+            name=name,
+            invite=invite,
+            initial_state=[ENCRYPTION],
+            power_level_override=power_levels,
+        )
+        assert isinstance(response, RoomCreateResponse), response
+        await until(lambda: response.room_id in self.client.rooms, what="the room in sync")
+        return response.room_id
+
+    async def join(self, room_id: str) -> None:
+        await self.client.join(room_id)
+        await until(lambda: room_id in self.client.rooms, what=f"{room_id} joined")
+
+    async def invited(self) -> list[str]:
+        return list(self.client.invited_rooms)
+
+    async def send_text(self, room_id: str, body: str, *, reply_to: str | None = None) -> str:
+        content: dict[str, Any] = {"msgtype": "m.text", "body": body}
+        if reply_to:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+        await until(lambda: room_id in self.client.rooms, what="the room in sync")
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+        response = await self.client.room_send(
+            room_id, "m.room.message", content, ignore_unverified_devices=True
+        )
+        assert isinstance(response, RoomSendResponse), response
+        return response.event_id
+
+    async def react(self, room_id: str, event_id: str, key: str) -> str:
+        relation = {"rel_type": "m.annotation", "event_id": event_id, "key": key}
+        response = await self.client.room_send(
+            room_id, "m.reaction", {"m.relates_to": relation}, ignore_unverified_devices=True
+        )
+        assert isinstance(response, RoomSendResponse), response
+        return response.event_id
+
+    def texts_in(self, room_id: str, sender: str | None = None) -> list[str]:
+        return [
+            body
+            for room, who, body, _ in self.received
+            if room == room_id and (sender is None or who == sender)
+        ]
+
+    def encrypted(self, room_id: str) -> bool:
+        room = self.client.rooms.get(room_id)
+        return bool(room and room.encrypted)
+
+
+async def new_e2e_user(synapse: Any, prefix: str, store_root: Path) -> E2EUser:
+    import uuid
+
+    localpart = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    password = secrets.token_urlsafe(12)
+    user_id, _ = await register_user(synapse.url, synapse.shared_secret, localpart, password)
+    user = E2EUser(synapse.url, user_id, password, store_root / localpart)
+    await user.start()
+    return user
