@@ -307,8 +307,10 @@ class BotCrypto:
         self._encrypted[room_id] = encrypted
         return encrypted
 
-    def created_encrypted(self, room_id: str) -> None:
-        self._encrypted[room_id] = True
+    def created(self, room_id: str, *, encrypted: bool) -> None:
+        """A room the bot just created, encrypted from its first event or not at all (no
+        one else in it may change that; if anyone does, the sync shows it first)."""
+        self._encrypted[room_id] = encrypted
 
     async def encrypt(
         self, room_id: str, event_type: str, content: dict[str, Any], *, members: list[str]

@@ -159,6 +159,9 @@ class NioHomeserver:
         # Who each room the bot created was created with: an encrypted message waits for
         # the sync to show them (their devices get the room key).
         self._created_with: dict[str, list[str]] = {}
+        # The bot's m.direct as last read or written (see direct_rooms); None: not known.
+        self._direct: dict[str, list[str]] | None = None
+        self._direct_lock = asyncio.Lock()
         self._on_rate_limited = on_rate_limited
         # nio runs response callbacks on each 429 before it sleeps and retries.
         self.client.add_response_callback(self._saw_error, ErrorResponse)
@@ -243,9 +246,24 @@ class NioHomeserver:
         *,
         idempotent: bool = True,
     ) -> dict[str, Any] | Refused:
-        """A request nio has no method for; same classification as `_call`."""
+        """A request nio has no method for, answered by a JSON object; same
+        classification as `_call`."""
+        result = await self._raw_json(method, path, body, idempotent=idempotent)
+        if isinstance(result, Refused):
+            return result
+        return result if isinstance(result, dict) else {}
 
-        async def request() -> dict[str, Any] | _RawError:
+    async def _raw_json(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
+        """`_raw`, with the answer's JSON as it came (a list, say); Refused on an error."""
+
+        async def request() -> Any:
             headers = {"Content-Type": "application/json"}
             if self.client.access_token:
                 headers["Authorization"] = f"Bearer {self.client.access_token}"
@@ -257,7 +275,7 @@ class NioHomeserver:
                 payload = {}
             if response.status >= 400:
                 return _RawError(response.status, payload if isinstance(payload, dict) else {})
-            return payload if isinstance(payload, dict) else {}
+            return payload
 
         result = await self._call(f"{method} {path.split('?')[0]}", request, idempotent=idempotent)
         assert not isinstance(result, _RawError)  # _call turns every error into Refused
@@ -346,14 +364,13 @@ class NioHomeserver:
         power = await self._state_event(room_id, "m.room.power_levels")
         if isinstance(power, Refused):
             return power
-        content = create.get("content") or {}
-        return RoomState(
-            room_id=room_id,
-            create_sender=create.get("sender", ""),
-            create_content=content,
-            power_levels=power,
-            room_version=str(content.get("room_version", "1")),
-        )
+        return RoomState.of(room_id, create, power)
+
+    async def room_state_events(self, room_id: str) -> list[Any] | Refused:
+        result = await self._raw_json("GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/state")
+        if isinstance(result, (Refused, list)):
+            return result
+        return Refused("M_UNKNOWN", "the room's state was not a list", 200)
 
     async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused:
         response = await self._call(
@@ -484,8 +501,9 @@ class NioHomeserver:
                 created = await self._existing_room(f"#{alias}:{self._domain}", marker)
         if isinstance(created, RoomCreated):
             self._created_with[created.room_id] = list(invite)
-            if encrypted and self.crypto is not None:
-                self.crypto.created_encrypted(created.room_id)
+            if self.crypto is not None:
+                # We just made it, so whether it is encrypted needs no read before sending.
+                self.crypto.created(created.room_id, encrypted=encrypted)
         return created
 
     async def _existing_room(self, alias: str, marker: str) -> RoomCreated | Refused:
@@ -566,37 +584,47 @@ class NioHomeserver:
         return RoomCreated(room_id)
 
     async def direct_rooms(self) -> dict[str, list[str]]:
-        result = await self._raw(
-            "GET",
-            f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
-        )
-        if isinstance(result, Refused):
-            return {}
-        return {
-            user: [room for room in rooms if isinstance(room, str)]
-            for user, rooms in result.items()
-            if isinstance(rooms, list)
-        }
+        """The bot's m.direct: read once, then kept. Only this process writes it — the bot
+        has no access token, whoever holds the as_token is this service, and a second
+        instance cannot start — so what was read or last written is what is there."""
+        if self._direct is None:
+            result = await self._raw(
+                "GET",
+                f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
+            )
+            if isinstance(result, Refused):
+                return {}
+            self._direct = {
+                user: [room for room in rooms if isinstance(room, str)]
+                for user, rooms in result.items()
+                if isinstance(rooms, list)
+            }
+        return {user: list(rooms) for user, rooms in self._direct.items()}
 
     async def remember_direct_room(
         self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
     ) -> None:
-        direct = (
-            {user: list(rooms) for user, rooms in known.items()}
-            if known is not None
-            else (await self.direct_rooms())
-        )
-        rooms = direct.setdefault(user_id, [])
-        if room_id in rooms:
-            return
-        rooms.append(room_id)
-        result = await self._raw(
-            "PUT",
-            f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
-            direct,
-        )
-        if isinstance(result, Refused):
-            log.warning("could not record the DM in m.direct: %s", result)
+        # One update at a time: two cases' DMs at once must not overwrite each other.
+        async with self._direct_lock:
+            direct = (
+                await self.direct_rooms()
+                if self._direct is not None or known is None
+                else {user: list(rooms) for user, rooms in known.items()}
+            )
+            rooms = direct.setdefault(user_id, [])
+            if room_id in rooms:
+                return
+            rooms.append(room_id)
+            result = await self._raw(
+                "PUT",
+                f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
+                direct,
+            )
+            if isinstance(result, Refused):
+                log.warning("could not record the DM in m.direct: %s", result)
+                self._direct = None  # what is there now is not known: read it next time
+                return
+            self._direct = direct
 
     async def invite(self, room_id: str, user_id: str) -> Done | Refused:
         response = await self._call(

@@ -17,16 +17,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.intake import (
-    Intake,
-    StorageUnavailable,
-    may_hold_surrogates,
-    well_formed,
-    without_lone_surrogates,
-)
+from bot.intake import Intake, StorageUnavailable, well_formed, without_lone_surrogates
 from bot.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +34,21 @@ HealthReport = Callable[[], Awaitable[tuple[bool, dict[str, dict[str, Any]]]]]
 
 def matrix_error(status: int, errcode: str, error: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": error}, status=status)
+
+
+def parse_body(body: bytes) -> tuple[Any, bool]:
+    """The transaction's JSON, and whether it may hold lone UTF-16 surrogates.
+
+    orjson first: several times faster, and strict — it refuses a lone surrogate
+    (which no database can store), NaN and numbers out of range. What it refuses
+    is parsed again by the standard library, which accepts those, so a transaction
+    Synapse would send is never failed for the parser's sake. Raises ValueError or
+    RecursionError when the body is not JSON at all.
+    """
+    try:
+        return orjson.loads(body), False
+    except orjson.JSONDecodeError:
+        return json.loads(body), True
 
 
 def _presented_token(request: web.Request) -> str | None:
@@ -102,7 +112,7 @@ class AppServiceServer:
         txn_id = request.match_info["txn_id"]
         body = await request.read()
         try:
-            payload = json.loads(body)
+            payload, may_hold_surrogates = parse_body(body)
         except (ValueError, RecursionError):  # not JSON, bad UTF-8, or nested past the parser
             self._metrics.transactions.labels("bad_json").inc()
             return matrix_error(400, "M_NOT_JSON", "Body is not valid JSON")
@@ -110,12 +120,13 @@ class AppServiceServer:
             self._metrics.transactions.labels("bad_json").inc()
             return matrix_error(400, "M_BAD_JSON", "'events' must be a list of events")
         raw_events = payload.get("events", [])
-        events = [event for event in raw_events if well_formed(event)]
+        valid_text = not may_hold_surrogates
+        events = [event for event in raw_events if well_formed(event, valid_text=valid_text)]
         skipped = len(raw_events) - len(events)
         if skipped:
             self._metrics.events.labels("malformed").inc(skipped)
             log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
-        if may_hold_surrogates(body):
+        if may_hold_surrogates:
             # A lone surrogate in content cannot be stored or hashed: replace it (ids
             # with one were skipped above as malformed).
             events = [without_lone_surrogates(event) for event in events]

@@ -246,7 +246,10 @@ class Service:
             decrypter=self.crypto,
         )
         self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))
-        self.inbox_worker = Worker("inbox", lambda: self.dispatcher.work_lane(OTHER_LANE))
+        # Flags are worked the moment they arrive; everything else in small batches.
+        self.inbox_worker = Worker(
+            "inbox", lambda: self.dispatcher.work_lane(OTHER_LANE), gather_for=0.1
+        )
         self.intake = Intake(
             self.engine,
             ActionFilter(config.policy, self.rooms, can_decrypt=self.crypto is not None),
@@ -390,15 +393,21 @@ class Service:
             if was_down and not down:
                 log.info("the homeserver answers again: catching up")
                 self.reconciler.trigger()
+                await self._warm_room_state()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
             was_down = down
 
     async def _warm_room_state(self) -> None:
-        """Know each moderated room's state ahead of its first flag (read off any flag's path)."""
+        """Know what a flag's decision needs ahead of the first flag (read off any flag's
+        path): each moderated room's state, the staff room's, the bot's m.direct."""
         async with self.engine.connect() as conn:
             for room in await rooms.moderated(conn):
                 self.room_state.warm(room.room_id)
+        if self.staff_room.room_id is not None:
+            self.room_state.warm(self.staff_room.room_id)
+        with contextlib.suppress(HomeserverUnavailable):
+            await self.homeserver.direct_rooms()
 
     def _wake_lane(self, lane: int) -> None:
         (self.flag_worker if lane == FLAG_LANE else self.inbox_worker).wake()
@@ -449,6 +458,8 @@ class Service:
                 log.error("%s; staff messages wait until it is fixed", now)
             problem = now
         log.info("joined the staff room %s", self.staff_room.room_id)
+        if self.staff_room.room_id is not None:
+            self.room_state.warm(self.staff_room.room_id)
         await self.steps.retry_waiting()
         self.outbox_worker.wake()
 
@@ -529,6 +540,7 @@ class Service:
         if self.crypto is not None:
             await self.crypto.close()
         await self.homeserver.close()
+        await self.intake.close()
         await self.engine.dispose()
         await self._health_engine.dispose()
         await self._lock.release()

@@ -80,6 +80,8 @@ class StepEngine:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Set once the timer has read the due cases and armed itself (cleared on stop).
+        self.ready = asyncio.Event()
         self.on_outbox = lambda: None  # told when a staff message was queued
 
     # ---- the timer -------------------------------------------------------------------
@@ -102,6 +104,7 @@ class StepEngine:
         cancelling in the middle of a database transaction is what the grace avoids.
         """
         self._stopping = True
+        self.ready.clear()
         self._wakeup.set()
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -122,6 +125,7 @@ class StepEngine:
                 next_at = await self._start_due_cases()
                 if next_at is not None:
                     timeout = min(self._poll, max((next_at - _now()).total_seconds(), 0.0))
+                self.ready.set()
             except Exception:
                 # A database hiccup must not stop the timer: the rows are still the truth.
                 log.exception("the step engine could not read its due cases; retrying")

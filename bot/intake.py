@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.metrics import Metrics
@@ -35,6 +34,8 @@ log = logging.getLogger(__name__)
 STATE_TYPES = frozenset(
     {"m.room.member", "m.room.power_levels", "m.room.create", "m.room.tombstone"}
 )
+# State the room-state cache is told of the moment it arrives (bot/room_state.py).
+_ROOM_STATE = STATE_TYPES | {"m.room.join_rules"}
 # Matrix ids are far shorter; the columns hold 255 characters.
 MAX_ID_LENGTH = 255
 _REQUIRED_KEYS = ("event_id", "room_id", "type", "sender")
@@ -56,31 +57,29 @@ def _storable(value: str) -> bool:
     return True
 
 
-def well_formed(event: object) -> bool:
-    """The shape every recorded event must have (hot path: exact type checks, no copies)."""
+def well_formed(event: object, *, valid_text: bool = False) -> bool:
+    """The shape every recorded event must have (hot path: exact type checks, no copies).
+
+    `valid_text`: the parser already refused lone surrogates, so ids need no check.
+    """
     if event.__class__ is not dict:
         return False
     get = event.get  # type: ignore[attr-defined]
     for key in _REQUIRED_KEYS:
         value = get(key)
-        if value.__class__ is not str or not value or len(value) > MAX_ID_LENGTH:
+        if value.__class__ is not str or not 0 < len(value) <= MAX_ID_LENGTH:
             return False
-        if not _storable(value):
+        if not valid_text and not _storable(value):
             return False
     content = get("content")
     return content is None or content.__class__ is dict
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def may_hold_surrogates(body: bytes) -> bool:
-    """Whether a JSON body escapes UTF-16 surrogates (rare: clients send UTF-8)."""
-    return _SURROGATE_ESCAPE.search(body) is not None
-
-
 def without_lone_surrogates(value: Any) -> Any:
-    """The value with every lone UTF-16 surrogate replaced by U+FFFD (pairs are joined)."""
+    """The value with every lone UTF-16 surrogate replaced by U+FFFD (pairs are joined).
+
+    Only a body the strict parser refused can hold one (appservice/server.py).
+    """
     if isinstance(value, str):
         if _storable(value):
             return value
@@ -107,21 +106,27 @@ class ActionFilter:
         self._command = re.compile(re.escape(policy.command), re.IGNORECASE)
 
     def lane(self, event: Mapping[str, Any]) -> int | None:
-        """FLAG_LANE, OTHER_LANE, or None when the event needs no action."""
+        """FLAG_LANE, OTHER_LANE, or None when the event needs no action.
+
+        Runs on every event Synapse delivers, so it tests exact types (events come
+        from a JSON parser: dicts, lists, str) and reads each key once.
+        """
         event_type = event["type"]
-        if event_type in STATE_TYPES:
-            return OTHER_LANE
-        room_id = event["room_id"]
-        if self._rooms.is_private(room_id):
+        if event_type in STATE_TYPES or self._rooms.is_private(event["room_id"]):
             return OTHER_LANE
         content = event.get("content")
-        if not isinstance(content, Mapping):
+        if content.__class__ is not dict:
             return None
-        if event_type in ("m.reaction", "m.room.encrypted"):
+        if event_type == "m.room.message":
+            body = content.get("body")
+            if body.__class__ is str and self._command.search(body) is not None:
+                return FLAG_LANE
+            return None
+        if event_type == "m.reaction" or event_type == "m.room.encrypted":
             relation = content.get("m.relates_to")
-            if isinstance(relation, Mapping) and relation.get("rel_type") == "m.annotation":
+            if relation.__class__ is dict and relation.get("rel_type") == "m.annotation":
                 key = relation.get("key")
-                if isinstance(key, str):
+                if key.__class__ is str:
                     key = normalise_key(key)
                     if key in self._flag_keys:
                         return FLAG_LANE
@@ -129,16 +134,7 @@ class ActionFilter:
                         return OTHER_LANE
                 return None
             return FLAG_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
-        if event_type == "m.room.message":
-            body = content.get("body")
-            if isinstance(body, str) and self._command.search(body) is not None:
-                return FLAG_LANE
         return None
-
-
-# Errors that mean the database cannot record anything now (answer 503, Synapse retries);
-# anything else raised while recording is about the data, and is narrowed down per event.
-_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Intake:
@@ -150,7 +146,7 @@ class Intake:
         on_queued: Callable[[int], None],
         on_state: Callable[[str, str, object], None] = lambda room, kind, key: None,
     ) -> None:
-        self._db = db
+        self._recorder = ingest.TransactionRecorder(db)
         self._filter = action_filter
         # Told of every state event at once (room, type, state_key): what is known of the
         # room ahead of a flag is stale from this moment (bot/room_state.py).
@@ -165,31 +161,28 @@ class Intake:
         self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
     ) -> ingest.Recorded:
         """Record well-formed events in one DB transaction (malformed ones are the caller's)."""
+        lane_of = self._filter.lane
+        to_act_on: list[tuple[dict[str, Any], int]] = []
         for event in events:
-            if event["type"] in STATE_TYPES or event["type"] == "m.room.join_rules":
+            if event["type"] in _ROOM_STATE:
                 self._on_state(event["room_id"], event["type"], event.get("state_key"))
-        lanes = [self._filter.lane(event) for event in events]
-        to_act_on = [
-            (event, lane) for event, lane in zip(events, lanes, strict=True) if lane is not None
-        ]
+            lane = lane_of(event)
+            if lane is not None:
+                to_act_on.append((event, lane))
         now = dt.datetime.now(dt.UTC)
         try:
             recorded = await self._record(txn_id, events, to_act_on, now, caught_up)
-        except _UNAVAILABLE as exc:
+        except ingest.WriteUnavailable as exc:
             raise self._unavailable(exc) from exc
-        except (SQLAlchemyError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
-            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                raise self._unavailable(exc) from exc
+        except ingest.UnstorableEvents as exc:
             # Something in the events themselves: record them one by one, skip the bad.
-            log.warning("%s: recording event by event (%s)", txn_id, type(exc).__name__)
+            log.warning("%s: recording event by event (%s)", txn_id, exc)
             recorded = await self._record_one_by_one(txn_id, events, to_act_on, now, caught_up)
         self.last_write_error = None
         self._count(recorded, len(events))
-        new_lanes = {
-            lane for event, lane in to_act_on if event["event_id"] in recorded.new_event_ids
-        }
-        for lane in sorted(new_lanes):
-            self._on_queued(lane)
+        if recorded.queued:
+            for lane in sorted({lane for _, lane in to_act_on}):
+                self._on_queued(lane)
         return recorded
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
@@ -205,15 +198,17 @@ class Intake:
         now: dt.datetime,
         caught_up: bool,
     ) -> ingest.Recorded:
-        async with self._db.begin() as conn:
-            return await ingest.record_transaction(
-                conn,
-                txn_id,
-                [event["event_id"] for event in events],
-                to_act_on,
-                now,
-                caught_up=caught_up,
-            )
+        return await self._recorder.record(
+            txn_id,
+            [event["event_id"] for event in events],
+            to_act_on,
+            now,
+            caught_up=caught_up,
+        )
+
+    async def close(self) -> None:
+        """Let go of the recording connection (before the engine is disposed)."""
+        await self._recorder.close()
 
     async def _record_one_by_one(
         self,
@@ -224,7 +219,7 @@ class Intake:
         caught_up: bool,
     ) -> ingest.Recorded:
         lanes = {id(event): lane for event, lane in to_act_on}
-        new_ids: set[str] = set()
+        new_events = queued = 0
         duplicate = True
         for position, event in enumerate(events):
             lane = lanes.get(id(event))
@@ -236,28 +231,24 @@ class Intake:
                     now,
                     caught_up,
                 )
-            except _UNAVAILABLE as exc:
+            except ingest.WriteUnavailable as exc:
                 raise self._unavailable(exc) from exc
-            except (SQLAlchemyError, ValueError, TypeError, UnicodeError, RecursionError) as exc:
+            except ingest.UnstorableEvents as exc:
                 # Logged by position and error type, never by content.
-                log.warning(
-                    "%s: event %d cannot be stored (%s); skipped",
-                    txn_id,
-                    position,
-                    type(exc).__name__,
-                )
+                log.warning("%s: event %d cannot be stored (%s); skipped", txn_id, position, exc)
                 self._metrics.events.labels("malformed").inc()
                 continue
-            new_ids |= one.new_event_ids
+            new_events += one.new_events
+            queued += one.queued
             duplicate = duplicate and one.duplicate_transaction
-        return ingest.Recorded(duplicate, frozenset(new_ids))
+        return ingest.Recorded(duplicate, new_events, queued)
 
     def _count(self, recorded: ingest.Recorded, total: int) -> None:
-        duplicates = total - len(recorded.new_event_ids)
+        duplicates = total - recorded.new_events
         self._metrics.transactions.labels(
             "duplicate" if recorded.duplicate_transaction else "new"
         ).inc()
         if duplicates > 0:
             self._metrics.events.labels("duplicate").inc(duplicates)
-        if recorded.new_event_ids:
-            self._metrics.events.labels("new").inc(len(recorded.new_event_ids))
+        if recorded.new_events:
+            self._metrics.events.labels("new").inc(recorded.new_events)

@@ -72,6 +72,21 @@ class RoomState:
     power_levels: dict[str, Any] | None
     room_version: str
 
+    @classmethod
+    def of(
+        cls, room_id: str, create: dict[str, Any], power_levels: dict[str, Any] | None
+    ) -> RoomState:
+        """From the room's m.room.create event (as an event: its sender matters) and the
+        content of its m.room.power_levels (None when the room has none)."""
+        content = create.get("content") or {}
+        return cls(
+            room_id=room_id,
+            create_sender=create.get("sender", ""),
+            create_content=content,
+            power_levels=power_levels,
+            room_version=str(content.get("room_version", "1")),
+        )
+
 
 class Homeserver(Protocol):
     @property
@@ -79,6 +94,11 @@ class Homeserver(Protocol):
 
     async def room_state(self, room_id: str) -> RoomState | Refused:
         """Fresh create + power-levels state of a room (never a cached copy)."""
+        ...
+
+    async def room_state_events(self, room_id: str) -> list[Any] | Refused:
+        """Every current state event of the room, in one read (GET /rooms/{id}/state): the
+        create event, the power levels, each member's m.room.member, ... as answered."""
         ...
 
     async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused: ...

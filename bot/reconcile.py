@@ -159,5 +159,5 @@ class Reconciler:
         if not recent:
             return 0
         recorded = await self._intake.accept(f"catch-up:{uuid.uuid4().hex}", recent, caught_up=True)
-        self.caught_up += len(recorded.new_event_ids)
-        return len(recorded.new_event_ids)
+        self.caught_up += recorded.new_events
+        return recorded.new_events

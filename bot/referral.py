@@ -4,10 +4,12 @@ Who may flag: a moderator of that room (on the room's state as it is now — a
 moderator demoted a second ago cannot flag). Whom: someone in that room, or who
 left it within `policy.recent_leave`; never staff, a moderator, or the bot.
 
-A flag from someone who is plainly not a moderator is refused on the room's
-state known ahead (bot/room_state.py) with no homeserver call, so a flood of
-refused flags costs a database write each and never queues in front of a real
-one; a flag that may be accepted is decided on state read now.
+Everything the decision needs is usually known before the flag arrives, so it
+makes no homeserver call: the room's and the staff room's create event, power
+levels and memberships (bot/room_state.py: invalidated by every state event
+pushed before the flag, read again whenever not known to be current), and who
+sent the flagged message (bot/recent_senders.py, else read). A flood of refused
+flags costs a database write each and never queues in front of a real one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from bot.checkin_time import due_at
 from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.metrics import Metrics
-from bot.ports import Homeserver, Refused
+from bot.ports import Homeserver, Refused, RoomState
+from bot.recent_senders import RECENT_SENDERS, RecentSenders
 from bot.reports import RefusalReports
 from bot.room_state import RoomStateCache
 from bot.staff import StaffDirectory
@@ -62,8 +65,10 @@ class Referral:
         texts: Texts,
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
+        senders: RecentSenders = RECENT_SENDERS,
     ) -> None:
         self._hs = homeserver
+        self._senders = senders
         self._deployment = deployment
         self._policy = deployment.policy
         self._staff = staff
@@ -100,12 +105,12 @@ class Referral:
                 assert why is not None
                 await self._refuse(handling, flag, None, why)
                 return
-        # A flag that may be accepted: decided on state read now. The reads are
-        # independent, so they are made together.
+        # A flag that may be accepted: decided on state known to be current, or read
+        # now where it is not (the reads are independent, so they are made together).
         flagged, room, staff_room = await asyncio.gather(
             self._flagged_sender(flag),
-            self._room_state.fresh(flag.room_id),
-            self._staff.room_state(),
+            self._room_state.state(flag.room_id),
+            self._staff_room_state(),
         )
         if isinstance(flagged, Refusal):
             await self._refuse(handling, flag, None, flagged)
@@ -164,6 +169,9 @@ class Referral:
             return flag.target_user
         if flag.target_event_id is None:
             return Refusal("target_unknown", "no member was named")
+        known = self._senders.sender_of(flag.room_id, flag.target_event_id)
+        if known is not None:
+            return known
         flagged = await self._hs.get_event(flag.room_id, flag.target_event_id)
         if isinstance(flagged, Refused):
             return Refusal(
@@ -171,6 +179,15 @@ class Referral:
             )
         sender = flagged.get("sender")
         return sender if isinstance(sender, str) else Refusal("target_unknown", "no sender")
+
+    async def _staff_room_state(self) -> RoomState | None:
+        """Whose power in the staff room makes them staff (None: no staff room yet, or it
+        cannot be read: then only `policy.staff` are staff)."""
+        room_id = self._staff_room.room_id
+        if room_id is None:
+            return None
+        state = await self._room_state.state(room_id)
+        return None if isinstance(state, Refused) else state
 
     async def _open(self, handling: Handling, flag: Flag, target: str) -> None:
         item = handling.item

@@ -1,5 +1,6 @@
 """Who is staff: users named in `policy.staff`, and anyone with `policy.staff_power_level`
-in the staff room (read fresh for each decision, never from a cache)."""
+in the staff room (read fresh for each command and invite; a flag's decision uses the
+staff room's state known ahead, kept current like a group room's: bot/room_state.py)."""
 
 from __future__ import annotations
 

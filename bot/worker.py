@@ -19,11 +19,20 @@ STOP_GRACE_SECONDS = 3.0
 
 class Worker:
     def __init__(
-        self, name: str, work_once: Callable[[], Awaitable[bool]], *, poll_interval: float = 2.0
+        self,
+        name: str,
+        work_once: Callable[[], Awaitable[bool]],
+        *,
+        poll_interval: float = 2.0,
+        gather_for: float = 0.0,
     ) -> None:
         self.name = name
         self._work_once = work_once
         self._poll_interval = poll_interval
+        # Once woken, wait this long for more work before starting: under a stream of
+        # transactions the queue is worked in batches (one write for many events),
+        # not one round, and one database commit, per transaction.
+        self._gather_for = gather_for
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -71,3 +80,5 @@ class Worker:
             self.idle.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+            if self._gather_for and self._wakeup.is_set() and not self._stopping:
+                await asyncio.sleep(self._gather_for)

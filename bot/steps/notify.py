@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 
-from bot.ports import Refused
+from bot.ports import HomeserverUnavailable, Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import open_dm
+from bot.steps.direct import OpenedDm, open_dm
+
+log = logging.getLogger(__name__)
 
 
 class Notify(CaseStep):
@@ -33,18 +36,18 @@ class Notify(CaseStep):
         room_id = opened.room_id
         self.tools.rooms.add_dm(room_id)
         content = self.tools.texts.notice(case.due_at, dt.datetime.now(dt.UTC))
-        # The notice and the progress together (a resumed attempt finds the room and the
-        # message by their markers either way); m.direct after, off the member's path.
-        sent, _ = await asyncio.gather(
+        # The notice, the progress and m.direct together: none waits for another (a
+        # resumed attempt finds the room and the message by their markers either way),
+        # so the removal, which waits for this step, waits for the notice alone.
+        sent, _, _ = await asyncio.gather(
             self.tools.send_once(run, room_id, content),
             run.save(
                 progress=run.progress | {"dm_room": room_id}, case_fields={"dm_room_id": room_id}
             )
             if run.progress.get("dm_room") != room_id
             else asyncio.sleep(0),
+            self._remember(case.member_id, opened) if opened.created else asyncio.sleep(0),
         )
-        if opened.created:
-            await self.hs.remember_direct_room(case.member_id, room_id, known=opened.direct)
         if isinstance(sent, Refused):
             return Outcome(
                 "failed",
@@ -58,3 +61,13 @@ class Notify(CaseStep):
             else {"event": sent}
         )
         return Outcome("done", facts, {"dm_room": room_id})
+
+    async def _remember(self, member: str, opened: OpenedDm) -> None:
+        """Mark the new room as a DM with them in the bot's m.direct (what clients show).
+
+        Bookkeeping only: a homeserver away now must not hold up or repeat the notice.
+        """
+        try:
+            await self.hs.remember_direct_room(member, opened.room_id, known=opened.direct)
+        except HomeserverUnavailable as exc:
+            log.warning("could not record the DM in m.direct: %s", exc)

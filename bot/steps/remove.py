@@ -2,14 +2,16 @@
 
 Someone already gone is recorded so — but only when the homeserver says so:
 a membership the bot cannot read is not "gone", and the kick's own answer
-decides. After a crash, "gone" may be our own kick that went through before
-it could be recorded; the membership event's sender tells the two apart.
+decides. A first attempt kicks at once: Synapse refuses to kick anyone who is
+not in the room (left, banned — a kick never lifts a ban — or never there), and
+only then is their membership read to say which. After a crash, the membership
+is read first: "gone" may be our own kick that went through before it could be
+recorded, and the membership event's sender tells the two apart.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
@@ -29,18 +31,17 @@ class Remove(CaseStep):
         if case.dry_run:
             return Outcome.skipped("dry run")
         assert case.room_id is not None and case.member_id is not None
-        event = await self.hs.member_event(case.room_id, case.member_id)
-        if not isinstance(event, Refused):
-            gone = self._gone(event, resumed=run.resumed)
+        if run.resumed:
+            gone = await self._already_gone(case.room_id, case.member_id)
             if gone is not None:
                 return gone
         notified = run.steps["notify"].status == "done"
         reason = self.tools.texts.kick_reason(notified=notified)
         kicked = await self.hs.kick(case.room_id, case.member_id, reason)
         if isinstance(kicked, Refused):
-            # Refused because they left meanwhile (or a resumed kick already worked)?
-            event = await self.hs.member_event(case.room_id, case.member_id)
-            gone = None if isinstance(event, Refused) else self._gone(event, resumed=True)
+            # Refused because they are not in the room (or a kick whose answer was lost
+            # already worked: then the leave is ours)?
+            gone = await self._already_gone(case.room_id, case.member_id)
             if gone is not None:
                 return gone
             return Outcome.refused("the homeserver refused the removal", kicked)
@@ -49,13 +50,20 @@ class Remove(CaseStep):
         )
         return Outcome("done", {"already_gone": False, "notified_first": notified})
 
-    def _gone(self, event: dict[str, Any] | None, *, resumed: bool) -> Outcome | None:
-        """None while the member is still in the room; otherwise the removal's outcome."""
+    async def _already_gone(self, room_id: str, member_id: str) -> Outcome | None:
+        """The removal's outcome if the member is not in the room, as the homeserver says
+        now; None if they are in it, or if it will not say (a kick's answer decides then).
+
+        Asked only after a crash or a refused kick, so a leave by the bot is a kick of
+        ours whose answer was lost.
+        """
+        event = await self.hs.member_event(room_id, member_id)
+        if isinstance(event, Refused):
+            return None
         content = (event or {}).get("content") or {}
         membership = content.get("membership")
         if membership in PRESENT:
             return None
-        ours = resumed and event and event.get("sender") == self.hs.bot_user_id
-        if ours and membership == "leave":
+        if membership == "leave" and event and event.get("sender") == self.hs.bot_user_id:
             return Outcome("done", {"already_gone": False, "resumed": True})
         return Outcome("done", {"already_gone": True, "membership": membership})

@@ -456,19 +456,29 @@ async def by_alert(conn: AsyncConnection, event_id: str) -> Case | None:
 
 
 async def private_rooms(conn: AsyncConnection) -> tuple[set[str], set[str]]:
-    """(DM rooms, check-in rooms) the bot opened: their members' messages reach staff."""
-    dms = await conn.execute(
-        sa.union(
-            sa.select(cases.c.dm_room_id.label("room")).where(cases.c.dm_room_id.is_not(None)),
-            sa.select(cases.c.debrief_room_id.label("room")).where(
-                cases.c.debrief_room_id.is_not(None)
-            ),
+    """(DM rooms, check-in rooms) the bot opened: their members' messages reach staff.
+
+    One pass over the cases (read at every start: with many cases, a UNION's sort and a
+    second scan would cost more than the rows themselves)."""
+    rows = await conn.execute(
+        sa.select(cases.c.dm_room_id, cases.c.debrief_room_id, cases.c.checkin_room_id).where(
+            sa.or_(
+                cases.c.dm_room_id.is_not(None),
+                cases.c.debrief_room_id.is_not(None),
+                cases.c.checkin_room_id.is_not(None),
+            )
         )
     )
-    checkins = await conn.execute(
-        sa.select(cases.c.checkin_room_id).where(cases.c.checkin_room_id.is_not(None))
-    )
-    return set(dms.scalars()), set(checkins.scalars())
+    dms: set[str] = set()
+    checkins: set[str] = set()
+    for dm, debrief, checkin in rows:
+        if dm:
+            dms.add(dm)
+        if debrief:
+            dms.add(debrief)
+        if checkin:
+            checkins.add(checkin)
+    return dms, checkins
 
 
 async def open_private_rooms(conn: AsyncConnection) -> set[str]:

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.store.schema import inbox, seen_events, transactions
-
-
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
 
 
 def storable_txn_id(txn_id: str) -> str:
@@ -30,58 +30,216 @@ def storable_txn_id(txn_id: str) -> str:
 @dataclass(frozen=True)
 class Recorded:
     duplicate_transaction: bool
-    new_event_ids: frozenset[str]
+    new_events: int  # event ids never recorded before
+    queued: int  # of them, events queued to act on
 
 
-async def record_transaction(
-    conn: AsyncConnection,
-    txn_id: str,
-    event_ids: Sequence[str],
-    to_act_on: Sequence[tuple[dict[str, Any], int]],
-    now: dt.datetime,
-    *,
-    caught_up: bool = False,
-) -> Recorded:
-    """Persist a transaction; only events never seen before are queued to act on.
+class WriteUnavailable(Exception):
+    """The database cannot record anything now (down, disk full, connection lost)."""
 
-    A retried transaction carries the same ids, so nothing is queued twice; a
-    reused txn id (Synapse restored from backup) still has its new events queued.
+
+class UnstorableEvents(Exception):
+    """Something in the events themselves cannot be stored (the database refused the data)."""
+
+
+# The hot path: every transaction Synapse sends runs these, so they go to the driver
+# directly (no per-row ORM or Core compilation, no pool checkout per transaction):
+# one statement for the transaction id, one for every event id, one for the few
+# events queued to act on. An event is queued only if its id was never recorded, so
+# a retried transaction, or an event delivered again in a new one, is acted on once:
+# the inbox insert runs first, while `seen_events` still tells what is new, and
+# ON CONFLICT covers an event carried twice in one transaction.
+_INBOX_COLUMNS = (
+    "event_id, room_id, event_type, payload, received_at, status, attempts, lane, caught_up"
+)
+_SQLITE_TRANSACTION = (
+    "INSERT OR IGNORE INTO transactions (txn_id, received_at, event_count) VALUES (?, ?, ?)"
+)
+_SQLITE_EVENTS = "INSERT OR IGNORE INTO seen_events (event_id, received_at) VALUES (?, ?)"
+_SQLITE_QUEUE = (
+    f"INSERT OR IGNORE INTO inbox ({_INBOX_COLUMNS})"
+    " SELECT ?, ?, ?, ?, ?, 'pending', 0, ?, ?"
+    " WHERE NOT EXISTS (SELECT 1 FROM seen_events WHERE event_id = ?)"
+)
+# On PostgreSQL the three inserts are one statement, so one round trip and no
+# BEGIN/COMMIT: every part of it sees the same snapshot, so the inbox's NOT EXISTS
+# sees `seen_events` as it was before this transaction's ids were added.
+_PG_RECORD = (
+    "WITH txn AS ("
+    " INSERT INTO transactions (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+    "), queued AS ("
+    f" INSERT INTO inbox ({_INBOX_COLUMNS})"
+    " SELECT e.event_id, e.room_id, e.event_type, e.payload::json, $2, 'pending', 0, e.lane, $10"
+    " FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::text[], $9::smallint[])"
+    " AS e(event_id, room_id, event_type, payload, lane)"
+    " WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.event_id = e.event_id)"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING 1"
+    "), seen AS ("
+    " INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+    ") SELECT (SELECT count(*) FROM txn), (SELECT count(*) FROM queued),"
+    " (SELECT count(*) FROM seen)"
+)
+# PostgreSQL error classes that mean "not now" rather than "not this data": connection,
+# insufficient resources (disk full), operator intervention, system and internal errors.
+_PG_OUTAGE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
+
+
+def _to_json(event: dict[str, Any]) -> str:
+    """The event as JSON text: orjson, or the standard library for what orjson refuses
+    (integers beyond 64 bits, from a body only the lenient parser accepted). orjson
+    writes NaN as null, which every backend's JSON column accepts."""
+    try:
+        return orjson.dumps(event).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(event)
+
+
+class TransactionRecorder:
+    """Records transactions on a connection of its own, held between transactions.
+
+    One at a time (a lock): Synapse sends one transaction at a time, and catch-up
+    shares the connection. A connection that failed is dropped and a new one is
+    taken from the engine next time. `close()` before the engine is disposed.
     """
-    inserted_txn = await conn.execute(
-        _insert(conn, transactions)
-        .values(txn_id=storable_txn_id(txn_id), received_at=now, event_count=len(event_ids))
-        .on_conflict_do_nothing()
-        .returning(transactions.c.txn_id)
-    )
-    duplicate = inserted_txn.first() is None
-    new_ids: frozenset[str] = frozenset()
-    if event_ids:
-        unique_ids = list(dict.fromkeys(event_ids))
-        result = await conn.execute(
-            _insert(conn, seen_events).on_conflict_do_nothing().returning(seen_events.c.event_id),
-            [{"event_id": event_id, "received_at": now} for event_id in unique_ids],
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        stamp = transactions.c.received_at.type.bind_processor(engine.dialect)
+        self._stamp: Callable[[dt.datetime], Any] = stamp or (lambda value: value)
+        self._conn: AsyncConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def record(
+        self,
+        txn_id: str,
+        event_ids: Sequence[str],
+        to_act_on: Sequence[tuple[dict[str, Any], int]],
+        now: dt.datetime,
+        *,
+        caught_up: bool = False,
+    ) -> Recorded:
+        """Persist a transaction; only events never seen before are queued to act on.
+
+        A retried transaction carries the same ids, so nothing is queued twice; a
+        reused txn id (Synapse restored from backup) still has its new events queued.
+        Raises WriteUnavailable or UnstorableEvents; nothing is recorded then.
+        """
+        try:
+            queue = [
+                (event["event_id"], event["room_id"], event["type"], _to_json(event), lane)
+                for event, lane in to_act_on
+            ]
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise UnstorableEvents(type(exc).__name__) from exc
+        async with self._lock:
+            try:
+                driver = await self._driver()
+                if self._dialect == "postgresql":
+                    return await self._record_postgresql(
+                        driver, txn_id, event_ids, queue, now, caught_up
+                    )
+                return await self._record_sqlite(driver, txn_id, event_ids, queue, now, caught_up)
+            except Exception as exc:
+                if self._is_outage(exc):
+                    await self._drop()
+                    raise WriteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise UnstorableEvents(type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _driver(self) -> Any:
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+        raw = await self._conn.get_raw_connection()
+        return raw.driver_connection
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+                await conn.close()
+
+    async def _record_sqlite(
+        self,
+        driver: Any,
+        txn_id: str,
+        event_ids: Sequence[str],
+        queue: list[tuple[str, str, str, str, int]],
+        now: dt.datetime,
+        caught_up: bool,
+    ) -> Recorded:
+        received = self._stamp(now)
+        # Take the write lock up front, as every writer here does (appservice/database.py).
+        await driver.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = await driver.execute(
+                _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
+            )
+            duplicate = inserted.rowcount == 0
+            queued = 0
+            if queue:
+                rows = [
+                    (event_id, room, kind, payload, received, lane, caught_up, event_id)
+                    for event_id, room, kind, payload, lane in queue
+                ]
+                queued = (await driver.executemany(_SQLITE_QUEUE, rows)).rowcount
+            new_events = 0
+            if event_ids:
+                rows = [(event_id, received) for event_id in event_ids]
+                new_events = (await driver.executemany(_SQLITE_EVENTS, rows)).rowcount
+            await driver.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await driver.execute("ROLLBACK")
+            raise
+        return Recorded(duplicate, new_events, queued)
+
+    async def _record_postgresql(
+        self,
+        driver: Any,
+        txn_id: str,
+        event_ids: Sequence[str],
+        queue: list[tuple[str, str, str, str, int]],
+        now: dt.datetime,
+        caught_up: bool,
+    ) -> Recorded:
+        columns = [list(column) for column in zip(*queue, strict=True)] or [[]] * 5
+        txn, queued, new_events = await driver.fetchrow(
+            _PG_RECORD,
+            storable_txn_id(txn_id),
+            self._stamp(now),
+            len(event_ids),
+            list(event_ids),
+            *columns,
+            caught_up,
         )
-        new_ids = frozenset(result.scalars())
-    # One row per event id, even if a transaction carried an event twice.
-    queued = {e["event_id"]: (e, lane) for e, lane in to_act_on if e["event_id"] in new_ids}
-    if queued:
-        await conn.execute(
-            inbox.insert(),
-            [
-                {
-                    "event_id": event["event_id"],
-                    "room_id": event["room_id"],
-                    "event_type": event["type"],
-                    "payload": event,
-                    "received_at": now,
-                    "status": "pending",
-                    "lane": lane,
-                    "caught_up": caught_up,
-                }
-                for event, lane in queued.values()
-            ],
-        )
-    return Recorded(duplicate, new_ids)
+        return Recorded(txn == 0, new_events, queued)
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        """A driver error that means "not now" (vs. something in the data)."""
+        if isinstance(exc, OSError | TimeoutError | SQLAlchemyError):
+            return True
+        if self._dialect == "sqlite":
+            # Disk full, I/O error, locked past the busy timeout, read-only database;
+            # a closed connection is a ValueError in aiosqlite.
+            return isinstance(exc, sqlite3.OperationalError) or (
+                isinstance(exc, ValueError) and "connection" in str(exc).lower()
+            )
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate[:2] in _PG_OUTAGE_CLASSES
+        # asyncpg: a bad argument is a DataError (also a ValueError); any other
+        # interface error is the connection (closed, in a failed state).
+        return not isinstance(exc, ValueError)
 
 
 @dataclass(frozen=True)

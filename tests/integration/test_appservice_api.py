@@ -225,14 +225,16 @@ async def _decisions_about(service, flag_event: str) -> int:
 
 
 async def test_database_down_answers_503_so_synapse_retries(service):
-    working = service.intake._db
-    service.intake._db = create_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    working = service.intake._recorder
+    unreachable = create_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    service.intake._recorder = ingest.TransactionRecorder(unreachable)
     try:
         status, _body = await put(service, "while-down", {"events": [reaction("$kept")]})
         assert status == 503
     finally:
-        await service.intake._db.dispose()
-        service.intake._db = working
+        await service.intake._recorder.close()
+        await unreachable.dispose()
+        service.intake._recorder = working
     assert (await put(service, "while-down", {"events": [reaction("$kept")]}))[0] == 200
     assert "$kept" in await inbox_ids(service)
 

@@ -8,6 +8,7 @@ import datetime as dt
 import pytest
 
 from bot.store import audit, cases, ingest
+from tests.support.databases import record_events
 
 PROVENANCE = audit.Provenance("test-policy", "0" * 64, b"5" * 64)
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
@@ -29,15 +30,14 @@ def event(event_id: str) -> dict:
 
 
 async def record(engine, txn: str, ids: list[str], act: list[str]):
-    async with engine.begin() as conn:
-        return await ingest.record_transaction(conn, txn, ids, [(event(i), 1) for i in act], NOW)
+    return await record_events(engine, txn, ids, [(event(i), 1) for i in act], NOW)
 
 
 async def test_retried_transaction_queues_nothing_twice(engine):
     first = await record(engine, "t1", ["$a", "$b"], ["$a"])
     again = await record(engine, "t1", ["$a", "$b"], ["$a"])
-    assert not first.duplicate_transaction and first.new_event_ids == {"$a", "$b"}
-    assert again.duplicate_transaction and again.new_event_ids == frozenset()
+    assert not first.duplicate_transaction and (first.new_events, first.queued) == (2, 1)
+    assert again.duplicate_transaction and (again.new_events, again.queued) == (0, 0)
     async with engine.connect() as conn:
         assert [item.event_id for item in await ingest.pending(conn)] == ["$a"]
 
@@ -46,15 +46,32 @@ async def test_reused_txn_id_with_new_events_is_processed(engine):
     await record(engine, "1", ["$a"], ["$a"])
     # Synapse restored from a backup starts its txn ids again, with new events.
     second = await record(engine, "1", ["$a", "$c"], ["$a", "$c"])
-    assert second.duplicate_transaction and second.new_event_ids == {"$c"}
+    assert second.duplicate_transaction and (second.new_events, second.queued) == (1, 1)
     async with engine.connect() as conn:
         assert [item.event_id for item in await ingest.pending(conn)] == ["$a", "$c"]
+
+
+async def test_event_carried_twice_in_one_transaction_is_queued_once(engine):
+    twice = await record(engine, "1", ["$a", "$a", "$b"], ["$a", "$a"])
+    assert (twice.new_events, twice.queued) == (2, 1)
+    async with engine.connect() as conn:
+        assert [item.event_id for item in await ingest.pending(conn)] == ["$a"]
+
+
+async def test_event_seen_without_action_is_not_queued_when_delivered_again(engine):
+    """Dedupe is by every id recorded, not only by the inbox: a chat event delivered
+    again (a catch-up, a restored Synapse) is never queued late."""
+    await record(engine, "1", ["$a"], [])
+    later = await record(engine, "2", ["$a"], ["$a"])
+    assert (later.new_events, later.queued) == (0, 0)
+    async with engine.connect() as conn:
+        assert await ingest.pending(conn) == []
 
 
 async def test_event_redelivered_in_new_transaction_is_not_queued(engine):
     await record(engine, "1", ["$a"], ["$a"])
     later = await record(engine, "2", ["$a"], ["$a"])
-    assert later.new_event_ids == frozenset()
+    assert (later.new_events, later.queued) == (0, 0)
     async with engine.connect() as conn:
         assert len(await ingest.pending(conn)) == 1
 
@@ -73,7 +90,7 @@ async def test_prune_forgets_old_ids_only(engine):
     async with engine.begin() as conn:
         await ingest.prune(conn, NOW + dt.timedelta(seconds=1))
     again = await record(engine, "new", ["$old"], [])
-    assert again.new_event_ids == {"$old"}
+    assert again.new_events == 1
 
 
 def flag(member: str = "@member:localhost", flagger: str = "@mod:localhost") -> cases.NewFlag:

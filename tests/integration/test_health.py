@@ -115,6 +115,8 @@ async def test_read_only_database_is_503(synapse, tmp_path):
                 dbapi_connection.execute("PRAGMA query_only=ON")
 
             await engine.dispose()
+        # The intake holds a connection of its own: let it go, so it takes a new one.
+        await service.intake.close()
         assert (await put(service, "ro", {"events": [reaction("$ro")]}))[0] == 503
         status, body = await health(service)
         assert status == 503 and body["checks"]["database"]["ok"] is False

@@ -57,3 +57,16 @@ async def fresh_database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 BACKENDS = ["sqlite", "postgresql"]
+
+
+async def record_events(
+    engine, txn_id: str, event_ids: list[str], to_act_on: list[tuple[dict, int]], now
+):
+    """Record one transaction as the intake does, on a recorder of its own."""
+    from bot.store.ingest import TransactionRecorder
+
+    recorder = TransactionRecorder(engine)
+    try:
+        return await recorder.record(txn_id, event_ids, to_act_on, now)
+    finally:
+        await recorder.close()

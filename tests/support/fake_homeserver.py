@@ -94,6 +94,37 @@ class FakeHomeserver:
             create["room_version"],
         )
 
+    async def room_state_events(self, room_id: str) -> list[Any] | Refused:
+        self._enter("room_state_events")
+        room = self.rooms[room_id]
+        events: list[Any] = [
+            {
+                "type": kind,
+                "state_key": key,
+                "sender": content.get("creator") or self._bot,
+                "content": content,
+                "origin_server_ts": 1,
+            }
+            for (kind, key), content in room.state.items()
+        ]
+        events += [self._member_event(room, user) for user in room.members]
+        return events
+
+    def _member_event(self, room: FakeRoom, user_id: str) -> dict[str, Any] | None:
+        for event in reversed(room.events):
+            if event["type"] == "m.room.member" and event.get("state_key") == user_id:
+                return {"origin_server_ts": 1, **event}
+        membership = room.members.get(user_id)
+        if membership is None:
+            return None
+        return {
+            "type": "m.room.member",
+            "state_key": user_id,
+            "sender": user_id,
+            "content": {"membership": membership},
+            "origin_server_ts": 1,
+        }
+
     async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused:
         self._enter("get_event")
         for event in self.rooms[room_id].events:
@@ -112,11 +143,7 @@ class FakeHomeserver:
         self._enter("member_event")
         if "member_event" in self.refuse:
             return self.refuse["member_event"]
-        for event in reversed(self.rooms[room_id].events):
-            if event["type"] == "m.room.member" and event.get("state_key") == user_id:
-                return event
-        membership = self.rooms[room_id].members.get(user_id)
-        return {"sender": user_id, "content": {"membership": membership}} if membership else None
+        return self._member_event(self.rooms[room_id], user_id)
 
     async def resolve_room(self, room_id_or_alias: str) -> str | Refused:
         return room_id_or_alias

@@ -84,12 +84,17 @@ async def run_until_waiting(runner: StepEngine, db: AsyncEngine, case_id: int) -
     raise AssertionError(f"case #{case_id} never settled")
 
 
-def referral(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None) -> Any:
+def referral(
+    db: AsyncEngine, homeserver: Any, settings: Deployment | None = None, **options: Any
+) -> Any:
     """The referral decision wired to the fake homeserver (what unit tests need of it)."""
+    from bot.recent_senders import RecentSenders
     from bot.referral import Referral
     from bot.reports import RefusalReports
     from bot.room_state import RoomStateCache
     from bot.staff import StaffDirectory
+
+    options.setdefault("senders", RecentSenders())
 
     settings = settings or deployment()
     staff_room = StaffRoom(STAFF)
@@ -111,4 +116,5 @@ def referral(db: AsyncEngine, homeserver: Any, settings: Deployment | None = Non
         texts=texts,
         on_case=lambda case_id: None,
         on_outbox=lambda: None,
+        **options,
     )

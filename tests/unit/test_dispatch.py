@@ -24,6 +24,7 @@ from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
 from bot.texts import Texts
+from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
 from tests.support.policy import referral as build_referral
@@ -57,6 +58,17 @@ def flag(event_id: str, member: str = MEMBER) -> dict:
     }
 
 
+def reaction(event_id: str, to: str) -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": GROUP,
+        "type": "m.reaction",
+        "sender": MOD,
+        "origin_server_ts": 1,
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": to, "key": "🚨"}},
+    }
+
+
 def membership(event_id: str) -> dict:
     return {
         "event_id": event_id,
@@ -69,10 +81,7 @@ def membership(event_id: str) -> dict:
 
 
 async def queue(engine, *events: tuple[dict, int]) -> None:
-    async with engine.begin() as conn:
-        await ingest.record_transaction(
-            conn, "t", [e["event_id"] for e, _ in events], list(events), NOW
-        )
+    await record_events(engine, "t", [e["event_id"] for e, _ in events], list(events), NOW)
 
 
 def build(engine, hs, **options) -> Dispatcher:
@@ -104,24 +113,17 @@ async def drain(dispatcher: Dispatcher, lane: int, rounds: int = 10) -> None:
 async def test_event_that_keeps_failing_is_given_up_and_the_next_one_processed(engine, error):
     hs = homeserver()
     dispatcher = build(engine, hs)
-    original = hs.room_state
-    seen: list[str] = []
+    original = hs.get_event
 
-    async def failing_for_bad(room_id):
-        # The bad flag names "@bad:localhost"; the homeserver itself is fine (check() is None).
-        if seen and seen[-1] == "$bad":
+    async def failing_for_bad(room_id, event_id):
+        # The bad flag reacts to a message whose read breaks; the homeserver itself is
+        # fine (check() is None).
+        if event_id == "$unreadable":
             raise error("caused by this event")
-        return await original(room_id)
+        return await original(room_id, event_id)
 
-    hs.room_state = failing_for_bad  # type: ignore[method-assign]
-    classify = dispatcher._classify
-
-    def tracking(item):
-        seen.append(item.event_id)
-        return classify(item)
-
-    dispatcher._classify = tracking
-    await queue(engine, (flag("$bad", "@bad:localhost"), FLAG_LANE), (flag("$good"), FLAG_LANE))
+    hs.get_event = failing_for_bad  # type: ignore[method-assign]
+    await queue(engine, (reaction("$bad", to="$unreadable"), FLAG_LANE), (flag("$good"), FLAG_LANE))
     await drain(dispatcher, FLAG_LANE)
     async with engine.connect() as conn:
         assert await ingest.pending(conn) == []
@@ -138,7 +140,7 @@ async def test_event_that_keeps_failing_is_given_up_and_the_next_one_processed(e
 
 async def test_homeserver_outage_keeps_the_event_queued_uncounted_in_order(engine):
     hs = homeserver()
-    hs.unavailable_for = {"room_state"}
+    hs.unavailable_for = {"room_state_events"}
     hs.down = True
     dispatcher = build(engine, hs)
     await queue(engine, (flag("$first"), FLAG_LANE), (flag("$second"), FLAG_LANE))

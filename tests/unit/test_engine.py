@@ -53,8 +53,10 @@ async def engine(tmp_path):
     await engine.dispose()
 
 
-async def new_case(engine, *, dry_run: bool = False, due_in: dt.timedelta | None = None) -> int:
-    flag = cases.NewFlag(GROUP, MEMBER, MOD, "reaction", "$flag", "$msg", None, NOW, NOW)
+async def new_case(
+    engine, *, dry_run: bool = False, due_in: dt.timedelta | None = None, member: str = MEMBER
+) -> int:
+    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, NOW, NOW)
     async with engine.begin() as conn:
         opened = await cases.open_or_corroborate(
             conn,
@@ -189,6 +191,22 @@ async def test_member_already_gone_is_recorded_not_retried(engine):
     done = await steps(engine, case_id)
     assert done["remove"].status == "done" and done["remove"].result["already_gone"] is True
     assert hs.kicks == [] and done["room_notice"].status == "skipped"
+
+
+async def test_a_first_removal_kicks_at_once_and_a_ban_is_never_lifted(engine):
+    """No read before the first kick: the kick's own answer tells (Synapse refuses to kick
+    anyone not in the room, and a banned member stays banned)."""
+    hs = homeserver()
+    case_id = await new_case(engine)
+    await step_engine(engine, hs).run_case(case_id)
+    assert "member_event" not in hs.calls[: hs.calls.index("kick")]
+    hs = homeserver()
+    case_id = await new_case(engine, member="@banned:localhost")
+    hs.rooms[GROUP].members["@banned:localhost"] = "ban"
+    await step_engine(engine, hs).run_case(case_id)
+    done = await steps(engine, case_id)
+    assert done["remove"].status == "done" and done["remove"].result["already_gone"] is True
+    assert done["remove"].result["membership"] == "ban" and hs.kicks == []
 
 
 async def test_unreadable_membership_is_not_taken_for_gone(engine):

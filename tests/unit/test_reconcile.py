@@ -25,7 +25,13 @@ async def engine(tmp_path):
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
     await upgrade(engine)
     yield engine
+    while _intakes:
+        await _intakes.pop().close()
     await engine.dispose()
+
+
+# Each test's intakes hold a recording connection: closed before the engine is disposed.
+_intakes: list[Intake] = []
 
 
 def flag(event_id: str, at: dt.datetime) -> dict:
@@ -59,6 +65,7 @@ def build(engine, hs, since: dt.datetime | None = None):
     async def rooms():
         return [(GROUP, since)]
 
+    _intakes.append(intake)
     return Reconciler(engine, hs, intake, rooms, ReconcileSettings()), intake
 
 

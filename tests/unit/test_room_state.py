@@ -10,9 +10,11 @@ import pytest
 
 from appservice.database import create_engine, upgrade
 from bot.dispatch import Handling
+from bot.recent_senders import RecentSenders
 from bot.room_state import RoomStateCache
 from bot.store import audit, ingest
 from bot.triggers import Flag
+from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF
 from tests.support.policy import referral as build_referral
@@ -48,7 +50,7 @@ async def test_a_read_that_began_before_a_change_is_not_kept_as_current():
     hs = homeserver()
     cache = RoomStateCache(hs)
     gate, started = asyncio.Event(), asyncio.Event()
-    original = hs.room_state
+    original = hs.room_state_events
 
     async def slow(room_id):
         state = await original(room_id)
@@ -56,16 +58,16 @@ async def test_a_read_that_began_before_a_change_is_not_kept_as_current():
         await gate.wait()
         return state
 
-    hs.room_state = slow  # type: ignore[method-assign]
+    hs.room_state_events = slow  # type: ignore[method-assign]
     reading = asyncio.create_task(cache.state(GROUP))
     await started.wait()
     cache.state_changed(GROUP, "m.room.power_levels", "")
-    hs.room_state = original  # type: ignore[method-assign]
+    hs.room_state_events = original  # type: ignore[method-assign]
     gate.set()
     await reading
     # The first read predated the change: it was read again before being kept.
     assert cache.current(GROUP) is not None
-    assert hs.calls.count("room_state") >= 2
+    assert hs.calls.count("room_state_events") >= 2
     await cache.close()
 
 
@@ -95,8 +97,7 @@ async def test_a_plain_non_moderator_is_refused_with_no_homeserver_call(engine):
         "sender": MEMBER,
         "content": {},
     }
-    async with engine.begin() as conn:
-        await ingest.record_transaction(conn, "t", ["$r"], [(event, 0)], NOW)
+    await record_events(engine, "t", ["$r"], [(event, 0)], NOW)
     async with engine.connect() as conn:
         (item,) = await ingest.pending(conn)
     calls = len(hs.calls)
@@ -107,3 +108,200 @@ async def test_a_plain_non_moderator_is_refused_with_no_homeserver_call(engine):
         (entry,) = await audit.entries(conn)
     assert entry.kind == "refused" and entry.facts["code"] == "not_moderator"
     await cache.close()
+
+
+# ---- a flag needs no reads; the cache stays provably fresh ----------------------------------
+
+
+def reaction(event_id: str, flagger: str, to: str) -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": GROUP,
+        "type": "m.reaction",
+        "sender": flagger,
+        "origin_server_ts": 1,
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": to, "key": "🚨"}},
+    }
+
+
+async def flag_on(engine, referral, flagger: str, message: str, event_id: str) -> None:
+    """The flagger reacts 🚨 to `message`: recorded as the intake does, then decided."""
+    event = reaction(event_id, flagger, message)
+    await record_events(engine, event_id, [event_id], [(event, 0)], NOW)
+    async with engine.connect() as conn:
+        item = next(i for i in await ingest.pending(conn) if i.event_id == event_id)
+    await referral.handle(
+        Handling(engine, item), Flag("reaction", GROUP, flagger, event_id, message, None, None)
+    )
+
+
+async def kinds(engine) -> list[str]:
+    async with engine.connect() as conn:
+        return [e.kind for e in await audit.entries(conn)]
+
+
+async def test_a_flag_on_what_is_known_makes_no_homeserver_call(engine):
+    hs = homeserver()
+    senders = RecentSenders()
+    referral = build_referral(engine, hs, senders=senders)
+    cache = referral._room_state
+    await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
+    senders.note([{"room_id": GROUP, "event_id": "$said", "sender": MEMBER}])  # at intake
+    calls = len(hs.calls)
+    await flag_on(engine, referral, MOD, "$said", "$flag")
+    assert hs.calls[calls:] == [], "power levels, create event, memberships, sender: all known"
+    assert await kinds(engine) == ["flagged"]
+    await cache.close()
+
+
+async def test_a_moderator_demoted_just_before_flagging_cannot_flag(engine):
+    hs = homeserver()
+    senders = RecentSenders()
+    referral = build_referral(engine, hs, senders=senders)
+    cache = referral._room_state
+    await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
+    senders.note([{"room_id": GROUP, "event_id": "$said", "sender": MEMBER}])
+    # The demotion is pushed in a transaction before the flag's: stale from that moment.
+    hs.rooms[GROUP].state[("m.room.power_levels", "")] = {"users": {MOD: 0}}
+    cache.state_changed(GROUP, "m.room.power_levels", "")
+    await flag_on(engine, referral, MOD, "$said", "$flag")
+    assert await kinds(engine) == ["refused"]
+    assert "room_state_events" in hs.calls
+    await cache.close()
+
+
+async def test_a_member_event_makes_that_member_unknown_and_is_read_off_the_flag_path():
+    hs = homeserver()
+    cache = RoomStateCache(hs)
+    await cache.state(GROUP)
+    assert cache.known_member(GROUP, MEMBER)[0]
+    assert cache.known_member(GROUP, "@stranger:localhost") == (True, None), "never a member"
+    hs.rooms[GROUP].members[MEMBER] = "leave"
+    cache.state_changed(GROUP, "m.room.member", MEMBER)
+    assert cache.known_member(GROUP, MEMBER) == (False, None)
+    assert cache.current(GROUP) is not None, "the rest of the room is still known"
+    await asyncio.sleep(0)  # the read started at once runs
+    await asyncio.sleep(0)
+    known, event = cache.known_member(GROUP, MEMBER)
+    assert known and event is not None and event["content"]["membership"] == "leave"
+    await cache.close()
+
+
+async def test_a_member_event_during_a_read_leaves_that_member_unknown():
+    hs = homeserver()
+    cache = RoomStateCache(hs)
+    gate, started = asyncio.Event(), asyncio.Event()
+    original = hs.room_state_events
+
+    async def slow(room_id):
+        state = await original(room_id)
+        started.set()
+        await gate.wait()
+        return state
+
+    hs.room_state_events = slow  # type: ignore[method-assign]
+    hs.member_event = lambda *_: asyncio.Event().wait()  # type: ignore[method-assign,assignment]
+    reading = asyncio.create_task(cache.state(GROUP))
+    await started.wait()
+    cache.state_changed(GROUP, "m.room.member", MEMBER)  # the read may show them as they were
+    gate.set()
+    await reading
+    assert cache.current(GROUP) is not None
+    assert cache.known_member(GROUP, MEMBER) == (False, None)
+    assert cache.known_member(GROUP, MOD)[0]
+    await cache.close()
+
+
+async def test_after_a_gap_nothing_is_known_not_even_a_read_in_flight():
+    hs = homeserver()
+    cache = RoomStateCache(hs)
+    await cache.state(GROUP)
+    cache.forget_everything()
+    assert cache.current(GROUP) is None
+    gate, started = asyncio.Event(), asyncio.Event()
+    original = hs.room_state_events
+
+    async def slow(room_id):
+        state = await original(room_id)
+        started.set()
+        await gate.wait()
+        return state
+
+    hs.room_state_events = slow  # type: ignore[method-assign]
+    reading = asyncio.create_task(cache.state(GROUP))
+    await started.wait()
+    cache.forget_everything()
+    hs.room_state_events = original  # type: ignore[method-assign]
+    gate.set()
+    await reading
+    assert hs.calls.count("room_state_events") >= 3, "the read begun before the gap was redone"
+    await cache.close()
+
+
+def _state_with(hs: FakeHomeserver, change) -> None:
+    original = hs.room_state_events
+
+    async def changed(room_id):
+        events = await original(room_id)
+        return change(events)
+
+    hs.room_state_events = changed  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda events: [*events, events[0]], id="the same state twice"),
+        pytest.param(
+            lambda events: [
+                {**e, "sender": None} if e["type"] == "m.room.create" else e for e in events
+            ],
+            id="a create event without a sender",
+        ),
+        pytest.param(
+            lambda events: [{**e, "room_id": "!other:localhost"} for e in events],
+            id="another room's state",
+        ),
+        pytest.param(
+            lambda events: [
+                {**e, "content": []} if e["type"] == "m.room.power_levels" else e for e in events
+            ],
+            id="power levels that are not an object",
+        ),
+    ],
+)
+async def test_malformed_or_forged_looking_state_never_enters_the_cache(change):
+    hs = homeserver()
+    _state_with(hs, change)
+    cache = RoomStateCache(hs)
+    state = await cache.state(GROUP)
+    assert state.room_id == GROUP, "answered, from the events read one by one"
+    assert cache.current(GROUP) is None
+    assert cache.known_member(GROUP, MEMBER) == (False, None)
+    await cache.close()
+
+
+async def test_a_malformed_member_event_is_never_known():
+    hs = homeserver()
+
+    def odd(events):
+        return [
+            {**e, "content": {"membership": "joined"}} if e.get("state_key") == MEMBER else e
+            for e in events
+        ]
+
+    _state_with(hs, odd)
+    cache = RoomStateCache(hs)
+    await cache.state(GROUP)
+    assert cache.current(GROUP) is not None
+    assert cache.known_member(GROUP, MEMBER) == (False, None), "read when needed, never kept"
+    assert cache.known_member(GROUP, MOD)[0]
+    await cache.close()
+
+
+def test_recent_senders_forget_the_oldest_first():
+    senders = RecentSenders(size=3)
+    senders.note([{"room_id": GROUP, "event_id": f"${n}", "sender": f"@u{n}:l"} for n in range(5)])
+    assert senders.sender_of(GROUP, "$4") == "@u4:l"
+    assert senders.sender_of(GROUP, "$1") is None
+    assert senders.sender_of(STAFF, "$4") is None, "an event of another room is not this one"
