@@ -117,14 +117,17 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
     scene = await build_scene(synapse, tmp_path)
     proxy = HoldingProxy(synapse.url)
     await proxy.start()
-    config = checkin_config(scene, after="2s", homeserver_url=proxy.url)
+    # Due well after the first run below has stopped, even on a busy machine: the
+    # check-in must be opened by the process that is killed, not by the first run.
+    config = checkin_config(scene, after="10s", homeserver_url=proxy.url)
+    process = None
     try:
         async with running_service(config):
             await flagged_and_scheduled(scene, config)
         # The check-in room will be created, then the first invite held: kill there.
         proxy.hold(lambda request: request.path.endswith("/invite"))
         process = await _run_subprocess(config)
-        await asyncio.wait_for(proxy.held_event.wait(), 30)
+        await asyncio.wait_for(proxy.held_event.wait(), 60)
         process.send_signal(signal.SIGKILL)
         await process.wait()
         proxy.release(drop=True)
@@ -135,6 +138,9 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
         assert len(await checkin_rooms(scene)) == 1
         assert len(bot_rooms) == 2  # the DM and exactly one check-in room
     finally:
+        if process is not None and process.returncode is None:
+            process.kill()  # never left holding the appservice's port for later tests
+            await process.wait()
         await proxy.stop()
 
 
