@@ -41,6 +41,7 @@ from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake
 from bot.membership import Membership
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
+from bot.recent_senders import RecentSenders
 from bot.reconcile import Reconciler
 from bot.referral import Referral
 from bot.relay import Relay
@@ -139,6 +140,8 @@ class Service:
         self.staff_room = StaffRoom(config.policy.staff_room, self.engine)
         self.rooms = RoomDirectory(self.staff_room)
         self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
+        # Filled by the intake, read by the referral: who sent each recent event.
+        self.recent_senders = RecentSenders()
         self.room_state = RoomStateCache(self.homeserver)
         self.texts = Texts(self.deployment, on_fallback=self._template_fell_back)
         webhook = HttpWebhook()
@@ -179,6 +182,7 @@ class Service:
             texts=self.texts,
             on_case=self.steps.start_case,
             on_outbox=on_outbox,
+            senders=self.recent_senders,
         )
 
         async def may_invite(user_id: str) -> bool:
@@ -256,6 +260,7 @@ class Service:
             self.metrics,
             on_queued=self._wake_lane,
             on_state=self.room_state.state_changed,
+            senders=self.recent_senders,
         )
         self.reconciler = Reconciler(
             self.engine,

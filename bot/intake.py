@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.metrics import Metrics
 from bot.reactions import ACK_KEY, CLAIM_KEY, normalise_key
+from bot.recent_senders import RecentSenders
 from bot.rooms import RoomDirectory
 from bot.settings import PolicySettings
 from bot.store import ingest
@@ -145,8 +146,11 @@ class Intake:
         metrics: Metrics,
         on_queued: Callable[[int], None],
         on_state: Callable[[str, str, object], None] = lambda room, kind, key: None,
+        senders: RecentSenders | None = None,
     ) -> None:
         self._recorder = ingest.TransactionRecorder(db)
+        # Who sent each event, so that a flag on it needs no read (bot/recent_senders.py).
+        self._senders = senders
         self._filter = action_filter
         # Told of every state event at once (room, type, state_key): what is known of the
         # room ahead of a flag is stale from this moment (bot/room_state.py).
@@ -161,6 +165,8 @@ class Intake:
         self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
     ) -> ingest.Recorded:
         """Record well-formed events in one DB transaction (malformed ones are the caller's)."""
+        if self._senders is not None:
+            self._senders.note(events)
         lane_of = self._filter.lane
         to_act_on: list[tuple[dict[str, Any], int]] = []
         for event in events:

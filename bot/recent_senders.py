@@ -1,12 +1,12 @@
 """Who sent each recent event, noted as events arrive, so that a flag on a message needs
 no read of that message to know whose it is.
 
-The intake notes every event it accepts (`RECENT_SENDERS.note(events)` in
-`Intake.accept`); the referral asks here before reading the flagged event from the
-homeserver. The message always arrives before any flag on it (Synapse pushes a
-room's events in order), so a flag on a recent message finds it. The sender comes
-from the same delivery that carries the flag itself — whose own sender, the
-flagger, is taken as delivered — so this trusts nothing the flag does not.
+The intake notes every event it accepts (`Intake.accept`); the referral asks the
+same instance before reading the flagged event from the homeserver. The message
+always arrives before any flag on it (Synapse pushes a room's events in order), so
+a flag on a recent message finds it. The sender comes from the same delivery that
+carries the flag itself — whose own sender, the flagger, is taken as delivered —
+so this trusts nothing the flag does not.
 
 Bounded: the oldest are forgotten first. A flag on a message older than that, or
 sent before the service started, reads the message, as it would without this.
@@ -46,7 +46,3 @@ class RecentSenders:
 
     def sender_of(self, room_id: str, event_id: str) -> str | None:
         return self._senders.get((room_id, event_id))
-
-
-# The one the intake fills and the referral reads (one process, one stream of events).
-RECENT_SENDERS = RecentSenders()

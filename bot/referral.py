@@ -26,7 +26,7 @@ from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.metrics import Metrics
 from bot.ports import Homeserver, Refused, RoomState
-from bot.recent_senders import RECENT_SENDERS, RecentSenders
+from bot.recent_senders import RecentSenders
 from bot.reports import RefusalReports
 from bot.room_state import RoomStateCache
 from bot.staff import StaffDirectory
@@ -65,7 +65,7 @@ class Referral:
         texts: Texts,
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
-        senders: RecentSenders = RECENT_SENDERS,
+        senders: RecentSenders,
     ) -> None:
         self._hs = homeserver
         self._senders = senders

@@ -9,6 +9,7 @@ import pytest
 from appservice.database import create_engine, upgrade
 from bot.intake import ActionFilter, Intake
 from bot.metrics import Metrics
+from bot.recent_senders import RecentSenders
 from bot.reconcile import Reconciler
 from bot.rooms import RoomDirectory
 from bot.settings import PolicySettings, ReconcileSettings
@@ -98,3 +99,20 @@ async def test_an_event_already_delivered_is_not_queued_again(engine):
     room.events += [flag("$delivered", NOW), flag("$missed", NOW)]
     assert await reconciler.catch_up_all() == 1
     assert await queued(engine) == [("$delivered", False), ("$missed", True)]
+
+
+async def test_the_intake_notes_who_sent_each_event_it_records(engine):
+    """What lets a flag on a recent message be decided without reading the message."""
+    senders = RecentSenders()
+    intake = Intake(
+        engine,
+        ActionFilter(PolicySettings(staff_room=STAFF), RoomDirectory(StaffRoom(STAFF))),
+        Metrics(),
+        on_queued=lambda lane: None,
+        senders=senders,
+    )
+    _intakes.append(intake)
+    message = chat("$said", dt.datetime.now(dt.UTC)) | {"room_id": GROUP}
+    await intake.accept("txn-1", [message])
+    assert senders.sender_of(GROUP, "$said") == MEMBER
+    assert senders.sender_of(GROUP, "$never") is None
