@@ -45,6 +45,7 @@ from appservice.config import load_config
 from appservice.database import create_engine, upgrade
 from appservice.digest_key import load_digest_key
 from appservice.service import Service
+from bench.memory import rss_mib
 from bot.steps import CASE_STEPS
 from bot.store import cases
 from bot.store.audit import Provenance
@@ -63,14 +64,6 @@ FLOOR_QUERY = (
     "JOIN case_steps s ON s.case_id = c.id "
     "WHERE s.step = 'checkin' AND s.status IN ('pending', 'started') AND c.state = 'open'"
 )
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def sqlite_path(database_url: str) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import datetime as dt
 import hmac
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from appservice.config import load_config
 from appservice.database import create_engine
 from appservice.registration import write_registration
 from appservice.service import Service
+from bench.memory import rss_mib
+from tests.support.synapse import free_port
 
 try:  # the fastest parser there is, as the service uses
     from orjson import loads
@@ -50,12 +51,6 @@ EVENTS_PER_TXN = 100
 # One 🚨 in every FLAG_EVERY transactions (1 event in 1,000): a flag is an exceptional
 # event; the rest is chat, reactions (one in five) and a join per transaction.
 FLAG_EVERY = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reaction(target: str, key: str) -> dict:
@@ -197,14 +192,6 @@ async def drive(port: int, token: str, bodies: list[bytes], label: str) -> dict[
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
     }
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 async def run(transactions: int, backend: str, rounds: int, memory_events: int) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appservice.database import create_engine
+from bench.memory import rss_mib
 from bot.ports import MESSAGE_MARKER_KEY
 from bot.store import cases as case_store
 from tests.support.matrix_user import MatrixError, q
@@ -44,13 +45,6 @@ from tests.support.scene import (
 from tests.support.synapse import start_synapse
 
 REFERRAL = ("notify", "remove", "alert", "schedule")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class ServiceProcess:

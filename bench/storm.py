@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.referral import kick_ts, new_member, react_at
+from bench.referral import event_ts, kick_ts, new_member
 from tests.support.scene import (
     build_scene,
     open_group_room,
@@ -37,11 +37,12 @@ async def one_round(scene, troll, storm: int, number: int) -> float:
         targets = [await member.send_text(scene.group, f"t{n}") for n in range(storm)]
         flood = [asyncio.create_task(troll.react(scene.group, t, "🚨")) for t in targets]
         await asyncio.sleep(0.2)  # the flood is under way
-    reacted = await react_at(scene, said, "🚨")
+    reaction = await scene.moderator.react(scene.group, said, "🚨")
+    reacted = await event_ts(scene.moderator, scene.group, reaction)
     if storm:
         await asyncio.gather(*flood)
     kick = await until(
-        lambda: kick_ts(scene, scene.group, member.user_id),
+        lambda: kick_ts(scene, member.user_id),
         within=120,
         interval=0.5,
         what="the kick",

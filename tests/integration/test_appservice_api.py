@@ -12,6 +12,7 @@ from appservice.config import ConfigError, load_config
 from appservice.database import create_engine
 from appservice.service import Service
 from bot.store import ingest
+from tests.support.processes import run_service_process
 from tests.support.scene import (
     build_scene,
     fetch,
@@ -436,8 +437,6 @@ async def test_nesting_the_parser_refuses_is_a_400_in_matrix_shape(service):
 async def test_losing_the_postgresql_instance_lock_stops_the_service(tmp_path):
     """The lock's connection is cut: the service stops, non-zero, before a twin could act."""
     import asyncio
-    import os
-    import sys
 
     from sqlalchemy import text
 
@@ -458,17 +457,7 @@ async def test_losing_the_postgresql_instance_lock_stops_the_service(tmp_path):
             )
         )
         write_registration(load_config(path), tmp_path / "registration.yaml")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "appservice.cli",
-            "run",
-            "-c",
-            str(path),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        process = await run_service_process(path, stderr=asyncio.subprocess.PIPE)
         admin = create_engine(url)
         lock_holder = (
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :key AND granted"

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from tests.integration.test_resilience import _config, _run_subprocess
+from tests.integration.test_resilience import _config
+from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
@@ -126,7 +127,7 @@ async def test_killed_while_opening_leaves_one_room_and_one_invite(synapse, tmp_
             await flagged_and_scheduled(scene, config)
         # The check-in room will be created, then the first invite held: kill there.
         proxy.hold(lambda request: request.path.endswith("/invite"))
-        process = await _run_subprocess(config)
+        process = await run_service_process(config)
         await asyncio.wait_for(proxy.held_event.wait(), 60)
         process.send_signal(signal.SIGKILL)
         await process.wait()

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.support.e2e_user import E2EUser, new_e2e_user
+from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
@@ -163,7 +164,8 @@ async def test_killed_while_sending_an_encrypted_alert_still_one_alert(synapse, 
             async with running_service(config):
                 await open_encrypted_group(scene)
             proxy.hold(lambda r: scene.staff_room in r.path and "/send/m.room.encrypted/" in r.path)
-            process = await _run_logged(config, tmp_path / "service.log")
+            with open(tmp_path / "service.log", "wb") as log:
+                process = await run_service_process(config, stdout=log, stderr=log)
             said = await scene.member.send_text(scene.group, "goodbye everyone")
             await scene.moderator.react(scene.group, said, "🚨")
             try:
@@ -232,21 +234,3 @@ async def test_a_message_the_bot_cannot_read_is_told_to_staff(synapse, tmp_path)
 
 async def _invited(user, room: str) -> bool:
     return room in await user.invited_rooms()
-
-
-async def _run_logged(config: Path, log: Path) -> asyncio.subprocess.Process:
-    import os
-    import sys
-
-    with open(log, "wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "appservice.cli",
-            "run",
-            "-c",
-            str(config),
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )

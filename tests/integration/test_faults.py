@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 
 from bot.ports import MESSAGE_MARKER_KEY
 from bot.store import cases
+from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
@@ -171,20 +170,6 @@ async def test_synapse_stopped_at_random_during_a_burst_of_flags(
 # ---- the service killed in a loop ---------------------------------------------------------
 
 
-async def _run_subprocess(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "appservice.cli",
-        "run",
-        "-c",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 async def test_service_killed_in_a_loop_finishes_every_case_once(synapse, tmp_path):
     rng = random.Random(21)
     scene = await build_scene(synapse, tmp_path)
@@ -194,7 +179,7 @@ async def test_service_killed_in_a_loop_finishes_every_case_once(synapse, tmp_pa
         members = await more_members(scene, 5)
     await flag_all(scene, members)  # delivered to whichever run is up
     for _ in range(6):
-        process = await _run_subprocess(config)
+        process = await run_service_process(config)
         await asyncio.sleep(rng.uniform(0.8, 2.5))
         process.send_signal(signal.SIGKILL)
         await process.wait()

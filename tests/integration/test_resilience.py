@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 
 import pytest
 import yaml
 
+from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
@@ -41,20 +40,6 @@ def _config(scene, *, homeserver_url: str | None = None, **policy):
     return path
 
 
-async def _run_subprocess(config) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "appservice.cli",
-        "run",
-        "-c",
-        str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 async def _kicks_of(scene, user) -> list[dict]:
     return [
         e
@@ -75,7 +60,7 @@ async def test_sigkill_between_notify_and_remove_resumes_once(synapse, tmp_path)
             await open_group_room(scene)
         # The kick will be held in flight: the notice is sent, the removal is not.
         proxy.hold(lambda request: request.path.endswith("/kick"))
-        process = await _run_subprocess(config)
+        process = await run_service_process(config)
         said = await scene.member.send_text(scene.group, "I have a plan")
         await scene.moderator.react(scene.group, said, "🚨")
         await asyncio.wait_for(proxy.held_event.wait(), 30)
