@@ -161,14 +161,7 @@ class Membership:
             if told:
                 self._on_outbox()
             return
-        joined = await self._hs.join_room(room_id)
-        if isinstance(joined, Refused):
-            await self._record(
-                handling,
-                "join_failed",
-                {"errcode": joined.errcode},
-                {"room": room_id, "inviter": inviter, "error": str(joined)},
-            )
+        if not await self._join(handling, inviter, tell_staff=True):
             return
         kick, redact = await self._powers(room_id)
         async with handling.transaction() as conn:
@@ -193,16 +186,37 @@ class Membership:
             )
         self._on_outbox()
 
-    async def _join_staff_room(self, handling: Handling, inviter: str) -> None:
+    async def _join(self, handling: Handling, inviter: str, *, tell_staff: bool) -> bool:
+        """Join the room the bot was invited to; a refusal is recorded, and staff are told
+        (when it is not the staff room itself: that failure is on /health)."""
         room_id = handling.item.room_id
         joined = await self._hs.join_room(room_id)
-        if isinstance(joined, Refused):
-            await self._record(
-                handling,
+        if not isinstance(joined, Refused):
+            return True
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            await audit.append(
+                conn,
+                self._deployment.provenance,
                 "join_failed",
-                {"errcode": joined.errcode},
-                {"room": room_id, "inviter": inviter, "error": str(joined)},
+                facts={"errcode": joined.errcode},
+                personal={"room": room_id, "inviter": inviter, "error": str(joined)},
+                at=now,
             )
+            if tell_staff:
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    self._texts.join_failed(inviter=inviter, room=room_id, error=joined.errcode),
+                    now,
+                )
+        if tell_staff:
+            self._on_outbox()
+        return False
+
+    async def _join_staff_room(self, handling: Handling, inviter: str) -> None:
+        room_id = handling.item.room_id
+        if not await self._join(handling, inviter, tell_staff=False):
             return
         await self._record(handling, "staff_room_joined", {}, {"room": room_id, "inviter": inviter})
         self._on_staff_room_joined()

@@ -240,6 +240,7 @@ class MessageTemplates(_Strict):
     refusals_summary: str | None = None
     invite_refused: str | None = None
     room_joined: str | None = None
+    join_failed: str | None = None
     powers_lost: str | None = None
     processing_failed: str | None = None
     undecryptable: str | None = None

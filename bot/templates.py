@@ -69,9 +69,10 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     # ---- to the moderator who flagged ---------------------------------------------------
     "moderator_debrief": (
         "Thank you for flagging that. You did the right thing.\n"
-        "It's Case #{case}: our staff team has it now. The person has been told privately, "
-        "offered support, and moved out of the group; staff will decide whether to contact "
-        "emergency services, and will check in with them {checkin_when}.\n"
+        # Only what is true the moment staff have the alert, and nothing a group member
+        # needs no part in (whether the member was reached, when staff follow up).
+        "It's Case #{case}: our staff team has it now, and will follow up with the "
+        "person privately.\n"
         "You don't need to do anything more. Please don't discuss it in the group.\n"
         "\n"
         "Moments like this can stay with you. If you'd like to talk it over: {support}.",
@@ -174,6 +175,12 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "room_joined": (
         "{inviter} added me to {room}. I'm now watching it for flags. {powers}",
         frozenset({"inviter", "room", "powers"}),
+    ),
+    "join_failed": (
+        "{inviter} added me to {room}, but I could not join it ({error}). I am not "
+        "watching that room: flags there will not reach me. Invite me again, or check "
+        "that the room lets me in.",
+        frozenset({"inviter", "room", "error"}),
     ),
     "powers_lost": (
         "My power level in {room} was changed: {powers}",

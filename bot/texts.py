@@ -369,6 +369,9 @@ class Texts:
         powers = self._powers(can_kick, can_redact)
         return notice(self.text("room_joined", inviter=inviter, room=room, powers=powers))
 
+    def join_failed(self, *, inviter: str, room: str, error: str) -> dict[str, Any]:
+        return notice(self.text("join_failed", inviter=inviter, room=room, error=error))
+
     def powers_lost(
         self, *, room: str, can_kick: bool | None, can_redact: bool | None
     ) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import datetime as dt
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import open_dm
+from bot.steps.direct import keep_dm, open_dm
 from bot.store import audit
 
 
@@ -34,18 +34,12 @@ class Debrief(CaseStep):
         )
         if isinstance(opened, Refused):
             return Outcome.refused("no DM could be opened with the moderator", opened, retry=True)
-        self.tools.rooms.add_dm(opened.room_id)  # their reply reaches staff
-        if run.progress.get("debrief_room") != opened.room_id:
-            await run.save(
-                progress=run.progress | {"debrief_room": opened.room_id},
-                case_fields={"debrief_room_id": opened.room_id},
-            )
+        # Their reply reaches staff.
+        await keep_dm(self.hs, self.tools, run, moderator, opened, "debrief", "debrief_room_id")
         content = self.tools.texts.moderator_debrief(
             case_number=case.id, due_at=case.due_at, now=dt.datetime.now(dt.UTC)
         )
         sent = await self.tools.send_once(run, opened.room_id, content)
-        if opened.created:
-            await self.hs.remember_direct_room(moderator, opened.room_id, known=opened.direct)
         if isinstance(sent, Refused):
             return Outcome.refused("the debrief could not be sent", sent, retry=True)
         return Outcome("done", {"event": sent}, {"moderator": moderator, "room": opened.room_id})

@@ -1,6 +1,6 @@
 """Opening a direct conversation with someone, exactly once, verified.
 
-Used by the member's notice and the moderator's debrief. A room the step
+Used by the member's notice, the moderator's debrief and a withdrawal's apology. A room the step
 already recorded, or one an earlier attempt created (found by its marker), or
 a DM the bot already shares with them, is used; otherwise one is created with
 the invite. A found room is only used once the person is verifiably in it (or
@@ -11,10 +11,13 @@ inviting them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
-from bot.ports import Homeserver, Refused
-from bot.steps.base import StepRun
+from bot.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.steps.base import StepRun, Toolbox
+
+log = logging.getLogger(__name__)
 
 PRESENT_IN_DM = frozenset({"join", "invite"})
 
@@ -51,6 +54,42 @@ async def open_dm(
     if isinstance(invited, Refused):
         return invited
     return OpenedDm(room_id, False, invited, direct)
+
+
+async def keep_dm(
+    hs: Homeserver,
+    tools: Toolbox,
+    run: StepRun,
+    user: str,
+    opened: OpenedDm,
+    what: str,
+    case_field: str,
+) -> None:
+    """What makes an opened DM one whose replies reach staff, now and after a restart:
+    the room directory told, the room recorded on the step and the case, and a room this
+    attempt created marked as a DM with them in the bot's m.direct (what clients show).
+
+    m.direct is bookkeeping only: a homeserver away now must not hold up or repeat
+    the message the DM was opened for.
+    """
+    tools.rooms.add_dm(opened.room_id)
+
+    async def record() -> None:
+        if run.progress.get(f"{what}_room") != opened.room_id:
+            await run.save(
+                progress=run.progress | {f"{what}_room": opened.room_id},
+                case_fields={case_field: opened.room_id},
+            )
+
+    async def remember() -> None:
+        if not opened.created:
+            return
+        try:
+            await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
+        except HomeserverUnavailable as exc:
+            log.warning("could not record the DM in m.direct: %s", exc)
+
+    await asyncio.gather(record(), remember())
 
 
 async def _shared_dm(hs: Homeserver, user: str, direct: dict[str, list[str]]) -> str | None:

@@ -10,9 +10,9 @@ import asyncio
 import datetime as dt
 import logging
 
-from bot.ports import HomeserverUnavailable, Refused
+from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import OpenedDm, open_dm
+from bot.steps.direct import keep_dm, open_dm
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,13 @@ class Notify(CaseStep):
         if isinstance(opened, Refused):
             return Outcome.refused("the DM room could not be opened", opened)
         room_id = opened.room_id
-        self.tools.rooms.add_dm(room_id)
         content = self.tools.texts.notice(case.due_at, dt.datetime.now(dt.UTC))
-        # The notice, the progress and m.direct together: none waits for another (a
+        # The notice and the DM's bookkeeping together: neither waits for the other (a
         # resumed attempt finds the room and the message by their markers either way),
         # so the removal, which waits for this step, waits for the notice alone.
-        sent, _, _ = await asyncio.gather(
+        sent, _ = await asyncio.gather(
             self.tools.send_once(run, room_id, content),
-            run.save(
-                progress=run.progress | {"dm_room": room_id}, case_fields={"dm_room_id": room_id}
-            )
-            if run.progress.get("dm_room") != room_id
-            else asyncio.sleep(0),
-            self._remember(case.member_id, opened) if opened.created else asyncio.sleep(0),
+            keep_dm(self.hs, self.tools, run, case.member_id, opened, "dm", "dm_room_id"),
         )
         if isinstance(sent, Refused):
             return Outcome(
@@ -61,13 +55,3 @@ class Notify(CaseStep):
             else {"event": sent}
         )
         return Outcome("done", facts, {"dm_room": room_id})
-
-    async def _remember(self, member: str, opened: OpenedDm) -> None:
-        """Mark the new room as a DM with them in the bot's m.direct (what clients show).
-
-        Bookkeeping only: a homeserver away now must not hold up or repeat the notice.
-        """
-        try:
-            await self.hs.remember_direct_room(member, opened.room_id, known=opened.direct)
-        except HomeserverUnavailable as exc:
-            log.warning("could not record the DM in m.direct: %s", exc)

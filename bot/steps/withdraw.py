@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import open_dm
+from bot.steps.direct import keep_dm, open_dm
 
 WITHDRAW_STEPS = ["withdraw_apology", "withdraw_reinvite", "withdraw_report"]
 
@@ -27,6 +27,8 @@ class WithdrawApology(CaseStep):
         )
         if isinstance(opened, Refused):
             return Outcome.refused("no DM could be opened with the member", opened, retry=True)
+        # The apology invites a reply ("our staff team will see it"): it must reach them.
+        await keep_dm(self.hs, self.tools, run, case.member_id, opened, "dm", "dm_room_id")
         content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
         sent = await self.tools.send_once(run, opened.room_id, content)
         if isinstance(sent, Refused):

@@ -21,6 +21,7 @@ import yaml
 from appservice.logs import setup_logging
 from bot.store import audit
 from tests.support.matrix_user import q
+from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
     build_scene,
@@ -90,6 +91,41 @@ async def test_staff_can_always_invite_and_operators_can_widen_it(synapse, tmp_p
             return (await scene.owner.members(room)).get(BOT) == "join"
 
         await until(joined, what="the bot to accept a listed inviter")
+
+
+async def test_a_room_the_bot_cannot_join_is_told_to_staff(synapse, tmp_path):
+    """Staff invite the bot, and the invite is withdrawn before it joins: Synapse refuses
+    the join; staff learn that room is not watched, rather than assume it is."""
+    scene = await build_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        homeserver_url=proxy.url,
+    )
+    try:
+        async with running_service(config) as service:
+            proxy.hold(lambda request: "/join" in request.path)
+            room = await scene.staff.create_room(name="Withdrawn", invite=[BOT])
+            await asyncio.wait_for(proxy.held_event.wait(), 30)
+            await scene.staff.request(
+                "POST", f"/_matrix/client/v3/rooms/{q(room)}/kick", {"user_id": BOT}
+            )
+            proxy.release()
+            told = await until(
+                lambda: scene.staff_matching(lambda m: "could not join" in m),
+                what="staff told the bot could not join",
+            )
+            assert room in told[0] and scene.staff.user_id in told[0]
+            assert (await scene.staff.members(room)).get(BOT) != "join"
+            (failed,) = await entries(service, "join_failed")
+            assert failed.personal["room"] == room
+    finally:
+        await proxy.stop()
 
 
 async def test_only_people_in_the_room_can_be_flagged(synapse, tmp_path):
