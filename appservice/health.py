@@ -51,9 +51,13 @@ class HealthChecks:
         *,
         connected: Callable[[], bool],
         crypto: Any = None,
+        encryption_problem: str | None = None,
         extra: Mapping[str, Check] | None = None,
     ) -> None:
         self._crypto = crypto
+        # Asked for but impossible (an older registration): encrypted commands would go
+        # unread, so /health says so until an operator fixes it or turns encryption off.
+        self._encryption_problem = encryption_problem
         self._db = db
         self._health_db = health_db
         self._hs = homeserver
@@ -135,8 +139,11 @@ class HealthChecks:
         )
 
     async def encryption(self) -> dict[str, Any]:
-        """The bot's device: ready, and its one-time keys published (off: says so, ok)."""
+        """The bot's device: ready, and its one-time keys published (turned off: says so,
+        ok; asked for but impossible: not ok, and why)."""
         if self._crypto is None:
+            if self._encryption_problem is not None:
+                return {"ok": False, "enabled": False, "problem": self._encryption_problem}
             return {"ok": True, "enabled": False}
         return {"enabled": True, **self._crypto.status()}
 

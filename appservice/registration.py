@@ -60,26 +60,39 @@ class Registration:
             problems.append(f"url is {self.url!r} but appservice.url is {config.appservice.url!r}")
         return problems
 
+    def reserves_aliases(self, config: Config) -> bool:
+        """Whether the service's room alias namespace is its own (idempotent room creation)."""
+        namespaces = self.raw.get("namespaces") or {}
+        aliases = [a.get("regex") for a in namespaces.get("aliases") or [] if isinstance(a, dict)]
+        return alias_namespace(config.homeserver.domain) in aliases
+
+    def lets_the_bot_sync(self, config: Config) -> bool:
+        """Whether the bot is a namespace user, not the sender: Synapse refuses /sync to
+        the sender, and end-to-end encryption needs the bot's own sync."""
+        return self.sender_localpart != config.appservice.bot_localpart
+
     def warnings(self, config: Config) -> list[str]:
         """What an older registration lacks; the service runs, but less robustly."""
         found = []
-        namespaces = self.raw.get("namespaces") or {}
-        aliases = [a.get("regex") for a in namespaces.get("aliases") or [] if isinstance(a, dict)]
-        if alias_namespace(config.homeserver.domain) not in aliases:
+        if not self.reserves_aliases(config):
             found.append(
                 "the registration reserves no room alias namespace, so a room creation whose "
                 "answer was lost cannot be told apart from one that never happened: re-run "
                 "`safeguard registration` and restart Synapse"
             )
-        if self.sender_localpart == config.appservice.bot_localpart and (
-            config.file.encryption.enabled
-        ):
-            found.append(
-                "the bot is the registration's sender, which Synapse does not let sync, so "
-                "end-to-end encryption is off: re-run `safeguard registration` (the sender "
-                f"becomes {config.sender_localpart!r}) and restart Synapse"
-            )
+        if problem := self.encryption_problem(config):
+            found.append(problem)
         return found
+
+    def encryption_problem(self, config: Config) -> str | None:
+        """Why encryption, which the config asks for, cannot be on (None: it can, or is off)."""
+        if not config.file.encryption.enabled or self.lets_the_bot_sync(config):
+            return None
+        return (
+            "the bot is the registration's sender, which Synapse does not let sync, so "
+            "end-to-end encryption is off: re-run `safeguard registration` (the sender "
+            f"becomes {config.sender_localpart!r}) and restart Synapse"
+        )
 
 
 def load_registration(path: Path) -> Registration:

@@ -93,7 +93,7 @@ class Service:
             reconcile=config.file.reconcile,
             encrypt_private_rooms=config.file.encryption.enabled
             and config.file.encryption.private_rooms
-            and self.registration.sender_localpart != config.appservice.bot_localpart,
+            and self.registration.lets_the_bot_sync(config),
         )
         assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
@@ -103,8 +103,7 @@ class Service:
         self._health_engine = create_engine(
             config.database_url, busy_timeout_ms=HEALTH_BUSY_TIMEOUT_MS
         )
-        registration_warnings = self.registration.warnings(config)
-        for warning in registration_warnings:
+        for warning in self.registration.warnings(config):
             log.warning("%s: %s", config.registration_path, warning)
         self.homeserver = NioHomeserver(
             config.homeserver.url,
@@ -112,13 +111,11 @@ class Service:
             config.bot_user_id,
             on_rate_limited=self.metrics.rate_limited.inc,
             domain=config.homeserver.domain,
-            room_aliases=not any("alias" in w for w in registration_warnings),
+            room_aliases=self.registration.reserves_aliases(config),
         )
         # End-to-end encryption needs the bot to be a namespace user, not the sender.
         self.crypto: BotCrypto | None = None
-        if config.file.encryption.enabled and (
-            self.registration.sender_localpart != config.appservice.bot_localpart
-        ):
+        if config.file.encryption.enabled and self.registration.lets_the_bot_sync(config):
             self.crypto = BotCrypto(
                 config.homeserver.url,
                 self.registration.as_token,
@@ -279,6 +276,7 @@ class Service:
             self.metrics,
             connected=self.connected.is_set,
             crypto=self.crypto,
+            encryption_problem=self.registration.encryption_problem(config),
         )
         self.port: int | None = None
 

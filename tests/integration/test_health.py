@@ -266,3 +266,34 @@ async def test_alert_the_staff_room_refuses_is_paged_and_named_on_health(synapse
             assert await scene.membership(scene.group, scene.member) == "leave", "member safe"
     finally:
         await runner.cleanup()
+
+
+async def test_encryption_asked_for_but_impossible_is_on_health(synapse, tmp_path):
+    """An older registration makes the bot the sender, which Synapse will not let sync:
+    encrypted commands would go unread, so /health is not ok, and says what to do."""
+    scene = await build_scene(synapse, tmp_path)
+    config = service_config(
+        synapse,
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[],
+    )
+    data = yaml.safe_load(config.read_text())
+    older = yaml.safe_load(Path(data["appservice"]["registration"]).read_text())
+    older["sender_localpart"] = "safeguard"  # the bot itself, as registrations once had it
+    (tmp_path / "older-registration.yaml").write_text(yaml.safe_dump(older))
+    data["appservice"]["registration"] = str(tmp_path / "older-registration.yaml")
+    config.write_text(yaml.safe_dump(data))
+    async with running_service(config) as service:
+        assert service.crypto is None
+        status, body = await health(service)
+        encryption = body["checks"]["encryption"]
+        assert status == 503 and encryption["ok"] is False
+        assert "safeguard registration" in encryption["problem"]
+    # Turned off by the operator, it is not a problem.
+    data["encryption"] = {"enabled": False}
+    config.write_text(yaml.safe_dump(data))
+    async with running_service(config) as service:
+        _status, body = await health(service)
+        assert body["checks"]["encryption"] == {"ok": True, "enabled": False}
