@@ -40,11 +40,30 @@ _WRITE = "safeguard_write"
 
 
 class SqliteEngine(AsyncEngine):
-    """`begin()` is a write transaction (BEGIN IMMEDIATE); `connect()` reads take no lock."""
+    """`begin()` is a write transaction (BEGIN IMMEDIATE); `connect()` reads take no lock.
+
+    SQLite has one writer at a time. Writers in this process queue on an asyncio lock
+    (`writing()`) before they ask SQLite: one waiting for SQLite's lock busy-waits, in
+    sleeps of up to tens of milliseconds, while the lock is handed over the moment it
+    is free. SQLite's busy timeout is left for writers in other processes (the CLI).
+    """
+
+    _write_lock: asyncio.Lock | None = None
+    _write_lock_loop: asyncio.AbstractEventLoop | None = None
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """This process's turn to write (wrap BEGIN IMMEDIATE … COMMIT in it)."""
+        loop = asyncio.get_running_loop()
+        if self._write_lock is None or self._write_lock_loop is not loop:
+            # A lock serves one event loop (tests run one engine on several in turn).
+            self._write_lock, self._write_lock_loop = asyncio.Lock(), loop
+        async with self._write_lock:
+            yield
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        async with self.connect() as conn:
+        async with self.writing(), self.connect() as conn:
             await conn.execution_options(**{_WRITE: True})
             async with conn.begin():
                 yield conn

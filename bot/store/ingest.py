@@ -62,22 +62,24 @@ _SQLITE_QUEUE = (
     " WHERE NOT EXISTS (SELECT 1 FROM seen_events WHERE event_id = ?)"
 )
 # On PostgreSQL the three inserts are one statement, so one round trip and no
-# BEGIN/COMMIT: every part of it sees the same snapshot, so the inbox's NOT EXISTS
-# sees `seen_events` as it was before this transaction's ids were added.
+# BEGIN/COMMIT. The inbox takes only the events the `seen_events` insert reports as
+# new (a join of two small in-statement sets), so its cost never depends on the size
+# of `seen_events` or on the plan PostgreSQL cached for it (a plan made while the
+# table was empty scans it whole, until the next ANALYZE).
 _PG_RECORD = (
     "WITH txn AS ("
     " INSERT INTO transactions (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
     " ON CONFLICT DO NOTHING RETURNING 1"
+    "), seen AS ("
+    " INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
     "), queued AS ("
     f" INSERT INTO inbox ({_INBOX_COLUMNS})"
     " SELECT e.event_id, e.room_id, e.event_type, e.payload::json, $2, 'pending', 0, e.lane, $10"
     " FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::text[], $9::smallint[])"
     " AS e(event_id, room_id, event_type, payload, lane)"
-    " WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.event_id = e.event_id)"
+    " JOIN seen ON seen.event_id = e.event_id"
     " ON CONFLICT (event_id) DO NOTHING RETURNING 1"
-    "), seen AS ("
-    " INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
-    " ON CONFLICT DO NOTHING RETURNING 1"
     ") SELECT (SELECT count(*) FROM txn), (SELECT count(*) FROM queued),"
     " (SELECT count(*) FROM seen)"
 )
@@ -110,7 +112,13 @@ class TransactionRecorder:
         stamp = transactions.c.received_at.type.bind_processor(engine.dialect)
         self._stamp: Callable[[dt.datetime], Any] = stamp or (lambda value: value)
         self._conn: AsyncConnection | None = None
+        self._raw: Any = None  # the driver's connection under `_conn`
         self._lock = asyncio.Lock()
+        # SQLite: the engine's turn to write, shared with every other writer in the
+        # process (appservice/database.py), so none busy-waits on SQLite's lock.
+        self._writing: Callable[[], contextlib.AbstractAsyncContextManager[None]] = getattr(
+            engine, "writing", contextlib.nullcontext
+        )
 
     async def record(
         self,
@@ -151,19 +159,20 @@ class TransactionRecorder:
     async def close(self) -> None:
         async with self._lock:
             if self._conn is not None:
-                conn, self._conn = self._conn, None
+                conn, self._conn, self._raw = self._conn, None, None
                 with contextlib.suppress(Exception):
                     await conn.close()
 
     async def _driver(self) -> Any:
-        if self._conn is None:
-            self._conn = await self._engine.connect()
-        raw = await self._conn.get_raw_connection()
-        return raw.driver_connection
+        if self._raw is None:
+            if self._conn is None:
+                self._conn = await self._engine.connect()
+            self._raw = (await self._conn.get_raw_connection()).driver_connection
+        return self._raw
 
     async def _drop(self) -> None:
         if self._conn is not None:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._raw = self._conn, None, None
             with contextlib.suppress(Exception):
                 await conn.invalidate()
                 await conn.close()
@@ -178,29 +187,31 @@ class TransactionRecorder:
         caught_up: bool,
     ) -> Recorded:
         received = self._stamp(now)
-        # Take the write lock up front, as every writer here does (appservice/database.py).
-        await driver.execute("BEGIN IMMEDIATE")
-        try:
-            inserted = await driver.execute(
-                _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
-            )
-            duplicate = inserted.rowcount == 0
-            queued = 0
-            if queue:
-                rows = [
-                    (event_id, room, kind, payload, received, lane, caught_up, event_id)
-                    for event_id, room, kind, payload, lane in queue
-                ]
-                queued = (await driver.executemany(_SQLITE_QUEUE, rows)).rowcount
-            new_events = 0
-            if event_ids:
-                rows = [(event_id, received) for event_id in event_ids]
-                new_events = (await driver.executemany(_SQLITE_EVENTS, rows)).rowcount
-            await driver.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await driver.execute("ROLLBACK")
-            raise
+        # Our turn among this process's writers; then SQLite's write lock, taken up
+        # front as every writer here does (appservice/database.py).
+        async with self._writing():
+            await driver.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = await driver.execute(
+                    _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
+                )
+                duplicate = inserted.rowcount == 0
+                queued = 0
+                if queue:
+                    rows = [
+                        (event_id, room, kind, payload, received, lane, caught_up, event_id)
+                        for event_id, room, kind, payload, lane in queue
+                    ]
+                    queued = (await driver.executemany(_SQLITE_QUEUE, rows)).rowcount
+                new_events = 0
+                if event_ids:
+                    rows = [(event_id, received) for event_id in event_ids]
+                    new_events = (await driver.executemany(_SQLITE_EVENTS, rows)).rowcount
+                await driver.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await driver.execute("ROLLBACK")
+                raise
         return Recorded(duplicate, new_events, queued)
 
     async def _record_postgresql(
@@ -347,14 +358,60 @@ async def backlog(conn: AsyncConnection) -> int:
 
 async def prune(conn: AsyncConnection, older_than: dt.datetime) -> int:
     """Forget delivery bookkeeping older than the retention window."""
-    removed = 0
-    for table, column in (
-        (transactions, transactions.c.received_at),
-        (seen_events, seen_events.c.received_at),
-    ):
-        result = await conn.execute(table.delete().where(column < older_than))
-        removed += result.rowcount or 0
+    result = await conn.execute(
+        transactions.delete().where(transactions.c.received_at < older_than)
+    )
+    removed = result.rowcount or 0
+    if conn.dialect.name == "sqlite":
+        removed += await _prune_seen_by_rowid(conn, older_than)
+    else:
+        seen = seen_events.delete().where(seen_events.c.received_at < older_than)
+        removed += (await conn.execute(seen)).rowcount or 0
     result = await conn.execute(
         inbox.delete().where(inbox.c.status != "pending", inbox.c.received_at < older_than)
     )
     return removed + (result.rowcount or 0)
+
+
+async def _prune_seen_by_rowid(conn: AsyncConnection, older_than: dt.datetime) -> int:
+    """SQLite keeps no index on `seen_events.received_at` (it would slow every
+    transaction); rows are appended in arrival order, so the rowid orders them by
+    `received_at` too. The last row older than the window is found by bisection over
+    rowids (each probe one primary-key lookup), and everything up to it is deleted.
+    A wall clock stepped back blurs the boundary by as much as it stepped."""
+    rowid = sa.literal_column("rowid")
+    bounds = (
+        await conn.execute(
+            sa.select(sa.func.min(rowid), sa.func.max(rowid)).select_from(seen_events)
+        )
+    ).one()
+    low, high = bounds
+    if low is None:
+        return 0
+
+    async def first_from(position: int) -> tuple[int, dt.datetime]:
+        query = (
+            sa.select(rowid, seen_events.c.received_at)
+            .where(rowid >= position)
+            .order_by(rowid)
+            .limit(1)
+        )
+        found, received = (await conn.execute(query)).one()
+        return found, received
+
+    # Invariant: every row before `low` is old; the row at or after `high` is not (or
+    # there is none). Narrow until they meet.
+    found, received = await first_from(low)
+    if received >= older_than:
+        return 0
+    last_old, high = found, high + 1
+    low = found + 1
+    while low < high:
+        middle = (low + high) // 2
+        found, received = await first_from(middle)
+        if received < older_than:
+            last_old, low = found, found + 1
+        else:
+            high = middle
+    result = await conn.execute(seen_events.delete().where(rowid <= last_old))
+    return result.rowcount or 0

@@ -50,7 +50,12 @@ seen_events = sa.Table(
     "seen_events",
     metadata,
     sa.Column("event_id", sa.String(255), primary_key=True),
-    sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+)
+# For the prune only, so as cheap to keep as can be: on PostgreSQL a BRIN index (the
+# column only grows); SQLite has none and prunes by rowid (bot/store/ingest.py).
+sa.Index("ix_seen_events_received_at", seen_events.c.received_at, postgresql_using="brin").ddl_if(
+    dialect="postgresql"
 )
 
 # Events that may need acting on (flags, memberships, power levels, DM replies,

@@ -6,8 +6,10 @@ import asyncio
 import datetime as dt
 
 import pytest
+import sqlalchemy as sa
 
 from bot.store import audit, cases, ingest
+from bot.store.schema import seen_events
 from tests.support.databases import record_events
 
 PROVENANCE = audit.Provenance("test-policy", "0" * 64, b"5" * 64)
@@ -91,6 +93,23 @@ async def test_prune_forgets_old_ids_only(engine):
         await ingest.prune(conn, NOW + dt.timedelta(seconds=1))
     again = await record(engine, "new", ["$old"], [])
     assert again.new_events == 1
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 40])
+async def test_prune_cuts_exactly_at_the_window(engine, rows):
+    """SQLite prunes by rowid bisection (no index on the time): every row older than
+    the window goes, every newer one stays, whatever the count and wherever the cut."""
+    for cut in range(rows + 1):
+        # Each round later than the last, as time goes: its prune also takes the last's.
+        start = NOW + dt.timedelta(days=cut)
+        for minute in range(rows):
+            at = start + dt.timedelta(minutes=minute)
+            await record_events(engine, f"t{cut}-{minute}", [f"$e{cut}-{minute}"], [], at)
+        async with engine.begin() as conn:
+            await ingest.prune(conn, start + dt.timedelta(minutes=cut, seconds=-30))
+            left = await conn.execute(sa.select(seen_events.c.event_id))
+            kept = sorted(int(event_id.split("-")[1]) for (event_id,) in left)
+        assert kept == list(range(cut, rows)), f"cut at {cut}"
 
 
 def flag(member: str = "@member:localhost", flagger: str = "@mod:localhost") -> cases.NewFlag:
