@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 APP_PREFIX = "/_matrix/app/"
 HealthReport = Callable[[], Awaitable[tuple[bool, dict[str, dict[str, Any]]]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def matrix_error(status: int, errcode: str, error: str) -> web.Response:
@@ -49,6 +50,14 @@ def parse_body(body: bytes) -> tuple[Any, bool]:
         return orjson.loads(body), False
     except orjson.JSONDecodeError:
         return json.loads(body), True
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    return matrix_error(405, "M_UNRECOGNIZED", "Method not allowed on this endpoint")
+
+
+async def _unrecognized(request: web.Request) -> web.Response:
+    return matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
 
 
 def _presented_token(request: web.Request) -> str | None:
@@ -75,36 +84,44 @@ class AppServiceServer:
         self._refresh_metrics = refresh_metrics
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
-        app.router.add_put("/_matrix/app/v1/transactions/{txn_id}", self.transaction)
-        app.router.add_get("/_matrix/app/v1/users/{user_id}", self.query_user)
-        app.router.add_get("/_matrix/app/v1/rooms/{alias}", self.query_alias)
-        app.router.add_post("/_matrix/app/v1/ping", self.ping)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
+        # No middleware: aiohttp runs middlewares on every request, and the transaction
+        # route is the hot path. The token check and Matrix-shaped errors are wrapped
+        # around each route instead, and a catch-all route answers what nothing else does.
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        routes = (
+            ("PUT", "/_matrix/app/v1/transactions/{txn_id}", self.transaction),
+            ("GET", "/_matrix/app/v1/users/{user_id}", self.query_user),
+            ("GET", "/_matrix/app/v1/rooms/{alias}", self.query_alias),
+            ("POST", "/_matrix/app/v1/ping", self.ping),
+            ("GET", "/health", self.health),
+            ("GET", "/metrics", self.metrics),
+        )
+        for method, path, handler in routes:
+            app.router.add_route(method, path, self._guarded(handler))
+            # Any other method on a known path (the same resource, matched second).
+            app.router.add_route("*", path, self._guarded(_method_not_allowed))
+        app.router.add_route("*", "/{tail:.*}", self._guarded(_unrecognized))
         return app
 
-    # ---- middlewares ---------------------------------------------------------------
+    def _guarded(self, handler: Handler) -> Handler:
+        """The handler behind the Application Service API's token check, its errors in
+        Matrix's shape."""
+        expected = self._hs_token
+        forbidden = self._metrics.transactions.labels("forbidden")
 
-    @web.middleware
-    async def _guard(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """Authenticate the Application Service API; answer every error in Matrix's shape."""
-        if request.path.startswith(APP_PREFIX):
-            presented = (_presented_token(request) or "").encode()
-            # Constant time: the comparison must not leak how much of a guess was right.
-            if not hmac.compare_digest(presented, self._hs_token):
-                self._metrics.transactions.labels("forbidden").inc()
-                return matrix_error(403, "M_FORBIDDEN", "Missing or invalid hs_token")
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            return matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
-        except web.HTTPMethodNotAllowed:
-            return matrix_error(405, "M_UNRECOGNIZED", "Method not allowed on this endpoint")
-        except web.HTTPRequestEntityTooLarge:
-            return matrix_error(413, "M_TOO_LARGE", f"Body larger than {MAX_BODY_BYTES} bytes")
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if request.path.startswith(APP_PREFIX):
+                presented = (_presented_token(request) or "").encode()
+                # Constant time: the comparison must not leak how much of a guess was right.
+                if not hmac.compare_digest(presented, expected):
+                    forbidden.inc()
+                    return matrix_error(403, "M_FORBIDDEN", "Missing or invalid hs_token")
+            try:
+                return await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                return matrix_error(413, "M_TOO_LARGE", f"Body larger than {MAX_BODY_BYTES} bytes")
+
+        return guarded
 
     # ---- the Application Service API ------------------------------------------------
 
@@ -119,19 +136,15 @@ class AppServiceServer:
         if not isinstance(payload, dict) or not isinstance(payload.get("events", []), list):
             self._metrics.transactions.labels("bad_json").inc()
             return matrix_error(400, "M_BAD_JSON", "'events' must be a list of events")
-        raw_events = payload.get("events", [])
-        valid_text = not may_hold_surrogates
-        events = [event for event in raw_events if well_formed(event, valid_text=valid_text)]
-        skipped = len(raw_events) - len(events)
-        if skipped:
-            self._metrics.events.labels("malformed").inc(skipped)
-            log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
+        events = payload.get("events", [])
         if may_hold_surrogates:
-            # A lone surrogate in content cannot be stored or hashed: replace it (ids
-            # with one were skipped above as malformed).
-            events = [without_lone_surrogates(event) for event in events]
+            # A lone surrogate in content cannot be stored or hashed: replace it. (An id
+            # holding one is malformed: it is left as it is, for the intake to skip.)
+            events = [
+                without_lone_surrogates(event) if well_formed(event) else event for event in events
+            ]
         try:
-            await self._intake.accept(txn_id, events)
+            await self._intake.accept(txn_id, events, valid_text=not may_hold_surrogates)
         except Exception as exc:
             # Not acknowledged, so Synapse retries: nothing recorded is nothing lost.
             self._metrics.transactions.labels("unrecorded").inc()
@@ -141,7 +154,7 @@ class AppServiceServer:
             else:
                 log.exception("transaction %s could not be recorded; asking for a retry", txn_id)
             return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
-        return web.json_response({})
+        return web.Response(body=b"{}", content_type="application/json")
 
     async def query_user(self, request: web.Request) -> web.Response:
         # The bot creates no users on demand.

@@ -180,6 +180,7 @@ class Service:
             on_case=self.steps.start_case,
             on_outbox=on_outbox,
             senders=self.recent_senders,
+            watch_member=self.rooms.watch_member,
         )
 
         async def may_invite(user_id: str) -> bool:
@@ -253,7 +254,12 @@ class Service:
         )
         self.intake = Intake(
             self.engine,
-            ActionFilter(config.policy, self.rooms, can_decrypt=self.crypto is not None),
+            ActionFilter(
+                config.policy,
+                self.rooms,
+                bot_user_id=config.bot_user_id,
+                can_decrypt=self.crypto is not None,
+            ),
             self.metrics,
             on_queued=self._wake_lane,
             on_state=self.room_state.state_changed,
@@ -288,7 +294,7 @@ class Service:
             await upgrade(self.engine)
             self._lock.watch(self._lock_lost)
             await self.staff_room.load_pin()
-            await self._load_private_rooms()
+            await self._load_rooms()
             for resource in self.config.stale_resources():
                 log.warning(
                     "crisis resource %r was last verified on %s: check it is still right",
@@ -315,9 +321,13 @@ class Service:
             await self.stop()
             raise
 
-    async def _load_private_rooms(self) -> None:
+    async def _load_rooms(self) -> None:
+        """What the hot path must know of rooms before the first transaction."""
         async with self.engine.connect() as conn:
             dms, checkins = await cases.private_rooms(conn)
+            watched = await cases.active_members(conn)
+        for room_id, member_id in watched:
+            self.rooms.watch_member(room_id, member_id)
         for room_id in dms:
             self.rooms.add_dm(room_id)
         for room_id in checkins:

@@ -19,7 +19,8 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeGuard
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -39,7 +40,7 @@ STATE_TYPES = frozenset(
 _ROOM_STATE = STATE_TYPES | {"m.room.join_rules"}
 # Matrix ids are far shorter; the columns hold 255 characters.
 MAX_ID_LENGTH = 255
-_REQUIRED_KEYS = ("event_id", "room_id", "type", "sender")
+_REQUIRED = itemgetter("event_id", "room_id", "type", "sender")
 # Flags are handled in a lane of their own (bot/dispatch.py), ahead of everything else.
 FLAG_LANE, OTHER_LANE = 0, 1
 
@@ -58,22 +59,41 @@ def _storable(value: str) -> bool:
     return True
 
 
-def well_formed(event: object, *, valid_text: bool = False) -> bool:
-    """The shape every recorded event must have (hot path: exact type checks, no copies).
+def shape(event: object, valid_text: bool = False) -> tuple[str, str, str, str] | None:
+    """(event_id, room_id, type, sender) of an event with the shape every recorded event
+    must have, else None. On every event's path: exact type checks, no copies.
 
     `valid_text`: the parser already refused lone surrogates, so ids need no check.
     """
     if event.__class__ is not dict:
-        return False
-    get = event.get  # type: ignore[attr-defined]
-    for key in _REQUIRED_KEYS:
-        value = get(key)
-        if value.__class__ is not str or not 0 < len(value) <= MAX_ID_LENGTH:
-            return False
-        if not valid_text and not _storable(value):
-            return False
-    content = get("content")
-    return content is None or content.__class__ is dict
+        return None
+    try:
+        fields = _REQUIRED(event)
+    except KeyError:
+        return None
+    event_id, room_id, kind, sender = fields
+    if not (
+        event_id.__class__ is str
+        and room_id.__class__ is str
+        and kind.__class__ is str
+        and sender.__class__ is str
+        and 0 < len(event_id) <= MAX_ID_LENGTH
+        and 0 < len(room_id) <= MAX_ID_LENGTH
+        and 0 < len(kind) <= MAX_ID_LENGTH
+        and 0 < len(sender) <= MAX_ID_LENGTH
+    ):
+        return None
+    if not valid_text and not all(map(_storable, fields)):
+        return None
+    content = event.get("content")  # type: ignore[attr-defined]
+    if content is not None and content.__class__ is not dict:
+        return None
+    return fields
+
+
+def well_formed(event: object, *, valid_text: bool = False) -> TypeGuard[dict[str, Any]]:
+    """Whether the event has the shape every recorded event must have (see `shape`)."""
+    return shape(event, valid_text) is not None
 
 
 def without_lone_surrogates(value: Any) -> Any:
@@ -96,34 +116,58 @@ class ActionFilter:
     """The cheap test, run on every event on the hot path: queue it, and in which lane?"""
 
     def __init__(
-        self, policy: PolicySettings, rooms: RoomDirectory, *, can_decrypt: bool = False
+        self,
+        policy: PolicySettings,
+        rooms: RoomDirectory,
+        *,
+        bot_user_id: str,
+        can_decrypt: bool = False,
     ) -> None:
         self._rooms = rooms
+        # Read on every event: the private-room test, without two method calls per event.
+        self._conversations = rooms.conversations
+        self._staff_room = rooms.staff_room
+        self._bot = bot_user_id
         # With the bot's encryption on, an encrypted message in a group room may be a
         # `!safeguard` command: it is queued (in the flag lane) to be decrypted and read.
         self._can_decrypt = can_decrypt
         self._flag_keys = frozenset(normalise_key(k) for k in policy.reactions)
         self._staff_keys = frozenset({normalise_key(CLAIM_KEY), normalise_key(ACK_KEY)})
         self._command = re.compile(re.escape(policy.command), re.IGNORECASE)
+        # Nearly every message lacks the command's first character (a "!"): a scan for it
+        # in C rules them out before the regex. Letters have case variants the regex
+        # matches (Unicode folding included), so a command starting with one is not
+        # pre-tested.
+        first = policy.command[0]
+        self._command_mark: str | None = None if first.isalpha() else first
 
-    def lane(self, event: Mapping[str, Any]) -> int | None:
+    def lane(
+        self, event: Mapping[str, Any], event_type: str | None = None, room_id: str | None = None
+    ) -> int | None:
         """FLAG_LANE, OTHER_LANE, or None when the event needs no action.
 
         Runs on every event Synapse delivers, so it tests exact types (events come
-        from a JSON parser: dicts, lists, str) and reads each key once.
+        from a JSON parser: dicts, lists, str) and reads each key once (the intake
+        passes the type and room it has already read).
         """
-        event_type = event["type"]
-        if event_type in STATE_TYPES or self._rooms.is_private(event["room_id"]):
-            return OTHER_LANE
-        content = event.get("content")
-        if content.__class__ is not dict:
-            return None
+        if event_type is None or room_id is None:
+            event_type, room_id = event["type"], event["room_id"]
+        if room_id in self._conversations or room_id == self._staff_room.room_id:
+            return OTHER_LANE  # the staff room, a DM or a check-in room (RoomDirectory)
+        # Chat first: nearly every event is a message or a reaction in a group room.
         if event_type == "m.room.message":
-            body = content.get("body")
-            if body.__class__ is str and self._command.search(body) is not None:
-                return FLAG_LANE
-            return None
+            content = event.get("content")
+            body = content.get("body") if content.__class__ is dict else None
+            if body.__class__ is not str:
+                return None
+            mark = self._command_mark
+            if mark is not None and mark not in body:
+                return None
+            return FLAG_LANE if self._command.search(body) is not None else None
         if event_type == "m.reaction" or event_type == "m.room.encrypted":
+            content = event.get("content")
+            if content.__class__ is not dict:
+                return None
             relation = content.get("m.relates_to")
             if relation.__class__ is dict and relation.get("rel_type") == "m.annotation":
                 key = relation.get("key")
@@ -135,6 +179,19 @@ class ActionFilter:
                         return OTHER_LANE
                 return None
             return FLAG_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
+        if event_type == "m.room.member":
+            # In a group room, only the bot's own membership and that of members with an
+            # active case are acted on (bot/membership.py); everyone else's joins and
+            # leaves are chat, as far as the policy goes. The room-state cache hears of
+            # every one of them anyway (Intake.accept).
+            member = event.get("state_key")
+            if member.__class__ is str and (
+                member == self._bot or self._rooms.is_watched(room_id, member)
+            ):
+                return OTHER_LANE
+            return None
+        if event_type in STATE_TYPES:
+            return OTHER_LANE
         return None
 
 
@@ -147,8 +204,9 @@ class Intake:
         on_queued: Callable[[int], None],
         on_state: Callable[[str, str, object], None] = lambda room, kind, key: None,
         senders: RecentSenders | None = None,
+        recorder: ingest.TransactionRecorder | None = None,
     ) -> None:
-        self._recorder = ingest.TransactionRecorder(db)
+        self._recorder = recorder or ingest.TransactionRecorder(db)
         # Who sent each event, so that a flag on it needs no read (bot/recent_senders.py).
         self._senders = senders
         self._filter = action_filter
@@ -162,30 +220,54 @@ class Intake:
         self.last_write_failed_at: dt.datetime | None = None
 
     async def accept(
-        self, txn_id: str, events: Sequence[dict[str, Any]], *, caught_up: bool = False
+        self,
+        txn_id: str,
+        events: Sequence[object],
+        *,
+        valid_text: bool = False,
+        caught_up: bool = False,
     ) -> ingest.Recorded:
-        """Record well-formed events in one DB transaction (malformed ones are the caller's)."""
-        if self._senders is not None:
-            self._senders.note(events)
+        """Record the well-formed events in one DB transaction; skip (and count) the rest.
+
+        `valid_text`: the parser already refused lone surrogates (see `well_formed`).
+        One pass over the events (the hot path): shape, room state, lane.
+        """
         lane_of = self._filter.lane
+        on_state = self._on_state
+        kept: list[dict[str, Any]] = []
+        event_ids: list[str] = []
+        origins: list[tuple[str, str]] = []
         to_act_on: list[tuple[dict[str, Any], int]] = []
         for event in events:
-            if event["type"] in _ROOM_STATE:
-                self._on_state(event["room_id"], event["type"], event.get("state_key"))
-            lane = lane_of(event)
+            fields = shape(event, valid_text)
+            if fields is None:
+                continue
+            event_id, room_id, kind, sender = fields
+            kept.append(event)  # type: ignore[arg-type]
+            event_ids.append(event_id)
+            origins.append((room_id, sender))
+            if kind in _ROOM_STATE:
+                on_state(room_id, kind, event.get("state_key"))  # type: ignore[attr-defined]
+            lane = lane_of(event, kind, room_id)  # type: ignore[arg-type]
             if lane is not None:
-                to_act_on.append((event, lane))
+                to_act_on.append((event, lane))  # type: ignore[arg-type]
+        skipped = len(events) - len(kept)
+        if skipped:
+            self._metrics.events.labels("malformed").inc(skipped)
+            log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
+        if self._senders is not None:
+            self._senders.note(event_ids, origins)
         now = dt.datetime.now(dt.UTC)
         try:
-            recorded = await self._record(txn_id, events, to_act_on, now, caught_up)
+            recorded = await self._record(txn_id, event_ids, to_act_on, now, caught_up)
         except ingest.WriteUnavailable as exc:
             raise self._unavailable(exc) from exc
         except ingest.UnstorableEvents as exc:
             # Something in the events themselves: record them one by one, skip the bad.
             log.warning("%s: recording event by event (%s)", txn_id, exc)
-            recorded = await self._record_one_by_one(txn_id, events, to_act_on, now, caught_up)
+            recorded = await self._record_one_by_one(txn_id, kept, to_act_on, now, caught_up)
         self.last_write_error = None
-        self._count(recorded, len(events))
+        self._count(recorded, len(kept))
         if recorded.queued:
             for lane in sorted({lane for _, lane in to_act_on}):
                 self._on_queued(lane)
@@ -199,14 +281,14 @@ class Intake:
     async def _record(
         self,
         txn_id: str,
-        events: Sequence[dict[str, Any]],
+        event_ids: Sequence[str],
         to_act_on: Sequence[tuple[dict[str, Any], int]],
         now: dt.datetime,
         caught_up: bool,
     ) -> ingest.Recorded:
         return await self._recorder.record(
             txn_id,
-            [event["event_id"] for event in events],
+            event_ids,
             to_act_on,
             now,
             caught_up=caught_up,
@@ -232,7 +314,7 @@ class Intake:
             try:
                 one = await self._record(
                     txn_id,
-                    [event],
+                    [event["event_id"]],
                     [(event, lane)] if lane is not None else [],
                     now,
                     caught_up,

@@ -66,8 +66,10 @@ class Referral:
         on_case: Callable[[int], None],
         on_outbox: Callable[[], None],
         senders: RecentSenders,
+        watch_member: Callable[[str, str], None],
     ) -> None:
         self._hs = homeserver
+        self._watch_member = watch_member
         self._senders = senders
         self._deployment = deployment
         self._policy = deployment.policy
@@ -204,6 +206,8 @@ class Referral:
             received_at=item.received_at,
             caught_up=item.caught_up,
         )
+        # Before the case exists, so no membership of theirs from then on goes unqueued.
+        self._watch_member(flag.room_id, target)
         async with handling.transaction() as conn:
             opened = await cases.open_or_corroborate(
                 conn,

@@ -24,12 +24,28 @@ class RoomDirectory:
         self.staff_room = staff_room
         self._dms: set[str] = set()
         self._checkins: set[str] = set()
+        # Both together, so the hot path's test is one lookup (read, never written, by
+        # the intake's filter).
+        self.conversations: set[str] = set()
+        # (room, member) of every active case: the only people whose membership of a
+        # group room the policy acts on (their return ends the case, or removes them
+        # again). Added before the case is written, never taken away while running:
+        # one too many only queues an event that needs nothing.
+        self._watched: set[tuple[str, str]] = set()
 
     def add_dm(self, room_id: str) -> None:
         self._dms.add(room_id)
+        self.conversations.add(room_id)
 
     def add_checkin(self, room_id: str) -> None:
         self._checkins.add(room_id)
+        self.conversations.add(room_id)
+
+    def watch_member(self, room_id: str, member_id: str) -> None:
+        self._watched.add((room_id, member_id))
+
+    def is_watched(self, room_id: str, member_id: str) -> bool:
+        return (room_id, member_id) in self._watched
 
     def kind(self, room_id: str) -> RoomKind:
         if self.staff_room.is_staff_room(room_id):
@@ -42,8 +58,4 @@ class RoomDirectory:
 
     def is_private(self, room_id: str) -> bool:
         """The staff room, a DM or a check-in room: every event there may need acting on."""
-        return (
-            room_id in self._dms
-            or room_id in self._checkins
-            or self.staff_room.is_staff_room(room_id)
-        )
+        return room_id in self.conversations or self.staff_room.is_staff_room(room_id)

@@ -455,6 +455,12 @@ async def by_alert(conn: AsyncConnection, event_id: str) -> Case | None:
     return await _latest_where(conn, cases.c.alert_event_id == event_id)
 
 
+async def active_members(conn: AsyncConnection) -> set[tuple[str, str]]:
+    """(room, member) of every case later flags would corroborate (see `active_case`)."""
+    query = sa.select(cases.c.room_id, cases.c.member_id).where(cases.c.active_key.is_not(None))
+    return {(room_id, member_id) for room_id, member_id in await conn.execute(query)}
+
+
 async def private_rooms(conn: AsyncConnection) -> tuple[set[str], set[str]]:
     """(DM rooms, check-in rooms) the bot opened: their members' messages reach staff.
 

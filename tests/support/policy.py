@@ -95,6 +95,7 @@ def referral(
     from bot.staff import StaffDirectory
 
     options.setdefault("senders", RecentSenders())
+    options.setdefault("watch_member", lambda room_id, member_id: None)
 
     settings = settings or deployment()
     staff_room = StaffRoom(STAFF)

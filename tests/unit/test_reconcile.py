@@ -58,7 +58,11 @@ def chat(event_id: str, at: dt.datetime) -> dict:
 def build(engine, hs, since: dt.datetime | None = None):
     intake = Intake(
         engine,
-        ActionFilter(PolicySettings(staff_room=STAFF), RoomDirectory(StaffRoom(STAFF))),
+        ActionFilter(
+            PolicySettings(staff_room=STAFF),
+            RoomDirectory(StaffRoom(STAFF)),
+            bot_user_id="@safeguard:localhost",
+        ),
         Metrics(),
         on_queued=lambda lane: None,
     )
@@ -106,7 +110,11 @@ async def test_the_intake_notes_who_sent_each_event_it_records(engine):
     senders = RecentSenders()
     intake = Intake(
         engine,
-        ActionFilter(PolicySettings(staff_room=STAFF), RoomDirectory(StaffRoom(STAFF))),
+        ActionFilter(
+            PolicySettings(staff_room=STAFF),
+            RoomDirectory(StaffRoom(STAFF)),
+            bot_user_id="@safeguard:localhost",
+        ),
         Metrics(),
         on_queued=lambda lane: None,
         senders=senders,

@@ -146,7 +146,7 @@ async def test_a_flag_on_what_is_known_makes_no_homeserver_call(engine):
     referral = build_referral(engine, hs, senders=senders)
     cache = referral._room_state
     await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
-    senders.note([{"room_id": GROUP, "event_id": "$said", "sender": MEMBER}])  # at intake
+    senders.note(["$said"], [(GROUP, MEMBER)])  # at intake
     calls = len(hs.calls)
     await flag_on(engine, referral, MOD, "$said", "$flag")
     assert hs.calls[calls:] == [], "power levels, create event, memberships, sender: all known"
@@ -160,7 +160,7 @@ async def test_a_moderator_demoted_just_before_flagging_cannot_flag(engine):
     referral = build_referral(engine, hs, senders=senders)
     cache = referral._room_state
     await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
-    senders.note([{"room_id": GROUP, "event_id": "$said", "sender": MEMBER}])
+    senders.note(["$said"], [(GROUP, MEMBER)])
     # The demotion is pushed in a transaction before the flag's: stale from that moment.
     hs.rooms[GROUP].state[("m.room.power_levels", "")] = {"users": {MOD: 0}}
     cache.state_changed(GROUP, "m.room.power_levels", "")
@@ -300,8 +300,13 @@ async def test_a_malformed_member_event_is_never_known():
 
 
 def test_recent_senders_forget_the_oldest_first():
-    senders = RecentSenders(size=3)
-    senders.note([{"room_id": GROUP, "event_id": f"${n}", "sender": f"@u{n}:l"} for n in range(5)])
-    assert senders.sender_of(GROUP, "$4") == "@u4:l"
+    senders = RecentSenders(size=4)
+    for n in range(10):
+        senders.note([f"${n}"], [(GROUP, f"@u{n}:l")])
+        remembered = [k for k in range(n + 1) if senders.sender_of(GROUP, f"${k}")]
+        # The newest half of the bound is always remembered; never more than the bound.
+        assert set(range(max(0, n - 1), n + 1)) <= set(remembered)
+        assert len(remembered) <= 4 and remembered == list(range(n + 1 - len(remembered), n + 1))
+    assert senders.sender_of(GROUP, "$9") == "@u9:l"
     assert senders.sender_of(GROUP, "$1") is None
-    assert senders.sender_of(STAFF, "$4") is None, "an event of another room is not this one"
+    assert senders.sender_of(STAFF, "$9") is None, "an event of another room is not this one"

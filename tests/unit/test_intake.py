@@ -1,0 +1,174 @@
+"""The intake's hot path: which events are queued, in which lane, and what is skipped."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake, well_formed
+from bot.metrics import Metrics
+from bot.rooms import RoomDirectory
+from bot.settings import PolicySettings
+from bot.staff_room import StaffRoom
+from bot.store import ingest
+from tests.support.policy import GROUP, MEMBER, MOD, STAFF
+
+BOT = "@safeguard:localhost"
+DM = "!dm:localhost"
+
+
+def action_filter(command: str = "!safeguard") -> tuple[ActionFilter, RoomDirectory]:
+    rooms = RoomDirectory(StaffRoom(STAFF))
+    rooms.add_dm(DM)
+    policy = PolicySettings(staff_room=STAFF, command=command)
+    return ActionFilter(policy, rooms, bot_user_id=BOT), rooms
+
+
+def membership(room: str, member: object, value: str = "join") -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "event_id": f"$m-{member}-{value}",
+        "room_id": room,
+        "sender": member if isinstance(member, str) else MOD,
+        "state_key": member,
+        "content": {"membership": value},
+    }
+
+
+def test_group_memberships_are_queued_only_for_the_bot_and_members_with_a_case():
+    check, rooms = action_filter()
+    assert check.lane(membership(GROUP, MEMBER)) is None, "an ordinary join is chat"
+    assert check.lane(membership(GROUP, BOT, "invite")) == OTHER_LANE
+    rooms.watch_member(GROUP, MEMBER)
+    assert check.lane(membership(GROUP, MEMBER)) == OTHER_LANE, "a removed member's return"
+    assert check.lane(membership(GROUP, MEMBER, "leave")) == OTHER_LANE
+    assert check.lane(membership("!other:localhost", MEMBER)) is None, "watched per room"
+    # The bot's own rooms: every membership matters.
+    assert check.lane(membership(DM, MEMBER)) == OTHER_LANE
+    assert check.lane(membership(STAFF, "@staffer:localhost")) == OTHER_LANE
+    # A state key that is not a string is never watched, and never an error.
+    assert check.lane(membership(GROUP, ["@a:l"])) is None
+    assert check.lane(membership(GROUP, None)) is None
+
+
+def test_other_room_state_is_always_queued():
+    check, _ = action_filter()
+    for kind in ("m.room.power_levels", "m.room.create", "m.room.tombstone"):
+        event = {"type": kind, "event_id": "$s", "room_id": GROUP, "sender": MOD}
+        assert check.lane(event | {"state_key": "", "content": {}}) == OTHER_LANE
+
+
+def message(body: object) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "event_id": "$msg",
+        "room_id": GROUP,
+        "sender": MOD,
+        "content": {"msgtype": "m.text", "body": body},
+    }
+
+
+@given(
+    command=st.sampled_from(["!safeguard", "safeguard!", "Ksafe", "ſos", "#flag", "!ß"]),
+    body=st.text(alphabet=st.characters(codec="utf-8"), max_size=60),
+    insert=st.booleans(),
+    case=st.sampled_from([str.lower, str.upper, str.title, lambda text: text]),
+)
+def test_command_pretest_never_changes_the_answer(command, body, insert, case):
+    """The quick scan for the command's first character only ever rules out bodies the
+    case-insensitive search would rule out too."""
+    check, _ = action_filter(command)
+    if insert:
+        body = body[: len(body) // 2] + case(command) + body[len(body) // 2 :]
+    expected = re.search(re.escape(command), body, re.IGNORECASE) is not None
+    assert (check.lane(message(body)) == FLAG_LANE) is expected
+
+
+def test_command_and_flag_reactions_take_the_flag_lane():
+    check, _ = action_filter()
+    assert check.lane(message("please !SAFEGUARD this")) == FLAG_LANE
+    assert check.lane(message("just chatting")) is None
+    assert check.lane(message(["!safeguard"])) is None
+    reaction = {
+        "type": "m.reaction",
+        "event_id": "$r",
+        "room_id": GROUP,
+        "sender": MOD,
+        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$m", "key": ""}},
+    }
+    for key, lane in (("🚨", FLAG_LANE), ("🚨\ufe0f", FLAG_LANE), ("👍", None), ("✅", OTHER_LANE)):
+        reaction["content"]["m.relates_to"]["key"] = key
+        assert check.lane(reaction) == lane, key
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+event_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["m.room.member", "m.room.message", "m.reaction"]) | json_values,
+        "event_id": st.text(min_size=1, max_size=300) | json_values,
+        "room_id": st.sampled_from([GROUP, DM, STAFF]) | json_values,
+        "sender": st.just(MOD) | json_values,
+        "state_key": st.just(MEMBER) | json_values,
+        "content": st.dictionaries(st.sampled_from(["body", "m.relates_to"]), json_values)
+        | json_values,
+    },
+)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[tuple[dict[str, Any], int]]]] = []
+
+    async def record(self, txn_id, event_ids, to_act_on, now, *, caught_up=False):
+        self.calls.append((list(event_ids), list(to_act_on)))
+        return ingest.Recorded(False, len(event_ids), len(to_act_on))
+
+    async def close(self) -> None:
+        pass
+
+
+@given(events=st.lists(event_like | json_values, max_size=8))
+async def test_accept_records_exactly_the_well_formed_and_never_raises(events):
+    check, _ = action_filter()
+    states: list[tuple[str, str, object]] = []
+    intake = Intake(
+        None,  # type: ignore[arg-type]
+        check,
+        Metrics(),
+        on_queued=lambda lane: None,
+        on_state=lambda room, kind, key: states.append((room, kind, key)),
+        recorder=(recorder := _Recorder()),  # type: ignore[arg-type]
+    )
+    await intake.accept("t", events)
+    ((ids, queued),) = recorder.calls
+    kept = [event for event in events if well_formed(event)]
+    assert ids == [event["event_id"] for event in kept]
+    assert [event for event, _lane in queued] == [e for e in kept if check.lane(e) is not None]
+    # The room-state cache hears of every state change, queued or not.
+    assert [kind for _room, kind, _key in states] == [
+        e["type"] for e in kept if e["type"] == "m.room.member"
+    ]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"event_id": "$a", "room_id": GROUP, "type": "m.room.message"},  # no sender
+        {"event_id": "", "room_id": GROUP, "type": "x", "sender": MOD},
+        {"event_id": "$" + "x" * 255, "room_id": GROUP, "type": "x", "sender": MOD},
+        {"event_id": "$\ud800", "room_id": GROUP, "type": "x", "sender": MOD},
+        {"event_id": "$a", "room_id": GROUP, "type": "x", "sender": MOD, "content": []},
+        ["not", "an", "event"],
+    ],
+)
+def test_malformed_events_are_recognised(event):
+    assert not well_formed(event)
