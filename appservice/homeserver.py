@@ -536,7 +536,7 @@ class NioHomeserver:
         self._empty_reservations.pop(alias, None)
         if create.get(ROOM_MARKER_KEY) != marker:
             return Refused("M_ROOM_IN_USE", f"{alias} names a room that is not {marker}")
-        return RoomCreated(room_id)
+        return RoomCreated(room_id, existing=True)
 
     async def _create_room(
         self,

@@ -55,6 +55,9 @@ class Sent:
 @dataclass(frozen=True)
 class RoomCreated:
     room_id: str
+    # Created by an earlier attempt (found by its marker's alias), not by this call: its
+    # invites are not proven sent (that attempt may have died in between).
+    existing: bool = False
 
 
 @dataclass(frozen=True)

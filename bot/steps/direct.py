@@ -49,7 +49,10 @@ async def open_dm(
         )
         if isinstance(created, Refused):
             return created
-        return OpenedDm(created.room_id, True, False, direct)
+        if not created.existing:
+            return OpenedDm(created.room_id, True, False, direct)
+        # An earlier attempt's room: they may never have been invited to it.
+        room_id = created.room_id
     invited = await _make_sure_they_are_in(hs, room_id, user)
     if isinstance(invited, Refused):
         return invited

@@ -22,13 +22,19 @@ class WithdrawApology(CaseStep):
         case = run.case
         if case.dry_run or case.member_id is None:
             return Outcome.skipped("nobody was told anything (dry run)")
+        # A DM of its own ("apology"), unless they are still in one with the bot: the
+        # notice's room, marked "dm", may be one they have left (and its marker names it).
         opened = await open_dm(
-            self.hs, run, case.member_id, "dm", encrypted=self.deployment.encrypt_private_rooms
+            self.hs,
+            run,
+            case.member_id,
+            "apology",
+            encrypted=self.deployment.encrypt_private_rooms,
         )
         if isinstance(opened, Refused):
             return Outcome.refused("no DM could be opened with the member", opened, retry=True)
         # The apology invites a reply ("our staff team will see it"): it must reach them.
-        await keep_dm(self.hs, self.tools, run, case.member_id, opened, "dm", "dm_room_id")
+        await keep_dm(self.hs, self.tools, run, case.member_id, opened, "apology", "dm_room_id")
         content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
         sent = await self.tools.send_once(run, opened.room_id, content)
         if isinstance(sent, Refused):

@@ -244,6 +244,40 @@ async def test_a_wrong_flag_is_withdrawn_with_an_apology_and_a_way_back(synapse,
     assert case["steps"]["checkin"] == "skipped"
 
 
+async def test_an_apology_reaches_a_member_who_left_the_notice_dm(synapse, tmp_path):
+    """The member read the notice and left that DM: the apology comes in a DM they are
+    invited to, not into the room they left, and their reply still reaches staff."""
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene)):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "exams are killing me")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="alert")
+        notice_dm = await until(
+            lambda: _first_other_invite(scene, exclude={scene.group}), what="the notice DM"
+        )
+        await scene.member.join(notice_dm)
+        await scene.member.leave(notice_dm)
+        await scene.staff.send_text(scene.staff_room, "!case 1 withdraw it was a joke")
+        await until(lambda: scene.staff_matching(lambda m: "withdrawn by" in m), what="report")
+        apology_dm = await until(
+            lambda: _first_other_invite(scene, exclude={scene.group, notice_dm}),
+            what="an invite to a DM the member is not in",
+        )
+        await scene.member.join(apology_dm)
+        texts = [e["content"]["body"] for e in await scene.bot_messages(scene.member, apology_dm)]
+        assert any("by mistake" in text for text in texts)
+        await scene.member.send_text(apology_dm, "thanks, all good")
+        await until(
+            lambda: scene.staff_matching(lambda m: "thanks, all good" in m),
+            what="the member's reply relayed to staff",
+        )
+
+
+async def _first_other_invite(scene, exclude: set[str]) -> str | None:
+    return next((room for room in await scene.member.invites() if room not in exclude), None)
+
+
 @pytest.mark.parametrize("on_rejoin", ["tell", "remove"])
 async def test_a_member_coming_back_is_seen(synapse, tmp_path, on_rejoin):
     scene = await build_scene(synapse, tmp_path)

@@ -200,6 +200,10 @@ class FakeHomeserver:
         self._enter("create_room")
         if "create_room" in self.refuse:
             return self.refuse["create_room"]
+        for known in self.rooms.values():
+            # As Synapse does through the marker's alias: one room per marker, ever.
+            if known.state.get(("m.room.create", ""), {}).get(ROOM_MARKER_KEY) == marker:
+                return RoomCreated(known.room_id, existing=True)
         room_id = f"!created{next(self._ids)}:localhost"
         room = FakeRoom(room_id, {self._bot: "join"})
         room.state[("m.room.create", "")] = {"room_version": "12", ROOM_MARKER_KEY: marker}

@@ -170,6 +170,28 @@ async def test_dm_room_created_but_invite_lost_is_mended_before_removal(engine):
     assert invite_order < hs.calls.index("kick"), "invited and told before removal"
 
 
+async def test_dm_room_found_by_its_alias_alone_still_gets_its_invite(engine):
+    """The earlier attempt's room is not among the bot's rooms yet (the search by marker
+    misses it), so the creation is refused as taken and resolves to that room: the
+    member is invited to it, as they would be to a room found by its marker."""
+    hs = homeserver()
+    hs.create_dies_before_invites = True
+    case_id = await new_case(engine)
+    with contextlib.suppress(Crash):
+        await step_engine(engine, hs).run_case(case_id)
+    hs.create_dies_before_invites = False
+
+    async def not_found(marker: str) -> None:
+        return None
+
+    hs.find_marked_room = not_found  # type: ignore[method-assign]
+    await step_engine(engine, hs).run_case(case_id)
+    (dm,) = [r for r in hs.rooms.values() if _marker(r).endswith(":dm")]
+    assert dm.members[MEMBER] == "invite"
+    (notice,) = notices(hs, "notify")
+    assert notice in dm.events
+
+
 async def test_undeliverable_notice_still_removes_and_says_so_first(engine):
     hs = homeserver()
     hs.refuse["create_room"] = Refused("M_FORBIDDEN", "user is deactivated", 403)
