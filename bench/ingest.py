@@ -196,7 +196,6 @@ async def drive(port: int, token: str, bodies: list[bytes], label: str) -> dict[
 
 async def run(transactions: int, backend: str, rounds: int, memory_events: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="safeguard-bench-"))
-    bodies = [make_transaction(n) for n in range(transactions)]
     warmup = [make_transaction(10_000 + n) for n in range(10)]
 
     def database(name: str) -> str:
@@ -253,9 +252,11 @@ async def run(transactions: int, backend: str, rounds: int, memory_events: int) 
     for label, (port, key) in targets.items():
         await drive(port, key, warmup, f"warm-{label}")
     results: dict[str, list[dict[str, float]]] = {"floor": [], "ours": []}
-    chunk = max(1, len(bodies) // rounds)
+    # Each round's bodies are built before it and dropped after it: the bench holds
+    # one round's (about 45 KB a transaction), not all of them, when RSS is read.
+    chunk = max(1, transactions // rounds)
     for number in range(rounds):
-        part = bodies[number * chunk : (number + 1) * chunk]
+        part = [make_transaction(number * chunk + n) for n in range(chunk)]
         order = ("floor", "ours") if number % 2 == 0 else ("ours", "floor")
         for label in order:
             port, key = targets[label]
@@ -264,7 +265,8 @@ async def run(transactions: int, backend: str, rounds: int, memory_events: int) 
     # bench holds none of them) until it has ingested `memory_events` in all.
     await runner.cleanup()
     await close_floor()
-    ingested = (len(bodies) // rounds) * rounds * EVENTS_PER_TXN + len(warmup) * EVENTS_PER_TXN
+    del part
+    ingested = chunk * rounds * EVENTS_PER_TXN + len(warmup) * EVENTS_PER_TXN
     number = 100_000
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {hs_token}"}) as session:
         while ingested < memory_events:
@@ -301,9 +303,9 @@ async def run(transactions: int, backend: str, rounds: int, memory_events: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transactions", type=int, default=200)
+    parser.add_argument("--transactions", type=int, default=3000)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument(
         "--memory-events", type=int, default=1_000_000, help="events ingested before RSS is read"
     )

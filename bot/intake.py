@@ -307,8 +307,7 @@ class Intake:
         caught_up: bool,
     ) -> ingest.Recorded:
         lanes = {id(event): lane for event, lane in to_act_on}
-        new_events = queued = 0
-        duplicate = True
+        new_events = queued = stored = 0
         for position, event in enumerate(events):
             lane = lanes.get(id(event))
             try:
@@ -328,8 +327,8 @@ class Intake:
                 continue
             new_events += one.new_events
             queued += one.queued
-            duplicate = duplicate and one.duplicate_transaction
-        return ingest.Recorded(duplicate, new_events, queued)
+            stored += 1
+        return ingest.Recorded(new_events, queued, stored)
 
     def _count(self, recorded: ingest.Recorded, total: int) -> None:
         duplicates = total - recorded.new_events

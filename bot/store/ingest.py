@@ -29,9 +29,15 @@ def storable_txn_id(txn_id: str) -> str:
 
 @dataclass(frozen=True)
 class Recorded:
-    duplicate_transaction: bool
     new_events: int  # event ids never recorded before
     queued: int  # of them, events queued to act on
+    events: int  # event ids it carried
+
+    @property
+    def duplicate_transaction(self) -> bool:
+        """A retry: it carried events, none of them new. (A txn id used again for new
+        events — a homeserver restored from a backup — is not one: they are acted on.)"""
+        return self.events > 0 and self.new_events == 0
 
 
 class WriteUnavailable(Exception):
@@ -69,7 +75,7 @@ _SQLITE_QUEUE = (
 _PG_RECORD = (
     "WITH txn AS ("
     " INSERT INTO transactions (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
-    " ON CONFLICT DO NOTHING RETURNING 1"
+    " ON CONFLICT DO NOTHING"
     "), seen AS ("
     " INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
     " ON CONFLICT DO NOTHING RETURNING event_id"
@@ -80,8 +86,14 @@ _PG_RECORD = (
     " AS e(event_id, room_id, event_type, payload, lane)"
     " JOIN seen ON seen.event_id = e.event_id"
     " ON CONFLICT (event_id) DO NOTHING RETURNING 1"
-    ") SELECT (SELECT count(*) FROM txn), (SELECT count(*) FROM queued),"
-    " (SELECT count(*) FROM seen)"
+    ") SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM seen)"
+)
+_PG_RECORD_IDS = (
+    "WITH txn AS ("
+    " INSERT INTO transactions (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
+    " ON CONFLICT DO NOTHING"
+    ") INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
+    " ON CONFLICT DO NOTHING"
 )
 # PostgreSQL error classes that mean "not now" rather than "not this data": connection,
 # insufficient resources (disk full), operator intervention, system and internal errors.
@@ -192,10 +204,9 @@ class TransactionRecorder:
         async with self._writing():
             await driver.execute("BEGIN IMMEDIATE")
             try:
-                inserted = await driver.execute(
+                await driver.execute(
                     _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
                 )
-                duplicate = inserted.rowcount == 0
                 queued = 0
                 if queue:
                     rows = [
@@ -212,7 +223,7 @@ class TransactionRecorder:
                 with contextlib.suppress(Exception):
                     await driver.execute("ROLLBACK")
                 raise
-        return Recorded(duplicate, new_events, queued)
+        return Recorded(new_events, queued, len(event_ids))
 
     async def _record_postgresql(
         self,
@@ -223,17 +234,25 @@ class TransactionRecorder:
         now: dt.datetime,
         caught_up: bool,
     ) -> Recorded:
-        columns = [list(column) for column in zip(*queue, strict=True)] or [[]] * 5
-        txn, queued, new_events = await driver.fetchrow(
+        received = self._stamp(now)
+        if not queue:
+            # Nothing to act on (most transactions): the statement's own row count says
+            # how many ids were new, so nothing is returned.
+            status = await driver.execute(
+                _PG_RECORD_IDS, storable_txn_id(txn_id), received, len(event_ids), list(event_ids)
+            )
+            return Recorded(int(status.rsplit(" ", 1)[1]), 0, len(event_ids))
+        columns = [list(column) for column in zip(*queue, strict=True)]
+        queued, new_events = await driver.fetchrow(
             _PG_RECORD,
             storable_txn_id(txn_id),
-            self._stamp(now),
+            received,
             len(event_ids),
             list(event_ids),
             *columns,
             caught_up,
         )
-        return Recorded(txn == 0, new_events, queued)
+        return Recorded(new_events, queued, len(event_ids))
 
     def _is_outage(self, exc: BaseException) -> bool:
         """A driver error that means "not now" (vs. something in the data)."""

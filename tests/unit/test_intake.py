@@ -130,7 +130,7 @@ class _Recorder:
 
     async def record(self, txn_id, event_ids, to_act_on, now, *, caught_up=False):
         self.calls.append((list(event_ids), list(to_act_on)))
-        return ingest.Recorded(False, len(event_ids), len(to_act_on))
+        return ingest.Recorded(len(event_ids), len(to_act_on), len(event_ids))
 
     async def close(self) -> None:
         pass
