@@ -222,18 +222,36 @@ class Membership:
         self._on_staff_room_joined()
 
     async def _removed(self, handling: Handling, membership: str) -> None:
+        """Someone removed the bot from a room. From a moderated room, staff are told: flags
+        there no longer reach it. Its own leaving is recorded by what made it leave
+        (`!rooms leave`, a declined invite), not again here."""
         item = handling.item
+        by = item.payload.get("sender")
+        if by == self._deployment.bot_user_id:
+            return
         now = dt.datetime.now(dt.UTC)
+        async with self._db.connect() as conn:
+            known = await rooms.get(conn, item.room_id)
+        moderated = known is not None and known.left_at is None
         async with handling.transaction() as conn:
             await rooms.left(conn, item.room_id, at=now)
             await audit.append(
                 conn,
                 self._deployment.provenance,
                 "bot_removed",
-                facts={"membership": membership},
-                personal={"room": item.room_id, "by": item.payload.get("sender")},
+                facts={"membership": membership, "moderated": moderated},
+                personal={"room": item.room_id, "by": by},
                 at=now,
             )
+            if moderated:
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    self._texts.room_removed(by=str(by), room=item.room_id),
+                    now,
+                )
+        if moderated:
+            self._on_outbox()
 
     async def power_levels_changed(self, handling: Handling) -> None:
         """Only moderated rooms (the bot was invited in) matter; not rooms the bot made."""

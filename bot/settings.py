@@ -241,6 +241,7 @@ class MessageTemplates(_Strict):
     invite_refused: str | None = None
     room_joined: str | None = None
     join_failed: str | None = None
+    room_removed: str | None = None
     powers_lost: str | None = None
     processing_failed: str | None = None
     undecryptable: str | None = None

@@ -182,6 +182,11 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "that the room lets me in.",
         frozenset({"inviter", "room", "error"}),
     ),
+    "room_removed": (
+        "{by} removed me from {room}. I am no longer watching it: flags there will not "
+        "reach me. If it should still be moderated, a staff member can invite me back.",
+        frozenset({"by", "room"}),
+    ),
     "powers_lost": (
         "My power level in {room} was changed: {powers}",
         frozenset({"room", "powers"}),

@@ -372,6 +372,9 @@ class Texts:
     def join_failed(self, *, inviter: str, room: str, error: str) -> dict[str, Any]:
         return notice(self.text("join_failed", inviter=inviter, room=room, error=error))
 
+    def room_removed(self, *, by: str, room: str) -> dict[str, Any]:
+        return notice(self.text("room_removed", by=by, room=room))
+
     def powers_lost(
         self, *, room: str, can_kick: bool | None, can_redact: bool | None
     ) -> dict[str, Any]:

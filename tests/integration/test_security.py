@@ -301,6 +301,22 @@ async def test_rooms_lists_and_leaves(synapse, tmp_path):
         await until(gone, what="the bot to leave")
         assert await entries(service, "room_left")
         assert "moderate no rooms" in await _command(scene, "!rooms")
+        await asyncio.sleep(1)  # the bot's own leave event has come back by now
+        assert await entries(service, "bot_removed") == [], "its own leave, recorded once"
+
+
+async def test_staff_are_told_when_someone_removes_the_bot(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        await scene.owner.kick(scene.group, BOT, "not wanted")
+        told = await until(
+            lambda: scene.staff_matching(lambda m: "removed me from" in m), what="staff told"
+        )
+        assert scene.owner.user_id in told[0] and "flags there will not reach me" in told[0]
+        (removed,) = await entries(service, "bot_removed")
+        assert removed.facts["moderated"] is True
+        assert "moderate no rooms" in await _command(scene, "!rooms")
     document = await export_json(config_of(scene))
     assert "refusals" in document
 

@@ -92,6 +92,10 @@ class MatrixUser:
     async def leave(self, room: str) -> None:
         await self.request("POST", f"/_matrix/client/v3/rooms/{q(room)}/leave", {})
 
+    async def kick(self, room: str, user: str, reason: str = "") -> None:
+        body = {"user_id": user, "reason": reason}
+        await self.request("POST", f"/_matrix/client/v3/rooms/{q(room)}/kick", body)
+
     async def state(self, room: str, event_type: str, key: str = "") -> dict[str, Any]:
         return await self.request(
             "GET", f"/_matrix/client/v3/rooms/{q(room)}/state/{q(event_type)}/{q(key)}"
