@@ -26,11 +26,12 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from aiohttp import ClientConnectionError
 from nio import (
     AsyncClientConfig,
     ErrorResponse,
@@ -46,6 +47,22 @@ from appservice.homeserver import ENCRYPTION, BotClient
 from bot.ports import HomeserverUnavailable
 
 log = logging.getLogger(__name__)
+
+MAX_TIMEOUTS = 2
+REQUEST_TIMEOUT_SECONDS = 45  # above the sync's 30 s long poll
+# What nio raises once it gives up on a connection (see MAX_TIMEOUTS).
+TRANSPORT_ERRORS = (ClientConnectionError, TimeoutError, asyncio.TimeoutError)
+
+
+@contextlib.asynccontextmanager
+async def _outage_as_unavailable(what: str) -> AsyncIterator[None]:
+    """A dead connection is the homeserver being away: callers retry it as an outage."""
+    try:
+        yield
+    except TRANSPORT_ERRORS as exc:
+        raise HomeserverUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 # What the crypto client syncs: state and to-device, hardly any timeline (room
 # events come in transactions), no presence.
 SYNC_FILTER = {
@@ -85,7 +102,11 @@ class BotCrypto:
             config=AsyncClientConfig(
                 encryption_enabled=True,
                 store_sync_tokens=True,
-                max_timeouts=None,
+                # nio retries a dead connection this many times, then raises: with no
+                # limit a homeserver that is down is waited on for ever, in silence —
+                # never on /health, and encrypting a message waits holding the lock.
+                max_timeouts=MAX_TIMEOUTS,
+                request_timeout=REQUEST_TIMEOUT_SECONDS,
                 pickle_key=self._pickle_key(),
             ),
         )
@@ -244,7 +265,7 @@ class BotCrypto:
                 message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
                 await self.client.to_device(message)
                 self.keys_forwarded += 1
-        except (KeyError, HomeserverUnavailable, EncryptionError) as exc:
+        except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
             log.warning("could not re-share a room key with a member: %s", exc)
 
     @staticmethod
@@ -318,7 +339,7 @@ class BotCrypto:
         """The m.room.encrypted content for a message: keys shared with every device of
         every joined and invited member first (trust on first use)."""
         room = await self._known_room(room_id, members)
-        async with self._lock:
+        async with self._lock, _outage_as_unavailable("encrypting"):
             if not room.members_synced:
                 # Everyone the room has (the sync's state lists the invited too).
                 self._check(await self.client.joined_members(room_id), "the room's members")

@@ -26,6 +26,7 @@ from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
     export_json,
+    health,
     running_service,
     safeguard_cli,
     service_config,
@@ -190,6 +191,33 @@ async def test_killed_while_sending_an_encrypted_alert_still_one_alert(synapse, 
                 await asyncio.sleep(1)
             assert len(await staff_alerts(scene, 1)) == 1, "exactly one alert"
     finally:
+        await scene.close()
+
+
+async def test_homeserver_gone_is_an_encryption_problem_on_health(synapse, tmp_path):
+    """Synapse stops answering (connection refused): the bot's encryption sync says so on
+    /health, instead of retrying in silence, and recovers when Synapse is back."""
+    scene = await encrypted_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    try:
+        config = config_for(scene, tmp_path, homeserver_url=proxy.url)
+        async with running_service(config) as service:
+
+            async def encryption(ok: bool) -> bool:
+                _status, body = await health(service)
+                return body["checks"]["encryption"]["ok"] is ok
+
+            await until(lambda: encryption(True), within=30, what="encryption ready")
+            await proxy.stop()  # nothing listens: every connection is refused
+            await until(lambda: encryption(False), within=60, what="the outage on /health")
+            _status, body = await health(service)
+            assert "sync" in body["checks"]["encryption"]["problem"]
+            proxy = HoldingProxy(synapse.url, port=proxy.port)
+            await proxy.start()
+            await until(lambda: encryption(True), within=90, what="encryption back")
+    finally:
+        await proxy.stop()
         await scene.close()
 
 
