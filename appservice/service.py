@@ -245,6 +245,7 @@ class Service:
             metrics=self.metrics,
             texts=self.texts,
             on_outbox=on_outbox,
+            reports=self.refusal_reports,
             decrypter=self.crypto,
         )
         self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))

@@ -31,6 +31,7 @@ from bot.deployment import Deployment
 from bot.metrics import Metrics
 from bot.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
+from bot.reports import RefusalReports
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
@@ -134,6 +135,7 @@ class Dispatcher:
         metrics: Metrics,
         texts: Texts,
         on_outbox: Callable[[], None],
+        reports: RefusalReports,
         decrypter: Decrypter | None = None,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
@@ -150,6 +152,7 @@ class Dispatcher:
         self._metrics = metrics
         self._texts = texts
         self._on_outbox = on_outbox
+        self._reports = reports
         self._retry_delays = retry_delays
         self._outage_delays = outage_delays
         self._outages = 0
@@ -216,7 +219,9 @@ class Dispatcher:
         return None
 
     async def _undecryptable(self, item: InboxItem, now: dt.datetime) -> None:
-        """Its key never came: recorded (no content), and staff told, once."""
+        """Its key never came: recorded (no content), and staff told — the first of a
+        sender's in a room at once, any more in that window in one summary (a broken
+        client, or someone sending noise, must not flood the staff room)."""
         sender = str(item.payload.get("sender", ""))
         async with self._db.begin() as conn:
             await ingest.finish(conn, item.seq, now, error="its key never arrived")
@@ -228,15 +233,18 @@ class Dispatcher:
                 personal={"room": item.room_id, "sender": sender},
                 at=now,
             )
-            await outbox.queue(
+            told = await self._reports.refused(
                 conn,
-                self._staff_room.address,
-                self._texts.undecryptable(sender=sender, room=item.room_id),
-                now,
+                kind="undecryptable",
+                actor=sender,
+                room_id=item.room_id,
+                report=self._texts.undecryptable(sender=sender, room=item.room_id),
+                now=now,
             )
         self._keys_asked.discard(item.event_id)
         log.warning("event %s could not be decrypted: its key never arrived", item.event_id)
-        self._on_outbox()
+        if told:
+            self._on_outbox()
 
     async def _is_outage(self) -> bool:
         """Whether the homeserver itself is unwell (not just this event's call failing)."""

@@ -245,4 +245,5 @@ class MessageTemplates(_Strict):
     powers_lost: str | None = None
     processing_failed: str | None = None
     undecryptable: str | None = None
+    undecryptable_summary: str | None = None
     template_fallback: str | None = None

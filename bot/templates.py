@@ -201,6 +201,12 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "reached me. If it was a flag or a command, please send it again.",
         frozenset({"sender", "room"}),
     ),
+    "undecryptable_summary": (
+        "{count} more message(s) from {sender} in {room} could not be read since {since} "
+        "(each is recorded): their keys never reached me. If one was a flag, a command or "
+        "a member's reply, it was not acted on: please check that room.",
+        frozenset({"count", "sender", "room", "since"}),
+    ),
     "template_fallback": (
         "The configured message template messages.{name} could not be used ({problem}). "
         "The built-in text was sent instead. Please ask an operator to fix the configuration.",

@@ -332,6 +332,16 @@ class Texts:
     def refusals_summary(
         self, *, kind: str, actor: str, room: str, count: int, since: dt.datetime
     ) -> dict[str, Any]:
+        if kind == "undecryptable":
+            return notice(
+                self.text(
+                    "undecryptable_summary",
+                    count=count,
+                    sender=actor,
+                    room=room,
+                    since=f"{self.when(since)} ({self._zone_name})",
+                )
+            )
         what = "flag(s)" if kind == "flag" else "invite(s) of the bot"
         return notice(
             self.text(

@@ -20,6 +20,7 @@ from bot.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
 from bot.intake import FLAG_LANE, OTHER_LANE
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable
+from bot.reports import RefusalReports
 from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
@@ -99,8 +100,16 @@ def build(engine, hs, **options) -> Dispatcher:
         metrics=metrics,
         texts=Texts(settings),
         on_outbox=lambda: None,
+        reports=RefusalReports(
+            engine,
+            staff_room,
+            settings.policy.refusal_report_every,
+            texts=Texts(settings),
+            on_outbox=lambda: None,
+        ),
         retry_delays=(0.0,),
         outage_delays=(0.0,),
+        **options,
     )
 
 
@@ -177,3 +186,43 @@ def test_json_logs_carry_the_case_number_and_no_extras():
     record.case = 4
     line = json.loads(JsonFormatter().format(record))
     assert line["case"] == 4 and line["message"] == "case #4: x" and line["level"] == "INFO"
+
+
+class NeverDecrypts:
+    """Keys that never arrive."""
+
+    def decrypt(self, event: dict) -> dict | None:
+        return None
+
+    async def request_key(self, event: dict) -> None:
+        pass
+
+
+def encrypted(event_id: str) -> dict:
+    return {
+        "event_id": event_id,
+        "room_id": GROUP,
+        "type": "m.room.encrypted",
+        "sender": MEMBER,
+        "origin_server_ts": 1,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "noise"},
+    }
+
+
+async def test_messages_that_cannot_be_read_are_told_once_then_summed_up(engine):
+    """A sender whose messages can never be read (a broken client, or noise sent on
+    purpose) costs staff one message, and one summary per window: never one each."""
+    dispatcher = build(engine, homeserver(), decrypter=NeverDecrypts())
+    dispatcher.undecryptable_after = dt.timedelta(0)
+    await queue(engine, *[(encrypted(f"$noise{n}"), FLAG_LANE) for n in range(5)])
+    await drain(dispatcher, FLAG_LANE)
+    async with engine.connect() as conn:
+        assert await ingest.pending(conn) == []
+        kinds = [e.kind for e in await audit.entries(conn)]
+        told = [m.content["body"] for m in await outbox.pending(conn)]
+    assert kinds.count("undecryptable") == 5, "every one recorded"
+    assert len(told) == 1 and "could not be read" in told[0]
+    summary = Texts(deployment()).refusals_summary(
+        kind="undecryptable", actor=MEMBER, room=GROUP, count=4, since=NOW
+    )["body"]
+    assert summary.startswith("4 more message(s) from") and "could not be read" in summary
