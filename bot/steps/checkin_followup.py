@@ -66,8 +66,8 @@ class CheckinReminder(CaseStep):
         case = run.case
         if run.steps["checkin"].status != "done":
             return Outcome.skipped("no check-in room was opened")
-        if case.state == "closed":
-            return Outcome.skipped("the case is closed")
+        # A closed case's check-in was cancelled with it (this step skipped), unless staff
+        # kept it (`withdraw --keep-checkin`): a kept check-in is reminded of like any.
         if case.checkin_claimed_by or case.checkin_staff_joined_at:
             return Outcome.skipped("staff have it")
         content = self.tools.texts.checkin_reminder(

@@ -527,19 +527,19 @@ async def checkin_counts(
             sa.func.count(sa.case((cases.c.due_at < now - grace, 1))).label("overdue"),
         )
         .select_from(cases.join(case_steps, case_steps.c.case_id == cases.c.id))
-        .where(
-            case_steps.c.step == "checkin",
-            case_steps.c.status.in_(UNFINISHED),
-            cases.c.state == "open",
-        )
+        # Not "the case is open": a check-in staff kept through a withdrawal is due all
+        # the same. One cancelled with its case was skipped, so it is not unfinished.
+        .where(case_steps.c.step == "checkin", case_steps.c.status.in_(UNFINISHED))
     )
     counts = (await conn.execute(waiting)).one()
     unclaimed = (
         await conn.execute(
             sa.select(sa.func.count())
-            .select_from(cases)
+            .select_from(cases.join(case_steps, case_steps.c.case_id == cases.c.id))
             .where(
-                cases.c.state == "open",
+                # Live: its reminder was not cancelled (with the case) or found not needed.
+                case_steps.c.step == "checkin_reminder",
+                case_steps.c.status != "skipped",
                 cases.c.checkin_opened_at.is_not(None),
                 cases.c.checkin_claimed_by.is_(None),
                 cases.c.checkin_staff_joined_at.is_(None),

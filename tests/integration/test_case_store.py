@@ -161,3 +161,57 @@ async def test_rejoin_ends_the_active_case(engine):
         )
     second = await open_case(engine, flag())
     assert second.created and second.case_id != first.case_id
+
+
+async def test_checkin_counts_follow_the_checkin_not_the_case(engine):
+    """/health's check-in figures: a check-in cancelled with its case is not counted; one
+    staff kept through a withdrawal (the case closed) is, pending, overdue or unclaimed."""
+    from bot.store.schema import case_steps
+    from bot.store.schema import cases as cases_table
+
+    checkin_steps = ["checkin", "checkin_reminder"]
+
+    async def case_with_checkin(member: str, due: dt.datetime) -> int:
+        async with engine.begin() as conn:
+            opened = await cases.open_or_corroborate(
+                conn, PROVENANCE, flag(member), steps=checkin_steps, dry_run=False, due_at=due
+            )
+        return opened.case_id
+
+    async def update(case_id: int, **values) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                cases_table.update().where(cases_table.c.id == case_id).values(**values)
+            )
+
+    async def step_done(case_id: int, step: str) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                case_steps.update()
+                .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
+                .values(status="done")
+            )
+
+    async def counts() -> cases.CheckinCounts:
+        async with engine.connect() as conn:
+            return await cases.checkin_counts(conn, NOW, dt.timedelta(minutes=5))
+
+    later, earlier = NOW + dt.timedelta(hours=1), NOW - dt.timedelta(hours=1)
+    await case_with_checkin("@open-pending:l", later)
+    overdue = await case_with_checkin("@open-overdue:l", earlier)
+    assert await counts() == cases.CheckinCounts(pending=1, overdue=1, unclaimed=0)
+    # Closed and cancelled: no longer counted.
+    cancelled = await case_with_checkin("@cancelled:l", earlier)
+    await update(cancelled, state="closed", active_key=None)
+    async with engine.begin() as conn:
+        await cases.skip_pending(conn, cancelled, checkin_steps, "closed", NOW)
+    # Withdrawn but kept: still counted.
+    kept = await case_with_checkin("@kept:l", earlier)
+    await update(kept, state="closed", active_key=None)
+    assert await counts() == cases.CheckinCounts(pending=1, overdue=2, unclaimed=0)
+    # Opened and unclaimed: the kept one counts, the open one counts, a cancelled one not.
+    for case_id in (overdue, kept, cancelled):
+        if case_id != cancelled:
+            await step_done(case_id, "checkin")
+        await update(case_id, checkin_opened_at=NOW)
+    assert await counts() == cases.CheckinCounts(pending=1, overdue=0, unclaimed=2)

@@ -165,6 +165,27 @@ async def test_unclaimed_checkin_is_raised_again_once(synapse, tmp_path):
         assert len(reminders) == 1
 
 
+async def test_a_checkin_kept_through_a_withdrawal_is_still_raised_again(synapse, tmp_path):
+    """`!case N withdraw <why> --keep-checkin`: the case is closed, its check-in is not, so
+    an unclaimed check-in is raised again as any other (it used to be skipped)."""
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="3s", remind_after="2s")
+    async with running_service(config):
+        await open_group_room(scene)
+        await flag_member(scene)
+        await eventually(
+            lambda: scene.last_staff_event(lambda body: body.startswith("Case #1")),
+            within=30,
+            what="the alert",
+        )
+        await scene.staff.send_text(scene.staff_room, "!case 1 withdraw joke --keep-checkin")
+        await eventually(
+            lambda: scene.last_staff_event(lambda body: "no one from staff has claimed" in body),
+            within=40,
+            what="the reminder of the kept check-in",
+        )
+
+
 async def test_dry_run_tells_staff_when_it_would_have_opened(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     config = checkin_config(scene, after="1s", dry_run=True)

@@ -206,13 +206,14 @@ async def test_homeserver_gone_is_an_encryption_problem_on_health(synapse, tmp_p
 
             async def encryption(ok: bool) -> bool:
                 _status, body = await health(service)
-                return body["checks"]["encryption"]["ok"] is ok
+                check = body["checks"]["encryption"]
+                return check["ok"] is ok and (check["ready"] or not ok)
 
-            await until(lambda: encryption(True), within=30, what="encryption ready")
+            await until(lambda: encryption(True), within=60, what="encryption ready")
             await proxy.stop()  # nothing listens: every connection is refused
             await until(lambda: encryption(False), within=60, what="the outage on /health")
             _status, body = await health(service)
-            assert "sync" in body["checks"]["encryption"]["problem"]
+            assert "sync" in body["checks"]["encryption"]["problem"], "named as what failed"
             proxy = HoldingProxy(synapse.url, port=proxy.port)
             await proxy.start()
             await until(lambda: encryption(True), within=90, what="encryption back")
