@@ -98,6 +98,8 @@ class AppServiceServer:
         )
         for method, path, handler in routes:
             app.router.add_route(method, path, self._guarded(handler))
+            if method == "GET":  # as aiohttp's add_get does: load balancers probe with HEAD
+                app.router.add_route("HEAD", path, self._guarded(handler))
             # Any other method on a known path (the same resource, matched second).
             app.router.add_route("*", path, self._guarded(_method_not_allowed))
         app.router.add_route("*", "/{tail:.*}", self._guarded(_unrecognized))

@@ -168,6 +168,8 @@ async def test_query_ping_unknown_and_wrong_method(service):
             assert (r.status, (await r.json())["errcode"]) == (404, "M_UNRECOGNIZED")
         async with session.get(f"{base(service)}/_matrix/app/v1/transactions/1") as r:
             assert (r.status, (await r.json())["errcode"]) == (405, "M_UNRECOGNIZED")
+        async with session.head(f"{base(service)}/metrics") as r:
+            assert r.status == 200, "HEAD is answered wherever GET is"
 
 
 async def test_health_names_each_check(synapse, tmp_path):
