@@ -222,8 +222,9 @@ class Referral:
                 await corroboration_due(
                     conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
                 )
+                # What it redacted already stays recorded: only the new flag is new.
                 await cases.rearm_step(
-                    conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], {}
+                    conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was
                 )
                 await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
         self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()

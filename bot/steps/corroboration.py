@@ -6,29 +6,24 @@ Armed again by each corroborating flag (bot/referral.py); each is told once.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import audit, cases
-from bot.store.schema import case_steps
 
 
 async def corroboration_due(
     conn: AsyncConnection, case_id: int, seq: int, *, position: int
 ) -> None:
     """Add the flag recorded at `seq` to what the step has to tell staff."""
-    row = (
-        await conn.execute(
-            sa.select(case_steps.c.progress, case_steps.c.status).where(
-                case_steps.c.case_id == case_id, case_steps.c.step == "corroboration"
-            )
-        )
-    ).first()
-    progress = dict(row.progress or {}) if row else {}
-    progress["pending"] = [*progress.get("pending", []), seq]
-    await cases.rearm_step(conn, case_id, "corroboration", position, progress)
+    await cases.rearm_step(
+        conn,
+        case_id,
+        "corroboration",
+        position,
+        lambda was: was | {"pending": [*was.get("pending", []), seq]},
+    )
 
 
 class Corroboration(CaseStep):

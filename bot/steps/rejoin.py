@@ -4,26 +4,20 @@ bot is removing them again: the `remove_again` step). Armed again on each return
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import cases
-from bot.store.schema import case_steps
 
 
 async def rejoin_due(conn: AsyncConnection, case_id: int, *, removing: bool, position: int) -> None:
-    row = (
-        await conn.execute(
-            sa.select(case_steps.c.progress).where(
-                case_steps.c.case_id == case_id, case_steps.c.step == "rejoin"
-            )
-        )
-    ).first()
-    returns = int(((row.progress if row else None) or {}).get("returns", 0)) + 1
     await cases.rearm_step(
-        conn, case_id, "rejoin", position, {"returns": returns, "removing": removing}
+        conn,
+        case_id,
+        "rejoin",
+        position,
+        lambda was: {"returns": int(was.get("returns", 0)) + 1, "removing": removing},
     )
 
 

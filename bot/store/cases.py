@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,9 +319,26 @@ async def skip_pending(
 
 
 async def rearm_step(
-    conn: AsyncConnection, case_id: int, step: str, position: int, progress: dict[str, Any]
+    conn: AsyncConnection,
+    case_id: int,
+    step: str,
+    position: int,
+    progress: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
-    """Make a step due again (a new flag to redact, the member back again), or add it."""
+    """Make a step due again (a new flag to redact, the member back again), or add it.
+
+    `progress`: the step's progress from now on, or a function of what it was (`{}` for
+    a step not there yet) — so what an earlier run did is kept where it matters.
+    """
+    if callable(progress):
+        row = (
+            await conn.execute(
+                sa.select(case_steps.c.progress).where(
+                    case_steps.c.case_id == case_id, case_steps.c.step == step
+                )
+            )
+        ).first()
+        progress = progress(dict((row.progress if row else None) or {}))
     updated = await conn.execute(
         case_steps.update()
         .where(case_steps.c.case_id == case_id, case_steps.c.step == step)

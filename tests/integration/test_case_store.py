@@ -215,3 +215,20 @@ async def test_checkin_counts_follow_the_checkin_not_the_case(engine):
             await step_done(case_id, "checkin")
         await update(case_id, checkin_opened_at=NOW)
     assert await counts() == cases.CheckinCounts(pending=1, overdue=0, unclaimed=2)
+
+
+async def test_a_step_armed_again_keeps_what_it_did_when_asked_to(engine):
+    """A corroborating flag arms `redact_flag` again: the flags it redacted already stay
+    recorded (it redacts the new one, and asks about none of the old)."""
+    opened = await open_case(engine, flag())
+    async with engine.begin() as conn:
+        await cases.save_progress(conn, opened.case_id, "notify", {"redacted": ["$a"]})
+        await cases.rearm_step(conn, opened.case_id, "notify", 0, lambda was: was)
+        await cases.rearm_step(conn, opened.case_id, "remove", 1, {"fresh": True})
+        await cases.rearm_step(
+            conn, opened.case_id, "added", 5, lambda was: was | {"count": was.get("count", 0) + 1}
+        )
+        steps = {s.step: s for s in await cases.steps_of(conn, opened.case_id)}
+    assert steps["notify"].progress == {"redacted": ["$a"]} and steps["notify"].status == "pending"
+    assert steps["remove"].progress == {"fresh": True}
+    assert steps["added"].progress == {"count": 1} and steps["added"].status == "pending"
