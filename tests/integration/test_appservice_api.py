@@ -12,6 +12,7 @@ from appservice.config import ConfigError, load_config
 from appservice.database import create_engine
 from appservice.service import Service
 from bot.store import ingest
+from tests.support.appservice_api import auth, base, put, reaction
 from tests.support.processes import run_service_process
 from tests.support.scene import (
     build_scene,
@@ -41,37 +42,6 @@ async def config(synapse, tmp_path):
 async def service(config):
     async with running_service(config) as service:
         yield service
-
-
-def base(service: Service) -> str:
-    return f"http://127.0.0.1:{service.port}"
-
-
-def auth(service: Service) -> dict[str, str]:
-    return {"Authorization": f"Bearer {service.registration.hs_token}"}
-
-
-def reaction(event_id: str, key: str = "🚨") -> dict:
-    return {
-        "event_id": event_id,
-        "room_id": "!nowhere:localhost",
-        "type": "m.reaction",
-        "sender": "@someone:localhost",
-        "origin_server_ts": 1,
-        "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": key}},
-    }
-
-
-async def put(service, txn, body, headers=None, raw=False):
-    async with (
-        aiohttp.ClientSession() as session,
-        session.put(
-            f"{base(service)}/_matrix/app/v1/transactions/{txn}",
-            data=body if raw else json.dumps(body),
-            headers=auth(service) if headers is None else headers,
-        ) as response,
-    ):
-        return response.status, await response.json(content_type=None)
 
 
 async def inbox_ids(service) -> list[str]:

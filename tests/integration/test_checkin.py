@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.integration.test_resilience import _config
+from tests.support.checkins import checkin_config, checkin_rooms, flag_member, flagged_and_scheduled
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
@@ -21,40 +21,6 @@ from tests.support.scene import (
 from tests.support.scene import until as eventually
 
 pytestmark = pytest.mark.synapse
-
-
-def checkin_config(
-    scene, *, after: str = "2s", remind_after: str = "1h", homeserver_url=None, **policy
-):
-    import yaml
-
-    path = _config(scene, homeserver_url=homeserver_url, **policy)
-    data = yaml.safe_load(path.read_text())
-    data["checkin"] = {"after": after, "remind_after": remind_after, "room_name": "Checking in"}
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-async def flag_member(scene) -> None:
-    said = await scene.member.send_text(scene.group, "I can't do this")
-    await scene.moderator.react(scene.group, said, "🚨")
-
-
-async def flagged_and_scheduled(scene, config) -> None:
-    """Open the group room, flag the member, wait until the case's check-in is scheduled."""
-    await open_group_room(scene)
-    await flag_member(scene)
-    await eventually(lambda: recorded(config, "step.schedule"), what="scheduling")
-
-
-async def checkin_rooms(scene) -> list[str]:
-    """Rooms the member is invited to whose name is the check-in's (not the DM)."""
-    staff_invites = await scene.staff.invites()
-    return [
-        room
-        for room, state in (await scene.member.invites()).items()
-        if state.get("m.room.name", {}).get("name") == "Checking in" and room in staff_invites
-    ]
 
 
 async def test_checkin_opens_and_a_staff_claim_is_recorded(synapse, tmp_path):

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.integration.test_checkin import checkin_config, checkin_rooms
+from tests.support.checkins import checkin_config, checkin_rooms
 from tests.support.scene import (
     BOT,
     build_scene,
@@ -20,7 +20,7 @@ from tests.support.scene import (
     open_group_room,
     recorded,
     running_service,
-    service_config,
+    scene_config,
     until,
 )
 
@@ -28,15 +28,7 @@ pytestmark = pytest.mark.synapse
 
 
 def configure(scene, *, checkin: dict | None = None, **policy):
-    return service_config(
-        scene.synapse,
-        scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
-        policy=policy,
-        checkin=checkin,
-    )
+    return scene_config(scene, policy=policy, checkin=checkin)
 
 
 async def kick_event(scene, user) -> dict | None:

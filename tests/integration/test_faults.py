@@ -32,7 +32,7 @@ from tests.support.scene import (
     export_json,
     open_group_room,
     running_service,
-    service_config,
+    scene_config,
     until,
 )
 from tests.support.synapse import free_port
@@ -42,16 +42,7 @@ REFERRAL = ("notify", "remove", "alert", "schedule")
 
 
 def config_for(scene: Scene, **options: Any) -> Path:
-    reconcile = options.pop("reconcile", {"interval": "2s"})
-    return service_config(
-        scene.synapse,
-        scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
-        reconcile=reconcile,
-        **options,
-    )
+    return scene_config(scene, reconcile=options.pop("reconcile", {"interval": "2s"}), **options)
 
 
 async def more_members(scene: Scene, count: int) -> list[Any]:

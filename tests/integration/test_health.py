@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.integration.test_appservice_api import put, reaction
+from tests.support.appservice_api import put, reaction
 from tests.support.scene import (
     build_scene,
     export_json,

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.support.matrix_user import q
 from tests.support.scene import (
     BOT,
     build_scene,
@@ -13,7 +14,7 @@ from tests.support.scene import (
     fetch,
     open_group_room,
     running_service,
-    service_config,
+    scene_config,
     until,
 )
 
@@ -27,14 +28,7 @@ async def scene(synapse, tmp_path):
 
 
 def configure(scene, **policy):
-    return service_config(
-        scene.synapse,
-        scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
-        policy=policy,
-    )
+    return scene_config(scene, policy=policy)
 
 
 async def removed(scene, user) -> bool:
@@ -217,6 +211,30 @@ async def test_member_who_already_left_is_recorded(scene):
         assert steps["remove"].result["already_gone"] is True
 
 
+async def test_a_banned_member_stays_banned(scene):
+    """A member banned just before the flag: the case goes ahead (they are told, staff
+    alerted), and the removal never turns the ban into a mere leave (in Matrix a kick of
+    a banned user would lift the ban, if the homeserver allowed it)."""
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "bye")
+        await scene.owner.request(
+            "POST",
+            f"/_matrix/client/v3/rooms/{q(scene.group)}/ban",
+            {"user_id": scene.member.user_id, "reason": "spam"},
+        )
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="the alert"
+        )
+        async with service.engine.connect() as conn:
+            from bot.store import cases
+
+            steps = {s.step: s for s in await cases.steps_of(conn, 1)}
+        assert steps["remove"].status == "done"
+        assert await scene.membership(scene.group, scene.member) == "ban"
+
+
 async def test_rejoined_member_flagged_again_opens_a_new_case(scene):
     async with running_service(configure(scene)):
         await open_group_room(scene)
@@ -298,7 +316,7 @@ async def test_a_reaction_to_an_absurd_event_id_holds_nothing_up(scene):
     Synapse refuses such a reaction from a client, so it comes the way a homeserver
     (or anyone with the hs_token) could deliver it: in a transaction.
     """
-    from tests.integration.test_appservice_api import put
+    from tests.support.appservice_api import put
 
     config = configure(scene)
     async with running_service(config) as service:

@@ -6,7 +6,6 @@ import asyncio
 import signal
 
 import pytest
-import yaml
 
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
@@ -17,6 +16,7 @@ from tests.support.scene import (
     health,
     open_group_room,
     running_service,
+    scene_config,
     service_config,
     until,
 )
@@ -25,19 +25,7 @@ pytestmark = pytest.mark.synapse
 
 
 def _config(scene, *, homeserver_url: str | None = None, **policy):
-    path = service_config(
-        scene.synapse,
-        scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
-        policy=policy,
-    )
-    if homeserver_url:
-        data = yaml.safe_load(path.read_text())
-        data["homeserver"]["url"] = homeserver_url
-        path.write_text(yaml.safe_dump(data))
-    return path
+    return scene_config(scene, policy=policy, homeserver_url=homeserver_url)
 
 
 async def _kicks_of(scene, user) -> list[dict]:

@@ -29,6 +29,7 @@ from tests.support.scene import (
     health,
     open_group_room,
     running_service,
+    scene_config,
     service_config,
     until,
 )
@@ -37,14 +38,7 @@ pytestmark = pytest.mark.synapse
 
 
 def configure(scene, **policy):
-    return service_config(
-        scene.synapse,
-        scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
-        policy=policy,
-    )
+    return scene_config(scene, policy=policy)
 
 
 async def entries(service, kind: str) -> list[audit.AuditEntry]:

@@ -12,7 +12,7 @@ import yaml
 from aiohttp import web
 
 from bot.store import audit
-from tests.integration.test_checkin import (
+from tests.support.checkins import (
     checkin_config,
     checkin_rooms,
     flag_member,

@@ -226,3 +226,17 @@ async def fetch(service: Service, path: str) -> tuple[int, str]:
 async def health(service: Service) -> tuple[int, dict[str, Any]]:
     status, text = await fetch(service, "/health")
     return status, json.loads(text)
+
+
+def scene_config(scene: Scene, **options: Any) -> Path:
+    """The service config for a scene: its Synapse, staff room and staff, and a SQLite
+    database in its directory; `options` (policy, checkin, homeserver_url, sections) as
+    `service_config` takes them."""
+    return service_config(
+        scene.synapse,
+        scene.directory,
+        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
+        staff_room=scene.staff_room,
+        staff=[scene.staff.user_id],
+        **options,
+    )
