@@ -55,7 +55,7 @@ def chat(event_id: str, at: dt.datetime) -> dict:
     }
 
 
-def build(engine, hs, since: dt.datetime | None = None):
+def new_intake(engine, senders: RecentSenders | None = None) -> Intake:
     intake = Intake(
         engine,
         ActionFilter(
@@ -65,12 +65,18 @@ def build(engine, hs, since: dt.datetime | None = None):
         ),
         Metrics(),
         on_queued=lambda lane: None,
+        senders=senders,
     )
+    _intakes.append(intake)
+    return intake
+
+
+def build(engine, hs, since: dt.datetime | None = None):
+    intake = new_intake(engine)
 
     async def rooms():
         return [(GROUP, since)]
 
-    _intakes.append(intake)
     return Reconciler(engine, hs, intake, rooms, ReconcileSettings()), intake
 
 
@@ -108,18 +114,7 @@ async def test_an_event_already_delivered_is_not_queued_again(engine):
 async def test_the_intake_notes_who_sent_each_event_it_records(engine):
     """What lets a flag on a recent message be decided without reading the message."""
     senders = RecentSenders()
-    intake = Intake(
-        engine,
-        ActionFilter(
-            PolicySettings(staff_room=STAFF),
-            RoomDirectory(StaffRoom(STAFF)),
-            bot_user_id="@safeguard:localhost",
-        ),
-        Metrics(),
-        on_queued=lambda lane: None,
-        senders=senders,
-    )
-    _intakes.append(intake)
+    intake = new_intake(engine, senders)
     message = chat("$said", dt.datetime.now(dt.UTC)) | {"room_id": GROUP}
     await intake.accept("txn-1", [message])
     assert senders.sender_of(GROUP, "$said") == MEMBER
