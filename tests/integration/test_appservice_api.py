@@ -20,6 +20,7 @@ from tests.support.scene import (
     health,
     open_group_room,
     running_service,
+    scene_config,
     service_config,
     until,
 )
@@ -144,11 +145,8 @@ async def test_query_ping_unknown_and_wrong_method(service):
 
 async def test_health_names_each_check(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        staff_room=scene.staff_room,
+    config = scene_config(
+        scene,
         staff=[],
     )
     async with running_service(config) as service:
@@ -241,12 +239,8 @@ async def test_homeserver_down_at_start_still_serves(synapse, tmp_path):
 
 async def test_bot_exists_and_synapse_delivers_messages_and_reactions(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
-    path = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'd.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    path = scene_config(
+        scene,
         policy={"reactions": ["🚨", "👀"]},
     )
     async with running_service(path) as service:
@@ -275,12 +269,8 @@ async def _seen(service, event_ids: set[str]) -> bool:
 
 async def test_transaction_retried_by_synapse_is_processed_once(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
-    path = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    path = scene_config(
+        scene,
     )
     async with running_service(path):
         await open_group_room(scene)
@@ -306,12 +296,8 @@ async def _case_count(service, expected: int) -> bool:
 
 async def test_invite_from_someone_not_allowed_is_rejected_and_recorded(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
-    path = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'i.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    path = scene_config(
+        scene,
     )
     data = yaml.safe_load(path.read_text())
     data["appservice"]["allowed_inviters"] = [scene.staff.user_id]

@@ -25,7 +25,7 @@ from tests.support.scene import (
     health,
     open_group_room,
     running_service,
-    service_config,
+    scene_config,
     until,
 )
 
@@ -122,12 +122,8 @@ def put(port: int, token: str, txn: int, body: bytes) -> int:
 
 async def test_transaction_endpoint_fuzzed_then_a_real_flag_still_works(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    config = scene_config(
+        scene,
     )
     async with running_service(config) as service:
         await open_group_room(scene)

@@ -26,7 +26,7 @@ from tests.support.scene import (
     health,
     open_group_room,
     running_service,
-    service_config,
+    scene_config,
     until,
 )
 from tests.support.synapse import free_port
@@ -70,12 +70,10 @@ def many_reactions(prefix: str, count: int = 100) -> dict:
 async def test_full_disk_is_503_on_health_and_transactions_then_recovers(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     with small_disk(tmp_path) as disk:
-        config = service_config(
-            synapse,
-            tmp_path,
-            database_url=f"sqlite+aiosqlite:///{disk / 'safeguard.db'}",
-            staff_room=scene.staff_room,
+        config = scene_config(
+            scene,
             staff=[],
+            database=disk / "safeguard.db",
         )
         async with running_service(config) as service:
             assert (await health(service))[0] == 200
@@ -100,11 +98,8 @@ async def test_read_only_database_is_503(synapse, tmp_path):
     from sqlalchemy import event
 
     scene = await build_scene(synapse, tmp_path)
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-        staff_room=scene.staff_room,
+    config = scene_config(
+        scene,
         staff=[],
     )
     async with running_service(config) as service:
@@ -136,12 +131,10 @@ time.sleep(float(sys.argv[2]))
 async def test_locked_database_gets_a_prompt_503(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     database = tmp_path / "locked.db"
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{database}",
-        staff_room=scene.staff_room,
+    config = scene_config(
+        scene,
         staff=[],
+        database=database,
     )
     async with running_service(config) as service:
         locker = await asyncio.create_subprocess_exec(
@@ -168,12 +161,8 @@ async def test_locked_database_gets_a_prompt_503(synapse, tmp_path):
 async def test_rejected_as_token_is_an_outage_named_on_health_never_a_failure(synapse, tmp_path):
     """A rotated as_token: every call gets 401 M_UNKNOWN_TOKEN; the flag waits, then happens."""
     scene = await build_scene(synapse, tmp_path)
-    good = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    good = scene_config(
+        scene,
     )
     async with running_service(good):
         await open_group_room(scene)
@@ -240,12 +229,8 @@ async def test_alert_the_staff_room_refuses_is_paged_and_named_on_health(synapse
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         scene = await build_scene(synapse, tmp_path)
-        config = service_config(
-            synapse,
-            tmp_path,
-            database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-            staff_room=scene.staff_room,
-            staff=[scene.staff.user_id],
+        config = scene_config(
+            scene,
             policy={"alert_webhook": f"http://127.0.0.1:{port}/page"},
             messages={"alert": "Case #{case}\n" + "x" * 70_000},
         )
@@ -272,11 +257,8 @@ async def test_encryption_asked_for_but_impossible_is_on_health(synapse, tmp_pat
     """An older registration makes the bot the sender, which Synapse will not let sync:
     encrypted commands would go unread, so /health is not ok, and says what to do."""
     scene = await build_scene(synapse, tmp_path)
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-        staff_room=scene.staff_room,
+    config = scene_config(
+        scene,
         staff=[],
     )
     data = yaml.safe_load(config.read_text())

@@ -17,7 +17,6 @@ from tests.support.scene import (
     open_group_room,
     running_service,
     scene_config,
-    service_config,
     until,
 )
 
@@ -144,12 +143,8 @@ async def test_rate_limited_bot_retries_until_done(strict_synapse, tmp_path):
     admin = await strict_synapse.new_user("admin", admin=True)
     for user in (scene.owner, scene.moderator, scene.member, scene.staff, admin):
         await admin.override_ratelimit(user.user_id)
-    config = service_config(
-        strict_synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    config = scene_config(
+        scene,
     )
     async with running_service(config) as service:
         await open_group_room(scene)
@@ -187,12 +182,9 @@ async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp
         configured = scene.staff_room
     else:
         configured = f"#{alias_name}:{synapse.server_name}"
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+    config = scene_config(
+        scene,
         staff_room=configured,
-        staff=[scene.staff.user_id],
     )
     async with running_service(config) as service:
         status, body = await health(service)

@@ -30,7 +30,6 @@ from tests.support.scene import (
     open_group_room,
     running_service,
     scene_config,
-    service_config,
     until,
 )
 
@@ -93,12 +92,8 @@ async def test_a_room_the_bot_cannot_join_is_told_to_staff(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     proxy = HoldingProxy(synapse.url)
     await proxy.start()
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+    config = scene_config(
+        scene,
         homeserver_url=proxy.url,
     )
     try:
@@ -200,12 +195,9 @@ async def test_a_moved_staff_room_alias_does_not_move_the_staff_room(synapse, tm
     alias_name = f"staff-{tmp_path.name}"
     alias = f"#{alias_name}:{synapse.server_name}"
     scene.staff_room = await scene.staff.create_room(name="Staff", alias=alias_name, invite=[BOT])
-    config = service_config(
-        synapse,
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'safeguard.db'}",
+    config = scene_config(
+        scene,
         staff_room=alias,
-        staff=[scene.staff.user_id],
     )
     mallory = await synapse.new_user("mallory")
     async with running_service(config) as service:

@@ -228,15 +228,23 @@ async def health(service: Service) -> tuple[int, dict[str, Any]]:
     return status, json.loads(text)
 
 
-def scene_config(scene: Scene, **options: Any) -> Path:
+def scene_config(
+    scene: Scene,
+    *,
+    staff: list[str] | None = None,
+    staff_room: str | None = None,
+    database: Path | None = None,
+    **options: Any,
+) -> Path:
     """The service config for a scene: its Synapse, staff room and staff, and a SQLite
-    database in its directory; `options` (policy, checkin, homeserver_url, sections) as
-    `service_config` takes them."""
+    database in its directory, unless given; `options` (policy, checkin, homeserver_url,
+    sections) as `service_config` takes them."""
+    database = database or scene.directory / "safeguard.db"
     return service_config(
         scene.synapse,
         scene.directory,
-        database_url=f"sqlite+aiosqlite:///{scene.directory / 'safeguard.db'}",
-        staff_room=scene.staff_room,
-        staff=[scene.staff.user_id],
+        database_url=f"sqlite+aiosqlite:///{database}",
+        staff_room=scene.staff_room if staff_room is None else staff_room,
+        staff=[scene.staff.user_id] if staff is None else staff,
         **options,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from typing import Any
 
 import pytest
 
@@ -46,9 +47,9 @@ async def test_known_state_is_used_until_a_state_event_arrives():
     await cache.close()
 
 
-async def test_a_read_that_began_before_a_change_is_not_kept_as_current():
-    hs = homeserver()
-    cache = RoomStateCache(hs)
+def held_reads(hs) -> tuple[asyncio.Event, asyncio.Event, Any]:
+    """The room's state reads answer, then wait at `gate` (set `started` when they do);
+    also the unheld read, to put back."""
     gate, started = asyncio.Event(), asyncio.Event()
     original = hs.room_state_events
 
@@ -58,7 +59,14 @@ async def test_a_read_that_began_before_a_change_is_not_kept_as_current():
         await gate.wait()
         return state
 
-    hs.room_state_events = slow  # type: ignore[method-assign]
+    hs.room_state_events = slow
+    return gate, started, original
+
+
+async def test_a_read_that_began_before_a_change_is_not_kept_as_current():
+    hs = homeserver()
+    cache = RoomStateCache(hs)
+    gate, started, original = held_reads(hs)
     reading = asyncio.create_task(cache.state(GROUP))
     await started.wait()
     cache.state_changed(GROUP, "m.room.power_levels", "")
@@ -190,16 +198,7 @@ async def test_a_member_event_makes_that_member_unknown_and_is_read_off_the_flag
 async def test_a_member_event_during_a_read_leaves_that_member_unknown():
     hs = homeserver()
     cache = RoomStateCache(hs)
-    gate, started = asyncio.Event(), asyncio.Event()
-    original = hs.room_state_events
-
-    async def slow(room_id):
-        state = await original(room_id)
-        started.set()
-        await gate.wait()
-        return state
-
-    hs.room_state_events = slow  # type: ignore[method-assign]
+    gate, started, _ = held_reads(hs)
     hs.member_event = lambda *_: asyncio.Event().wait()  # type: ignore[method-assign,assignment]
     reading = asyncio.create_task(cache.state(GROUP))
     await started.wait()
@@ -218,16 +217,7 @@ async def test_after_a_gap_nothing_is_known_not_even_a_read_in_flight():
     await cache.state(GROUP)
     cache.forget_everything()
     assert cache.current(GROUP) is None
-    gate, started = asyncio.Event(), asyncio.Event()
-    original = hs.room_state_events
-
-    async def slow(room_id):
-        state = await original(room_id)
-        started.set()
-        await gate.wait()
-        return state
-
-    hs.room_state_events = slow  # type: ignore[method-assign]
+    gate, started, original = held_reads(hs)
     reading = asyncio.create_task(cache.state(GROUP))
     await started.wait()
     cache.forget_everything()
