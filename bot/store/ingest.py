@@ -202,8 +202,11 @@ class TransactionRecorder:
         # Our turn among this process's writers; then SQLite's write lock, taken up
         # front as every writer here does (appservice/database.py).
         async with self._writing():
-            await driver.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a BEGIN whose caller is cancelled while it waits still
+                # runs in the driver's thread, and must be rolled back after it, or this
+                # connection would keep SQLite's write lock until its next transaction.
+                await driver.execute("BEGIN IMMEDIATE")
                 await driver.execute(
                     _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
                 )

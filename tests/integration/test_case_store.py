@@ -232,3 +232,36 @@ async def test_a_step_armed_again_keeps_what_it_did_when_asked_to(engine):
     assert steps["notify"].progress == {"redacted": ["$a"]} and steps["notify"].status == "pending"
     assert steps["remove"].progress == {"fresh": True}
     assert steps["added"].progress == {"count": 1} and steps["added"].status == "pending"
+
+
+async def test_a_recording_cancelled_while_waiting_for_sqlites_lock_leaves_no_lock_held(tmp_path):
+    """A BEGIN whose caller was cancelled still runs in the driver's thread: it must be
+    rolled back after, or the recorder's connection keeps SQLite's write lock (every
+    other writer stalls) and its next transaction fails."""
+    import sqlite3
+
+    from appservice.database import create_engine, upgrade
+
+    path = tmp_path / "cancelled.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    await upgrade(engine)
+    recorder = ingest.TransactionRecorder(engine)
+    other = sqlite3.connect(path, isolation_level=None)  # a writer in another process
+    try:
+        await recorder.record("t0", ["$a"], [], NOW)  # the recorder has its connection
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.create_task(recorder.record("t1", ["$b"], [], NOW))
+        await asyncio.sleep(0.3)  # its BEGIN now waits for the lock, in the driver's thread
+        waiting.cancel()
+        await asyncio.sleep(0.1)
+        other.execute("COMMIT")  # the cancelled BEGIN goes through now
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        recorded = await recorder.record("t2", ["$c"], [], NOW)
+        assert recorded.new_events == 1, "the next transaction records as usual"
+        other.execute("BEGIN IMMEDIATE")  # and no lock is left behind for anyone
+        other.execute("COMMIT")
+    finally:
+        other.close()
+        await recorder.close()
+        await engine.dispose()
