@@ -34,6 +34,7 @@ class Worker:
         # not one round, and one database commit, per transaction.
         self._gather_for = gather_for
         self._wakeup = asyncio.Event()
+        self._stop_asked = asyncio.Event()  # ends a gathering wait at once
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self._stopping = False
@@ -55,6 +56,7 @@ class Worker:
             return
         self._stopping = True
         self._wakeup.set()
+        self._stop_asked.set()
         done, _ = await asyncio.wait({self._task}, timeout=grace)
         if not done:
             self._task.cancel()
@@ -62,6 +64,7 @@ class Worker:
             await self._task
         self._task = None
         self._stopping = False
+        self._stop_asked.clear()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -81,4 +84,6 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
             if self._gather_for and self._wakeup.is_set() and not self._stopping:
-                await asyncio.sleep(self._gather_for)
+                # Stopping need not wait for the gathering: the work is queued either way.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_asked.wait(), self._gather_for)

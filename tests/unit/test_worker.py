@@ -59,3 +59,20 @@ async def test_an_idle_worker_stops_at_once_and_can_start_again():
     await asyncio.sleep(0.05)
     await worker.stop()
     assert len(rounds) == 2
+
+
+async def test_stop_does_not_wait_out_a_gathering_pause():
+    rounds: list[int] = []
+
+    async def count() -> bool:
+        rounds.append(1)
+        return False
+
+    worker = Worker("test", count, poll_interval=3600, gather_for=3600)
+    worker.start()
+    await asyncio.sleep(0)
+    worker.wake()  # the loop now gathers for an hour before its next round
+    await asyncio.sleep(0.05)
+    # Were the pause waited out, this would hang (and the grace is as long as the pause).
+    await asyncio.wait_for(worker.stop(grace=3600), timeout=30)
+    assert rounds == [1], "no round started for stopping"
