@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,6 +45,16 @@ OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILURE_DELAYS = (2.0, 10.0, 30.0)
 # Steps whose failure the staff alert itself reports, when it is still to come.
 REPORTED_BY_ALERT = frozenset({"notify", "remove"})
+
+
+class _Finished(NamedTuple):
+    """A step's outcome, to be recorded in the transaction that starts the next."""
+
+    case: Case
+    unit: CaseStep
+    step: Step
+    steps: Mapping[str, Step]
+    outcome: Outcome
 
 
 def _now() -> dt.datetime:
@@ -176,25 +186,37 @@ class StepEngine:
     # ---- one case --------------------------------------------------------------------
 
     async def run_case(self, case_id: int) -> None:
-        """Run every step of the case that can run now, in order; then set its next look."""
+        """Run every step of the case that can run now, in order; then set its next look.
+
+        One database transaction between two steps: the outcome of the one that ran,
+        the case as it is now (a staff command may have changed it meanwhile), and the
+        intent of the next (or, with none to run now, when to look again). So a step
+        waits for one commit after the one before it, not three.
+        """
         deferred: set[str] = set()  # each step is tried at most once per round when waiting
+        finished: _Finished | None = None  # the last step's outcome, not yet recorded
+        go_on = True
         while True:
-            async with self._db.connect() as conn:
+            step: Step | None = None
+            async with self._db.begin() as conn:
+                told = await self._write_outcome(conn, finished) if finished else False
                 case = await cases.get(conn, case_id)
                 steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
-            if case is None:
+                if case is not None and go_on:
+                    step = self._next_runnable(case, steps, _now(), skip=deferred)
+                    if step is not None:
+                        await cases.start_step(conn, case_id, step.step, _now())  # the intent
+                if case is not None and step is None:
+                    await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+            if finished is not None:
+                await self._outcome_recorded(finished, told)
+            if case is None or step is None:
                 return
-            step = self._next_runnable(case, steps, _now(), skip=deferred)
-            if step is None:
-                break
             deferred.add(step.step)
-            if not await self._run_step(case, step, steps):
-                break  # the homeserver is away: the other steps would wait for it too
-        async with self._db.begin() as conn:
-            case = await cases.get(conn, case_id)
-            steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
-            if case is not None:
-                await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+            step = replace(step, status="started", attempts=step.attempts + 1)
+            steps[step.step] = step
+            # False: the homeserver is away, and the other steps would wait for it too.
+            go_on, finished = await self._run_step(case, step, steps)
 
     def _ready(self, steps: Mapping[str, Step], unit: CaseStep) -> bool:
         return all(steps[name].finished for name in unit.requires if name in steps)
@@ -222,35 +244,32 @@ class StepEngine:
         times = [self._when(case, steps, step) for step in steps.values()]
         return min((t for t in times if t is not None), default=None)
 
-    async def _run_step(self, case: Case, step: Step, steps: dict[str, Step]) -> bool:
-        """Run one step under the contract; False if a homeserver outage deferred it.
+    async def _run_step(
+        self, case: Case, step: Step, steps: dict[str, Step]
+    ) -> tuple[bool, _Finished | None]:
+        """Run one step (its intent written) under the contract: whether to go on (False
+        if a homeserver outage deferred it), and the outcome to record, if it has one.
 
         A staff room that cannot take messages defers only the steps that post there:
         the member's steps (a check-in, say) go on.
         """
         unit = self._steps[step.step]
-        now = _now()
-        async with self._db.begin() as conn:
-            await cases.start_step(conn, case.id, step.step, now)  # the intent
-        step = replace(step, status="started", attempts=step.attempts + 1)
-        steps[step.step] = step
         run = StepRun(case, step, steps, self._saver(case, step))
         began = time.perf_counter()
         try:
             outcome = await unit.run(run)
         except HomeserverUnavailable as exc:
             await self._defer(unit, run, exc)
-            return isinstance(exc, StaffRoomUnavailable)
+            return isinstance(exc, StaffRoomUnavailable), None
         except Exception as exc:
             log.exception("case #%d: step %s crashed", case.id, step.step, extra={"case": case.id})
             self._metrics.errors.labels("workflow").inc()
             outcome = Outcome("failed", error=f"internal error ({type(exc).__name__})", retry=True)
         if outcome.status == "failed" and outcome.retry and step.failures < unit.retries:
             await self._retry_later(case, step, outcome)
-            return True
-        await self._record(case, unit, step, steps, outcome)
+            return True, None
         self._metrics.step_seconds.labels(step.step).observe(time.perf_counter() - began)
-        return True
+        return True, _Finished(case, unit, step, steps, outcome)
 
     def _saver(self, case: Case, step: Step) -> Any:
         async def save(
@@ -305,14 +324,10 @@ class StepEngine:
             extra={"case": case.id},
         )
 
-    async def _record(
-        self,
-        case: Case,
-        unit: CaseStep,
-        step: Step,
-        steps: Mapping[str, Step],
-        outcome: Outcome,
-    ) -> None:
+    async def _write_outcome(self, conn: AsyncConnection, finished: _Finished) -> bool:
+        """A step's outcome, its audit entry and what a person must be told, in the
+        caller's transaction; True if a staff message was queued."""
+        case, unit, step, steps, outcome = finished
         now = _now()
         facts = outcome.facts | {"status": outcome.status, "attempts": step.attempts}
         personal = outcome.personal
@@ -322,30 +337,33 @@ class StepEngine:
             code = outcome.error.split(":", 1)[0]
             if code.startswith("M_") and code.replace("_", "").isalnum():
                 facts["errcode"] = code
-        async with self._db.begin() as conn:
-            await cases.finish_step(
-                conn,
-                case.id,
-                step.step,
-                status=outcome.status,
-                result=outcome.facts | outcome.personal,
-                error=outcome.error,
-                now=now,
-            )
-            if outcome.case_fields:
-                await cases.set_fields(conn, case.id, **outcome.case_fields)
-            await audit.append(
-                conn,
-                self._tools.deployment.provenance,
-                unit.kind,
-                case_id=case.id,
-                facts=facts,
-                personal=personal,
-                at=now,
-            )
-            told = False
-            if outcome.status == "failed":
-                told = await self._tell_staff_of_failure(conn, case, step, steps, outcome, now)
+        await cases.finish_step(
+            conn,
+            case.id,
+            step.step,
+            status=outcome.status,
+            result=outcome.facts | outcome.personal,
+            error=outcome.error,
+            now=now,
+        )
+        if outcome.case_fields:
+            await cases.set_fields(conn, case.id, **outcome.case_fields)
+        await audit.append(
+            conn,
+            self._tools.deployment.provenance,
+            unit.kind,
+            case_id=case.id,
+            facts=facts,
+            personal=personal,
+            at=now,
+        )
+        if outcome.status == "failed":
+            return await self._tell_staff_of_failure(conn, case, step, steps, outcome, now)
+        return False
+
+    async def _outcome_recorded(self, finished: _Finished, told: bool) -> None:
+        """What follows a recorded outcome, once it is committed."""
+        case, _, step, _, outcome = finished
         self._metrics.steps.labels(step.step, outcome.status).inc()
         log.info("case #%d: %s %s", case.id, step.step, outcome.status, extra={"case": case.id})
         if told:
