@@ -185,13 +185,16 @@ class ActionFilter:
             # leaves are chat, as far as the policy goes. The room-state cache hears of
             # every one of them anyway (Intake.accept).
             member = event.get("state_key")
-            if member.__class__ is str and (
-                member == self._bot or self._rooms.is_watched(room_id, member)
-            ):
+            if member == self._bot:
+                # Invited, kicked, banned: by someone else. What the bot did itself
+                # (joined, left, made a room) was recorded by what made it do it.
+                return OTHER_LANE if event.get("sender") != self._bot else None
+            if member.__class__ is str and self._rooms.is_watched(room_id, member):
                 return OTHER_LANE
             return None
         if event_type in STATE_TYPES:
-            return OTHER_LANE
+            # The bot's own state (a room it made) changes nothing it decides.
+            return OTHER_LANE if event.get("sender") != self._bot else None
         return None
 
 

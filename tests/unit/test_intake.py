@@ -28,12 +28,14 @@ def action_filter(command: str = "!safeguard") -> tuple[ActionFilter, RoomDirect
     return ActionFilter(policy, rooms, bot_user_id=BOT), rooms
 
 
-def membership(room: str, member: object, value: str = "join") -> dict[str, Any]:
+def membership(
+    room: str, member: object, value: str = "join", sender: str | None = None
+) -> dict[str, Any]:
     return {
         "type": "m.room.member",
         "event_id": f"$m-{member}-{value}",
         "room_id": room,
-        "sender": member if isinstance(member, str) else MOD,
+        "sender": sender or (member if isinstance(member, str) else MOD),
         "state_key": member,
         "content": {"membership": value},
     }
@@ -42,7 +44,11 @@ def membership(room: str, member: object, value: str = "join") -> dict[str, Any]
 def test_group_memberships_are_queued_only_for_the_bot_and_members_with_a_case():
     check, rooms = action_filter()
     assert check.lane(membership(GROUP, MEMBER)) is None, "an ordinary join is chat"
-    assert check.lane(membership(GROUP, BOT, "invite")) == OTHER_LANE
+    assert check.lane(membership(GROUP, BOT, "invite", sender=MOD)) == OTHER_LANE
+    assert check.lane(membership(GROUP, BOT, "leave", sender=MOD)) == OTHER_LANE, "kicked"
+    # What the bot does itself needs no second look (a room it made, a room it left).
+    assert check.lane(membership("!new:localhost", BOT)) is None
+    assert check.lane(membership(GROUP, BOT, "leave")) is None
     rooms.watch_member(GROUP, MEMBER)
     assert check.lane(membership(GROUP, MEMBER)) == OTHER_LANE, "a removed member's return"
     assert check.lane(membership(GROUP, MEMBER, "leave")) == OTHER_LANE
@@ -55,11 +61,14 @@ def test_group_memberships_are_queued_only_for_the_bot_and_members_with_a_case()
     assert check.lane(membership(GROUP, None)) is None
 
 
-def test_other_room_state_is_always_queued():
+def test_other_room_state_is_queued_unless_the_bot_set_it():
     check, _ = action_filter()
     for kind in ("m.room.power_levels", "m.room.create", "m.room.tombstone"):
         event = {"type": kind, "event_id": "$s", "room_id": GROUP, "sender": MOD}
         assert check.lane(event | {"state_key": "", "content": {}}) == OTHER_LANE
+        # A room the bot made: its first state is its own, before the room is known.
+        mine = event | {"room_id": "!new:localhost", "sender": BOT}
+        assert check.lane(mine | {"state_key": "", "content": {}}) is None
 
 
 def message(body: object) -> dict[str, Any]:
