@@ -14,7 +14,6 @@ import logging
 
 import pytest
 
-from appservice.database import create_engine, upgrade
 from appservice.logs import JsonFormatter
 from bot.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
 from bot.intake import FLAG_LANE, OTHER_LANE
@@ -31,14 +30,6 @@ from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
 from tests.support.policy import referral as build_referral
 
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-async def engine(tmp_path):
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'd.db'}")
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
 
 
 def homeserver() -> FakeHomeserver:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from appservice.database import create_engine, upgrade
 from bot.dispatch import Handling
 from bot.recent_senders import RecentSenders
 from bot.room_state import RoomStateCache
@@ -83,14 +82,6 @@ def test_pushed_events_never_enter_the_cache():
     cache = RoomStateCache(homeserver())
     cache.state_changed(GROUP, "m.room.power_levels", "")  # nothing known: nothing to do
     assert cache.current(GROUP) is None
-
-
-@pytest.fixture
-async def engine(tmp_path):
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def test_a_plain_non_moderator_is_refused_with_no_homeserver_call(engine):
