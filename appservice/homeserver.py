@@ -156,9 +156,9 @@ class NioHomeserver:
         self.client.masquerade_user = bot_user_id
         # The bot's end-to-end encryption, when on (appservice/crypto.py).
         self.crypto: BotCrypto | None = None
-        # Who each room the bot created was created with: an encrypted message waits for
-        # the sync to show them (their devices get the room key).
-        self._created_with: dict[str, list[str]] = {}
+        # Whom the bot created each room with, or invited since: an encrypted message
+        # waits for the sync to show them (their devices get the room key).
+        self._expected_members: dict[str, list[str]] = {}
         # The bot's m.direct as last read or written (see direct_rooms); None: not known.
         self._direct: dict[str, list[str]] | None = None
         self._direct_lock = asyncio.Lock()
@@ -500,7 +500,7 @@ class NioHomeserver:
             ):
                 created = await self._existing_room(f"#{alias}:{self._domain}", marker)
         if isinstance(created, RoomCreated):
-            self._created_with[created.room_id] = list(invite)
+            self._expected_members[created.room_id] = list(invite)
             if self.crypto is not None:
                 # We just made it, so whether it is encrypted needs no read before sending.
                 self.crypto.created(created.room_id, encrypted=encrypted)
@@ -626,15 +626,30 @@ class NioHomeserver:
                 return
             self._direct = direct
 
-    async def invite(self, room_id: str, user_id: str) -> Done | Refused:
-        response = await self._call(
-            f"invite to {room_id}", lambda: self.client.room_invite(room_id, user_id)
-        )
-        if isinstance(response, Refused):
-            return response
-        if room_id in self._created_with and user_id not in self._created_with[room_id]:
+    async def invite(
+        self, room_id: str, user_id: str, *, is_direct: bool = False
+    ) -> Done | Refused:
+        if is_direct:
+            # /invite cannot say "direct": the membership event itself can, as the
+            # invite createRoom sends with is_direct does (clients show it as a DM).
+            result = await self._raw(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{_quote(room_id)}/state/m.room.member/{_quote(user_id)}",
+                {"membership": "invite", "is_direct": True},
+                idempotent=True,
+            )
+            if isinstance(result, Refused):
+                return result
+        else:
+            response = await self._call(
+                f"invite to {room_id}", lambda: self.client.room_invite(room_id, user_id)
+            )
+            if isinstance(response, Refused):
+                return response
+        expected = self._expected_members.setdefault(room_id, [])
+        if user_id not in expected:
             # An encrypted message waits until the sync shows them: their devices get the key.
-            self._created_with[room_id].append(user_id)
+            expected.append(user_id)
         return Done()
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
@@ -654,7 +669,7 @@ class NioHomeserver:
         if await self._encrypted(room_id):
             assert self.crypto is not None
             content = await self.crypto.encrypt(
-                room_id, event_type, content, members=self._created_with.get(room_id, [])
+                room_id, event_type, content, members=self._expected_members.get(room_id, [])
             )
             event_type = "m.room.encrypted"
         result = await self._raw(

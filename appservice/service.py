@@ -41,6 +41,7 @@ from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake
 from bot.membership import Membership
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
+from bot.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.recent_senders import RecentSenders
 from bot.reconcile import Reconciler
 from bot.referral import Referral
@@ -70,6 +71,8 @@ PROBE_SECONDS = 5.0
 # How often refusal windows that have ended are reported (each window is
 # policy.refusal_report_every long).
 REFUSAL_FLUSH_EVERY = dt.timedelta(seconds=30)
+# How often rooms made ahead are tried again after the homeserver would not make one.
+READY_ROOMS_POLL_SECONDS = 60.0
 
 
 class Service:
@@ -146,6 +149,20 @@ class Service:
         # ---- the workers ----
         self.outbox = OutboxDelivery(self.engine, self.homeserver)
         self.outbox_worker = Worker("outbox", self.outbox.work_once)
+        self.ready_rooms = ReadyRooms(
+            self.engine,
+            self.homeserver,
+            self.rooms,
+            wanted=config.policy.ready_dm_rooms,
+            encrypted=self.deployment.encrypt_private_rooms,
+        )
+        self.ready_rooms_worker = Worker(
+            "ready-rooms",
+            self.ready_rooms.work_once,
+            poll_interval=READY_ROOMS_POLL_SECONDS,
+            gather_for=REFILL_AFTER_SECONDS,
+        )
+        self.ready_rooms.on_taken = self.ready_rooms_worker.wake
         tools = Toolbox(
             db=self.engine,
             homeserver=self.homeserver,
@@ -155,6 +172,7 @@ class Service:
             rooms=self.rooms,
             metrics=self.metrics,
             webhook=webhook,
+            ready_rooms=self.ready_rooms,
         )
         self.steps = StepEngine(self.engine, build_steps(tools), tools)
         self.steps.on_outbox = self.outbox_worker.wake
@@ -253,6 +271,12 @@ class Service:
         self.inbox_worker = Worker(
             "inbox", lambda: self.dispatcher.work_lane(OTHER_LANE), gather_for=0.1
         )
+        self._workers = (
+            self.flag_worker,
+            self.inbox_worker,
+            self.outbox_worker,
+            self.ready_rooms_worker,
+        )
         self.intake = Intake(
             self.engine,
             ActionFilter(
@@ -284,6 +308,7 @@ class Service:
             connected=self.connected.is_set,
             crypto=self.crypto,
             encryption_problem=self.registration.encryption_problem(config),
+            extra={"ready_dm_rooms": self._ready_rooms_status},
         )
         self.port: int | None = None
 
@@ -333,6 +358,7 @@ class Service:
             self.rooms.add_dm(room_id)
         for room_id in checkins:
             self.rooms.add_checkin(room_id)
+        await self.ready_rooms.load()
 
     async def _connect(self) -> None:
         """Register the bot and ping, retrying until the homeserver answers; then the rest."""
@@ -351,7 +377,7 @@ class Service:
         if self.crypto is not None:
             self._background.append(asyncio.create_task(self._start_crypto(), name="crypto"))
         await self._join_staff_room()
-        for worker in (self.flag_worker, self.inbox_worker, self.outbox_worker):
+        for worker in self._workers:
             worker.start()
         self.steps.start()
         self.timers.start()
@@ -422,6 +448,9 @@ class Service:
             self.room_state.warm(self.staff_room.room_id)
         with contextlib.suppress(HomeserverUnavailable):
             await self.homeserver.direct_rooms()
+
+    async def _ready_rooms_status(self) -> dict[str, Any]:
+        return self.ready_rooms.status()
 
     def _wake_lane(self, lane: int) -> None:
         (self.flag_worker if lane == FLAG_LANE else self.inbox_worker).wake()
@@ -537,9 +566,7 @@ class Service:
 
     async def stop(self) -> None:
         await self.reconciler.stop()
-        await asyncio.gather(
-            *(w.stop() for w in (self.flag_worker, self.inbox_worker, self.outbox_worker))
-        )
+        await asyncio.gather(*(worker.stop() for worker in self._workers))
         await self.steps.stop()
         await self.timers.stop()
         for task in self._background:

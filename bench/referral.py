@@ -3,7 +3,8 @@ the kick, ours against the raw Client-Server calls.
 
 Measured with Synapse's own clock (origin_server_ts of the reaction, the notice and the
 kick), for:
-  - ours:  the running service, Synapse pushing the reaction to it;
+  - ours:  the running service, Synapse pushing the reaction to it, at rest (its DM rooms
+    made ahead all there: `policy.ready_dm_rooms`, default 2);
   - floor: the Client-Server calls a referral makes when nothing is known ahead, as fast
     as raw aiohttp makes them, as the bot, no project code: every independent call at
     once (asyncio.gather) —
@@ -16,14 +17,19 @@ kick), for:
     started the moment the reaction is accepted (its PUT answered): no push delay at
     all. It runs while the service is up (the service ignores its 👀 key), in
     alternating halves with ours, so both meet the same Synapse, busy pushing
-    transactions to an appservice.
-Three parts, one run:
+    transactions to an appservice;
+  - floor, same calls as ours: what the service itself calls on a flag, raw — the DM
+    invite into a room made ahead (made, untimed, before the member is even in the
+    group), the notice, then the kick and the m.direct update together; no reads. Ours
+    against it is what our own code costs (Synapse's push to us included).
+Four parts, one run:
   1. DMs in the clear (`encryption: {private_rooms: false}`: the floor sends in the
-     clear): `--cases` of ours and as many of the floor, in alternating halves;
-  2. encrypted DMs (the service restarted with `private_rooms: true`): one half each;
-  3. flags amid a flood: 2,000 chat messages sent through Synapse's Client-Server API by
+     clear): `--cases` of ours and as many of each floor, in alternating halves;
+  2. the same with no rooms made ahead (`ready_dm_rooms: 0`): one half each;
+  3. encrypted DMs (the service restarted with `private_rooms: true`): one half each;
+  4. flags amid a flood: 2,000 chat messages sent through Synapse's Client-Server API by
      several users at once, with flags (ours and the floor's, alternately) in the middle.
-The first two parts start with one untimed case of each (cold caches on both sides).
+The first three parts start with one untimed case of each (cold caches on both sides).
 Synapse's clock makes the figures, so the bench polls gently: polling is load on Synapse.
 Usage: python bench/referral.py [--cases 20] [--flood 2000]
 """
@@ -87,6 +93,10 @@ class Timings:
     dm: list[float] = field(default_factory=list)
     kick: list[float] = field(default_factory=list)
 
+    def add(self, other: Timings) -> None:
+        self.dm += other.dm
+        self.kick += other.kick
+
 
 # ---- what Synapse recorded ------------------------------------------------------------------
 
@@ -143,11 +153,21 @@ async def ours_flag(scene: Scene, member: Any, said: str) -> tuple[int, int]:
     return await event_ts(scene.moderator, scene.group, reaction), kick
 
 
-async def measure_ours(scene: Scene, cases: int, tag: str) -> Timings:
+async def at_rest(service: Any) -> None:
+    """As a flag usually finds the service: every DM room it keeps made ahead is there
+    (one is made two seconds after one is taken), and the making of it has settled."""
+    pool = service.ready_rooms
+    if pool.ready < pool.wanted:
+        await until(lambda: pool.ready >= pool.wanted, within=30, interval=0.05, what="rooms")
+        await asyncio.sleep(0.3)
+
+
+async def measure_ours(scene: Scene, service: Any, cases: int, tag: str) -> Timings:
     timings = Timings()
     for number in range(cases):
         member = await new_member(scene, f"ours-{tag}{number}")
         said = await member.send_text(scene.group, "I don't feel safe")
+        await at_rest(service)
         reacted, kick = await ours_flag(scene, member, said)
         dm = await until(
             lambda member=member: notice_ts(member), within=30, interval=0.25, what="the DM"
@@ -168,6 +188,7 @@ class Floor:
     def __init__(self, scene: Scene, http: aiohttp.ClientSession) -> None:
         self._scene = scene
         self._http = http
+        self._direct: dict[str, Any] | None = None  # m.direct, once read (untimed)
 
     async def request(
         self, method: str, path: str, body: Any = None, *, missing: Any = None
@@ -214,17 +235,7 @@ class Floor:
             },
         )
         dm = created["room_id"]
-        sent = await self.request(
-            "PUT",
-            f"{rooms}/{q(dm)}/send/m.room.message/{marker}",
-            {
-                "msgtype": "m.text",
-                "body": NOTICE,
-                "format": "org.matrix.custom.html",
-                "formatted_body": NOTICE.replace("\n", "<br>"),
-                MESSAGE_MARKER_KEY: {"marker": marker},
-            },
-        )
+        notice = await self.send_notice(dm)
         await asyncio.gather(
             self.request(
                 "POST",
@@ -235,14 +246,81 @@ class Floor:
             # every flagged member is new, so neither side needs the other's entries.
             self.request("PUT", direct, m_direct | {member: [dm]}),
         )
-        return dm, sent["event_id"]
+        return dm, notice
 
-    async def flag(self, member: Any, said: str) -> tuple[int, int, int]:
+    async def make_room(self) -> str:
+        """Untimed, ahead of any flag: a room as the service makes them ahead (no one
+        invited), and the bot's m.direct read once, as the service keeps it."""
+        if self._direct is None:
+            direct = f"/_matrix/client/v3/user/{q(BOT)}/account_data/m.direct"
+            self._direct = await self.request("GET", direct, missing={})
+        marker = f"ready:{uuid.uuid4().hex}"
+        created = await self.request(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            {
+                "visibility": "private",
+                "preset": "private_chat",
+                "invite": [],
+                "is_direct": False,
+                "creation_content": {ROOM_MARKER_KEY: marker},
+                "room_alias_name": f"{ALIAS_PREFIX}{uuid.uuid4().hex}",
+                "initial_state": [
+                    {"type": "m.room.canonical_alias", "state_key": "", "content": {}}
+                ],
+            },
+        )
+        return created["room_id"]
+
+    async def referral_into(self, room: str, member: str) -> tuple[str, str]:
+        """The service's own calls on a flag, raw: the DM invite into a room made ahead,
+        the notice, then the kick and the m.direct update together."""
+        rooms, group = "/_matrix/client/v3/rooms", q(self._scene.group)
+        await self.request(
+            "PUT",
+            f"{rooms}/{q(room)}/state/m.room.member/{q(member)}",
+            {"membership": "invite", "is_direct": True},
+        )
+        sent = await self.send_notice(room)
+        assert self._direct is not None
+        self._direct = self._direct | {member: [room]}
+        await asyncio.gather(
+            self.request(
+                "POST",
+                f"{rooms}/{group}/kick",
+                {"user_id": member, "reason": "Removed by a moderator"},
+            ),
+            self.request(
+                "PUT", f"/_matrix/client/v3/user/{q(BOT)}/account_data/m.direct", self._direct
+            ),
+        )
+        return room, sent
+
+    async def send_notice(self, room: str) -> str:
+        marker = uuid.uuid4().hex
+        sent = await self.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{q(room)}/send/m.room.message/{marker}",
+            {
+                "msgtype": "m.text",
+                "body": NOTICE,
+                "format": "org.matrix.custom.html",
+                "formatted_body": NOTICE.replace("\n", "<br>"),
+                MESSAGE_MARKER_KEY: {"marker": marker},
+            },
+        )
+        return sent["event_id"]
+
+    async def flag(self, member: Any, said: str, room: str | None = None) -> tuple[int, int, int]:
         """The moderator reacts 👀 (ignored by the service); the floor acts the moment the
-        reaction is accepted. (reaction, notice, kick) on Synapse's clock."""
+        reaction is accepted — into `room` if one was made ahead, with the service's own
+        calls. (reaction, notice, kick) on Synapse's clock."""
         scene = self._scene
         reaction = await scene.moderator.react(scene.group, said, "👀")
-        dm, notice = await self.referral(said)
+        if room is not None:
+            dm, notice = await self.referral_into(room, member.user_id)
+        else:
+            dm, notice = await self.referral(said)
         kick = await kick_ts(scene, member.user_id)
         assert kick is not None, "the floor's kick"
         return (
@@ -252,12 +330,16 @@ class Floor:
         )
 
 
-async def measure_floor(floor: Floor, scene: Scene, cases: int, tag: str) -> Timings:
+async def measure_floor(
+    floor: Floor, scene: Scene, cases: int, tag: str, *, ahead: bool = False
+) -> Timings:
+    """The floor's cases; `ahead`: with the service's own calls, into a room made ahead."""
     timings = Timings()
     for number in range(cases):
+        room = await floor.make_room() if ahead else None
         member = await new_member(scene, f"floor-{tag}{number}")
         said = await member.send_text(scene.group, "I don't feel safe")
-        reacted, notice, kick = await floor.flag(member, said)
+        reacted, notice, kick = await floor.flag(member, said, room)
         timings.kick.append(kick - reacted)
         timings.dm.append(notice - reacted)
         await asyncio.sleep(SETTLE)
@@ -265,20 +347,19 @@ async def measure_floor(floor: Floor, scene: Scene, cases: int, tag: str) -> Tim
 
 
 async def alternating(
-    scene: Scene, floor: Floor, cases: int, halves: int, tag: str
-) -> tuple[Timings, Timings]:
-    """One untimed case of each, then `halves` halves of each, ours first."""
-    await measure_ours(scene, 1, f"{tag}warm")
+    scene: Scene, service: Any, floor: Floor, cases: int, halves: int, tag: str, *, same: bool
+) -> tuple[Timings, Timings, Timings]:
+    """One untimed case of each, then `halves` halves of each, ours first: (ours, the
+    floor, the floor with the same calls as ours — empty unless `same`)."""
+    await measure_ours(scene, service, 1, f"{tag}warm")
     await measure_floor(floor, scene, 1, f"{tag}warm")
-    ours, raw = Timings(), Timings()
+    ours, raw, raw_same = Timings(), Timings(), Timings()
     for half in range(halves):
-        got = await measure_ours(scene, cases, f"{tag}{half}-")
-        ours.dm += got.dm
-        ours.kick += got.kick
-        got = await measure_floor(floor, scene, cases, f"{tag}{half}-")
-        raw.dm += got.dm
-        raw.kick += got.kick
-    return ours, raw
+        ours.add(await measure_ours(scene, service, cases, f"{tag}{half}-"))
+        raw.add(await measure_floor(floor, scene, cases, f"{tag}{half}-"))
+        if same:
+            raw_same.add(await measure_floor(floor, scene, cases, f"{tag}{half}a-", ahead=True))
+    return ours, raw, raw_same
 
 
 # ---- a flag amid a flood --------------------------------------------------------------------
@@ -331,13 +412,12 @@ async def flags_amid_flood(scene: Scene, floor: Floor, messages: int) -> Flood:
 # ---- the run ------------------------------------------------------------------------------
 
 
-def row(
-    label: str, values: list[float], floor: list[float] | None = None, target: float = 0.0
-) -> None:
-    line = f"{label:34} {statistics.median(values):>6.0f} {percentile(values, 0.95):>6.0f}"
-    if floor:
+def row(label: str, values: list[float], *against: tuple[str, list[float], float]) -> None:
+    """p50 and p95, and the p50's ratio to each (name, floor, target: 0 for none) given."""
+    line = f"{label:40} {statistics.median(values):>6.0f} {percentile(values, 0.95):>6.0f}"
+    for name, floor, target in against:
         ratio = statistics.median(values) / max(statistics.median(floor), 1)
-        line += f"   {ratio:.2f}x floor"
+        line += f"   {ratio:.2f}x {name}"
         if target:
             line += f" (target <= {target:.2f}: {'OK' if ratio <= target else 'ABOVE'})"
     print(line)
@@ -348,14 +428,14 @@ async def run(cases: int, flood_messages: int) -> None:
     synapse = await start_synapse(work / "synapse")
     half = max(1, cases // 2)
 
-    def config(private_rooms: bool) -> Path:
+    def config(private_rooms: bool, ready: int = 2) -> Path:
         return service_config(
             synapse,
             work,
             database_url=f"sqlite+aiosqlite:///{work / 'bench.db'}",
             staff_room=scene.staff_room,
             staff=[scene.staff.user_id],
-            policy={"room_notice": False},
+            policy={"room_notice": False, "ready_dm_rooms": ready},
             encryption={"private_rooms": private_rooms},
         )
 
@@ -364,27 +444,36 @@ async def run(cases: int, flood_messages: int) -> None:
         as_token = yaml.safe_load(synapse.registration_path.read_text())["as_token"]
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {as_token}"}) as http:
             floor = Floor(scene, http)
-            async with running_service(config(private_rooms=False)):
+            async with running_service(config(private_rooms=False)) as service:
                 await open_group_room(scene)
                 await scene.owner.set_power_level(scene.group, scene.moderator.user_id, 50)
-                clear, clear_floor = await alternating(scene, floor, half, 2, "c")
+                clear = await alternating(scene, service, floor, half, 2, "c", same=True)
                 flood = await flags_amid_flood(scene, floor, flood_messages)
-            async with running_service(config(private_rooms=True)):
-                encrypted, encrypted_floor = await alternating(scene, floor, half, 1, "e")
+            async with running_service(config(private_rooms=False, ready=0)) as service:
+                none_ahead = await alternating(scene, service, floor, half, 1, "n", same=False)
+            async with running_service(config(private_rooms=True)) as service:
+                encrypted = await alternating(scene, service, floor, half, 1, "e", same=False)
     finally:
         await synapse.close()
 
-    print(f"referral benchmark against a real Synapse (ms, Synapse's clock)  {'p50':>6} {'p95':>6}")
-    print(f"DMs in the clear (private_rooms: false), {len(clear.kick)} cases each:")
-    row("  floor: 🚨→DM notice", clear_floor.dm)
-    row("  ours:  🚨→DM notice", clear.dm, clear_floor.dm, 0.85)
-    row("  floor: 🚨→kick", clear_floor.kick)
-    row("  ours:  🚨→kick", clear.kick, clear_floor.kick, 1.0)
-    print(f"encrypted DMs (private_rooms: true), {len(encrypted.kick)} cases each:")
-    row("  floor: 🚨→DM notice (in the clear)", encrypted_floor.dm)
-    row("  ours:  🚨→DM notice (encrypted)", encrypted.dm, encrypted_floor.dm)
-    row("  floor: 🚨→kick", encrypted_floor.kick)
-    row("  ours:  🚨→kick", encrypted.kick, encrypted_floor.kick)
+    title = "referral benchmark against a real Synapse (ms, Synapse's clock)"
+    print(f"{title:72} {'p50':>6} {'p95':>6}")
+    targets = {"dm": 0.85, "kick": 1.0}
+    parts = (
+        ("DMs in the clear (private_rooms: false)", clear, targets),
+        ("no DM rooms made ahead (ready_dm_rooms: 0)", none_ahead, {}),
+        ("encrypted DMs (private_rooms: true; the floor's in the clear)", encrypted, {}),
+    )
+    for title, (ours, raw, same), part_targets in parts:
+        print(f"{title}, {len(ours.kick)} cases each:")
+        for what, label in (("dm", "🚨→DM notice"), ("kick", "🚨→kick")):
+            mine, floor, floor_same = (getattr(t, what) for t in (ours, raw, same))
+            row(f"  floor: {label}", floor)
+            against = [("floor", floor, part_targets.get(what, 0.0))]
+            if floor_same:
+                row(f"  floor, same calls as ours: {label}", floor_same)
+                against.append(("same calls", floor_same, 0.0))
+            row(f"  ours:  {label}", mine, *against)
     rate = flood.messages / flood.seconds
     print(
         f"flags amid a flood: {flood.messages:,} messages from {CHATTERS} users through "
@@ -393,12 +482,12 @@ async def run(cases: int, flood_messages: int) -> None:
     )
     if flood.ours and flood.floor:
         row("  floor: 🚨→kick", flood.floor)
-        row("  ours:  🚨→kick", flood.ours, flood.floor, 1.5)
+        row("  ours:  🚨→kick", flood.ours, ("floor", flood.floor, 1.5))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=20, help="of ours (and of the floor's)")
+    parser.add_argument("--cases", type=int, default=20, help="of ours (and of each floor's)")
     parser.add_argument("--flood", type=int, default=2000, help="chat messages in the flood")
     arguments = parser.parse_args()
     asyncio.run(run(arguments.cases, arguments.flood))

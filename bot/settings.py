@@ -144,6 +144,9 @@ class PolicySettings(_Strict):
     # The member rejoins the group room while their case is open: staff are told (tell),
     # and with `remove` the bot removes them again, as discreetly as the first time.
     on_rejoin: Literal["tell", "remove"] = "tell"
+    # Empty DM rooms the bot keeps made ahead of any flag, so a flagged member is told
+    # without waiting for a room to be created (bot/ready_rooms.py). 0: create each one.
+    ready_dm_rooms: int = Field(default=2, ge=0, le=20)
 
     _duration = field_validator(
         "ack_within", "recent_leave", "refusal_report_every", mode="before"

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.deployment import Deployment
 from bot.metrics import Metrics
 from bot.ports import MESSAGE_MARKER_KEY, Homeserver, Refused, Webhook
+from bot.ready_rooms import ReadyRooms
 from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
@@ -99,6 +100,8 @@ class Toolbox:
     rooms: RoomDirectory
     metrics: Metrics
     webhook: Webhook
+    # DM rooms made ahead of any flag, for the member's notice (None: none are kept).
+    ready_rooms: ReadyRooms | None = None
 
     async def send_once(
         self, run: StepRun, room_id: str, content: dict[str, Any], what: str | None = None

@@ -2,10 +2,11 @@
 
 Used by the member's notice, the moderator's debrief and a withdrawal's apology. A room the step
 already recorded, or one an earlier attempt created (found by its marker), or
-a DM the bot already shares with them, is used; otherwise one is created with
-the invite. A found room is only used once the person is verifiably in it (or
-invited): an earlier attempt may have died after creating the room and before
-inviting them.
+a DM the bot already shares with them, is used; otherwise, for the notice, a room
+made ahead (bot/ready_rooms.py) with them invited into it; otherwise one is
+created with the invite. A found room is only used once the person is verifiably
+in it (or invited): an earlier attempt may have died after creating the room and
+before inviting them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from bot.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.ready_rooms import ReadyRooms
 from bot.steps.base import StepRun, Toolbox
 
 log = logging.getLogger(__name__)
@@ -25,13 +28,22 @@ PRESENT_IN_DM = frozenset({"join", "invite"})
 @dataclass(frozen=True)
 class OpenedDm:
     room_id: str
-    created: bool  # by this attempt (the createRoom's answer is the proof of the invite)
+    # Made their DM by this attempt: created, or made ahead and taken (the createRoom's
+    # or the invite's answer is the proof of the invite).
+    created: bool
     invited_again: bool  # found without them in it: invited now
     direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
+    made_ahead: bool = False  # a room made before the flag (bot/ready_rooms.py)
 
 
 async def open_dm(
-    hs: Homeserver, run: StepRun, user: str, what: str, *, encrypted: bool
+    hs: Homeserver,
+    run: StepRun,
+    user: str,
+    what: str,
+    *,
+    encrypted: bool,
+    ready: ReadyRooms | None = None,
 ) -> OpenedDm | Refused:
     known = run.progress.get(f"{what}_room")
     tag = run.marker(what)
@@ -43,6 +55,10 @@ async def open_dm(
     if room_id is None:
         direct = await hs.direct_rooms()
         room_id = await _shared_dm(hs, user, direct)
+    if room_id is None and ready is not None:
+        taken = await _ready_room(hs, run, user, what, ready)
+        if taken is not None:
+            return OpenedDm(taken, True, False, direct, made_ahead=True)
     if room_id is None:
         created = await hs.create_room(
             marker=tag, invite=[user], is_direct=True, encrypted=encrypted
@@ -56,7 +72,8 @@ async def open_dm(
     invited = await _make_sure_they_are_in(hs, room_id, user)
     if isinstance(invited, Refused):
         return invited
-    return OpenedDm(room_id, False, invited, direct)
+    made_ahead = room_id == known and bool(run.progress.get(f"{what}_made_ahead"))
+    return OpenedDm(room_id, False, invited, direct, made_ahead=made_ahead)
 
 
 async def keep_dm(
@@ -69,8 +86,9 @@ async def keep_dm(
     case_field: str,
 ) -> None:
     """What makes an opened DM one whose replies reach staff, now and after a restart:
-    the room directory told, the room recorded on the step and the case, and a room this
-    attempt created marked as a DM with them in the bot's m.direct (what clients show).
+    the room directory told, the room recorded on the step and the case, and the room
+    marked as a DM with them in the bot's m.direct (what clients show): also one an
+    earlier attempt opened and died before marking (a room already there costs no call).
 
     m.direct is bookkeeping only: a homeserver away now must not hold up or repeat
     the message the DM was opened for.
@@ -79,20 +97,36 @@ async def keep_dm(
 
     async def record() -> None:
         if run.progress.get(f"{what}_room") != opened.room_id:
-            await run.save(
-                progress=run.progress | {f"{what}_room": opened.room_id},
-                case_fields={case_field: opened.room_id},
-            )
+            room: dict[str, Any] = {f"{what}_room": opened.room_id}
+            if opened.made_ahead:
+                room[f"{what}_made_ahead"] = True
+            await run.save(progress=run.progress | room, case_fields={case_field: opened.room_id})
 
     async def remember() -> None:
-        if not opened.created:
-            return
         try:
             await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
         except HomeserverUnavailable as exc:
             log.warning("could not record the DM in m.direct: %s", exc)
 
     await asyncio.gather(record(), remember())
+
+
+async def _ready_room(
+    hs: Homeserver, run: StepRun, user: str, what: str, ready: ReadyRooms
+) -> str | None:
+    """A room made ahead, with them invited into it as a DM; None if none is ready, or
+    the one taken cannot be used (then the step creates one, as with none ready)."""
+    room_id = await ready.take(run.case.id, run.step.step, what, run.progress)
+    if room_id is None:
+        return None
+    invited = await hs.invite(room_id, user, is_direct=True)
+    if isinstance(invited, Refused):
+        log.warning(
+            "the room made ahead %s refused the invite (%s): creating one", room_id, invited
+        )
+        await ready.give_back(run.case.id, run.step.step, run.progress)
+        return None
+    return room_id
 
 
 async def _shared_dm(hs: Homeserver, user: str, direct: dict[str, list[str]]) -> str | None:
@@ -110,7 +144,7 @@ async def _make_sure_they_are_in(hs: Homeserver, room_id: str, user: str) -> boo
     """True if they had to be invited (again), False if they were there."""
     if await hs.membership(room_id, user) in PRESENT_IN_DM:
         return False
-    invited = await hs.invite(room_id, user)
+    invited = await hs.invite(room_id, user, is_direct=True)
     if isinstance(invited, Refused):
         # A retried invite can be refused because the first one went through.
         if await hs.membership(room_id, user) in PRESENT_IN_DM:

@@ -29,7 +29,12 @@ class Notify(CaseStep):
             return Outcome.skipped("dry run")
         assert case.member_id is not None
         opened = await open_dm(
-            self.hs, run, case.member_id, "dm", encrypted=self.deployment.encrypt_private_rooms
+            self.hs,
+            run,
+            case.member_id,
+            "dm",
+            encrypted=self.deployment.encrypt_private_rooms,
+            ready=self.tools.ready_rooms,
         )
         if isinstance(opened, Refused):
             return Outcome.refused("the DM room could not be opened", opened)
@@ -49,9 +54,9 @@ class Notify(CaseStep):
                 {"dm_room": room_id},
                 error=str(sent),
             )
-        facts = (
-            {"event": sent, "invited_again": opened.invited_again}
-            if not opened.created
-            else {"event": sent}
-        )
+        facts: dict[str, object] = {"event": sent}
+        if not opened.created:
+            facts["invited_again"] = opened.invited_again
+        if opened.made_ahead:
+            facts["room_made_ahead"] = True
         return Outcome("done", facts, {"dm_room": room_id})

@@ -218,6 +218,20 @@ pinned = sa.Table(
     sa.Column("pinned_at", UTCDateTime, nullable=False),
 )
 
+# DM rooms the bot made ahead of any flag, with no one else in them, so a flagged
+# member is told with one invite and one message instead of a room creation first
+# (bot/ready_rooms.py). A row is written before its room is created (room_id empty
+# until then: a creation cut short is finished, by its marker, not repeated) and
+# deleted in the transaction that hands its room to a case.
+ready_rooms = sa.Table(
+    "ready_rooms",
+    metadata,
+    sa.Column("marker", sa.String(64), primary_key=True),
+    sa.Column("room_id", sa.String(255), nullable=True),
+    sa.Column("encrypted", sa.Boolean, nullable=False),
+    sa.Column("planned_at", UTCDateTime, nullable=False),
+)
+
 # The append-only, hash-chained audit log. `personal` holds the personal fields
 # (user ids, room ids, references, notes) apart from `facts`, and the hash
 # covers only their digest, so retention can erase them and the chain still verifies.

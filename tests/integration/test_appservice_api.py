@@ -159,6 +159,7 @@ async def test_health_names_each_check(synapse, tmp_path):
         "staff_room",
         "alerts",
         "encryption",
+        "ready_dm_rooms",
     }
     assert all(check["ok"] for check in body["checks"].values())
 

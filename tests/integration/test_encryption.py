@@ -111,6 +111,7 @@ async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
         async with running_service(config) as service:
             assert service.crypto is not None
             await until(service.crypto.ready.is_set, what="the bot's device")
+            await until(lambda: service.ready_rooms.ready == 2 or None, what="DM rooms made ahead")
             await open_encrypted_group(scene)
             said = await scene.member.send_text(scene.group, "I have a plan to end it tonight")
             await scene.moderator.send_text(
@@ -123,7 +124,8 @@ async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
             await until(removed, within=30, what="the member removed by an encrypted command")
             alerts = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
             assert "they said they have a plan" in alerts[0]
-            # The member's DM: created encrypted, the notice decrypts on their phone.
+            # The member's DM: made ahead, encrypted from its first event, and the notice
+            # (sent after they were invited into it) decrypts on their phone.
             dm = await until(scene.member.invited, what="the DM invite")
             await scene.member.join(dm[0])
             notice = await until(
@@ -131,6 +133,9 @@ async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
             )
             assert "worried about you" in notice[0]
             assert scene.member.encrypted(dm[0]), "the DM is encrypted"
+            (case,) = (await export_json(config))["cases"]
+            (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
+            assert notify["facts"]["room_made_ahead"] is True
             # An encrypted command in the encrypted staff room, an encrypted reply.
             await scene.staff.send_text(scene.staff_room, "!case list")
             listing = await until(

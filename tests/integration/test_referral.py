@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
+from bot.store import ready_rooms
 from tests.support.matrix_user import q
 from tests.support.scene import (
     BOT,
     build_scene,
     export_json,
     fetch,
+    health,
     open_group_room,
     running_service,
     scene_config,
@@ -78,6 +81,58 @@ async def test_reaction_flag_end_to_end(scene):
     assert kinds[:4] == ["flagged", "step.notify", "step.remove", "step.room_notice"]
     assert "step.alert" in kinds
     assert case["entries"][0]["personal"]["flag_event"]
+
+
+async def invite_event(user, room: str) -> dict:
+    """The member's own invite into `room`, as their client sees it before joining."""
+    nonce = uuid.uuid4().hex  # Synapse caches identical /sync requests
+    sync = await user.request(
+        "GET",
+        "/_matrix/client/v3/sync",
+        filter=f'{{"room":{{"timeline":{{"limit":1,"not_types":["x.{nonce}"]}}}}}}',
+        timeout="0",
+    )
+    events = sync["rooms"]["invite"][room]["invite_state"]["events"]
+    return next(
+        e for e in events if e["type"] == "m.room.member" and e["state_key"] == user.user_id
+    )
+
+
+async def ready_room_ids(service) -> set[str]:
+    async with service.engine.connect() as conn:
+        return {room.room_id for room in await ready_rooms.all_rooms(conn) if room.room_id}
+
+
+async def test_the_notice_comes_in_a_room_made_ahead_invited_as_a_dm(scene):
+    config = configure(scene)
+    async with running_service(config) as service:
+        await open_group_room(scene)
+        await until(lambda: service.ready_rooms.ready == 2 or None, what="two DM rooms made ahead")
+        made = await ready_room_ids(service)
+        assert len(made) == 2
+        status, report = await health(service)
+        assert status == 200
+        assert report["checks"]["ready_dm_rooms"] == {"ok": True, "ready": 2, "wanted": 2}
+        said = await scene.member.send_text(scene.group, "I don't want to be here any more")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: removed(scene, scene.member), what="the member's removal")
+
+        room = await until(scene.dm_room_of_member, what="the DM invite")
+        assert room in made, "the notice's room was made before the flag"
+        invite = await invite_event(scene.member, room)
+        assert invite["sender"] == BOT and invite["content"]["membership"] == "invite"
+        assert invite["content"]["is_direct"] is True, "their client shows it as a DM"
+        _dm, notice = await dm_with_notice(scene)
+        assert "116 123" in notice["content"]["body"]
+        members = await scene.member.members(room)
+        assert members == {BOT: "join", scene.member.user_id: "join"}, "no one else, ever"
+
+        # Another is made in its place, off the flag's path; the taken one is never reused.
+        async def refilled() -> set[str] | None:
+            now = await ready_room_ids(service)
+            return now if len(now) == 2 and room not in now else None
+
+        assert (await until(refilled, what="the pool refilled")) >= made - {room}
 
 
 async def test_reply_and_user_command_flags(scene):

@@ -52,6 +52,7 @@ class FakeHomeserver:
         self.redactions: list[tuple[str, str, str]] = []
         # Synapse creating a room, then dying before it sent the invites (seen in real life).
         self.create_dies_before_invites = False
+        self.invites: list[tuple[str, str, bool]] = []  # (room, user, is_direct), in order
         self._ids = itertools.count(1)
 
     @property
@@ -177,6 +178,8 @@ class FakeHomeserver:
 
     async def leave_room(self, room_id: str) -> Done | Refused:
         self._enter("leave_room")
+        if room_id in self.rooms:
+            self.rooms[room_id].members[self._bot] = "leave"
         return Done()
 
     async def find_marked_room(self, marker: str) -> str | None:
@@ -222,11 +225,19 @@ class FakeHomeserver:
         self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
     ) -> None:
         self._enter("remember_direct_room")
-        self.direct.setdefault(user_id, []).append(room_id)
+        rooms = self.direct.setdefault(user_id, [])
+        if room_id not in rooms:
+            rooms.append(room_id)
 
-    async def invite(self, room_id: str, user_id: str) -> Done | Refused:
+    async def invite(
+        self, room_id: str, user_id: str, *, is_direct: bool = False
+    ) -> Done | Refused:
         self._enter("invite")
+        if "invite" in self.refuse:
+            return self.refuse["invite"]
         self.rooms[room_id].members[user_id] = "invite"
+        self.invites.append((room_id, user_id, is_direct))
+        self._after("invite")
         return Done()
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:

@@ -10,12 +10,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.deployment import Deployment
 from bot.engine import StepEngine
 from bot.metrics import Metrics
+from bot.ports import MESSAGE_MARKER_KEY
+from bot.ready_rooms import ReadyRooms
 from bot.rooms import RoomDirectory
 from bot.settings import CheckinSettings, MessageTemplates, PolicySettings, default_resources
 from bot.staff_room import StaffRoom
-from bot.steps import Toolbox, build_steps
-from bot.store import audit
+from bot.steps import CASE_STEPS, Toolbox, build_steps
+from bot.store import audit, cases
 from bot.texts import Texts
+from tests.support.fake_homeserver import FakeHomeserver
 
 GROUP, STAFF = "!group:localhost", "!staff:localhost"
 MEMBER, MOD = "@member:localhost", "@mod:localhost"
@@ -45,7 +48,13 @@ class RecordingWebhook:
         return None
 
 
-def toolbox(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None) -> Toolbox:
+def toolbox(
+    db: AsyncEngine,
+    homeserver: Any,
+    settings: Deployment | None = None,
+    *,
+    ready_rooms: ReadyRooms | None = None,
+) -> Toolbox:
     settings = settings or deployment()
     staff_room = StaffRoom(STAFF)
     return Toolbox(
@@ -57,13 +66,19 @@ def toolbox(db: AsyncEngine, homeserver: Any, settings: Deployment | None = None
         rooms=RoomDirectory(staff_room),
         metrics=Metrics(),
         webhook=RecordingWebhook(),
+        ready_rooms=ready_rooms,
     )
 
 
 def step_engine(
-    db: AsyncEngine, homeserver: Any, settings: Deployment | None = None, **options: Any
+    db: AsyncEngine,
+    homeserver: Any,
+    settings: Deployment | None = None,
+    *,
+    ready_rooms: ReadyRooms | None = None,
+    **options: Any,
 ) -> StepEngine:
-    tools = toolbox(db, homeserver, settings)
+    tools = toolbox(db, homeserver, settings, ready_rooms=ready_rooms)
     options.setdefault("outage_delays", (0.0,))
     options.setdefault("failure_delays", (0.0,))
     return StepEngine(db, build_steps(tools), tools, **options)
@@ -119,3 +134,52 @@ def referral(
         on_outbox=lambda: None,
         **options,
     )
+
+
+# ---- cases run by the step engine against the fake homeserver ----
+
+NOW = dt.datetime.now(dt.UTC)
+REFERRAL_STEPS = ["notify", "remove", "room_notice", "alert", "schedule"]
+
+
+def homeserver() -> FakeHomeserver:
+    hs = FakeHomeserver()
+    hs.add_room(
+        GROUP, {MEMBER: "join", MOD: "join", hs.bot_user_id: "join"}, {MOD: 50, hs.bot_user_id: 100}
+    )
+    hs.add_room(STAFF, {hs.bot_user_id: "join"}, {})
+    return hs
+
+
+async def new_case(
+    engine: AsyncEngine,
+    *,
+    dry_run: bool = False,
+    due_in: dt.timedelta | None = None,
+    member: str = MEMBER,
+) -> int:
+    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, NOW, NOW)
+    async with engine.begin() as conn:
+        opened = await cases.open_or_corroborate(
+            conn,
+            PROVENANCE,
+            flag,
+            steps=CASE_STEPS,
+            dry_run=dry_run,
+            due_at=NOW + (due_in or dt.timedelta(hours=1)),
+        )
+    return opened.case_id
+
+
+def notices(hs: FakeHomeserver, step: str) -> list[dict[str, Any]]:
+    return [
+        event
+        for room in hs.rooms.values()
+        for event in room.events
+        if event.get("content", {}).get(MESSAGE_MARKER_KEY, {}).get("step") == step
+    ]
+
+
+async def steps(engine: AsyncEngine, case_id: int) -> dict[str, cases.Step]:
+    async with engine.connect() as conn:
+        return {s.step: s for s in await cases.steps_of(conn, case_id)}

@@ -13,80 +13,35 @@ import datetime as dt
 
 import pytest
 
-from appservice.database import create_engine, upgrade
 from bot.audit_chain import verify_chain
-from bot.ports import MESSAGE_MARKER_KEY, Refused
+from bot.ports import Refused
 from bot.settings import MessageTemplates
 from bot.steps import CASE_STEPS
 from bot.store import audit, cases, outbox
-from tests.support.fake_homeserver import Crash, FakeHomeserver
+from tests.support.fake_homeserver import Crash
 from tests.support.policy import (
     GROUP,
     MEMBER,
     MOD,
+    NOW,
     PROVENANCE,
-    STAFF,
+    REFERRAL_STEPS,
     deployment,
+    homeserver,
+    new_case,
+    notices,
     run_until_waiting,
     step_engine,
+    steps,
 )
 
-NOW = dt.datetime.now(dt.UTC)
-REFERRAL_STEPS = ["notify", "remove", "room_notice", "alert", "schedule"]
 AT_ONCE = [*REFERRAL_STEPS, "redact_flag", "redact_message", "debrief"]
-
-
-def homeserver() -> FakeHomeserver:
-    hs = FakeHomeserver()
-    hs.add_room(
-        GROUP, {MEMBER: "join", MOD: "join", hs.bot_user_id: "join"}, {MOD: 50, hs.bot_user_id: 100}
-    )
-    hs.add_room(STAFF, {hs.bot_user_id: "join"}, {})
-    return hs
-
-
-@pytest.fixture
-async def engine(tmp_path):
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'cases.db'}")
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
-
-
-async def new_case(
-    engine, *, dry_run: bool = False, due_in: dt.timedelta | None = None, member: str = MEMBER
-) -> int:
-    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, NOW, NOW)
-    async with engine.begin() as conn:
-        opened = await cases.open_or_corroborate(
-            conn,
-            PROVENANCE,
-            flag,
-            steps=CASE_STEPS,
-            dry_run=dry_run,
-            due_at=NOW + (due_in or dt.timedelta(hours=1)),
-        )
-    return opened.case_id
-
-
-def notices(hs: FakeHomeserver, step: str) -> list[dict]:
-    return [
-        event
-        for room in hs.rooms.values()
-        for event in room.events
-        if event.get("content", {}).get(MESSAGE_MARKER_KEY, {}).get("step") == step
-    ]
 
 
 def _marker(room) -> str:
     from bot.ports import ROOM_MARKER_KEY
 
     return room.state.get(("m.room.create", ""), {}).get(ROOM_MARKER_KEY) or ""
-
-
-async def steps(engine, case_id: int) -> dict[str, cases.Step]:
-    async with engine.connect() as conn:
-        return {s.step: s for s in await cases.steps_of(conn, case_id)}
 
 
 async def kinds(engine, case_id: int | None = None) -> list[str]:

@@ -1,0 +1,67 @@
+"""DM rooms made ahead of any flag: planned, created, handed to a case (bot/ready_rooms.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.store.schema import ready_rooms
+
+
+@dataclass(frozen=True)
+class ReadyRoom:
+    marker: str
+    room_id: str | None  # None: planned, its creation not known to have happened
+    encrypted: bool
+
+
+async def all_rooms(conn: AsyncConnection) -> list[ReadyRoom]:
+    rows = await conn.execute(
+        sa.select(ready_rooms.c.marker, ready_rooms.c.room_id, ready_rooms.c.encrypted).order_by(
+            ready_rooms.c.planned_at, ready_rooms.c.marker
+        )
+    )
+    return [ReadyRoom(row.marker, row.room_id, row.encrypted) for row in rows]
+
+
+async def plan(conn: AsyncConnection, marker: str, *, encrypted: bool, now: dt.datetime) -> None:
+    """The intent, before the room is created: a crash after that finds it by `marker`."""
+    await conn.execute(
+        ready_rooms.insert().values(marker=marker, encrypted=encrypted, planned_at=now)
+    )
+
+
+async def created(conn: AsyncConnection, marker: str, room_id: str) -> None:
+    await conn.execute(
+        ready_rooms.update().where(ready_rooms.c.marker == marker).values(room_id=room_id)
+    )
+
+
+async def forget(conn: AsyncConnection, marker: str) -> None:
+    await conn.execute(ready_rooms.delete().where(ready_rooms.c.marker == marker))
+
+
+async def take(conn: AsyncConnection, *, encrypted: bool) -> str | None:
+    """Hand over the oldest created room of that kind (gone from the table in this
+    transaction), or None if there is none.
+
+    The delete's row count decides, so two takers at once never get the same room,
+    on either backend: the one whose delete removed nothing tries the next.
+    """
+    while True:
+        row = (
+            await conn.execute(
+                sa.select(ready_rooms.c.marker, ready_rooms.c.room_id)
+                .where(ready_rooms.c.room_id.is_not(None), ready_rooms.c.encrypted == encrypted)
+                .order_by(ready_rooms.c.planned_at, ready_rooms.c.marker)
+                .limit(1)
+            )
+        ).first()
+        if row is None:
+            return None
+        deleted = await conn.execute(ready_rooms.delete().where(ready_rooms.c.marker == row.marker))
+        if deleted.rowcount == 1:
+            return row.room_id
