@@ -234,8 +234,12 @@ class Intake:
         *,
         valid_text: bool = False,
         caught_up: bool = False,
+        body: bytes | None = None,
     ) -> ingest.Recorded:
         """Record the well-formed events in one DB transaction; skip (and count) the rest.
+
+        `body`: the transaction's body the events were parsed from, kept as it is to
+        know who sent them (bot/recent_senders.py); without it, the events are kept.
 
         `valid_text`: the parser already refused lone surrogates (see `well_formed`).
         One pass over the events (the hot path): shape, room state, lane.
@@ -244,16 +248,14 @@ class Intake:
         on_state = self._on_state
         kept: list[dict[str, Any]] = []
         event_ids: list[str] = []
-        origins: list[tuple[str, str]] = []
         to_act_on: list[tuple[dict[str, Any], int]] = []
         for event in events:
             fields = shape(event, valid_text)
             if fields is None:
                 continue
-            event_id, room_id, kind, sender = fields
+            event_id, room_id, kind, _sender = fields
             kept.append(event)  # type: ignore[arg-type]
             event_ids.append(event_id)
-            origins.append((room_id, sender))
             if kind in _ROOM_STATE:
                 on_state(room_id, kind, event.get("state_key"))  # type: ignore[attr-defined]
             lane = lane_of(event, kind, room_id)  # type: ignore[arg-type]
@@ -264,7 +266,10 @@ class Intake:
             self._metrics.events.labels("malformed").inc(skipped)
             log.warning("transaction %s: skipped %d malformed event(s)", txn_id, skipped)
         if self._senders is not None:
-            self._senders.note(event_ids, origins)
+            if body is not None:
+                self._senders.note_body(body)
+            else:
+                self._senders.note(event_ids, kept)
         now = dt.datetime.now(dt.UTC)
         try:
             recorded = await self._record(txn_id, event_ids, to_act_on, now, caught_up)

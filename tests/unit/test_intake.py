@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake, well_formed
 from bot.metrics import Metrics
+from bot.recent_senders import RecentSenders
 from bot.rooms import RoomDirectory
 from bot.settings import PolicySettings
 from bot.staff_room import StaffRoom
@@ -181,3 +183,28 @@ async def test_accept_records_exactly_the_well_formed_and_never_raises(events):
 )
 def test_malformed_events_are_recognised(event):
     assert not well_formed(event)
+
+
+@given(events=st.lists(event_like | json_values, max_size=8))
+async def test_who_sent_an_accepted_event_is_known_from_its_body_and_never_wrong(events):
+    senders = RecentSenders()
+    intake = Intake(
+        None,  # type: ignore[arg-type]
+        action_filter()[0],
+        Metrics(),
+        on_queued=lambda lane: None,
+        on_state=lambda room, kind, key: None,
+        recorder=_Recorder(),  # type: ignore[arg-type]
+        senders=senders,
+    )
+    body = json.dumps({"events": events}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    await intake.accept("t", events, body=body)
+    ids = [event.get("event_id") if isinstance(event, dict) else None for event in events]
+    for event in (event for event in events if well_formed(event)):
+        if ids.count(event["event_id"]) != 1:
+            continue  # an id twice in one transaction: which one is not ours to say
+        found = senders.sender_of(event["room_id"], event["event_id"])
+        # As the body spells it: an id JSON must escape is not found (then it is read).
+        plain = json.dumps(event["event_id"], ensure_ascii=False)[1:-1] == event["event_id"]
+        assert found == event["sender"] if plain else found in (None, event["sender"])
+        assert senders.sender_of("!elsewhere:l", event["event_id"]) is None

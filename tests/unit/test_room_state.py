@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -145,7 +146,7 @@ async def test_a_flag_on_what_is_known_makes_no_homeserver_call(engine):
     referral = build_referral(engine, hs, senders=senders)
     cache = referral._room_state
     await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
-    senders.note(["$said"], [(GROUP, MEMBER)])  # at intake
+    senders.note(["$said"], [{"room_id": GROUP, "sender": MEMBER}])  # at intake
     calls = len(hs.calls)
     await flag_on(engine, referral, MOD, "$said", "$flag")
     assert hs.calls[calls:] == [], "power levels, create event, memberships, sender: all known"
@@ -159,7 +160,7 @@ async def test_a_moderator_demoted_just_before_flagging_cannot_flag(engine):
     referral = build_referral(engine, hs, senders=senders)
     cache = referral._room_state
     await asyncio.gather(cache.state(GROUP), cache.state(STAFF))
-    senders.note(["$said"], [(GROUP, MEMBER)])
+    senders.note(["$said"], [{"room_id": GROUP, "sender": MEMBER}])
     # The demotion is pushed in a transaction before the flag's: stale from that moment.
     hs.rooms[GROUP].state[("m.room.power_levels", "")] = {"users": {MOD: 0}}
     cache.state_changed(GROUP, "m.room.power_levels", "")
@@ -280,14 +281,52 @@ async def test_a_malformed_member_event_is_never_known():
     await cache.close()
 
 
-def test_recent_senders_forget_the_oldest_first():
-    senders = RecentSenders(size=4)
+def body(*events: dict) -> bytes:
+    return json.dumps({"events": list(events)}).encode()
+
+
+def said(event_id: str, sender: str, room: str = GROUP) -> dict:
+    content = {"msgtype": "m.text", "body": "hi"}
+    return {"event_id": event_id, "room_id": room, "sender": sender, "type": "m.room.message"} | {
+        "content": content
+    }
+
+
+def test_recent_senders_find_a_message_in_the_body_it_came_in():
+    senders = RecentSenders()
+    senders.note_body(body(said("$said", MEMBER), said("$other", MOD)))
+    # A newer body names it (the 🚨 on it) without being it: the search goes on past it.
+    relation = {"rel_type": "m.annotation", "event_id": "$said", "key": "🚨"}
+    reaction = said("$flag", MOD) | {"type": "m.reaction", "content": {"m.relates_to": relation}}
+    senders.note_body(body(reaction))
+    assert senders.sender_of(GROUP, "$said") == MEMBER
+    assert senders.sender_of(GROUP, "$other") == MOD
+    assert senders.sender_of(STAFF, "$said") is None, "an event of another room is not this one"
+    assert senders.sender_of(GROUP, "$unknown") is None
+    # What is not a transaction, or an event not of the shape kept, is no answer.
+    senders.note_body(b"not json")
+    senders.note_body(body({"event_id": "$odd", "room_id": GROUP, "sender": 5}))
+    assert senders.sender_of(GROUP, "$odd") is None
+    assert senders.sender_of(GROUP, "$said") == MEMBER
+    # A lone surrogate in a body (orjson refuses it): read as the intake reads it.
+    senders.note_body(
+        b'{"events":[{"event_id":"$s","room_id":"%s","sender":"@x:l",' % GROUP.encode()
+        + b'"content":{"body":"\\ud800"}}]}'
+    )
+    assert senders.sender_of(GROUP, "$s") == "@x:l"
+
+
+def test_recent_senders_forget_the_oldest_first_by_size():
+    one = len(body(said("$0", "@u0:l")))
+    senders = RecentSenders(size_bytes=2 * one)
     for n in range(10):
-        senders.note([f"${n}"], [(GROUP, f"@u{n}:l")])
+        senders.note_body(body(said(f"${n}", f"@u{n}:l")))
         remembered = [k for k in range(n + 1) if senders.sender_of(GROUP, f"${k}")]
-        # The newest half of the bound is always remembered; never more than the bound.
-        assert set(range(max(0, n - 1), n + 1)) <= set(remembered)
-        assert len(remembered) <= 4 and remembered == list(range(n + 1 - len(remembered), n + 1))
-    assert senders.sender_of(GROUP, "$9") == "@u9:l"
-    assert senders.sender_of(GROUP, "$1") is None
-    assert senders.sender_of(STAFF, "$9") is None, "an event of another room is not this one"
+        assert remembered == list(range(max(0, n - 1), n + 1)), "the newest size's worth"
+    # Events that came without a body (caught up from history) count too.
+    senders.note(["$caught"], [{"room_id": GROUP, "sender": MEMBER}])
+    assert senders.sender_of(GROUP, "$caught") == MEMBER
+    assert senders.sender_of(GROUP, "$8") is None, "its weight pushes the oldest out"
+    assert senders.sender_of(STAFF, "$caught") is None
+    senders.note([], [])  # nothing to keep
+    assert senders.sender_of(GROUP, "$unknown") is None
