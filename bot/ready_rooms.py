@@ -101,6 +101,10 @@ class ReadyRooms:
             marker=marker, invite=[], is_direct=False, encrypted=self._encrypted
         )
         if isinstance(created, Refused):
+            # Refused, so not made (a room an earlier attempt made is found, not refused):
+            # the plan goes, and the next round plans afresh.
+            async with self._db.begin() as conn:
+                await store.forget(conn, marker)
             self._failed(f"the homeserver refused to create a room ({created})")
             return False
         self._rooms.add_dm(created.room_id)

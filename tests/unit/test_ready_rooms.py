@@ -182,6 +182,19 @@ async def test_a_homeserver_away_makes_none_and_says_why(engine):
     assert pool.problem is None and len(made_ahead(hs)) == 2
 
 
+async def test_a_refused_creation_leaves_no_plan_behind_and_says_why(engine):
+    hs = homeserver()
+    hs.refuse["create_room"] = Refused("M_FORBIDDEN", "not allowed", 403)
+    pool = ready_rooms(engine, hs)
+    assert await pool.work_once() is False
+    assert pool.problem and "refused" in pool.problem
+    assert pool.status() == {"ok": True, "ready": 0, "wanted": 2, "problem": pool.problem}
+    assert await rows(engine) == [], "nothing half-made is kept"
+    del hs.refuse["create_room"]
+    await fill(pool)
+    assert len(made_ahead(hs)) == 2 and pool.problem is None
+
+
 async def test_rooms_of_the_other_kind_are_left_when_the_setting_changes(engine):
     hs = homeserver()
     await fill(ready_rooms(engine, hs, encrypted=True))
