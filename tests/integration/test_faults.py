@@ -164,7 +164,7 @@ async def test_synapse_stopped_at_random_during_a_burst_of_flags(
 async def test_service_killed_in_a_loop_finishes_every_case_once(synapse, tmp_path):
     rng = random.Random(21)
     scene = await build_scene(synapse, tmp_path)
-    config = config_for(scene)
+    config = config_for(scene, policy={"ready_dm_rooms": 2})  # rooms made ahead, killed too
     async with running_service(config):
         await open_group_room(scene)
         members = await more_members(scene, 5)

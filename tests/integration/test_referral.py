@@ -104,7 +104,7 @@ async def ready_room_ids(service) -> set[str]:
 
 
 async def test_the_notice_comes_in_a_room_made_ahead_invited_as_a_dm(scene):
-    config = configure(scene)
+    config = configure(scene, ready_dm_rooms=2)
     async with running_service(config) as service:
         await open_group_room(scene)
         await until(lambda: service.ready_rooms.ready == 2 or None, what="two DM rooms made ahead")

@@ -240,6 +240,10 @@ def scene_config(
     database in its directory, unless given; `options` (policy, checkin, homeserver_url,
     sections) as `service_config` takes them."""
     database = database or scene.directory / "safeguard.db"
+    # No DM rooms made ahead unless the test is about them: each service start would
+    # make rooms whose events Synapse pushes on after a short test has stopped the
+    # service, and the session's Synapse backs off pushing to the next test's.
+    options["policy"] = {"ready_dm_rooms": 0, **(options.get("policy") or {})}
     return service_config(
         scene.synapse,
         scene.directory,
