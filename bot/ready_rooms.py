@@ -151,9 +151,3 @@ class ReadyRooms:
             self.ready = max(self.ready - 1, 0)
             self.on_taken()
         return room_id
-
-    async def give_back(self, case_id: int, step: str, progress: dict[str, Any]) -> None:
-        """The step's progress without a taken room that turned out unusable (the
-        homeserver refused the invite into it): the step creates one instead."""
-        async with self._db.begin() as conn:
-            await cases.save_progress(conn, case_id, step, progress)

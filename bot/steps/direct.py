@@ -124,7 +124,7 @@ async def _ready_room(
         log.warning(
             "the room made ahead %s refused the invite (%s): creating one", room_id, invited
         )
-        await ready.give_back(run.case.id, run.step.step, run.progress)
+        await run.save(progress=run.progress)  # the step's record, without the room
         return None
     return room_id
 
