@@ -247,7 +247,12 @@ def check_runnable(config: Config) -> None:
     if config.policy.staff_room is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
     url = make_url(config.database_url)
-    if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+    if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+        problems.append(
+            "database.url: an in-memory database forgets every case when the service stops;"
+            " give a file (sqlite+aiosqlite:///path/to/safeguard.db)"
+        )
+    elif url.drivername.startswith("sqlite"):
         folder = Path(url.database).parent
         if not folder.is_dir():
             problems.append(f"database.url: folder {folder} does not exist")

@@ -15,6 +15,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,6 +40,18 @@ HEALTH_BUSY_TIMEOUT_MS = 2_000
 _WRITE = "safeguard_write"
 
 
+def _configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
+    """Every connection to the database, pooled or plain, runs with these settings."""
+    # Let us issue BEGIN ourselves (pysqlite's own BEGIN is deferred).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
 class SqliteEngine(AsyncEngine):
     """`begin()` is a write transaction (BEGIN IMMEDIATE); `connect()` reads take no lock.
 
@@ -50,6 +63,21 @@ class SqliteEngine(AsyncEngine):
 
     _write_lock: asyncio.Lock | None = None
     _write_lock_loop: asyncio.AbstractEventLoop | None = None
+    busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+
+    def plain_connection(self) -> sqlite3.Connection:
+        """A plain sqlite3 connection with the pool's settings, for the thread that opens it.
+
+        For a writer that runs a whole transaction in one call on a thread of its own
+        (the intake): one hand-over to that thread, where the pool's driver makes one
+        per statement. Writers still take their turn with `writing()` first.
+        """
+        database = self.url.database
+        if database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite database cannot be opened a second time")
+        conn = sqlite3.connect(database, timeout=self.busy_timeout_ms / 1000)
+        _configure_sqlite(conn, self.busy_timeout_ms)
+        return conn
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
@@ -74,17 +102,11 @@ def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
     if parsed.drivername.startswith("sqlite"):
         plain = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
         engine = SqliteEngine(plain.sync_engine)
+        engine.busy_timeout_ms = busy_timeout_ms
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Let us issue BEGIN ourselves (pysqlite's own BEGIN is deferred).
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
+            _configure_sqlite(dbapi_connection, busy_timeout_ms)
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(connection: Any) -> None:

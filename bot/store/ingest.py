@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.store.schema import inbox, seen_events, transactions
+from bot.store.writer_thread import WriterThread
 
 
 def storable_txn_id(txn_id: str) -> str:
@@ -110,12 +111,51 @@ def _to_json(event: dict[str, Any]) -> str:
         return json.dumps(event)
 
 
+def _record_sqlite_rows(
+    conn: sqlite3.Connection,
+    txn_id: str,
+    event_ids: Sequence[str],
+    queue: list[tuple[str, str, str, str, int]],
+    received: Any,
+    caught_up: bool,
+) -> tuple[int, int]:
+    """One SQLite write transaction, all of it on the calling thread: (queued, new events)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids)))
+        queued = 0
+        if queue:
+            rows = [
+                (event_id, room, kind, payload, received, lane, caught_up, event_id)
+                for event_id, room, kind, payload, lane in queue
+            ]
+            queued = conn.executemany(_SQLITE_QUEUE, rows).rowcount
+        new_events = 0
+        if event_ids:
+            new_events = conn.executemany(
+                _SQLITE_EVENTS, [(event_id, received) for event_id in event_ids]
+            ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return queued, new_events
+
+
 class TransactionRecorder:
     """Records transactions on a connection of its own, held between transactions.
 
     One at a time (a lock): Synapse sends one transaction at a time, and catch-up
     shares the connection. A connection that failed is dropped and a new one is
-    taken from the engine next time. `close()` before the engine is disposed.
+    opened next time. `close()` before the engine is disposed.
+
+    On PostgreSQL the whole record is one statement. On SQLite it is one transaction
+    of three or four statements, run in one call on a thread of the recorder's own
+    with a plain sqlite3 connection (as Synapse runs a whole interaction on its
+    database thread): one hand-over to a thread and back per transaction Synapse
+    sends, where the pool's driver (aiosqlite) makes one per statement, BEGIN and
+    COMMIT included.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -123,14 +163,20 @@ class TransactionRecorder:
         self._dialect = engine.dialect.name
         stamp = transactions.c.received_at.type.bind_processor(engine.dialect)
         self._stamp: Callable[[dt.datetime], Any] = stamp or (lambda value: value)
-        self._conn: AsyncConnection | None = None
-        self._raw: Any = None  # the driver's connection under `_conn`
         self._lock = asyncio.Lock()
-        # SQLite: the engine's turn to write, shared with every other writer in the
+        # PostgreSQL: a pooled connection, and asyncpg's under it.
+        self._conn: AsyncConnection | None = None
+        self._raw: Any = None
+        # SQLite: a plain connection, opened, used and closed on the recorder's thread
+        # only; and the engine's turn to write, shared with every other writer in the
         # process (appservice/database.py), so none busy-waits on SQLite's lock.
+        self._sqlite: sqlite3.Connection | None = None
+        self._thread = WriterThread("safeguard-intake")
         self._writing: Callable[[], contextlib.AbstractAsyncContextManager[None]] = getattr(
             engine, "writing", contextlib.nullcontext
         )
+        if self._dialect == "sqlite" and not hasattr(engine, "plain_connection"):
+            raise TypeError("a SQLite engine from appservice.database.create_engine is needed")
 
     async def record(
         self,
@@ -156,12 +202,11 @@ class TransactionRecorder:
             raise UnstorableEvents(type(exc).__name__) from exc
         async with self._lock:
             try:
-                driver = await self._driver()
                 if self._dialect == "postgresql":
                     return await self._record_postgresql(
-                        driver, txn_id, event_ids, queue, now, caught_up
+                        await self._driver(), txn_id, event_ids, queue, now, caught_up
                     )
-                return await self._record_sqlite(driver, txn_id, event_ids, queue, now, caught_up)
+                return await self._record_sqlite(txn_id, event_ids, queue, now, caught_up)
             except Exception as exc:
                 if self._is_outage(exc):
                     await self._drop()
@@ -170,10 +215,8 @@ class TransactionRecorder:
 
     async def close(self) -> None:
         async with self._lock:
-            if self._conn is not None:
-                conn, self._conn, self._raw = self._conn, None, None
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            await self._drop()
+            self._thread.stop()
 
     async def _driver(self) -> Any:
         if self._raw is None:
@@ -188,44 +231,35 @@ class TransactionRecorder:
             with contextlib.suppress(Exception):
                 await conn.invalidate()
                 await conn.close()
+        if self._sqlite is not None:
+            await self._thread.run(self._close_sqlite)
+
+    def _close_sqlite(self) -> None:
+        if self._sqlite is not None:
+            conn, self._sqlite = self._sqlite, None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _sqlite_write(self, *args: Any) -> tuple[int, int]:
+        """On the recorder's thread: open the connection if need be, and write."""
+        if self._sqlite is None:
+            self._sqlite = self._engine.plain_connection()  # type: ignore[attr-defined]
+        return _record_sqlite_rows(self._sqlite, *args)
 
     async def _record_sqlite(
         self,
-        driver: Any,
         txn_id: str,
         event_ids: Sequence[str],
         queue: list[tuple[str, str, str, str, int]],
         now: dt.datetime,
         caught_up: bool,
     ) -> Recorded:
-        received = self._stamp(now)
         # Our turn among this process's writers; then SQLite's write lock, taken up
         # front as every writer here does (appservice/database.py).
         async with self._writing():
-            try:
-                # Inside the try: a BEGIN whose caller is cancelled while it waits still
-                # runs in the driver's thread, and must be rolled back after it, or this
-                # connection would keep SQLite's write lock until its next transaction.
-                await driver.execute("BEGIN IMMEDIATE")
-                await driver.execute(
-                    _SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids))
-                )
-                queued = 0
-                if queue:
-                    rows = [
-                        (event_id, room, kind, payload, received, lane, caught_up, event_id)
-                        for event_id, room, kind, payload, lane in queue
-                    ]
-                    queued = (await driver.executemany(_SQLITE_QUEUE, rows)).rowcount
-                new_events = 0
-                if event_ids:
-                    rows = [(event_id, received) for event_id in event_ids]
-                    new_events = (await driver.executemany(_SQLITE_EVENTS, rows)).rowcount
-                await driver.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await driver.execute("ROLLBACK")
-                raise
+            queued, new_events = await self._thread.run(
+                self._sqlite_write, txn_id, event_ids, queue, self._stamp(now), caught_up
+            )
         return Recorded(new_events, queued, len(event_ids))
 
     async def _record_postgresql(
@@ -262,11 +296,9 @@ class TransactionRecorder:
         if isinstance(exc, OSError | TimeoutError | SQLAlchemyError):
             return True
         if self._dialect == "sqlite":
-            # Disk full, I/O error, locked past the busy timeout, read-only database;
-            # a closed connection is a ValueError in aiosqlite.
-            return isinstance(exc, sqlite3.OperationalError) or (
-                isinstance(exc, ValueError) and "connection" in str(exc).lower()
-            )
+            # Disk full, I/O error, locked past the busy timeout, read-only database,
+            # a database that cannot be opened.
+            return isinstance(exc, sqlite3.OperationalError)
         sqlstate = getattr(exc, "sqlstate", None)
         if isinstance(sqlstate, str):
             return sqlstate[:2] in _PG_OUTAGE_CLASSES

@@ -110,7 +110,16 @@ async def test_read_only_database_is_503(synapse, tmp_path):
                 dbapi_connection.execute("PRAGMA query_only=ON")
 
             await engine.dispose()
-        # The intake holds a connection of its own: let it go, so it takes a new one.
+        # The intake writes on a plain connection of its own (bot/store/ingest.py): let it
+        # go, and open the next one read-only too.
+        opened_plain = service.engine.plain_connection
+
+        def plain_read_only():
+            conn = opened_plain()
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+
+        service.engine.plain_connection = plain_read_only
         await service.intake.close()
         assert (await put(service, "ro", {"events": [reaction("$ro")]}))[0] == 503
         status, body = await health(service)

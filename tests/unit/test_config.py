@@ -265,3 +265,13 @@ async def test_sqlite_reads_take_no_write_lock(tmp_path):
                 assert count.scalar_one() == 0
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
+def test_an_in_memory_database_is_refused(tmp_path, url):
+    """Every case would be lost at a restart (and the intake writes on a second connection)."""
+    data = {**MINIMAL, "policy": {"staff_room": "!s:localhost"}, "database": {"url": url}}
+    path = write(tmp_path, data)
+    write_registration(load_config(path), tmp_path / "registration.yaml")
+    with pytest.raises(ConfigError, match=r"database\.url: an in-memory database forgets"):
+        check_runnable(load_config(path))
