@@ -206,8 +206,12 @@ class ReconcileSettings(_Strict):
     # How often every watched room is checked, so a homeserver restart nobody noticed
     # (no call of ours failed) is still caught up.
     interval: Duration = dt.timedelta(seconds=30)
+    # An event younger than this is left to the homeserver's push, which is on its way
+    # (milliseconds, seconds under load), and looked for again once it is this old: the
+    # record's "caught up" then means the homeserver truly did not deliver it.
+    settle: Duration = dt.timedelta(seconds=10)
 
-    _durations = field_validator("lookback", "interval", mode="before")(_coerce_duration)
+    _durations = field_validator("lookback", "interval", "settle", mode="before")(_coerce_duration)
 
 
 class AuditSettings(_Strict):

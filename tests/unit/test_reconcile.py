@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import pytest
@@ -18,7 +19,8 @@ from bot.store import ingest
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF
 
-NOW = dt.datetime.now(dt.UTC)
+# Events of a minute ago: settled (the homeserver's push would have come by now).
+NOW = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
 
 
 @pytest.fixture
@@ -71,13 +73,13 @@ def new_intake(engine, senders: RecentSenders | None = None) -> Intake:
     return intake
 
 
-def build(engine, hs, since: dt.datetime | None = None):
+def build(engine, hs, since: dt.datetime | None = None, **settings):
     intake = new_intake(engine)
 
     async def rooms():
         return [(GROUP, since)]
 
-    return Reconciler(engine, hs, intake, rooms, ReconcileSettings()), intake
+    return Reconciler(engine, hs, intake, rooms, ReconcileSettings(**settings)), intake
 
 
 async def queued(engine) -> list[tuple[str, bool]]:
@@ -119,3 +121,52 @@ async def test_the_intake_notes_who_sent_each_event_it_records(engine):
     await intake.accept("txn-1", [message])
     assert senders.sender_of(GROUP, "$said") == MEMBER
     assert senders.sender_of(GROUP, "$never") is None
+
+
+async def test_an_event_just_sent_is_left_to_the_push_on_its_way(engine):
+    """Read before Synapse's push of it lands, it would be recorded as caught up (and
+    logged as never delivered) though it was delivered moments later."""
+    hs = FakeHomeserver()
+    room = hs.add_room(GROUP, {}, {})
+    reconciler, intake = build(engine, hs, settle=dt.timedelta(seconds=10))
+    await reconciler.catch_up_all()  # position: now
+    just_now = dt.datetime.now(dt.UTC)
+    room.events += [chat("$earlier", NOW), flag("$on-its-way", just_now), chat("$after", just_now)]
+    assert await reconciler.catch_up_all() == 1, "only the settled event"
+    assert await queued(engine) == []
+    await intake.accept("txn-1", [flag("$on-its-way", just_now) | {"room_id": GROUP}])
+    # Settled now (as if 10 s had passed): the rest of the page is read again, once.
+    reconciler._settings = ReconcileSettings(settle=dt.timedelta(0))
+    assert await reconciler.catch_up_all() == 1, "$after; $earlier is not counted twice"
+    assert await queued(engine) == [("$on-its-way", False)], "delivered, so not caught up"
+
+
+async def test_a_young_event_never_delivered_is_caught_up_once_settled(engine):
+    hs = FakeHomeserver()
+    room = hs.add_room(GROUP, {}, {})
+    settle = dt.timedelta(seconds=0.3)
+    reconciler, _ = build(engine, hs, settle=settle, interval=dt.timedelta(hours=1))
+    await reconciler.catch_up_all()
+    room.events.append(flag("$dropped", dt.datetime.now(dt.UTC)))
+    reconciler.start()
+    try:
+        # The round that left it comes back once it has settled, not an interval later.
+        for _ in range(100):
+            if await queued(engine):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await reconciler.stop()
+    assert await queued(engine) == [("$dropped", True)]
+    assert reconciler.rounds >= 2
+
+
+async def test_a_timestamp_far_in_the_future_holds_nothing_back(engine):
+    """origin_server_ts is the sending server's word: a forged one must not stall catch-up."""
+    hs = FakeHomeserver()
+    room = hs.add_room(GROUP, {}, {})
+    reconciler, _ = build(engine, hs, settle=dt.timedelta(seconds=10))
+    await reconciler.catch_up_all()
+    room.events += [flag("$future", NOW + dt.timedelta(days=2)), flag("$next", NOW)]
+    assert await reconciler.catch_up_all() == 2
+    assert [event_id for event_id, _ in await queued(engine)] == ["$future", "$next"]
