@@ -350,14 +350,8 @@ class Service:
     async def _load_rooms(self) -> None:
         """What the hot path must know of rooms before the first transaction."""
         async with self.engine.connect() as conn:
-            dms, checkins = await cases.private_rooms(conn)
-            watched = await cases.active_members(conn)
-        for room_id, member_id in watched:
-            self.rooms.watch_member(room_id, member_id)
-        for room_id in dms:
-            self.rooms.add_dm(room_id)
-        for room_id in checkins:
-            self.rooms.add_checkin(room_id)
+            known = await cases.rooms_of_cases(conn)
+        self.rooms.know(watched=known.watched, dms=known.dms, checkins=known.checkins)
         await self.ready_rooms.load()
 
     async def _connect(self) -> None:

@@ -7,6 +7,7 @@ Any other room the bot is in is a group room it moderates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 from bot.staff_room import StaffRoom
@@ -32,6 +33,19 @@ class RoomDirectory:
         # again). Added before the case is written, never taken away while running:
         # one too many only queues an event that needs nothing.
         self._watched: set[tuple[str, str]] = set()
+
+    def know(
+        self,
+        *,
+        watched: Iterable[tuple[str, str]] = (),
+        dms: Iterable[str] = (),
+        checkins: Iterable[str] = (),
+    ) -> None:
+        """Many at once (what the cases hold, read at start), at set speed."""
+        self._watched.update(watched)
+        self._dms.update(dms)
+        self._checkins.update(checkins)
+        self.conversations.update(self._dms, self._checkins)
 
     def add_dm(self, room_id: str) -> None:
         self._dms.add(room_id)

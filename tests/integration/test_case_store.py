@@ -217,6 +217,31 @@ async def test_checkin_counts_follow_the_checkin_not_the_case(engine):
     assert await counts() == cases.CheckinCounts(pending=1, overdue=0, unclaimed=2)
 
 
+async def test_rooms_of_cases_is_what_the_intake_must_know_at_start(engine):
+    """Active cases' members are watched; every DM, debrief and check-in room the bot
+    opened is known, the closed cases' too (their members' messages still reach staff)."""
+    from bot.store.schema import cases as cases_table
+
+    active = (await open_case(engine, flag("@active:l"))).case_id
+    closed = (await open_case(engine, flag("@closed:l"))).case_id
+    quiet = (await open_case(engine, flag("@quiet:l"))).case_id
+    async with engine.begin() as conn:
+        for case_id, values in (
+            (active, {"dm_room_id": "!dm-a:l", "checkin_room_id": "!ci-a:l"}),
+            (closed, {"dm_room_id": "!dm-c:l", "debrief_room_id": "!db-c:l", "active_key": None}),
+            (quiet, {"active_key": None}),
+        ):
+            await conn.execute(
+                cases_table.update().where(cases_table.c.id == case_id).values(**values)
+            )
+        known = await cases.rooms_of_cases(conn)
+    assert known == cases.RoomsOfCases(
+        watched={("!group:localhost", "@active:l")},
+        dms={"!dm-a:l", "!dm-c:l", "!db-c:l"},
+        checkins={"!ci-a:l"},
+    )
+
+
 async def test_a_step_armed_again_keeps_what_it_did_when_asked_to(engine):
     """A corroborating flag arms `redact_flag` again: the flags it redacted already stay
     recorded (it redacts the new one, and asks about none of the old)."""

@@ -208,3 +208,23 @@ async def test_who_sent_an_accepted_event_is_known_from_its_body_and_never_wrong
         plain = json.dumps(event["event_id"], ensure_ascii=False)[1:-1] == event["event_id"]
         assert found == event["sender"] if plain else found in (None, event["sender"])
         assert senders.sender_of("!elsewhere:l", event["event_id"]) is None
+
+
+def test_rooms_known_at_start_are_known_as_if_added_one_by_one():
+    """`RoomDirectory.know` (the cases read at start) and the one-by-one adds agree."""
+    from bot.rooms import RoomKind
+
+    at_once, one_by_one = RoomDirectory(StaffRoom(STAFF)), RoomDirectory(StaffRoom(STAFF))
+    at_once.know(watched={(GROUP, MEMBER)}, dms={"!dm:l", "!debrief:l"}, checkins={"!ci:l"})
+    one_by_one.watch_member(GROUP, MEMBER)
+    for room in ("!dm:l", "!debrief:l"):
+        one_by_one.add_dm(room)
+    one_by_one.add_checkin("!ci:l")
+    for rooms in (at_once, one_by_one):
+        assert rooms.conversations == {"!dm:l", "!debrief:l", "!ci:l"}
+        assert rooms.is_watched(GROUP, MEMBER) and not rooms.is_watched(GROUP, MOD)
+        assert [rooms.kind(r) for r in ("!dm:l", "!ci:l", GROUP)] == [
+            RoomKind.DM,
+            RoomKind.CHECKIN,
+            RoomKind.GROUP,
+        ]
