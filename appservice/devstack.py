@@ -2,8 +2,10 @@
 
 The first run creates `.dev/` (Synapse config, registration, service config,
 credentials, room ids); later runs reuse it. Rooms are created before the
-service starts so the staff room's id can go into the service config; the bot
-accepts its invites as soon as the service runs (Synapse queues them).
+service starts so the staff room's id can go into the service config; the bot is
+invited once the service runs, so Synapse's first push of anything for it finds the
+service listening (a failed push puts Synapse into its retry back-off, and an event
+it queues at the moment that back-off ends can wait for the next failure).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from appservice.registration import write_registration
 from appservice.synapse_local import LocalSynapse, ensure_user, write_homeserver_config
 
 SERVER_NAME = "localhost"
+BOT = f"@safeguard:{SERVER_NAME}"
 DEMO_USERS = ("moderator", "member", "staff")
 
 
@@ -76,7 +79,6 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
     state = _read_json(state_path)
     if {"group_room", "staff_room"} <= state.keys():
         return state
-    bot = f"@safeguard:{SERVER_NAME}"
     moderator = _Client(hs_url, tokens["moderator"])
     member = _Client(hs_url, tokens["member"])
     staff = _Client(hs_url, tokens["staff"])
@@ -87,7 +89,7 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
             {
                 "name": "Staff",
                 "preset": "private_chat",
-                "invite": [bot, f"@moderator:{SERVER_NAME}"],
+                "invite": [f"@moderator:{SERVER_NAME}"],
             },
         )
     )["room_id"]
@@ -100,14 +102,12 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
                 "preset": "private_chat",
                 "invite": [f"@member:{SERVER_NAME}", f"@staff:{SERVER_NAME}"],
                 # The moderator creates the room (a creator in room v12); the bot can kick.
-                "power_level_content_override": {"users": {bot: 50}},
+                "power_level_content_override": {"users": {BOT: 50}},
             },
         )
     )["room_id"]
     await member.call("POST", f"/_matrix/client/v3/join/{group_room}", {})
-    # Only staff can put the bot in a room (appservice.allowed_inviters widens that).
     await staff.call("POST", f"/_matrix/client/v3/join/{group_room}", {})
-    await staff.call("POST", f"/_matrix/client/v3/rooms/{group_room}/invite", {"user_id": bot})
     await member.call(
         "PUT",
         f"/_matrix/client/v3/rooms/{group_room}/send/m.room.message/hello",
@@ -121,14 +121,27 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
     return state
 
 
+async def _invite_bot(client: _Client, rooms: list[str]) -> None:
+    """Staff put the bot in the demo rooms (only staff may: appservice.allowed_inviters
+    widens that), once the service runs. Invited before, Synapse would push the invite
+    to a service not yet listening, and deliver it only after its retry back-off."""
+    for room in rooms:
+        members = await client.call("GET", f"/_matrix/client/v3/rooms/{room}/members")
+        membership = next(
+            (e["content"].get("membership") for e in members["chunk"] if e["state_key"] == BOT),
+            None,
+        )
+        if membership not in ("join", "invite"):
+            await client.call("POST", f"/_matrix/client/v3/rooms/{room}/invite", {"user_id": BOT})
+
+
 async def _bot_joined(client: _Client, room: str, within: float = 60.0) -> None:
     """Wait, as a member of `room`, until the bot has joined it."""
-    bot = f"@safeguard:{SERVER_NAME}"
     deadline = asyncio.get_running_loop().time() + within
     while True:
         members = await client.call("GET", f"/_matrix/client/v3/rooms/{room}/members")
         if any(
-            e["state_key"] == bot and e["content"].get("membership") == "join"
+            e["state_key"] == BOT and e["content"].get("membership") == "join"
             for e in members["chunk"]
         ):
             return
@@ -209,6 +222,9 @@ async def run_dev(
             config_path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
         service = Service(load_config(config_path))
         await service.start()
+        await asyncio.wait_for(service.connected.wait(), 60)
+        staff = _Client(synapse.url, tokens["staff"])
+        await _invite_bot(staff, [rooms["staff_room"], rooms["group_room"]])
         # Only say "ready" once the bot has accepted its invites: a flag in a room
         # the bot is not in yet never reaches it.
         await _bot_joined(_Client(synapse.url, tokens["moderator"]), rooms["group_room"])
