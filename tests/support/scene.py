@@ -17,6 +17,7 @@ import yaml
 
 from appservice.config import load_config
 from appservice.service import Service
+from tests.support.synapse import appservice_delivering
 
 T = TypeVar("T")
 BOT = "@safeguard:localhost"
@@ -79,10 +80,12 @@ def service_config(
 
 @asynccontextmanager
 async def running_service(config_path: Path) -> AsyncIterator[Service]:
-    service = Service(load_config(config_path), connect_retry_seconds=0.5)
+    config = load_config(config_path)
+    service = Service(config, connect_retry_seconds=0.5)
     await service.start()
     try:
         await asyncio.wait_for(service.connected.wait(), 30)
+        await appservice_delivering(config.registration_path, config.homeserver.url)
         yield service
     finally:
         await service.stop()

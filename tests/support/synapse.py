@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import socket
+import sqlite3
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import aiohttp
 import yaml
 
 from appservice.config import load_config
@@ -97,3 +100,41 @@ async def start_synapse(
     process = LocalSynapse(config, hs_port)
     await process.start()
     return SynapseHandle(process, SERVER_NAME, shared_secret, registration, as_port, directory)
+
+
+async def appservice_delivering(registration_path: Path, homeserver_url: str) -> None:
+    """Return once Synapse delivers to the application service again (or after 15 s).
+
+    Between tests no service listens, so Synapse's pushes fail and it retries from a
+    queue of its own, with back-off. A service's start pings it (which retries at
+    once); but an event Synapse queues while that retry is finishing is only sent at
+    the next failure (a race in Synapse's appservice scheduler, seen here as a bot
+    invite held until after its test had ended). So a scene starts acting only once
+    Synapse's record of the service says it is no longer down, pinging meanwhile.
+    """
+    database = registration_path.parent / "synapse" / "homeserver.db"
+    if not database.exists():
+        return
+    registration = yaml.safe_load(registration_path.read_text())
+    ping = f"{homeserver_url}/_matrix/client/v1/appservice/{registration['id']}/ping"
+    headers = {"Authorization": f"Bearer {registration['as_token']}"}
+
+    def down() -> bool:
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
+                row = db.execute(
+                    "SELECT state FROM application_services_state WHERE as_id = ?",
+                    (registration["id"],),
+                ).fetchone()
+        except sqlite3.Error:
+            return True  # busy: look again
+        return row is not None and row[0] == "down"
+
+    deadline = asyncio.get_running_loop().time() + 15
+    async with aiohttp.ClientSession(headers=headers) as session:
+        while await asyncio.to_thread(down):
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            async with session.post(ping, json={}) as response:
+                await response.read()
+            await asyncio.sleep(0.2)
