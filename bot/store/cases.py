@@ -484,38 +484,30 @@ class RoomsOfCases:
     checkins: set[str]
 
 
+_ROOMS_OF_CASES = (
+    "SELECT room_id, member_id, active_key, dm_room_id, debrief_room_id, checkin_room_id"
+    f" FROM {cases.name} WHERE active_key IS NOT NULL OR dm_room_id IS NOT NULL"
+    " OR debrief_room_id IS NOT NULL OR checkin_room_id IS NOT NULL"
+)
+
+
 async def rooms_of_cases(conn: AsyncConnection) -> RoomsOfCases:
-    """Read at every start, in one pass over the cases: with 10,000 open cases a scan
-    costs about as much as reading their rows, so one query, not one per set (nor a
-    UNION, whose sort costs more than the rows)."""
-    rows = await conn.execute(
-        sa.select(
-            cases.c.room_id,
-            cases.c.member_id,
-            cases.c.active_key.is_not(None),
-            cases.c.dm_room_id,
-            cases.c.debrief_room_id,
-            cases.c.checkin_room_id,
-        ).where(
-            sa.or_(
-                cases.c.active_key.is_not(None),
-                cases.c.dm_room_id.is_not(None),
-                cases.c.debrief_room_id.is_not(None),
-                cases.c.checkin_room_id.is_not(None),
-            )
-        )
+    """Read at every start, in one pass over the cases, with the driver directly.
+
+    With 10,000 open cases this is most of what they add to a start: one query (not
+    one per set, nor a UNION, whose sort costs more than the rows), and the driver's
+    rows as they come (SQLAlchemy's row objects took as long again as the query).
+    """
+    driver = (await conn.get_raw_connection()).driver_connection
+    if conn.dialect.name == "postgresql":
+        rows = await driver.fetch(_ROOMS_OF_CASES)
+    else:
+        rows = await (await driver.execute(_ROOMS_OF_CASES)).fetchall()
+    return RoomsOfCases(
+        watched={(row[0], row[1]) for row in rows if row[2]},
+        dms={row[3] for row in rows if row[3]} | {row[4] for row in rows if row[4]},
+        checkins={row[5] for row in rows if row[5]},
     )
-    found = RoomsOfCases(set(), set(), set())
-    for room_id, member_id, active, dm, debrief, checkin in rows:
-        if active:
-            found.watched.add((room_id, member_id))
-        if dm:
-            found.dms.add(dm)
-        if debrief:
-            found.dms.add(debrief)
-        if checkin:
-            found.checkins.add(checkin)
-    return found
 
 
 async def open_private_rooms(conn: AsyncConnection) -> set[str]:
