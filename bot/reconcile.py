@@ -82,8 +82,9 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0  # completed rounds (tests and /metrics)
         self.caught_up = 0  # events found that had never been delivered
-        # Events were left to settle this round: the next one comes when they have.
-        self._left_to_settle = False
+        # Rooms whose latest events were left to settle: read again (they alone) once
+        # those have, while every room waits for the next full round.
+        self._unsettled: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="reconcile")
@@ -100,26 +101,37 @@ class Reconciler:
             self._task = None
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        only: set[str] | None = None  # None: a full round
+        full_round_due = loop.time()
         while True:
             self._trigger.clear()
+            if only is None:
+                full_round_due = loop.time() + self._settings.interval.total_seconds()
             try:
-                await self.catch_up_all()
+                await self.catch_up_all(only=only)
             except (HomeserverUnavailable, StorageUnavailable) as exc:
                 log.warning("catch-up interrupted (%s); trying again later", exc)
             except Exception:
                 log.exception("catch-up failed; trying again later")
-            wait = self._settings.interval
-            if self._left_to_settle:
-                wait = min(wait, self._settings.settle)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), wait.total_seconds())
+            wait = full_round_due - loop.time()
+            if self._unsettled:
+                wait = min(wait, self._settings.settle.total_seconds())
+            try:
+                await asyncio.wait_for(self._trigger.wait(), max(wait, 0.0))
+            except TimeoutError:
+                only = set(self._unsettled) if loop.time() < full_round_due else None
+            else:
+                only = None  # a gap just ended: every room
 
-    async def catch_up_all(self) -> int:
-        """One round over every watched room; returns how many events were new to us."""
+    async def catch_up_all(self, *, only: set[str] | None = None) -> int:
+        """One round over every watched room (or `only` these of them); returns how many
+        events were new to us."""
         found = 0
-        self._left_to_settle = False
+        self._unsettled = set()
         for room_id, since in await self._watched_rooms():
-            found += await self.catch_up(room_id, since)
+            if only is None or room_id in only:
+                found += await self.catch_up(room_id, since)
         self.rounds += 1
         if found:
             log.warning(
@@ -155,7 +167,7 @@ class Reconciler:
             if len(settled) < len(page.events):
                 # The position stays before this page: the rest of it is read again (what
                 # was fed is known by then) once it has settled.
-                self._left_to_settle = True
+                self._unsettled.add(room_id)
                 return found
             if page.next_token is None or page.next_token == token:
                 return found

@@ -170,3 +170,40 @@ async def test_a_timestamp_far_in_the_future_holds_nothing_back(engine):
     room.events += [flag("$future", NOW + dt.timedelta(days=2)), flag("$next", NOW)]
     assert await reconciler.catch_up_all() == 2
     assert [event_id for event_id, _ in await queued(engine)] == ["$future", "$next"]
+
+
+async def test_only_the_rooms_left_to_settle_are_read_again_before_the_next_full_round(engine):
+    """A busy room always has a message younger than `settle`: the others are not read
+    every `settle` for it (a full round stays every `interval`)."""
+    hs = FakeHomeserver()
+    busy, quiet = hs.add_room(GROUP, {}, {}), hs.add_room("!quiet:localhost", {}, {})
+    intake = new_intake(engine)
+
+    async def rooms():
+        return [(GROUP, None), ("!quiet:localhost", None)]
+
+    settings = ReconcileSettings(settle=dt.timedelta(seconds=0.3), interval=dt.timedelta(hours=1))
+    reconciler = Reconciler(engine, hs, intake, rooms, settings)
+    await reconciler.catch_up_all()  # positions: now
+    busy.events.append(chat("$young", dt.datetime.now(dt.UTC)))
+    quiet.events.append(chat("$old", NOW))
+    read: list[tuple[int, str]] = []  # (round, room)
+    read_forward = hs.read_forward
+    first = reconciler.rounds
+
+    async def counted(room_id, token, *, limit):
+        read.append((reconciler.rounds - first, room_id))
+        return await read_forward(room_id, token, limit=limit)
+
+    hs.read_forward = counted
+    reconciler.start()
+    try:
+        for _ in range(100):
+            if reconciler.rounds - first >= 2 and not reconciler._unsettled:
+                break  # read again once settled, and nothing left
+            await asyncio.sleep(0.05)
+    finally:
+        await reconciler.stop()
+    assert {room for round_, room in read if round_ == 0} == {GROUP, "!quiet:localhost"}
+    later = {room for round_, room in read if round_ > 0}
+    assert later == {GROUP}, "only the room left to settle is read again"
