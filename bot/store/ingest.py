@@ -297,8 +297,10 @@ class TransactionRecorder:
             return True
         if self._dialect == "sqlite":
             # Disk full, I/O error, locked past the busy timeout, read-only database,
-            # a database that cannot be opened.
-            return isinstance(exc, sqlite3.OperationalError)
+            # a database that cannot be opened; a connection closed under us.
+            return isinstance(exc, sqlite3.OperationalError) or (
+                isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc).lower()
+            )
         sqlstate = getattr(exc, "sqlstate", None)
         if isinstance(sqlstate, str):
             return sqlstate[:2] in _PG_OUTAGE_CLASSES

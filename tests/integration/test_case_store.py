@@ -290,3 +290,21 @@ async def test_a_recording_cancelled_while_waiting_for_sqlites_lock_leaves_no_lo
         other.close()
         await recorder.close()
         await engine.dispose()
+
+
+async def test_an_intake_connection_closed_under_it_is_an_outage_then_reopened(tmp_path):
+    """Not "this data cannot be stored" (which would skip the events and answer 200)."""
+    from appservice.database import create_engine, upgrade
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'closed.db'}")
+    await upgrade(engine)
+    recorder = ingest.TransactionRecorder(engine)
+    try:
+        await recorder.record("t0", ["$a"], [], NOW)
+        await recorder._thread.run(recorder._sqlite.close)  # on the thread that opened it
+        with pytest.raises(ingest.WriteUnavailable):
+            await recorder.record("t1", ["$b"], [], NOW)
+        assert (await recorder.record("t1", ["$b"], [], NOW)).new_events == 1
+    finally:
+        await recorder.close()
+        await engine.dispose()
