@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from appservice.errors import ConfigError
@@ -135,10 +135,7 @@ class Config:
     @property
     def sqlite_path(self) -> Path | None:
         """The SQLite database file, or None (PostgreSQL, or in memory)."""
-        url = make_url(self.database_url)
-        if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
-            return Path(url.database)
-        return None
+        return sqlite_file(self.database_url)
 
     @property
     def crypto_store(self) -> Path:
@@ -209,13 +206,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _resolve_database_url(url: str, base: Path) -> str:
+def sqlite_file(url: str | URL) -> Path | None:
+    """The SQLite database file a database URL names; None for any other database, and
+    for SQLite in memory."""
     parsed = make_url(url)
     if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
-        database = Path(parsed.database)
+        return Path(parsed.database)
+    return None
+
+
+def _resolve_database_url(url: str, base: Path) -> str:
+    database = sqlite_file(url)
+    if database is not None:
         if not database.is_absolute():
             database = (base / database).resolve()
-        return parsed.set(database=str(database)).render_as_string(hide_password=False)
+        return make_url(url).set(database=str(database)).render_as_string(hide_password=False)
     return url
 
 
@@ -246,14 +251,14 @@ def check_runnable(config: Config) -> None:
     problems: list[str] = list(validate_templates(config.messages))
     if config.policy.staff_room is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
-    url = make_url(config.database_url)
-    if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+    database = config.sqlite_path
+    if database is None and make_url(config.database_url).drivername.startswith("sqlite"):
         problems.append(
             "database.url: an in-memory database forgets every case when the service stops;"
             " give a file (sqlite+aiosqlite:///path/to/safeguard.db)"
         )
-    elif url.drivername.startswith("sqlite"):
-        folder = Path(url.database).parent
+    elif database is not None:
+        folder = database.parent
         if not folder.is_dir():
             problems.append(f"database.url: folder {folder} does not exist")
         elif not os.access(folder, os.W_OK):

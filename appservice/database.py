@@ -27,6 +27,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from appservice.config import sqlite_file
 from appservice.errors import ConfigError
 from bot.store.schema import heartbeat
 
@@ -72,8 +73,8 @@ class SqliteEngine(AsyncEngine):
         (the intake): one hand-over to that thread, where the pool's driver makes one
         per statement. Writers still take their turn with `writing()` first.
         """
-        database = self.url.database
-        if database in (None, "", ":memory:"):
+        database = sqlite_file(self.url)
+        if database is None:
             raise ValueError("an in-memory SQLite database cannot be opened a second time")
         conn = sqlite3.connect(database, timeout=self.busy_timeout_ms / 1000)
         _configure_sqlite(conn, self.busy_timeout_ms)
@@ -234,10 +235,8 @@ class InstanceLock:
 
     @property
     def _sqlite_path(self) -> Path | None:
-        database = self._url.database
-        if self._url.drivername.startswith("sqlite") and database and database != ":memory:":
-            return Path(database + ".lock")
-        return None
+        database = sqlite_file(self._url)
+        return None if database is None else database.with_name(database.name + ".lock")
 
     async def acquire(self) -> None:
         lock_path = self._sqlite_path
