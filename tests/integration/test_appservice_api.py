@@ -107,7 +107,10 @@ async def test_malformed_events_are_skipped_not_fatal(service):
     ]
     status, body = await put(service, "mixed", {"events": events})
     assert (status, body) == (200, {})
-    assert await inbox_ids(service) == ["$good"]
+    # Of this transaction's events (the session's Synapse may still push others, left
+    # over from earlier tests, to whichever service listens now).
+    sent = {"$no-type", "$bad-content", "$good"}
+    assert [i for i in await inbox_ids(service) if i in sent] == ["$good"]
     _status, text = await fetch(service, "/metrics")
     assert 'safeguard_events_total{outcome="malformed"} 5.0' in text
 
