@@ -79,9 +79,14 @@ def service_config(
 
 
 @asynccontextmanager
-async def running_service(config_path: Path) -> AsyncIterator[Service]:
+async def running_service(
+    config_path: Path, *, prepare: Callable[[Service], None] = lambda service: None
+) -> AsyncIterator[Service]:
+    """The service in this process, started and delivered to; `prepare` sees it before it
+    starts (a fault test puts its fault in place there)."""
     config = load_config(config_path)
     service = Service(config, connect_retry_seconds=0.5)
+    prepare(service)
     await service.start()
     try:
         await asyncio.wait_for(service.connected.wait(), 30)
