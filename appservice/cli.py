@@ -213,18 +213,17 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_e2ee(args: argparse.Namespace, config: Config) -> int:
-    from appservice.crypto import offline_status
+    from appservice.crypto import offline_status, reset_device
     from appservice.registration import load_registration
 
     if not config.file.encryption.enabled:
         print("end-to-end encryption is off (encryption.enabled: false)")
         return 0
     registration = load_registration(config.registration_path)
-    status = asyncio.run(
-        offline_status(
-            config.homeserver.url, registration.as_token, config.bot_user_id, config.crypto_store
-        )
-    )
+    where = (config.homeserver.url, registration.as_token, config.bot_user_id, config.crypto_store)
+    if args.action == "reset":
+        return _e2ee_reset(args, config, lambda: reset_device(*where))
+    status = asyncio.run(offline_status(*where))
     print(f"bot:              {config.bot_user_id}")
     print(f"device:           {status.get('device_id') or '(none yet)'}")
     print(f"crypto store:     {status.get('store')}")
@@ -239,6 +238,43 @@ def cmd_e2ee(args: argparse.Namespace, config: Config) -> int:
             print(f"  {room}")
     if status.get("note"):
         print(status["note"])
+    if status.get("problem"):
+        print(f"PROBLEM:          {status['problem']}")
+        print(f"what to do:       {status['what_to_do']}")
+        return 1
+    return 0
+
+
+def _e2ee_reset(
+    args: argparse.Namespace, config: Config, reset: Callable[[], Awaitable[dict[str, Any]]]
+) -> int:
+    """A new device, made deliberately: only with the service stopped, and only if asked."""
+    from appservice.database import InstanceLock
+
+    if not args.yes:
+        print(
+            "This deletes the bot's device(s) on the homeserver and moves the crypto store "
+            f"({config.crypto_store}) aside; the next start makes a new device. Messages "
+            "encrypted to the old device stay unreadable to the bot. Run it again with --yes "
+            "to go ahead.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+
+    async def locked() -> dict[str, Any]:
+        lock = InstanceLock(config.database_url)
+        await lock.acquire()  # ConfigError while the service runs: stop it first
+        try:
+            return await reset()
+        finally:
+            await lock.release()
+
+    done = asyncio.run(locked())
+    deleted = ", ".join(done["deleted_devices"]) or "none"
+    print(f"deleted device(s) on the homeserver: {deleted}")
+    if done["store_moved_to"]:
+        print(f"the old crypto store is kept at {done['store_moved_to']}")
+    print("start the service: it makes a new device; run `safeguard e2ee status` to check it")
     return 0
 
 
@@ -321,8 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("e2ee", parents=[common], help="the bot's end-to-end encryption")
     e2ee = p.add_subparsers(dest="action", required=True)
     e2ee.add_parser(
-        "status", parents=[common], help="device id, one-time keys, encrypted rooms"
+        "status",
+        parents=[common],
+        help="device id, one-time keys, encrypted rooms; what is wrong and what to do (exit 1)",
     ).set_defaults(handler=cmd_e2ee)
+    q = e2ee.add_parser(
+        "reset",
+        parents=[common],
+        help="a new device: delete the old one(s) on the homeserver, move the store aside",
+    )
+    q.add_argument("--yes", action="store_true", help="go ahead (the service must be stopped)")
+    q.set_defaults(handler=cmd_e2ee)
 
     p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")
     p.add_argument("--dir", default=".dev", help="where the dev stack lives (default: .dev)")

@@ -29,6 +29,7 @@ from bot.settings import (
     PolicySettings,
     ReconcileSettings,
     Resource,
+    coerce_duration,
     default_resources,
 )
 from bot.templates import validate_templates
@@ -64,6 +65,11 @@ class AppserviceSettings(_Strict):
 
 class DatabaseSettings(_Strict):
     url: str = "sqlite+aiosqlite:///safeguard.db"
+    # How long a write may wait for the database (SQLite's lock, a PostgreSQL connection)
+    # before giving up: a transaction push that cannot be recorded is answered 503 by then.
+    busy_timeout: Annotated[dt.timedelta, Field(gt=dt.timedelta(0))] = dt.timedelta(seconds=5)
+
+    _duration = field_validator("busy_timeout", mode="before")(coerce_duration)
     # Processed transaction and event ids are kept this long, then pruned.
     dedupe_retention_days: int = Field(default=7, ge=1)
 
@@ -92,6 +98,15 @@ class EncryptionSettings(_Strict):
     # The bot's own rooms (the member's DM, the check-in, the moderator's debrief) are
     # created encrypted.
     private_rooms: bool = True
+    # When a message cannot be encrypted within `fallback_after` for a reason of
+    # encryption (the device not ready, a room not yet in its sync, a broken store):
+    # `plain` sends it in the clear instead (a member's notice, check-in, debrief; a
+    # short "Case #N needs you" into the staff room), said so in the record and to staff;
+    # `none` keeps everything encrypted and relies on `policy.alert_deadline`.
+    fallback: Literal["plain", "none"] = "plain"
+    fallback_after: Annotated[dt.timedelta, Field(gt=dt.timedelta(0))] = dt.timedelta(seconds=20)
+
+    _duration = field_validator("fallback_after", mode="before")(coerce_duration)
 
 
 class LoggingSettings(_Strict):

@@ -16,21 +16,34 @@ appservice calls (not rate limited). One device per crypto store, reused across
 restarts; a store that is lost means a new device (the old one is deleted, and
 members' clients re-key to the new one). Devices are trusted on first use: a
 bot cannot verify anyone.
+
+Encryption is never a single point of failure. A store that cannot be read (a
+backup restored with the wrong `pickle.key`, a broken volume) or written (a full
+disk, a read-only mount) is a fault of its own, told apart from the homeserver
+being away: `problem` and `broken` say what is wrong and what to do, the sync
+stops (a sync whose answer cannot be stored would drop the room keys in it), the
+service is told once (`on_broken`), and `run()` keeps probing and starts a new
+client on the repaired store by itself. Meanwhile every case goes on: what cannot
+be encrypted in time is sent in the clear, said so (encryption.fallback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
+import os
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import peewee
 from aiohttp import ClientConnectionError
 from nio import (
     AsyncClientConfig,
@@ -40,11 +53,12 @@ from nio import (
     MegolmEvent,
     RoomKeyEvent,
     RoomKeyRequest,
+    SyncResponse,
 )
 from nio.exceptions import EncryptionError, LocalProtocolError
 
 from appservice.homeserver import ENCRYPTION, BotClient
-from bot.ports import HomeserverUnavailable
+from bot.ports import EncryptionUnavailable, HomeserverUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +90,83 @@ SYNC_FILTER = {
 }
 # A room the bot just created is encrypted only once the sync has shown it with its members.
 ROOM_KNOWN_WITHIN = 15.0
+# With a deadline to keep (encryption.fallback), one attempt waits at most this long for
+# the sync or the device: the step is tried again, and goes plain at its deadline.
+ATTEMPT_WAIT = 5.0
+# What a store that cannot be read or written raises from inside nio: peewee (its store),
+# sqlite3 under it, the filesystem, and vodozemac refusing a pickle (the wrong key).
+STORE_ERRORS = (peewee.DatabaseError, sqlite3.Error, OSError, ValueError)
+# Every device the bot makes is named so (`safeguard e2ee reset` deletes them all).
+DEVICE_PREFIX = "SAFEGUARD"
+# A sync failing this long (seconds) is told to staff, and new rooms are made plain.
+SYNC_FAILING_SECONDS = 60.0
+# Starting again after a fault, backing off to this (seconds).
+RESTART_MAX_SECONDS = 60.0
+
+
+class EncryptionBroken(Exception):
+    """A fault of the crypto store itself (not the homeserver): what is wrong, and what an
+    operator can do about it."""
+
+    def __init__(self, why: str, what_to_do: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.what_to_do = what_to_do
+
+
+def _store_fault(exc: BaseException, store: Path) -> EncryptionBroken:
+    """The operator's reading of an error the store raised."""
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if "full" in lowered or getattr(exc, "errno", None) == 28:
+        return EncryptionBroken(
+            f"the crypto store {store} cannot be written: the disk is full ({text})",
+            "free space on that disk; encryption starts again by itself",
+        )
+    if "readonly" in lowered or "read-only" in lowered or getattr(exc, "errno", None) in (13, 30):
+        return EncryptionBroken(
+            f"the crypto store {store} cannot be written ({text})",
+            "make the store folder and its files writable by the service; encryption starts "
+            "again by itself",
+        )
+    return EncryptionBroken(
+        f"the crypto store {store} cannot be used ({text})",
+        "check the store folder (a folder the service can write, with its own pickle.key and "
+        "device.json), or restore it from the backup taken with the database; as a last resort "
+        "`safeguard e2ee reset` makes a new device",
+    )
+
+
+class CryptoClient(BotClient):
+    """The bot's device's client: nio's, with the sync token stored only once a sync's
+    answer has been handled.
+
+    nio stores the token first: if handling then fails (the store is full), the room
+    keys in that answer are acknowledged to the homeserver and lost. Here a failure
+    puts the token back, so the next sync asks for the same answer again.
+    """
+
+    async def _handle_sync(self, response: SyncResponse) -> None:
+        # nio 0.26's AsyncClient._handle_sync, in the same order, with the token saved last.
+        if self.next_batch == response.next_batch:
+            return
+        previous = self.next_batch
+        self.next_batch = response.next_batch
+        try:
+            await self._handle_to_device(response)
+            await self._handle_invited_rooms(response)
+            await self._handle_joined_rooms(response)
+            await self._handle_presence_events(response)
+            await self._handle_global_account_data_events(response)
+            if self.olm:
+                await self._handle_expired_verifications()
+                self._handle_olm_events(response)
+                await self._collect_key_requests()
+            if self.config.store_sync_tokens and self.store:
+                self.store.save_sync_token(self.next_batch)
+        except BaseException:
+            self.next_batch = previous
+            raise
 
 
 class BotCrypto:
@@ -88,36 +179,31 @@ class BotCrypto:
         *,
         display_name: str = "Safeguarding",
         on_room_key: Callable[[], None] = lambda: None,
+        on_broken: Callable[[str | None], None] = lambda why: None,
+        retry_seconds: float = 5.0,
     ) -> None:
+        # Nothing here touches the store: a broken volume must not stop the service from
+        # starting (it runs every case without encryption until the store is repaired).
         self.bot_user_id = bot_user_id
+        self._hs_url = hs_url
         self._as_token = as_token
         self.store = store
         self._display_name = display_name
         self._on_room_key = on_room_key
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.client = BotClient(
-            hs_url,
-            bot_user_id,
-            store_path=str(store),
-            config=AsyncClientConfig(
-                encryption_enabled=True,
-                store_sync_tokens=True,
-                # nio retries a dead connection this many times, then raises: with no
-                # limit a homeserver that is down is waited on for ever, in silence —
-                # never on /health, and encrypting a message waits holding the lock.
-                max_timeouts=MAX_TIMEOUTS,
-                request_timeout=REQUEST_TIMEOUT_SECONDS,
-                pickle_key=self._pickle_key(),
-            ),
-        )
-        self.client.add_to_device_callback(self._key_arrived, (RoomKeyEvent, ForwardedRoomKeyEvent))
-        self.client.add_to_device_callback(self._key_requested, RoomKeyRequest)
+        # Told when the store breaks (why) and when encryption works again (None).
+        self._on_broken = on_broken
+        self._retry = retry_seconds
+        self.client: CryptoClient | None = None
         self.keys_forwarded = 0  # keys re-shared on a member's request (tests, status)
-        self._sync_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one key upload / share / claim at a time
         self.ready = asyncio.Event()
         # Why it cannot work now (None while starting up: that is work in progress).
         self.problem: str | None = None
+        # A fault of the store itself, and what an operator can do (None: none known).
+        self.broken: EncryptionBroken | None = None
+        self._faulted = asyncio.Event()  # set by a fault found while running
+        # Why the sync has failed for long (told to staff), or None.
+        self.sync_failing: str | None = None
         self._encrypted: dict[str, bool] = {}  # rooms whose encryption state we read ourselves
 
     # ---- the device -------------------------------------------------------------------------
@@ -138,7 +224,35 @@ class BotCrypto:
     def _store_file(self, device_id: str) -> Path:
         return self.store / f"{self.bot_user_id}_{device_id}.db"
 
+    def _new_client(self) -> CryptoClient:
+        """A client on the store as it is now (its folder made, its pickle key read)."""
+        try:
+            self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pickle_key = self._pickle_key()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _store_fault(exc, self.store) from exc
+        client = CryptoClient(
+            self._hs_url,
+            self.bot_user_id,
+            store_path=str(self.store),
+            config=AsyncClientConfig(
+                encryption_enabled=True,
+                store_sync_tokens=True,
+                # nio retries a dead connection this many times, then raises: with no
+                # limit a homeserver that is down is waited on for ever, in silence —
+                # never on /health, and encrypting a message waits holding the lock.
+                max_timeouts=MAX_TIMEOUTS,
+                request_timeout=REQUEST_TIMEOUT_SECONDS,
+                pickle_key=pickle_key,
+            ),
+        )
+        client.add_to_device_callback(self._key_arrived, (RoomKeyEvent, ForwardedRoomKeyEvent))
+        client.add_to_device_callback(self._key_requested, RoomKeyRequest)
+        client.masquerade_user = self.bot_user_id
+        return client
+
     async def _raw(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+        assert self.client is not None
         response = await self.client.send(
             method,
             path,
@@ -148,23 +262,32 @@ class BotCrypto:
         payload = await response.json(content_type=None)
         return response.status, payload if isinstance(payload, dict) else {}
 
+    def _recorded_device(self) -> str | None:
+        if not self._device_file.exists():
+            return None
+        try:
+            state = json.loads(self._device_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise _store_fault(exc, self.store) from exc
+        device_id = state.get("device_id") if isinstance(state, dict) else None
+        return device_id if isinstance(device_id, str) and device_id else None
+
     async def _device(self) -> str:
         """The device this store belongs to: reused, or made (a lost store: replaced)."""
-        state: dict[str, Any] = {}
-        if self._device_file.exists():
-            state = json.loads(self._device_file.read_text())
-        recorded = state.get("device_id")
-        self.client.masquerade_user = self.bot_user_id
+        assert self.client is not None
+        recorded = self._recorded_device()
         self.client.masquerade_device = ""
         if recorded and self._store_file(recorded).exists():
             device_id = recorded
         else:
             if recorded:
                 log.warning("the crypto store of device %s is gone: a new device", recorded)
-                path = f"/_matrix/client/v3/devices/{quote(recorded, safe='')}"
-                await self._raw("DELETE", path, {})
-            device_id = "SAFEGUARD" + secrets.token_hex(5).upper()
-            self._device_file.write_text(json.dumps({"device_id": device_id}))
+                await self.delete_device(recorded)
+            device_id = DEVICE_PREFIX + secrets.token_hex(5).upper()
+            try:
+                self._device_file.write_text(json.dumps({"device_id": device_id}))
+            except OSError as exc:
+                raise _store_fault(exc, self.store) from exc
         status, body = await self._raw(
             "PUT",
             f"/_matrix/client/v3/devices/{quote(device_id, safe='')}",
@@ -174,36 +297,149 @@ class BotCrypto:
             raise HomeserverUnavailable(f"the bot's device could not be made ({status} {body})")
         return device_id
 
+    async def delete_device(self, device_id: str) -> int:
+        """Delete one of the bot's devices on the homeserver (the HTTP status)."""
+        status, _ = await self._raw(
+            "DELETE", f"/_matrix/client/v3/devices/{quote(device_id, safe='')}", {}
+        )
+        return status
+
+    def _restore(self, device_id: str) -> None:
+        """Load the device's account from the store, and prove the store can be written."""
+        assert self.client is not None
+        client = self.client
+        try:
+            client.restore_login(self.bot_user_id, device_id, self._as_token)
+        except STORE_ERRORS as exc:
+            if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError):
+                raise EncryptionBroken(
+                    f"the crypto store {self.store} cannot be read with its pickle.key "
+                    f"({type(exc).__name__}: {exc}): was it restored with another store's key?",
+                    "put back the pickle.key that belongs to this store (back them up "
+                    "together), or run `safeguard e2ee reset` to make a new device (messages "
+                    "encrypted to the old one stay unreadable to the bot)",
+                ) from exc
+            raise _store_fault(exc, self.store) from exc
+        if client.olm is None or client.store is None:
+            raise EncryptionBroken(
+                f"the crypto store {self.store} did not load the device's keys",
+                "restore the store from its backup, or run `safeguard e2ee reset`",
+            )
+        self._probe_writable(device_id)
+
+    def _probe_writable(self, device_id: str) -> None:
+        """A write to the store's folder and a write lock on its database: what a full disk
+        or a read-only mount refuses (reading alone would succeed on both)."""
+        probe = self.store / ".write-probe"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
+            database = sqlite3.connect(self._store_file(device_id), timeout=5)
+            try:
+                database.execute("BEGIN IMMEDIATE")
+                database.execute("ROLLBACK")
+            finally:
+                database.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise _store_fault(exc, self.store) from exc
+
     async def start(self) -> None:
-        """Make or reuse the device, publish its keys, catch up on to-device, then sync on."""
+        """Open the store, make or reuse the device, publish its keys, catch up on
+        to-device, then sync on. EncryptionBroken for a fault of the store; any other
+        exception is the homeserver's (both are tried again by `run`)."""
         began = time.monotonic()
+        await self._close_client()
+        self._faulted.clear()
+        self.client = self._new_client()
         device_id = await self._device()
         self.client.masquerade_device = device_id
-        self.client.restore_login(self.bot_user_id, device_id, self._as_token)
-        async with self._lock:
+        self._restore(device_id)
+        async with self._lock, self._store_guard("keys upload"):
             if self.client.should_upload_keys:
                 self._check(await self.client.keys_upload(), "keys upload")
         # Full state every start: nio keeps no rooms in its store, only the sync token,
         # and an encrypted room it does not know is one it cannot send to. The stored
         # token still brings every to-device message that came while we were away.
-        first = await self.client.sync(timeout=0, full_state=True, sync_filter=SYNC_FILTER)
+        async with self._store_guard("the first sync"):
+            first = await self.client.sync(timeout=0, full_state=True, sync_filter=SYNC_FILTER)
         self._check(first, "the first sync")
         await self._keys_housekeeping()
-        self._sync_task = asyncio.create_task(self._sync_forever(), name="crypto-sync")
         self.problem = None
+        if self.broken is not None:
+            log.warning("end-to-end encryption works again (it was: %s)", self.broken.why)
+            self.broken = None
+            self._on_broken(None)
         self.ready.set()
         log.info(
             "end-to-end encryption ready: device %s (%.2fs)", device_id, time.monotonic() - began
         )
 
+    async def run(self) -> None:
+        """Keep encryption working for as long as the service runs: start, sync, and after
+        any failure (the homeserver away, the store broken) start again, with backoff, on
+        a new client, so a repaired store is taken up without a restart."""
+        delay = self._retry
+        while True:
+            try:
+                await self.start()
+                delay = self._retry
+                await self._sync_until_fault()
+            except asyncio.CancelledError:
+                raise
+            except EncryptionBroken as exc:
+                self._fault(exc)
+            except Exception as exc:
+                self.problem = f"encryption is not ready: {type(exc).__name__}: {exc}"
+            self.ready.clear()
+            log.warning("%s; trying again in %.0fs", self.problem, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+
+    def _fault(self, broken: EncryptionBroken) -> None:
+        """The store broke: nothing more is synced or encrypted on it; told once."""
+        self.problem = f"{broken.why}; {broken.what_to_do}"
+        self.ready.clear()
+        self._faulted.set()
+        first = self.broken is None
+        self.broken = broken
+        if first:
+            log.error("end-to-end encryption has stopped: %s", self.problem)
+            self._on_broken(broken.why)
+
+    @contextlib.asynccontextmanager
+    async def _store_guard(self, what: str) -> AsyncIterator[None]:
+        """Errors of the store inside nio, as the fault they are (never the homeserver's)."""
+        try:
+            yield
+        except (HomeserverUnavailable, *TRANSPORT_ERRORS):
+            raise
+        except EncryptionBroken as exc:
+            self._fault(exc)
+            raise
+        except STORE_ERRORS as exc:
+            broken = _store_fault(exc, self.store)
+            self._fault(broken)
+            raise broken from exc
+
     async def _keys_housekeeping(self) -> None:
         """What nio's own loop does between syncs: to-device out, keys up, devices known."""
         client = self.client
-        async with self._lock:
+        assert client is not None
+        async with self._lock, self._store_guard("keys housekeeping"):
             if client.outgoing_to_device_messages:
                 await client.send_to_device_messages()
             if client.should_upload_keys:  # one-time keys topped up
-                self._check(await client.keys_upload(), "keys upload")
+                uploaded = await client.keys_upload()
+                if isinstance(uploaded, ErrorResponse) and "already exists" in str(uploaded):
+                    raise EncryptionBroken(
+                        "the crypto store no longer matches the bot's device on the homeserver "
+                        f"({uploaded}): keys it made were lost (a full disk, an old backup)",
+                        "run `safeguard e2ee reset` to make a new device",
+                    )
+                self._check(uploaded, "keys upload")
             if client.should_query_keys:
                 self._check(await client.keys_query(), "keys query")
             if client.should_claim_keys:
@@ -211,21 +447,50 @@ class BotCrypto:
                     await client.keys_claim(client.get_users_for_key_claiming()), "keys claim"
                 )
 
+    async def _sync_until_fault(self) -> None:
+        """Sync for as long as the store works; a homeserver away is waited out here."""
+        sync = asyncio.create_task(self._sync_forever(), name="crypto-sync")
+        fault = asyncio.create_task(self._faulted.wait(), name="crypto-fault")
+        try:
+            await asyncio.wait({sync, fault}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sync, fault):
+                task.cancel()
+            await asyncio.gather(sync, fault, return_exceptions=True)
+        if sync.done() and not sync.cancelled() and sync.exception() is not None:
+            raise sync.exception()  # type: ignore[misc]
+        assert self.broken is not None
+        raise self.broken
+
     async def _sync_forever(self) -> None:
+        """Sync on; a sync that keeps failing (past SYNC_FAILING_SECONDS) makes encryption
+        unusable for new rooms (they are made without it) and is told to staff, once, as
+        is its end."""
+        assert self.client is not None
         delay = 1.0
+        failing_since: float | None = None
         while True:
             try:
-                response = await self.client.sync(timeout=30_000, sync_filter=SYNC_FILTER)
+                async with self._store_guard("the sync"):
+                    response = await self.client.sync(timeout=30_000, sync_filter=SYNC_FILTER)
                 if isinstance(response, ErrorResponse):
                     raise HomeserverUnavailable(str(response))
                 await self._keys_housekeeping()
                 self.problem = None
-                delay = 1.0
-            except asyncio.CancelledError:
+                delay, failing_since = 1.0, None
+                if self.sync_failing is not None:
+                    self.sync_failing = None
+                    self._on_broken(None)
+            except (asyncio.CancelledError, EncryptionBroken):
                 raise
             except Exception as exc:
                 self.problem = f"the bot's sync for encryption fails: {type(exc).__name__}: {exc}"
                 log.warning("%s; retrying in %.0fs", self.problem, delay)
+                now = time.monotonic()
+                failing_since = failing_since if failing_since is not None else now
+                if self.sync_failing is None and now - failing_since > SYNC_FAILING_SECONDS:
+                    self.sync_failing = self.problem
+                    self._on_broken(f"{self.problem} (for over a minute)")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -239,6 +504,8 @@ class BotCrypto:
         bot's own sessions, for a room they are in (joined or invited), gets it — the
         same rule by which it got it first (trust on first use)."""
         if event.sender == self.bot_user_id or event.algorithm != ENCRYPTION["algorithm"]:
+            return
+        if self.client is None or not self.ready.is_set():
             return
         olm = self.client.olm
         room = self.client.rooms.get(event.room_id)
@@ -265,7 +532,7 @@ class BotCrypto:
                 message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
                 await self.client.to_device(message)
                 self.keys_forwarded += 1
-        except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
+        except (KeyError, HomeserverUnavailable, EncryptionError, *STORE_ERRORS) as exc:
             log.warning("could not re-share a room key with a member: %s", exc)
 
     @staticmethod
@@ -274,16 +541,31 @@ class BotCrypto:
             raise HomeserverUnavailable(f"{what} failed: {response}")
         return response
 
-    async def close(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sync_task
-        await self.client.close()
-        store = getattr(self.client, "store", None)
+    async def _close_client(self) -> None:
+        """Let go of the client (and its store's database), saving what only it holds."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        olm = client.olm
+        if olm is not None and self._faulted.is_set():
+            # Sessions made while the store could not be written live only in memory:
+            # without them the bot could not read its own messages after a restart (a
+            # resumed step would not find what it sent). Best effort: the store may
+            # still refuse.
+            with contextlib.suppress(*STORE_ERRORS):
+                olm.save_account()
+                for session in olm.inbound_group_store:
+                    client.store.save_inbound_group_session(session)
+        with contextlib.suppress(Exception):
+            await client.close()
+        store = getattr(client, "store", None)
         if store is not None:
             with contextlib.suppress(Exception):
                 store.database.close()
+
+    async def close(self) -> None:
+        self.ready.clear()
+        await self._close_client()
 
     # ---- decrypting --------------------------------------------------------------------------
 
@@ -293,9 +575,11 @@ class BotCrypto:
         if not isinstance(parsed, MegolmEvent):
             return None
         parsed.room_id = event.get("room_id", "")
+        if self.client is None or self.client.olm is None:
+            return None  # not (yet, or any more) loaded: tried again when a key comes
         try:
             decrypted = self.client.decrypt_event(parsed)
-        except (EncryptionError, LocalProtocolError):
+        except (EncryptionError, LocalProtocolError, *STORE_ERRORS):
             return None
         source = getattr(decrypted, "source", None)
         if not isinstance(source, dict) or not isinstance(source.get("content"), dict):
@@ -305,21 +589,22 @@ class BotCrypto:
     async def request_key(self, event: dict[str, Any]) -> None:
         """Ask the sender's device (and our own others) for a key we never got."""
         parsed = Event.parse_event(event)
-        if not isinstance(parsed, MegolmEvent):
+        client = self.client
+        if not isinstance(parsed, MegolmEvent) or client is None or client.olm is None:
             return
-        if parsed.session_id in self.client.outgoing_key_requests:
+        if parsed.session_id in client.outgoing_key_requests:
             return
-        async with self._lock:
+        async with self._lock, self._store_guard("a key request"):
             for user_id, device_id in ((parsed.sender, parsed.device_id), (self.bot_user_id, "*")):
-                message = parsed.as_key_request(user_id, self.client.device_id, device_id=device_id)
-                self.client.olm.outgoing_to_device_messages.append(message)
-            await self.client.send_to_device_messages()
+                message = parsed.as_key_request(user_id, client.device_id, device_id=device_id)
+                client.olm.outgoing_to_device_messages.append(message)
+            await client.send_to_device_messages()
 
     # ---- encrypting --------------------------------------------------------------------------
 
     async def room_encrypted(self, room_id: str, read: Callable[[], Any]) -> bool:
         """Whether the room is encrypted: as the sync knows it, else as `read()` finds it."""
-        room = self.client.rooms.get(room_id)
+        room = self.client.rooms.get(room_id) if self.client is not None else None
         if room is not None and room.encrypted:
             return True
         if room_id in self._encrypted:
@@ -333,70 +618,155 @@ class BotCrypto:
         one else in it may change that; if anyone does, the sync shows it first)."""
         self._encrypted[room_id] = encrypted
 
+    @property
+    def unusable_because(self) -> str | None:
+        """Why the device cannot encrypt at all now: its store is broken, or it could not
+        start (None: it can, or it is starting, which is work in progress)."""
+        if self.broken is not None or not self.ready.is_set():
+            return self.problem
+        return self.sync_failing
+
+    async def usable(self, *, by: dt.datetime | None = None) -> None:
+        """Return once the device can encrypt; EncryptionUnavailable if it cannot now.
+
+        A broken store answers at once. A device starting (or starting again) is waited
+        for a little, never past `by`: a caller with a deadline goes plain then."""
+        if self.broken is not None:
+            raise EncryptionUnavailable(self.problem or self.broken.why)
+        if self.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.ready.wait(), _attempt_wait(by, ATTEMPT_WAIT))
+        except TimeoutError:
+            raise EncryptionUnavailable(
+                self.problem or "end-to-end encryption is not ready yet", retry_after=1.0
+            ) from None
+        if self.broken is not None:
+            raise EncryptionUnavailable(self.problem or self.broken.why)
+
     async def encrypt(
-        self, room_id: str, event_type: str, content: dict[str, Any], *, members: list[str]
+        self,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        *,
+        members: list[str],
+        by: dt.datetime | None = None,
     ) -> dict[str, Any]:
         """The m.room.encrypted content for a message: keys shared with every device of
-        every joined and invited member first (trust on first use)."""
-        room = await self._known_room(room_id, members)
-        async with self._lock, _outage_as_unavailable("encrypting"):
-            if not room.members_synced:
-                # Everyone the room has (the sync's state lists the invited too).
-                self._check(await self.client.joined_members(room_id), "the room's members")
-            if self.client.should_query_keys:
-                self._check(await self.client.keys_query(), "keys query")
-            if self.client.olm.should_share_group_session(room_id):
-                await self.client.share_group_session(room_id, ignore_unverified_devices=True)
-            _, encrypted = self.client.encrypt(room.room_id, event_type, content)
+        every joined and invited member first (trust on first use). EncryptionUnavailable
+        when the store fails, or the room has not reached the sync in time (`by`)."""
+        await self.usable(by=by)
+        room = await self._known_room(room_id, members, by)
+        client = self.client
+        if client is None or client.olm is None:
+            raise EncryptionUnavailable("end-to-end encryption is starting again")
+        try:
+            async with (
+                self._turn(by),
+                _outage_as_unavailable("encrypting"),
+                self._store_guard("encrypting"),
+            ):
+                if not room.members_synced:
+                    # Everyone the room has (the sync's state lists the invited too).
+                    self._check(await client.joined_members(room_id), "the room's members")
+                if client.should_query_keys:
+                    self._check(await client.keys_query(), "keys query")
+                if client.olm.should_share_group_session(room_id):
+                    await client.share_group_session(room_id, ignore_unverified_devices=True)
+                _, encrypted = client.encrypt(room.room_id, event_type, content)
+        except EncryptionBroken as exc:
+            raise EncryptionUnavailable(self.problem or exc.why) from exc
+        except (EncryptionError, LocalProtocolError) as exc:
+            raise EncryptionUnavailable(f"encrypting failed: {type(exc).__name__}: {exc}") from exc
         return encrypted
 
-    async def _known_room(self, room_id: str, members: list[str]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _turn(self, by: dt.datetime | None) -> AsyncIterator[None]:
+        """The device's lock (one key upload, share or claim at a time), waited for no
+        longer than one attempt may wait: the sync's housekeeping may hold it for the
+        length of a slow request."""
+        try:
+            async with asyncio.timeout(_attempt_wait(by, ROOM_KNOWN_WITHIN)):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise EncryptionUnavailable(
+                "the bot's device is busy (its keys being fetched)", retry_after=1.0
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _known_room(self, room_id: str, members: list[str], by: dt.datetime | None) -> Any:
         """The room as the sync shows it, with these members in it (a room just created,
         or a member just invited, appears with the next sync)."""
-        deadline = time.monotonic() + ROOM_KNOWN_WITHIN
+        deadline = time.monotonic() + _attempt_wait(by, ROOM_KNOWN_WITHIN)
         while True:
-            room = self.client.rooms.get(room_id)
+            room = self.client.rooms.get(room_id) if self.client is not None else None
             if room is not None and room.encrypted and all(m in room.users for m in members):
                 return room
-            if time.monotonic() > deadline:
-                raise HomeserverUnavailable(
-                    f"the encrypted room {room_id} has not reached the bot's sync yet"
+            if time.monotonic() >= deadline:
+                raise EncryptionUnavailable(
+                    f"the encrypted room {room_id} has not reached the bot's sync yet",
+                    retry_after=1.0,
                 )
             await asyncio.sleep(0.05)
 
     # ---- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        olm = self.client.olm
-        return {
-            "ok": self.problem is None,
+        client = self.client
+        olm = client.olm if client is not None else None
+        status: dict[str, Any] = {
+            "ok": self.problem is None and self.broken is None,
             "ready": self.ready.is_set(),
-            "device_id": self.client.device_id,
+            "device_id": client.device_id if client is not None else None,
             "one_time_keys": olm.uploaded_key_count if olm else None,
-            "encrypted_rooms": len(self.client.encrypted_rooms),
-            **({"problem": self.problem} if self.problem else {}),
+            "encrypted_rooms": len(client.encrypted_rooms) if client is not None else 0,
         }
+        if self.problem:
+            status["problem"] = self.problem
+        if self.broken is not None:
+            status["what_to_do"] = self.broken.what_to_do
+        return status
+
+
+def _attempt_wait(by: dt.datetime | None, default: float) -> float:
+    """How long one attempt may wait for encryption: `default`, or less with a deadline."""
+    if by is None:
+        return default
+    left = (by - dt.datetime.now(dt.UTC)).total_seconds()
+    return max(0.0, min(left, ATTEMPT_WAIT))
 
 
 async def offline_status(
     hs_url: str, as_token: str, bot_user_id: str, store: Path
 ) -> dict[str, Any]:
     """What `safeguard e2ee status` shows: read from the store (and, if the homeserver
-    answers, the one-time keys it holds for the device)."""
-    device_file = store / "device.json"
-    if not device_file.exists():
-        return {"device_id": None, "store": str(store), "note": "no device yet (first run)"}
-    device_id = json.loads(device_file.read_text()).get("device_id")
+    answers, the one-time keys it holds for the device); with `problem` and `what_to_do`
+    when the store cannot be used."""
     crypto = BotCrypto(hs_url, as_token, bot_user_id, store)
+    status: dict[str, Any] = {"device_id": None, "store": str(store)}
     try:
-        crypto.client.masquerade_user = bot_user_id
+        device_id = crypto._recorded_device()
+        if device_id is None:
+            return status | {"note": "no device yet (first run)"}
+        status["device_id"] = device_id
+        if not crypto._store_file(device_id).exists():
+            return status | {
+                "problem": f"the crypto store of device {device_id} is missing",
+                "what_to_do": "restore it from the backup taken with the database; otherwise "
+                "the service makes a new device at its next start (and deletes this one)",
+            }
+        crypto.client = crypto._new_client()
         crypto.client.masquerade_device = device_id
-        crypto.client.restore_login(bot_user_id, device_id, as_token)  # reads the store only
+        crypto._restore(device_id)  # reads the store, and proves it can be written
         olm = crypto.client.olm
-        status: dict[str, Any] = {
-            "device_id": device_id,
+        assert olm is not None
+        status |= {
             "store": str(crypto._store_file(device_id)),
-            "identity_key": olm.account.identity_keys["ed25519"] if olm else None,
+            "identity_key": olm.account.identity_keys["ed25519"],
             "encrypted_rooms": sorted(crypto.client.encrypted_rooms),
         }
         try:
@@ -407,11 +777,46 @@ async def offline_status(
         except Exception as exc:  # offline: the store still says what it holds
             status["one_time_keys"] = f"unknown (homeserver: {type(exc).__name__})"
         return status
+    except EncryptionBroken as exc:
+        return status | {"problem": exc.why, "what_to_do": exc.what_to_do}
     finally:
         await crypto.close()
 
 
-def _create_private(path: Path) -> int:
-    import os
+async def reset_device(hs_url: str, as_token: str, bot_user_id: str, store: Path) -> dict[str, Any]:
+    """`safeguard e2ee reset`: a new device, made deliberately (the service must be stopped).
 
+    Every device of the bot's own on the homeserver (SAFEGUARD…) is deleted, so members'
+    clients stop sharing keys with a device nobody holds, and the store is moved aside
+    (kept, not deleted: `<store>.replaced-<time>`). The next start makes a new device.
+    Messages encrypted to the old device stay unreadable to the bot."""
+    client = BotClient(hs_url, bot_user_id)
+    client.masquerade_user = bot_user_id
+    headers = {"Authorization": f"Bearer {as_token}", "Content-Type": "application/json"}
+    deleted: list[str] = []
+    try:
+        response = await client.send("GET", "/_matrix/client/v3/devices", None, headers)
+        if response.status != 200:
+            raise HomeserverUnavailable(f"listing the bot's devices: HTTP {response.status}")
+        body = await response.json(content_type=None)
+        devices = [d.get("device_id") for d in (body or {}).get("devices") or []]
+        for device_id in devices:
+            if not isinstance(device_id, str) or not device_id.startswith(DEVICE_PREFIX):
+                continue
+            path = f"/_matrix/client/v3/devices/{quote(device_id, safe='')}"
+            answer = await client.send("DELETE", path, "{}", headers)
+            if answer.status != 200:
+                raise HomeserverUnavailable(f"deleting device {device_id}: HTTP {answer.status}")
+            deleted.append(device_id)
+    finally:
+        await client.close()
+    moved_to = None
+    if store.exists() or store.is_symlink():
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        moved_to = store.with_name(f"{store.name}.replaced-{stamp}")
+        store.rename(moved_to)
+    return {"deleted_devices": deleted, "store_moved_to": str(moved_to) if moved_to else None}
+
+
+def _create_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

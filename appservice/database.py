@@ -36,6 +36,11 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # An arbitrary constant: the advisory-lock key that says "a safeguard service runs here".
 _PG_LOCK_KEY = 0x5AFE6A4D
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+_KEEPALIVE_SETTINGS = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 # /health must answer within seconds even while another process holds the write lock.
 HEALTH_BUSY_TIMEOUT_MS = 2_000
 _WRITE = "safeguard_write"
@@ -118,7 +123,17 @@ def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
             connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # A server that is gone or restarting is an answer within the busy timeout (asyncpg's
+    # own connect timeout is a minute), as is a pool with every connection in use.
+    seconds = busy_timeout_ms / 1000
+    return create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_pre_ping=True,
+        pool_timeout=seconds,
+        connect_args={"timeout": seconds},
+    )
 
 
 async def write_heartbeat(engine: AsyncEngine) -> None:
@@ -185,20 +200,28 @@ async def ping(engine: AsyncEngine) -> None:
 class InstanceLock:
     """Held while the service runs; dies with the process, so a crash never blocks a restart.
 
-    On PostgreSQL the lock lives on one connection: if that connection drops, the lock
-    is gone and a second instance could take it. `watch` checks it every second and
-    calls `on_lost` (the service then stops, non-zero, for its supervisor to restart
-    it); a newly started instance waits `settle_seconds` before acting, so an instance
-    whose connection just dropped has noticed and stopped first.
+    On PostgreSQL the lock lives on one connection: if that connection drops (the server
+    restarted, the network blinked), the lock is gone and a second instance could take
+    it. `watch` checks it every second. When it is lost, `on_lost` is told (the service
+    stops acting: no step runs without the lock), and the lock is taken again on a new
+    connection, with backoff, for as long as the database stays away; `on_regained` is
+    told once it is held again. Only if another instance took it meanwhile is `on_taken`
+    told (the service then stops, non-zero). A newly started instance waits
+    `settle_seconds` before acting, so one whose connection just dropped has noticed and
+    paused first.
     """
 
     WATCH_SECONDS = 1.0
+    RETAKE_MAX_SECONDS = 10.0
+    # Another session holding the lock this long after ours was lost is another instance.
+    TAKEN_GRACE_SECONDS = 10.0
 
     def __init__(self, database_url: str) -> None:
         self._url = make_url(database_url)
         self._file: Any = None
         self._pg: AsyncConnection | None = None
         self._pg_engine: AsyncEngine | None = None
+        self._pg_pid: int | None = None  # the server process (session) that holds the lock
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -206,32 +229,143 @@ class InstanceLock:
         """How long to wait after taking the lock before acting (PostgreSQL only)."""
         return 3 * self.WATCH_SECONDS if self._pg is not None else 0.0
 
-    def watch(self, on_lost: Callable[[str], None]) -> None:
+    def watch(
+        self,
+        on_lost: Callable[[str], None],
+        on_regained: Callable[[], None] = lambda: None,
+        on_taken: Callable[[str], None] | None = None,
+    ) -> None:
         if self._pg is not None and self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch(on_lost), name="instance-lock")
+            self._watcher = asyncio.create_task(
+                self._watch(on_lost, on_regained, on_taken or on_lost), name="instance-lock"
+            )
 
-    async def _watch(self, on_lost: Callable[[str], None]) -> None:
+    async def _holds(self) -> bool:
+        """Whether the lock's connection still holds the lock (raises if it is broken)."""
         assert self._pg is not None
+        async with asyncio.timeout(self.WATCH_SECONDS):
+            held = (
+                await self._pg.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND pid = pg_backend_pid() AND objid = :key AND granted"
+                    ),
+                    {"key": _PG_LOCK_KEY},
+                )
+            ).scalar_one()
+            await self._pg.commit()
+        return bool(held)
+
+    async def _watch(
+        self,
+        on_lost: Callable[[str], None],
+        on_regained: Callable[[], None],
+        on_taken: Callable[[str], None],
+    ) -> None:
         while True:
             await asyncio.sleep(self.WATCH_SECONDS)
             try:
-                async with asyncio.timeout(self.WATCH_SECONDS):
-                    held = (
-                        await self._pg.execute(
-                            text(
-                                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                "AND pid = pg_backend_pid() AND objid = :key AND granted"
-                            ),
-                            {"key": _PG_LOCK_KEY},
-                        )
-                    ).scalar_one()
-                    await self._pg.commit()
+                held = await self._holds()
+                why = "the instance lock is no longer held"
             except Exception as exc:
-                on_lost(f"the connection holding the instance lock failed ({type(exc).__name__})")
+                held = False
+                why = f"the connection holding the instance lock failed ({type(exc).__name__})"
+            if held:
+                continue
+            on_lost(why)
+            if not await self._retake():
+                on_taken("another instance took the instance lock while it was away")
                 return
-            if not held:
-                on_lost("the instance lock is no longer held")
-                return
+            on_regained()
+
+    async def _retake(self) -> bool:
+        """Take the lock again on a new connection, waiting out the database; False if
+        another instance holds it.
+
+        The server may not have noticed yet that our old connection is gone (a network
+        blip: it keeps the session, and the lock, until TCP gives up): a lock held by
+        our own old session is ended and taken again. One held by any other session is
+        waited on for TAKEN_GRACE_SECONDS (it may be ending) before we yield to it."""
+        delay = self.WATCH_SECONDS
+        loop = asyncio.get_running_loop()
+        others_since: float | None = None
+        while True:
+            old_pid = self._pg_pid
+            await self._close_pg()
+            try:
+                if await self._take_pg():
+                    log.warning("the instance lock is held again")
+                    return True
+                holder = await self._lock_holder()
+                if holder is not None and holder == old_pid:
+                    log.warning("our old session %d still holds the lock: ending it", old_pid)
+                    await self._end_session(old_pid)
+                    self._pg_pid = None
+                    continue
+                self._pg_pid = old_pid
+                others_since = others_since if others_since is not None else loop.time()
+                if loop.time() - others_since >= self.TAKEN_GRACE_SECONDS:
+                    return False
+            except Exception as exc:
+                log.warning(
+                    "the instance lock cannot be taken again yet (%s); retrying in %.0fs",
+                    type(exc).__name__,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.RETAKE_MAX_SECONDS)
+
+    async def _take_pg(self) -> bool:
+        """A dedicated connection: the advisory lock lives exactly as long as it."""
+        self._pg_engine = create_async_engine(
+            self._url,
+            pool_size=1,
+            max_overflow=0,
+            # The server notices within half a minute that this session's client is gone
+            # (keepalives), so a lock left on a dead connection does not outlive it long.
+            connect_args={"timeout": 5, "server_settings": _KEEPALIVE_SETTINGS},
+        )
+        self._pg = await self._pg_engine.connect()
+        locked, pid = (
+            await self._pg.execute(
+                text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": _PG_LOCK_KEY}
+            )
+        ).one()
+        await self._pg.commit()
+        if locked:
+            self._pg_pid = int(pid)
+        return bool(locked)
+
+    async def _lock_holder(self) -> int | None:
+        """The server process (session) holding the lock, if any."""
+        assert self._pg is not None
+        holder = (
+            await self._pg.execute(
+                text(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :key "
+                    "AND granted"
+                ),
+                {"key": _PG_LOCK_KEY},
+            )
+        ).scalar_one_or_none()
+        await self._pg.commit()
+        return None if holder is None else int(holder)
+
+    async def _end_session(self, pid: int) -> None:
+        assert self._pg is not None
+        await self._pg.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await self._pg.commit()
+        await asyncio.sleep(0.2)  # the lock goes when the session has ended
+
+    async def _close_pg(self) -> None:
+        if self._pg is not None:
+            with contextlib.suppress(Exception):
+                await self._pg.close()
+            self._pg = None
+        if self._pg_engine is not None:
+            with contextlib.suppress(Exception):
+                await self._pg_engine.dispose()
+            self._pg_engine = None
 
     @property
     def _sqlite_path(self) -> Path | None:
@@ -258,22 +392,12 @@ class InstanceLock:
             handle.flush()
             self._file = handle
             return
-        if self._url.drivername.startswith("postgresql"):
-            # A dedicated connection: the advisory lock lives exactly as long as it.
-            self._pg_engine = create_async_engine(self._url, pool_size=1, max_overflow=0)
-            self._pg = await self._pg_engine.connect()
-            locked = (
-                await self._pg.execute(
-                    text("SELECT pg_try_advisory_lock(:key)"), {"key": _PG_LOCK_KEY}
-                )
-            ).scalar_one()
-            await self._pg.commit()
-            if not locked:
-                await self.release()
-                raise ConfigError(
-                    "another safeguard service is already running against this PostgreSQL "
-                    "database; only one instance may run per database"
-                )
+        if self._url.drivername.startswith("postgresql") and not await self._take_pg():
+            await self.release()
+            raise ConfigError(
+                "another safeguard service is already running against this PostgreSQL "
+                "database; only one instance may run per database"
+            )
 
     async def release(self) -> None:
         if self._watcher is not None:
@@ -285,12 +409,7 @@ class InstanceLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-        if self._pg is not None:
-            await self._pg.close()
-            self._pg = None
-        if self._pg_engine is not None:
-            await self._pg_engine.dispose()
-            self._pg_engine = None
+        await self._close_pg()
 
 
 @asynccontextmanager

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from appservice.database import write_heartbeat
 from appservice.homeserver import NioHomeserver
-from bot.intake import Intake
+from bot.intake import FLAG_LANE, LANES, Intake
 from bot.metrics import Metrics
 from bot.staff_room import StaffRoom
 from bot.store import cases, ingest, outbox
@@ -36,6 +36,8 @@ FAILED_MESSAGE_WINDOW = dt.timedelta(hours=24)
 # A transaction that could not be recorded keeps /health at 503 this long (or until the
 # next one is recorded): a small heartbeat can succeed where a real write fails.
 FAILED_WRITE_WINDOW = dt.timedelta(minutes=5)
+# A flag still waiting this long after it arrived means the flag lane is stalled.
+FLAG_LANE_STALLED_AFTER = dt.timedelta(seconds=30)
 Check = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -52,8 +54,10 @@ class HealthChecks:
         connected: Callable[[], bool],
         crypto: Any = None,
         encryption_problem: str | None = None,
+        alert_deadline: dt.timedelta = dt.timedelta(seconds=30),
         extra: Mapping[str, Check] | None = None,
     ) -> None:
+        self._alert_deadline = alert_deadline
         self._crypto = crypto
         # Asked for but impossible (an older registration): encrypted commands would go
         # unread, so /health says so until an operator fixes it or turns encryption off.
@@ -67,10 +71,12 @@ class HealthChecks:
         self._connected = connected
         self._checks: dict[str, Check] = {
             "database": self.database,
+            "inbox": self.inbox,
             "homeserver": self.homeserver,
             "checkins": self.checkins,
             "staff_room": self.staff_room,
             "alerts": self.alerts,
+            "cases": self.cases,
             "encryption": self.encryption,
             **(extra or {}),
         }
@@ -104,6 +110,8 @@ class HealthChecks:
         except Exception as exc:
             return {"ok": False, "error": f"cannot write: {type(exc).__name__}: {exc}"[:300]}
         result: dict[str, Any] = {"ok": True}
+        if self._intake.paused is not None:
+            result |= {"ok": False, "error": self._intake.paused}
         failed_at = self._intake.last_write_failed_at
         if (
             self._intake.last_write_error
@@ -116,6 +124,22 @@ class HealthChecks:
             backlog = await ingest.backlog(conn)
         self._metrics.inbox_backlog.set(backlog)
         return result | {"inbox_backlog": backlog}
+
+    async def inbox(self) -> dict[str, Any]:
+        """Each lane's backlog; not ok when a flag has waited too long to be worked."""
+        now = dt.datetime.now(dt.UTC)
+        async with self._health_db.connect() as conn:
+            lanes = await ingest.backlog_by_lane(conn)
+        result: dict[str, Any] = {"ok": True, "lanes": {}}
+        for lane, name in LANES.items():
+            count, oldest = lanes.get(lane, (0, None))
+            waited = (now - oldest).total_seconds() if oldest is not None else 0.0
+            result["lanes"][name] = {"backlog": count, "oldest_seconds": round(waited, 1)}
+        count, oldest = lanes.get(FLAG_LANE, (0, None))
+        if oldest is not None and now - oldest > FLAG_LANE_STALLED_AFTER:
+            waited = int((now - oldest).total_seconds())
+            result |= {"ok": False, "problem": f"a flag has waited {waited}s to be acted on"}
+        return result
 
     async def homeserver(self) -> dict[str, Any]:
         problem = await self._hs.check()
@@ -149,16 +173,38 @@ class HealthChecks:
 
     async def alerts(self) -> dict[str, Any]:
         """Cases whose alert, or staff messages that, could not be delivered."""
-        since = dt.datetime.now(dt.UTC) - FAILED_MESSAGE_WINDOW
+        now = dt.datetime.now(dt.UTC)
         async with self._health_db.connect() as conn:
             undelivered = await cases.failed_alerts(conn)
-            failed_messages = await outbox.failed_since(conn, since)
+            late = await cases.late_alerts(conn, now - self._alert_deadline)
+            failed_messages = await outbox.failed_since(conn, now - FAILED_MESSAGE_WINDOW)
         result: dict[str, Any] = {
-            "ok": not undelivered and not failed_messages,
+            "ok": not undelivered and not late and not failed_messages,
             "undelivered_alerts": undelivered,
+            "late_alerts": late,
             "failed_staff_messages_24h": failed_messages,
         }
+        problems = []
         if undelivered:
             numbers = ", ".join(f"#{n}" for n in undelivered)
-            result["problem"] = f"the staff alert of case {numbers} could not be delivered"
+            problems.append(f"the staff alert of case {numbers} could not be delivered")
+        if late:
+            numbers = ", ".join(f"#{n}" for n in late)
+            problems.append(
+                f"the staff alert of case {numbers} is past its deadline and not posted yet"
+            )
+        if problems:
+            result["problem"] = "; ".join(problems)
+        return result
+
+    async def cases(self) -> dict[str, Any]:
+        """Cases with a step that keeps raising (a bug of ours): what needs it waits."""
+        async with self._health_db.connect() as conn:
+            stuck = await cases.crashing(conn)
+        result: dict[str, Any] = {"ok": not stuck, "stuck": stuck}
+        if stuck:
+            numbers = ", ".join(f"#{n}" for n in stuck)
+            result["problem"] = (
+                f"case {numbers}: a step keeps failing with an internal error (see the log)"
+            )
         return result

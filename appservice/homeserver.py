@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ENCRYPTION = {"algorithm": "m.megolm.v1.aes-sha2"}
+# Beside the ciphertext of the bot's own encrypted messages: the keyed digest of the
+# message's marker, so that finding it again never depends on reading it.
+ENCRYPTED_MARKER_KEY = "org.matrix.safeguard.digest"
 # Never wait longer than this on one retry_after_ms: the step is retried later anyway.
 MAX_RETRY_AFTER = 30.0
 # A room alias reserved this long with no room behind it was left by a Synapse that died
@@ -457,11 +461,15 @@ class NioHomeserver:
                 return room_id
         return None
 
+    def _digest(self, marker: str) -> str:
+        """What only this deployment can derive from a marker (keyed with the as_token),
+        and nobody can read a case from."""
+        return hmac.new(self._alias_key, marker.encode(), hashlib.sha256).hexdigest()[:32]
+
     def _alias_for(self, marker: str) -> str:
         """An alias only this deployment can derive from the marker (no one can squat it:
         the namespace is the appservice's, exclusively)."""
-        digest = hmac.new(self._alias_key, marker.encode(), hashlib.sha256).hexdigest()[:32]
-        return f"{ROOM_ALIAS_PREFIX}{digest}"
+        return f"{ROOM_ALIAS_PREFIX}{self._digest(marker)}"
 
     async def create_room(
         self,
@@ -665,12 +673,23 @@ class NioHomeserver:
         *,
         txn_id: str,
         event_type: str = "m.room.message",
+        plain: bool = False,
+        encrypt_by: dt.datetime | None = None,
     ) -> Sent | Refused:
-        if await self._encrypted(room_id):
+        if not plain and await self._encrypted(room_id, encrypt_by):
             assert self.crypto is not None
+            tag = content.get(MESSAGE_MARKER_KEY)
             content = await self.crypto.encrypt(
-                room_id, event_type, content, members=self._expected_members.get(room_id, [])
+                room_id,
+                event_type,
+                content,
+                members=self._expected_members.get(room_id, []),
+                by=encrypt_by,
             )
+            if isinstance(tag, dict) and isinstance(tag.get("marker"), str):
+                # Findable again without decrypting (find_marked_message): a resumed step
+                # must see its own message even while its keys cannot be read.
+                content = content | {ENCRYPTED_MARKER_KEY: self._digest(tag["marker"])}
             event_type = "m.room.encrypted"
         result = await self._raw(
             "PUT",
@@ -688,8 +707,12 @@ class NioHomeserver:
             return Refused("M_UNKNOWN", "the send answered without an event_id")
         return Sent(event_id)
 
-    async def _encrypted(self, room_id: str) -> bool:
-        """Whether what the bot sends to the room must be encrypted (and can be)."""
+    def encryption_problem(self) -> str | None:
+        return None if self.crypto is None else self.crypto.unusable_because
+
+    async def _encrypted(self, room_id: str, encrypt_by: dt.datetime | None = None) -> bool:
+        """Whether what the bot sends to the room must be encrypted; EncryptionUnavailable
+        if it must and cannot be (never in the clear into an encrypted room unasked)."""
         if self.crypto is None:
             return False
 
@@ -699,9 +722,7 @@ class NioHomeserver:
 
         if not await self.crypto.room_encrypted(room_id, read):
             return False
-        if not self.crypto.ready.is_set():
-            # Never in the clear into an encrypted room: wait for the device instead.
-            raise HomeserverUnavailable("end-to-end encryption is not ready yet")
+        await self.crypto.usable(by=encrypt_by)
         return True
 
     async def find_marked_message(
@@ -720,8 +741,11 @@ class NioHomeserver:
         if isinstance(response, Refused):
             return None
         assert isinstance(response, RoomMessagesResponse)
+        digest = self._digest(marker)
         for event in response.chunk:
             source = getattr(event, "source", {}) or {}
+            if (source.get("content") or {}).get(ENCRYPTED_MARKER_KEY) == digest:
+                return source.get("event_id")
             if source.get("type") == "m.room.encrypted" and self.crypto is not None:
                 # Our own message: decrypted with the session the bot shared it with.
                 source = self.crypto.decrypt({**source, "room_id": room_id}) or source

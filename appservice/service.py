@@ -25,6 +25,7 @@ from appservice.database import (
     InstanceLock,
     create_engine,
     upgrade,
+    write_heartbeat,
 )
 from appservice.digest_key import load_digest_key
 from appservice.health import HealthChecks
@@ -32,12 +33,13 @@ from appservice.homeserver import NioHomeserver
 from appservice.registration import load_registration
 from appservice.server import AppServiceServer
 from appservice.webhook import HttpWebhook
+from bot.authorization import power_level
 from bot.checkin_events import CheckinEvents
 from bot.delivery import OutboxDelivery
 from bot.deployment import Deployment
 from bot.dispatch import Classifier, Dispatcher, EventKind
 from bot.engine import StepEngine
-from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake
+from bot.intake import DECRYPT_LANE, FLAG_LANE, OTHER_LANE, REFUSAL_LANE, ActionFilter, Intake
 from bot.membership import Membership
 from bot.metrics import Metrics
 from bot.ports import HomeserverUnavailable, Refused
@@ -55,11 +57,11 @@ from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.staff_tools import StaffTools
 from bot.steps import Toolbox, build_steps
-from bot.store import audit, cases, ingest, outbox, rooms
+from bot.store import audit, cases, ingest, outbox, positions, rooms
 from bot.store.audit import Provenance
 from bot.texts import Texts
 from bot.timers import Timers
-from bot.worker import Worker
+from bot.worker import STOP_GRACE_SECONDS, Worker
 
 log = logging.getLogger(__name__)
 # Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
@@ -68,6 +70,8 @@ HOUSEKEEPING_EVERY = dt.timedelta(hours=1)
 CHAIN_HEAD_EVERY = dt.timedelta(days=1)
 # How often the homeserver is probed, so catch-up starts as soon as it answers again.
 PROBE_SECONDS = 5.0
+# How often a database that could not record a push is tried again.
+DATABASE_PROBE_SECONDS = 1.0
 # How often refusal windows that have ended are reported (each window is
 # policy.refusal_report_every long).
 REFUSAL_FLUSH_EVERY = dt.timedelta(seconds=30)
@@ -97,11 +101,15 @@ class Service:
             encrypt_private_rooms=config.file.encryption.enabled
             and config.file.encryption.private_rooms
             and self.registration.lets_the_bot_sync(config),
+            plain_fallback_after=config.file.encryption.fallback_after
+            if config.file.encryption.fallback == "plain"
+            else None,
         )
         assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
         self._lock = InstanceLock(config.database_url)
-        self.engine = create_engine(config.database_url)
+        busy_timeout = config.file.database.busy_timeout.total_seconds()
+        self.engine = create_engine(config.database_url, busy_timeout_ms=int(busy_timeout * 1000))
         # /health writes through its own connection, which gives up in seconds when locked.
         self._health_engine = create_engine(
             config.database_url, busy_timeout_ms=HEALTH_BUSY_TIMEOUT_MS
@@ -126,9 +134,17 @@ class Service:
                 config.crypto_store,
                 display_name=config.appservice.bot_displayname,
                 on_room_key=self._room_key_arrived,
+                on_broken=self._encryption_broken,
+                retry_seconds=connect_retry_seconds,
             )
             self.homeserver.crypto = self.crypto
         self.connected = asyncio.Event()
+        # Set while the instance lock is held: nothing acts without it (see _lock_lost).
+        self._lock_held = asyncio.Event()
+        self._acting = False  # the workers, the step engine and the timers run
+        self._started = False  # they were started once (by _connect)
+        self._pause_resume = asyncio.Lock()  # one pause or resume at a time, in order
+        self._encryption_reports = asyncio.Lock()  # "failed" and "works again", in order
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
         self.fatal: str | None = None
         self._runner: web.AppRunner | None = None
@@ -147,7 +163,12 @@ class Service:
         webhook = HttpWebhook()
 
         # ---- the workers ----
-        self.outbox = OutboxDelivery(self.engine, self.homeserver)
+        self.outbox = OutboxDelivery(
+            self.engine,
+            self.homeserver,
+            self.texts,
+            plain_after=self.deployment.plain_fallback_after,
+        )
         self.outbox_worker = Worker("outbox", self.outbox.work_once)
         self.ready_rooms = ReadyRooms(
             self.engine,
@@ -199,6 +220,7 @@ class Service:
             on_outbox=on_outbox,
             senders=self.recent_senders,
             watch_member=self.rooms.watch_member,
+            is_moderated=self.rooms.moderated.__contains__,
         )
 
         async def may_invite(user_id: str) -> bool:
@@ -232,7 +254,9 @@ class Service:
             self.staff_room,
             is_staff=self.staff.is_staff,
             checkins=checkins,
-            room_admin=RoomAdmin(self.engine, self.homeserver, self.deployment, self.room_state),
+            room_admin=RoomAdmin(
+                self.engine, self.homeserver, self.deployment, self.room_state, self.rooms
+            ),
             on_outbox=on_outbox,
             on_case_changed=self.steps.start_case,
         )
@@ -243,6 +267,13 @@ class Service:
             self.rooms,
             texts=self.texts,
             on_outbox=on_outbox,
+        )
+        action_filter = ActionFilter(
+            config.policy,
+            self.rooms,
+            bot_user_id=config.bot_user_id,
+            can_decrypt=self.crypto is not None,
+            power_of=self._known_power,
         )
         self.dispatcher = Dispatcher(
             self.engine,
@@ -265,30 +296,36 @@ class Service:
             on_outbox=on_outbox,
             reports=self.refusal_reports,
             decrypter=self.crypto,
+            lane_of=action_filter.lane,
+            on_moved=self._wake_lane,
         )
-        self.flag_worker = Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE))
-        # Flags are worked the moment they arrive; everything else in small batches.
-        self.inbox_worker = Worker(
-            "inbox", lambda: self.dispatcher.work_lane(OTHER_LANE), gather_for=0.1
-        )
+        # One worker a lane (bot/intake.py): flags are worked the moment they arrive;
+        # everything else in small batches.
+        self.lane_workers = {
+            FLAG_LANE: Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE)),
+            OTHER_LANE: Worker(
+                "inbox", lambda: self.dispatcher.work_lane(OTHER_LANE), gather_for=0.1
+            ),
+            REFUSAL_LANE: Worker(
+                "refusals", lambda: self.dispatcher.work_lane(REFUSAL_LANE), gather_for=0.1
+            ),
+            DECRYPT_LANE: Worker("decrypt", lambda: self.dispatcher.work_lane(DECRYPT_LANE)),
+        }
+        self.flag_worker = self.lane_workers[FLAG_LANE]
+        self.inbox_worker = self.lane_workers[OTHER_LANE]
         self._workers = (
-            self.flag_worker,
-            self.inbox_worker,
+            *self.lane_workers.values(),
             self.outbox_worker,
             self.ready_rooms_worker,
         )
         self.intake = Intake(
             self.engine,
-            ActionFilter(
-                config.policy,
-                self.rooms,
-                bot_user_id=config.bot_user_id,
-                can_decrypt=self.crypto is not None,
-            ),
+            action_filter,
             self.metrics,
             on_queued=self._wake_lane,
             on_state=self.room_state.state_changed,
             senders=self.recent_senders,
+            busy_timeout=busy_timeout,
         )
         self.reconciler = Reconciler(
             self.engine,
@@ -296,6 +333,8 @@ class Service:
             self.intake,
             self._watched_rooms,
             self.deployment.reconcile,
+            is_flag=lambda event: action_filter.lane(event) in (FLAG_LANE, REFUSAL_LANE),
+            is_staff_room=self.staff_room.is_staff_room,
         )
         self.timers = Timers()
         self.health = HealthChecks(
@@ -308,6 +347,7 @@ class Service:
             connected=self.connected.is_set,
             crypto=self.crypto,
             encryption_problem=self.registration.encryption_problem(config),
+            alert_deadline=config.policy.alert_deadline,
             extra={"ready_dm_rooms": self._ready_rooms_status},
         )
         self.port: int | None = None
@@ -318,7 +358,8 @@ class Service:
         await self._lock.acquire()
         try:
             await upgrade(self.engine)
-            self._lock.watch(self._lock_lost)
+            self._lock_held.set()
+            self._lock.watch(self._lock_lost, self._lock_regained, self._lock_taken)
             await self.staff_room.load_pin()
             await self._load_rooms()
             for resource in self.config.stale_resources():
@@ -351,7 +392,11 @@ class Service:
         """What the hot path must know of rooms before the first transaction."""
         async with self.engine.connect() as conn:
             known = await cases.rooms_of_cases(conn)
-        self.rooms.know(watched=known.watched, dms=known.dms, checkins=known.checkins)
+            moderated = [room.room_id for room in await rooms.moderated(conn)]
+            self.reconciler.first_started = await positions.database_first_started(conn)
+        self.rooms.know(
+            watched=known.watched, dms=known.dms, checkins=known.checkins, moderated=moderated
+        )
         await self.ready_rooms.load()
 
     async def _connect(self) -> None:
@@ -369,42 +414,68 @@ class Service:
         # A twin whose lock connection just dropped must have stopped before we act.
         await asyncio.sleep(self._lock.settle_seconds)
         if self.crypto is not None:
-            self._background.append(asyncio.create_task(self._start_crypto(), name="crypto"))
+            self._background.append(asyncio.create_task(self.crypto.run(), name="crypto"))
         await self._join_staff_room()
-        for worker in self._workers:
-            worker.start()
-        self.steps.start()
-        self.timers.start()
-        now = dt.datetime.now(dt.UTC)
-        self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
-        self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
-        self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
+        async with self._pause_resume:
+            # Nothing acts without the instance lock (a PostgreSQL blip may have taken it).
+            await self._lock_held.wait()
+            for worker in self._workers:
+                worker.start()
+            self.steps.start()
+            self.timers.start()
+            now = dt.datetime.now(dt.UTC)
+            self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
+            self.timers.every(
+                "post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head
+            )
+            self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
+            self.reconciler.start()
+            self._acting = self._started = True
         await self._warm_room_state()
-        self.reconciler.start()
         self._background.append(asyncio.create_task(self._probe(), name="probe"))
+        self._background.append(asyncio.create_task(self._watch_database(), name="database"))
         self.connected.set()
         log.info("connected to the homeserver as %s", self.config.bot_user_id)
 
-    async def _start_crypto(self) -> None:
-        """The bot's device and keys; retried until the homeserver lets it (messages for
-        encrypted rooms wait meanwhile: never sent in the clear)."""
-        assert self.crypto is not None
-        delay = self._connect_retry
-        while True:
-            try:
-                await self.crypto.start()
-                return
-            except Exception as exc:
-                self.crypto.problem = f"encryption is not ready: {type(exc).__name__}: {exc}"
-                log.warning("%s; retrying in %.0fs", self.crypto.problem, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
+    def _encryption_broken(self, why: str | None) -> None:
+        """The crypto store stopped working (why), or works again (None): recorded, and
+        staff told, in the clear (the message says nothing of any case)."""
+        self._in_background(self._report_encryption(why))
+
+    async def _report_encryption(self, why: str | None) -> None:
+        """Recorded and queued for staff, however long the database takes to record again
+        (the store and the database often share a disk that filled up), in order."""
+        async with self._encryption_reports:
+            delay = 1.0
+            while True:
+                now = dt.datetime.now(dt.UTC)
+                try:
+                    async with self.engine.begin() as conn:
+                        await audit.append(
+                            conn,
+                            self.deployment.provenance,
+                            "encryption_failed" if why else "encryption_restored",
+                            facts={},
+                            personal={"why": why} if why else {},
+                            at=now,
+                        )
+                        await outbox.queue(
+                            conn,
+                            self.staff_room.address,
+                            self.texts.encryption_broken(why=why),
+                            now,
+                            plain=why is not None,
+                        )
+                    break
+                except Exception as exc:
+                    log.warning("could not record the state of encryption yet (%s)", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        self.outbox_worker.wake()
 
     def _room_key_arrived(self) -> None:
         """A room key came: encrypted events waiting for one are worth trying again now."""
-        task = asyncio.get_running_loop().create_task(self._retry_encrypted())
-        self._fallbacks.add(task)
-        task.add_done_callback(self._fallbacks.discard)
+        self._in_background(self._retry_encrypted())
 
     async def _retry_encrypted(self) -> None:
         try:
@@ -412,8 +483,8 @@ class Service:
                 await ingest.retry_encrypted_now(conn)
         except Exception:
             log.warning("could not bring encrypted events forward", exc_info=True)
-        self.flag_worker.wake()
-        self.inbox_worker.wake()
+        for worker in self.lane_workers.values():
+            worker.wake()
 
     async def _probe(self) -> None:
         """Watch the homeserver: when it answers again after an outage, catch up at once."""
@@ -432,6 +503,37 @@ class Service:
                 self.outbox_worker.wake()
             was_down = down
 
+    async def _watch_database(self) -> None:
+        """When a push could not be recorded (a full disk, a lock held too long): notice the
+        moment the database records again, and make everything that waited go at once.
+
+        Synapse retries a refused push with a growing backoff (minutes, after a long
+        outage): a ping makes it send what it holds now, and catch-up finds anything it
+        dropped meanwhile."""
+        answered: dt.datetime | None = None  # the refused push already followed up
+        while True:
+            await asyncio.sleep(DATABASE_PROBE_SECONDS)
+            failed_at = self.intake.last_write_failed_at
+            if (
+                self.intake.last_write_error is None
+                or failed_at == answered
+                or self.intake.paused is not None
+            ):
+                continue
+            try:
+                # The refusal stays on /health until a push is recorded again (a heartbeat
+                # can succeed where a bigger write fails): this only makes that come soon.
+                await write_heartbeat(self.engine)
+                log.warning("the database records again: asking the homeserver to resend now")
+                answered = failed_at
+                with contextlib.suppress(HomeserverUnavailable):
+                    await self.homeserver.ping(self.config.appservice.id)
+                self.reconciler.trigger()
+                await self.steps.retry_waiting()
+                self.outbox_worker.wake()
+            except Exception as exc:
+                log.debug("the database does not record yet: %s", exc)
+
     async def _warm_room_state(self) -> None:
         """Know what a flag's decision needs ahead of the first flag (read off any flag's
         path): each moderated room's state, the staff room's, the bot's m.direct."""
@@ -447,7 +549,12 @@ class Service:
         return self.ready_rooms.status()
 
     def _wake_lane(self, lane: int) -> None:
-        (self.flag_worker if lane == FLAG_LANE else self.inbox_worker).wake()
+        self.lane_workers[lane].wake()
+
+    def _known_power(self, room_id: str, user_id: str) -> float | None:
+        """A sender's power in a room, as known from pushed state (None: not known now)."""
+        state = self.room_state.current(room_id)
+        return None if state is None else power_level(user_id, state)
 
     async def _watched_rooms(self) -> list[tuple[str, dt.datetime | None]]:
         """Rooms whose events we must not miss: moderated, staff, open cases' private rooms."""
@@ -525,9 +632,7 @@ class Service:
 
     def _template_fell_back(self, name: str, problem: str) -> None:
         """A template failed at run time: record it and tell staff (once per template)."""
-        task = asyncio.get_running_loop().create_task(self._report_fallback(name, problem))
-        self._fallbacks.add(task)
-        task.add_done_callback(self._fallbacks.discard)
+        self._in_background(self._report_fallback(name, problem))
 
     async def _report_fallback(self, name: str, problem: str) -> None:
         now = dt.datetime.now(dt.UTC)
@@ -551,14 +656,67 @@ class Service:
         self.outbox_worker.wake()
 
     def _lock_lost(self, why: str) -> None:
-        """Another instance could start now: stop before it can act (exit non-zero)."""
+        """The instance lock is gone (its PostgreSQL connection broke): an outage, not the
+        end. Nothing acts until it is held again: no step runs, pushes are answered 503
+        (Synapse retries them), and the lock is taken again as soon as the database
+        answers (appservice/database.py)."""
+        log.error("%s: every case waits until the lock is held again", why)
+        self._lock_held.clear()
+        self.intake.pause(f"{why}: waiting to hold it again")
+        self._in_background(self._pause())
+
+    def _lock_regained(self) -> None:
+        log.warning("the instance lock is held again: every case goes on")
+        self._lock_held.set()
+        self.intake.resume()
+        self._in_background(self._resume())
+
+    def _lock_taken(self, why: str) -> None:
+        """Another instance acts now: stop before acting beside it (exit non-zero)."""
         log.critical("%s: stopping so that no second instance acts beside this one", why)
         self.fatal = why
         self.stopped.set()
 
+    def _in_background(self, work: Any) -> None:
+        """Run `work` off the caller's path (a callback cannot await), kept until done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._fallbacks.add(task)
+        task.add_done_callback(self._fallbacks.discard)
+
+    async def _pause(self) -> None:
+        async with self._pause_resume:
+            if not self._acting or self._lock_held.is_set():
+                return
+            await self.reconciler.stop()
+            await asyncio.gather(*(worker.stop() for worker in self._workers))
+            await self.steps.stop()
+            self.timers.pause()
+            self._acting = False
+
+    async def _resume(self) -> None:
+        async with self._pause_resume:
+            if self._acting or not self._started or not self._lock_held.is_set():
+                return
+            for worker in self._workers:
+                worker.start()
+            self.steps.start()
+            self.timers.resume()
+            self.reconciler.start()
+            self._acting = True
+        # Whatever started before the blip, and whatever Synapse retried meanwhile.
+        await self.steps.retry_waiting()
+        self.reconciler.trigger()
+
     # ---- stop --------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        if self._fallbacks:
+            # Work done off a callback's path (a record, a pause) gets the same grace as
+            # the workers; one still waiting for the database after it is cut short.
+            await asyncio.wait(set(self._fallbacks), timeout=STOP_GRACE_SECONDS)
+            for task in list(self._fallbacks):
+                task.cancel()
+            await asyncio.gather(*self._fallbacks, return_exceptions=True)
         await self.reconciler.stop()
         await asyncio.gather(*(worker.stop() for worker in self._workers))
         await self.steps.stop()

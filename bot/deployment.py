@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from bot.settings import (
@@ -27,3 +28,6 @@ class Deployment:
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     # The bot's own rooms (DM, check-in, debrief) are created end-to-end encrypted.
     encrypt_private_rooms: bool = False
+    # A message to a person that cannot be encrypted this long after its step began is
+    # sent in the clear instead (None: never; it waits for encryption).
+    plain_fallback_after: dt.timedelta | None = dt.timedelta(seconds=20)

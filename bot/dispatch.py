@@ -1,8 +1,11 @@
 """Draining the inbox: each recorded event goes to the handler for what it is.
 
-Two lanes, each drained in arrival order by its own worker: flags, and
-everything else (staff commands, memberships, relays). A moderator's flag is
-never queued behind a command reply, a refusal report or an event being retried.
+Lanes (bot/intake.py), each drained in arrival order by its own worker: flags;
+everything else (staff commands, memberships, relays); flags that will be refused;
+encrypted group messages to decrypt. A moderator's flag is never queued behind a
+command reply, a refusal, an event being retried or chat waiting to be decrypted:
+an encrypted message that decrypts to a flag moves to the flag lane (or the refusal
+lane), anything else it decrypts to is done with there and then.
 
 The dispatcher owns acknowledgement: a handler records its decision through
 `Handling.transaction()`, which marks the event done in that same database
@@ -24,10 +27,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from enum import Enum
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.deployment import Deployment
+from bot.intake import DECRYPT_LANE
 from bot.metrics import Metrics
 from bot.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.reactions import ACK_KEY, CLAIM_KEY, annotation
@@ -137,10 +142,15 @@ class Dispatcher:
         on_outbox: Callable[[], None],
         reports: RefusalReports,
         decrypter: Decrypter | None = None,
+        lane_of: Callable[[dict[str, Any], str, str], int | None] = lambda e, kind, room: None,
+        on_moved: Callable[[int], None] = lambda lane: None,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
     ) -> None:
         self._decrypter = decrypter
+        # Where a decrypted event belongs (the intake's test), and who is told it moved.
+        self._lane_of = lane_of
+        self._on_moved = on_moved
         self._keys_asked: set[str] = set()
         self.undecryptable_after = UNDECRYPTABLE_AFTER
         self._db = db
@@ -168,6 +178,10 @@ class Dispatcher:
                 readable = await self._readable(item)
                 if readable is None:
                     continue  # waiting for its key (or given up, and staff told)
+                if lane == DECRYPT_LANE:
+                    if not await self._moved(readable):
+                        nothing_to_do.append(item.seq)  # chat: nothing to act on
+                    continue
                 item = readable
                 handling = Handling(self._db, item)
                 try:
@@ -191,6 +205,17 @@ class Dispatcher:
                 async with self._db.begin() as conn:
                     await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
         return len(items) == 50
+
+    async def _moved(self, decrypted: InboxItem) -> bool:
+        """Move a decrypted event that needs acting on (a flag, say) to its lane; True if
+        it did. The encrypted event stays the payload: plaintext is never stored."""
+        lane = self._lane_of(decrypted.payload, decrypted.event_type, decrypted.room_id)
+        if lane is None or lane == DECRYPT_LANE:
+            return False
+        async with self._db.begin() as conn:
+            await ingest.move_to_lane(conn, decrypted.seq, lane)
+        self._on_moved(lane)
+        return True
 
     async def _readable(self, item: InboxItem) -> InboxItem | None:
         """The item with an encrypted event decrypted (in memory only: plaintext is never

@@ -10,11 +10,22 @@ many check-ins are pending.
 
 What can go wrong, and what then:
 - the homeserver is unreachable, rate-limits past its budget, or rejects our
-  token (an outage): the step waits with backoff; nothing is recorded as failed;
-- the homeserver refuses, or a step hits a bug: retried up to the step's
-  `retries`, then recorded `failed` with its reason, and a person is told — in
-  the staff alert if it is still to come, else by a staff-room message; an
-  alert that itself fails pages `policy.alert_webhook` and shows on /health.
+  token (an outage), or the room cannot be encrypted for yet: the step waits
+  with backoff; nothing is recorded as failed (its record says why it waits);
+- the database cannot record (disk full, locked, restarting): nothing is
+  decided; the case is looked at again, and a resumed step finds what it did;
+- the homeserver refuses: retried up to the step's `retries`, then recorded
+  `failed` with its reason, and a person is told — in the staff alert if it is
+  still to come, else by a staff-room reply to it; an alert that itself fails
+  pages `policy.alert_webhook` and shows on /health;
+- a step hits a bug of ours: never read as "could not be done, move on". It is
+  retried with backoff for as long as it raises, the steps that need it wait,
+  /health names the case, and staff are told (in the alert, or a reply to it).
+
+Staff hear of every case within `policy.alert_deadline` whatever the other steps
+are doing (bot/steps/alert.py); a notice or a removal that finishes after the
+alert was posted is told to staff in a reply to it, in the transaction that
+records it.
 """
 
 from __future__ import annotations
@@ -28,23 +39,25 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bot.ports import HomeserverUnavailable
+from bot.ports import EncryptionUnavailable, HomeserverUnavailable
 from bot.staff_room import StaffRoomUnavailable
 from bot.steps import CaseStep, Outcome, StepRun, Toolbox
+from bot.steps.alert import REPORTED_BY_ALERT
 from bot.store import audit, cases, outbox
-from bot.store.cases import Case, Step
+from bot.store.cases import INTERNAL_ERROR, Case, Step
+from bot.store.outages import DatabaseUnavailable, is_database_outage
 from bot.worker import STOP_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
 # Outage backoff (seconds), by the step's attempt number.
 OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-# Backoff before retrying a step that failed but might succeed (by its failure count).
-FAILURE_DELAYS = (2.0, 10.0, 30.0)
-# Steps whose failure the staff alert itself reports, when it is still to come.
-REPORTED_BY_ALERT = frozenset({"notify", "remove"})
+# Backoff before retrying a step that failed but might succeed, or that raised (by its
+# failure count; the last is repeated for a step that keeps raising).
+FAILURE_DELAYS = (2.0, 10.0, 30.0, 60.0)
 
 
 class _Finished(NamedTuple):
@@ -59,6 +72,12 @@ class _Finished(NamedTuple):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _database_outage(exc: BaseException) -> bool:
+    """A database call that failed because the database cannot answer now. Only errors a
+    database call raised count (a step's own OSError, say, is a failure of the step)."""
+    return isinstance(exc, DatabaseUnavailable | SQLAlchemyError) and is_database_outage(exc)
 
 
 def _delay(delays: tuple[float, ...], count: int) -> dt.timedelta:
@@ -168,10 +187,15 @@ class StepEngine:
         try:
             async with self._slots:
                 await self.run_case(case_id)
-        except Exception:
-            # Recording failed (the database): the case stays due and is retried.
-            log.exception("case #%d: could not be advanced; retrying", case_id)
-            self._metrics.errors.labels("workflow").inc()
+        except Exception as exc:
+            # Recording failed (the database): the case stays due and is retried; a
+            # resumed step finds what this attempt already did.
+            if _database_outage(exc):
+                log.warning("case #%d: the database cannot record (%s); retrying", case_id, exc)
+                self._metrics.errors.labels("database").inc()
+            else:
+                log.exception("case #%d: could not be advanced; retrying", case_id)
+                self._metrics.errors.labels("workflow").inc()
             await asyncio.sleep(1)
         finally:
             self._running.discard(case_id)
@@ -213,18 +237,20 @@ class StepEngine:
             if case is None or step is None:
                 return
             deferred.add(step.step)
-            step = replace(step, status="started", attempts=step.attempts + 1)
+            step = replace(
+                step,
+                status="started",
+                attempts=step.attempts + 1,
+                started_at=step.started_at or _now(),
+            )
             steps[step.step] = step
             # False: the homeserver is away, and the other steps would wait for it too.
             go_on, finished = await self._run_step(case, step, steps)
 
-    def _ready(self, steps: Mapping[str, Step], unit: CaseStep) -> bool:
-        return all(steps[name].finished for name in unit.requires if name in steps)
-
     def _when(self, case: Case, steps: Mapping[str, Step], step: Step) -> dt.datetime | None:
         """When `step` may run (None: its preconditions do not hold yet)."""
         unit = self._steps.get(step.step)
-        if unit is None or step.finished or not self._ready(steps, unit):
+        if unit is None or step.finished or not unit.ready(case, steps):
             return None
         times = [t for t in (unit.due(case, steps), step.not_before) if t is not None]
         return max(times) if times else case.received_at
@@ -232,13 +258,37 @@ class StepEngine:
     def _next_runnable(
         self, case: Case, steps: Mapping[str, Step], now: dt.datetime, *, skip: set[str]
     ) -> Step | None:
-        for step in sorted(steps.values(), key=lambda s: s.position):
+        """The next step to run: a promise that fell due (the alert at its deadline) first,
+        then the others in the policy's order."""
+        ordered = sorted(steps.values(), key=lambda s: s.position)
+        promises = [s for s in ordered if self._is_promise(s)]
+        for step in [*promises, *ordered]:
             if step.step in skip and step.status == "started":
                 continue
             when = self._when(case, steps, step)
             if when is not None and when <= now:
                 return step
         return None
+
+    def _is_promise(self, step: Step) -> bool:
+        unit = self._steps.get(step.step)
+        return unit is not None and unit.promise
+
+    def _cut_at(self, case: Case, steps: Mapping[str, Step], step: Step) -> float | None:
+        """When an attempt at `step` is cut short (loop time): at the due time of a promise
+        still to keep (the alert's deadline), so no other step can hold it up. None: not."""
+        if self._is_promise(step):
+            return None
+        dues = [
+            self._when(case, steps, other)
+            for other in steps.values()
+            if self._is_promise(other) and not other.finished
+        ]
+        now = _now()
+        upcoming = [due for due in dues if due is not None and due > now]
+        if not upcoming:
+            return None
+        return asyncio.get_running_loop().time() + (min(upcoming) - now).total_seconds()
 
     def _next_look(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
         times = [self._when(case, steps, step) for step in steps.values()]
@@ -250,36 +300,72 @@ class StepEngine:
         """Run one step (its intent written) under the contract: whether to go on (False
         if a homeserver outage deferred it), and the outcome to record, if it has one.
 
-        A staff room that cannot take messages defers only the steps that post there:
-        the member's steps (a check-in, say) go on.
+        A staff room that cannot take messages, or a room that cannot be encrypted for
+        yet, defers only the steps that need it: the case's other steps go on.
         """
         unit = self._steps[step.step]
         run = StepRun(case, step, steps, self._saver(case, step))
         began = time.perf_counter()
+        limit = asyncio.timeout_at(self._cut_at(case, steps, step))
         try:
-            outcome = await unit.run(run)
+            async with limit:
+                outcome = await unit.run(run)
         except HomeserverUnavailable as exc:
             await self._defer(unit, run, exc)
-            return isinstance(exc, StaffRoomUnavailable), None
+            return await self._others_may_go_on(exc), None
+        except TimeoutError as exc:
+            if not limit.expired():
+                await self._crashed(unit, run, exc)
+                return True, None
+            # Cut short at the alert's deadline: resumable like any interrupted attempt (it
+            # looks for what it did first), and tried again right after the alert.
+            cut = HomeserverUnavailable("still under way at the staff alert's deadline")
+            cut.retry_after = 0.0
+            await self._defer(unit, run, cut)
+            return True, None
         except Exception as exc:
-            log.exception("case #%d: step %s crashed", case.id, step.step, extra={"case": case.id})
-            self._metrics.errors.labels("workflow").inc()
-            outcome = Outcome("failed", error=f"internal error ({type(exc).__name__})", retry=True)
+            if _database_outage(exc):
+                raise  # nothing is decided: the case is looked at again (_run_guarded)
+            await self._crashed(unit, run, exc)
+            return True, None
         if outcome.status == "failed" and outcome.retry and step.failures < unit.retries:
             await self._retry_later(case, step, outcome)
             return True, None
         self._metrics.step_seconds.labels(step.step).observe(time.perf_counter() - began)
         return True, _Finished(case, unit, step, steps, outcome)
 
+    async def _others_may_go_on(self, exc: HomeserverUnavailable) -> bool:
+        """After a step was deferred: whether the case's other steps are worth trying in
+        this round. Not if the homeserver itself is away (they would wait for it too); yes
+        if only this step's own need failed (the staff room, encryption, one call)."""
+        if isinstance(exc, StaffRoomUnavailable | EncryptionUnavailable):
+            return True
+        try:
+            return await self._tools.homeserver.check() is None
+        except Exception:
+            return False
+
     def _saver(self, case: Case, step: Step) -> Any:
         async def save(
             *, progress: dict[str, Any] | None = None, case_fields: dict[str, Any] | None = None
         ) -> None:
-            async with self._db.begin() as conn:
-                if progress is not None:
-                    await cases.save_progress(conn, case.id, step.step, progress)
-                if case_fields:
-                    await cases.set_fields(conn, case.id, **case_fields)
+            async def write() -> None:
+                async with self._db.begin() as conn:
+                    if progress is not None:
+                        await cases.save_progress(conn, case.id, step.step, progress)
+                    if case_fields:
+                        await cases.set_fields(conn, case.id, **case_fields)
+
+            try:
+                # An attempt cut short at the alert's deadline still records what it
+                # learnt: the write runs to its end (never half a transaction).
+                await asyncio.shield(write())
+            except Exception as exc:
+                if _database_outage(exc):
+                    # What the step did is on the homeserver; recording it is retried,
+                    # never turned into the step's failure.
+                    raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise
 
         return save
 
@@ -290,9 +376,13 @@ class StepEngine:
         if exc.retry_after is not None:
             delay = min(delay, dt.timedelta(seconds=exc.retry_after))
         until = _now() + delay
+        promised = unit.try_again_by(run)
+        if promised is not None:
+            until = min(until, promised)
         async with self._db.begin() as conn:
+            # Why it waits is on the record: the alert tells staff, if it goes first.
             await cases.retry_step_later(
-                conn, case.id, step.step, not_before=until, failed=False, error=None
+                conn, case.id, step.step, not_before=until, failed=False, error=why[:500]
             )
         log.warning(
             "case #%d: %s waits %.0fs: %s",
@@ -305,6 +395,45 @@ class StepEngine:
         self._metrics.errors.labels("homeserver").inc()
         try:
             await unit.deferred(run, why)
+        except Exception:
+            log.exception("case #%d: %s: deferral hook failed", case.id, step.step)
+
+    async def _crashed(self, unit: CaseStep, run: StepRun, exc: BaseException) -> None:
+        """A bug of ours: the step is tried again, with backoff, for as long as it raises.
+
+        It is never recorded as failed, so nothing that needs it (the removal, after the
+        notice) goes ahead as if it could not be done, and its failures (bounded for
+        refusals) are not used up. /health names the case; staff hear of it in the alert,
+        or once in a reply to it if the alert went before; an alert that raises pages
+        `policy.alert_webhook` once past its deadline, as one that waits does.
+        """
+        case, step = run.case, run.step
+        log.error(
+            "case #%d: step %s crashed", case.id, step.step, exc_info=exc, extra={"case": case.id}
+        )
+        self._metrics.errors.labels("workflow").inc()
+        error = f"{INTERNAL_ERROR} ({type(exc).__name__}), retrying"
+        crashes = int(run.progress.get("crashes", 0)) + 1
+        until = _now() + _delay(self._failure_delays, crashes)
+        alert = run.steps.get("alert")
+        tell = not run.progress.get("crash_told") and alert is not None and alert.finished
+        # What this attempt saved is kept: the progress as it is now, not as it began.
+        progress = run.progress | {"crashes": crashes} | ({"crash_told": True} if tell else {})
+        async with self._db.begin() as conn:
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=False, error=error
+            )
+            await cases.save_progress(conn, case.id, step.step, progress)
+            if tell:
+                content = self._tools.texts.step_failed(
+                    case_number=case.id, step=step.step, error=error, reply_to=case.alert_event_id
+                )
+                await outbox.queue(conn, self._tools.staff_room.address, content, _now())
+        run.progress = progress
+        if tell:
+            self.on_outbox()
+        try:
+            await unit.deferred(run, error)
         except Exception:
             log.exception("case #%d: %s: deferral hook failed", case.id, step.step)
 
@@ -357,9 +486,7 @@ class StepEngine:
             personal=personal,
             at=now,
         )
-        if outcome.status == "failed":
-            return await self._tell_staff_of_failure(conn, case, step, steps, outcome, now)
-        return False
+        return await self._tell_staff(conn, case, step, steps, outcome, now)
 
     async def _outcome_recorded(self, finished: _Finished, told: bool) -> None:
         """What follows a recorded outcome, once it is committed."""
@@ -371,7 +498,7 @@ class StepEngine:
         if outcome.status == "failed" and step.step == "alert":
             await self._page_failed_alert(case, outcome)
 
-    async def _tell_staff_of_failure(
+    async def _tell_staff(
         self,
         conn: AsyncConnection,
         case: Case,
@@ -380,15 +507,38 @@ class StepEngine:
         outcome: Outcome,
         now: dt.datetime,
     ) -> bool:
-        """Queue a staff message about a failed step, unless the alert will say it."""
+        """Queue what staff must hear of this outcome (True if anything was queued).
+
+        The notice's and the removal's outcomes are in the alert when it goes after them;
+        when the alert went first (its deadline came), each outcome follows as a reply
+        to it. Any other step's failure is told in a reply of its own.
+        """
         alert = steps.get("alert")
-        if step.step == "alert" or (
-            step.step in REPORTED_BY_ALERT and alert is not None and not alert.finished
-        ):
+        content: dict[str, Any] | None = None
+        if step.step in REPORTED_BY_ALERT:
+            stated = (alert.result.get("stated") or {}) if alert is not None else {}
+            # News: not what the alert said, or asked for by staff (`!case N notify`).
+            news = stated.get(step.step) != outcome.status or step.progress.get("staff_asked")
+            if alert is not None and alert.status == "done" and news:
+                remove = steps.get("remove")
+                content = self._tools.texts.step_update(
+                    case_number=case.id,
+                    step=step.step,
+                    status=outcome.status,
+                    facts=outcome.facts,
+                    error=outcome.error,
+                    removed=remove is not None and remove.status == "done",
+                    reply_to=case.alert_event_id,
+                )
+        elif outcome.status == "failed" and step.step != "alert":
+            content = self._tools.texts.step_failed(
+                case_number=case.id,
+                step=step.step,
+                error=outcome.error,
+                reply_to=case.alert_event_id,
+            )
+        if content is None:
             return False
-        content = self._tools.texts.step_failed(
-            case_number=case.id, step=step.step, error=outcome.error, reply_to=case.alert_event_id
-        )
         await outbox.queue(conn, self._tools.staff_room.address, content, now)
         return True
 

@@ -41,8 +41,17 @@ _ROOM_STATE = STATE_TYPES | {"m.room.join_rules"}
 # Matrix ids are far shorter; the columns hold 255 characters.
 MAX_ID_LENGTH = 255
 _REQUIRED = itemgetter("event_id", "room_id", "type", "sender")
-# Flags are handled in a lane of their own (bot/dispatch.py), ahead of everything else.
-FLAG_LANE, OTHER_LANE = 0, 1
+# The inbox's lanes, each drained in order by a worker of its own (bot/dispatch.py):
+# - FLAG: a possible flag in a room the bot moderates, from someone not known to be
+#   below a moderator: ahead of everything else, behind nothing that cannot be a flag;
+# - OTHER: memberships, power levels, the staff room, members' DMs and check-in rooms;
+# - REFUSAL: what looks like a flag but will be refused (a room the bot does not
+#   moderate, a sender known from pushed state to be below a moderator): recorded and
+#   reported as any refusal, never ahead of a possible real one, however many;
+# - DECRYPT: encrypted messages in group rooms, decrypted apart; only one that decrypts
+#   to a flag moves to the flag lane, so a busy encrypted room never delays its flags.
+FLAG_LANE, OTHER_LANE, REFUSAL_LANE, DECRYPT_LANE = 0, 1, 2, 3
+LANES = {FLAG_LANE: "flags", OTHER_LANE: "other", REFUSAL_LANE: "refusals", DECRYPT_LANE: "decrypt"}
 
 
 class StorageUnavailable(Exception):
@@ -122,14 +131,19 @@ class ActionFilter:
         *,
         bot_user_id: str,
         can_decrypt: bool = False,
+        power_of: Callable[[str, str], float | None] = lambda room_id, user_id: None,
     ) -> None:
         self._rooms = rooms
+        self._moderated = rooms.moderated
+        # A sender's power in a room as known from pushed state (None: not known now).
+        self._power_of = power_of
+        self._moderator_level = policy.moderator_power_level
         # Read on every event: the private-room test, without two method calls per event.
         self._conversations = rooms.conversations
         self._staff_room = rooms.staff_room
         self._bot = bot_user_id
         # With the bot's encryption on, an encrypted message in a group room may be a
-        # `!safeguard` command: it is queued (in the flag lane) to be decrypted and read.
+        # `!safeguard` command: it is queued (in its own lane) to be decrypted and read.
         self._can_decrypt = can_decrypt
         self._flag_keys = frozenset(normalise_key(k) for k in policy.reactions)
         self._staff_keys = frozenset({normalise_key(CLAIM_KEY), normalise_key(ACK_KEY)})
@@ -141,10 +155,19 @@ class ActionFilter:
         first = policy.command[0]
         self._command_mark: str | None = None if first.isalpha() else first
 
+    def _flag_lane(self, event: Mapping[str, Any], room_id: str) -> int:
+        """A possible flag's lane: the flag lane only where it could be acted on."""
+        if room_id not in self._moderated:
+            return REFUSAL_LANE
+        power = self._power_of(room_id, event["sender"])
+        if power is not None and power < self._moderator_level:
+            return REFUSAL_LANE
+        return FLAG_LANE
+
     def lane(
         self, event: Mapping[str, Any], event_type: str | None = None, room_id: str | None = None
     ) -> int | None:
-        """FLAG_LANE, OTHER_LANE, or None when the event needs no action.
+        """The lane to queue the event in, or None when the event needs no action.
 
         Runs on every event Synapse delivers, so it tests exact types (events come
         from a JSON parser: dicts, lists, str) and reads each key once (the intake
@@ -163,7 +186,9 @@ class ActionFilter:
             mark = self._command_mark
             if mark is not None and mark not in body:
                 return None
-            return FLAG_LANE if self._command.search(body) is not None else None
+            if self._command.search(body) is None:
+                return None
+            return self._flag_lane(event, room_id)
         if event_type == "m.reaction" or event_type == "m.room.encrypted":
             content = event.get("content")
             if content.__class__ is not dict:
@@ -174,11 +199,11 @@ class ActionFilter:
                 if key.__class__ is str:
                     key = normalise_key(key)
                     if key in self._flag_keys:
-                        return FLAG_LANE
+                        return self._flag_lane(event, room_id)
                     if key in self._staff_keys:
                         return OTHER_LANE
                 return None
-            return FLAG_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
+            return DECRYPT_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
         if event_type == "m.room.member":
             # In a group room, only the bot's own membership and that of members with an
             # active case are acted on (bot/membership.py); everyone else's joins and
@@ -208,8 +233,10 @@ class Intake:
         on_state: Callable[[str, str, object], None] = lambda room, kind, key: None,
         senders: RecentSenders | None = None,
         recorder: ingest.TransactionRecorder | None = None,
+        busy_timeout: float = 5.0,
     ) -> None:
-        self._recorder = recorder or ingest.TransactionRecorder(db)
+        # A transaction not recorded within `busy_timeout` seconds is answered 503.
+        self._recorder = recorder or ingest.TransactionRecorder(db, busy_timeout=busy_timeout)
         # Who sent each event, so that a flag on it needs no read (bot/recent_senders.py).
         self._senders = senders
         self._filter = action_filter
@@ -226,6 +253,15 @@ class Intake:
         # The outcome of the last write, for /health: None, or why it failed and when.
         self.last_write_error: str | None = None
         self.last_write_failed_at: dt.datetime | None = None
+        # Why nothing may be recorded now (the service does not hold its instance lock):
+        # every push is answered 503 until `resume`.
+        self.paused: str | None = None
+
+    def pause(self, why: str) -> None:
+        self.paused = why
+
+    def resume(self) -> None:
+        self.paused = None
 
     async def accept(
         self,
@@ -244,6 +280,8 @@ class Intake:
         `valid_text`: the parser already refused lone surrogates (see `well_formed`).
         One pass over the events (the hot path): shape, room state, lane.
         """
+        if self.paused is not None:
+            raise self._unavailable(Exception(self.paused))
         lane_of = self._filter.lane
         on_state = self._on_state
         kept: list[dict[str, Any]] = []

@@ -163,6 +163,9 @@ class Membership:
             return
         if not await self._join(handling, inviter, tell_staff=True):
             return
+        # From the join on, a flag there is decided as a flag (not left as a stranger's),
+        # even while what follows waits for the homeserver.
+        self._rooms.moderate(room_id)
         kick, redact = await self._powers(room_id)
         async with handling.transaction() as conn:
             await rooms.joined(
@@ -233,6 +236,7 @@ class Membership:
         async with self._db.connect() as conn:
             known = await rooms.get(conn, item.room_id)
         moderated = known is not None and known.left_at is None
+        self._rooms.stop_moderating(item.room_id)
         async with handling.transaction() as conn:
             await rooms.left(conn, item.room_id, at=now)
             await audit.append(

@@ -10,6 +10,7 @@ workflow records as the step's outcome.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +34,16 @@ class HomeserverUnavailable(Exception):
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class EncryptionUnavailable(HomeserverUnavailable):
+    """The room is encrypted and the bot cannot encrypt for it now: its device is not
+    ready, its store is broken, or the room has not reached its sync yet.
+
+    Not the homeserver's fault, and nothing was sent. Like any outage it can be waited
+    out; a caller with a person waiting may choose to send in the clear instead
+    (`Homeserver.send(..., plain=True)`).
+    """
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,21 @@ class Homeserver(Protocol):
         *,
         txn_id: str,
         event_type: str = "m.room.message",
-    ) -> Sent | Refused: ...
+        plain: bool = False,
+        encrypt_by: dt.datetime | None = None,
+    ) -> Sent | Refused:
+        """Send, encrypted where the room is. `plain`: in the clear whatever the room.
+        `encrypt_by`: give up waiting for encryption then (EncryptionUnavailable), rather
+        than after the verb's own wait."""
+        ...
+
+    def encryption_problem(self) -> str | None:
+        """Why the bot cannot encrypt at all now (None: it can, or encryption is off)."""
+        ...
+
+    async def check(self) -> str | None:
+        """None if the homeserver answers and accepts our token; else what is wrong."""
+        ...
 
     async def find_marked_message(
         self, room_id: str, marker: str, *, limit: int = 200

@@ -22,6 +22,7 @@ What can go wrong, and what then:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -142,11 +143,18 @@ class ReadyRooms:
         is ready."""
         if self.wanted <= 0:
             return None
-        async with self._db.begin() as conn:
-            room_id = await store.take(conn, encrypted=self._encrypted)
-            if room_id is not None:
-                taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
-                await cases.save_progress(conn, case_id, step, progress | taken)
+
+        async def take() -> str | None:
+            async with self._db.begin() as conn:
+                room_id = await store.take(conn, encrypted=self._encrypted)
+                if room_id is not None:
+                    taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
+                    await cases.save_progress(conn, case_id, step, progress | taken)
+            return room_id
+
+        # Runs to its end even if the step is cut short (at the alert's deadline): a room
+        # taken is always a room recorded, and never half a transaction.
+        room_id = await asyncio.shield(take())
         if room_id is not None:
             self.ready = max(self.ready - 1, 0)
             self.on_taken()

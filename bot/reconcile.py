@@ -12,6 +12,12 @@ before is read back `reconcile.lookback` (default 24 h), but never to before
 the bot was put in it (a flag raised before the charity enrolled the room is
 not the bot's to act on); older events are not acted on.
 
+Nothing from before this database first started is fed, and the staff room's
+first read feeds nothing at all: a fresh or restored database must never run
+the last day's `!case` commands again. A flag older than the look-back, found
+after a long outage, is fed all the same, to be refused as found too late and
+told to staff (never dropped in silence).
+
 An event read moments after it was sent is, nearly always, on its way to us in
 Synapse's push. Catch-up leaves events younger than `reconcile.settle` (and the
 position before them) for a round that soon after, so "caught up" in the record
@@ -26,6 +32,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -72,7 +79,14 @@ class Reconciler:
         intake: Intake,
         watched_rooms: Callable[[], Awaitable[list[tuple[str, dt.datetime | None]]]],
         settings: ReconcileSettings,
+        *,
+        is_flag: Callable[[dict[str, Any]], bool] = lambda event: False,
+        is_staff_room: Callable[[str], bool] = lambda room_id: False,
     ) -> None:
+        self._is_flag = is_flag
+        self._is_staff_room = is_staff_room
+        # When this database first started: nothing older is ever fed (set at start).
+        self.first_started: dt.datetime | None = None
         self._db = db
         self._timeline = timeline
         self._intake = intake
@@ -145,11 +159,14 @@ class Reconciler:
         """Feed the room's events we never received; `since`: when the bot was put there."""
         async with self._db.connect() as conn:
             token = await positions.get(conn, room_id)
-        oldest = dt.datetime.now(dt.UTC) - self._settings.lookback
-        if since is not None:
-            oldest = max(oldest, since)
+        now = dt.datetime.now(dt.UTC)
+        # Never before the bot was put in the room, nor before this database started.
+        floor = max((t for t in (since, self.first_started) if t is not None), default=None)
+        if token is None and self._is_staff_room(room_id):
+            floor = now  # never a command from before the service saw the staff room
+        window = _Window(now - self._settings.lookback, floor)
         if token is None:
-            first = await self._first_read(room_id, oldest)
+            first = await self._first_read(room_id, window)
             if first:
                 # Mostly what happened before the bot was there (never sent to us): no alarm.
                 log.info(
@@ -163,7 +180,7 @@ class Reconciler:
                 log.info("cannot read %s to catch up: %s", room_id, page)
                 return found
             settled = settled_part(page.events, dt.datetime.now(dt.UTC), self._settings.settle)
-            found += await self._feed(settled, oldest)
+            found += await self._feed(settled, window)
             if len(settled) < len(page.events):
                 # The position stays before this page: the rest of it is read again (what
                 # was fed is known by then) once it has settled.
@@ -175,15 +192,18 @@ class Reconciler:
             async with self._db.begin() as conn:
                 await positions.put(conn, room_id, token, dt.datetime.now(dt.UTC))
 
-    async def _first_read(self, room_id: str, oldest: dt.datetime) -> int:
-        """No position yet: read back to `oldest`, then remember "now" as the position."""
+    async def _first_read(self, room_id: str, window: _Window) -> int:
+        """No position yet: read back to the window's start, then remember "now"."""
         now_token = await self._timeline.current_position(room_id)
         if isinstance(now_token, Refused):
             log.info("cannot read %s to catch up: %s", room_id, now_token)
             return 0
         events: list[dict[str, Any]] = []
         token: str | None = now_token
+        oldest = window.start
         for _ in range(MAX_PAGES_BACK):
+            if window.floor is not None and window.floor >= dt.datetime.now(dt.UTC):
+                break  # nothing before now is wanted: the position alone
             page = await self._timeline.read_back(room_id, token, limit=PAGE)
             if isinstance(page, Refused):
                 break
@@ -192,18 +212,37 @@ class Reconciler:
             if page.next_token is None or any(t is not None and t < oldest for t in times):
                 break
             token = page.next_token
-        found = await self._feed(list(reversed(events)), oldest)
+        found = await self._feed(list(reversed(events)), window, first_read=True)
         async with self._db.begin() as conn:
             await positions.put(conn, room_id, now_token, dt.datetime.now(dt.UTC))
         return found
 
-    async def _feed(self, events: list[dict[str, Any]], oldest: dt.datetime) -> int:
+    async def _feed(
+        self, events: list[dict[str, Any]], window: _Window, *, first_read: bool = False
+    ) -> int:
+        """Feed what falls in the window: since the floor, within the look-back; and
+        flags older than the look-back (to be refused as found too late, and told) when
+        reading on from a position."""
         now = dt.datetime.now(dt.UTC)
-        recent = [
-            event for event in events if well_formed(event) and (_time(event) or now) >= oldest
-        ]
-        if not recent:
+        wanted = []
+        for event in events:
+            if not well_formed(event):
+                continue
+            sent = _time(event) or now
+            if window.floor is not None and sent < window.floor:
+                continue
+            if sent >= window.start or (not first_read and self._is_flag(event)):
+                wanted.append(event)
+        if not wanted:
             return 0
-        recorded = await self._intake.accept(f"catch-up:{uuid.uuid4().hex}", recent, caught_up=True)
+        recorded = await self._intake.accept(f"catch-up:{uuid.uuid4().hex}", wanted, caught_up=True)
         self.caught_up += recorded.new_events
         return recorded.new_events
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What catch-up feeds: since `start` (the look-back), never before `floor`."""
+
+    start: dt.datetime
+    floor: dt.datetime | None

@@ -33,12 +33,14 @@ from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.steps import CASE_STEPS, POSITIONS
 from bot.steps.corroboration import corroboration_due
-from bot.store import audit, cases
+from bot.store import audit, cases, outbox
 from bot.texts import Texts
 from bot.triggers import Flag, recognise_flag
 from bot.wording import duration_words as _duration
 
 log = logging.getLogger(__name__)
+# Refusals recorded and logged but not reported to staff (see Referral._refuse).
+UNREPORTED = frozenset({"own_event", "room_not_moderated"})
 
 
 def event_time(event: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
@@ -67,8 +69,10 @@ class Referral:
         on_outbox: Callable[[], None],
         senders: RecentSenders,
         watch_member: Callable[[str, str], None],
+        is_moderated: Callable[[str], bool],
     ) -> None:
         self._hs = homeserver
+        self._is_moderated = is_moderated
         self._watch_member = watch_member
         self._senders = senders
         self._deployment = deployment
@@ -91,6 +95,18 @@ class Referral:
             await self.handle(handling, flag)
 
     async def handle(self, handling: Handling, flag: Flag) -> None:
+        item = handling.item
+        flagged_at = event_time(item.payload, item.received_at)
+        if item.caught_up and item.received_at - flagged_at > self._deployment.reconcile.lookback:
+            await self._found_too_late(handling, flag, flagged_at)
+            return
+        if not self._is_moderated(flag.room_id):
+            # Staff put the bot in a room before it acts there. What arrives from anywhere
+            # else (a room it was not enrolled in, or a body forged with the hs_token) is
+            # recorded, and told to the operator's log only: nobody in it can be helped.
+            why = Refusal("room_not_moderated", "the bot does not moderate that room")
+            await self._refuse(handling, flag, None, why)
+            return
         known = self._room_state.current(flag.room_id)
         if known is not None and flag.flagger != self._deployment.bot_user_id:
             power = power_level(flag.flagger, known)
@@ -237,6 +253,42 @@ class Referral:
         )
         self._on_case(opened.case_id)
 
+    async def _found_too_late(
+        self, handling: Handling, flag: Flag, flagged_at: dt.datetime
+    ) -> None:
+        """A flag the homeserver never delivered, found after longer than the look-back (a
+        long outage): too old to act on as if it were new, and never dropped in silence:
+        recorded, and staff told at once, each one."""
+        now = dt.datetime.now(dt.UTC)
+        target = await self._flagged_sender(flag)
+        member = target if isinstance(target, str) else None
+        async with handling.transaction() as conn:
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "refused",
+                facts={"code": "found_too_late", "method": flag.method},
+                personal={
+                    "room": flag.room_id,
+                    "flagger": flag.flagger,
+                    "member": member,
+                    "flag_event": flag.flag_event_id,
+                    "flagged_at": flagged_at.isoformat(),
+                },
+                at=now,
+            )
+            await outbox.queue(
+                conn,
+                self._staff_room.address,
+                self._texts.flag_found_late(
+                    flagged_at=flagged_at, room=flag.room_id, flagger=flag.flagger, member=member
+                ),
+                now,
+            )
+        self._metrics.flags.labels("refused_found_too_late").inc()
+        log.warning("a flag found %s after it was raised was not acted on", now - flagged_at)
+        self._on_outbox()
+
     async def _refuse(
         self, handling: Handling, flag: Flag, target: str | None, refusal: Refusal
     ) -> None:
@@ -257,9 +309,9 @@ class Referral:
                 },
                 at=now,
             )
-            # The bot's own events are not worth a staff message; every other refusal is,
-            # coalesced per (flagger, room).
-            told = refusal.code != "own_event" and await self._reports.refused(
+            # The bot's own events, and flags from rooms it does not moderate, are not worth
+            # a staff message; every other refusal is, coalesced per (flagger, room).
+            told = refusal.code not in UNREPORTED and await self._reports.refused(
                 conn,
                 kind="flag",
                 actor=flag.flagger,

@@ -11,6 +11,7 @@ from bot.deployment import Deployment
 from bot.membership import room_powers
 from bot.ports import Homeserver, Refused
 from bot.room_state import RoomStateCache
+from bot.rooms import RoomDirectory
 from bot.store import audit, rooms
 
 MAX_LISTED = 60
@@ -27,7 +28,9 @@ class RoomAdmin:
         homeserver: Homeserver,
         deployment: Deployment,
         room_state: RoomStateCache,
+        room_directory: RoomDirectory,
     ) -> None:
+        self._rooms = room_directory
         self._db = db
         self._hs = homeserver
         self._deployment = deployment
@@ -69,6 +72,7 @@ class RoomAdmin:
         left = await self._hs.leave_room(room_id)
         if isinstance(left, Refused):
             return f"I could not leave {room_id} ({left}).", None
+        self._rooms.stop_moderating(room_id)  # flags there no longer take the flag lane
         return (
             f"I have left {room_id}, as {by} asked. Flags there will no longer reach me.",
             room_id,

@@ -28,6 +28,9 @@ class RoomDirectory:
         # Both together, so the hot path's test is one lookup (read, never written, by
         # the intake's filter).
         self.conversations: set[str] = set()
+        # The group rooms staff put the bot in (and it has not left): only there can a flag
+        # be acted on, so only there does one take the flag lane (bot/intake.py).
+        self.moderated: set[str] = set()
         # (room, member) of every active case: the only people whose membership of a
         # group room the policy acts on (their return ends the case, or removes them
         # again). Added before the case is written, never taken away while running:
@@ -40,8 +43,10 @@ class RoomDirectory:
         watched: Iterable[tuple[str, str]] = (),
         dms: Iterable[str] = (),
         checkins: Iterable[str] = (),
+        moderated: Iterable[str] = (),
     ) -> None:
-        """Many at once (what the cases hold, read at start), at set speed."""
+        """Many at once (what the cases and rooms hold, read at start), at set speed."""
+        self.moderated.update(moderated)
         self._watched.update(watched)
         self._dms.update(dms)
         self._checkins.update(checkins)
@@ -54,6 +59,12 @@ class RoomDirectory:
     def add_checkin(self, room_id: str) -> None:
         self._checkins.add(room_id)
         self.conversations.add(room_id)
+
+    def moderate(self, room_id: str) -> None:
+        self.moderated.add(room_id)
+
+    def stop_moderating(self, room_id: str) -> None:
+        self.moderated.discard(room_id)
 
     def watch_member(self, room_id: str, member_id: str) -> None:
         self._watched.add((room_id, member_id))

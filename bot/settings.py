@@ -49,7 +49,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _coerce_duration(value: object) -> object:
+def coerce_duration(value: object) -> object:
     if isinstance(value, str):
         return parse_duration(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -127,6 +127,9 @@ class PolicySettings(_Strict):
         "the member's name and Matrix user id, and the concern the moderator raised"
     )
     ack_within: Duration = dt.timedelta(minutes=10)
+    # Staff hear of every flag this soon after it, whatever state the member's notice and
+    # removal are in (the alert says which are done, not yet, or failed, and why).
+    alert_deadline: Duration = dt.timedelta(seconds=30)
     alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
     # A member who left the room this recently can still be flagged (told, staff alerted);
     # anyone else not in the room cannot (a refusal: nothing is sent to them).
@@ -149,8 +152,8 @@ class PolicySettings(_Strict):
     ready_dm_rooms: int = Field(default=2, ge=0, le=20)
 
     _duration = field_validator(
-        "ack_within", "recent_leave", "refusal_report_every", mode="before"
-    )(_coerce_duration)
+        "ack_within", "alert_deadline", "recent_leave", "refusal_report_every", mode="before"
+    )(coerce_duration)
 
     @field_validator("reactions")
     @classmethod
@@ -167,7 +170,7 @@ class CheckinSettings(_Strict):
     remind_after: Duration = dt.timedelta(hours=4)
     room_name: str = "Checking in with you"
 
-    _durations = field_validator("after", "remind_after", mode="before")(_coerce_duration)
+    _durations = field_validator("after", "remind_after", mode="before")(coerce_duration)
 
     @field_validator("timezone")
     @classmethod
@@ -211,7 +214,7 @@ class ReconcileSettings(_Strict):
     # record's "caught up" then means the homeserver truly did not deliver it.
     settle: Duration = dt.timedelta(seconds=10)
 
-    _durations = field_validator("lookback", "interval", "settle", mode="before")(_coerce_duration)
+    _durations = field_validator("lookback", "interval", "settle", mode="before")(coerce_duration)
 
 
 class AuditSettings(_Strict):
@@ -243,6 +246,11 @@ class MessageTemplates(_Strict):
     checkin_reminder: str | None = None
     withdrawal_done: str | None = None
     step_failed: str | None = None
+    step_update: str | None = None
+    flag_found_late: str | None = None
+    encryption_failing: str | None = None
+    encryption_broken: str | None = None
+    encryption_repaired: str | None = None
     refusal: str | None = None
     refusals_summary: str | None = None
     invite_refused: str | None = None

@@ -20,6 +20,8 @@ Action = Literal[
     "hold",
     "withdraw",
     "stats",
+    "remove",
+    "notify",
 ]
 # Actions on one case that need text after them, and what that text is called.
 _NEEDS_TEXT: dict[str, str] = {
@@ -31,7 +33,7 @@ _NEEDS_TEXT: dict[str, str] = {
     "withdraw": "<why> [--keep-checkin]",
 }
 KEEP_CHECKIN = "--keep-checkin"
-_NO_TEXT = ("claim", "ack")
+_NO_TEXT = ("claim", "ack", "remove", "notify")
 LIST_FILTERS = ("open", "closed", "all")
 
 USAGE = """\
@@ -41,6 +43,9 @@ USAGE = """\
 !case N note <text> — add a staff note (kept apart from facts)
 !case N claim — claim the check-in (same as reacting ✋ to its notice)
 !case N ack — acknowledge the alert (same as reacting ✅ to it)
+!case N notify — try again to tell the member (when their notice could not be sent)
+!case N remove — remove the member now, without waiting for the notice (your decision,
+    recorded)
 !case N close <outcome> — close the case
 !case N reopen <why> — reopen a closed case
 !case N hold <why> — keep the case from retention purges

@@ -32,12 +32,13 @@ from bot.staff_commands import (
 from bot.staff_replies import LIST_PAGE_SIZE, case_listing, case_timeline
 from bot.staff_room import StaffRoom
 from bot.steps import POSITIONS, WITHDRAW_STEPS
+from bot.steps.base import PLAIN_CLOCK
 from bot.store import audit, cases, outbox
 from bot.templates import notice
 
 log = logging.getLogger(__name__)
 # What counts as staff dealing with a case: the alert is not raised again after it.
-DEALING_WITH = frozenset({"es", "ack", "note", "close", "withdraw"})
+DEALING_WITH = frozenset({"es", "ack", "note", "close", "withdraw", "remove", "notify"})
 CHECKIN_STEPS = ["checkin", "checkin_notice", "checkin_reminder"]
 
 
@@ -156,7 +157,13 @@ class StaffTools:
             reply = await self._apply(conn, command, sender, now, via)
             await self._queue_reply(conn, handling, reply, now, reply_to=reply_to)
         self._on_outbox()
-        if command.case is not None and command.action in ("close", "reopen", "withdraw"):
+        if command.case is not None and command.action in (
+            "close",
+            "reopen",
+            "withdraw",
+            "remove",
+            "notify",
+        ):
             self._on_case_changed(command.case)
 
     async def _claim(self, handling: Handling, command: CaseCommand, sender: str) -> None:
@@ -239,6 +246,10 @@ class StaffTools:
             return f"Case #{case.id}: alert acknowledged by {sender}."
         if command.action == "withdraw":
             return await self._withdraw(conn, case, command, sender, now, entry)
+        if command.action == "remove":
+            return await self._remove(conn, case, sender, now, entry)
+        if command.action == "notify":
+            return await self._notify_again(conn, case, now, entry)
         if command.action == "close":
             if case.state == "closed":
                 return (
@@ -299,6 +310,64 @@ class StaffTools:
             f"Case #{case.id}: withdrawing. I'm apologising to the member and inviting them "
             f"back into the room; I'll say here how it went.{kept}"
         )
+
+    async def _remove(
+        self,
+        conn: AsyncConnection,
+        case: cases.Case,
+        sender: str,
+        now: dt.datetime,
+        entry: Any,
+    ) -> str:
+        """Staff decide to remove the member without waiting for the notice."""
+        steps = {step.step: step for step in await cases.steps_of(conn, case.id)}
+        remove, notify = steps.get("remove"), steps.get("notify")
+        if case.dry_run or remove is None:
+            return f"Case #{case.id} has no removal to make (dry run)."
+        if remove.finished:
+            return f"Case #{case.id}: the removal is over already ({remove.status})."
+        if remove.progress.get("decided_by"):
+            return f"Case #{case.id}: the removal is under way already."
+        notified = notify is not None and notify.status == "done"
+        await entry("removal_decided", {"notified_first": notified}, {})
+        await cases.save_progress(conn, case.id, "remove", remove.progress | {"decided_by": sender})
+        await cases.set_next_attempt(conn, case.id, now)
+        if notified:
+            return f"Case #{case.id}: they have been told; removing them now."
+        return (
+            f"Case #{case.id}: removing them now, without the notice, as you decided "
+            f"(recorded). `!case {case.id} notify` still tries to tell them."
+        )
+
+    async def _notify_again(
+        self, conn: AsyncConnection, case: cases.Case, now: dt.datetime, entry: Any
+    ) -> str:
+        """Staff ask for another try at telling the member (the notice failed, or waits)."""
+        notify = next((s for s in await cases.steps_of(conn, case.id) if s.step == "notify"), None)
+        if case.dry_run or notify is None:
+            return f"Case #{case.id} sends no notice (dry run)."
+        if notify.status == "done":
+            return f"Case #{case.id}: the member has been told already."
+        await entry("notice_retried", {"was": notify.status}, {})
+        if notify.finished:
+            # What the earlier attempts did (the DM room) is kept: the next looks there
+            # first. Its outcome is told, whatever it is; encryption gets its full wait.
+            await cases.rearm_step(
+                conn,
+                case.id,
+                "notify",
+                POSITIONS["notify"],
+                lambda progress: (
+                    {k: v for k, v in progress.items() if k != PLAIN_CLOCK} | {"staff_asked": True}
+                ),
+            )
+        else:
+            await cases.save_progress(
+                conn, case.id, "notify", notify.progress | {"staff_asked": True}
+            )
+            await cases.retry_started_now(conn, now, case_id=case.id)
+        await cases.set_next_attempt(conn, case.id, now)
+        return f"Case #{case.id}: trying to tell the member again now; I'll say here how it goes."
 
     async def _cancel_checkin(
         self, conn: AsyncConnection, case_id: int, why: str, now: dt.datetime

@@ -149,6 +149,34 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "Case #{case} withdrawn by {by}: {why}.\n{outcomes}",
         frozenset({"case", "by", "why", "outcomes"}),
     ),
+    "flag_found_late": (
+        "A flag from {when} in {room} (by {flagger}, about {member}) was found late: the "
+        "homeserver never delivered it. It is older than I act on by myself, so nothing was "
+        "done. Please check on the member now, and act by hand if they may still be at risk.",
+        frozenset({"when", "room", "flagger", "member"}),
+    ),
+    "step_update": (
+        "Case #{case}: {update}",
+        frozenset({"case", "update"}),
+    ),
+    "encryption_failing": (
+        # Sent unencrypted into an encrypted staff room: it must say nothing of the case.
+        "{what}: my encryption is failing, so the details wait until it works. "
+        "Check the service's /health now.",
+        frozenset({"what"}),
+    ),
+    "encryption_broken": (
+        # Sent unencrypted: about the bot, never about a case.
+        "My end-to-end encryption has stopped working: {why}.\n"
+        "Every case goes on: members are told in unencrypted messages meanwhile, and what "
+        "I write here waits until encryption works (a short unencrypted note says when "
+        "something does). An operator should look at /health and `safeguard e2ee status`.",
+        frozenset({"why"}),
+    ),
+    "encryption_repaired": (
+        "My end-to-end encryption works again: what waited for it follows now.",
+        frozenset(),
+    ),
     "step_failed": (
         "Case #{case}: the step '{step}' could not be done{error}. Please act on it by hand; "
         "`!case {case}` shows the whole case.",

@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from bot.deployment import Deployment
 from bot.settings import MessageTemplates
@@ -30,6 +31,16 @@ from bot.wording import (
 
 log = logging.getLogger(__name__)
 BUILT_IN = MessageTemplates()
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step as staff are told of it: done, not yet (and why), failed (and why), held for
+    their decision, or skipped."""
+
+    state: Literal["done", "waiting", "failed", "held", "skipped"]
+    why: str | None = None
+    note: str | None = None  # about a done step: how it went ("sent unencrypted: ...")
 
 
 def _reply(message: dict[str, Any], reply_to: str | None) -> dict[str, Any]:
@@ -138,10 +149,8 @@ class Texts:
         flagged_at: dt.datetime,
         method: str,
         reason: str | None,
-        notified: bool,
-        not_notified_why: str | None,
-        removed: bool,
-        removal_note: str | None,
+        notice: StepState,
+        removal: StepState,
         late_by: dt.timedelta | None,
         due_at: dt.datetime | None,
         dry_run: bool,
@@ -150,17 +159,12 @@ class Texts:
             status_line = " — DRY RUN: the member was not messaged or removed"
             outcomes = "Nothing was sent to the member and no one was removed (dry run)."
         else:
-            status_line = "" if notified else f" — member was NOT notified: {not_notified_why}"
+            status_line = {
+                "failed": f" — member was NOT notified: {notice.why}",
+                "waiting": f" — member NOT notified yet: {notice.why}",
+            }.get(notice.state, "")
             outcomes = "\n".join(
-                [
-                    "✔ Member notified by DM, before removal"
-                    if notified
-                    else f"✘ Member was NOT notified ({not_notified_why}): please reach them "
-                    "another way",
-                    "✔ Removed from the room"
-                    if removed
-                    else f"✘ Not removed: {removal_note or 'unknown reason'}",
-                ]
+                [self._notice_line(notice, removal), self._removal_line(case_number, removal)]
             )
         if due_at is None:
             checkin = "Check-in: could not be scheduled — arrange it by hand."
@@ -194,6 +198,92 @@ class Texts:
             ),
             "m.notice",
         )
+
+    @staticmethod
+    def _notice_line(notice: StepState, removal: StepState) -> str:
+        if notice.state == "done":
+            before = ", before removal" if removal.state == "done" and not removal.note else ""
+            plain = f" — sent UNENCRYPTED ({notice.note})" if notice.note else ""
+            return f"✔ Member notified by DM{before}{plain}"
+        if notice.state == "waiting":
+            return (
+                f"… Member NOT notified yet ({notice.why}): still trying; "
+                "I'll reply here when they are"
+            )
+        return f"✘ Member was NOT notified ({notice.why}): please reach them another way"
+
+    @staticmethod
+    def _removal_line(case_number: int, removal: StepState) -> str:
+        if removal.state == "done":
+            return f"✘ Not removed: {removal.note}" if removal.note else "✔ Removed from the room"
+        if removal.state == "held":
+            return (
+                "⏸ Not removed: they have not been told, so the removal waits for your "
+                f"decision: !case {case_number} remove removes them without the notice; "
+                f"!case {case_number} notify tries telling them again"
+            )
+        if removal.state == "waiting":
+            return f"… Not removed yet ({removal.why}): I'll reply here when they are"
+        return f"✘ Not removed: {removal.why or 'unknown reason'}"
+
+    def step_update(
+        self,
+        *,
+        case_number: int,
+        step: str,
+        status: str,
+        facts: Mapping[str, Any],
+        error: str | None,
+        removed: bool,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        """What became of the notice or the removal after the alert went (a reply to it)."""
+        if step == "notify":
+            if status == "done":
+                plain = (
+                    " (sent unencrypted: encryption was failing)"
+                    if facts.get("unencrypted")
+                    else ""
+                )
+                update = f"the member has now been notified by DM{plain}."
+            elif removed:
+                update = (
+                    f"the member could NOT be notified ({error or facts.get('why')}). Please "
+                    f"reach them another way; !case {case_number} notify tries again."
+                )
+            else:
+                update = (
+                    f"the member could NOT be notified ({error or facts.get('why')}). They "
+                    f"have not been removed: !case {case_number} remove removes them without "
+                    f"the notice; !case {case_number} notify tries telling them again. "
+                    "Please reach them another way."
+                )
+        elif status == "done":
+            if facts.get("already_gone"):
+                update = "they had already left the room."
+            elif facts.get("staff_decision"):
+                update = (
+                    "they have now been removed from the room, without the notice, as staff "
+                    "decided."
+                )
+            else:
+                update = "they have now been removed from the room."
+        else:
+            update = (
+                f"they could NOT be removed ({error or facts.get('why')}): please do it by hand."
+            )
+        return notice(self.text("step_update", case=case_number, update=update), reply_to=reply_to)
+
+    def encryption_failing(self, *, case_number: int | None) -> dict[str, Any]:
+        """Sent in the clear into an encrypted staff room: no detail, only where to look."""
+        what = f"Case #{case_number} needs you" if case_number else "Messages for staff are waiting"
+        return notice(self.text("encryption_failing", what=what))
+
+    def encryption_broken(self, *, why: str | None) -> dict[str, Any]:
+        """Staff told once that the bot's encryption stopped (why), or works again (None)."""
+        if why is None:
+            return notice(self.text("encryption_repaired"))
+        return notice(self.text("encryption_broken", why=why))
 
     def alert_again(self, *, case_number: int, waited: dt.timedelta) -> dict[str, Any]:
         staff = list(self._policy.staff)
@@ -305,6 +395,19 @@ class Texts:
     ) -> dict[str, Any]:
         text = self.text("withdrawal_done", case=case_number, by=by, why=why, outcomes=outcomes)
         return notice(text, reply_to=reply_to)
+
+    def flag_found_late(
+        self, *, flagged_at: dt.datetime, room: str, flagger: str, member: str | None
+    ) -> dict[str, Any]:
+        return notice(
+            self.text(
+                "flag_found_late",
+                when=self.when(flagged_at),
+                room=room,
+                flagger=flagger,
+                member=member or "(the flagged message could not be read)",
+            )
+        )
 
     def step_failed(
         self, *, case_number: int, step: str, error: str | None, reply_to: str | None

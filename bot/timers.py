@@ -39,6 +39,15 @@ class Timers:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
 
+    def pause(self) -> None:
+        """Fire nothing until `resume` (runs that fall due meanwhile run then, once)."""
+        if self._scheduler.running:
+            self._scheduler.pause()
+
+    def resume(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.resume()
+
     def every(
         self, job_id: str, interval: dt.timedelta, job: Job, *, first: dt.datetime | None = None
     ) -> None:

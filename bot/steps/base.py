@@ -15,6 +15,7 @@ is told.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,13 +25,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.deployment import Deployment
 from bot.metrics import Metrics
-from bot.ports import MESSAGE_MARKER_KEY, Homeserver, Refused, Webhook
+from bot.ports import MESSAGE_MARKER_KEY, EncryptionUnavailable, Homeserver, Refused, Webhook
 from bot.ready_rooms import ReadyRooms
 from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
 from bot.texts import Texts
 from bot.wording import person, place
+
+log = logging.getLogger(__name__)
+# In a step's progress: when encryption first failed for it (the plain fall-back's clock).
+PLAIN_CLOCK = "encryption_failing_since"
 
 
 @dataclass(frozen=True)
@@ -53,14 +58,27 @@ class Outcome:
         return cls("failed", {"why": why}, error=str(refusal), retry=retry)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepRun:
     """One attempt at one step, as the step sees it."""
 
     case: Case
     step: Step  # this step's row, with this attempt counted
     steps: Mapping[str, Step]  # every step of the case, as recorded now
-    save: Callable[..., Awaitable[None]]  # save(progress={...}, case_fields={...})
+    store: Callable[..., Awaitable[None]]  # store(progress={...}, case_fields={...})
+    # The step's progress as last saved (this attempt's saves included).
+    progress: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = dict(self.step.progress)
+
+    async def save(
+        self, *, progress: dict[str, Any] | None = None, case_fields: dict[str, Any] | None = None
+    ) -> None:
+        """Record what the step learnt (a room made, a message sent) before going on."""
+        await self.store(progress=progress, case_fields=case_fields)
+        if progress is not None:
+            self.progress = dict(progress)
 
     @property
     def resumed(self) -> bool:
@@ -68,8 +86,9 @@ class StepRun:
         return self.step.attempts > 1
 
     @property
-    def progress(self) -> dict[str, Any]:
-        return self.step.progress
+    def began_at(self) -> dt.datetime | None:
+        """When the step's first attempt began (its record's `started_at`)."""
+        return self.step.started_at
 
     def marker(self, what: str | None = None) -> str:
         return marker(self.case, what or self.step.step)
@@ -89,6 +108,15 @@ def marked(content: dict[str, Any], case: Case, what: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Told:
+    """A message that reached a person's room: its event, and why it went in the clear
+    (None: encrypted wherever the room is)."""
+
+    event_id: str
+    plain_because: str | None = None
+
+
+@dataclass(frozen=True)
 class Toolbox:
     """The collaborators steps act through, handed to each step at construction."""
 
@@ -104,7 +132,14 @@ class Toolbox:
     ready_rooms: ReadyRooms | None = None
 
     async def send_once(
-        self, run: StepRun, room_id: str, content: dict[str, Any], what: str | None = None
+        self,
+        run: StepRun,
+        room_id: str,
+        content: dict[str, Any],
+        what: str | None = None,
+        *,
+        plain: bool = False,
+        encrypt_by: dt.datetime | None = None,
     ) -> str | Refused:
         """Send a marked message, unless an interrupted earlier attempt already did.
 
@@ -118,9 +153,79 @@ class Toolbox:
             if found is not None:
                 return found
         sent = await self.homeserver.send(
-            room_id, marked(content, run.case, what), txn_id=f"safeguard.{tag}"
+            room_id,
+            marked(content, run.case, what),
+            txn_id=f"safeguard.{tag}",
+            plain=plain,
+            encrypt_by=encrypt_by,
         )
         return sent if isinstance(sent, Refused) else sent.event_id
+
+    def plain_deadline(self, run: StepRun) -> dt.datetime | None:
+        """When a message of this step that cannot be encrypted goes in the clear instead:
+        `encryption.fallback_after` from the attempt that first found it could not be (a
+        whole fallback time from now while none has). None: never (`fallback: none`).
+
+        The clock starts at that first failure, not when the step began: a step retried
+        after an outage, or a notice tried again by staff hours later, gets its full wait
+        for encryption before anything goes unencrypted."""
+        after = self.deployment.plain_fallback_after
+        if after is None:
+            return None
+        since = run.progress.get(PLAIN_CLOCK)
+        if not isinstance(since, str):
+            return dt.datetime.now(dt.UTC) + after
+        return dt.datetime.fromisoformat(since) + after
+
+    async def start_plain_clock(self, run: StepRun, at: dt.datetime) -> dt.datetime | None:
+        """Encryption just failed for this step: start its clock (once), recorded so that
+        a restart keeps it; returns the plain deadline."""
+        if self.deployment.plain_fallback_after is not None and PLAIN_CLOCK not in run.progress:
+            await run.save(progress=run.progress | {PLAIN_CLOCK: at.isoformat()})
+        return self.plain_deadline(run)
+
+    async def may_send_plain(self, run: StepRun, failed_at: dt.datetime) -> bool:
+        deadline = await self.start_plain_clock(run, failed_at)
+        return deadline is not None and dt.datetime.now(dt.UTC) >= deadline
+
+    def plain_room_because(self) -> str | None:
+        """Why a room the bot makes for a person now is made without encryption although
+        configured with it: encryption is known to be broken, and messages may fall back
+        to plain (a room that cannot be encrypted for would only hold them up). None:
+        made as configured."""
+        if (
+            not self.deployment.encrypt_private_rooms
+            or self.deployment.plain_fallback_after is None
+        ):
+            return None
+        return self.homeserver.encryption_problem()
+
+    async def tell(
+        self, run: StepRun, room_id: str, content: dict[str, Any], what: str | None = None
+    ) -> Told | Refused:
+        """send_once to a person: encrypted where the room is, unless that cannot be done
+        by the step's plain deadline, when it goes in the clear (the record says so)."""
+        began = dt.datetime.now(dt.UTC)
+        try:
+            sent = await self.send_once(
+                run, room_id, content, what, encrypt_by=self.plain_deadline(run)
+            )
+        except EncryptionUnavailable as exc:
+            deadline = await self.start_plain_clock(run, began)
+            if deadline is None:
+                raise  # waited out like an outage (encryption.fallback: none)
+            now = dt.datetime.now(dt.UTC)
+            if now < deadline:
+                # Waited out like an outage, and tried again by the deadline at the latest.
+                left = (deadline - now).total_seconds()
+                retry_after = left if exc.retry_after is None else min(exc.retry_after, left)
+                raise EncryptionUnavailable(str(exc), retry_after=retry_after) from exc
+            log.warning(
+                "case #%d: %s sent unencrypted: %s", run.case.id, what or run.step.step, exc
+            )
+            sent = await self.send_once(run, room_id, content, what, plain=True)
+            return sent if isinstance(sent, Refused) else Told(sent, str(exc))
+        return sent if isinstance(sent, Refused) else Told(sent)
 
     async def person(self, user_id: str | None) -> str:
         """`Sam (@sam:example.org)` as staff texts name people."""
@@ -135,7 +240,7 @@ class Toolbox:
         return place(room_id, await self.homeserver.room_name(room_id))
 
     async def send_to_staff(
-        self, run: StepRun, content: dict[str, Any], what: str | None = None
+        self, run: StepRun, content: dict[str, Any], what: str | None = None, *, plain: bool = False
     ) -> str | Refused:
         """send_once into the staff room; a room that cannot take it defers the step.
 
@@ -143,7 +248,7 @@ class Toolbox:
         (/health says so), and until then the message waits rather than being dropped.
         """
         room_id = self.staff_room.require()
-        sent = await self.send_once(run, room_id, content, what)
+        sent = await self.send_once(run, room_id, content, what, plain=plain)
         if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
             raise StaffRoomUnavailable(f"cannot post in the staff room {room_id}: {sent}")
         return sent
@@ -157,6 +262,9 @@ class CaseStep(ABC):
     retries: ClassVar[int] = 2
     # The audit entry's kind; documented kinds of older releases are kept.
     audit_kind: ClassVar[str | None] = None
+    # A promise with a deadline (the staff alert): once due it runs before any other step
+    # of the case, and no other step's attempt may run past its due time.
+    promise: ClassVar[bool] = False
 
     def __init__(self, tools: Toolbox) -> None:
         self.tools = tools
@@ -167,12 +275,21 @@ class CaseStep(ABC):
     def kind(self) -> str:
         return self.audit_kind or f"step.{self.name}"
 
+    def ready(self, case: Case, steps: Mapping[str, Step]) -> bool:
+        """Whether its preconditions hold: by default, every step it requires finished."""
+        return all(steps[name].finished for name in self.requires if name in steps)
+
     def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
         """When the step may run, once its preconditions hold (None: at once)."""
         return None
 
     @abstractmethod
     async def run(self, run: StepRun) -> Outcome: ...
+
+    def try_again_by(self, run: StepRun) -> dt.datetime | None:
+        """When a deferred attempt must be tried again at the latest, whatever the backoff
+        (a promise that falls due: the alert's deadline). None: the backoff decides."""
+        return None
 
     async def deferred(self, run: StepRun, why: str) -> None:  # noqa: B027 - optional hook
         """Called when an outage defers the step (e.g. the alert pages someone if it waits)."""

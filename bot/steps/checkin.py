@@ -48,22 +48,24 @@ class Checkin(CaseStep):
         room_id = run.progress.get("room")
         if room_id is None and run.resumed:
             room_id = await self.hs.find_marked_room(run.marker())
+        made_plain = run.progress.get("plain_because")
         if room_id is None:
+            made_plain = self.tools.plain_room_because()
             created = await self.hs.create_room(
                 marker=run.marker(),
                 invite=[],
                 name=self.deployment.checkin.room_name,
-                encrypted=self.deployment.encrypt_private_rooms,
+                encrypted=self.deployment.encrypt_private_rooms and made_plain is None,
             )
             if isinstance(created, Refused):
                 return Outcome.refused("the room could not be created", created, retry=True)
             room_id = created.room_id
         self.tools.rooms.add_checkin(room_id)
         if run.progress.get("room") != room_id:
-            await run.save(
-                progress=run.progress | {"room": room_id},
-                case_fields={"checkin_room_id": room_id},
-            )
+            progress = run.progress | {"room": room_id}
+            if made_plain:
+                progress["plain_because"] = made_plain
+            await run.save(progress=progress, case_fields={"checkin_room_id": room_id})
         invited, not_invited = await self._invite_all(
             room_id, [case.member_id, *self.deployment.policy.staff]
         )
@@ -71,15 +73,21 @@ class Checkin(CaseStep):
         content = self.tools.texts.checkin(
             flagged_at=case.flagged_at, now=now, staff_roles=staff_roles
         )
-        message = await self.tools.send_once(run, room_id, content)
+        told = await self.tools.tell(run, room_id, content)
+        if isinstance(told, Refused):
+            # Done means the member finds the message there: retried, then failed (and the
+            # staff notice says the check-in could not be opened, and why).
+            return Outcome.refused("the check-in message could not be sent", told, retry=True)
+        plain_because = told.plain_because or made_plain
         facts: dict[str, Any] = {
             "late_seconds": round(late.total_seconds()) if late > LATE_AFTER else 0,
-            "message": message if isinstance(message, str) else None,
+            "message": told.event_id,
             "member_invited": case.member_id in invited,
         }
         personal: dict[str, Any] = {"room": room_id, "invited": invited, "not_invited": not_invited}
-        if isinstance(message, Refused):
-            personal["message_error"] = str(message)
+        if plain_because:
+            facts["unencrypted"] = True
+            personal["plain_because"] = plain_because
         return Outcome(
             "done",
             facts,

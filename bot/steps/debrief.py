@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import keep_dm, open_dm
+from bot.steps.direct import NotToldByDm, tell_by_dm
 from bot.store import audit
 
 
@@ -29,17 +28,20 @@ class Debrief(CaseStep):
         moderator = ((first.personal if first else None) or {}).get("flagger")
         if not isinstance(moderator, str):
             return Outcome.skipped("the flagging moderator is not known (purged)")
-        opened = await open_dm(
-            self.hs, run, moderator, "debrief", encrypted=self.deployment.encrypt_private_rooms
-        )
-        if isinstance(opened, Refused):
-            return Outcome.refused("no DM could be opened with the moderator", opened, retry=True)
-        # Their reply reaches staff.
-        await keep_dm(self.hs, self.tools, run, moderator, opened, "debrief", "debrief_room_id")
         content = self.tools.texts.moderator_debrief(
             case_number=case.id, due_at=case.due_at, now=dt.datetime.now(dt.UTC)
         )
-        sent = await self.tools.send_once(run, opened.room_id, content)
-        if isinstance(sent, Refused):
-            return Outcome.refused("the debrief could not be sent", sent, retry=True)
-        return Outcome("done", {"event": sent}, {"moderator": moderator, "room": opened.room_id})
+        # Their reply reaches staff (the DM is kept as the case's debrief room).
+        result = await tell_by_dm(self.tools, run, moderator, "debrief", content, "debrief_room_id")
+        if isinstance(result, NotToldByDm):
+            why = (
+                "no DM could be opened with the moderator"
+                if result.room is None
+                else ("the debrief could not be sent")
+            )
+            return Outcome.refused(why, result.refused, retry=True)
+        return Outcome(
+            "done",
+            {"event": result.told.event_id, "unencrypted": bool(result.plain_because)},
+            {"moderator": moderator, "room": result.opened.room_id},
+        )

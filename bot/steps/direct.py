@@ -1,4 +1,4 @@
-"""Opening a direct conversation with someone, exactly once, verified.
+"""Opening a direct conversation with someone, exactly once, verified, and telling them.
 
 Used by the member's notice, the moderator's debrief and a withdrawal's apology. A room the step
 already recorded, or one an earlier attempt created (found by its marker), or
@@ -18,7 +18,7 @@ from typing import Any
 
 from bot.ports import Homeserver, HomeserverUnavailable, Refused
 from bot.ready_rooms import ReadyRooms
-from bot.steps.base import StepRun, Toolbox
+from bot.steps.base import StepRun, Told, Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,72 @@ class OpenedDm:
     invited_again: bool  # found without them in it: invited now
     direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
     made_ahead: bool = False  # a room made before the flag (bot/ready_rooms.py)
+
+
+@dataclass(frozen=True)
+class ToldByDm:
+    """A message that reached someone in their DM with the bot."""
+
+    opened: OpenedDm
+    told: Told
+    # Why it went in the clear (encryption failing): None when it went as configured.
+    plain_because: str | None
+
+
+@dataclass(frozen=True)
+class NotToldByDm:
+    """Refused by the homeserver: `room` is None if no DM room could be opened."""
+
+    refused: Refused
+    room: str | None
+
+
+async def tell_by_dm(
+    tools: Toolbox,
+    run: StepRun,
+    user: str,
+    what: str,
+    content: dict[str, Any],
+    case_field: str,
+    *,
+    made_ahead: bool = False,
+) -> ToldByDm | NotToldByDm:
+    """Open (or find) the DM, keep it, and send `content` there once (`made_ahead`: into a
+    room made ahead of any flag, if one is ready: the member's notice).
+
+    With encryption known to be broken (and `encryption.fallback: plain`), a room made
+    now is made without encryption, and none made ahead (they are encrypted) is taken;
+    a message that cannot be encrypted in time goes in the clear (Toolbox.tell). The
+    message and the DM's bookkeeping go together: neither waits for the other (a
+    resumed attempt finds the room and the message by their markers either way).
+    """
+    hs = tools.homeserver
+    room_plain = tools.plain_room_because()
+    opened = await open_dm(
+        hs,
+        run,
+        user,
+        what,
+        encrypted=tools.deployment.encrypt_private_rooms and room_plain is None,
+        ready=tools.ready_rooms if made_ahead and room_plain is None else None,
+    )
+    if isinstance(opened, Refused):
+        return NotToldByDm(opened, None)
+    made_plain = room_plain if opened.created else run.progress.get(f"{what}_plain_because")
+    # Both run to their end before either's exception is raised: a message still on its
+    # way when the step gives up could be sent again by the resumed attempt.
+    told, kept = await asyncio.gather(
+        tools.tell(run, opened.room_id, content),
+        keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain),
+        return_exceptions=True,
+    )
+    for outcome in (told, kept):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    assert not isinstance(told, BaseException)
+    if isinstance(told, Refused):
+        return NotToldByDm(told, opened.room_id)
+    return ToldByDm(opened, told, told.plain_because or made_plain)
 
 
 async def open_dm(
@@ -84,6 +150,8 @@ async def keep_dm(
     opened: OpenedDm,
     what: str,
     case_field: str,
+    *,
+    plain_because: str | None = None,
 ) -> None:
     """What makes an opened DM one whose replies reach staff, now and after a restart:
     the room directory told, the room recorded on the step and the case, and the room
@@ -100,6 +168,8 @@ async def keep_dm(
             room: dict[str, Any] = {f"{what}_room": opened.room_id}
             if opened.made_ahead:
                 room[f"{what}_made_ahead"] = True
+            if plain_because:
+                room[f"{what}_plain_because"] = plain_because
             await run.save(progress=run.progress | room, case_fields={case_field: opened.room_id})
 
     async def remember() -> None:

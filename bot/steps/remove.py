@@ -1,4 +1,10 @@
-"""remove: take the member out of the group room, after they were told (or tried to be).
+"""remove: take the member out of the group room, after they were told.
+
+Never removed untold by our own fault: if the notice failed for good, the removal
+waits for staff (the alert says so): `!case N remove` removes them without the
+notice, recorded as that person's decision; `!case N notify` tries the notice
+again. A staff decision also lets the removal go ahead while the notice is still
+being tried.
 
 Someone already gone is recorded so — but only when the homeserver says so:
 a membership the bot cannot read is not "gone", and the kick's own answer
@@ -12,9 +18,11 @@ recorded, and the membership event's sender tells the two apart.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
+from bot.store.cases import Case, Step
 
 PRESENT = frozenset({"join", "invite", "knock"})
 
@@ -26,6 +34,12 @@ class Remove(CaseStep):
     # elsewhere): the alert must not wait for retries to say so.
     retries = 0
 
+    def ready(self, case: Case, steps: Mapping[str, Step]) -> bool:
+        if steps["remove"].progress.get("decided_by"):
+            return True  # staff decided: now, whatever the notice is doing
+        notify = steps.get("notify")
+        return notify is None or notify.status in ("done", "skipped")
+
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
         if case.dry_run:
@@ -36,6 +50,7 @@ class Remove(CaseStep):
             if gone is not None:
                 return gone
         notified = run.steps["notify"].status == "done"
+        decided_by = run.progress.get("decided_by")
         reason = self.tools.texts.kick_reason(notified=notified)
         kicked = await self.hs.kick(case.room_id, case.member_id, reason)
         if isinstance(kicked, Refused):
@@ -48,7 +63,10 @@ class Remove(CaseStep):
         self.tools.metrics.flag_to_action_seconds.observe(
             (dt.datetime.now(dt.UTC) - case.received_at).total_seconds()
         )
-        return Outcome("done", {"already_gone": False, "notified_first": notified})
+        facts: dict[str, object] = {"already_gone": False, "notified_first": notified}
+        if decided_by and not notified:
+            return Outcome("done", facts | {"staff_decision": True}, {"decided_by": decided_by})
+        return Outcome("done", facts)
 
     async def _already_gone(self, room_id: str, member_id: str) -> Outcome | None:
         """The removal's outcome if the member is not in the room, as the homeserver says

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bot.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
-from bot.steps.direct import keep_dm, open_dm
+from bot.steps.direct import NotToldByDm, tell_by_dm
 
 WITHDRAW_STEPS = ["withdraw_apology", "withdraw_reinvite", "withdraw_report"]
 
@@ -24,22 +24,19 @@ class WithdrawApology(CaseStep):
             return Outcome.skipped("nobody was told anything (dry run)")
         # A DM of its own ("apology"), unless they are still in one with the bot: the
         # notice's room, marked "dm", may be one they have left (and its marker names it).
-        opened = await open_dm(
-            self.hs,
-            run,
-            case.member_id,
-            "apology",
-            encrypted=self.deployment.encrypt_private_rooms,
-        )
-        if isinstance(opened, Refused):
-            return Outcome.refused("no DM could be opened with the member", opened, retry=True)
         # The apology invites a reply ("our staff team will see it"): it must reach them.
-        await keep_dm(self.hs, self.tools, run, case.member_id, opened, "apology", "dm_room_id")
         content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
-        sent = await self.tools.send_once(run, opened.room_id, content)
-        if isinstance(sent, Refused):
-            return Outcome.refused("the apology could not be sent", sent, retry=True)
-        return Outcome("done", {"event": sent})
+        result = await tell_by_dm(self.tools, run, case.member_id, "apology", content, "dm_room_id")
+        if isinstance(result, NotToldByDm):
+            why = (
+                "no DM could be opened with the member"
+                if result.room is None
+                else ("the apology could not be sent")
+            )
+            return Outcome.refused(why, result.refused, retry=True)
+        return Outcome(
+            "done", {"event": result.told.event_id, "unencrypted": bool(result.plain_because)}
+        )
 
 
 class WithdrawReinvite(CaseStep):

@@ -17,6 +17,8 @@ from bot.store.schema import case_steps, cases
 
 FINISHED = frozenset({"done", "failed", "skipped"})
 UNFINISHED = ("pending", "started")
+# What a step that raised (a bug of ours) records as its error, and /health looks for.
+INTERNAL_ERROR = "internal error"
 
 
 def active_key(room_id: str, member_id: str) -> str:
@@ -261,12 +263,19 @@ async def set_next_attempt(conn: AsyncConnection, case_id: int, when: dt.datetim
     await conn.execute(cases.update().where(cases.c.id == case_id).values(next_attempt_at=when))
 
 
-async def retry_started_now(conn: AsyncConnection, now: dt.datetime) -> None:
-    """Steps waiting to be retried (started, backing off) become due now."""
-    waiting = sa.select(case_steps.c.case_id).where(case_steps.c.status == "started")
-    await conn.execute(
-        case_steps.update().where(case_steps.c.status == "started").values(not_before=None)
+async def retry_started_now(
+    conn: AsyncConnection, now: dt.datetime, *, case_id: int | None = None
+) -> None:
+    """Steps waiting to be retried (started, backing off) become due now (of one case).
+    A step that keeps raising keeps its backoff: what was fixed is not what breaks it."""
+    started = sa.and_(
+        case_steps.c.status == "started",
+        sa.or_(case_steps.c.error.is_(None), ~case_steps.c.error.startswith(INTERNAL_ERROR)),
     )
+    if case_id is not None:
+        started = sa.and_(started, case_steps.c.case_id == case_id)
+    waiting = sa.select(case_steps.c.case_id).where(started)
+    await conn.execute(case_steps.update().where(started).values(not_before=None))
     await conn.execute(
         cases.update()
         .where(
@@ -384,10 +393,11 @@ async def retry_step_later(
     failed: bool,
     error: str | None,
 ) -> None:
-    """The step stays started (its next attempt looks before acting) until `not_before`."""
-    values: dict[str, Any] = {"not_before": not_before}
+    """The step stays started (its next attempt looks before acting) until `not_before`;
+    `error` says why it waits (an outage) or what went wrong (`failed`: counted)."""
+    values: dict[str, Any] = {"not_before": not_before, "error": error}
     if failed:
-        values |= {"failures": case_steps.c.failures + 1, "error": error}
+        values["failures"] = case_steps.c.failures + 1
     await conn.execute(
         case_steps.update()
         .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
@@ -526,6 +536,31 @@ async def failed_alerts(conn: AsyncConnection) -> list[int]:
         .where(case_steps.c.step == "alert", case_steps.c.status == "failed")
         .where(cases.c.state == "open")
         .order_by(cases.c.id)
+    )
+    return list(rows.scalars())
+
+
+async def late_alerts(conn: AsyncConnection, received_before: dt.datetime) -> list[int]:
+    """Open cases flagged before `received_before` whose alert is still not posted: staff
+    were promised it by now (policy.alert_deadline)."""
+    rows = await conn.execute(
+        sa.select(cases.c.id)
+        .join(case_steps, case_steps.c.case_id == cases.c.id)
+        .where(case_steps.c.status.in_(UNFINISHED), case_steps.c.step == "alert")
+        .where(cases.c.state == "open", cases.c.received_at < received_before)
+        .order_by(cases.c.id)
+    )
+    return list(rows.scalars())
+
+
+async def crashing(conn: AsyncConnection) -> list[int]:
+    """Cases with a step whose last attempt raised (a bug of ours): it is retried, and what
+    needs it waits, until an operator looks."""
+    rows = await conn.execute(
+        sa.select(case_steps.c.case_id)
+        .where(case_steps.c.status == "started", case_steps.c.error.startswith(INTERNAL_ERROR))
+        .distinct()
+        .order_by(case_steps.c.case_id)
     )
     return list(rows.scalars())
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bot.store.outages import is_database_outage
 from bot.store.schema import inbox, seen_events, transactions
 from bot.store.writer_thread import WriterThread
 
@@ -96,9 +97,6 @@ _PG_RECORD_IDS = (
     ") INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
     " ON CONFLICT DO NOTHING"
 )
-# PostgreSQL error classes that mean "not now" rather than "not this data": connection,
-# insufficient resources (disk full), operator intervention, system and internal errors.
-_PG_OUTAGE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
 
 
 def _to_json(event: dict[str, Any]) -> str:
@@ -120,7 +118,7 @@ def _record_sqlite_rows(
     caught_up: bool,
 ) -> tuple[int, int]:
     """One SQLite write transaction, all of it on the calling thread: (queued, new events)."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE")  # waits for another process's lock: the busy timeout
     try:
         conn.execute(_SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids)))
         queued = 0
@@ -158,9 +156,14 @@ class TransactionRecorder:
     COMMIT included.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, busy_timeout: float = 5.0) -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # A record that cannot be made within this long (seconds) is given up: the push
+        # is answered 503 at once and Synapse retries it, never left without an answer
+        # while the database is locked, full or gone.
+        self._busy_timeout = busy_timeout
+        self._busy_ms_set: int | None = None  # the plain connection's busy timeout now
         stamp = transactions.c.received_at.type.bind_processor(engine.dialect)
         self._stamp: Callable[[dt.datetime], Any] = stamp or (lambda value: value)
         self._lock = asyncio.Lock()
@@ -200,18 +203,30 @@ class TransactionRecorder:
             ]
         except (ValueError, TypeError, RecursionError) as exc:
             raise UnstorableEvents(type(exc).__name__) from exc
-        async with self._lock:
-            try:
-                if self._dialect == "postgresql":
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise WriteUnavailable(
+                f"the database did not take the transaction within {self._busy_timeout:.0f}s"
+            ) from None
+        try:
+            if self._dialect == "postgresql":
+                async with asyncio.timeout_at(deadline):
                     return await self._record_postgresql(
                         await self._driver(), txn_id, event_ids, queue, now, caught_up
                     )
-                return await self._record_sqlite(txn_id, event_ids, queue, now, caught_up)
-            except Exception as exc:
-                if self._is_outage(exc):
-                    await self._drop()
-                    raise WriteUnavailable(f"{type(exc).__name__}: {exc}") from exc
-                raise UnstorableEvents(type(exc).__name__) from exc
+            return await self._record_sqlite(txn_id, event_ids, queue, now, caught_up, deadline)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or self._is_outage(exc):
+                await self._drop()
+                why = "timed out" if isinstance(exc, TimeoutError) else f"{exc}"
+                raise WriteUnavailable(f"{type(exc).__name__}: {why}") from exc
+            raise UnstorableEvents(type(exc).__name__) from exc
+        finally:
+            self._lock.release()
 
     async def close(self) -> None:
         async with self._lock:
@@ -240,10 +255,15 @@ class TransactionRecorder:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _sqlite_write(self, *args: Any) -> tuple[int, int]:
-        """On the recorder's thread: open the connection if need be, and write."""
+    def _sqlite_write(self, busy_ms: int, *args: Any) -> tuple[int, int]:
+        """On the recorder's thread: open the connection if need be, and write, waiting
+        for another process's lock no longer than `busy_ms`."""
         if self._sqlite is None:
             self._sqlite = self._engine.plain_connection()  # type: ignore[attr-defined]
+            self._busy_ms_set = None
+        if busy_ms != self._busy_ms_set:
+            self._sqlite.execute(f"PRAGMA busy_timeout={busy_ms}")
+            self._busy_ms_set = busy_ms
         return _record_sqlite_rows(self._sqlite, *args)
 
     async def _record_sqlite(
@@ -253,13 +273,24 @@ class TransactionRecorder:
         queue: list[tuple[str, str, str, str, int]],
         now: dt.datetime,
         caught_up: bool,
+        deadline: float,
     ) -> Recorded:
         # Our turn among this process's writers; then SQLite's write lock, taken up
-        # front as every writer here does (appservice/database.py).
-        async with self._writing():
+        # front as every writer here does (appservice/database.py), each within what is
+        # left of the deadline.
+        loop = asyncio.get_running_loop()
+        turn = self._writing()
+        async with asyncio.timeout_at(deadline):
+            await turn.__aenter__()
+        try:
+            # In whole tenths of a second: uncontended, that is the same every time, and
+            # the pragma is set again only when it changes.
+            left_ms = max(100, int((deadline - loop.time()) * 10) * 100)
             queued, new_events = await self._thread.run(
-                self._sqlite_write, txn_id, event_ids, queue, self._stamp(now), caught_up
+                self._sqlite_write, left_ms, txn_id, event_ids, queue, self._stamp(now), caught_up
             )
+        finally:
+            await turn.__aexit__(None, None, None)
         return Recorded(new_events, queued, len(event_ids))
 
     async def _record_postgresql(
@@ -292,21 +323,10 @@ class TransactionRecorder:
         return Recorded(new_events, queued, len(event_ids))
 
     def _is_outage(self, exc: BaseException) -> bool:
-        """A driver error that means "not now" (vs. something in the data)."""
-        if isinstance(exc, OSError | TimeoutError | SQLAlchemyError):
-            return True
-        if self._dialect == "sqlite":
-            # Disk full, I/O error, locked past the busy timeout, read-only database,
-            # a database that cannot be opened; a connection closed under us.
-            return isinstance(exc, sqlite3.OperationalError) or (
-                isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc).lower()
-            )
-        sqlstate = getattr(exc, "sqlstate", None)
-        if isinstance(sqlstate, str):
-            return sqlstate[:2] in _PG_OUTAGE_CLASSES
-        # asyncpg: a bad argument is a DataError (also a ValueError); any other
-        # interface error is the connection (closed, in a failed state).
-        return not isinstance(exc, ValueError)
+        """A driver error that means "not now" (vs. something in the data). Anything from
+        SQLAlchemy here came from connecting: an outage too, so Synapse retries the
+        transaction rather than the events being skipped."""
+        return is_database_outage(exc) or isinstance(exc, SQLAlchemyError)
 
 
 @dataclass(frozen=True)
@@ -369,6 +389,26 @@ async def retry_encrypted_now(conn: AsyncConnection) -> None:
         .where(inbox.c.status == "pending", inbox.c.event_type == "m.room.encrypted")
         .values(next_attempt_at=None)
     )
+
+
+async def move_to_lane(conn: AsyncConnection, seq: int, lane: int) -> None:
+    """An event found (once decrypted) to belong to another lane: due there at once."""
+    await conn.execute(
+        inbox.update().where(inbox.c.seq == seq).values(lane=lane, next_attempt_at=None)
+    )
+
+
+async def backlog_by_lane(
+    conn: AsyncConnection,
+) -> dict[int, tuple[int, dt.datetime | None]]:
+    """Each lane's pending events: how many, and when the oldest was received (one read of
+    the pending part of the lane index, however long the inbox's history)."""
+    rows = await conn.execute(
+        sa.select(inbox.c.lane, sa.func.count(), sa.func.min(inbox.c.received_at))
+        .where(inbox.c.status == "pending")
+        .group_by(inbox.c.lane)
+    )
+    return {lane: (count, oldest) for lane, count, oldest in rows}
 
 
 async def retry_later(

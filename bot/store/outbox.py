@@ -19,6 +19,8 @@ class Outgoing:
     content: dict[str, Any]
     attempts: int
     failures: int = 0
+    plain: bool = False  # in the clear, whatever the room
+    created_at: dt.datetime | None = None
 
     @property
     def marker(self) -> str:
@@ -26,11 +28,16 @@ class Outgoing:
 
 
 async def queue(
-    conn: AsyncConnection, room_id: str, content: dict[str, Any], now: dt.datetime
+    conn: AsyncConnection,
+    room_id: str,
+    content: dict[str, Any],
+    now: dt.datetime,
+    *,
+    plain: bool = False,
 ) -> int:
     result = await conn.execute(
         outbox.insert()
-        .values(room_id=room_id, content=content, status="pending", created_at=now)
+        .values(room_id=room_id, content=content, status="pending", created_at=now, plain=plain)
         .returning(outbox.c.id)
     )
     return result.scalar_one()
@@ -46,7 +53,12 @@ async def pending(
             sa.or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now)
         )
     rows = await conn.execute(query.order_by(outbox.c.id).limit(limit))
-    return [Outgoing(row.id, row.room_id, row.content, row.attempts, row.failures) for row in rows]
+    return [
+        Outgoing(
+            row.id, row.room_id, row.content, row.attempts, row.failures, row.plain, row.created_at
+        )
+        for row in rows
+    ]
 
 
 async def retry_later(

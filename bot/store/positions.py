@@ -1,4 +1,5 @@
-"""How far each watched room's timeline has been read (a homeserver stream token)."""
+"""How far each watched room's timeline has been read (a homeserver stream token), and
+from when on this database has been keeping track at all."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bot.store.schema import room_positions
+from bot.store.schema import database_info, room_positions
+
+
+async def database_first_started(conn: AsyncConnection) -> dt.datetime | None:
+    """When this database first started (None: a database older than the record of it)."""
+    query = sa.select(database_info.c.first_started_at).where(database_info.c.id == 1)
+    return (await conn.execute(query)).scalar_one_or_none()
 
 
 async def get(conn: AsyncConnection, room_id: str) -> str | None:

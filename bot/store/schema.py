@@ -143,6 +143,8 @@ case_steps = sa.Table(
     sa.Column("not_before", UTCDateTime, nullable=True),
     # Refusals and errors that were not outages, so far: bounded before the step fails.
     sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    # Unfinished and failed steps of one kind (an alert not yet posted), read by /health.
+    sa.Index("ix_case_steps_status_step", "status", "step"),
 )
 
 # Messages that must reach a room exactly once but belong to no case step
@@ -161,6 +163,9 @@ outbox = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
     sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    # Sent in the clear whatever the room (the bot's encryption is failing): such a
+    # message says nothing of any case.
+    sa.Column("plain", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 # Where the service last read each watched room's timeline up to (a stream token),
@@ -180,6 +185,15 @@ heartbeat = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("at", UTCDateTime, nullable=False),
+)
+
+# One row: when this database first started (an older database: when it was upgraded to
+# have this). Catch-up never feeds what happened before it (bot/reconcile.py).
+database_info = sa.Table(
+    "database_info",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("first_started_at", UTCDateTime, nullable=False),
 )
 
 # Rooms the bot moderates, and what it last told staff about its kick power there.

@@ -44,3 +44,25 @@ def declared_for(dialect: str):
         return only_on is None or only_on == dialect
 
     return include
+
+
+async def test_an_older_database_keeps_its_own_first_start(engine):
+    """Catch-up never feeds what happened before the database first started: for a
+    database upgraded from before that was recorded, that is its first case or audit entry,
+    not the upgrade (which would skip what the homeserver never delivered until then)."""
+    import asyncio
+    import datetime as dt
+
+    from bot.store import audit, positions
+    from tests.support.policy import new_case
+
+    await upgrade(engine, "0006")
+    await new_case(engine)  # a case (and its `flagged` entry), recorded before the upgrade
+    async with engine.connect() as conn:
+        (entry,) = await audit.entries(conn)
+    await asyncio.sleep(1.5)
+    await upgrade(engine)
+    async with engine.connect() as conn:
+        first = await positions.database_first_started(conn)
+    assert first is not None
+    assert abs(first - entry.at) < dt.timedelta(seconds=1), "the first record, not the upgrade"

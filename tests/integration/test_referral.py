@@ -78,7 +78,7 @@ async def test_reaction_flag_end_to_end(scene):
     (case,) = (await export_json(config, "--format", "json"))["cases"]
     assert case["member"] == scene.member.user_id and case["room"] == scene.group
     kinds = [entry["kind"] for entry in case["entries"]]
-    assert kinds[:4] == ["flagged", "step.notify", "step.remove", "step.room_notice"]
+    assert kinds[:4] == ["flagged", "step.notify", "step.remove", "step.alert"]
     assert "step.alert" in kinds
     assert case["entries"][0]["personal"]["flag_event"]
 
@@ -337,8 +337,9 @@ async def test_bot_reports_joining_a_room_and_its_kick_power(scene):
         )
 
 
-async def test_undeliverable_notice_still_removes_and_alert_says_so_first(scene):
-    """The member blocks all invites (MSC4380): Synapse refuses the DM, the room's safety wins."""
+async def test_undeliverable_notice_holds_the_removal_until_staff_decide(scene):
+    """The member blocks all invites (MSC4380): Synapse refuses the DM. They are never removed
+    untold by the bot on its own: staff hear at once, with the truth, and decide."""
     async with running_service(configure(scene)):
         await open_group_room(scene)
         await scene.member.request(
@@ -349,20 +350,29 @@ async def test_undeliverable_notice_still_removes_and_alert_says_so_first(scene)
         )
         said = await scene.member.send_text(scene.group, "leave me alone")
         await scene.moderator.react(scene.group, said, "🚨")
-        await until(lambda: removed(scene, scene.member), what="the removal")
         alert = await until(
             lambda: scene.staff_matching(lambda m: m.startswith("Case #1")), what="the alert"
         )
         first_line = alert[0].splitlines()[0]
         assert "NOT notified" in first_line and "M_INVITE_BLOCKED" in first_line
+        assert "reach them another way" in alert[0]
+        assert "!case 1 remove" in alert[0] and "!case 1 notify" in alert[0]
+        assert await scene.membership(scene.group, scene.member) == "join", "not removed untold"
+
+        await scene.staff.send_text(scene.staff_room, "!case 1 remove")
+        await until(lambda: removed(scene, scene.member), what="the removal staff decided")
         kick = next(
             e
             for e in reversed(await scene.owner.messages(scene.group))
             if e["type"] == "m.room.member" and e.get("state_key") == scene.member.user_id
         )
-        # The room learns nothing from the reason; staff know to reach them another way.
+        # The room learns nothing from the reason.
         assert kick["content"]["reason"] == "Removed by a moderator"
-        assert "reach them another way" in alert[0]
+        update = await until(
+            lambda: scene.staff_matching(lambda m: "as staff decided" in m),
+            what="staff told the removal is done",
+        )
+        assert update[0].startswith("Case #1: they have now been removed from the room")
 
 
 async def test_a_reaction_to_an_absurd_event_id_holds_nothing_up(scene):

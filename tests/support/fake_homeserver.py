@@ -15,6 +15,7 @@ from bot.ports import (
     MESSAGE_MARKER_KEY,
     ROOM_MARKER_KEY,
     Done,
+    EncryptionUnavailable,
     HomeserverUnavailable,
     Refused,
     RoomCreated,
@@ -53,6 +54,10 @@ class FakeHomeserver:
         # Synapse creating a room, then dying before it sent the invites (seen in real life).
         self.create_dies_before_invites = False
         self.invites: list[tuple[str, str, bool]] = []  # (room, user, is_direct), in order
+        # End-to-end encryption, as the bot's device sees it: the encrypted rooms, and
+        # why it cannot encrypt for them now (None: it can).
+        self.encrypted_rooms: set[str] = set()
+        self.encryption_broken: str | None = None
         self._ids = itertools.count(1)
 
     @property
@@ -211,6 +216,8 @@ class FakeHomeserver:
         room = FakeRoom(room_id, {self._bot: "join"})
         room.state[("m.room.create", "")] = {"room_version": "12", ROOM_MARKER_KEY: marker}
         self.rooms[room_id] = room
+        if encrypted:
+            self.encrypted_rooms.add(room_id)
         if self.create_dies_before_invites:
             raise Crash("create_room, before its invites")
         room.members.update({user: "invite" for user in invite})
@@ -270,8 +277,13 @@ class FakeHomeserver:
         *,
         txn_id: str,
         event_type: str = "m.room.message",
+        plain: bool = False,
+        encrypt_by: Any = None,
     ) -> Sent | Refused:
         self._enter("send")
+        encrypting = room_id in self.encrypted_rooms and not plain
+        if encrypting and self.encryption_broken is not None:
+            raise EncryptionUnavailable(self.encryption_broken)
         if "send" in self.refuse:
             return self.refuse["send"]
         if txn_id in self.txn_ids:  # Synapse's own txn-id dedupe, while it remembers
@@ -284,11 +296,15 @@ class FakeHomeserver:
                 "sender": self._bot,
                 "content": content,
                 "order": next(self._ids),
+                "encrypted": encrypting,
             }
         )
         self.txn_ids[txn_id] = event_id
         self._after("send")
         return Sent(event_id)
+
+    def encryption_problem(self) -> str | None:
+        return self.encryption_broken
 
     async def find_marked_message(
         self, room_id: str, marker: str, *, limit: int = 200

@@ -111,6 +111,7 @@ def referral(
 
     options.setdefault("senders", RecentSenders())
     options.setdefault("watch_member", lambda room_id, member_id: None)
+    options.setdefault("is_moderated", lambda room_id: room_id == GROUP)
 
     settings = settings or deployment()
     staff_room = StaffRoom(STAFF)
@@ -158,7 +159,9 @@ async def new_case(
     due_in: dt.timedelta | None = None,
     member: str = MEMBER,
 ) -> int:
-    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, NOW, NOW)
+    # Flagged now (not at import): the alert's deadline counts from it.
+    at = dt.datetime.now(dt.UTC)
+    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, at, at)
     async with engine.begin() as conn:
         opened = await cases.open_or_corroborate(
             conn,

@@ -217,3 +217,52 @@ async def test_messages_that_cannot_be_read_are_told_once_then_summed_up(engine)
         kind="undecryptable", actor=MEMBER, room=GROUP, count=4, since=NOW
     )["body"]
     assert summary.startswith("4 more message(s) from") and "could not be read" in summary
+
+
+class DecryptsTo:
+    """Decrypts each event to the content given for its id."""
+
+    def __init__(self, plaintexts: dict[str, dict]) -> None:
+        self.plaintexts = plaintexts
+
+    def decrypt(self, event: dict) -> dict | None:
+        content = self.plaintexts.get(event["event_id"])
+        return None if content is None else {**event, "type": "m.room.message", "content": content}
+
+    async def request_key(self, event: dict) -> None:
+        return None
+
+
+async def test_encrypted_chat_is_decrypted_apart_and_only_a_flag_moves_to_the_flag_lane(engine):
+    from bot.intake import DECRYPT_LANE
+
+    chat = {f"$chat{n}": {"msgtype": "m.text", "body": f"hello {n}"} for n in range(30)}
+    command = {"$command": {"msgtype": "m.text", "body": f"!safeguard {MEMBER}"}}
+    moved: list[int] = []
+
+    def lane_of(event: dict, kind: str, room: str) -> int | None:
+        return FLAG_LANE if "!safeguard" in event["content"].get("body", "") else None
+
+    dispatcher = build(
+        engine,
+        homeserver(),
+        decrypter=DecryptsTo(chat | command),
+        lane_of=lane_of,
+        on_moved=moved.append,
+    )
+    from_moderator = encrypted("$command") | {"sender": MOD}
+    await queue(
+        engine,
+        *[(encrypted(event_id), DECRYPT_LANE) for event_id in chat],
+        (from_moderator, DECRYPT_LANE),
+    )
+    await drain(dispatcher, DECRYPT_LANE, rounds=2)
+    async with engine.connect() as conn:
+        pending = await ingest.pending(conn)
+    assert [(item.event_id, item.lane) for item in pending] == [("$command", FLAG_LANE)]
+    assert pending[0].payload["content"]["ciphertext"] == "noise", "plaintext is never stored"
+    assert moved == [FLAG_LANE]
+    await drain(dispatcher, FLAG_LANE)
+    async with engine.connect() as conn:
+        assert await ingest.pending(conn) == []
+        assert [e.kind for e in await audit.entries(conn)] == ["flagged"], "acted on as a flag"

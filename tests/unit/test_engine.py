@@ -8,6 +8,7 @@ one DM room, one notice, one kick (after the notice), one alert.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 
@@ -35,7 +36,18 @@ from tests.support.policy import (
     steps,
 )
 
-AT_ONCE = [*REFERRAL_STEPS, "redact_flag", "redact_message", "debrief"]
+# The alert goes as soon as the notice and the removal are settled: a promise, it runs
+# before the steps that come after them in the policy's order.
+AT_ONCE = [
+    "notify",
+    "remove",
+    "alert",
+    "room_notice",
+    "schedule",
+    "redact_flag",
+    "redact_message",
+    "debrief",
+]
 
 
 def _marker(room) -> str:
@@ -147,17 +159,62 @@ async def test_dm_room_found_by_its_alias_alone_still_gets_its_invite(engine):
     assert notice in dm.events
 
 
-async def test_undeliverable_notice_still_removes_and_says_so_first(engine):
+async def test_undeliverable_notice_holds_the_removal_for_staff_to_decide(engine):
+    """Never removed untold by our fault: staff hear at once, with the truth, and decide."""
     hs = homeserver()
     hs.refuse["create_room"] = Refused("M_FORBIDDEN", "user is deactivated", 403)
     case_id = await new_case(engine)
-    await step_engine(engine, hs).run_case(case_id)
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
     done = await steps(engine, case_id)
-    assert done["notify"].status == "failed" and done["remove"].status == "done"
+    assert done["notify"].status == "failed" and done["remove"].status == "pending"
+    assert hs.kicks == [], "not removed without being told"
+    (alert,) = notices(hs, "alert")
+    body = alert["content"]["body"]
+    assert "NOT" in body.splitlines()[0], "staff must reach them"
+    assert f"!case {case_id} remove" in body and f"!case {case_id} notify" in body
+    assert done["alert"].result["stated"] == {"notify": "failed", "remove": "pending"}
+
+    # A staff member decides: removed without the notice, recorded as their decision.
+    async with engine.begin() as conn:
+        await cases.save_progress(conn, case_id, "remove", {"decided_by": "@staff:localhost"})
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert hs.kicks == [(GROUP, MEMBER)]
+    assert done["remove"].status == "done" and done["remove"].result["staff_decision"] is True
     kick = next(e for e in hs.rooms[GROUP].events if e["type"] == "m.room.member")
     assert kick["reason"] == "Removed by a moderator", "the room learns nothing"
-    (alert,) = notices(hs, "alert")
-    assert "NOT" in alert["content"]["body"].splitlines()[0], "staff must reach them"
+    async with engine.connect() as conn:
+        queued = [m.content["body"] for m in await outbox.pending(conn)]
+    (update,) = [body for body in queued if "removed from the room" in body]
+    assert update == (
+        f"Case #{case_id}: they have now been removed from the room, without the notice, "
+        "as staff decided."
+    )
+
+
+async def test_notify_again_after_a_failure_tells_then_removes_and_staff_hear_both(engine):
+    hs = homeserver()
+    hs.refuse["create_room"] = Refused("M_FORBIDDEN", "no room for now", 403)
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
+    del hs.refuse["create_room"]
+    async with engine.begin() as conn:
+        await cases.rearm_step(conn, case_id, "notify", 0, lambda progress: progress)
+        await cases.set_next_attempt(conn, case_id, NOW)
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == done["remove"].status == "done"
+    (notice,) = notices(hs, "notify")
+    kick = next(e for e in hs.rooms[GROUP].events if e["type"] == "m.room.member")
+    assert notice["order"] < kick["order"]
+    async with engine.connect() as conn:
+        updates = [m.content["body"] for m in await outbox.pending(conn)]
+    assert [u.split(": ", 1)[1][:22] for u in updates] == [
+        "the member has now bee",
+        "they have now been rem",
+    ]
 
 
 async def test_member_already_gone_is_recorded_not_retried(engine):
@@ -219,12 +276,37 @@ async def test_outage_defers_and_never_records_failure(engine):
     done = await steps(engine, case_id)
     assert done["notify"].status == "done"
     assert done["remove"].status == "started" and done["remove"].failures == 0
-    assert done["alert"].status == "pending", "nothing runs on a half-known removal"
+    assert "kick" in done["remove"].error, "the record says why it waits"
+    assert done["alert"].status == "pending", "it waits for the removal, until its deadline"
     assert "step.remove" not in await kinds(engine, case_id)
     hs.unavailable_for = set()
     await step_engine(engine, hs).run_case(case_id)
     assert (await steps(engine, case_id))["alert"].status == "done"
     assert hs.kicks == [(GROUP, MEMBER)]
+
+
+async def test_staff_hear_by_the_deadline_whatever_the_removal_waits_for(engine):
+    hs = homeserver()
+    hs.unavailable_for = {"kick"}
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.5)))
+    await runner.run_case(case_id)  # told; the removal waits for the homeserver
+    await asyncio.sleep(0.6)
+    await runner.run_case(case_id)  # the deadline came: the alert goes first
+    done = await steps(engine, case_id)
+    assert done["alert"].status == "done" and done["remove"].status == "started"
+    (alert,) = notices(hs, "alert")
+    lines = alert["content"]["body"].splitlines()
+    assert "✔ Member notified by DM" in lines
+    (waiting,) = [line for line in lines if line.startswith("… Not removed yet")]
+    assert "kick" in waiting, "not yet, and why"
+    hs.unavailable_for = set()
+    await run_until_waiting(runner, engine, case_id)
+    assert hs.kicks == [(GROUP, MEMBER)]
+    async with engine.connect() as conn:
+        (update,) = await outbox.pending(conn)
+    assert update.content["body"] == f"Case #{case_id}: they have now been removed from the room."
+    assert update.content["m.relates_to"]["m.in_reply_to"]["event_id"] == alert["event_id"]
 
 
 async def test_alert_refused_for_good_is_failed_paged_and_listed(engine):
@@ -244,7 +326,7 @@ async def test_alert_refused_for_good_is_failed_paged_and_listed(engine):
     assert "alert_paged" in await kinds(engine, case_id)
 
 
-async def test_a_step_that_crashes_is_retried_then_failed_and_staff_told(engine):
+async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(engine):
     hs = homeserver()
     case_id = await new_case(engine)
     runner = step_engine(engine, hs)
@@ -254,21 +336,75 @@ async def test_a_step_that_crashes_is_retried_then_failed_and_staff_told(engine)
         raise KeyError("a bug")
 
     runner._steps["escalate"].run = broken
-    async with engine.begin() as conn:
-        await cases.retry_step_later(
-            conn, case_id, "escalate", not_before=NOW, failed=False, error=None
-        )
-        # Pretend ack_within has passed.
-        await cases.set_fields(conn, case_id, next_attempt_at=NOW)
     runner._steps["escalate"].due = lambda case, steps: NOW
-    await run_until_waiting(runner, engine, case_id)
+    async with engine.begin() as conn:
+        await cases.set_fields(conn, case_id, next_attempt_at=NOW)
+    for _ in range(3):
+        await runner.run_case(case_id)
     done = await steps(engine, case_id)
-    assert done["escalate"].status == "failed" and "internal error" in done["escalate"].error
+    assert done["escalate"].status == "started", "a bug is never read as 'could not be done'"
+    assert "internal error (KeyError)" in done["escalate"].error
+    assert done["escalate"].attempts == 3
     async with engine.connect() as conn:
         queued = await outbox.pending(conn)
+        assert await cases.crashing(conn) == [case_id]
     (told,) = [m for m in queued if "escalate" in m.content["body"]]
     assert told.content["body"].startswith(f"Case #{case_id}")
     assert told.content["m.relates_to"]["m.in_reply_to"]["event_id"]  # a reply to the alert
+
+
+async def test_a_crashing_notice_never_lets_the_removal_go_ahead(engine):
+    """Seen with a crypto store restored with the wrong key: the notice raised, the step
+    was read as failed, and the member was removed without any DM."""
+    hs = homeserver()
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.5)))
+
+    async def broken(run):
+        raise AttributeError("'NoneType' object has no attribute 'encrypt'")
+
+    runner._steps["notify"].run = broken
+    await runner.run_case(case_id)
+    await asyncio.sleep(0.6)
+    await runner.run_case(case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == "started" and done["remove"].status == "pending"
+    assert hs.kicks == []
+    (alert,) = notices(hs, "alert")
+    first = alert["content"]["body"].splitlines()[0]
+    assert "NOT notified yet" in first and "internal error (AttributeError)" in first
+
+
+async def test_a_notice_sent_but_not_recorded_is_found_not_failed(engine):
+    """The disk filled between the notice and its record: recording is retried, and the
+    resumed step finds its message. Never 'failed' for a notice the member has."""
+    from sqlalchemy.exc import OperationalError
+
+    hs = homeserver()
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    store = runner._saver
+
+    def failing_saver(case, step):
+        save = store(case, step)
+
+        async def full_disk(**changes):
+            if step.step == "notify":
+                raise OperationalError("UPDATE", {}, Exception("database or disk is full"))
+            await save(**changes)
+
+        return full_disk
+
+    runner._saver = failing_saver
+    with pytest.raises(OperationalError):
+        await runner.run_case(case_id)
+    assert (await steps(engine, case_id))["notify"].status == "started"
+    assert len(notices(hs, "notify")) == 1, "the notice went out before the disk filled"
+    runner._saver = store
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == "done" and done["remove"].status == "done"
+    assert len(notices(hs, "notify")) == 1, "found, not sent again"
 
 
 async def test_checkin_does_not_wait_for_a_broken_staff_room(engine):
@@ -343,3 +479,49 @@ async def new_case_for(engine, member: str) -> int:
             conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW
         )
     return opened.case_id
+
+
+async def test_an_alert_not_posted_by_its_deadline_pages_once_and_shows_on_health(engine):
+    hs = homeserver()
+    case_id = await new_case(engine)
+    policy = {"alert_webhook": "https://pager.example/hook", "alert_deadline": dt.timedelta(0)}
+    runner = step_engine(engine, hs, deployment(**policy))
+    runner._tools.staff_room.room_id = None  # the staff room cannot take anything
+    await runner.run_case(case_id)
+    await runner.run_case(case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == done["remove"].status == "done", "the member goes first"
+    assert done["alert"].status == "started"
+    webhook = runner._tools.webhook
+    pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_undelivered"]
+    assert len(pages) == 1 and pages[0]["case"] == case_id, "paged once, not every retry"
+    async with engine.connect() as conn:
+        assert await cases.late_alerts(conn, dt.datetime.now(dt.UTC)) == [case_id]
+
+
+async def test_a_step_that_hangs_is_cut_at_the_alert_deadline_and_the_alert_goes(engine):
+    """Nothing of the case can hold its alert back: a notice whose call never returns (a
+    homeserver that accepts and never answers) is cut short at the deadline."""
+    hs = homeserver()
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.5)))
+    sending = runner._steps["notify"].run
+
+    async def hangs(run):
+        if run.step.attempts == 1:
+            await asyncio.Event().wait()
+        return await sending(run)
+
+    runner._steps["notify"].run = hangs
+    await asyncio.wait_for(runner.run_case(case_id), 5)
+    done = await steps(engine, case_id)
+    assert done["alert"].status == "done" and done["notify"].status == "started"
+    (alert,) = notices(hs, "alert")
+    assert (
+        "NOT notified yet (still under way at the staff alert's deadline)"
+        in (alert["content"]["body"])
+    )
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == done["remove"].status == "done", "the notice went on"
+    assert len(notices(hs, "notify")) == 1

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.intake import FLAG_LANE, OTHER_LANE, ActionFilter, Intake, well_formed
+from bot.intake import (
+    DECRYPT_LANE,
+    FLAG_LANE,
+    OTHER_LANE,
+    REFUSAL_LANE,
+    ActionFilter,
+    Intake,
+    well_formed,
+)
 from bot.metrics import Metrics
 from bot.recent_senders import RecentSenders
 from bot.rooms import RoomDirectory
@@ -26,6 +34,7 @@ DM = "!dm:localhost"
 def action_filter(command: str = "!safeguard") -> tuple[ActionFilter, RoomDirectory]:
     rooms = RoomDirectory(StaffRoom(STAFF))
     rooms.add_dm(DM)
+    rooms.moderate(GROUP)
     policy = PolicySettings(staff_room=STAFF, command=command)
     return ActionFilter(policy, rooms, bot_user_id=BOT), rooms
 
@@ -228,3 +237,38 @@ def test_rooms_known_at_start_are_known_as_if_added_one_by_one():
             RoomKind.CHECKIN,
             RoomKind.GROUP,
         ]
+
+
+def test_a_flag_takes_the_flag_lane_only_where_it_could_be_acted_on():
+    """Junk never queues ahead of a real flag: a flag from a room the bot does not moderate,
+    or from someone pushed state shows to be below a moderator, waits in the refusal lane."""
+    rooms = RoomDirectory(StaffRoom(STAFF))
+    rooms.moderate(GROUP)
+    powers = {(GROUP, MOD): 50.0, (GROUP, MEMBER): 0.0}
+    check = ActionFilter(
+        PolicySettings(staff_room=STAFF),
+        rooms,
+        bot_user_id=BOT,
+        can_decrypt=True,
+        power_of=lambda room, user: powers.get((room, user)),
+    )
+    command = message("!safeguard")
+    assert check.lane(command) == FLAG_LANE
+    assert check.lane(command | {"room_id": "!elsewhere:localhost"}) == REFUSAL_LANE
+    assert check.lane(command | {"sender": MEMBER}) == REFUSAL_LANE, "known to be no moderator"
+    unknown = "@unknown:localhost"
+    assert check.lane(command | {"sender": unknown}) == FLAG_LANE, "not known: decided on a read"
+    relation = {"rel_type": "m.annotation", "event_id": "$m", "key": "🚨"}
+    reaction = {
+        "type": "m.reaction",
+        "event_id": "$r",
+        "room_id": "!elsewhere:localhost",
+        "sender": MOD,
+        "content": {"m.relates_to": relation},
+    }
+    assert check.lane(reaction) == REFUSAL_LANE
+    assert check.lane(reaction | {"room_id": GROUP}) == FLAG_LANE
+    chat = {"type": "m.room.encrypted", "event_id": "$e", "room_id": GROUP, "sender": MEMBER}
+    assert check.lane(chat | {"content": {"ciphertext": "…"}}) == DECRYPT_LANE
+    rooms.stop_moderating(GROUP)
+    assert check.lane(command) == REFUSAL_LANE, "a room the bot left"

@@ -207,3 +207,74 @@ async def test_only_the_rooms_left_to_settle_are_read_again_before_the_next_full
     assert {room for round_, room in read if round_ == 0} == {GROUP, "!quiet:localhost"}
     later = {room for round_, room in read if round_ > 0}
     assert later == {GROUP}, "only the room left to settle is read again"
+
+
+def staff_command(event_id: str, at: dt.datetime) -> dict:
+    return {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": "@staffer:localhost",
+        "origin_server_ts": int(at.timestamp() * 1000),
+        "content": {"body": "!case 1 close mistaken"},
+    }
+
+
+async def test_a_fresh_database_never_runs_the_staff_rooms_last_commands_again(engine):
+    """Seen with a fresh (or restored) database: the first read of the staff room fed the
+    last day's `!case` commands, acting on whatever cases bear those numbers now."""
+    hs = FakeHomeserver()
+    staff = hs.add_room(STAFF, {}, {})
+    staff.events.append(staff_command("$yesterday", NOW - dt.timedelta(hours=3)))
+    intake = new_intake(engine)
+
+    async def rooms():
+        return [(STAFF, None)]
+
+    reconciler = Reconciler(
+        engine,
+        hs,
+        intake,
+        rooms,
+        ReconcileSettings(),
+        is_staff_room=lambda room_id: room_id == STAFF,
+    )
+    await reconciler.catch_up_all()
+    assert await queued(engine) == [], "nothing from before the service saw the staff room"
+    staff.events.append(staff_command("$missed", NOW))
+    await reconciler.catch_up_all()
+    assert await queued(engine) == [("$missed", True)], "a command lost in a restart: caught up"
+
+
+async def test_nothing_from_before_the_database_first_started_is_fed(engine):
+    hs = FakeHomeserver()
+    room = hs.add_room(GROUP, {}, {})
+    reconciler, _ = build(engine, hs)
+    reconciler.first_started = NOW - dt.timedelta(minutes=30)
+    room.events += [flag("$before", NOW - dt.timedelta(hours=1)), flag("$after", NOW)]
+    await reconciler.catch_up_all()
+    assert await queued(engine) == [("$after", True)]
+
+
+async def test_a_flag_older_than_the_lookback_is_fed_to_be_told_not_dropped(engine):
+    """After an outage longer than the look-back: old chat is not fed, but a flag is (the
+    referral refuses it as found too late, and staff are told)."""
+    hs = FakeHomeserver()
+    room = hs.add_room(GROUP, {}, {})
+    intake = new_intake(engine)
+
+    async def rooms():
+        return [(GROUP, None)]
+
+    reconciler = Reconciler(
+        engine,
+        hs,
+        intake,
+        rooms,
+        ReconcileSettings(lookback=dt.timedelta(hours=1)),
+        is_flag=lambda event: event["type"] == "m.reaction",
+    )
+    await reconciler.catch_up_all()  # position: now
+    two_hours_ago = NOW - dt.timedelta(hours=2)
+    room.events += [chat("$old-chat", two_hours_ago), flag("$old-flag", two_hours_ago)]
+    await reconciler.catch_up_all()
+    assert [event_id for event_id, _ in await queued(engine)] == ["$old-flag"]

@@ -13,7 +13,7 @@ import pytest
 from bot.dispatch import Handling
 from bot.recent_senders import RecentSenders
 from bot.room_state import RoomStateCache
-from bot.store import audit, ingest
+from bot.store import audit, ingest, outbox
 from bot.triggers import Flag
 from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
@@ -330,3 +330,38 @@ def test_recent_senders_forget_the_oldest_first_by_size():
     assert senders.sender_of(STAFF, "$caught") is None
     senders.note([], [])  # nothing to keep
     assert senders.sender_of(GROUP, "$unknown") is None
+
+
+async def test_a_flag_from_a_room_the_bot_does_not_moderate_is_refused_quietly(engine):
+    """A forged body, or a room nobody enrolled: recorded, logged, never a case, and no
+    staff message (nobody there can be helped, and a flood must not reach staff)."""
+    hs = homeserver()
+    referral = build_referral(engine, hs, is_moderated=lambda room_id: False)
+    await flag_on(engine, referral, MOD, "$msg", "$r")
+    async with engine.connect() as conn:
+        (entry,) = await audit.entries(conn)
+        assert await outbox.pending(conn) == []
+    assert entry.kind == "refused" and entry.facts["code"] == "room_not_moderated"
+    assert hs.kicks == []
+
+
+async def test_a_flag_caught_up_after_the_lookback_is_told_to_staff_not_acted_on(engine):
+    import dataclasses
+
+    hs = homeserver()
+    hs.rooms[GROUP].events.append({"event_id": "$msg", "type": "m.room.message", "sender": MEMBER})
+    referral = build_referral(engine, hs)
+    event = reaction("$old", MOD, "$msg") | {"origin_server_ts": 1_000}
+    await record_events(engine, "t", ["$old"], [(event, 0)], NOW)
+    async with engine.connect() as conn:
+        (item,) = await ingest.pending(conn)
+    item = dataclasses.replace(item, caught_up=True)
+    flag = Flag("reaction", GROUP, MOD, "$old", "$msg", None, None)
+    await referral.handle(Handling(engine, item), flag)
+    async with engine.connect() as conn:
+        (entry,) = await audit.entries(conn)
+        (told,) = [m.content["body"] for m in await outbox.pending(conn)]
+    assert entry.facts["code"] == "found_too_late"
+    assert told.startswith("A flag from Thu 01 Jan 1970") and "found late" in told
+    assert MEMBER in told, "who it was about: staff must check on them"
+    assert hs.kicks == [] and "create_room" not in hs.calls

@@ -10,7 +10,7 @@ import pytest
 
 from bot.settings import CheckinSettings, MessageTemplates, Resource
 from bot.templates import CATALOGUE, KICK_REASON_LIMIT, validate_templates
-from bot.texts import Texts
+from bot.texts import StepState, Texts
 from bot.wording import checkin_when, clean_name, person, place, since_words
 from tests.support.policy import deployment
 
@@ -133,10 +133,8 @@ def alert(**overrides):
         flagged_at=dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC),
         method="reaction",
         reason=None,
-        notified=True,
-        not_notified_why=None,
-        removed=True,
-        removal_note=None,
+        notice=StepState("done"),
+        removal=StepState("done"),
         late_by=None,
         due_at=dt.datetime(2026, 7, 25, 9, tzinfo=dt.UTC),
         dry_run=False,
@@ -157,8 +155,24 @@ def test_alert_names_people_and_rooms_and_one_zone():
 
 
 def test_alert_first_line_says_not_notified_and_why():
-    first = alert(notified=False, not_notified_why="M_FORBIDDEN: deactivated").splitlines()[0]
+    first = alert(notice=StepState("failed", "M_FORBIDDEN: deactivated")).splitlines()[0]
     assert "NOT notified" in first and "deactivated" in first
+
+
+def test_alert_states_each_step_as_verified():
+    """Done, not yet (and why), failed (and why), or held for staff: never a guess."""
+    waiting = alert(
+        notice=StepState("waiting", "the homeserver is away"),
+        removal=StepState("waiting", "waiting until they have been told"),
+    )
+    assert "NOT notified yet: the homeserver is away" in waiting.splitlines()[0]
+    assert "… Member NOT notified yet (the homeserver is away)" in waiting
+    assert "… Not removed yet (waiting until they have been told)" in waiting
+    held = alert(notice=StepState("failed", "M_FORBIDDEN: no"), removal=StepState("held"))
+    assert "⏸ Not removed" in held and "!case 7 remove" in held and "!case 7 notify" in held
+    plain = alert(notice=StepState("done", note="the crypto store is broken"))
+    assert "✔ Member notified by DM, before removal — sent UNENCRYPTED" in plain
+    assert "crypto store is broken" in plain
 
 
 def test_alert_says_how_late():
