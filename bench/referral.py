@@ -28,7 +28,11 @@ Four parts, one run:
   2. the same with no rooms made ahead (`ready_dm_rooms: 0`): one half each;
   3. encrypted DMs (the service restarted with `private_rooms: true`): one half each;
   4. flags amid a flood: 2,000 chat messages sent through Synapse's Client-Server API by
-     several users at once, with flags (ours and the floor's, alternately) in the middle.
+     several users at once, with flags (ours and the floor's, alternately) in the middle;
+  5. the same flood in an end-to-end encrypted group room, sent by real end-to-end clients
+     (matrix-nio, their own devices), so every chat message is an encrypted event the
+     service must decrypt to know it is no `!safeguard`: our 🚨→kick there against ours in
+     the plain room's flood, same run (target <= 1.5x).
 The first three parts start with one untimed case of each (cold caches on both sides).
 Synapse's clock makes the figures, so the bench polls gently: polling is load on Synapse.
 Usage: python bench/referral.py [--cases 20] [--flood 2000]
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -53,6 +57,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.support.e2e_user import new_e2e_user
 from tests.support.scene import (
     BOT,
     Scene,
@@ -409,6 +414,59 @@ async def flags_amid_flood(scene: Scene, floor: Floor, messages: int) -> Flood:
     return Flood(sent, time.perf_counter() - started, ours, raw)
 
 
+async def flags_amid_encrypted_flood(scene: Scene, messages: int, work: Path) -> Flood:
+    """The flood in an encrypted group room, from end-to-end clients; ours flag amid it
+    (the floor has no encrypted counterpart: ours in the plain room's flood is the
+    comparison). The moderator's 🚨 is a reaction, in the clear as Element sends them."""
+    room = await scene.owner.create_room(
+        name="Encrypted group chat",
+        preset="private_chat",
+        invite=[scene.moderator.user_id, scene.staff.user_id],
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        encrypted=True,
+    )
+    await scene.moderator.join(room)
+    await scene.staff.join(room)
+    await scene.staff.invite(room, BOT)
+    encrypted = replace(scene, group=room)
+    await until(lambda: encrypted.bot_joined(room), within=30, what="the bot in the room")
+    chatters = [
+        await new_e2e_user(scene.synapse, f"e2e-chatty{n}", work / "stores")
+        for n in range(CHATTERS)
+    ]
+    try:
+        for chatter in chatters:
+            await scene.owner.invite(room, chatter.user_id)
+            await chatter.join(room)
+        flagged = [await new_member(encrypted, f"eflood{n}") for n in range(FLAGS_AMID_FLOOD)]
+        said = [await user.send_text(room, "I can't cope any more") for user in flagged]
+        sent = 0
+
+        async def chat(user: Any, count: int) -> None:
+            nonlocal sent
+            for number in range(count):
+                await user.send_text(room, f"lol same {number} " * 5)
+                sent += 1
+
+        share, extra = divmod(messages, CHATTERS)
+        started = time.perf_counter()
+        flood = asyncio.gather(
+            *(chat(user, share + (n < extra)) for n, user in enumerate(chatters))
+        )
+        ours: list[float] = []
+        await until(lambda: sent >= messages // 10, within=120, interval=0.01, what="the flood")
+        for member, message in zip(flagged, said, strict=True):
+            if flood.done():
+                break
+            reacted, kick = await ours_flag(encrypted, member, message)
+            ours.append(kick - reacted)
+        await flood
+        return Flood(sent, time.perf_counter() - started, ours, [])
+    finally:
+        for chatter in chatters:
+            await chatter.close()
+
+
 # ---- the run ------------------------------------------------------------------------------
 
 
@@ -449,6 +507,7 @@ async def run(cases: int, flood_messages: int) -> None:
                 await scene.owner.set_power_level(scene.group, scene.moderator.user_id, 50)
                 clear = await alternating(scene, service, floor, half, 2, "c", same=True)
                 flood = await flags_amid_flood(scene, floor, flood_messages)
+                encrypted_flood = await flags_amid_encrypted_flood(scene, flood_messages, work)
             async with running_service(config(private_rooms=False, ready=0)) as service:
                 none_ahead = await alternating(scene, service, floor, half, 1, "n", same=False)
             async with running_service(config(private_rooms=True)) as service:
@@ -483,6 +542,19 @@ async def run(cases: int, flood_messages: int) -> None:
     if flood.ours and flood.floor:
         row("  floor: 🚨→kick", flood.floor)
         row("  ours:  🚨→kick", flood.ours, ("floor", flood.floor, 1.5))
+    rate = encrypted_flood.messages / encrypted_flood.seconds
+    print(
+        f"flags amid an encrypted flood: {encrypted_flood.messages:,} encrypted messages from "
+        f"{CHATTERS} end-to-end clients in {encrypted_flood.seconds:.1f} s ({rate:.0f}/s); "
+        f"{len(encrypted_flood.ours)} of ours inside it:"
+    )
+    if encrypted_flood.ours and flood.ours:
+        row("  ours, plain room's flood: 🚨→kick", flood.ours)
+        row(
+            "  ours, encrypted room: 🚨→kick",
+            encrypted_flood.ours,
+            ("ours in the plain flood", flood.ours, 1.5),
+        )
 
 
 def main() -> None:
