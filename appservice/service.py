@@ -443,34 +443,46 @@ class Service:
         self._in_background(self._report_encryption(why))
 
     async def _report_encryption(self, why: str | None) -> None:
-        """Recorded and queued for staff, however long the database takes to record again
-        (the store and the database often share a disk that filled up), in order."""
-        async with self._encryption_reports:
-            delay = 1.0
-            while True:
-                now = dt.datetime.now(dt.UTC)
-                try:
-                    async with self.engine.begin() as conn:
-                        await audit.append(
-                            conn,
-                            self.deployment.provenance,
-                            "encryption_failed" if why else "encryption_restored",
-                            facts={},
-                            personal={"why": why} if why else {},
-                            at=now,
-                        )
-                        await outbox.queue(
-                            conn,
-                            self.staff_room.address,
-                            self.texts.encryption_broken(why=why),
-                            now,
-                            plain=why is not None,
-                        )
-                    break
-                except Exception as exc:
-                    log.warning("could not record the state of encryption yet (%s)", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+        async with self._encryption_reports:  # "failed" and "works again", in order
+            await self._record_and_tell(
+                "encryption_failed" if why else "encryption_restored",
+                facts={},
+                personal={"why": why} if why else {},
+                content=self.texts.encryption_broken(why=why),
+                plain=why is not None,
+            )
+
+    async def _record_and_tell(
+        self,
+        kind: str,
+        *,
+        facts: dict[str, Any],
+        personal: dict[str, Any],
+        content: dict[str, Any],
+        plain: bool = False,
+    ) -> None:
+        """Something about the service itself (not a case): an audit entry, and a staff
+        message queued with it, however long the database takes to record again (the
+        store and the database often share a disk that filled up)."""
+        delay = 1.0
+        while True:
+            now = dt.datetime.now(dt.UTC)
+            try:
+                async with self.engine.begin() as conn:
+                    await audit.append(
+                        conn,
+                        self.deployment.provenance,
+                        kind,
+                        facts=facts,
+                        personal=personal,
+                        at=now,
+                    )
+                    await outbox.queue(conn, self.staff_room.address, content, now, plain=plain)
+                break
+            except Exception as exc:
+                log.warning("could not record %s yet (%s)", kind, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         self.outbox_worker.wake()
 
     def _room_key_arrived(self) -> None:
@@ -635,25 +647,12 @@ class Service:
         self._in_background(self._report_fallback(name, problem))
 
     async def _report_fallback(self, name: str, problem: str) -> None:
-        now = dt.datetime.now(dt.UTC)
-        try:
-            async with self.engine.begin() as conn:
-                await audit.append(
-                    conn,
-                    self.deployment.provenance,
-                    "template_fallback",
-                    facts={"template": name, "problem": problem},
-                    at=now,
-                )
-                await outbox.queue(
-                    conn,
-                    self.staff_room.address,
-                    self.texts.template_fallback(name=name, problem=problem),
-                    now,
-                )
-        except Exception:
-            log.exception("could not record the fall-back of messages.%s", name)
-        self.outbox_worker.wake()
+        await self._record_and_tell(
+            "template_fallback",
+            facts={"template": name, "problem": problem},
+            personal={},
+            content=self.texts.template_fallback(name=name, problem=problem),
+        )
 
     def _lock_lost(self, why: str) -> None:
         """The instance lock is gone (its PostgreSQL connection broke): an outage, not the

@@ -50,6 +50,7 @@ MAX_ATTEMPTS = 5
 # message could not be read (a key may still come late: it is retried until then).
 UNDECRYPTABLE_AFTER = dt.timedelta(minutes=2)
 KEY_WAIT = dt.timedelta(seconds=2)
+KEY_WAIT_MAX = dt.timedelta(seconds=20)
 # Backoff (seconds) before an event's next attempt, by attempts so far.
 RETRY_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 OUTAGE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -235,9 +236,13 @@ class Dispatcher:
                     await self._decrypter.request_key(item.payload)
                 except Exception:
                     log.warning("could not ask for the key of %s", item.event_id, exc_info=True)
+            # Looked at again when a key arrives (Service._room_key_arrived), and meanwhile
+            # less and less often: a flood of messages nobody shared keys for must not
+            # become a flood of retries.
+            wait = min(max(KEY_WAIT, (now - item.received_at) / 4), KEY_WAIT_MAX)
             async with self._db.begin() as conn:
                 await ingest.retry_later(
-                    conn, item.seq, now + KEY_WAIT, "waiting for its key", counted=False
+                    conn, item.seq, now + wait, "waiting for its key", counted=False
                 )
             return None
         await self._undecryptable(item, now)

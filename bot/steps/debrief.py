@@ -34,12 +34,7 @@ class Debrief(CaseStep):
         # Their reply reaches staff (the DM is kept as the case's debrief room).
         result = await tell_by_dm(self.tools, run, moderator, "debrief", content, "debrief_room_id")
         if isinstance(result, NotToldByDm):
-            why = (
-                "no DM could be opened with the moderator"
-                if result.room is None
-                else ("the debrief could not be sent")
-            )
-            return Outcome.refused(why, result.refused, retry=True)
+            return result.outcome("the moderator", "the debrief")
         return Outcome(
             "done",
             {"event": result.told.event_id, "unencrypted": bool(result.plain_because)},

@@ -18,7 +18,7 @@ from typing import Any
 
 from bot.ports import Homeserver, HomeserverUnavailable, Refused
 from bot.ready_rooms import ReadyRooms
-from bot.steps.base import StepRun, Told, Toolbox
+from bot.steps.base import Outcome, StepRun, Told, Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ class NotToldByDm:
 
     refused: Refused
     room: str | None
+
+    def outcome(self, whom: str, what: str) -> Outcome:
+        """The step's failure, worth another try: no DM with `whom`, or `what` not sent."""
+        why = (
+            f"no DM could be opened with {whom}"
+            if self.room is None
+            else f"{what} could not be sent"
+        )
+        return Outcome.refused(why, self.refused, retry=True)
 
 
 async def tell_by_dm(

@@ -28,12 +28,7 @@ class WithdrawApology(CaseStep):
         content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
         result = await tell_by_dm(self.tools, run, case.member_id, "apology", content, "dm_room_id")
         if isinstance(result, NotToldByDm):
-            why = (
-                "no DM could be opened with the member"
-                if result.room is None
-                else ("the apology could not be sent")
-            )
-            return Outcome.refused(why, result.refused, retry=True)
+            return result.outcome("the member", "the apology")
         return Outcome(
             "done", {"event": result.told.event_id, "unencrypted": bool(result.plain_because)}
         )

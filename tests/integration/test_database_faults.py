@@ -14,11 +14,8 @@ Run alone with `pytest -m faults`.
 from __future__ import annotations
 
 import asyncio
-import errno
 import sqlite3
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import yaml
 
 from tests.support import pg_cluster
 from tests.support.appservice_api import put
+from tests.support.disk import fill, small_disk
 from tests.support.e2e_scene import (
     EncryptedScene,
     config_for,
@@ -46,38 +44,6 @@ pytestmark = [pytest.mark.synapse, pytest.mark.faults]
 FAST = {"fallback_after": "3s"}
 LATER = {"after": "1h"}  # no check-in room while the test looks at the members' rooms
 RECOVERED_WITHIN = 60.0  # the promise: every case finished this soon after the database is back
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A filesystem of 64 MB of its own, to fill up (needs root to mount a tmpfs)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(data)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
-    try:
-        yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write until the filesystem is full; the file that filled it."""
-    filler = disk / "filler"
-    chunk = b"\0" * (1 << 20)
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 async def more_members(scene: EncryptedScene, count: int) -> list[Any]:
@@ -155,34 +121,34 @@ async def handled_exactly_once(scene: EncryptedScene, config: Path, members: lis
         assert kinds.index("step.notify") < kinds.index("step.remove"), "told, then removed"
 
 
-async def test_disk_full_under_the_database_and_the_crypto_store_then_freed(
-    synapse, tmp_path, small_disk
-):
+async def test_disk_full_under_the_database_and_the_crypto_store_then_freed(synapse, tmp_path):
     """Seen: 10 of 24 flagged members never told, never removed, staff never alerted,
     four minutes after the disk was freed; nobody was told anything was wrong."""
     scene = await encrypted_scene(synapse, tmp_path)
     try:
-        config = config_for(scene, small_disk, encryption=FAST, checkin=LATER)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            await open_encrypted_group(scene)
-            members = await more_members(scene, 8)
-            said = [
-                await member.send_text(scene.group, "I want it all to stop") for member in members
-            ]
-            filler = None
-            for n, event_id in enumerate(said):
-                await scene.moderator.react(scene.group, event_id, "🚨")
-                if n == 2:
-                    # Three cases under way (their steps writing, their notices being
-                    # encrypted) when the disk fills; the rest flagged while it is full.
-                    await asyncio.sleep(0.2)
-                    filler = fill(small_disk)
-                await asyncio.sleep(0.3)
-            await asyncio.sleep(10)  # full for a while: pushes refused, steps held
-            assert filler is not None
-            filler.unlink()
-            await handled_exactly_once(scene, config, members)
+        with small_disk(tmp_path, "64m") as disk:
+            config = config_for(scene, disk, encryption=FAST, checkin=LATER)
+            async with running_service(config) as service:
+                await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+                await open_encrypted_group(scene)
+                members = await more_members(scene, 8)
+                said = [
+                    await member.send_text(scene.group, "I want it all to stop")
+                    for member in members
+                ]
+                filler = None
+                for n, event_id in enumerate(said):
+                    await scene.moderator.react(scene.group, event_id, "🚨")
+                    if n == 2:
+                        # Three cases under way (their steps writing, their notices being
+                        # encrypted) when the disk fills; the rest flagged while it is full.
+                        await asyncio.sleep(0.2)
+                        filler = fill(disk)
+                    await asyncio.sleep(0.3)
+                await asyncio.sleep(10)  # full for a while: pushes refused, steps held
+                assert filler is not None
+                filler.unlink()
+                await handled_exactly_once(scene, config, members)
     finally:
         await scene.close()
 

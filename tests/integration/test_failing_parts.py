@@ -22,6 +22,8 @@ import logging
 import secrets
 import shutil
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,11 +44,23 @@ from tests.support.scene import BOT, export_json, health, running_service, safeg
 pytestmark = pytest.mark.synapse
 
 
+@pytest.fixture
+async def scene(synapse: Any, tmp_path: Path) -> AsyncIterator[EncryptedScene]:
+    """The rooms and people of a charity on Element: every client end-to-end."""
+    scene = await encrypted_scene(synapse, tmp_path)
+    try:
+        yield scene
+    finally:
+        await scene.close()
+
+
 @pytest.fixture(autouse=True)
 def _service_log(caplog: pytest.LogCaptureFixture) -> None:
     """The service's own account (INFO) in a failing test's report: what each step did."""
     caplog.set_level(logging.INFO, logger="bot")
     caplog.set_level(logging.INFO, logger="appservice")
+
+
 # Short enough for a test, the same mechanism as the defaults (20 s, 30 s).
 FAST = {"fallback_after": "3s"}
 
@@ -80,111 +94,101 @@ async def encryption_check(service: Service) -> dict[str, Any]:
 
 
 async def test_wrong_pickle_key_member_told_staff_told_and_mended_without_restart(
-    synapse, tmp_path
+    scene: EncryptedScene, tmp_path: Path
 ):
     """Seen: the notice crashed, the member was removed 8.5 s later with no DM, and
     /health said ok throughout."""
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(scene, tmp_path, encryption=FAST)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            await open_encrypted_group(scene)
-        key_file = load_config(config).crypto_store / "pickle.key"
-        right_key = key_file.read_text()
-        key_file.write_text(secrets.token_hex(32))  # a backup restored with another key
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        await open_encrypted_group(scene)
+    key_file = load_config(config).crypto_store / "pickle.key"
+    right_key = key_file.read_text()
+    key_file.write_text(secrets.token_hex(32))  # a backup restored with another key
 
-        async with running_service(config) as service:
+    async with running_service(config) as service:
 
-            async def broken() -> dict[str, Any] | None:
-                check = await encryption_check(service)
-                return (
-                    check if not check["ok"] and "pickle.key" in check.get("problem", "") else None
-                )
+        async def broken() -> dict[str, Any] | None:
+            check = await encryption_check(service)
+            return check if not check["ok"] and "pickle.key" in check.get("problem", "") else None
 
-            check = await until(broken, within=30, what="/health to name the key")
-            assert "e2ee reset" in check["what_to_do"]
-            code, out, _ = await safeguard_cli("e2ee", "status", "-c", str(config))
-            assert code == 1 and "what to do:" in out and "pickle.key" in out
-            await until(
-                lambda: staff_saw(scene, "encryption has stopped working"),
-                within=30,
-                what="staff told encryption failed (in the clear)",
-            )
+        check = await until(broken, within=30, what="/health to name the key")
+        assert "e2ee reset" in check["what_to_do"]
+        code, out, _ = await safeguard_cli("e2ee", "status", "-c", str(config))
+        assert code == 1 and "what to do:" in out and "pickle.key" in out
+        await until(
+            lambda: staff_saw(scene, "encryption has stopped working"),
+            within=30,
+            what="staff told encryption failed (in the clear)",
+        )
 
-            await flag_member(scene)
-            dm, notice = await the_notice(scene)
-            assert "worried about you" in notice
-            assert not scene.member.encrypted(dm), "a room made without encryption"
-            await until(lambda: removed(scene, scene.member), within=30, what="the removal")
-            await until(
-                lambda: staff_saw(scene, "Case #1 needs you"),
-                within=30,
-                what="a plain word to staff in their encrypted room",
-            )
-            assert not await staff_alerts(scene, 1), "no case detail in the clear"
+        await flag_member(scene)
+        dm, notice = await the_notice(scene)
+        assert "worried about you" in notice
+        assert not scene.member.encrypted(dm), "a room made without encryption"
+        await until(lambda: removed(scene, scene.member), within=30, what="the removal")
+        await until(
+            lambda: staff_saw(scene, "Case #1 needs you"),
+            within=30,
+            what="a plain word to staff in their encrypted room",
+        )
+        assert not await staff_alerts(scene, 1), "no case detail in the clear"
 
-            key_file.write_text(right_key)  # the operator puts the right key back
-            await until(service.crypto.ready.is_set, within=60, what="encryption again")
-            alert = await until(
-                lambda: staff_alerts(scene, 1), within=60, what="the whole alert, encrypted"
-            )
-            assert "sent UNENCRYPTED" in alert[0] and "pickle.key" in alert[0]
-            assert staff_saw(scene, "encryption works again")
-            assert (await encryption_check(service))["ok"]
-        (case,) = (await export_json(config))["cases"]
-        (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
-        assert notify["facts"]["unencrypted"] is True
-        kinds = [e["kind"] for e in case["entries"]]
-        assert kinds.index("step.notify") < kinds.index("step.remove"), "told, then removed"
-    finally:
-        await scene.close()
+        key_file.write_text(right_key)  # the operator puts the right key back
+        await until(service.crypto.ready.is_set, within=60, what="encryption again")
+        alert = await until(
+            lambda: staff_alerts(scene, 1), within=60, what="the whole alert, encrypted"
+        )
+        assert "sent UNENCRYPTED" in alert[0] and "pickle.key" in alert[0]
+        assert staff_saw(scene, "encryption works again")
+        assert (await encryption_check(service))["ok"]
+    (case,) = (await export_json(config))["cases"]
+    (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
+    assert notify["facts"]["unencrypted"] is True
+    kinds = [e["kind"] for e in case["entries"]]
+    assert kinds.index("step.notify") < kinds.index("step.remove"), "told, then removed"
 
 
-async def test_a_crypto_store_that_cannot_be_opened_stops_nothing(synapse, tmp_path):
+async def test_a_crypto_store_that_cannot_be_opened_stops_nothing(
+    scene: EncryptedScene, tmp_path: Path
+):
     """A file where the store's folder should be (a broken volume): the service used not to
     start at all."""
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        store = tmp_path / "broken-volume"
-        store.write_text("not a folder")
-        config = config_for(scene, tmp_path, encryption=FAST | {"store": str(store)})
-        async with running_service(config) as service:
-            await open_encrypted_group(scene)
-            check = await until(
-                lambda: _not_ok(service), within=30, what="/health to say encryption is broken"
-            )
-            assert str(store) in check["problem"]
-            await flag_member(scene)
-            _dm, notice = await the_notice(scene)
-            assert "worried about you" in notice
-            await until(lambda: removed(scene, scene.member), within=30, what="the removal")
-    finally:
-        await scene.close()
+    store = tmp_path / "broken-volume"
+    store.write_text("not a folder")
+    config = config_for(scene, tmp_path, encryption=FAST | {"store": str(store)})
+    async with running_service(config) as service:
+        await open_encrypted_group(scene)
+        check = await until(
+            lambda: _not_ok(service), within=30, what="/health to say encryption is broken"
+        )
+        assert str(store) in check["problem"]
+        await flag_member(scene)
+        _dm, notice = await the_notice(scene)
+        assert "worried about you" in notice
+        await until(lambda: removed(scene, scene.member), within=30, what="the removal")
 
 
-async def test_a_crypto_store_lost_means_a_new_device_and_members_still_read_it(synapse, tmp_path):
+async def test_a_crypto_store_lost_means_a_new_device_and_members_still_read_it(
+    scene: EncryptedScene, tmp_path: Path
+):
     """The store deleted between two runs (a volume lost, no backup): a new device, the old
     one deleted on the homeserver, and members' clients encrypt to the new one."""
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(scene, tmp_path, encryption=FAST)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            old_device = service.crypto.client.device_id
-            await open_encrypted_group(scene)
-        shutil.rmtree(load_config(config).crypto_store)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="a new device")
-            assert service.crypto.client.device_id != old_device
-            await flag_member(scene)
-            dm, notice = await the_notice(scene)
-            assert "worried about you" in notice and scene.member.encrypted(dm)
-            await until(lambda: removed(scene, scene.member), within=30, what="the removal")
-            alert = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
-            assert "UNENCRYPTED" not in alert[0]
-    finally:
-        await scene.close()
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        old_device = service.crypto.client.device_id
+        await open_encrypted_group(scene)
+    shutil.rmtree(load_config(config).crypto_store)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="a new device")
+        assert service.crypto.client.device_id != old_device
+        await flag_member(scene)
+        dm, notice = await the_notice(scene)
+        assert "worried about you" in notice and scene.member.encrypted(dm)
+        await until(lambda: removed(scene, scene.member), within=30, what="the removal")
+        alert = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
+        assert "UNENCRYPTED" not in alert[0]
 
 
 async def _not_ok(service: Service) -> dict[str, Any] | None:
@@ -208,67 +212,59 @@ def stall_sync(service: Service) -> asyncio.Event:
     return go_on
 
 
-async def test_a_room_not_yet_in_the_sync_goes_unencrypted_by_the_fallback_time(synapse, tmp_path):
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(scene, tmp_path, encryption=FAST)
-        async with running_service(config) as service:
-            await open_encrypted_group(scene)  # before the stall: the bot reads the room
-        async with running_service(config, prepare=stall_sync) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            await flag_member(scene)
-            dm, notice = await the_notice(scene)
-            assert "worried about you" in notice
-            await until(lambda: removed(scene, scene.member), within=30, what="the removal")
-            alert = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
-            assert "sent UNENCRYPTED" in alert[0] and "sync" in alert[0]
-        (case,) = (await export_json(config))["cases"]
-        (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
-        assert notify["facts"]["unencrypted"] is True
-        assert dm
-    finally:
-        await scene.close()
+async def test_a_room_not_yet_in_the_sync_goes_unencrypted_by_the_fallback_time(
+    scene: EncryptedScene, tmp_path: Path
+):
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await open_encrypted_group(scene)  # before the stall: the bot reads the room
+    async with running_service(config, prepare=stall_sync) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        await flag_member(scene)
+        dm, notice = await the_notice(scene)
+        assert "worried about you" in notice
+        await until(lambda: removed(scene, scene.member), within=30, what="the removal")
+        alert = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
+        assert "sent UNENCRYPTED" in alert[0] and "sync" in alert[0]
+    (case,) = (await export_json(config))["cases"]
+    (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
+    assert notify["facts"]["unencrypted"] is True
+    assert dm
 
 
-async def test_staff_hear_by_the_deadline_what_waits_and_then_each_outcome(synapse, tmp_path):
+async def test_staff_hear_by_the_deadline_what_waits_and_then_each_outcome(
+    scene: EncryptedScene, tmp_path: Path
+):
     """`encryption.fallback: none`: the notice waits for encryption; staff do not."""
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(
-            scene, tmp_path, encryption={"fallback": "none"}, policy={"alert_deadline": "5s"}
+    config = config_for(
+        scene, tmp_path, encryption={"fallback": "none"}, policy={"alert_deadline": "5s"}
+    )
+    async with running_service(config):
+        await open_encrypted_group(scene)
+    released: list[asyncio.Event] = []
+    async with running_service(
+        config, prepare=lambda service: released.append(stall_sync(service))
+    ) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        loop = asyncio.get_running_loop()
+        flagged = loop.time()
+        await flag_member(scene)
+        alert = await until(lambda: staff_saw(scene, "Flagged by "), within=30, what="the alert")
+        # The deadline kept (5 s), with room for the push and the staff's sync.
+        assert loop.time() - flagged < 9, "staff heard by the deadline"
+        lines = alert[0].splitlines()
+        assert "NOT notified yet" in lines[0]
+        assert any(line.startswith("… Not removed yet (waiting until they") for line in lines)
+        assert not await removed(scene, scene.member), "never removed before being told"
+        released[0].set()  # the sync comes back
+        await until(lambda: removed(scene, scene.member), within=60, what="the removal")
+        told = await until(
+            lambda: staff_saw(scene, "has now been notified"), within=30, what="update"
         )
-        async with running_service(config):
-            await open_encrypted_group(scene)
-        released: list[asyncio.Event] = []
-        async with running_service(
-            config, prepare=lambda service: released.append(stall_sync(service))
-        ) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            loop = asyncio.get_running_loop()
-            flagged = loop.time()
-            await flag_member(scene)
-            alert = await until(
-                lambda: staff_saw(scene, "Flagged by "), within=30, what="the alert"
-            )
-            # The deadline kept (5 s), with room for the push and the staff's sync.
-            assert loop.time() - flagged < 9, "staff heard by the deadline"
-            lines = alert[0].splitlines()
-            assert "NOT notified yet" in lines[0]
-            assert any(line.startswith("… Not removed yet (waiting until they") for line in lines)
-            assert not await removed(scene, scene.member), "never removed before being told"
-            released[0].set()  # the sync comes back
-            await until(lambda: removed(scene, scene.member), within=60, what="the removal")
-            told = await until(
-                lambda: staff_saw(scene, "has now been notified"), within=30, what="update"
-            )
-            assert told[0].startswith("Case #1: the member has now been notified by DM")
-            await until(
-                lambda: staff_saw(scene, "now been removed"), within=30, what="removal update"
-            )
-            _dm, notice = await the_notice(scene)
-            assert "worried about you" in notice
-    finally:
-        await scene.close()
+        assert told[0].startswith("Case #1: the member has now been notified by DM")
+        await until(lambda: staff_saw(scene, "now been removed"), within=30, what="removal update")
+        _dm, notice = await the_notice(scene)
+        assert "worried about you" in notice
 
 
 def junk_bodies(group: str) -> list[dict[str, Any]]:
@@ -301,58 +297,52 @@ def junk_bodies(group: str) -> list[dict[str, Any]]:
     return bodies
 
 
-async def test_a_real_flag_is_never_queued_behind_junk(synapse, tmp_path):
+async def test_a_real_flag_is_never_queued_behind_junk(scene: EncryptedScene, tmp_path: Path):
     """Seen: after 1,500 junk bodies /health said ok with a backlog of 1,902, and a real
     moderator's 🚨 had not removed the member 10 s later."""
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(scene, tmp_path, encryption=FAST)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            await open_encrypted_group(scene)
-            bodies = junk_bodies(scene.group)
-            for start in range(0, len(bodies), 100):
-                await asyncio.gather(
-                    *(
-                        put(service, f"junk-{start + n}", body)
-                        for n, body in enumerate(bodies[start : start + 100])
-                    )
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        await open_encrypted_group(scene)
+        bodies = junk_bodies(scene.group)
+        for start in range(0, len(bodies), 100):
+            await asyncio.gather(
+                *(
+                    put(service, f"junk-{start + n}", body)
+                    for n, body in enumerate(bodies[start : start + 100])
                 )
-            await flag_member(scene)
-            await until(
-                lambda: removed(scene, scene.member),
-                within=10,
-                what="the member removed, within 10 s, whatever junk came first",
             )
-            _status, body = await health(service)
-            inbox = body["checks"]["inbox"]
-            assert inbox["ok"] and inbox["lanes"]["flags"]["backlog"] == 0
-            # The junk is not dropped: each refusal is recorded, in its own time.
-            await until(lambda: _lane_empty(service, "refusals"), within=120, what="refusals")
-            async with service.engine.connect() as conn:
-                refused = [e for e in await audit.entries(conn) if e.kind == "refused"]
-            assert len(refused) == 1450, "1,200 from rooms not moderated, 250 from no moderator"
-            codes = {e.facts["code"] for e in refused}
-            assert codes == {"room_not_moderated", "not_moderator"}
-    finally:
-        await scene.close()
+        await flag_member(scene)
+        await until(
+            lambda: removed(scene, scene.member),
+            within=10,
+            what="the member removed, within 10 s, whatever junk came first",
+        )
+        _status, body = await health(service)
+        inbox = body["checks"]["inbox"]
+        assert inbox["ok"] and inbox["lanes"]["flags"]["backlog"] == 0
+        # The junk is not dropped: each refusal is recorded, in its own time.
+        await until(lambda: _lane_empty(service, "refusals"), within=120, what="refusals")
+        async with service.engine.connect() as conn:
+            refused = [e for e in await audit.entries(conn) if e.kind == "refused"]
+        assert len(refused) == 1450, "1,200 from rooms not moderated, 250 from no moderator"
+        codes = {e.facts["code"] for e in refused}
+        assert codes == {"room_not_moderated", "not_moderator"}
 
 
-async def test_an_encrypted_room_busy_with_chat_acts_on_its_flags_at_once(synapse, tmp_path):
-    scene = await encrypted_scene(synapse, tmp_path)
-    try:
-        config = config_for(scene, tmp_path, encryption=FAST)
-        async with running_service(config) as service:
-            await until(service.crypto.ready.is_set, within=60, what="the bot's device")
-            await open_encrypted_group(scene)
-            for n in range(150):
-                await scene.moderator.send_text(scene.group, f"chat {n}")
-            await flag_member(scene)
-            await until(lambda: removed(scene, scene.member), within=15, what="the removal")
-            # The chat was decrypted apart, and nothing of it is kept or acted on.
-            await until(lambda: _lane_empty(service, "decrypt"), within=60, what="chat read")
-    finally:
-        await scene.close()
+async def test_an_encrypted_room_busy_with_chat_acts_on_its_flags_at_once(
+    scene: EncryptedScene, tmp_path: Path
+):
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        await open_encrypted_group(scene)
+        for n in range(150):
+            await scene.moderator.send_text(scene.group, f"chat {n}")
+        await flag_member(scene)
+        await until(lambda: removed(scene, scene.member), within=15, what="the removal")
+        # The chat was decrypted apart, and nothing of it is kept or acted on.
+        await until(lambda: _lane_empty(service, "decrypt"), within=60, what="chat read")
 
 
 async def _lane_empty(service: Service, lane: str) -> bool:

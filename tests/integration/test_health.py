@@ -8,11 +8,7 @@ or remounts read-only; the lock is held by another process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ import yaml
 from aiohttp import web
 
 from tests.support.appservice_api import put, reaction
+from tests.support.disk import fill, small_disk
 from tests.support.scene import (
     build_scene,
     export_json,
@@ -32,32 +29,6 @@ from tests.support.scene import (
 from tests.support.synapse import free_port
 
 pytestmark = pytest.mark.synapse
-
-
-@contextlib.contextmanager
-def small_disk(tmp_path: Path, size: str = "4m") -> Iterator[Path]:
-    """A real filesystem of `size`, mounted for the test (root in the test machine)."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a test filesystem here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    # The suppression outside the file: closing it (a last flush) may hit the full disk too.
-    with contextlib.suppress(OSError), open(filler, "wb") as handle:
-        while True:
-            handle.write(b"\0" * 65536)
-            handle.flush()
-    return filler
 
 
 def many_reactions(prefix: str, count: int = 100) -> dict:

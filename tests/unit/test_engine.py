@@ -15,7 +15,7 @@ import datetime as dt
 import pytest
 
 from bot.audit_chain import verify_chain
-from bot.ports import Refused
+from bot.ports import MESSAGE_MARKER_KEY, Refused
 from bot.settings import MessageTemplates
 from bot.steps import CASE_STEPS
 from bot.store import audit, cases, outbox
@@ -525,3 +525,25 @@ async def test_a_step_that_hangs_is_cut_at_the_alert_deadline_and_the_alert_goes
     done = await steps(engine, case_id)
     assert done["notify"].status == done["remove"].status == "done", "the notice went on"
     assert len(notices(hs, "notify")) == 1
+
+
+async def test_a_checkin_whose_message_is_refused_is_not_done_and_staff_are_told(engine):
+    """Done means the member finds the message there: a refused one is retried, then the
+    step fails and the staff notice says the check-in could not be opened."""
+    hs = homeserver()
+    case_id = await new_case(engine, due_in=dt.timedelta(seconds=-1))
+    runner = step_engine(engine, hs)
+    sending = hs.send
+
+    async def refuse_the_checkin_message(room_id, content, **options):
+        marker = content.get(MESSAGE_MARKER_KEY, {})
+        if marker.get("step") == "checkin":
+            return Refused("M_FORBIDDEN", "the room refuses messages", 403)
+        return await sending(room_id, content, **options)
+
+    hs.send = refuse_the_checkin_message  # type: ignore[method-assign]
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["checkin"].status == "failed" and done["checkin"].attempts == 3
+    (told,) = notices(hs, "checkin_notice")
+    assert "could NOT be opened" in told["content"]["body"]
