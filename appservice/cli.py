@@ -68,6 +68,12 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "
             f"older than resources_max_age_days ({config.file.resources_max_age_days})"
         )
+    for pattern in config.choosable_inviters():
+        print(
+            f"warning: appservice.allowed_inviters: {pattern!r} matches names a user can "
+            "choose when registering: if your homeserver lets people register, anyone can "
+            "become one and put the bot in a room of theirs (list user ids instead)"
+        )
     print(f"{config.path}: OK")
     return 0
 

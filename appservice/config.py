@@ -186,6 +186,15 @@ class Config:
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def choosable_inviters(self) -> list[str]:
+        """`allowed_inviters` globs whose name part a user can choose at registration: on a
+        homeserver that lets people register, anyone may become one of them."""
+        return [
+            pattern
+            for pattern in self.appservice.allowed_inviters
+            if any(mark in pattern.split(":", 1)[0] for mark in "*?[")
+        ]
+
     def stale_resources(self, today: dt.date | None = None) -> list[Resource]:
         today = today or dt.date.today()
         limit = dt.timedelta(days=self.file.resources_max_age_days)

@@ -53,6 +53,17 @@ def event_time(event: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
     return fallback
 
 
+def _was_joined(event: Mapping[str, Any] | None) -> bool:
+    """Whether a leave (or ban) ended a membership: what it replaced was a join. Synapse
+    gives what a state event replaced (`unsigned.prev_content`); without it, a leave is
+    taken as one (as before the rule)."""
+    unsigned = (event or {}).get("unsigned")
+    previous = unsigned.get("prev_content") if isinstance(unsigned, dict) else None
+    if not isinstance(previous, dict):
+        return True
+    return previous.get("membership") == "join"
+
+
 class Referral:
     def __init__(
         self,
@@ -156,25 +167,38 @@ class Referral:
         await self._open(handling, flag, target)
 
     async def _absence(self, handling: Handling, flag: Flag, target: str) -> Refusal | None:
-        """None if the target may be flagged in that room: in it (joined, invited,
-        knocking), gone less than `policy.recent_leave` before the flag, or already the
-        subject of an open case there (then it is corroboration)."""
+        """None if the target may be flagged in that room: joined, or gone from it (after
+        being in it) less than `policy.recent_leave` before the flag, or already the
+        subject of an open case there (then it is corroboration).
+
+        Someone only invited (or knocking) was never in the room: anyone who can invite
+        could otherwise make the bot send any user of the homeserver a crisis DM."""
         event = await self._room_state.member_event(flag.room_id, target)
         if isinstance(event, Refused):
             return None  # unreadable says nothing either way: the removal's answer decides
         content = (event or {}).get("content") or {}
         membership = content.get("membership")
-        if membership in ("join", "invite", "knock"):
+        if membership == "join":
             return None
         flagged_at = event_time(handling.item.payload, handling.item.received_at)
         left_at = event_time(event or {}, flagged_at - 2 * self._policy.recent_leave)
-        if event is not None and flagged_at - left_at <= self._policy.recent_leave:
+        if (
+            membership in ("leave", "ban")
+            and _was_joined(event)
+            and flagged_at - left_at <= self._policy.recent_leave
+        ):
             return None
         async with handling.database() as conn:
             if await cases.has_active(conn, flag.room_id, target):
                 return None
         if event is None:
             return Refusal("not_in_room", f"{target} has never been in that room")
+        if membership == "invite":
+            return Refusal("not_in_room", f"{target} is only invited to that room, not in it")
+        if membership == "knock":
+            return Refusal("not_in_room", f"{target} is only knocking at that room, not in it")
+        if not _was_joined(event):
+            return Refusal("not_in_room", f"{target} was never in that room (an invite refused)")
         return Refusal(
             "not_in_room",
             f"{target} left that room more than {_duration(self._policy.recent_leave)} "

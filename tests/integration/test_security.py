@@ -322,3 +322,31 @@ async def _command(scene, text: str) -> str:
         return None
 
     return await until(reply, what=f"the reply to {text!r}")
+
+
+async def test_someone_only_invited_cannot_be_flagged(synapse, tmp_path):
+    """Anyone who can invite could otherwise make the bot send any user of the homeserver a
+    crisis DM, and staff an alert about them: a flag needs the person in the room."""
+    scene = await build_scene(synapse, tmp_path)
+    stranger = await synapse.new_user("stranger")
+    refuser = await synapse.new_user("refuser")
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        await scene.moderator.invite(scene.group, stranger.user_id)
+        await scene.moderator.invite(scene.group, refuser.user_id)
+        await refuser.leave(scene.group)  # an invite refused: never in the room
+        await scene.moderator.send_text(scene.group, f"!safeguard {stranger.user_id}")
+        await scene.moderator.send_text(scene.group, f"!safeguard {refuser.user_id}")
+        refused = await until(
+            lambda: _two(entries(service, "refused")), what="both flags refused and recorded"
+        )
+        details = sorted(e.personal["detail"] for e in refused)
+        assert "only invited to that room" in details[1] and "never in that room" in details[0]
+        await asyncio.sleep(1)
+        assert await stranger.invited_rooms() == [scene.group], "no crisis DM"
+        assert not await scene.staff_matching(lambda m: m.startswith("Case #"))
+
+
+async def _two(found):
+    entries_found = await found
+    return entries_found if len(entries_found) == 2 else None

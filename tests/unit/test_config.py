@@ -153,6 +153,11 @@ def test_inviters_default_to_staff_only(tmp_path):
     assert load_config(write(tmp_path, MINIMAL)).allowed_inviters == ()
     widened = {**MINIMAL, "appservice": {**MINIMAL["appservice"], "allowed_inviters": ["@*-mod:l"]}}
     assert load_config(write(tmp_path, widened, "w.yaml")).allowed_inviters == ("@*-mod:l",)
+    listed = {**MINIMAL, "appservice": {**MINIMAL["appservice"], "allowed_inviters": ["@a:l"]}}
+    assert load_config(write(tmp_path, listed, "l.yaml")).choosable_inviters() == []
+    assert load_config(write(tmp_path, widened, "c.yaml")).choosable_inviters() == ["@*-mod:l"], (
+        "a name anyone may register"
+    )
     bad = {**MINIMAL, "appservice": {**MINIMAL["appservice"], "allowed_inviters": ["everyone"]}}
     with pytest.raises(ConfigError, match=r"appservice\.allowed_inviters\.0"):
         load_config(write(tmp_path, bad, "b.yaml"))
