@@ -6,10 +6,10 @@ is simply not a flag.
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Any, Literal
 
 from bot.reactions import annotation, normalise_key
@@ -21,12 +21,11 @@ _USER_ID = re.compile(r"@[^\s:]+:[^\s]+")
 _PLAUSIBLE_USER = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-:\[\]]+")
 _PLAUSIBLE_EVENT = re.compile(r"\$[\x21-\x7e]+")
 MAX_ID = 255
-# Element pills: <a href="https://matrix.to/#/@user:server">Name</a>
-_PILL_ANCHOR = re.compile(
-    r"""<a\s[^>]*href=["']https://matrix\.to/#/(@[^"'?/]+)[^"']*["'][^>]*>.*?</a>""", re.I | re.S
-)
-_MX_REPLY = re.compile(r"<mx-reply>.*?</mx-reply>", re.I | re.S)
-_TAGS = re.compile(r"<[^>]+>")
+# Element pills: <a href="https://matrix.to/#/@user:server">Name</a>. Read with an HTML
+# parser (one pass), never a backtracking pattern: anyone may send formatted_body.
+_PILL_HREF = re.compile(r"https://matrix\.to/#/(@[^\"'?/]+)", re.I)
+# More formatted text than any command needs is not read at all (the plain body is).
+MAX_FORMATTED = 16_384
 
 
 @dataclass(frozen=True)
@@ -99,10 +98,52 @@ def _recognise_reaction(
     )
 
 
-def _plain_with_pills(formatted: str) -> str:
-    """formatted_body as text, each pill replaced by its user id (the body has only the name)."""
-    text = _PILL_ANCHOR.sub(lambda match: match.group(1), _MX_REPLY.sub("", formatted))
-    return html.unescape(_TAGS.sub("", text))
+class _PillText(HTMLParser):
+    """formatted_body as text: each pill its user id (the body has only the name), the
+    reply fallback (<mx-reply>) left out, every other tag dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.pills = 0
+        self._in_reply = 0
+        self._pill: str | None = None  # the user of the pill being read
+        self._pill_text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "mx-reply":
+            self._in_reply += 1
+        elif tag == "a" and self._pill is None and not self._in_reply:
+            href = next((value for name, value in attrs if name == "href"), None) or ""
+            found = _PILL_HREF.match(href[: MAX_ID + 32])
+            if found:
+                self._pill, self._pill_text = found.group(1), []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "mx-reply" and self._in_reply:
+            self._in_reply -= 1
+        elif tag == "a" and self._pill is not None:
+            self.parts.append(self._pill)
+            self.pills += 1
+            self._pill, self._pill_text = None, []
+
+    def handle_data(self, data: str) -> None:
+        if self._in_reply:
+            return
+        (self._pill_text if self._pill is not None else self.parts).append(data)
+
+    def text(self) -> str:
+        self.close()
+        return "".join(self.parts + self._pill_text)  # a pill never closed: its name as text
+
+
+def _pills_read(formatted: str) -> tuple[str, int] | None:
+    """(the text with pills as user ids, how many) of a formatted_body of a bounded size."""
+    if len(formatted) > MAX_FORMATTED:
+        return None
+    reader = _PillText()
+    reader.feed(formatted)
+    return reader.text(), reader.pills
 
 
 def _recognise_command(
@@ -116,8 +157,9 @@ def _recognise_command(
         return None  # an edit re-states an earlier message; the original was the flag
     reply_to = _reply_target(relation)
     formatted = _text(content.get("formatted_body"))
-    if formatted and _PILL_ANCHOR.search(formatted):
-        text = _plain_with_pills(formatted).strip()
+    read = _pills_read(formatted) if formatted and "matrix.to" in formatted else None
+    if read is not None and read[1]:
+        text = read[0].strip()
     else:
         text = (strip_reply_fallback(body) if reply_to else body).strip()
     words = text.split(maxsplit=2)

@@ -207,3 +207,30 @@ def test_any_configured_key_matches_its_variants(key):
 @given(st.text())
 def test_fallback_stripping_never_grows_the_text(body):
     assert len(strip_reply_fallback(body)) <= len(body)
+
+
+def test_a_crafted_formatted_body_is_read_in_one_pass():
+    """64 KB of unclosed pill anchors from anyone: the old pattern backtracked on it on the
+    event loop, before any permission check. Too much formatted text is not read at all,
+    and what is read is read once (an HTML parser)."""
+    import time
+
+    crafted = '<a href="https://matrix.to/#/@x:y">' * 1700  # ~64 KB, no </a>
+    event = message("!safeguard", format="org.matrix.custom.html", formatted_body=crafted)
+    began = time.perf_counter()
+    assert recognise_flag(event, **KEYS) is None, "the body names no one"
+    bounded = '<a href="https://matrix.to/#/@x:y">' * 400  # under the cap: parsed
+    recognise_flag(message("!safeguard", formatted_body=bounded), **KEYS)
+    assert time.perf_counter() - began < 0.5
+
+
+def test_an_unclosed_pill_reads_as_its_name_and_a_reply_fallback_is_skipped():
+    event = message(
+        "!safeguard Sam",
+        formatted_body=(
+            "<mx-reply><a href='https://matrix.to/#/@quoted:l'>Q</a></mx-reply>"
+            "!safeguard <a href='https://matrix.to/#/@sam:l'>Sam</a> said so"
+        ),
+    )
+    flag = recognise_flag(event, **KEYS)
+    assert flag is not None and (flag.target_user, flag.reason) == ("@sam:l", "said so")
