@@ -282,7 +282,6 @@ class BotCrypto:
         else:
             if recorded:
                 log.warning("the crypto store of device %s is gone: a new device", recorded)
-                await self.delete_device(recorded)
             device_id = DEVICE_PREFIX + secrets.token_hex(5).upper()
             try:
                 self._device_file.write_text(json.dumps({"device_id": device_id}))
@@ -295,14 +294,32 @@ class BotCrypto:
         )
         if status not in (200, 201):
             raise HomeserverUnavailable(f"the bot's device could not be made ({status} {body})")
+        # Devices of lost stores (device.json lost with them, so not known by id): gone.
+        orphans = await self.delete_devices(keep=device_id)
+        if orphans:
+            log.warning("deleted the bot's devices whose stores are gone: %s", ", ".join(orphans))
         return device_id
 
-    async def delete_device(self, device_id: str) -> int:
-        """Delete one of the bot's devices on the homeserver (the HTTP status)."""
-        status, _ = await self._raw(
-            "DELETE", f"/_matrix/client/v3/devices/{quote(device_id, safe='')}", {}
-        )
-        return status
+    async def delete_devices(self, *, keep: str | None) -> list[str]:
+        """Delete the bot's own devices (SAFEGUARD…) on the homeserver but `keep`: a device
+        whose store is gone can never read again, and members' clients would go on
+        sharing keys with it. Returns the ids deleted."""
+        status, body = await self._raw("GET", "/_matrix/client/v3/devices")
+        if status != 200:
+            raise HomeserverUnavailable(f"listing the bot's devices: HTTP {status}")
+        deleted: list[str] = []
+        for device in body.get("devices") or []:
+            device_id = device.get("device_id") if isinstance(device, dict) else None
+            if not isinstance(device_id, str) or not device_id.startswith(DEVICE_PREFIX):
+                continue
+            if device_id == keep:
+                continue
+            path = f"/_matrix/client/v3/devices/{quote(device_id, safe='')}"
+            status, _ = await self._raw("DELETE", path, {})
+            if status != 200:
+                raise HomeserverUnavailable(f"deleting device {device_id}: HTTP {status}")
+            deleted.append(device_id)
+        return deleted
 
     def _restore(self, device_id: str) -> None:
         """Load the device's account from the store, and prove the store can be written."""
@@ -790,26 +807,13 @@ async def reset_device(hs_url: str, as_token: str, bot_user_id: str, store: Path
     clients stop sharing keys with a device nobody holds, and the store is moved aside
     (kept, not deleted: `<store>.replaced-<time>`). The next start makes a new device.
     Messages encrypted to the old device stay unreadable to the bot."""
-    client = BotClient(hs_url, bot_user_id)
-    client.masquerade_user = bot_user_id
-    headers = {"Authorization": f"Bearer {as_token}", "Content-Type": "application/json"}
-    deleted: list[str] = []
+    crypto = BotCrypto(hs_url, as_token, bot_user_id, store)
+    crypto.client = CryptoClient(hs_url, bot_user_id)  # no store: the homeserver only
+    crypto.client.masquerade_user = bot_user_id
     try:
-        response = await client.send("GET", "/_matrix/client/v3/devices", None, headers)
-        if response.status != 200:
-            raise HomeserverUnavailable(f"listing the bot's devices: HTTP {response.status}")
-        body = await response.json(content_type=None)
-        devices = [d.get("device_id") for d in (body or {}).get("devices") or []]
-        for device_id in devices:
-            if not isinstance(device_id, str) or not device_id.startswith(DEVICE_PREFIX):
-                continue
-            path = f"/_matrix/client/v3/devices/{quote(device_id, safe='')}"
-            answer = await client.send("DELETE", path, "{}", headers)
-            if answer.status != 200:
-                raise HomeserverUnavailable(f"deleting device {device_id}: HTTP {answer.status}")
-            deleted.append(device_id)
+        deleted = await crypto.delete_devices(keep=None)
     finally:
-        await client.close()
+        await crypto.close()
     moved_to = None
     if store.exists() or store.is_symlink():
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -179,16 +179,46 @@ async def test_a_crypto_store_lost_means_a_new_device_and_members_still_read_it(
         await until(service.crypto.ready.is_set, within=60, what="the bot's device")
         old_device = service.crypto.client.device_id
         await open_encrypted_group(scene)
-    shutil.rmtree(load_config(config).crypto_store)
+    shutil.rmtree(load_config(config).crypto_store)  # device.json with it: an orphan
     async with running_service(config) as service:
         await until(service.crypto.ready.is_set, within=60, what="a new device")
-        assert service.crypto.client.device_id != old_device
+        new_device = service.crypto.client.device_id
+        assert new_device != old_device
+        assert await bot_devices(scene) == [new_device], "the lost store's device is deleted"
         await flag_member(scene)
         dm, notice = await the_notice(scene)
         assert "worried about you" in notice and scene.member.encrypted(dm)
         await until(lambda: removed(scene, scene.member), within=30, what="the removal")
         alert = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
         assert "UNENCRYPTED" not in alert[0]
+
+
+async def bot_devices(scene: EncryptedScene) -> list[str]:
+    """The bot's devices as the homeserver holds them (its admin API)."""
+    admin = await scene.synapse.new_user("admin", admin=True)
+    answer = await admin.request("GET", f"/_synapse/admin/v2/users/{BOT}/devices")
+    return sorted(d["device_id"] for d in answer["devices"])
+
+
+async def test_e2ee_reset_makes_a_new_device_deliberately_only_when_asked(
+    scene: EncryptedScene, tmp_path: Path
+):
+    config = config_for(scene, tmp_path, encryption=FAST)
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="the bot's device")
+        old_device = service.crypto.client.device_id
+        code, _out, err = await safeguard_cli("e2ee", "reset", "-c", str(config), "--yes")
+        assert code == 2 and "already running" in err, "never beside a running service"
+    code, _out, err = await safeguard_cli("e2ee", "reset", "-c", str(config))
+    assert code == 2 and "--yes" in err, "only when asked"
+    assert await bot_devices(scene) == [old_device]
+    code, out, _err = await safeguard_cli("e2ee", "reset", "-c", str(config), "--yes")
+    assert code == 0 and old_device in out and "kept at" in out
+    assert await bot_devices(scene) == []
+    async with running_service(config) as service:
+        await until(service.crypto.ready.is_set, within=60, what="a new device")
+        assert service.crypto.client.device_id != old_device
+        assert await bot_devices(scene) == [service.crypto.client.device_id]
 
 
 async def _not_ok(service: Service) -> dict[str, Any] | None:
