@@ -425,9 +425,7 @@ class Service:
             self.timers.start()
             now = dt.datetime.now(dt.UTC)
             self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
-            self.timers.every(
-                "post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head
-            )
+            self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
             self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
             self.reconciler.start()
             self._acting = self._started = True
