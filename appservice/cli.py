@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What the service and its commands write (the database, its journal, the crypto
+    # store, exports) names people at risk: readable by the service's own user only.
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "needs", None) == "nothing":

@@ -23,7 +23,9 @@ from appservice.crypto import BotCrypto
 from appservice.database import (
     HEALTH_BUSY_TIMEOUT_MS,
     InstanceLock,
+    checkpoint,
     create_engine,
+    protect_files,
     upgrade,
     write_heartbeat,
 )
@@ -358,6 +360,12 @@ class Service:
         await self._lock.acquire()
         try:
             await upgrade(self.engine)
+            database = self.config.sqlite_path
+            journal = [database.with_name(database.name + end) for end in ("-wal", "-shm")]
+            protect_files(
+                *([database, *journal] if database else []),
+                self.config.crypto_store if self.crypto is not None else None,
+            )
             self._lock_held.set()
             self._lock.watch(self._lock_lost, self._lock_regained, self._lock_taken)
             await self.staff_room.load_pin()
@@ -627,6 +635,7 @@ class Service:
         purged = await purge(
             self.engine, self.deployment.provenance, self.config.audit.retention_days
         )
+        await checkpoint(self.engine)
         if purged.cases:
             log.info("retention purged %d case(s)", purged.cases)
         await self._refresh_metrics()
