@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 
 from appservice.errors import ConfigError
 from appservice.registration import load_registration
+from appservice.webhook import webhook_problem
 from bot.settings import (
     AuditSettings,
     CheckinSettings,
@@ -275,6 +276,9 @@ def check_runnable(config: Config) -> None:
     problems: list[str] = list(validate_templates(config.messages))
     if config.policy.staff_room is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
+    webhook = config.policy.alert_webhook
+    if webhook is not None and (refused := webhook_problem(webhook)) is not None:
+        problems.append(f"policy.alert_webhook: {refused}")
     database = config.sqlite_path
     if database is None and make_url(config.database_url).drivername.startswith("sqlite"):
         problems.append(

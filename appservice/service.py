@@ -162,7 +162,7 @@ class Service:
         self.recent_senders = RecentSenders()
         self.room_state = RoomStateCache(self.homeserver)
         self.texts = Texts(self.deployment, on_fallback=self._template_fell_back)
-        webhook = HttpWebhook()
+        webhook = HttpWebhook(secret=config.policy.alert_webhook_secret)
 
         # ---- the workers ----
         self.outbox = OutboxDelivery(

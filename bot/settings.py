@@ -131,6 +131,9 @@ class PolicySettings(_Strict):
     # removal are in (the alert says which are done, not yet, or failed, and why).
     alert_deadline: Duration = dt.timedelta(seconds=30)
     alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
+    # Signs each webhook request (X-Safeguard-Signature: sha256=HMAC of the body), so the
+    # pager can tell the page came from this service.
+    alert_webhook_secret: str | None = None
     # A member who left the room this recently can still be flagged (told, staff alerted);
     # anyone else not in the room cannot (a refusal: nothing is sent to them).
     recent_leave: Duration = dt.timedelta(hours=24)

@@ -150,10 +150,19 @@ async def test_tick_reaction_acknowledges_the_alert(synapse, tmp_path):
 
 
 async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path):
+    """Paged once, signed: the pager can tell the page came from this service."""
+    import hashlib
+    import hmac
+    import json
+
     received: list[dict] = []
+    signed: list[bool] = []
 
     async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
+        body = await request.read()
+        expected = "sha256=" + hmac.new(b"pager-secret", body, hashlib.sha256).hexdigest()
+        signed.append(request.headers.get("X-Safeguard-Signature") == expected)
+        received.append(json.loads(body))
         return web.json_response({})
 
     app = web.Application()
@@ -166,7 +175,11 @@ async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path)
         scene = await build_scene(synapse, tmp_path)
         config = checkin_config(scene, after="1h")
         data = yaml.safe_load(config.read_text())
-        data["policy"] |= {"ack_within": "2s", "alert_webhook": f"http://127.0.0.1:{port}/page"}
+        data["policy"] |= {
+            "ack_within": "2s",
+            "alert_webhook": f"http://127.0.0.1:{port}/page",
+            "alert_webhook_secret": "pager-secret",
+        }
         config.write_text(yaml.safe_dump(data))
         async with running_service(config):
             await open_group_room(scene)
@@ -180,6 +193,7 @@ async def test_unacknowledged_alert_is_raised_again_and_paged(synapse, tmp_path)
             await until(lambda: recorded(config, "alert_raised_again"), what="the record")
             assert received and received[0]["case"] == 1
             assert received[0]["event"] == "safeguard.alert_unacknowledged"
+            assert signed == [True], "signed with policy.alert_webhook_secret"
             await asyncio.sleep(2.5)  # raised once, not every ack_within
             again = await scene.staff_matching(lambda m: "has not been acknowledged" in m)
             assert len(again) == 1 and len(received) == 1

@@ -128,6 +128,15 @@ def test_registration_mismatch_is_reported(tmp_path):
         check_runnable(load_config(path))
 
 
+def test_a_webhook_that_would_cross_a_network_in_the_clear_is_refused(tmp_path):
+    path = runnable(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["policy"]["alert_webhook"] = "http://pager.example.org/hook"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"policy\.alert_webhook: the webhook must be https"):
+        check_runnable(load_config(path))
+
+
 def test_relative_paths_follow_the_config_file(tmp_path, monkeypatch):
     path = runnable(tmp_path)
     monkeypatch.chdir("/")
