@@ -55,9 +55,12 @@ class HealthChecks:
         crypto: Any = None,
         encryption_problem: str | None = None,
         alert_deadline: dt.timedelta = dt.timedelta(seconds=30),
+        staff_room_warning: Callable[[], str | None] = lambda: None,
         extra: Mapping[str, Check] | None = None,
     ) -> None:
         self._alert_deadline = alert_deadline
+        # Something about the staff room an operator should know that stops nothing.
+        self._staff_room_warning = staff_room_warning
         self._crypto = crypto
         # Asked for but impossible (an older registration): encrypted commands would go
         # unread, so /health says so until an operator fixes it or turns encryption off.
@@ -158,9 +161,13 @@ class HealthChecks:
 
     async def staff_room(self) -> dict[str, Any]:
         problem = await self._staff_room.problem(self._hs)
-        return {"ok": problem is None, "room": self._staff_room.room_id} | (
-            {"problem": problem} if problem else {}
-        )
+        result: dict[str, Any] = {"ok": problem is None, "room": self._staff_room.room_id}
+        if problem:
+            result["problem"] = problem
+        warning = self._staff_room_warning()
+        if warning:
+            result["warning"] = warning
+        return result
 
     async def encryption(self) -> dict[str, Any]:
         """The bot's device: ready, and its one-time keys published (turned off: says so,

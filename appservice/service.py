@@ -350,6 +350,7 @@ class Service:
             crypto=self.crypto,
             encryption_problem=self.registration.encryption_problem(config),
             alert_deadline=config.policy.alert_deadline,
+            staff_room_warning=self._staff_room_warning,
             extra={"ready_dm_rooms": self._ready_rooms_status},
         )
         self.port: int | None = None
@@ -568,6 +569,16 @@ class Service:
 
     def _wake_lane(self, lane: int) -> None:
         self.lane_workers[lane].wake()
+
+    def _staff_room_warning(self) -> str | None:
+        """The staff room as known ahead (no read): does joining it make anyone staff?"""
+        room_id = self.staff_room.room_id
+        if room_id is None or not self.staff.everyone_is_staff(self.room_state.current(room_id)):
+            return None
+        return (
+            "anyone who joins the staff room is staff: its power levels' users_default "
+            "reaches policy.staff_power_level (lower the default, or raise the level)"
+        )
 
     def _known_power(self, room_id: str, user_id: str) -> float | None:
         """A sender's power in a room, as known from pushed state (None: not known now)."""

@@ -1,6 +1,12 @@
-"""Who is staff: users named in `policy.staff`, and anyone with `policy.staff_power_level`
-in the staff room (read fresh for each command and invite; a flag's decision uses the
-staff room's state known ahead, kept current like a group room's: bot/room_state.py)."""
+"""Who is staff: users named in `policy.staff`, and anyone joined in the staff room with
+`policy.staff_power_level` there (read fresh for each command and invite; a flag's
+decision uses the staff room's state known ahead, kept current like a group room's:
+bot/room_state.py).
+
+Power alone is not enough to command the bot or put it in a room: someone kicked from
+the staff room keeps whatever power levels still say, and a staff room whose
+`users_default` reaches the staff level would make everyone staff. Being in the room is
+what staff are."""
 
 from __future__ import annotations
 
@@ -36,7 +42,16 @@ class StaffDirectory:
     async def is_staff(self, user_id: str) -> bool:
         if user_id in self._policy.staff:
             return True
-        return self.is_staff_in(user_id, await self.room_state())
+        if not self.is_staff_in(user_id, await self.room_state()):
+            return False
+        assert self._room.room_id is not None  # a state was read, so the room is known
+        return await self._hs.membership(self._room.room_id, user_id) == "join"
+
+    def everyone_is_staff(self, staff_room: RoomState | None) -> bool:
+        """Whether anyone who joins the staff room gets the staff level by default."""
+        levels = staff_room.power_levels if staff_room is not None else None
+        default = levels.get("users_default", 0) if isinstance(levels, dict) else 0
+        return isinstance(default, int) and default >= self._policy.staff_power_level
 
     async def may_invite_bot(self, user_id: str, extra_inviters: Sequence[str]) -> bool:
         """Staff, or someone operators listed in appservice.allowed_inviters."""

@@ -350,3 +350,35 @@ async def test_someone_only_invited_cannot_be_flagged(synapse, tmp_path):
 async def _two(found):
     entries_found = await found
     return entries_found if len(entries_found) == 2 else None
+
+
+async def test_someone_kicked_from_the_staff_room_is_staff_no_more(synapse, tmp_path):
+    """Their power level stays in the staff room's state; they may not put the bot in a
+    room any more (nor command it). Being in the staff room is what staff are."""
+    scene = await build_scene(synapse, tmp_path)
+    former = await synapse.new_user("former")
+    await scene.staff.invite(scene.staff_room, former.user_id)
+    await former.join(scene.staff_room)
+    await scene.staff.set_power_level(scene.staff_room, former.user_id, 50)
+    config = configure(scene)
+    data = yaml.safe_load(config.read_text())
+    data["policy"]["staff"] = []  # staff by the staff room's power levels alone
+    data["policy"]["staff_power_level"] = 50
+    config.write_text(yaml.safe_dump(data))
+    async with running_service(config) as service:
+
+        async def bot_in(user, room: str) -> bool:
+            return (await user.members(room)).get(BOT) == "join"
+
+        await until(lambda: bot_in(scene.staff, scene.staff_room), what="the bot in the room")
+        still = await former.create_room(name="While staff", invite=[BOT])
+        await until(lambda: bot_in(former, still), what="a staff member's invite accepted")
+        await scene.staff.kick(scene.staff_room, former.user_id)
+        room = await former.create_room(name="After", invite=[BOT])
+
+        async def declined() -> bool:
+            return (await former.members(room)).get(BOT) == "leave"
+
+        await until(declined, what="the former staff member's invite declined")
+        refused = await until(lambda: entries(service, "invite_refused"), what="its record")
+        assert refused[0].personal["inviter"] == former.user_id

@@ -146,3 +146,20 @@ def test_an_accepted_flag_always_means_a_moderator_above_its_target(flagger, tar
         assert flagger >= bar and target < bar and target < flagger
     else:
         assert not (flagger >= bar and target < bar and target < flagger)
+
+
+def test_a_staff_room_whose_default_reaches_the_staff_level_is_told():
+    from bot.ports import RoomState
+    from bot.settings import PolicySettings
+    from bot.staff import StaffDirectory
+    from bot.staff_room import StaffRoom
+
+    directory = StaffDirectory(None, PolicySettings(staff_power_level=50), StaffRoom("!s:l"))  # type: ignore[arg-type]
+
+    def room(default: int) -> RoomState:
+        create = {"sender": "@c:l", "content": {"room_version": "10"}}
+        return RoomState.of("!s:l", create, {"users_default": default, "users": {}})
+
+    assert directory.everyone_is_staff(room(50))
+    assert not directory.everyone_is_staff(room(0))
+    assert not directory.everyone_is_staff(None)
