@@ -155,7 +155,9 @@ class Service:
         self._fallbacks: set[asyncio.Task[None]] = set()
 
         # ---- who and where ----
-        self.staff_room = StaffRoom(config.policy.staff_room, self.engine)
+        self.staff_room = StaffRoom(
+            config.policy.staff_room, self.engine, staff=config.policy.staff
+        )
         self.rooms = RoomDirectory(self.staff_room)
         self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
         # Filled by the intake, read by the referral: who sent each recent event.
@@ -169,6 +171,7 @@ class Service:
             self.engine,
             self.homeserver,
             self.texts,
+            self.staff_room,
             plain_after=self.deployment.plain_fallback_after,
         )
         self.outbox_worker = Worker("outbox", self.outbox.work_once)

@@ -23,6 +23,7 @@ from bot.ports import (
     HomeserverUnavailable,
     Refused,
 )
+from bot.staff_room import StaffRoom
 from bot.store import outbox
 from bot.texts import Texts
 
@@ -37,9 +38,11 @@ class OutboxDelivery:
         db: AsyncEngine,
         homeserver: Homeserver,
         texts: Texts,
+        staff_room: StaffRoom,
         *,
         plain_after: dt.timedelta | None = None,
     ) -> None:
+        self._staff_room = staff_room
         self._db = db
         self._hs = homeserver
         self._texts = texts
@@ -58,10 +61,12 @@ class OutboxDelivery:
             if held_by_encryption is not None and not message.plain:
                 continue  # waits for encryption, in order; a plain message need not
             try:
-                # Queued while the staff room's alias did not resolve yet: resolve it now.
-                room_id = await self._hs.resolve_room(message.room_id)
-                if isinstance(room_id, Refused):
-                    return self._hold(f"{message.room_id} does not resolve ({room_id})")
+                # Queued while the staff room's alias did not resolve yet: the room it was
+                # pinned to since, never what the alias points to now (anyone may have
+                # made it point to a room of theirs).
+                room_id = self._where(message.room_id)
+                if room_id is None:
+                    return self._hold(f"the staff room {message.room_id} is not resolved yet")
                 event_id = None
                 if message.attempts:
                     # A previous attempt may have been sent before a crash or a lost answer.
@@ -100,6 +105,11 @@ class OutboxDelivery:
         if held_by_encryption is not None:
             return self._hold(held_by_encryption)
         return bool(queued)
+
+    def _where(self, address: str) -> str | None:
+        if address == self._staff_room.configured:
+            return self._staff_room.room_id
+        return address if address.startswith("!") else None
 
     async def _tell_waiting(
         self, room_id: str, message: outbox.Outgoing, why: Exception, now: dt.datetime

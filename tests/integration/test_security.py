@@ -382,3 +382,37 @@ async def test_someone_kicked_from_the_staff_room_is_staff_no_more(synapse, tmp_
         await until(declined, what="the former staff member's invite declined")
         refused = await until(lambda: entries(service, "invite_refused"), what="its record")
         assert refused[0].personal["inviter"] == former.user_id
+
+
+async def test_a_squatter_cannot_become_the_staff_room(synapse, tmp_path):
+    """policy.staff_room is an alias nobody created yet: anyone may create it, on a public
+    room of theirs. The service never takes that room: no alert, no relayed reply, no
+    command obeyed there; /health says why; the member is still told and removed."""
+    scene = await build_scene(synapse, tmp_path, staff_room=False)
+    squatter = await synapse.new_user("squatter")
+    alias_name = f"staff-{tmp_path.name[-20:]}"
+    squatted = await squatter.create_room(name="Staff", preset="public_chat", alias=alias_name)
+    config = scene_config(scene, staff_room=f"#{alias_name}:{synapse.server_name}")
+    async with running_service(config) as service:
+
+        async def refused() -> dict | None:
+            _status, body = await health(service)
+            check = body["checks"]["staff_room"]
+            return check if "not a staff room" in check.get("problem", "") else None
+
+        check = await until(refused, what="/health to say why the room was not taken")
+        assert "anyone can join it" in check["problem"]
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "nobody cares")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: _left_group(scene), what="the member removed all the same")
+        await squatter.send_text(squatted, "!case list")
+        await asyncio.sleep(3)
+        sent = [e for e in await squatter.messages(squatted) if e.get("sender") == BOT]
+        assert [e["type"] for e in sent if e["type"] != "m.room.member"] == [], "nothing there"
+        assert (await squatter.members(squatted)).get(BOT) in (None, "leave")
+        assert service.staff_room.room_id is None, "never pinned"
+
+
+async def _left_group(scene) -> bool:
+    return await scene.membership(scene.group, scene.member) == "leave"

@@ -163,3 +163,25 @@ def test_a_staff_room_whose_default_reaches_the_staff_level_is_told():
     assert directory.everyone_is_staff(room(50))
     assert not directory.everyone_is_staff(room(0))
     assert not directory.everyone_is_staff(None)
+
+
+def test_a_staff_room_is_invite_only_and_made_by_staff():
+    from bot.staff_room import not_staffs_room
+
+    def state(creator: str, join_rule: str | None, admins: dict[str, int]) -> list[dict]:
+        events = [
+            {"type": "m.room.create", "state_key": "", "sender": creator, "content": {}},
+            {"type": "m.room.power_levels", "state_key": "", "content": {"users": admins}},
+        ]
+        if join_rule is not None:
+            rule = {"join_rule": join_rule}
+            events.append({"type": "m.room.join_rules", "state_key": "", "content": rule})
+        return events
+
+    staff = ["@lead:l"]
+    assert not_staffs_room(state("@lead:l", "invite", {}), staff) is None
+    assert not_staffs_room(state("@other:l", None, {"@lead:l": 100}), staff) is None, "an admin"
+    assert "anyone can join" in not_staffs_room(state("@lead:l", "public", {}), staff)
+    assert "restricted" in not_staffs_room(state("@lead:l", "restricted", {}), staff)
+    assert "policy.staff" in not_staffs_room(state("@squatter:l", "invite", {}), staff)
+    assert "policy.staff" in not_staffs_room(state("@x:l", "invite", {"@lead:l": 50}), staff)
