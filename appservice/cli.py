@@ -69,6 +69,13 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "
             f"older than resources_max_age_days ({config.file.resources_max_age_days})"
         )
+    encryption = config.file.encryption
+    if encryption.enabled and encryption.private_rooms:
+        print(
+            "note: members' replies in their encrypted DMs are relayed into the staff room: "
+            "keep the staff room encrypted, or they are copied there in the clear (/health "
+            "warns if it is not)"
+        )
     for pattern in config.choosable_inviters():
         print(
             f"warning: appservice.allowed_inviters: {pattern!r} matches names a user can "

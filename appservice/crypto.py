@@ -630,6 +630,14 @@ class BotCrypto:
         self._encrypted[room_id] = encrypted
         return encrypted
 
+    def known_encrypted(self, room_id: str) -> bool | None:
+        """Whether the room is encrypted, as far as the bot knows without a read (None:
+        not known yet)."""
+        room = self.client.rooms.get(room_id) if self.client is not None else None
+        if room is not None:
+            return bool(room.encrypted)
+        return self._encrypted.get(room_id)
+
     def created(self, room_id: str, *, encrypted: bool) -> None:
         """A room the bot just created, encrypted from its first event or not at all (no
         one else in it may change that; if anyone does, the sync shows it first)."""

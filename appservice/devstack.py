@@ -90,6 +90,15 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
                 "name": "Staff",
                 "preset": "private_chat",
                 "invite": [f"@moderator:{SERVER_NAME}"],
+                # Encrypted, as Element makes a private room: members' replies are
+                # relayed here, and never in the clear.
+                "initial_state": [
+                    {
+                        "type": "m.room.encryption",
+                        "state_key": "",
+                        "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                    }
+                ],
             },
         )
     )["room_id"]

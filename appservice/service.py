@@ -147,6 +147,7 @@ class Service:
         self._started = False  # they were started once (by _connect)
         self._pause_resume = asyncio.Lock()  # one pause or resume at a time, in order
         self._encryption_reports = asyncio.Lock()  # "failed" and "works again", in order
+        self._staff_room_warned: str | None = None  # logged once, until it changes
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
         self.fatal: str | None = None
         self._runner: web.AppRunner | None = None
@@ -574,14 +575,32 @@ class Service:
         self.lane_workers[lane].wake()
 
     def _staff_room_warning(self) -> str | None:
-        """The staff room as known ahead (no read): does joining it make anyone staff?"""
+        """What an operator should know of the staff room that stops nothing, from what is
+        known ahead (no read): does joining it make anyone staff; are members' encrypted
+        replies copied into it in the clear (safety first: they are relayed all the same)."""
         room_id = self.staff_room.room_id
-        if room_id is None or not self.staff.everyone_is_staff(self.room_state.current(room_id)):
+        if room_id is None:
             return None
-        return (
-            "anyone who joins the staff room is staff: its power levels' users_default "
-            "reaches policy.staff_power_level (lower the default, or raise the level)"
-        )
+        warnings = []
+        if self.staff.everyone_is_staff(self.room_state.current(room_id)):
+            warnings.append(
+                "anyone who joins the staff room is staff: its power levels' users_default "
+                "reaches policy.staff_power_level (lower the default, or raise the level)"
+            )
+        if (
+            self.crypto is not None
+            and self.deployment.encrypt_private_rooms
+            and self.crypto.known_encrypted(room_id) is False
+        ):
+            warnings.append(
+                "the staff room is not encrypted: members' replies from their encrypted DMs "
+                "are copied into it in the clear (turn encryption on in the staff room)"
+            )
+        warning = "; ".join(warnings) or None
+        if warning and warning != self._staff_room_warned:
+            log.warning("%s", warning)
+        self._staff_room_warned = warning
+        return warning
 
     def _known_power(self, room_id: str, user_id: str) -> float | None:
         """A sender's power in a room, as known from pushed state (None: not known now)."""

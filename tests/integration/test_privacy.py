@@ -11,7 +11,14 @@ import pytest
 from appservice.config import load_config
 from appservice.database import create_engine
 from tests.support.processes import run_service_process
-from tests.support.scene import build_scene, scene_config, until
+from tests.support.scene import (
+    build_scene,
+    health,
+    running_service,
+    safeguard_cli,
+    scene_config,
+    until,
+)
 
 pytestmark = pytest.mark.synapse
 
@@ -54,3 +61,20 @@ async def test_the_database_and_the_crypto_store_are_the_services_own(synapse, t
             raw.close()
     finally:
         await engine.dispose()
+
+
+async def test_a_staff_room_in_the_clear_is_warned_of(synapse, tmp_path):
+    """Members' replies in their encrypted DMs are relayed to staff at once (safety first),
+    so a staff room that is not encrypted copies them in the clear: never silently."""
+    scene = await build_scene(synapse, tmp_path)
+    config = scene_config(scene, encryption={"private_rooms": True})
+    async with running_service(config) as service:
+
+        async def warned() -> str | None:
+            _status, body = await health(service)
+            return body["checks"]["staff_room"].get("warning")
+
+        warning = await until(warned, within=30, what="the warning on /health")
+        assert "not encrypted" in warning and "in the clear" in warning
+        code, out, _ = await safeguard_cli("check-config", "-c", str(config))
+        assert code == 0 and "keep the staff room encrypted" in out
