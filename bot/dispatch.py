@@ -56,6 +56,16 @@ RETRY_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 OUTAGE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+def _redacts(item: InboxItem) -> str | None:
+    """The event a redaction removes (`content.redacts` from room v11, `redacts` before)."""
+    if item.event_type != "m.room.redaction":
+        return None
+    content = item.payload.get("content")
+    target = content.get("redacts") if isinstance(content, dict) else None
+    target = target or item.payload.get("redacts")
+    return target if isinstance(target, str) else None
+
+
 class EventKind(Enum):
     FLAG = "flag"  # a possible flag in a group room
     BOT_MEMBERSHIP = "bot_membership"  # the bot invited, kicked, banned
@@ -173,9 +183,14 @@ class Dispatcher:
         now = dt.datetime.now(dt.UTC)
         async with self._db.connect() as conn:
             items = await ingest.pending(conn, lane=lane, now=now, limit=50)
+        # Flags their sender removed (redacted) before they were reached: not acted on.
+        withdrawn = {redacted for item in items if (redacted := _redacts(item)) is not None}
         nothing_to_do: list[int] = []
         try:
             for item in items:
+                if item.event_id in withdrawn and item.event_type != "m.room.redaction":
+                    await self._withdrawn(item)
+                    continue
                 readable = await self._readable(item)
                 if readable is None:
                     continue  # waiting for its key (or given up, and staff told)
@@ -206,6 +221,21 @@ class Dispatcher:
                 async with self._db.begin() as conn:
                     await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
         return len(items) == 50
+
+    async def _withdrawn(self, item: InboxItem) -> None:
+        """A flag removed before the queue reached it: recorded, and nothing done."""
+        now = dt.datetime.now(dt.UTC)
+        async with self._db.begin() as conn:
+            await ingest.finish(conn, item.seq, now)
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "flag_withdrawn",
+                facts={"event": item.event_id, "why": "removed before it was acted on"},
+                personal={"room": item.room_id, "flagger": item.payload.get("sender")},
+                at=now,
+            )
+        log.info("a flag removed before it was acted on: %s", item.event_id)
 
     async def _moved(self, decrypted: InboxItem) -> bool:
         """Move a decrypted event that needs acting on (a flag, say) to its lane; True if

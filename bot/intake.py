@@ -204,6 +204,12 @@ class ActionFilter:
                         return OTHER_LANE
                 return None
             return DECRYPT_LANE if event_type == "m.room.encrypted" and self._can_decrypt else None
+        if event_type == "m.room.redaction":
+            # A flag removed before it was acted on must not be: the flag lane reads its
+            # redactions with it (bot/dispatch.py). Only in rooms the bot moderates.
+            if room_id in self._moderated and event.get("sender") != self._bot:
+                return FLAG_LANE
+            return None
         if event_type == "m.room.member":
             # In a group room, only the bot's own membership and that of members with an
             # active case are acted on (bot/membership.py); everyone else's joins and

@@ -416,3 +416,34 @@ async def test_a_squatter_cannot_become_the_staff_room(synapse, tmp_path):
 
 async def _left_group(scene) -> bool:
     return await scene.membership(scene.group, scene.member) == "leave"
+
+
+async def test_a_flag_removed_before_the_bot_reached_it_is_not_acted_on(synapse, tmp_path):
+    """A moderator's 🚨 by mistake, taken back at once, while flags queue (the flag lane
+    held here): the member gets nothing, and the record says why."""
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        await service.flag_worker.stop()  # a backlog: the flag waits its turn
+        said = await scene.member.send_text(scene.group, "I'm fine really")
+        reaction = await scene.moderator.react(scene.group, said, "🚨")
+        await scene.moderator.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{q(scene.group)}/redact/{q(reaction)}/undo",
+            {"reason": "wrong message"},
+        )
+
+        async def both_queued() -> bool:
+            async with service.engine.connect() as conn:
+                from bot.store import ingest
+
+                pending = await ingest.pending(conn)
+            return {item.event_type for item in pending} >= {"m.reaction", "m.room.redaction"}
+
+        await until(both_queued, what="the flag and its removal delivered")
+        service.flag_worker.start()
+        withdrawn = await until(lambda: entries(service, "flag_withdrawn"), what="the record")
+        assert withdrawn[0].facts["event"] == reaction
+        await asyncio.sleep(1)
+        assert await scene.member.invited_rooms() == [], "no DM"
+        assert await scene.membership(scene.group, scene.member) == "join", "not removed"

@@ -266,3 +266,24 @@ async def test_encrypted_chat_is_decrypted_apart_and_only_a_flag_moves_to_the_fl
     async with engine.connect() as conn:
         assert await ingest.pending(conn) == []
         assert [e.kind for e in await audit.entries(conn)] == ["flagged"], "acted on as a flag"
+
+
+async def test_a_flag_removed_before_it_was_reached_is_not_acted_on(engine):
+    dispatcher = build(engine, homeserver())
+    redaction = {
+        "event_id": "$undo",
+        "room_id": GROUP,
+        "type": "m.room.redaction",
+        "sender": MOD,
+        "content": {"redacts": "$flag"},
+    }
+    await queue(
+        engine, (flag("$flag"), FLAG_LANE), (redaction, FLAG_LANE), (flag("$kept"), FLAG_LANE)
+    )
+    await drain(dispatcher, FLAG_LANE)
+    async with engine.connect() as conn:
+        entries = await audit.entries(conn)
+        assert await ingest.pending(conn) == []
+    kinds = [e.kind for e in entries]
+    assert kinds == ["flag_withdrawn", "flagged"], "the other flag is acted on"
+    assert entries[0].facts["event"] == "$flag"
