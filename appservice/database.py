@@ -139,6 +139,11 @@ def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
     )
 
 
+def sqlite_journal(database: Path) -> list[Path]:
+    """The files SQLite keeps beside a database in WAL mode."""
+    return [database.with_name(database.name + end) for end in ("-wal", "-shm")]
+
+
 def protect_files(*paths: Path | None) -> None:
     """Files readable by their owner only, folders enterable by their owner only (what an
     older version, or an operator's copy, left more open)."""

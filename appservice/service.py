@@ -26,6 +26,7 @@ from appservice.database import (
     checkpoint,
     create_engine,
     protect_files,
+    sqlite_journal,
     upgrade,
     write_heartbeat,
 )
@@ -366,11 +367,8 @@ class Service:
         try:
             await upgrade(self.engine)
             database = self.config.sqlite_path
-            journal = [database.with_name(database.name + end) for end in ("-wal", "-shm")]
-            protect_files(
-                *([database, *journal] if database else []),
-                self.config.crypto_store if self.crypto is not None else None,
-            )
+            files = [] if database is None else [database, *sqlite_journal(database)]
+            protect_files(*files, self.config.crypto_store if self.crypto is not None else None)
             self._lock_held.set()
             self._lock.watch(self._lock_lost, self._lock_regained, self._lock_taken)
             await self.staff_room.load_pin()
