@@ -62,6 +62,9 @@ class AppserviceSettings(_Strict):
     # Who besides staff may invite the bot into a room (user ids or * globs). Staff
     # always may; by default no one else.
     allowed_inviters: list[Annotated[str, Field(pattern=r"^@.+")]] = Field(default_factory=list)
+    # What `GET /health?detail=1` asks for (as a Bearer token): the detail names rooms,
+    # cases and errors, so it is for operators only. None: the detail is not served.
+    admin_token: str | None = Field(default=None, min_length=16)
 
 
 class DatabaseSettings(_Strict):

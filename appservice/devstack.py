@@ -62,6 +62,7 @@ def _write_service_config(base: Path, synapse_port: int, service_port: int) -> P
             "url": f"http://127.0.0.1:{service_port}",
             "listen": {"host": "127.0.0.1", "port": service_port},
             "registration": "registration.yaml",
+            "admin_token": secrets.token_hex(32),
         },
         "database": {"url": "sqlite+aiosqlite:///safeguard.db"},
         "policy": {"staff": [f"@staff:{SERVER_NAME}"]},
@@ -159,7 +160,9 @@ async def _bot_joined(client: _Client, room: str, within: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
-def _banner(hs_url: str, passwords: dict[str, str], rooms: dict[str, str], base: Path) -> str:
+def _banner(
+    hs_url: str, passwords: dict[str, str], rooms: dict[str, str], base: Path, health: str
+) -> str:
     logins = "\n".join(
         f"    {name:<10} @{name}:{SERVER_NAME}   password: {passwords[name]}" for name in DEMO_USERS
     )
@@ -177,9 +180,18 @@ def _banner(hs_url: str, passwords: dict[str, str], rooms: dict[str, str], base:
  as member and staff (other browser profiles) to see the DM, the removal, the
  Case #1 alert and, two minutes later, the check-in room.
  Records: .venv/bin/safeguard cases list -c {base / "config.yaml"}
+ Health:  {health}
  Stop: Ctrl-C.  State lives in {base}/ (delete it to start afresh).
 ==============================================================================
 """
+
+
+def _health_command(config: Any, port: int) -> str:
+    url = f"http://127.0.0.1:{port}/health"
+    token = config.appservice.admin_token
+    if token is None:
+        return f"curl {url}"
+    return f"curl -H 'Authorization: Bearer {token}' '{url}?detail=1'"
 
 
 async def run_dev(
@@ -238,7 +250,8 @@ async def run_dev(
         # the bot is not in yet never reaches it.
         await _bot_joined(_Client(synapse.url, tokens["moderator"]), rooms["group_room"])
         await _bot_joined(_Client(synapse.url, tokens["staff"]), rooms["staff_room"])
-        print(_banner(synapse.url, credentials["passwords"], rooms, base), flush=True)
+        health = _health_command(service.config, service_port)
+        print(_banner(synapse.url, credentials["passwords"], rooms, base, health), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -9,12 +9,18 @@ Each check runs as a task of its own and is waited for at most CHECK_SECONDS:
 a check stuck behind a locked database answers "timed out" instead of holding
 the whole answer (the stuck task is left to finish, and reused meanwhile, so
 checks never pile up). Every check costs the same however many cases there are.
+
+A report is reused for REPORT_FRESH_SECONDS (callers meanwhile share it), and the
+heartbeat write is made at most every HEARTBEAT_SECONDS while it succeeds: polling
+/health however often costs the database and homeserver no more than that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -29,6 +35,10 @@ from bot.staff_room import StaffRoom
 from bot.store import cases, ingest, outbox
 
 CHECK_SECONDS = 5.0
+REPORT_FRESH_SECONDS = 2.0
+# A heartbeat written this recently still proves the database records; one that failed
+# is tried again at the next report, to see the database mended at once.
+HEARTBEAT_SECONDS = 10.0
 # A check-in this far past its due time and still not open is reported as overdue.
 OVERDUE_GRACE = dt.timedelta(minutes=5)
 # Staff messages given up on within this window keep /health at 503.
@@ -84,8 +94,27 @@ class HealthChecks:
             **(extra or {}),
         }
         self._in_flight: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._report: asyncio.Task[tuple[bool, dict[str, dict[str, Any]]]] | None = None
+        self._report_at = -math.inf
+        self._heartbeat_at = -math.inf  # the last heartbeat written (monotonic)
 
-    async def report(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+    async def report(self, *, fresh: bool = False) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """The checks' answers: one made moments ago (shared by every caller meanwhile, so
+        a burst of anonymous requests runs the checks once), or a `fresh` one (an
+        operator's, authenticated, asking why)."""
+        if (
+            self._report is None
+            or (fresh and self._report.done())
+            or (self._report.done() and time.monotonic() - self._report_at > REPORT_FRESH_SECONDS)
+        ):
+            self._report = asyncio.create_task(self._run_checks(), name="health:report")
+            self._report.add_done_callback(self._finished)
+        return await asyncio.shield(self._report)
+
+    def _finished(self, report: asyncio.Task[Any]) -> None:
+        self._report_at = time.monotonic()
+
+    async def _run_checks(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         names = list(self._checks)
         results = await asyncio.gather(*(self._bounded(name) for name in names))
         checks = dict(zip(names, results, strict=True))
@@ -108,10 +137,13 @@ class HealthChecks:
 
     async def database(self) -> dict[str, Any]:
         """A committed write (on its own short-timeout connection) and the last real one."""
-        try:
-            await write_heartbeat(self._health_db)
-        except Exception as exc:
-            return {"ok": False, "error": f"cannot write: {type(exc).__name__}: {exc}"[:300]}
+        if time.monotonic() - self._heartbeat_at > HEARTBEAT_SECONDS:
+            try:
+                await write_heartbeat(self._health_db)
+            except Exception as exc:
+                self._heartbeat_at = -math.inf
+                return {"ok": False, "error": f"cannot write: {type(exc).__name__}: {exc}"[:300]}
+            self._heartbeat_at = time.monotonic()
         result: dict[str, Any] = {"ok": True}
         if self._intake.paused is not None:
             result |= {"ok": False, "error": self._intake.paused}

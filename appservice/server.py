@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # A legal Synapse transaction (100 PDUs of up to 64 KiB, plus EDUs) fits with room to spare.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 APP_PREFIX = "/_matrix/app/"
-HealthReport = Callable[[], Awaitable[tuple[bool, dict[str, dict[str, Any]]]]]
+# The health checks' report (`fresh`: not one reused from moments ago).
+HealthReport = Callable[..., Awaitable[tuple[bool, dict[str, dict[str, Any]]]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -44,12 +45,27 @@ async def _unrecognized(request: web.Request) -> web.Response:
     return matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
 
 
-def _presented_token(request: web.Request) -> str | None:
+def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         return header[len("Bearer ") :].strip()
+    return None
+
+
+def _presented_token(request: web.Request) -> str | None:
     # Older homeservers send the token as a query parameter.
-    return request.query.get("access_token")
+    return _bearer(request) or request.query.get("access_token")
+
+
+def _token_matches(presented: str | None, expected: bytes) -> bool:
+    # Constant time: the comparison must not leak how much of a guess was right.
+    return hmac.compare_digest((presented or "").encode(), expected)
+
+
+def summary(checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What anyone who can reach /health may read: each check's name and whether it is
+    ok — no room or case, no error text (those name rooms, people and URLs)."""
+    return {name: {"ok": bool(check.get("ok"))} for name, check in checks.items()}
 
 
 class AppServiceServer:
@@ -60,9 +76,11 @@ class AppServiceServer:
         metrics: Metrics,
         health: HealthReport,
         refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._intake = intake
         self._hs_token = hs_token.encode()
+        self._admin_token = admin_token.encode() if admin_token else None
         self._metrics = metrics
         self._health = health
         self._refresh_metrics = refresh_metrics
@@ -96,12 +114,11 @@ class AppServiceServer:
         forbidden = self._metrics.transactions.labels("forbidden")
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if request.path.startswith(APP_PREFIX):
-                presented = (_presented_token(request) or "").encode()
-                # Constant time: the comparison must not leak how much of a guess was right.
-                if not hmac.compare_digest(presented, expected):
-                    forbidden.inc()
-                    return matrix_error(403, "M_FORBIDDEN", "Missing or invalid hs_token")
+            if request.path.startswith(APP_PREFIX) and not _token_matches(
+                _presented_token(request), expected
+            ):
+                forbidden.inc()
+                return matrix_error(403, "M_FORBIDDEN", "Missing or invalid hs_token")
             try:
                 return await handler(request)
             except web.HTTPRequestEntityTooLarge:
@@ -155,9 +172,22 @@ class AppServiceServer:
     # ---- operations -----------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        healthy, checks = await self._health()
+        """Whether the service can keep its promises, for anyone (a load balancer, a
+        monitor); with `?detail=1` and the admin token, why not, for an operator."""
+        detail = request.query.get("detail", "0") not in ("", "0", "false")
+        if detail:
+            if self._admin_token is None:
+                return matrix_error(
+                    403, "M_FORBIDDEN", "Set appservice.admin_token to read the detail"
+                )
+            if not _token_matches(_bearer(request), self._admin_token):
+                return matrix_error(403, "M_FORBIDDEN", "Missing or invalid admin token")
+        healthy, checks = await self._health(fresh=detail)
         return web.json_response(
-            {"status": "ok" if healthy else "unavailable", "checks": checks},
+            {
+                "status": "ok" if healthy else "unavailable",
+                "checks": checks if detail else summary(checks),
+            },
             status=200 if healthy else 503,
         )
 

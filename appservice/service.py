@@ -385,6 +385,7 @@ class Service:
                 self.metrics,
                 self.health.report,
                 refresh_metrics=self._refresh_metrics,
+                admin_token=self.config.appservice.admin_token,
             )
             self._runner = web.AppRunner(server.app(), access_log=None)
             await self._runner.setup()

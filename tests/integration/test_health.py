@@ -8,6 +8,7 @@ or remounts read-only; the lock is held by another process.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from aiohttp import web
 from tests.support.appservice_api import put, reaction
 from tests.support.disk import fill, small_disk
 from tests.support.scene import (
+    ADMIN_TOKEN,
     build_scene,
     export_json,
+    fetch,
     health,
     open_group_room,
     running_service,
@@ -259,3 +262,38 @@ async def test_encryption_asked_for_but_impossible_is_on_health(synapse, tmp_pat
     async with running_service(config) as service:
         _status, body = await health(service)
         assert body["checks"]["encryption"] == {"ok": True, "enabled": False}
+
+
+async def test_health_names_nothing_without_the_admin_token(synapse, tmp_path):
+    """Anyone who can reach /health learns only whether each check is ok: the detail
+    (the staff room, case numbers, error text) is for whoever holds
+    appservice.admin_token; /metrics names no room or person either."""
+    scene = await build_scene(synapse, tmp_path)
+    config = scene_config(scene, staff=[])
+    async with running_service(config) as service:
+        detail_status, detail = await health(service)
+        assert detail["checks"]["staff_room"]["room"] == scene.staff_room
+        status, text = await fetch(service, "/health")
+        assert status == detail_status
+        assert json.loads(text)["checks"] == {
+            name: {"ok": check["ok"]} for name, check in detail["checks"].items()
+        }
+        assert ":localhost" not in text
+        refused = [
+            await fetch(service, "/health?detail=1"),
+            await fetch(service, "/health?detail=1", {"Authorization": "Bearer wrong-0123456789"}),
+            # The hs_token's old query form is no way in for the admin token.
+            await fetch(service, f"/health?detail=1&access_token={ADMIN_TOKEN}"),
+        ]
+        for status, text in refused:
+            assert status == 403 and ":localhost" not in text, text
+        _status, metrics = await fetch(service, "/metrics")
+        assert ":localhost" not in metrics
+    data = yaml.safe_load(config.read_text())
+    del data["appservice"]["admin_token"]
+    config.write_text(yaml.safe_dump(data))
+    async with running_service(config) as service:
+        status, text = await fetch(
+            service, "/health?detail=1", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        assert status == 403 and "appservice.admin_token" in text

@@ -44,6 +44,10 @@ async def until(
         await asyncio.sleep(interval)
 
 
+# The operators' token for /health's detail, in every test config.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
 def service_config(
     synapse: Any,
     directory: Path,
@@ -64,6 +68,7 @@ def service_config(
             "url": f"http://127.0.0.1:{synapse.as_port}",
             "listen": {"host": "127.0.0.1", "port": listen_port or synapse.as_port},
             "registration": str(synapse.registration_path),
+            "admin_token": ADMIN_TOKEN,
         },
         "database": {"url": database_url},
         "policy": {"staff_room": staff_room, "staff": staff, **(policy or {})},
@@ -222,17 +227,22 @@ async def export_via_cli(config_path: Path, *extra: str) -> dict[str, Any]:
     return json.loads(out)
 
 
-async def fetch(service: Service, path: str) -> tuple[int, str]:
+async def fetch(
+    service: Service, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     """GET one of the service's own endpoints (/health, /metrics)."""
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{service.port}{path}") as response,
+        session.get(f"http://127.0.0.1:{service.port}{path}", headers=headers) as response,
     ):
         return response.status, await response.text()
 
 
 async def health(service: Service) -> tuple[int, dict[str, Any]]:
-    status, text = await fetch(service, "/health")
+    """/health in detail, as an operator reads it (with the admin token)."""
+    status, text = await fetch(
+        service, "/health?detail=1", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     return status, json.loads(text)
 
 
