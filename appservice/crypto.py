@@ -17,6 +17,9 @@ restarts; a store that is lost means a new device (the old one is deleted, and
 members' clients re-key to the new one). Devices are trusted on first use: a
 bot cannot verify anyone.
 
+A member's device that lost a key of the bot's may ask for it again: it gets it only if
+it is a device the bot first shared that session with (appservice/key_sharing.py).
+
 Encryption is never a single point of failure. A store that cannot be read (a
 backup restored with the wrong `pickle.key`, a broken volume) or written (a full
 disk, a read-only mount) is a fault of its own, told apart from the homeserver
@@ -58,6 +61,7 @@ from nio import (
 from nio.exceptions import EncryptionError, LocalProtocolError
 
 from appservice.homeserver import ENCRYPTION, BotClient
+from appservice.key_sharing import SessionShares
 from bot.ports import EncryptionUnavailable, HomeserverUnavailable
 
 log = logging.getLogger(__name__)
@@ -139,12 +143,29 @@ def _store_fault(exc: BaseException, store: Path) -> EncryptionBroken:
 
 class CryptoClient(BotClient):
     """The bot's device's client: nio's, with the sync token stored only once a sync's
-    answer has been handled.
+    answer has been handled, and other users' room-key requests kept for BotCrypto.
 
     nio stores the token first: if handling then fails (the store is full), the room
     keys in that answer are acknowledged to the homeserver and lost. Here a failure
     puts the token back, so the next sync asks for the same answer again.
+
+    nio answers key requests from its own user's devices only, and drops every other
+    one without a word: it never shows them to a to-device callback, and its
+    `collect_key_requests` returns only its own user's untrusted devices' requests.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Other users' requests, by (sender, request id), waiting to be answered.
+        self.key_requests: dict[tuple[str, str], RoomKeyRequest] = {}
+
+    async def _collect_key_requests(self) -> None:
+        assert self.olm is not None
+        for event in self.olm.received_key_requests.values():
+            # (A cancellation in the same sync has already taken its request out.)
+            if isinstance(event, RoomKeyRequest) and event.sender != self.user_id:
+                self.key_requests[(event.sender, event.request_id)] = event
+        await super()._collect_key_requests()
 
     async def _handle_sync(self, response: SyncResponse) -> None:
         # nio 0.26's AsyncClient._handle_sync, in the same order, with the token saved last.
@@ -194,7 +215,10 @@ class BotCrypto:
         self._on_broken = on_broken
         self._retry = retry_seconds
         self.client: CryptoClient | None = None
-        self.keys_forwarded = 0  # keys re-shared on a member's request (tests, status)
+        # Room-key requests from members' devices, answered and refused (tests, status).
+        self.keys_forwarded = 0
+        self.key_requests_refused = 0
+        self._shares: SessionShares | None = None  # who each session went to (the store's)
         self._lock = asyncio.Lock()  # one key upload / share / claim at a time
         self.ready = asyncio.Event()
         # Why it cannot work now (None while starting up: that is work in progress).
@@ -247,7 +271,6 @@ class BotCrypto:
             ),
         )
         client.add_to_device_callback(self._key_arrived, (RoomKeyEvent, ForwardedRoomKeyEvent))
-        client.add_to_device_callback(self._key_requested, RoomKeyRequest)
         client.masquerade_user = self.bot_user_id
         return client
 
@@ -343,6 +366,10 @@ class BotCrypto:
                 "restore the store from its backup, or run `safeguard e2ee reset`",
             )
         self._probe_writable(device_id)
+        try:
+            self._shares = SessionShares(client.store.database)
+        except STORE_ERRORS as exc:
+            raise _store_fault(exc, self.store) from exc
 
     def _probe_writable(self, device_id: str) -> None:
         """A write to the store's folder and a write lock on its database: what a full disk
@@ -463,6 +490,7 @@ class BotCrypto:
                 self._check(
                     await client.keys_claim(client.get_users_for_key_claiming()), "keys claim"
                 )
+            await self._answer_key_requests()
 
     async def _sync_until_fault(self) -> None:
         """Sync for as long as the store works; a homeserver away is waited out here."""
@@ -514,43 +542,81 @@ class BotCrypto:
     async def _key_arrived(self, event: RoomKeyEvent | ForwardedRoomKeyEvent) -> None:
         self._on_room_key()
 
-    async def _key_requested(self, event: RoomKeyRequest) -> None:
-        """A member of the room lost the key of a message the bot sent: share it again.
+    async def _answer_key_requests(self) -> None:
+        """Answer the room-key requests of members' devices the last sync brought (the
+        device's lock held). A request that cannot be answered now (the homeserver
+        away) is dropped: the asking device asks again."""
+        client = self.client
+        assert client is not None
+        while client.key_requests:
+            _, event = client.key_requests.popitem()
+            try:
+                await self._answer(event)
+            except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
+                log.warning("could not answer a room key request: %s", type(exc).__name__)
+                log.debug("could not answer %s's key request: %s", event.sender, exc)
 
-        nio answers only the bot's own devices; a member's device asking for one of the
-        bot's own sessions, for a room they are in (joined or invited), gets it — the
-        same rule by which it got it first (trust on first use)."""
-        if event.sender == self.bot_user_id or event.algorithm != ENCRYPTION["algorithm"]:
-            return
-        if self.client is None or not self.ready.is_set():
-            return
-        olm = self.client.olm
-        room = self.client.rooms.get(event.room_id)
-        if olm is None or room is None or event.sender not in room.users:
-            return
+    async def _answer(self, event: RoomKeyRequest) -> None:
+        """Forward one of the bot's sessions to a device it first shared it with (see
+        appservice/key_sharing.py); refuse everything else."""
+        client, shares = self.client, self._shares
+        assert client is not None and client.olm is not None and shares is not None
+        olm = client.olm
         own_key = olm.account.identity_keys["curve25519"]
-        group_session = olm.inbound_group_store.get(event.room_id, own_key, event.session_id)
+        group_session = (
+            olm.inbound_group_store.get(event.room_id, own_key, event.session_id)
+            if event.algorithm == ENCRYPTION["algorithm"]
+            else None
+        )
         if group_session is None:
-            return  # not a session the bot created: not its to give
-        try:
-            async with self._lock:
-                if event.requesting_device_id not in olm.device_store[event.sender]:
-                    olm.users_for_key_query.add(event.sender)
-                    self._check(await self.client.keys_query(), "keys query")
-                device = olm.device_store[event.sender][event.requesting_device_id]
-                if olm.session_store.get(device.curve25519) is None:
-                    claimed = await self.client.keys_claim(
-                        {event.sender: [event.requesting_device_id]}
-                    )
-                    self._check(claimed, "keys claim")
-                session = olm.session_store.get(device.curve25519)
-                if session is None:
-                    return
-                message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
-                await self.client.to_device(message)
-                self.keys_forwarded += 1
-        except (KeyError, HomeserverUnavailable, EncryptionError, *STORE_ERRORS) as exc:
-            log.warning("could not re-share a room key with a member: %s", exc)
+            return self._refuse(event, "it is not for a key the bot sent")
+        given_to = shares.given_to(
+            event.session_id, event.room_id, event.sender, event.requesting_device_id
+        )
+        if given_to is None:
+            return self._refuse(
+                event, "that device was never given this key (a device or member that came later)"
+            )
+        room = client.rooms.get(event.room_id)
+        if room is None or event.sender not in room.users:
+            return self._refuse(event, "its owner is no longer in the room")
+        if event.requesting_device_id not in olm.device_store[event.sender]:
+            olm.users_for_key_query.add(event.sender)
+            self._check(await client.keys_query(), "keys query")
+        device = olm.device_store[event.sender].get(event.requesting_device_id)
+        if device is None or device.deleted or device.curve25519 != given_to:
+            return self._refuse(event, "the device is gone, or its keys are not those given it")
+        if olm.session_store.get(device.curve25519) is None:
+            claimed = await client.keys_claim({event.sender: [event.requesting_device_id]})
+            self._check(claimed, "keys claim")
+        session = olm.session_store.get(device.curve25519)
+        if session is None:
+            raise EncryptionError("no Olm session with the device could be made")
+        message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
+        self._check(await client.to_device(message), "sending the key")
+        self.keys_forwarded += 1
+        log.info(
+            "gave a room key back to a device that had it before (%d so far)", self.keys_forwarded
+        )
+        log.debug(
+            "forwarded session %s of %s to %s's device %s",
+            event.session_id,
+            event.room_id,
+            event.sender,
+            event.requesting_device_id,
+        )
+
+    def _refuse(self, event: RoomKeyRequest, why: str) -> None:
+        self.key_requests_refused += 1
+        log.warning("refused a room key request: %s", why)
+        log.debug(
+            "refused %s's device %s the key of session %s in %s: %s",
+            event.sender,
+            event.requesting_device_id,
+            event.session_id,
+            event.room_id,
+            why,
+        )
 
     @staticmethod
     def _check(response: Any, what: str) -> Any:
@@ -699,12 +765,28 @@ class BotCrypto:
                     self._check(await client.keys_query(), "keys query")
                 if client.olm.should_share_group_session(room_id):
                     await client.share_group_session(room_id, ignore_unverified_devices=True)
+                    self._record_shared(room_id)
                 _, encrypted = client.encrypt(room.room_id, event_type, content)
         except EncryptionBroken as exc:
             raise EncryptionUnavailable(self.problem or exc.why) from exc
         except (EncryptionError, LocalProtocolError) as exc:
             raise EncryptionUnavailable(f"encrypting failed: {type(exc).__name__}: {exc}") from exc
         return encrypted
+
+    def _record_shared(self, room_id: str) -> None:
+        """Keep who the room's session now went to: the only devices it is ever given to
+        again (nio forgets, with the session, when it rotates or the service restarts)."""
+        client, shares = self.client, self._shares
+        assert client is not None and client.olm is not None and shares is not None
+        session = client.olm.outbound_group_sessions.get(room_id)
+        if session is None:
+            return
+        devices = []
+        for user_id, device_id in session.users_shared_with:
+            device = client.olm.device_store[user_id].get(device_id)
+            if device is not None:
+                devices.append((user_id, device_id, device.curve25519))
+        shares.record(session.id, room_id, devices)
 
     @contextlib.asynccontextmanager
     async def _turn(self, by: dt.datetime | None) -> AsyncIterator[None]:
@@ -749,6 +831,7 @@ class BotCrypto:
             "device_id": client.device_id if client is not None else None,
             "one_time_keys": olm.uploaded_key_count if olm else None,
             "encrypted_rooms": len(client.encrypted_rooms) if client is not None else 0,
+            "key_requests": {"answered": self.keys_forwarded, "refused": self.key_requests_refused},
         }
         if self.problem:
             status["problem"] = self.problem
