@@ -18,7 +18,8 @@ members' clients re-key to the new one). Devices are trusted on first use: a
 bot cannot verify anyone.
 
 A member's device that lost a key of the bot's may ask for it again: it gets it only if
-it is a device the bot first shared that session with (appservice/key_sharing.py).
+it is a device the bot first shared that session with (appservice/key_sharing.py). With
+`encryption.verified_only`, keys go only to devices their owner cross-signed.
 
 Encryption is never a single point of failure. A store that cannot be read (a
 backup restored with the wrong `pickle.key`, a broken volume) or written (a full
@@ -60,8 +61,8 @@ from nio import (
 )
 from nio.exceptions import EncryptionError, LocalProtocolError
 
-from appservice.homeserver import ENCRYPTION, BotClient
-from appservice.key_sharing import SessionShares
+from appservice.homeserver import BotClient
+from appservice.key_sharing import KeySharing
 from bot.ports import EncryptionUnavailable, HomeserverUnavailable
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,15 @@ class CryptoClient(BotClient):
         super().__init__(*args, **kwargs)
         # Other users' requests, by (sender, request id), waiting to be answered.
         self.key_requests: dict[tuple[str, str], RoomKeyRequest] = {}
+        # Told which users' devices nio has just read again (a device list changed).
+        self.keys_queried: Callable[[set[str]], None] = lambda users: None
+
+    async def keys_query(self) -> Any:
+        users = set(self.users_for_key_query)
+        response = await super().keys_query()
+        if not isinstance(response, ErrorResponse):
+            self.keys_queried(users)
+        return response
 
     async def _collect_key_requests(self) -> None:
         assert self.olm is not None
@@ -202,6 +212,7 @@ class BotCrypto:
         on_room_key: Callable[[], None] = lambda: None,
         on_broken: Callable[[str | None], None] = lambda why: None,
         retry_seconds: float = 5.0,
+        verified_only: bool = False,
     ) -> None:
         # Nothing here touches the store: a broken volume must not stop the service from
         # starting (it runs every case without encryption until the store is repaired).
@@ -215,10 +226,8 @@ class BotCrypto:
         self._on_broken = on_broken
         self._retry = retry_seconds
         self.client: CryptoClient | None = None
-        # Room-key requests from members' devices, answered and refused (tests, status).
-        self.keys_forwarded = 0
-        self.key_requests_refused = 0
-        self._shares: SessionShares | None = None  # who each session went to (the store's)
+        # Who gets the device's room keys (encryption.verified_only: cross-signed only).
+        self.key_sharing = KeySharing(bot_user_id, self._raw, verified_only=verified_only)
         self._lock = asyncio.Lock()  # one key upload / share / claim at a time
         self.ready = asyncio.Event()
         # Why it cannot work now (None while starting up: that is work in progress).
@@ -367,7 +376,7 @@ class BotCrypto:
             )
         self._probe_writable(device_id)
         try:
-            self._shares = SessionShares(client.store.database)
+            self.key_sharing.attach(client)
         except STORE_ERRORS as exc:
             raise _store_fault(exc, self.store) from exc
 
@@ -551,72 +560,10 @@ class BotCrypto:
         while client.key_requests:
             _, event = client.key_requests.popitem()
             try:
-                await self._answer(event)
+                await self.key_sharing.answer(client, event)
             except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
                 log.warning("could not answer a room key request: %s", type(exc).__name__)
                 log.debug("could not answer %s's key request: %s", event.sender, exc)
-
-    async def _answer(self, event: RoomKeyRequest) -> None:
-        """Forward one of the bot's sessions to a device it first shared it with (see
-        appservice/key_sharing.py); refuse everything else."""
-        client, shares = self.client, self._shares
-        assert client is not None and client.olm is not None and shares is not None
-        olm = client.olm
-        own_key = olm.account.identity_keys["curve25519"]
-        group_session = (
-            olm.inbound_group_store.get(event.room_id, own_key, event.session_id)
-            if event.algorithm == ENCRYPTION["algorithm"]
-            else None
-        )
-        if group_session is None:
-            return self._refuse(event, "it is not for a key the bot sent")
-        given_to = shares.given_to(
-            event.session_id, event.room_id, event.sender, event.requesting_device_id
-        )
-        if given_to is None:
-            return self._refuse(
-                event, "that device was never given this key (a device or member that came later)"
-            )
-        room = client.rooms.get(event.room_id)
-        if room is None or event.sender not in room.users:
-            return self._refuse(event, "its owner is no longer in the room")
-        if event.requesting_device_id not in olm.device_store[event.sender]:
-            olm.users_for_key_query.add(event.sender)
-            self._check(await client.keys_query(), "keys query")
-        device = olm.device_store[event.sender].get(event.requesting_device_id)
-        if device is None or device.deleted or device.curve25519 != given_to:
-            return self._refuse(event, "the device is gone, or its keys are not those given it")
-        if olm.session_store.get(device.curve25519) is None:
-            claimed = await client.keys_claim({event.sender: [event.requesting_device_id]})
-            self._check(claimed, "keys claim")
-        session = olm.session_store.get(device.curve25519)
-        if session is None:
-            raise EncryptionError("no Olm session with the device could be made")
-        message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
-        self._check(await client.to_device(message), "sending the key")
-        self.keys_forwarded += 1
-        log.info(
-            "gave a room key back to a device that had it before (%d so far)", self.keys_forwarded
-        )
-        log.debug(
-            "forwarded session %s of %s to %s's device %s",
-            event.session_id,
-            event.room_id,
-            event.sender,
-            event.requesting_device_id,
-        )
-
-    def _refuse(self, event: RoomKeyRequest, why: str) -> None:
-        self.key_requests_refused += 1
-        log.warning("refused a room key request: %s", why)
-        log.debug(
-            "refused %s's device %s the key of session %s in %s: %s",
-            event.sender,
-            event.requesting_device_id,
-            event.session_id,
-            event.room_id,
-            why,
-        )
 
     @staticmethod
     def _check(response: Any, what: str) -> Any:
@@ -763,30 +710,16 @@ class BotCrypto:
                     self._check(await client.joined_members(room_id), "the room's members")
                 if client.should_query_keys:
                     self._check(await client.keys_query(), "keys query")
+                await self.key_sharing.before_share(client, room)
                 if client.olm.should_share_group_session(room_id):
                     await client.share_group_session(room_id, ignore_unverified_devices=True)
-                    self._record_shared(room_id)
+                    self.key_sharing.shared(client, room_id)
                 _, encrypted = client.encrypt(room.room_id, event_type, content)
         except EncryptionBroken as exc:
             raise EncryptionUnavailable(self.problem or exc.why) from exc
         except (EncryptionError, LocalProtocolError) as exc:
             raise EncryptionUnavailable(f"encrypting failed: {type(exc).__name__}: {exc}") from exc
         return encrypted
-
-    def _record_shared(self, room_id: str) -> None:
-        """Keep who the room's session now went to: the only devices it is ever given to
-        again (nio forgets, with the session, when it rotates or the service restarts)."""
-        client, shares = self.client, self._shares
-        assert client is not None and client.olm is not None and shares is not None
-        session = client.olm.outbound_group_sessions.get(room_id)
-        if session is None:
-            return
-        devices = []
-        for user_id, device_id in session.users_shared_with:
-            device = client.olm.device_store[user_id].get(device_id)
-            if device is not None:
-                devices.append((user_id, device_id, device.curve25519))
-        shares.record(session.id, room_id, devices)
 
     @contextlib.asynccontextmanager
     async def _turn(self, by: dt.datetime | None) -> AsyncIterator[None]:
@@ -831,7 +764,10 @@ class BotCrypto:
             "device_id": client.device_id if client is not None else None,
             "one_time_keys": olm.uploaded_key_count if olm else None,
             "encrypted_rooms": len(client.encrypted_rooms) if client is not None else 0,
-            "key_requests": {"answered": self.keys_forwarded, "refused": self.key_requests_refused},
+            "key_requests": {
+                "answered": self.key_sharing.answered,
+                "refused": self.key_sharing.refused,
+            },
         }
         if self.problem:
             status["problem"] = self.problem

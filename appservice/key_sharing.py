@@ -13,12 +13,22 @@ own sessions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import peewee
 import vodozemac
-from nio import Api
+from nio import Api, ErrorResponse, RoomKeyRequest
+from nio.exceptions import EncryptionError
+
+from appservice.homeserver import ENCRYPTION
+from bot.ports import HomeserverUnavailable
+
+log = logging.getLogger(__name__)
+
+# How the bot reads the homeserver itself: (method, path, body) -> (status, answer).
+Raw = Callable[[str, str, Any], Awaitable[tuple[int, dict[str, Any]]]]
 
 # In the crypto store's own database (one file, backed up and restored together with
 # the sessions it is about; a new device starts both afresh). nio's own tables are
@@ -64,6 +74,192 @@ class SessionShares:
         )
         row = cursor.fetchone()
         return row[0] if row else None
+
+
+class KeySharing:
+    """The bot's rule for who gets its room keys, kept across the crypto clients it
+    starts (counts, and the cross-signing read); `attach` each new client."""
+
+    def __init__(self, bot_user_id: str, raw: Raw, *, verified_only: bool = False) -> None:
+        self.bot_user_id = bot_user_id
+        self.verified_only = verified_only
+        self._raw = raw
+        self.answered = 0  # requests answered, and refused (tests, status)
+        self.refused = 0
+        self._shares: SessionShares | None = None
+        # verified_only: the devices each user cross-signed, as last read: user ->
+        # {(device id, Ed25519 key)}; a user not here is read again when needed.
+        self._cross_signed: dict[str, frozenset[tuple[str, str]]] = {}
+        # The cross-signed devices each room's session was shared under: another set
+        # (a device verified since, or no longer) means a new session.
+        self._shared_under: dict[str, frozenset[tuple[str, str]]] = {}
+
+    def attach(self, client: Any) -> None:
+        """A client whose store is loaded: its shares table made, and (verified_only)
+        nio kept from sharing with devices their owners have not cross-signed."""
+        self._shares = SessionShares(client.store.database)
+        self._cross_signed.clear()
+        self._shared_under.clear()
+        client.keys_queried = self._keys_queried
+        if self.verified_only:
+            olm = client.olm
+            # nio shares a room's session with every device not blacklisted in its store:
+            # one not cross-signed counts as blacklisted too, for this run only (nothing
+            # is written, so turning verified_only off shares with every device again).
+            blacklisted = olm.is_device_blacklisted
+            olm.is_device_blacklisted = lambda device: (
+                blacklisted(device) or not (self._is_cross_signed(device))
+            )
+
+    # ---- sharing ---------------------------------------------------------------------------
+
+    async def before_share(self, client: Any, room: Any) -> None:
+        """verified_only: know which devices in the room their owners cross-signed; a
+        session shared under another set than now is replaced by a new one."""
+        if not self.verified_only:
+            return
+        await self._read_cross_signing({u for u in room.users if u not in self._cross_signed})
+        verified = frozenset(
+            (user_id, device.id)
+            for user_id in room.users
+            for device in client.olm.device_store.active_user_devices(user_id)
+            if self._is_cross_signed(device)
+        )
+        before = self._shared_under.get(room.room_id)
+        if before is not None and before != verified:
+            client.invalidate_outbound_session(room.room_id)
+        self._shared_under[room.room_id] = verified
+
+    def shared(self, client: Any, room_id: str) -> None:
+        """Keep who the room's session now went to: the only devices it is ever given to
+        again (nio forgets, with the session, when it rotates or the service restarts)."""
+        assert self._shares is not None
+        session = client.olm.outbound_group_sessions.get(room_id)
+        if session is None:
+            return
+        devices = []
+        for user_id, device_id in session.users_shared_with:
+            device = client.olm.device_store[user_id].get(device_id)
+            if device is not None:
+                devices.append((user_id, device_id, device.curve25519))
+        self._shares.record(session.id, room_id, devices)
+        room = client.rooms.get(room_id)
+        if not self.verified_only or room is None:
+            return
+        unverified = [
+            device
+            for user_id in room.users
+            if user_id != self.bot_user_id
+            for device in client.olm.device_store.active_user_devices(user_id)
+            if not self._is_cross_signed(device)
+        ]
+        if unverified and not devices:
+            log.warning(
+                "a room key was given to no device: none of the %d there is verified by its "
+                "owner (encryption.verified_only), so nobody can read the message",
+                len(unverified),
+            )
+        elif unverified:
+            log.info(
+                "a room key was not given to %d device(s) their owners have not verified "
+                "(encryption.verified_only)",
+                len(unverified),
+            )
+
+    # ---- a device asks for a key again ---------------------------------------------------------
+
+    async def answer(self, client: Any, event: RoomKeyRequest) -> None:
+        """Forward one of the bot's sessions to a device it first shared it with, while
+        its owner is in the room (and, verified_only, has cross-signed it); refuse the
+        rest. HomeserverUnavailable or EncryptionError: it could not be answered now."""
+        assert self._shares is not None
+        olm = client.olm
+        own_key = olm.account.identity_keys["curve25519"]
+        group_session = (
+            olm.inbound_group_store.get(event.room_id, own_key, event.session_id)
+            if event.algorithm == ENCRYPTION["algorithm"]
+            else None
+        )
+        if group_session is None:
+            return self._refuse(event, "it is not for a key the bot sent")
+        given_to = self._shares.given_to(
+            event.session_id, event.room_id, event.sender, event.requesting_device_id
+        )
+        if given_to is None:
+            return self._refuse(
+                event, "that device was never given this key (a device or member that came later)"
+            )
+        room = client.rooms.get(event.room_id)
+        if room is None or event.sender not in room.users:
+            return self._refuse(event, "its owner is no longer in the room")
+        if event.requesting_device_id not in olm.device_store[event.sender]:
+            olm.users_for_key_query.add(event.sender)
+            _check(await client.keys_query(), "keys query")
+        device = olm.device_store[event.sender].get(event.requesting_device_id)
+        if device is None or device.deleted or device.curve25519 != given_to:
+            return self._refuse(event, "the device is gone, or its keys are not those given it")
+        if self.verified_only:
+            await self._read_cross_signing({event.sender})  # as it is now, not as it was
+            if not self._is_cross_signed(device):
+                return self._refuse(event, "its owner has not verified the device (verified_only)")
+        if olm.session_store.get(device.curve25519) is None:
+            _check(await client.keys_claim({event.sender: [device.id]}), "keys claim")
+        session = olm.session_store.get(device.curve25519)
+        if session is None:
+            raise EncryptionError("no Olm session with the device could be made")
+        message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
+        _check(await client.to_device(message), "sending the key")
+        self.answered += 1
+        log.info("gave a room key back to a device that had it before (%d so far)", self.answered)
+        log.debug(
+            "forwarded session %s of %s to %s's device %s",
+            event.session_id,
+            event.room_id,
+            event.sender,
+            event.requesting_device_id,
+        )
+
+    def _refuse(self, event: RoomKeyRequest, why: str) -> None:
+        self.refused += 1
+        log.warning("refused a room key request: %s", why)
+        log.debug(
+            "refused %s's device %s the key of session %s in %s: %s",
+            event.sender,
+            event.requesting_device_id,
+            event.session_id,
+            event.room_id,
+            why,
+        )
+
+    # ---- cross-signing ---------------------------------------------------------------------
+
+    def _is_cross_signed(self, device: Any) -> bool:
+        return (device.id, device.ed25519) in self._cross_signed.get(device.user_id, frozenset())
+
+    def _keys_queried(self, users: set[str]) -> None:
+        """nio read these users' devices again (their device list changed, which a new
+        cross-signature also does): their cross-signing is read again when next needed."""
+        for user_id in users:
+            self._cross_signed.pop(user_id, None)
+
+    async def _read_cross_signing(self, users: set[str]) -> None:
+        """Read which of these users' devices their owners cross-signed (nio keeps no
+        cross-signing keys: the /keys/query answer is read here)."""
+        if not users:
+            return
+        body = {"device_keys": {user_id: [] for user_id in sorted(users)}}
+        status, answer = await self._raw("POST", "/_matrix/client/v3/keys/query", body)
+        if status != 200:
+            raise HomeserverUnavailable(f"reading cross-signing keys: HTTP {status}")
+        signed = cross_signed_devices(answer)
+        for user_id in users:
+            self._cross_signed[user_id] = signed.get(user_id, frozenset())
+
+
+def _check(response: Any, what: str) -> Any:
+    if isinstance(response, ErrorResponse):
+        raise HomeserverUnavailable(f"{what} failed: {response}")
+    return response
 
 
 # ---- cross-signing (encryption.verified_only) ---------------------------------------------

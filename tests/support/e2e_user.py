@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import vodozemac
 from nio import (
+    Api,
     AsyncClient,
     AsyncClientConfig,
     Event,
@@ -54,6 +56,9 @@ class E2EUser:
         self.received: list[tuple[str, str, str, str]] = []
         self.undecryptable: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        # The account's cross-signing keys, once set up (set_up_cross_signing).
+        self._master: vodozemac.Account | None = None
+        self._self_signing: vodozemac.Account | None = None
         self.client.add_event_callback(self._text, (RoomMessageText, RoomMessageNotice))
         self.client.add_event_callback(self._megolm, MegolmEvent)
 
@@ -155,6 +160,63 @@ class E2EUser:
         response = await self.client.to_device(message)
         assert isinstance(response, ToDeviceResponse), response
 
+    # ---- cross-signing (what "verify this device" in Element leaves behind) ------------
+
+    async def _api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        response = await self.client.send(
+            method,
+            path,
+            Api.to_json(body),
+            headers={"Authorization": f"Bearer {self.client.access_token}"},
+        )
+        return response.status, await response.json()
+
+    async def set_up_cross_signing(self) -> None:
+        """Give the account a master key and a self-signing key signed by it, and sign
+        this device with it. (vodozemac accounts serve as the key pairs: nio 0.26 has no
+        cross-signing of its own.)"""
+        self._master, self._self_signing = vodozemac.Account(), vodozemac.Account()
+        master = self._master.ed25519_key.to_base64()
+        self_signing = self._self_signing.ed25519_key.to_base64()
+        master_key = {"user_id": self.user_id, "usage": ["master"], "keys": {}}
+        master_key["keys"][f"ed25519:{master}"] = master
+        self_signing_key = {"user_id": self.user_id, "usage": ["self_signing"], "keys": {}}
+        self_signing_key["keys"][f"ed25519:{self_signing}"] = self_signing
+        self_signing_key["signatures"] = {
+            self.user_id: {f"ed25519:{master}": _sign(self._master, self_signing_key)}
+        }
+        body: dict[str, Any] = {"master_key": master_key, "self_signing_key": self_signing_key}
+        path = "/_matrix/client/v3/keys/device_signing/upload"
+        status, answer = await self._api("POST", path, body)
+        if status == 401:  # user-interactive auth: the account's password
+            body["auth"] = {
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": self.user_id},
+                "password": self._password,
+                "session": answer.get("session"),
+            }
+            status, answer = await self._api("POST", path, body)
+        assert status == 200, (status, answer)
+        await self.cross_sign(self.client.device_id)
+
+    async def cross_sign(self, device_id: str) -> None:
+        """Sign one of the account's devices with its self-signing key."""
+        assert self._self_signing is not None, "set_up_cross_signing first"
+        query = {"device_keys": {self.user_id: [device_id]}}
+        status, answer = await self._api("POST", "/_matrix/client/v3/keys/query", query)
+        assert status == 200, answer
+        keys = answer["device_keys"][self.user_id][device_id]
+        keys = {k: v for k, v in keys.items() if k not in ("signatures", "unsigned")}
+        self_signing = self._self_signing.ed25519_key.to_base64()
+        keys["signatures"] = {
+            self.user_id: {f"ed25519:{self_signing}": _sign(self._self_signing, keys)}
+        }
+        upload = {self.user_id: {device_id: keys}}
+        status, answer = await self._api(
+            "POST", "/_matrix/client/v3/keys/signatures/upload", upload
+        )
+        assert status == 200 and not answer.get("failures"), answer
+
     # ---- rooms --------------------------------------------------------------------------
 
     async def create_encrypted_room(
@@ -212,6 +274,11 @@ class E2EUser:
     def encrypted(self, room_id: str) -> bool:
         room = self.client.rooms.get(room_id)
         return bool(room and room.encrypted)
+
+
+def _sign(key: vodozemac.Account, signed: dict[str, Any]) -> str:
+    body = {k: v for k, v in signed.items() if k not in ("signatures", "unsigned")}
+    return key.sign(Api.to_canonical_json(body).encode()).to_base64()
 
 
 async def new_e2e_user(synapse: Any, prefix: str, store_root: Path) -> E2EUser:

@@ -1,11 +1,17 @@
-"""Who gets the bot's room keys again when a device asks (m.room_key_request), against
-real Synapse, with real end-to-end clients (matrix-nio with their own stores):
+"""Who gets the bot's room keys (appservice/key_sharing.py), against real Synapse, with
+real end-to-end clients (matrix-nio with their own stores).
+
+When a device asks for one again (m.room_key_request):
 
 - a staff device the bot shared a session with, that lost its copy, asks and gets it
   back, and decrypts the bot's message — also after the service restarts;
 - a new device of the same staff account (logged in after the message: a new phone,
   or whoever has the password) asks and gets nothing, and the refusal is logged;
 - someone who joins the staff room after the message asks and gets nothing.
+
+With `encryption.verified_only`, a staff device its owner has not cross-signed gets no
+key for the bot's message (the cross-signed one reads it), and does for the next
+message once it is cross-signed.
 
 The message is the bot's reply to `!case list` in the encrypted staff room: a session
 of the bot's like an alert's (what is in it does not change who may have its key).
@@ -70,8 +76,8 @@ async def test_a_device_that_lost_a_key_gets_it_back_also_after_a_restart(synaps
                 what="the key given back",
             )
             assert back == REPLY
-            assert service.crypto.keys_forwarded == 1
-            assert service.crypto.key_requests_refused == 0
+            assert service.crypto.key_sharing.answered == 1
+            assert service.crypto.key_sharing.refused == 0
         # A new BotCrypto on the same store: who the session went to was kept with it.
         async with running_service(config) as service:
             await until(service.crypto.ready.is_set, what="the bot's device again")
@@ -98,18 +104,18 @@ async def test_a_new_device_or_a_later_member_gets_no_old_key(synapse, tmp_path,
             new_phone = await scene.staff.another_device(Path(tmp_path) / "new-phone")
             await until(lambda: scene.staff_room in new_phone.client.rooms, what="its sync")
             await lose_and_ask(new_phone, scene.staff_room, message)
-            await until(lambda: crypto.key_requests_refused == 1, what="the new device refused")
+            await until(lambda: crypto.key_sharing.refused == 1, what="the new device refused")
             # Someone invited into the staff room (and joined) after the message.
             late = await new_e2e_user(synapse, "late", Path(tmp_path) / "stores")
             await scene.staff.client.room_invite(scene.staff_room, late.user_id)
             await until(lambda: scene.staff_room in late.client.invited_rooms, what="the invite")
             await late.join(scene.staff_room)
             await lose_and_ask(late, scene.staff_room, message)
-            await until(lambda: crypto.key_requests_refused == 2, what="the later member refused")
+            await until(lambda: crypto.key_sharing.refused == 2, what="the later member refused")
             await asyncio.sleep(3)  # time enough for a key that should not come
             assert await decrypted(new_phone, scene.staff_room, message) is None
             assert await decrypted(late, scene.staff_room, message) is None
-            assert crypto.keys_forwarded == 0
+            assert crypto.key_sharing.answered == 0
         refusals = [
             r for r in caplog.records if r.levelno == logging.WARNING and "room key" in r.message
         ]
@@ -122,4 +128,37 @@ async def test_a_new_device_or_a_later_member_gets_no_old_key(synapse, tmp_path,
         for user in (new_phone, late):
             if user is not None:
                 await user.close()
+        await scene.close()
+
+
+async def test_verified_only_gives_keys_to_cross_signed_devices_only(synapse, tmp_path, caplog):
+    scene = await encrypted_scene(synapse, tmp_path)
+    unverified = None
+    try:
+        await scene.staff.set_up_cross_signing()  # this device: verified
+        unverified = await scene.staff.another_device(Path(tmp_path) / "unverified-phone")
+        await until(lambda: scene.staff_room in unverified.client.rooms, what="its sync")
+        config = config_for(scene, tmp_path, encryption={"verified_only": True})
+        async with running_service(config) as service:
+            message = await bot_message_in_staff_room(scene, service)
+            assert await decrypted(scene.staff, scene.staff_room, message) == REPLY
+            await until(lambda: message in unverified.undecryptable, what="the message seen")
+            assert await decrypted(unverified, scene.staff_room, message) is None
+            assert any("not verified" in r.message for r in caplog.records)
+            # Asking does not help: it was never given the key.
+            await lose_and_ask(unverified, scene.staff_room, message)
+            await until(lambda: service.crypto.key_sharing.refused == 1, what="refused")
+            # Verified from the first device: the bot's next message reaches it too.
+            await scene.staff.cross_sign(unverified.client.device_id)
+            scene.staff.received.clear()
+            later = await bot_message_in_staff_room(scene, service)
+            await until(
+                lambda: decrypted(unverified, scene.staff_room, later),
+                within=30,
+                what="the next message on the device verified since",
+            )
+            assert await decrypted(unverified, scene.staff_room, message) is None
+    finally:
+        if unverified is not None:
+            await unverified.close()
         await scene.close()
