@@ -76,6 +76,12 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
             "keep the staff room encrypted, or they are copied there in the clear (/health "
             "warns if it is not)"
         )
+    if encryption.enabled and encryption.verified_only:
+        print(
+            "note: encryption.verified_only: the bot's encrypted messages (alerts included) "
+            "reach only devices their owner has verified (cross-signed); staff must verify "
+            "every device they read alerts on"
+        )
     for pattern in config.choosable_inviters():
         print(
             f"warning: appservice.allowed_inviters: {pattern!r} matches names a user can "

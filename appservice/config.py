@@ -109,6 +109,10 @@ class EncryptionSettings(_Strict):
     # `none` keeps everything encrypted and relies on `policy.alert_deadline`.
     fallback: Literal["plain", "none"] = "plain"
     fallback_after: Annotated[dt.timedelta, Field(gt=dt.timedelta(0))] = dt.timedelta(seconds=20)
+    # Room keys go only to devices their owner cross-signed ("verified" in Element), when
+    # the bot encrypts and when a device asks for a key again. A member who has not
+    # verified a device cannot read the bot's messages on it.
+    verified_only: bool = False
 
     _duration = field_validator("fallback_after", mode="before")(coerce_duration)
 

@@ -17,6 +17,10 @@ restarts; a store that is lost means a new device (the old one is deleted, and
 members' clients re-key to the new one). Devices are trusted on first use: a
 bot cannot verify anyone.
 
+A member's device that lost a key of the bot's may ask for it again: it gets it only if
+it is a device the bot first shared that session with (appservice/key_sharing.py). With
+`encryption.verified_only`, keys go only to devices their owner cross-signed.
+
 Encryption is never a single point of failure. A store that cannot be read (a
 backup restored with the wrong `pickle.key`, a broken volume) or written (a full
 disk, a read-only mount) is a fault of its own, told apart from the homeserver
@@ -57,7 +61,8 @@ from nio import (
 )
 from nio.exceptions import EncryptionError, LocalProtocolError
 
-from appservice.homeserver import ENCRYPTION, BotClient
+from appservice.homeserver import BotClient
+from appservice.key_sharing import KeySharing
 from bot.ports import EncryptionUnavailable, HomeserverUnavailable
 
 log = logging.getLogger(__name__)
@@ -139,12 +144,38 @@ def _store_fault(exc: BaseException, store: Path) -> EncryptionBroken:
 
 class CryptoClient(BotClient):
     """The bot's device's client: nio's, with the sync token stored only once a sync's
-    answer has been handled.
+    answer has been handled, and other users' room-key requests kept for BotCrypto.
 
     nio stores the token first: if handling then fails (the store is full), the room
     keys in that answer are acknowledged to the homeserver and lost. Here a failure
     puts the token back, so the next sync asks for the same answer again.
+
+    nio answers key requests from its own user's devices only, and drops every other
+    one without a word: it never shows them to a to-device callback, and its
+    `collect_key_requests` returns only its own user's untrusted devices' requests.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Other users' requests, by (sender, request id), waiting to be answered.
+        self.key_requests: dict[tuple[str, str], RoomKeyRequest] = {}
+        # Told which users' devices nio has just read again (a device list changed).
+        self.keys_queried: Callable[[set[str]], None] = lambda users: None
+
+    async def keys_query(self) -> Any:
+        users = set(self.users_for_key_query)
+        response = await super().keys_query()
+        if not isinstance(response, ErrorResponse):
+            self.keys_queried(users)
+        return response
+
+    async def _collect_key_requests(self) -> None:
+        assert self.olm is not None
+        for event in self.olm.received_key_requests.values():
+            # (A cancellation in the same sync has already taken its request out.)
+            if isinstance(event, RoomKeyRequest) and event.sender != self.user_id:
+                self.key_requests[(event.sender, event.request_id)] = event
+        await super()._collect_key_requests()
 
     async def _handle_sync(self, response: SyncResponse) -> None:
         # nio 0.26's AsyncClient._handle_sync, in the same order, with the token saved last.
@@ -181,6 +212,7 @@ class BotCrypto:
         on_room_key: Callable[[], None] = lambda: None,
         on_broken: Callable[[str | None], None] = lambda why: None,
         retry_seconds: float = 5.0,
+        verified_only: bool = False,
     ) -> None:
         # Nothing here touches the store: a broken volume must not stop the service from
         # starting (it runs every case without encryption until the store is repaired).
@@ -194,7 +226,8 @@ class BotCrypto:
         self._on_broken = on_broken
         self._retry = retry_seconds
         self.client: CryptoClient | None = None
-        self.keys_forwarded = 0  # keys re-shared on a member's request (tests, status)
+        # Who gets the device's room keys (encryption.verified_only: cross-signed only).
+        self.key_sharing = KeySharing(bot_user_id, self._raw, verified_only=verified_only)
         self._lock = asyncio.Lock()  # one key upload / share / claim at a time
         self.ready = asyncio.Event()
         # Why it cannot work now (None while starting up: that is work in progress).
@@ -247,7 +280,6 @@ class BotCrypto:
             ),
         )
         client.add_to_device_callback(self._key_arrived, (RoomKeyEvent, ForwardedRoomKeyEvent))
-        client.add_to_device_callback(self._key_requested, RoomKeyRequest)
         client.masquerade_user = self.bot_user_id
         return client
 
@@ -343,6 +375,10 @@ class BotCrypto:
                 "restore the store from its backup, or run `safeguard e2ee reset`",
             )
         self._probe_writable(device_id)
+        try:
+            self.key_sharing.attach(client)
+        except STORE_ERRORS as exc:
+            raise _store_fault(exc, self.store) from exc
 
     def _probe_writable(self, device_id: str) -> None:
         """A write to the store's folder and a write lock on its database: what a full disk
@@ -463,6 +499,7 @@ class BotCrypto:
                 self._check(
                     await client.keys_claim(client.get_users_for_key_claiming()), "keys claim"
                 )
+            await self._answer_key_requests()
 
     async def _sync_until_fault(self) -> None:
         """Sync for as long as the store works; a homeserver away is waited out here."""
@@ -514,43 +551,19 @@ class BotCrypto:
     async def _key_arrived(self, event: RoomKeyEvent | ForwardedRoomKeyEvent) -> None:
         self._on_room_key()
 
-    async def _key_requested(self, event: RoomKeyRequest) -> None:
-        """A member of the room lost the key of a message the bot sent: share it again.
-
-        nio answers only the bot's own devices; a member's device asking for one of the
-        bot's own sessions, for a room they are in (joined or invited), gets it — the
-        same rule by which it got it first (trust on first use)."""
-        if event.sender == self.bot_user_id or event.algorithm != ENCRYPTION["algorithm"]:
-            return
-        if self.client is None or not self.ready.is_set():
-            return
-        olm = self.client.olm
-        room = self.client.rooms.get(event.room_id)
-        if olm is None or room is None or event.sender not in room.users:
-            return
-        own_key = olm.account.identity_keys["curve25519"]
-        group_session = olm.inbound_group_store.get(event.room_id, own_key, event.session_id)
-        if group_session is None:
-            return  # not a session the bot created: not its to give
-        try:
-            async with self._lock:
-                if event.requesting_device_id not in olm.device_store[event.sender]:
-                    olm.users_for_key_query.add(event.sender)
-                    self._check(await self.client.keys_query(), "keys query")
-                device = olm.device_store[event.sender][event.requesting_device_id]
-                if olm.session_store.get(device.curve25519) is None:
-                    claimed = await self.client.keys_claim(
-                        {event.sender: [event.requesting_device_id]}
-                    )
-                    self._check(claimed, "keys claim")
-                session = olm.session_store.get(device.curve25519)
-                if session is None:
-                    return
-                message = olm._encrypt_forwarding_key(event.room_id, group_session, session, device)
-                await self.client.to_device(message)
-                self.keys_forwarded += 1
-        except (KeyError, HomeserverUnavailable, EncryptionError, *STORE_ERRORS) as exc:
-            log.warning("could not re-share a room key with a member: %s", exc)
+    async def _answer_key_requests(self) -> None:
+        """Answer the room-key requests of members' devices the last sync brought (the
+        device's lock held). A request that cannot be answered now (the homeserver
+        away) is dropped: the asking device asks again."""
+        client = self.client
+        assert client is not None
+        while client.key_requests:
+            _, event = client.key_requests.popitem()
+            try:
+                await self.key_sharing.answer(client, event)
+            except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
+                log.warning("could not answer a room key request: %s", type(exc).__name__)
+                log.debug("could not answer %s's key request: %s", event.sender, exc)
 
     @staticmethod
     def _check(response: Any, what: str) -> Any:
@@ -697,8 +710,10 @@ class BotCrypto:
                     self._check(await client.joined_members(room_id), "the room's members")
                 if client.should_query_keys:
                     self._check(await client.keys_query(), "keys query")
+                await self.key_sharing.before_share(client, room)
                 if client.olm.should_share_group_session(room_id):
                     await client.share_group_session(room_id, ignore_unverified_devices=True)
+                    self.key_sharing.shared(client, room_id)
                 _, encrypted = client.encrypt(room.room_id, event_type, content)
         except EncryptionBroken as exc:
             raise EncryptionUnavailable(self.problem or exc.why) from exc
@@ -749,6 +764,10 @@ class BotCrypto:
             "device_id": client.device_id if client is not None else None,
             "one_time_keys": olm.uploaded_key_count if olm else None,
             "encrypted_rooms": len(client.encrypted_rooms) if client is not None else 0,
+            "key_requests": {
+                "answered": self.key_sharing.answered,
+                "refused": self.key_sharing.refused,
+            },
         }
         if self.problem:
             status["problem"] = self.problem

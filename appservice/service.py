@@ -139,6 +139,7 @@ class Service:
                 on_room_key=self._room_key_arrived,
                 on_broken=self._encryption_broken,
                 retry_seconds=connect_retry_seconds,
+                verified_only=config.file.encryption.verified_only,
             )
             self.homeserver.crypto = self.crypto
         self.connected = asyncio.Event()
