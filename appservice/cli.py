@@ -19,7 +19,7 @@ from appservice.config import DEFAULT_CONFIG_PATH, Config, check_runnable, load_
 from appservice.database import opened
 from appservice.digest_key import digest_key_path, load_digest_key, require_digest_key
 from appservice.errors import ConfigError
-from appservice.logs import setup_logging
+from appservice.logs import Pseudonyms, log_key, setup_logging
 from appservice.registration import write_registration
 
 EXIT_CONFIG = 2
@@ -110,9 +110,22 @@ async def _run(config: Config) -> int:
     return 0
 
 
+def _pseudonyms(config: Config, *, create: bool) -> Pseudonyms:
+    key = load_digest_key(config, create=create) if create else require_digest_key(config)
+    return Pseudonyms(log_key(key or b""))
+
+
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, _pseudonyms(config, create=True))
     return asyncio.run(_run(config))
+
+
+def cmd_log_id(args: argparse.Namespace, config: Config) -> int:
+    """The pseudonym each id has in this deployment's logs (to find the lines about it)."""
+    pseudonyms = _pseudonyms(config, create=False)
+    for matrix_id in args.ids:
+        print(f"{pseudonyms.of(matrix_id)}  {matrix_id}")
+    return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
@@ -388,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--yes", action="store_true", help="go ahead (the service must be stopped)")
     q.set_defaults(handler=cmd_e2ee)
+
+    p = sub.add_parser(
+        "log-id", parents=[common], help="the pseudonym of a user, room or event id in the logs"
+    )
+    p.add_argument("ids", nargs="+", metavar="ID", help="e.g. @alice:example.org")
+    p.set_defaults(handler=cmd_log_id)
 
     p = sub.add_parser("dev", help="local Synapse + the service + demo users, one command")
     p.add_argument("--dir", default=".dev", help="where the dev stack lives (default: .dev)")

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -83,7 +84,7 @@ class DatabaseSettings(_Strict):
         try:
             url = make_url(value)
         except ArgumentError as exc:
-            raise ValueError(f"not a database URL: {value!r}") from exc
+            raise ValueError("not a database URL") from exc
         if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
             raise ValueError(
                 f"driver {url.drivername!r} is not supported: use sqlite+aiosqlite:///FILE "
@@ -209,6 +210,12 @@ class Config:
         return [r for r in self.resources if today - r.verified_on > limit]
 
 
+# Keys whose values are secrets, or may hold one (a URL with a password or a token in
+# its query): a config error names the key but never echoes the value — error text
+# reaches terminals, logs and support tickets.
+SECRET_KEY = re.compile(r"token|secret|password|key|url|webhook", re.IGNORECASE)
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -217,9 +224,11 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
-    if given is not None and not isinstance(given, dict | list):
-        message += f" (got {given!r})"
-    return f"{key}: {message}"
+    if given is None or isinstance(given, dict | list):
+        return f"{key}: {message}"
+    if any(SECRET_KEY.search(str(part)) for part in error["loc"]):
+        return f"{key}: {message} (the value is not shown: it may hold a secret)"
+    return f"{key}: {message} (got {given!r})"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -232,7 +241,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # Where and what, never the line itself (it may hold a password).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return data

@@ -68,6 +68,36 @@ def test_bad_values_name_the_key(tmp_path, patch, expected):
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"database": {"url": "mysql://admin:hunter2-secret@db.example.org/safeguard"}},
+        {"database": {"url": "postgresql+asyncpg://admin:hunter2-secret@db:notaport/x"}},
+        {"database": {"url": 12345}},  # not even text: still not echoed
+        {"appservice": {**MINIMAL["appservice"], "admin_token": "hunter2-secret"}},
+        {"policy": {"alert_webhook": 7, "alert_webhook_secret": ["hunter2-secret"]}},
+    ],
+)
+def test_config_errors_never_echo_a_secret(tmp_path, patch):
+    """The error names the key; a value that is or may hold a secret (a database URL
+    with its password, a token) is never printed: error text reaches logs and tickets."""
+    data = {**MINIMAL, **patch}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    text = str(caught.value)
+    assert "hunter2" not in text and "12345" not in text, text
+    assert "database." in text or "admin_token" in text or "alert_webhook" in text
+
+
+def test_a_yaml_error_does_not_quote_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('database: {url: "postgresql+asyncpg://u:hunter2@db/x"\nhomeserver: [unclosed\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert "not valid YAML at line" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
 def test_missing_section_is_named(tmp_path):
     with pytest.raises(ConfigError, match="homeserver: required key is missing"):
         load_config(write(tmp_path, {"appservice": MINIMAL["appservice"]}))
