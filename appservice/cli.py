@@ -224,9 +224,9 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         from bot.retention import purge
         from bot.store.audit import Provenance
 
-        days = args.days if args.days is not None else config.audit.retention_days
+        days = args.days if args.days is not None else config.retention_days
         if days <= 0:
-            print("audit.retention_days is 0 (keep for ever): nothing to purge")
+            print("policy.retention_days is 0 (keep for ever): nothing to purge")
             return 0
         provenance = Provenance(
             config.policy.policy_version, config.config_hash, require_digest_key(config)
@@ -238,6 +238,14 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
             f"(closed more than {days} days ago, not on hold), and {result.caseless} "
             "entries outside cases"
         )
+        if result.scheduled:
+            numbers = ", ".join(f"#{number}" for number in result.scheduled)
+            print(
+                f"handed {len(result.scheduled)} case(s) to the service to purge ({numbers}): "
+                "they left messages or rooms on the homeserver, which the running service "
+                "redacts and leaves (the member told where to get help now) before it erases "
+                "them; `safeguard cases show N` says when it has"
+            )
         return 0
 
     if args.action == "purge":
@@ -383,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = audits.add_parser("verify", parents=[common], help="recompute the hash chain")
     q.add_argument("--head", help="N:HASH posted in the staff room; the log must contain it")
     q.set_defaults(handler=cmd_audit)
-    q = audits.add_parser("purge", parents=[common], help="apply audit.retention_days now")
-    q.add_argument("--days", type=int, help="override audit.retention_days for this run")
+    q = audits.add_parser("purge", parents=[common], help="apply policy.retention_days now")
+    q.add_argument("--days", type=int, help="override policy.retention_days for this run")
     q.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("e2ee", parents=[common], help="the bot's end-to-end encryption")

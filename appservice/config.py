@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -25,6 +32,7 @@ from appservice.errors import ConfigError
 from appservice.registration import load_registration
 from appservice.webhook import webhook_problem
 from bot.settings import (
+    DEFAULT_RETENTION_DAYS,
     AuditSettings,
     CheckinSettings,
     MessageTemplates,
@@ -137,6 +145,24 @@ class ConfigFile(_Strict):
     encryption: EncryptionSettings = EncryptionSettings()
     logging: LoggingSettings = LoggingSettings()
 
+    @model_validator(mode="after")
+    def _one_retention(self) -> ConfigFile:
+        new, old = self.policy.retention_days, self.audit.retention_days
+        if new is not None and old is not None and new != old:
+            raise ValueError(
+                f"policy.retention_days ({new}) and audit.retention_days ({old}) disagree: "
+                "audit.retention_days is its older name, keep one"
+            )
+        return self
+
+    @property
+    def retention_days(self) -> int:
+        """Days a closed case's personal data is kept (0: for ever)."""
+        for days in (self.policy.retention_days, self.audit.retention_days):
+            if days is not None:
+                return days
+        return DEFAULT_RETENTION_DAYS
+
 
 @dataclass(frozen=True)
 class Config:
@@ -154,6 +180,7 @@ class Config:
     messages = property(lambda self: self.file.messages)
     resources = property(lambda self: self.file.resources)
     audit = property(lambda self: self.file.audit)
+    retention_days = property(lambda self: self.file.retention_days)
     logging = property(lambda self: self.file.logging)
 
     @property

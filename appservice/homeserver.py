@@ -26,7 +26,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -633,6 +633,27 @@ class NioHomeserver:
                 self._direct = None  # what is there now is not known: read it next time
                 return
             self._direct = direct
+
+    async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:
+        gone = set(room_ids)
+        async with self._direct_lock:
+            direct = await self.direct_rooms()
+            kept = {
+                user: [room for room in rooms if room not in gone] for user, rooms in direct.items()
+            }
+            kept = {user: rooms for user, rooms in kept.items() if rooms}
+            if kept == direct:
+                return Done()
+            result = await self._raw(
+                "PUT",
+                f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
+                kept,
+            )
+            if isinstance(result, Refused):
+                self._direct = None  # what is there now is not known: read it next time
+                return result
+            self._direct = kept
+            return Done()
 
     async def invite(
         self, room_id: str, user_id: str, *, is_direct: bool = False

@@ -60,7 +60,7 @@ from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.staff_tools import StaffTools
 from bot.steps import Toolbox, build_steps
-from bot.store import audit, cases, ingest, outbox, positions, rooms
+from bot.store import audit, cases, ingest, outbox, positions, retention, rooms
 from bot.store.audit import Provenance
 from bot.texts import Texts
 from bot.timers import Timers
@@ -107,6 +107,7 @@ class Service:
             plain_fallback_after=config.file.encryption.fallback_after
             if config.file.encryption.fallback == "plain"
             else None,
+            retention_days=config.retention_days,
         )
         assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
@@ -270,6 +271,7 @@ class Service:
         )
         relay = Relay(
             self.engine,
+            self.homeserver,
             self.deployment,
             self.staff_room,
             self.rooms,
@@ -405,10 +407,15 @@ class Service:
         """What the hot path must know of rooms before the first transaction."""
         async with self.engine.connect() as conn:
             known = await cases.rooms_of_cases(conn)
+            former = await retention.former_room_ids(conn)
             moderated = [room.room_id for room in await rooms.moderated(conn)]
             self.reconciler.first_started = await positions.database_first_started(conn)
         self.rooms.know(
-            watched=known.watched, dms=known.dms, checkins=known.checkins, moderated=moderated
+            watched=known.watched,
+            # Rooms of purged cases the bot could not leave: a former member may write there.
+            dms=known.dms | set(former),
+            checkins=known.checkins,
+            moderated=moderated,
         )
         await self.ready_rooms.load()
 
@@ -666,11 +673,14 @@ class Service:
         async with self.engine.begin() as conn:
             await ingest.prune(conn, dt.datetime.now(dt.UTC) - retention)
         purged = await purge(
-            self.engine, self.deployment.provenance, self.config.audit.retention_days
+            self.engine, self.deployment.provenance, self.deployment.retention_days
         )
         await checkpoint(self.engine)
         if purged.cases:
             log.info("retention purged %d case(s)", purged.cases)
+        if purged.scheduled:
+            log.info("retention: purging %d case(s) on the homeserver too", len(purged.scheduled))
+            self.steps.wake()
         await self._refresh_metrics()
 
     async def _refresh_metrics(self) -> None:

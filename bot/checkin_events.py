@@ -97,7 +97,7 @@ class CheckinEvents:
         if claimed:
             async with self._db.begin() as conn:
                 await self._reply(
-                    conn, target, f"Case #{case.id}: check-in claimed by {sender} (✋)."
+                    conn, case.id, target, f"Case #{case.id}: check-in claimed by {sender} (✋)."
                 )
             self._on_outbox()
 
@@ -137,7 +137,11 @@ class CheckinEvents:
             )
         return True
 
-    async def _reply(self, conn: AsyncConnection, to_event: str, text: str) -> None:
+    async def _reply(self, conn: AsyncConnection, case_id: int, to_event: str, text: str) -> None:
         await outbox.queue(
-            conn, self._staff_room.address, notice(text, reply_to=to_event), dt.datetime.now(dt.UTC)
+            conn,
+            self._staff_room.address,
+            notice(text, reply_to=to_event),
+            dt.datetime.now(dt.UTC),
+            case_id=case_id,
         )

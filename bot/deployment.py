@@ -31,3 +31,6 @@ class Deployment:
     # A message to a person that cannot be encrypted this long after its step began is
     # sent in the clear instead (None: never; it waits for encryption).
     plain_fallback_after: dt.timedelta | None = dt.timedelta(seconds=20)
+    # Days after a case closes that its personal data is kept (0: for ever); the
+    # settings' policy.retention_days, or its older name, or the default.
+    retention_days: int = 0

@@ -428,7 +428,9 @@ class StepEngine:
                 content = self._tools.texts.step_failed(
                     case_number=case.id, step=step.step, error=error, reply_to=case.alert_event_id
                 )
-                await outbox.queue(conn, self._tools.staff_room.address, content, _now())
+                await outbox.queue(
+                    conn, self._tools.staff_room.address, content, _now(), case_id=case.id
+                )
         run.progress = progress
         if tell:
             self.on_outbox()
@@ -539,7 +541,7 @@ class StepEngine:
             )
         if content is None:
             return False
-        await outbox.queue(conn, self._tools.staff_room.address, content, now)
+        await outbox.queue(conn, self._tools.staff_room.address, content, now, case_id=case.id)
         return True
 
     async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:

@@ -11,6 +11,7 @@ workflow records as the step's outcome.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -176,6 +177,11 @@ class Homeserver(Protocol):
         self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
     ) -> None:
         """Add the room to m.direct; `known` is the m.direct just read, if any."""
+        ...
+
+    async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:
+        """Take the rooms out of m.direct, whoever they were a DM with (a user left with
+        none is taken out too); rooms not there cost no write."""
         ...
 
     async def invite(

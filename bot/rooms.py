@@ -60,6 +60,12 @@ class RoomDirectory:
         self._checkins.add(room_id)
         self.conversations.add(room_id)
 
+    def forget(self, room_id: str) -> None:
+        """The bot left one of its own rooms (its case purged): nothing there is ours now."""
+        self._dms.discard(room_id)
+        self._checkins.discard(room_id)
+        self.conversations.discard(room_id)
+
     def moderate(self, room_id: str) -> None:
         self.moderated.add(room_id)
 

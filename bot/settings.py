@@ -111,6 +111,11 @@ def default_resources() -> list[Resource]:
     ]
 
 
+# Six years after a case closes (2,192 days: six of 365, and two leap days), the period UK
+# charities commonly keep safeguarding records for (README: Retention says why).
+DEFAULT_RETENTION_DAYS = 2192
+
+
 class PolicySettings(_Strict):
     reactions: list[str] = Field(default_factory=lambda: ["🚨"], min_length=1)
     command: str = Field(default="!safeguard", min_length=1, pattern=r"^\S+$")
@@ -153,6 +158,10 @@ class PolicySettings(_Strict):
     # Empty DM rooms the bot keeps made ahead of any flag, so a flagged member is told
     # without waiting for a room to be created (bot/ready_rooms.py). 0: create each one.
     ready_dm_rooms: int = Field(default=2, ge=0, le=20)
+    # Days after a case closes that its personal data is kept, here and on the homeserver
+    # (bot/retention.py); 0 keeps it for ever. Unset: `audit.retention_days` (its older
+    # name) if set, else DEFAULT_RETENTION_DAYS.
+    retention_days: int | None = Field(default=None, ge=0)
 
     _duration = field_validator(
         "ack_within", "alert_deadline", "recent_leave", "refusal_report_every", mode="before"
@@ -221,7 +230,8 @@ class ReconcileSettings(_Strict):
 
 
 class AuditSettings(_Strict):
-    retention_days: int = Field(default=0, ge=0)
+    # The older name of `policy.retention_days`, still read (the two may not disagree).
+    retention_days: int | None = Field(default=None, ge=0)
     # The secret that keys the digests of personal fields (HMAC-SHA256). Created on first
     # run; default: beside the SQLite database, or beside the config file on PostgreSQL.
     digest_key_file: str | None = None
@@ -233,6 +243,7 @@ class MessageTemplates(_Strict):
     notice: str | None = None
     checkin: str | None = None
     withdrawn: str | None = None
+    farewell: str | None = None
     kick_reason: str | None = None
     kick_reason_unnotified: str | None = None
     redaction_reason: str | None = None
@@ -264,4 +275,6 @@ class MessageTemplates(_Strict):
     processing_failed: str | None = None
     undecryptable: str | None = None
     undecryptable_summary: str | None = None
+    former_member_wrote: str | None = None
+    retention_redaction_reason: str | None = None
     template_fallback: str | None = None

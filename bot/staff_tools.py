@@ -155,7 +155,9 @@ class StaffTools:
             return
         async with handling.transaction() as conn:
             reply = await self._apply(conn, command, sender, now, via)
-            await self._queue_reply(conn, handling, reply, now, reply_to=reply_to)
+            await self._queue_reply(
+                conn, handling, reply, now, reply_to=reply_to, case_id=command.case
+            )
         self._on_outbox()
         if command.case is not None and command.action in (
             "close",
@@ -176,10 +178,12 @@ class StaffTools:
                 if case
                 else f"There is no case #{command.case}."
             )
-            await self._reply(handling, text)
+            await self._reply(handling, text, case_id=case.id if case else None)
             return
         await self._checkins.claim(handling, case, sender, via="command")
-        await self._reply(handling, f"Case #{case.id}: check-in claimed by {sender}.")
+        await self._reply(
+            handling, f"Case #{case.id}: check-in claimed by {sender}.", case_id=case.id
+        )
 
     async def _apply(
         self, conn: AsyncConnection, command: CaseCommand, sender: str, now: dt.datetime, via: str
@@ -255,8 +259,9 @@ class StaffTools:
                 return (
                     f"Case #{case.id} is already closed. `!case {case.id} reopen <why>` reopens it."
                 )
+            # Closed, the case no longer gathers flags: a new flag opens a new case.
             await cases.set_fields(
-                conn, case.id, state="closed", closed_at=now, outcome=command.text
+                conn, case.id, state="closed", closed_at=now, outcome=command.text, active_key=None
             )
             await entry("closed", {}, {"outcome": command.text})
             await self._cancel_checkin(conn, case.id, "the case was closed before it", now)
@@ -269,6 +274,7 @@ class StaffTools:
             if case.state != "closed":
                 return f"Case #{case.id} is open already."
             await cases.set_fields(conn, case.id, state="open", closed_at=None)
+            await cases.reactivate(conn, case)
             await entry("reopened", {}, {"why": command.text})
             return f"Case #{case.id} reopened."
         if command.action == "hold":
@@ -409,17 +415,20 @@ class StaffTools:
         now: dt.datetime,
         *,
         reply_to: str | None = None,
+        case_id: int | None = None,
     ) -> None:
+        """`case_id`: the case the reply tells of (retention redacts it with the case)."""
         await outbox.queue(
             conn,
             self._staff_room.address,
             notice(text, reply_to=reply_to or handling.item.event_id),
             now,
+            case_id=case_id,
         )
 
-    async def _reply(self, handling: Handling, text: str) -> None:
+    async def _reply(self, handling: Handling, text: str, *, case_id: int | None = None) -> None:
         async with handling.transaction() as conn:
-            await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC))
+            await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC), case_id=case_id)
         self._on_outbox()
 
     # ---- the chain head, anchored outside the database -----------------------------------

@@ -56,6 +56,19 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "If you'd like to talk about it, reply here: our staff team will see it.",
         frozenset({"room"}),
     ),
+    # The last word in a conversation the bot is closing (its case's time to be kept is
+    # over), and the answer to anyone who writes in one afterwards.
+    "farewell": (
+        "Hi, this chat is closing now, and messages sent here won't be read any more.\n"
+        "\n"
+        "If you ever need someone to talk to, these services are there for you:\n"
+        "{resources}\n"
+        "\n"
+        "{emergency}\n"
+        "\n"
+        "Take care of yourself.",
+        frozenset({"resources", "emergency"}),
+    ),
     # ---- what the group room sees -------------------------------------------------------
     "kick_reason": ("Removed by a moderator", frozenset()),
     "kick_reason_unnotified": ("Removed by a moderator", frozenset()),
@@ -234,6 +247,16 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "(each is recorded): their keys never reached me. If one was a flag, a command or "
         "a member's reply, it was not acted on: please check that room.",
         frozenset({"count", "sender", "room", "since"}),
+    ),
+    "former_member_wrote": (
+        "Someone wrote to me in a private chat I have closed: its case has been erased "
+        "under the retention policy, so I cannot say who it was, and what they wrote was "
+        "not kept. They have been told the chat is closed and where to get help now.",
+        frozenset(),
+    ),
+    "retention_redaction_reason": (
+        "Removed: the retention period for this case is over",
+        frozenset(),
     ),
     "template_fallback": (
         "The configured message template messages.{name} could not be used ({problem}). "

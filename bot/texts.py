@@ -114,12 +114,25 @@ class Texts:
     def withdrawn(self, *, room: str) -> dict[str, Any]:
         return content(self.text("withdrawn", room=room))
 
+    def farewell(self) -> dict[str, Any]:
+        """Where to get help now, as the bot leaves a conversation whose case is purged."""
+        return content(
+            self.text(
+                "farewell",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+            )
+        )
+
     def kick_reason(self, *, notified: bool) -> str:
         name = "kick_reason" if notified else "kick_reason_unnotified"
         return self.text(name)[:KICK_REASON_LIMIT]
 
     def redaction_reason(self) -> str:
         return self.text("redaction_reason")[:KICK_REASON_LIMIT]
+
+    def retention_redaction_reason(self) -> str:
+        return self.text("retention_redaction_reason")[:KICK_REASON_LIMIT]
 
     def room_notice(self) -> dict[str, Any]:
         text = self.text("room_notice", resources=resource_lines(self._resources))
@@ -499,6 +512,10 @@ class Texts:
 
     def undecryptable(self, *, sender: str, room: str) -> dict[str, Any]:
         return notice(self.text("undecryptable", sender=sender, room=room))
+
+    def former_member_wrote(self) -> dict[str, Any]:
+        """Staff told that someone wrote in a purged case's conversation: no one named."""
+        return notice(self.text("former_member_wrote"))
 
     def template_fallback(self, *, name: str, problem: str) -> dict[str, Any]:
         return notice(self.text("template_fallback", name=name, problem=problem))

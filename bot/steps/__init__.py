@@ -14,6 +14,7 @@ from bot.steps.corroboration import Corroboration
 from bot.steps.debrief import Debrief
 from bot.steps.escalate import Escalate
 from bot.steps.notify import Notify
+from bot.steps.purge import Purge
 from bot.steps.redact import RedactFlag, RedactMessage
 from bot.steps.rejoin import Rejoin
 from bot.steps.remove import Remove
@@ -47,6 +48,7 @@ STEP_TYPES: tuple[type[CaseStep], ...] = (
     RemoveAgain,
     Corroboration,
     Rejoin,
+    Purge,
 )
 POSITIONS: dict[str, int] = {step.name: index for index, step in enumerate(STEP_TYPES)}
 # The steps a new case starts with; the others are added when they are needed.

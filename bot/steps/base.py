@@ -30,6 +30,7 @@ from bot.ready_rooms import ReadyRooms
 from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
+from bot.store.retention import record_staff_post
 from bot.texts import Texts
 from bot.wording import person, place
 
@@ -251,6 +252,11 @@ class Toolbox:
         sent = await self.send_once(run, room_id, content, what, plain=plain)
         if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
             raise StaffRoomUnavailable(f"cannot post in the staff room {room_id}: {sent}")
+        if isinstance(sent, str):
+            # Recorded before the step goes on, so retention can redact it (a resumed
+            # attempt finds the message by its marker, and records it again: once).
+            async with self.db.begin() as conn:
+                await record_staff_post(conn, run.case.id, sent, dt.datetime.now(dt.UTC))
         return sent
 
 

@@ -441,6 +441,23 @@ async def end_active(
     return case_id
 
 
+async def reactivate(conn: AsyncConnection, case: Case) -> bool:
+    """A reopened case gathers flags again, unless the member is back in the room or has
+    another case there that does (a flag opened one while it was closed)."""
+    if case.rejoined_at is not None or case.room_id is None or case.member_id is None:
+        return False
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                cases.update()
+                .where(cases.c.id == case.id)
+                .values(active_key=active_key(case.room_id, case.member_id))
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
 async def active_case(conn: AsyncConnection, room_id: str, member_id: str) -> Case | None:
     """The member's case in that room that later flags would corroborate, if any."""
     return await _latest_where(conn, cases.c.active_key == active_key(room_id, member_id))

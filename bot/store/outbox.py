@@ -34,10 +34,19 @@ async def queue(
     now: dt.datetime,
     *,
     plain: bool = False,
+    case_id: int | None = None,
 ) -> int:
+    """`case_id`: the case the message tells of (retention redacts it with the case)."""
     result = await conn.execute(
         outbox.insert()
-        .values(room_id=room_id, content=content, status="pending", created_at=now, plain=plain)
+        .values(
+            room_id=room_id,
+            content=content,
+            status="pending",
+            created_at=now,
+            plain=plain,
+            case_id=case_id,
+        )
         .returning(outbox.c.id)
     )
     return result.scalar_one()

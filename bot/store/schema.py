@@ -92,8 +92,8 @@ cases = sa.Table(
     sa.Column("room_id", sa.String(255), nullable=True),  # nullable: purged by retention
     sa.Column("member_id", sa.String(255), nullable=True),
     # "<room>|<member>" while the case is the member's active case in that room,
-    # NULL once they rejoin: the unique constraint makes "one active case per
-    # (room, member)" hold even when two moderators flag at the same instant.
+    # NULL once they rejoin or the case closes: the unique constraint makes "one active
+    # case per (room, member)" hold even when two moderators flag at the same instant.
     sa.Column("active_key", sa.String(520), nullable=True, unique=True),
     sa.Column("state", sa.String(16), nullable=False),  # open|closed
     sa.Column("dry_run", sa.Boolean, nullable=False),
@@ -166,6 +166,27 @@ outbox = sa.Table(
     # Sent in the clear whatever the room (the bot's encryption is failing): such a
     # message says nothing of any case.
     sa.Column("plain", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The case it tells of (None: none), so retention can redact it once sent.
+    sa.Column("case_id", sa.Integer, nullable=True, index=True),
+)
+
+# The staff-room messages a case's steps posted (the alert, its notices and reminders),
+# so retention can redact them: what the outbox sent for a case is on its own row.
+staff_posts = sa.Table(
+    "staff_posts",
+    metadata,
+    sa.Column("case_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", sa.String(255), primary_key=True),
+    sa.Column("posted_at", UTCDateTime, nullable=False),
+)
+
+# Rooms of purged cases the bot could not leave: no case and no person, only that whoever
+# writes there is a former member, told where to get help now (bot/relay.py).
+former_rooms = sa.Table(
+    "former_rooms",
+    metadata,
+    sa.Column("room_id", sa.String(255), primary_key=True),
+    sa.Column("since", UTCDateTime, nullable=False),
 )
 
 # Where the service last read each watched room's timeline up to (a stream token),

@@ -8,6 +8,7 @@ the real Synapse in tests/integration.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +236,14 @@ class FakeHomeserver:
         rooms = self.direct.setdefault(user_id, [])
         if room_id not in rooms:
             rooms.append(room_id)
+
+    async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:
+        self._enter("forget_direct_rooms")
+        for user in list(self.direct):
+            self.direct[user] = [room for room in self.direct[user] if room not in room_ids]
+            if not self.direct[user]:
+                del self.direct[user]
+        return Done()
 
     async def invite(
         self, room_id: str, user_id: str, *, is_direct: bool = False

@@ -319,3 +319,18 @@ def test_an_in_memory_database_is_refused(tmp_path, url):
     write_registration(load_config(path), tmp_path / "registration.yaml")
     with pytest.raises(ConfigError, match=r"database\.url: an in-memory database forgets"):
         check_runnable(load_config(path))
+
+
+def test_retention_defaults_to_six_years_and_reads_its_older_name(tmp_path):
+    from bot.settings import DEFAULT_RETENTION_DAYS
+
+    assert load_config(write(tmp_path, MINIMAL)).retention_days == DEFAULT_RETENTION_DAYS == 2192
+    newer = write(tmp_path, {**MINIMAL, "policy": {"retention_days": 0}})
+    assert load_config(newer).retention_days == 0, "0 set explicitly keeps for ever"
+    older = write(tmp_path, {**MINIMAL, "audit": {"retention_days": 30}})
+    assert load_config(older).retention_days == 30
+    both = {**MINIMAL, "policy": {"retention_days": 30}, "audit": {"retention_days": 30}}
+    assert load_config(write(tmp_path, both)).retention_days == 30
+    both["audit"] = {"retention_days": 31}
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(write(tmp_path, both))
