@@ -82,6 +82,14 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
             "reach only devices their owner has verified (cross-signed); staff must verify "
             "every device they read alerts on"
         )
+    if (moderation := config.moderation_user_id) is not None:
+        print(
+            f"note: appservice.moderation_localpart: {moderation} removes members, redacts "
+            "flags and posts the room notice in group rooms. In each it needs the power to "
+            "kick, redact and post: the bot gives it that where the bot may change power "
+            "levels; elsewhere give it the room's kick and redact level yourself. Where it "
+            "cannot act, the bot does (/health?detail=1: checks.moderation_user)"
+        )
     for pattern in config.choosable_inviters():
         print(
             f"warning: appservice.allowed_inviters: {pattern!r} matches names a user can "

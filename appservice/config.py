@@ -74,6 +74,12 @@ class AppserviceSettings(_Strict):
     # What `GET /health?detail=1` asks for (as a Bearer token): the detail names rooms,
     # cases and errors, so it is for operators only. None: the detail is not served.
     admin_token: str | None = Field(default=None, min_length=16)
+    # A second user of the namespace that removes members, redacts flags and posts the
+    # room notice in group rooms, so the room sees no user called "Safeguarding" act.
+    # It needs the power to kick, redact and post in each group room (the bot gives it
+    # that when the bot may change power levels there). None: the bot does it all.
+    moderation_localpart: str | None = Field(default=None, pattern=r"^[a-z0-9._=\-/+]+$")
+    moderation_displayname: str = "Moderator"
 
 
 class DatabaseSettings(_Strict):
@@ -207,6 +213,11 @@ class Config:
     @property
     def bot_user_id(self) -> str:
         return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
+
+    @property
+    def moderation_user_id(self) -> str | None:
+        localpart = self.appservice.moderation_localpart
+        return None if localpart is None else f"@{localpart}:{self.homeserver.domain}"
 
     @property
     def allowed_inviters(self) -> tuple[str, ...]:

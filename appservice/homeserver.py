@@ -18,6 +18,7 @@ is retried in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import hashlib
@@ -26,7 +27,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -54,10 +55,12 @@ from bot.ports import (
     RoomState,
     Sent,
     TimelinePage,
+    message_txn_id,
 )
 
 if TYPE_CHECKING:
     from appservice.crypto import BotCrypto
+    from appservice.moderation_user import ModerationUser
 
 log = logging.getLogger(__name__)
 ENCRYPTION = {"algorithm": "m.megolm.v1.aes-sha2"}
@@ -80,6 +83,8 @@ def _quote(value: str) -> str:
 _AS_APPSERVICE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "as_appservice", default=False
 )
+# Set while a call is made as another user of the namespace (the moderation user).
+_ACTING_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_as", default=None)
 
 
 def with_query(path: str, **params: str) -> str:
@@ -116,7 +121,9 @@ class BotClient(AsyncClient):
         session = self.client_session
         if session is None or getattr(session, "_retry_connection", False):
             await self._session_ready()
-        if self.masquerade_user and not _AS_APPSERVICE.get():
+        if (other := _ACTING_AS.get()) is not None:
+            path = with_query(path, user_id=other)
+        elif self.masquerade_user and not _AS_APPSERVICE.get():
             params = {"user_id": self.masquerade_user}
             if self.masquerade_device:
                 params["device_id"] = self.masquerade_device
@@ -160,6 +167,8 @@ class NioHomeserver:
         self.client.masquerade_user = bot_user_id
         # The bot's end-to-end encryption, when on (appservice/crypto.py).
         self.crypto: BotCrypto | None = None
+        # Who acts in group rooms instead of the bot, when configured.
+        self.moderation: ModerationUser | None = None
         # Whom the bot created each room with, or invited since: an encrypted message
         # waits for the sync to show them (their devices get the room key).
         self._expected_members: dict[str, list[str]] = {}
@@ -288,8 +297,12 @@ class NioHomeserver:
     # ---- start-up ----------------------------------------------------------------------
 
     async def ensure_registered(self, displayname: str) -> None:
-        localpart = self._bot_user_id[1:].split(":", 1)[0]
-        token = _AS_APPSERVICE.set(True)  # the bot may not exist yet: ask as the appservice
+        await self.register_user(self._bot_user_id, displayname)
+
+    async def register_user(self, user_id: str, displayname: str) -> None:
+        """Make a user of the namespace exist (the bot, the moderation user), named."""
+        localpart = user_id[1:].split(":", 1)[0]
+        token = _AS_APPSERVICE.set(True)  # it may not exist yet: ask as the appservice
         try:
             result = await self._raw(
                 "POST",
@@ -303,14 +316,54 @@ class NioHomeserver:
         finally:
             _AS_APPSERVICE.reset(token)
         if isinstance(result, Refused) and result.errcode != "M_USER_IN_USE":
-            raise HomeserverUnavailable(f"registering the bot user was refused: {result}")
-        profile = await self._raw(
-            "PUT",
-            f"/_matrix/client/v3/profile/{_quote(self._bot_user_id)}/displayname",
-            {"displayname": displayname},
-        )
+            raise HomeserverUnavailable(f"registering {user_id} was refused: {result}")
+        with self.acting_as(user_id):
+            profile = await self._raw(
+                "PUT",
+                f"/_matrix/client/v3/profile/{_quote(user_id)}/displayname",
+                {"displayname": displayname},
+            )
         if isinstance(profile, Refused):
-            log.warning("could not set the bot's display name: %s", profile)
+            log.warning("could not set the display name of %s: %s", user_id, profile)
+
+    @contextlib.contextmanager
+    def acting_as(self, user_id: str | None) -> Iterator[None]:
+        """Calls made meanwhile are made as `user_id` (None: as the bot)."""
+        token = _ACTING_AS.set(user_id if user_id != self._bot_user_id else None)
+        try:
+            yield
+        finally:
+            _ACTING_AS.reset(token)
+
+    def _moderator_in(self, room_id: str) -> str | None:
+        """Who acts in this group room: the moderation user where it is seated."""
+        moderation = self.moderation
+        return moderation.user_id if moderation and moderation.seated_in(room_id) else None
+
+    async def _as_moderator(self, room_id: str, action: Callable[[], Awaitable[Any]]) -> Any:
+        """`action` as the moderation user where it is seated; refused for want of power
+        (it was demoted), it is unseated and the bot does it at once."""
+        actor = self._moderator_in(room_id)
+        if actor is None:
+            return await action()
+        with self.acting_as(actor):
+            result = await action()
+        if isinstance(result, Refused) and result.errcode == "M_FORBIDDEN":
+            assert self.moderation is not None
+            self.moderation.unseat(room_id, str(result))
+            return await action()
+        return result
+
+    async def put_state(
+        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
+    ) -> Done | Refused:
+        result = await self._raw(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_quote(room_id)}/state/{_quote(event_type)}/"
+            f"{_quote(state_key)}",
+            content,
+        )
+        return result if isinstance(result, Refused) else Done()
 
     async def ping(self, appservice_id: str) -> dict[str, Any] | Refused:
         """Ask Synapse to ping us back: it also makes queued transactions flow at once."""
@@ -422,11 +475,14 @@ class NioHomeserver:
     async def redact(
         self, room_id: str, event_id: str, *, reason: str, txn_id: str
     ) -> Done | Refused:
-        result = await self._raw(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{_quote(room_id)}/redact/{_quote(event_id)}/"
-            f"{_quote(txn_id)}",
-            {"reason": reason},
+        result = await self._as_moderator(
+            room_id,
+            lambda: self._raw(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{_quote(room_id)}/redact/{_quote(event_id)}/"
+                f"{_quote(txn_id)}",
+                {"reason": reason},
+            ),
         )
         return result if isinstance(result, Refused) else Done()
 
@@ -682,8 +738,11 @@ class NioHomeserver:
         return Done()
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
-        response = await self._call(
-            f"kick from {room_id}", lambda: self.client.room_kick(room_id, user_id, reason)
+        response = await self._as_moderator(
+            room_id,
+            lambda: self._call(
+                f"kick from {room_id}", lambda: self.client.room_kick(room_id, user_id, reason)
+            ),
         )
         return response if isinstance(response, Refused) else Done()
 
@@ -712,14 +771,21 @@ class NioHomeserver:
                 # must see its own message even while its keys cannot be read.
                 content = content | {ENCRYPTED_MARKER_KEY: self._digest(tag["marker"])}
             event_type = "m.room.encrypted"
-        result = await self._raw(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{_quote(room_id)}/send/{_quote(event_type)}/"
-            f"{_quote(txn_id)}",
-            content,
-            # Synapse forgets txn ids when it restarts: after a lost answer the step
-            # looks for its marked message instead of sending again.
-            idempotent=False,
+
+        def put() -> Awaitable[dict[str, Any] | Refused]:
+            return self._raw(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{_quote(room_id)}/send/{_quote(event_type)}/"
+                f"{_quote(txn_id)}",
+                content,
+                # Synapse forgets txn ids when it restarts: after a lost answer the step
+                # looks for its marked message instead of sending again.
+                idempotent=False,
+            )
+
+        # Encrypted, it is the bot's device's message: the bot sends it.
+        result = await (
+            put() if event_type == "m.room.encrypted" else self._as_moderator(room_id, put)
         )
         if isinstance(result, Refused):
             return result
@@ -749,6 +815,18 @@ class NioHomeserver:
     async def find_marked_message(
         self, room_id: str, marker: str, *, limit: int = 200
     ) -> str | None:
+        found = await self._find_marked_message(room_id, marker, limit=limit)
+        actor = self._moderator_in(room_id)
+        if found is None and actor is not None:
+            # Its own transaction ids are shown to it alone.
+            with self.acting_as(actor):
+                found = await self._find_marked_message(room_id, marker, limit=limit)
+        return found
+
+    async def _find_marked_message(self, room_id: str, marker: str, *, limit: int) -> str | None:
+        senders = [self._bot_user_id]
+        if self.moderation is not None:
+            senders.append(self.moderation.user_id)
         response = await self._call(
             f"messages in {room_id}",
             lambda: self.client.room_messages(
@@ -756,15 +834,18 @@ class NioHomeserver:
                 start=None,
                 direction=MessageDirection.back,
                 limit=limit,
-                message_filter={"senders": [self._bot_user_id]},
+                message_filter={"senders": senders},
             ),
         )
         if isinstance(response, Refused):
             return None
         assert isinstance(response, RoomMessagesResponse)
         digest = self._digest(marker)
+        txn_id = message_txn_id(marker)
         for event in response.chunk:
             source = getattr(event, "source", {}) or {}
+            if (source.get("unsigned") or {}).get("transaction_id") == txn_id:
+                return source.get("event_id")  # shown to its sender alone
             if (source.get("content") or {}).get(ENCRYPTED_MARKER_KEY) == digest:
                 return source.get("event_id")
             if source.get("type") == "m.room.encrypted" and self.crypto is not None:

@@ -58,7 +58,18 @@ class Registration:
             )
         if (self.url or "").rstrip("/") != config.appservice.url.rstrip("/"):
             problems.append(f"url is {self.url!r} but appservice.url is {config.appservice.url!r}")
+        moderation = config.moderation_user_id
+        if moderation is not None and not self.claims_user(moderation):
+            problems.append(
+                f"the users namespace does not hold {moderation} (appservice."
+                "moderation_localpart): re-run `safeguard registration` and restart Synapse"
+            )
         return problems
+
+    def claims_user(self, user_id: str) -> bool:
+        namespaces = self.raw.get("namespaces") or {}
+        patterns = [u.get("regex") for u in namespaces.get("users") or [] if isinstance(u, dict)]
+        return any(isinstance(p, str) and re.fullmatch(p, user_id) for p in patterns)
 
     def reserves_aliases(self, config: Config) -> bool:
         """Whether the service's room alias namespace is its own (idempotent room creation)."""
@@ -133,7 +144,9 @@ def build_registration(config: Config, existing: dict[str, Any] | None = None) -
         current = existing.get(key)
         return current if not is_placeholder(current) else secrets.token_urlsafe(48)
 
-    bot = re.escape(config.bot_user_id)
+    users = [{"exclusive": True, "regex": f"^{re.escape(config.bot_user_id)}$"}]
+    if config.moderation_user_id is not None:
+        users.append({"exclusive": True, "regex": f"^{re.escape(config.moderation_user_id)}$"})
     return {
         "id": config.appservice.id,
         "url": config.appservice.url,
@@ -144,7 +157,7 @@ def build_registration(config: Config, existing: dict[str, Any] | None = None) -
         "sender_localpart": config.sender_localpart,
         # The bot is the only user we act as, and no one else may claim its id.
         "namespaces": {
-            "users": [{"exclusive": True, "regex": f"^{bot}$"}],
+            "users": users,
             "aliases": [{"exclusive": True, "regex": alias_namespace(config.homeserver.domain)}],
             "rooms": [],
         },

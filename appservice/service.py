@@ -33,6 +33,7 @@ from appservice.database import (
 from appservice.digest_key import load_digest_key
 from appservice.health import HealthChecks
 from appservice.homeserver import NioHomeserver
+from appservice.moderation_user import ModerationUser
 from appservice.registration import load_registration
 from appservice.server import AppServiceServer
 from appservice.webhook import HttpWebhook
@@ -143,6 +144,15 @@ class Service:
                 verified_only=config.file.encryption.verified_only,
             )
             self.homeserver.crypto = self.crypto
+        self.moderation: ModerationUser | None = None
+        if config.moderation_user_id is not None:
+            self.moderation = ModerationUser(
+                self.homeserver,
+                config.moderation_user_id,
+                config.appservice.moderation_displayname,
+                rooms=lambda: self.rooms.moderated,
+            )
+            self.homeserver.moderation = self.moderation
         self.connected = asyncio.Event()
         # Set while the instance lock is held: nothing acts without it (see _lock_lost).
         self._lock_held = asyncio.Event()
@@ -359,7 +369,10 @@ class Service:
             encryption_problem=self.registration.encryption_problem(config),
             alert_deadline=config.policy.alert_deadline,
             staff_room_warning=self._staff_room_warning,
-            extra={"ready_dm_rooms": self._ready_rooms_status},
+            extra={
+                "ready_dm_rooms": self._ready_rooms_status,
+                **({"moderation_user": self._moderation_status} if self.moderation else {}),
+            },
         )
         self.port: int | None = None
 
@@ -435,6 +448,8 @@ class Service:
         await asyncio.sleep(self._lock.settle_seconds)
         if self.crypto is not None:
             self._background.append(asyncio.create_task(self.crypto.run(), name="crypto"))
+        if self.moderation is not None:
+            self._background.append(asyncio.create_task(self.moderation.run(), name="moderation"))
         await self._join_staff_room()
         async with self._pause_resume:
             # Nothing acts without the instance lock (a PostgreSQL blip may have taken it).
@@ -577,6 +592,18 @@ class Service:
 
     async def _ready_rooms_status(self) -> dict[str, Any]:
         return self.ready_rooms.status()
+
+    async def _moderation_status(self) -> dict[str, Any]:
+        """Where the moderation user cannot act (the bot acts there: nobody is left in
+        the room at risk, but the room sees "Safeguarding" do it)."""
+        assert self.moderation is not None
+        status: dict[str, Any] = {"ok": True, **self.moderation.status()}
+        if status["not_seated"]:
+            status["warning"] = (
+                f"the bot acts in {len(status['not_seated'])} room(s) where "
+                f"{self.moderation.user_id} cannot (see not_seated)"
+            )
+        return status
 
     def _wake_lane(self, lane: int) -> None:
         self.lane_workers[lane].wake()

@@ -103,6 +103,27 @@ def can_redact(user_id: str, state: RoomState) -> bool:
     return power_level(user_id, state) >= needed
 
 
+def event_level(state: RoomState, event_type: str, *, state_event: bool) -> int:
+    """The power needed to send an event of this type (the spec's defaults: 0 for
+    messages, 50 for state)."""
+    levels = state.power_levels
+    if not isinstance(levels, Mapping):
+        return 0
+    events = levels.get("events")
+    if isinstance(events, Mapping) and event_type in events:
+        return _as_int(events[event_type])
+    key, default = ("state_default", 50) if state_event else ("events_default", 0)
+    return _as_int(levels.get(key, default), default)
+
+
+def moderation_level(state: RoomState) -> int:
+    """What a user needs to remove members, redact their messages and post a notice."""
+    levels = state.power_levels if isinstance(state.power_levels, Mapping) else {}
+    redact = _as_int(levels.get("redact", DEFAULT_KICK_LEVEL), DEFAULT_KICK_LEVEL)
+    message = event_level(state, "m.room.message", state_event=False)
+    return max(kick_level(state), redact, message)
+
+
 def is_staff(
     user_id: str,
     *,

@@ -22,6 +22,7 @@ from bot.ports import (
     Homeserver,
     HomeserverUnavailable,
     Refused,
+    message_txn_id,
 )
 from bot.staff_room import StaffRoom
 from bot.store import outbox
@@ -79,7 +80,7 @@ class OutboxDelivery:
                     sent = await self._hs.send(
                         room_id,
                         content,
-                        txn_id=f"safeguard.{message.marker}",
+                        txn_id=message_txn_id(message.marker),
                         plain=message.plain,
                     )
                     if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":

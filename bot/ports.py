@@ -24,6 +24,14 @@ ROOM_MARKER_KEY = "org.matrix.safeguard.marker"
 MESSAGE_MARKER_KEY = "org.matrix.safeguard"
 
 
+def message_txn_id(marker: str) -> str:
+    """The transaction id of the bot's message with this marker. Synapse gives it back
+    (`unsigned.transaction_id`) to the sender alone, and keeps it across restarts: a
+    message whose content must say nothing — the notice in a group room, which anyone
+    there can "view source" of — is found again by it (find_marked_message)."""
+    return f"safeguard.{marker}"
+
+
 class HomeserverUnavailable(Exception):
     """Not now: the homeserver could not be reached, kept rate-limiting, answered 5xx, or
     rejected our token (M_UNKNOWN_TOKEN: fixed by an operator, never a refusal to record).
@@ -218,7 +226,8 @@ class Homeserver(Protocol):
     async def find_marked_message(
         self, room_id: str, marker: str, *, limit: int = 200
     ) -> str | None:
-        """The id of a recent event from the bot whose content carries `marker`."""
+        """The id of a recent event from the bot whose content carries `marker`, or that
+        was sent with `message_txn_id(marker)`."""
         ...
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.deployment import Deployment
 from bot.dispatch import Handling
-from bot.ports import MESSAGE_MARKER_KEY, Homeserver, Refused
+from bot.ports import MESSAGE_MARKER_KEY, Homeserver, Refused, message_txn_id
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox, retention
@@ -97,7 +97,7 @@ class Relay:
             answer = await self._hs.send(
                 item.room_id,
                 self._texts.farewell() | {MESSAGE_MARKER_KEY: {"marker": marker}},
-                txn_id=f"safeguard.{marker}",
+                txn_id=message_txn_id(marker),
             )
             told = not isinstance(answer, Refused)
             if not told:

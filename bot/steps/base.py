@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.deployment import Deployment
 from bot.metrics import Metrics
-from bot.ports import MESSAGE_MARKER_KEY, EncryptionUnavailable, Homeserver, Refused, Webhook
+from bot.ports import (
+    MESSAGE_MARKER_KEY,
+    EncryptionUnavailable,
+    Homeserver,
+    Refused,
+    Webhook,
+    message_txn_id,
+)
 from bot.ready_rooms import ReadyRooms
 from bot.rooms import RoomDirectory
 from bot.staff_room import StaffRoom, StaffRoomUnavailable
@@ -141,11 +148,14 @@ class Toolbox:
         *,
         plain: bool = False,
         encrypt_by: dt.datetime | None = None,
+        unmarked: bool = False,
     ) -> str | Refused:
         """Send a marked message, unless an interrupted earlier attempt already did.
 
         Synapse forgets transaction ids on restart, so a resumed step looks for its
-        own marked message before sending again.
+        own marked message before sending again. `unmarked`: its content carries
+        nothing of the case (a group room's members can read it whole); it is found
+        again by its transaction id, which only the bot reads back.
         """
         what = what or run.step.step
         tag = marker(run.case, what)
@@ -155,8 +165,8 @@ class Toolbox:
                 return found
         sent = await self.homeserver.send(
             room_id,
-            marked(content, run.case, what),
-            txn_id=f"safeguard.{tag}",
+            content if unmarked else marked(content, run.case, what),
+            txn_id=message_txn_id(tag),
             plain=plain,
             encrypt_by=encrypt_by,
         )

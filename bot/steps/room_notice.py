@@ -21,7 +21,8 @@ class RoomNotice(CaseStep):
             return Outcome.skipped("no one was removed")
         assert case.room_id is not None
         content = self.tools.texts.room_notice()
-        sent = await self.tools.send_once(run, case.room_id, content)
+        # Everyone in the room may read its source: no case number, no marker.
+        sent = await self.tools.send_once(run, case.room_id, content, unmarked=True)
         if isinstance(sent, Refused):
             return Outcome.refused("the notice could not be posted", sent, retry=True)
         return Outcome("done", {"event": sent})

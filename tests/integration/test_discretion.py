@@ -9,20 +9,24 @@ a member coming back is seen.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+import yaml
 
 from tests.support.checkins import checkin_config, checkin_rooms
 from tests.support.scene import (
     BOT,
     build_scene,
     export_json,
+    health,
     open_group_room,
     recorded,
     running_service,
     scene_config,
     until,
 )
+from tests.support.synapse import MODERATION_LOCALPART
 
 pytestmark = pytest.mark.synapse
 
@@ -31,22 +35,24 @@ def configure(scene, *, checkin: dict | None = None, **policy):
     return scene_config(scene, policy=policy, checkin=checkin)
 
 
-async def kick_event(scene, user) -> dict | None:
+async def kick_event(scene, user, by: str = BOT) -> dict | None:
     for event in reversed(await scene.owner.messages(scene.group, limit=200)):
         if (
             event["type"] == "m.room.member"
             and event.get("state_key") == user.user_id
-            and event["sender"] == BOT
+            and event["content"].get("membership") == "leave"
+            and event["sender"] == by
         ):
             return event
     return None
 
 
-async def redacted(scene, event_id: str) -> bool:
+async def redacted(scene, event_id: str, by: str | None = None) -> bool:
     event = await scene.owner.request(
         "GET", f"/_matrix/client/v3/rooms/{_q(scene.group)}/event/{_q(event_id)}"
     )
-    return "redacted_because" in event.get("unsigned", {})
+    because = event.get("unsigned", {}).get("redacted_because")
+    return because is not None and (by is None or because.get("sender") == by)
 
 
 def _q(value: str) -> str:
@@ -89,9 +95,15 @@ async def test_the_room_sees_a_neutral_removal_and_no_flag(synapse, tmp_path):
         assert f"Room: Group chat ({scene.group})" in alert
 
 
-async def _room_notice(scene) -> str | None:
-    for event in await scene.bot_messages(scene.owner, scene.group):
-        return event["content"]["body"]
+async def _room_notice(scene, by: str | None = None) -> str | dict | None:
+    """The notice's body (from the bot), or the whole event as the room sees it (`by`)."""
+    if by is None:
+        for event in await scene.bot_messages(scene.owner, scene.group):
+            return event["content"]["body"]
+        return None
+    for event in await scene.owner.messages(scene.group, limit=200):
+        if event.get("sender") == by and event["type"] == "m.room.message":
+            return event
     return None
 
 
@@ -305,3 +317,58 @@ async def test_a_member_coming_back_is_seen(synapse, tmp_path, on_rejoin):
 
 async def _is(probe, value) -> bool:
     return await probe() == value
+
+
+def with_moderation_user(config):
+    data = yaml.safe_load(config.read_text())
+    data["appservice"]["moderation_localpart"] = MODERATION_LOCALPART
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+async def test_a_moderation_user_acts_so_the_room_sees_nothing_of_safeguarding(synapse, tmp_path):
+    """appservice.moderation_localpart: the removal, the redactions and the room notice
+    come from the moderation user, seated ahead of the flag; nothing the room can read
+    (a kick's sender, a notice's source) carries the case."""
+    scene = await build_scene(synapse, tmp_path)
+    moderation = f"@{MODERATION_LOCALPART}:{synapse.server_name}"
+    config = with_moderation_user(configure(scene, redact_flagged_message=True))
+    async with running_service(config) as service:
+        # The room's owner gave it the power to act; the bot invites it in.
+        await open_group_room(scene, power={moderation: 50})
+        await until(
+            lambda: service.moderation.seated_in(scene.group), what="the moderation user seated"
+        )
+        said = await scene.member.send_text(scene.group, "I have a plan to end it")
+        command = await scene.moderator.send_text(
+            scene.group, "!safeguard they said they have a plan", reply_to=said
+        )
+        kick = await until(lambda: kick_event(scene, scene.member, moderation), what="removal")
+        assert kick["content"].get("reason") == "Removed by a moderator"
+        await until(lambda: redacted(scene, command, by=moderation), what="command redacted")
+        await until(lambda: redacted(scene, said, by=moderation), what="flagged one redacted")
+        notice = await until(lambda: _room_notice(scene, moderation), what="the room notice")
+        assert "safeguard" not in json.dumps(notice).lower(), notice
+        timeline = await scene.owner.messages(scene.group, limit=200)
+        acted = [e for e in timeline if e.get("sender") == BOT and e["type"] != "m.room.member"]
+        assert acted == [], "the bot did nothing the room can see"
+
+
+async def test_without_power_the_moderation_user_stands_aside_and_the_bot_acts(synapse, tmp_path):
+    """Safety before discretion: where the moderation user cannot be given the power to
+    act, the bot removes the member all the same, and /health's detail says what to do."""
+    scene = await build_scene(synapse, tmp_path)
+    moderation = f"@{MODERATION_LOCALPART}:{synapse.server_name}"
+    config = with_moderation_user(configure(scene))
+    async with running_service(config) as service:
+        await open_group_room(scene)  # the bot (50) may not change power levels here
+
+        async def not_seated():
+            _status, body = await health(service)
+            return body["checks"]["moderation_user"]["not_seated"].get(scene.group)
+
+        why = await until(not_seated, what="the room where it cannot act, on /health")
+        assert f"give {moderation} power level 50" in why
+        said = await scene.member.send_text(scene.group, "I can't do this any more")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: kick_event(scene, scene.member), what="the removal, by the bot")

@@ -227,6 +227,30 @@ async def test_notice_sent_but_answer_lost_is_not_sent_twice(synapse, tmp_path):
         await assert_each_told_then_removed_once(scene, [scene.member])
 
 
+async def test_room_notice_sent_but_answer_lost_is_not_sent_twice(synapse, tmp_path):
+    """The group room's notice carries nothing of the case: the resumed step finds it by
+    its transaction id, which Synapse shows to the bot alone."""
+    scene = await build_scene(synapse, tmp_path)
+    async with HoldingProxy(synapse.url) as proxy:
+        config = config_for(scene, homeserver_url=proxy.url)
+        async with running_service(config):
+            await open_group_room(scene)
+            proxy.lose_answer(
+                lambda r: "/send/m.room.message/" in r.path and "room_notice" in r.path
+            )
+            said = await scene.member.send_text(scene.group, "I have a plan")
+            await scene.moderator.react(scene.group, said, "🚨")
+
+            async def notice_done() -> bool:
+                return (await case_steps(config)).get(1, {}).get("room_notice") == "done"
+
+            await until(notice_done, within=60, what="the room notice")
+        assert proxy.lost_answers
+    notices = await scene.bot_messages(scene.owner, scene.group)
+    assert len(notices) == 1, f"{len(notices)} room notices"
+    assert MESSAGE_MARKER_KEY not in notices[0]["content"], "the room sees no case marker"
+
+
 # ---- a flag Synapse drops when it restarts ---------------------------------------------
 
 

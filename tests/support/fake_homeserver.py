@@ -23,6 +23,7 @@ from bot.ports import (
     RoomState,
     Sent,
     TimelinePage,
+    message_txn_id,
 )
 
 
@@ -306,6 +307,8 @@ class FakeHomeserver:
                 "content": content,
                 "order": next(self._ids),
                 "encrypted": encrypting,
+                # As Synapse shows it to the sender alone.
+                "unsigned": {"transaction_id": txn_id},
             }
         )
         self.txn_ids[txn_id] = event_id
@@ -322,6 +325,8 @@ class FakeHomeserver:
         for event in reversed(self.rooms[room_id].events):
             tag = event.get("content", {}).get(MESSAGE_MARKER_KEY)
             if isinstance(tag, dict) and tag.get("marker") == marker:
+                return event["event_id"]
+            if event.get("unsigned", {}).get("transaction_id") == message_txn_id(marker):
                 return event["event_id"]
         return None
 

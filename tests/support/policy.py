@@ -180,6 +180,8 @@ def notices(hs: FakeHomeserver, step: str) -> list[dict[str, Any]]:
         for room in hs.rooms.values()
         for event in room.events
         if event.get("content", {}).get(MESSAGE_MARKER_KEY, {}).get("step") == step
+        # A message the room must see nothing of: its step is in its transaction id.
+        or event.get("unsigned", {}).get("transaction_id", "").endswith(f":{step}")
     ]
 
 

@@ -162,8 +162,11 @@ async def build_scene(
     return Scene(synapse, owner, moderator, member, staff, "", staff_room, directory)
 
 
-async def open_group_room(scene: Scene, *, encrypted: bool = False) -> str:
-    """Created by `owner` (a v12 creator), with the moderator at 50 and the bot able to kick.
+async def open_group_room(
+    scene: Scene, *, encrypted: bool = False, power: dict[str, int] | None = None
+) -> str:
+    """Created by `owner` (a v12 creator), with the moderator at 50 and the bot able to kick
+    (and anyone in `power` at their level).
 
     Staff join it and invite the bot: by default only staff can put the bot in a room.
     """
@@ -172,7 +175,7 @@ async def open_group_room(scene: Scene, *, encrypted: bool = False) -> str:
         name="Group chat",
         preset="private_chat",
         invite=[scene.moderator.user_id, scene.member.user_id, scene.staff.user_id],
-        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50, **(power or {})}},
         encrypted=encrypted,
     )
     await scene.moderator.join(room)

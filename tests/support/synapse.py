@@ -22,6 +22,9 @@ from tests.support.matrix_user import MatrixUser
 SERVER_NAME = "localhost"
 
 
+MODERATION_LOCALPART = "moderation"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,7 +82,11 @@ async def start_synapse(
         yaml.safe_dump(
             {
                 "homeserver": {"url": f"http://127.0.0.1:{hs_port}", "domain": SERVER_NAME},
-                "appservice": {"url": f"http://127.0.0.1:{as_port}"},
+                # The moderation user is in the namespace, for the tests that use it.
+                "appservice": {
+                    "url": f"http://127.0.0.1:{as_port}",
+                    "moderation_localpart": MODERATION_LOCALPART,
+                },
             }
         )
     )
