@@ -53,11 +53,20 @@ NUDGE_EVERY_MAX = 3600.0  # ... doubling, up to this, after each that recovered 
 NUDGE_WAIT = 30.0  # a nudged gap still open this long after the nudge is given up
 PING_AFTER = 1.0  # the ping follows the 503 once Synapse has had time to mark us down
 MAX_JUMP = 1000  # a jump of more ids than this is a renumbering, not as many gaps
+MAX_GAPS = 1000  # more open gaps than this: the oldest are given up unnudged
 KNOWN = 1024  # ids remembered (recorded or given up), to tell a retry from a renumbering
 MAX_ID_DIGITS = 18
 
 Outcome = Literal[
-    "ignored", "baseline", "new", "filled", "recovered", "retry", "late", "renumbered"
+    "ignored",
+    "baseline",
+    "new",
+    "filled",
+    "recovered",
+    "arrived_late",
+    "retry",
+    "late",
+    "renumbered",
 ]
 
 
@@ -93,7 +102,9 @@ class GapTracker:
         nudge_every_max: float = NUDGE_EVERY_MAX,
         nudge_wait: float = NUDGE_WAIT,
         max_jump: int = MAX_JUMP,
+        max_gaps: int = MAX_GAPS,
     ) -> None:
+        self.max_gaps = max_gaps
         self.stranded_after = stranded_after
         self.nudge_every = nudge_every
         self.nudge_every_max = nudge_every_max
@@ -107,6 +118,11 @@ class GapTracker:
         self._last_nudge = -math.inf
         self._interval = nudge_every
         self._recovered_since_nudge = False
+
+    @property
+    def backing_off(self) -> bool:
+        """The last nudge recovered nothing: gaps here are likely not strands."""
+        return self._interval > self.nudge_every
 
     @property
     def stranded(self) -> int:
@@ -157,8 +173,9 @@ class GapTracker:
                 return "recovered"
             return "filled"
         if number in self._given_up:
+            # Arrived after all, after it was given up (and counted so): only told.
             self._given_up.discard(number)
-            return "recovered"
+            return "arrived_late"
         if number in self._known:
             return "retry"
         if self.highest - number > self.max_jump:
@@ -197,6 +214,10 @@ class GapTracker:
                 swept.stranded.append(number)
             elif gap.nudged_at is not None and now - gap.nudged_at >= self.nudge_wait:
                 swept.abandoned.append(number)
+        excess = len(self.gaps) - len(swept.abandoned) - self.max_gaps
+        if excess > 0:
+            kept = [number for number in sorted(self.gaps) if number not in swept.abandoned]
+            swept.abandoned.extend(kept[:excess])
         for number in swept.abandoned:
             del self.gaps[number]
             self._given_up.add(number)
@@ -209,6 +230,12 @@ class GapTracker:
         elif self._recovered_since_nudge:
             self._interval = self.nudge_every
         return swept
+
+
+def _ids(numbers: list[int]) -> str:
+    if len(numbers) <= 3:
+        return ", ".join(map(str, numbers))
+    return f"{numbers[0]} … {numbers[-1]} ({len(numbers)} ids)"
 
 
 class StrandedWatch:
@@ -248,26 +275,33 @@ class StrandedWatch:
         if outcome == "recovered":
             self._metrics.stranded_resolved.labels("recovered").inc()
             log.warning("stranded transaction %s arrived: recovered", txn_id)
+        elif outcome == "arrived_late":
+            log.warning("transaction %s arrived after it was given up", txn_id)
         elif outcome == "renumbered":
             log.info("transaction ids start again at %s: gaps before it forgotten", txn_id)
 
     async def tick(self) -> None:
         now = self._clock()
+        # While nudges recover nothing (another appservice shares the numbering), new
+        # gaps are likely not strands: told at INFO, many in one line.
+        level = logging.INFO if self.tracker.backing_off else logging.WARNING
         swept = self.tracker.sweep(now)
-        for number in swept.stranded:
-            self._metrics.stranded.inc()
-            log.warning(
-                "transaction %d is missing %.0fs after later ones arrived: stranded by the "
+        if swept.stranded:
+            self._metrics.stranded.inc(len(swept.stranded))
+            log.log(
+                level,
+                "transaction %s missing %.0fs after later ones arrived: stranded by the "
                 "homeserver? the next push is answered 503 once to make it resend",
-                number,
+                _ids(swept.stranded),
                 self.tracker.stranded_after,
             )
-        for number in swept.abandoned:
-            self._metrics.stranded_resolved.labels("abandoned").inc()
-            log.warning(
-                "transaction %d was not resent after a nudge: given up (not ours, or lost "
-                "after the homeserver had its answer); catch-up reads its rooms",
-                number,
+        if swept.abandoned:
+            self._metrics.stranded_resolved.labels("abandoned").inc(len(swept.abandoned))
+            log.log(
+                level,
+                "transaction %s not resent after a nudge: given up (not ours, or lost after "
+                "the homeserver had its answer); catch-up reads its rooms",
+                _ids(swept.abandoned),
             )
         if self._ping_due is not None and now >= self._ping_due:
             self._ping_due = None

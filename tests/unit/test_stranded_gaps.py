@@ -116,8 +116,8 @@ def test_a_gap_never_filled_is_given_up_after_one_nudge_and_backs_off():
     assert not gaps.nudge("7", 41.0)
     assert not gaps.nudge("7", 5.0 + 60.0 - 0.1)
     assert gaps.nudge("7", 5.0 + 60.0)
-    # A given-up gap that arrives after all is recovered (and no renumbering).
-    assert gaps.recorded("2", 200.0) == "recovered"
+    # A given-up gap that arrives after all is told apart (counted once: given up).
+    assert gaps.recorded("2", 200.0) == "arrived_late"
     assert gaps.highest == 6
 
 
@@ -153,6 +153,15 @@ def test_a_huge_jump_is_a_renumbering_not_a_thousand_gaps():
     gaps.recorded("1", 0.0)
     assert gaps.recorded("100000", 0.0) == "renumbered"
     assert gaps.gaps == {}
+
+
+def test_open_gaps_are_bounded():
+    gaps = tracker(max_gaps=10)
+    gaps.recorded("1", 0.0)
+    gaps.recorded("30", 0.0)  # 28 gaps
+    swept = gaps.sweep(1.0)
+    assert swept.abandoned == list(range(2, 20))
+    assert sorted(gaps.gaps) == list(range(20, 30))
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,7 +228,7 @@ async def test_the_watch_logs_counts_nudges_and_pings(caplog):
     with caplog.at_level(logging.WARNING, logger="bot.stranded"):
         await watch.tick()
     assert sample(metrics, "safeguard_stranded_transactions_total") == 1
-    assert "transaction 2 is missing" in caplog.text
+    assert "transaction 2 missing" in caplog.text
     assert watch.status() == {"ok": True, "stranded": 1, "gaps": 1, "nudges": 0}
     assert watch.refuse("4")
     assert not watch.refuse("4")
@@ -250,3 +259,30 @@ async def test_a_failed_ping_is_only_logged():
     assert watch.refuse("4")
     clock.now += PING_AFTER
     await watch.tick()  # does not raise
+
+
+async def test_after_a_nudge_that_recovered_nothing_new_gaps_are_told_at_info(caplog):
+    metrics, clock = Metrics(), Clock()
+
+    async def ping() -> None:
+        pass
+
+    watch = StrandedWatch(metrics, ping, clock=clock, tracker=tracker(nudge_wait=5.0))
+    with caplog.at_level(logging.INFO, logger="bot.stranded"):
+        for n in ("1", "3"):
+            watch.recorded(n)
+        clock.now = 5.0
+        await watch.tick()
+        assert watch.refuse("4")
+        watch.recorded("4")
+        clock.now = 10.0
+        await watch.tick()  # 2 given up: a phantom gap
+        given_up = [r for r in caplog.records if "not resent" in r.getMessage()]
+        assert [r.levelno for r in given_up] == [logging.WARNING]
+        for n in ("6", "8", "10", "12", "14"):
+            watch.recorded(n)
+        clock.now = 15.0
+        await watch.tick()
+    (line,) = [r for r in caplog.records if "5 … 13 (5 ids) missing" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert sample(metrics, "safeguard_stranded_transactions_total") == 6
