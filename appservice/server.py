@@ -63,6 +63,10 @@ def _token_matches(presented: str | None, expected: bytes) -> bool:
     return hmac.compare_digest((presented or "").encode(), expected)
 
 
+# What must work for the service to take a flag and act on it now: /ready's checks.
+READY_CHECKS = ("database", "homeserver", "encryption", "inbox")
+
+
 def summary(checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """What anyone who can reach /health may read: each check's name and whether it is
     ok — no room or case, no error text (those name rooms, people and URLs)."""
@@ -99,6 +103,8 @@ class AppServiceServer:
             ("GET", "/_matrix/app/v1/rooms/{alias}", self.query_alias),
             ("POST", "/_matrix/app/v1/ping", self.ping),
             ("GET", "/health", self.health),
+            ("GET", "/live", self.live),
+            ("GET", "/ready", self.ready),
             ("GET", "/metrics", self.metrics),
         )
         for method, path, handler in routes:
@@ -200,6 +206,24 @@ class AppServiceServer:
                 "checks": checks if detail else summary(checks),
             },
             status=200 if healthy else 503,
+        )
+
+    async def live(self, request: web.Request) -> web.Response:
+        """200 while the process runs its event loop (this answer is the proof): for a
+        supervisor deciding whether to restart it. Nothing else is asked."""
+        return web.json_response({"status": "live"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """200 only when a flag would be acted on now: the database records, the
+        homeserver answers, encryption (if on) works, the flag lane is not stalled.
+        From the shared health report (reused for moments: as cheap as /health), and
+        as free of ids: only each check's name and whether it is ok."""
+        _healthy, checks = await self._health()
+        needed = {name: checks[name] for name in READY_CHECKS if name in checks}
+        ready = all(check.get("ok") for check in needed.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": summary(needed)},
+            status=200 if ready else 503,
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

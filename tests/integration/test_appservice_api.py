@@ -177,6 +177,10 @@ async def test_health_says_the_bot_is_not_in_the_staff_room(service):
     assert body["checks"]["database"]["ok"] and body["checks"]["homeserver"]["ok"]
     assert body["checks"]["staff_room"]["ok"] is False
     assert "!unused:localhost" in body["checks"]["staff_room"]["problem"]
+    # A flag would still be acted on (members told and removed; the alert waits): ready.
+    assert (await fetch(service, "/live"))[0] == 200
+    status, text = await fetch(service, "/ready")
+    assert status == 200 and json.loads(text)["status"] == "ready", text
 
 
 async def test_duplicate_transaction_is_not_reprocessed_after_restart(config):
