@@ -71,13 +71,14 @@ class BotSync:
         if not isinstance(next_batch, str):
             return Refused("M_UNKNOWN", "no next_batch in the /sync answer")
         rooms = _dict(answer.get("rooms"))
+        bot = self._homeserver.bot_user_id
         return SyncBatch(
             next_batch,
             [_room(room_id, _dict(room)) for room_id, room in _dict(rooms.get("join")).items()],
             [
                 invite
                 for room_id, room in _dict(rooms.get("invite")).items()
-                if (invite := _invite(room_id, _dict(room))) is not None
+                if (invite := _invite(room_id, _dict(room), bot)) is not None
             ],
         )
 
@@ -106,10 +107,10 @@ def _room(room_id: str, room: dict[str, Any]) -> SyncedRoom:
     )
 
 
-def _invite(room_id: str, room: dict[str, Any]) -> dict[str, Any] | None:
-    """The invite itself: Synapse puts the whole m.room.member event (with its id) among
-    the stripped state, which alone carry no id."""
+def _invite(room_id: str, room: dict[str, Any], bot: str) -> dict[str, Any] | None:
+    """The bot's invite among the invite's stripped state (sender, content, state_key:
+    no event id, no timestamp)."""
     for event in reversed(_events(_dict(room.get("invite_state")).get("events"), room_id)):
-        if event.get("type") == "m.room.member" and "event_id" in event:
+        if event.get("type") == "m.room.member" and event.get("state_key") == bot:
             return event
     return None

@@ -272,7 +272,8 @@ class SyncedRoom:
 @dataclass(frozen=True)
 class SyncBatch:
     """What one sync brought since the last one: the rooms the bot is in, the invites it
-    has (each as its m.room.member event), and the token to sync on from."""
+    has (each as its m.room.member event, with room_id; stripped: no event id unless the
+    homeserver gave one), and the token to sync on from."""
 
     next_batch: str
     rooms: list[SyncedRoom]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,7 +40,7 @@ from bot.intake import StorageUnavailable
 from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom, Syncing
 from bot.reconcile import Reconciler, event_time
 from bot.settings import ReconcileSettings
-from bot.store import positions
+from bot.store import ingest, positions
 
 log = logging.getLogger(__name__)
 # Where the sync's token is kept among the rooms' positions: no room id looks like it.
@@ -132,8 +133,9 @@ class SafetyNet:
                 found += await self._reconciler.feed_read_on(
                     events, self._floor(room.room_id, events, joined_at)
                 )
-        if batch.invites:
-            found += await self._reconciler.feed_read_on(batch.invites)
+        invites = await self._invites_not_pushed(batch, synced_at)
+        if invites:
+            found += await self._reconciler.feed_read_on(invites)
         await self._store(batch.next_batch)
         if found:
             log.warning("caught up %d event(s) the homeserver had not delivered", found)
@@ -146,6 +148,30 @@ class SafetyNet:
         found = await self._reconciler.catch_up_all()
         await self._store(batch.next_batch)
         return found
+
+    async def _invites_not_pushed(
+        self, batch: SyncBatch, synced_at: dt.datetime
+    ) -> list[dict[str, Any]]:
+        """The answer's invites the push did not bring, as the event a push would have.
+
+        A sync shows an invite stripped of its event id, so it cannot be deduplicated by
+        it: one is left to the push when a membership event of that room was recorded
+        since the last sync (by now, settled, the push has come if it ever will). Its id is
+        made from the answer, so an answer asked for again is not fed twice."""
+        since = synced_at - self._settings.settle
+        invites = []
+        for invite in batch.invites:
+            if "event_id" not in invite:
+                async with self._db.connect() as conn:
+                    pushed = await ingest.membership_recorded_since(conn, invite["room_id"], since)
+                if pushed:
+                    continue
+                digest = hashlib.sha256(
+                    f"{batch.next_batch}\0{invite['room_id']}\0{invite.get('sender')}".encode()
+                ).hexdigest()[:32]
+                invite = invite | {"event_id": f"$safeguard-sync-invite-{digest}"}
+            invites.append(invite)
+        return invites
 
     async def _store(self, token: str) -> None:
         async with self._db.begin() as conn:

@@ -77,23 +77,40 @@ async def test_a_start_takes_a_token_then_feeds_what_follows_once(engine):
     assert await queued(engine) == [("$lost", True)]
 
 
-async def test_an_invite_never_pushed_is_fed_like_a_pushed_one(engine):
+def stripped_invite(room_id: str) -> dict:
+    """As a sync shows it: no event id, no timestamp."""
+    return {
+        "type": "m.room.member",
+        "room_id": room_id,
+        "sender": STAFF,
+        "state_key": BOT,
+        "content": {"membership": "invite"},
+    }
+
+
+async def test_an_invite_never_pushed_is_fed_like_a_pushed_one_once(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
     safety = net(engine, hs, sync)
     await safety.catch_up()
-    invite = {
-        "type": "m.room.member",
-        "event_id": "$invite",
-        "room_id": "!new:localhost",
-        "sender": STAFF,
-        "state_key": BOT,
-        "origin_server_ts": int(NOW.timestamp() * 1000),
-        "content": {"membership": "invite"},
-    }
-    sync.answers = [SyncBatch("s1", [], [invite])]
+    answer = SyncBatch("s1", [], [stripped_invite("!new:localhost")])
+    sync.answers = [answer, answer]  # the same answer asked for again
     assert await safety.catch_up() == 1
-    assert await queued(engine) == [("$invite", True)]
+    await safety.catch_up()
+    ((event_id, caught_up),) = await queued(engine)
+    assert event_id.startswith("$") and caught_up
+
+
+async def test_an_invite_the_push_brought_is_left_to_it(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety = net(engine, hs, sync)
+    await safety.catch_up()
+    pushed = stripped_invite("!new:localhost") | {"event_id": "$pushed"}
+    await safety._reconciler._intake.accept("txn-1", [pushed])
+    sync.answers = [SyncBatch("s1", [], [stripped_invite("!new:localhost")])]
+    assert await safety.catch_up() == 0
+    assert await queued(engine) == [("$pushed", False)]
 
 
 async def test_nothing_from_before_the_bot_came_in(engine):
