@@ -20,8 +20,9 @@ push: an answer is fed once its youngest event is `reconcile.settle` old, so
 "caught up" means the homeserver did not deliver it, not that we read first.
 
 With no token yet (a new database, or one that used per-room catch-up), the
-start takes a token for "now", catches every watched room up once from its own
-position (bot/reconcile.py), and only then stores the token.
+start takes a token for "now" (and the invites pending, fed as above), catches
+every watched room up once from its own position (bot/reconcile.py), and only
+then stores the token.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class SafetyNet:
                 found += await self._reconciler.feed_read_on(
                     events, self._floor(room.room_id, events, joined_at)
                 )
-        invites = await self._invites_not_pushed(batch, synced_at)
+        invites = await self._invites_not_pushed(batch, synced_at - self._settings.settle)
         if invites:
             found += await self._reconciler.feed_read_on(invites)
         await self._store(batch.next_batch)
@@ -146,19 +147,24 @@ class SafetyNet:
         if isinstance(batch, Refused):
             raise HomeserverUnavailable(f"the first sync was refused: {batch}")
         found = await self._reconciler.catch_up_all()
+        # Every invite the bot has: one made while the service was away is taken now.
+        since = dt.datetime.now(dt.UTC) - self._settings.lookback
+        invites = await self._invites_not_pushed(batch, since)
+        if invites:
+            found += await self._reconciler.feed_read_on(invites)
         await self._store(batch.next_batch)
         return found
 
     async def _invites_not_pushed(
-        self, batch: SyncBatch, synced_at: dt.datetime
+        self, batch: SyncBatch, since: dt.datetime
     ) -> list[dict[str, Any]]:
         """The answer's invites the push did not bring, as the event a push would have.
 
         A sync shows an invite stripped of its event id, so it cannot be deduplicated by
         it: one is left to the push when a membership event of that room was recorded
-        since the last sync (by now, settled, the push has come if it ever will). Its id is
-        made from the answer, so an answer asked for again is not fed twice."""
-        since = synced_at - self._settings.settle
+        since `since` (by now, settled, the push has come if it ever will; one that comes
+        later still is taken once, bot/membership.py). Its id is made from the answer, so an
+        answer asked for again is not fed twice."""
         invites = []
         for invite in batch.invites:
             if "event_id" not in invite:

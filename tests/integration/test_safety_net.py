@@ -2,6 +2,8 @@
 
 - An invite Synapse drops when it restarts is still handled as a pushed one: staff's
   taken, a stranger's declined and told to staff.
+- A reply in a closed case's DM, or to a moderator's debrief, that a restart dropped
+  still reaches staff (the old per-room catch-up did not read those rooms).
 - While the service is idle, what it asks of Synapse does not grow with its rooms.
 """
 
@@ -32,7 +34,7 @@ async def drop_what_synapse_queues(scene: Scene, proxy: HoldingProxy, act: Any) 
     """Hold a transaction in flight, `act` (Synapse queues its events in memory behind
     it), then kill Synapse: the queue is gone, and the held push fails."""
     proxy.hold(lambda r: "/transactions/" in r.path)
-    await scene.member.send_text(scene.group, "just chatting")
+    await scene.owner.send_text(scene.group, "just chatting")
     await asyncio.wait_for(proxy.held_event.wait(), 30)
     await act()
     await asyncio.sleep(1.0)
@@ -87,6 +89,43 @@ async def test_invites_dropped_by_a_synapse_restart_are_handled(restartable_syna
                 and event["content"].get("membership") == "invite"
             }
             assert len(invites) == 2 and not invites & delivered(proxy), "Synapse dropped both"
+
+
+async def test_replies_in_a_closed_cases_dm_and_a_debrief_dropped_by_a_restart_reach_staff(
+    restartable_synapse, tmp_path
+):
+    synapse = restartable_synapse
+    scene = await build_scene(synapse, tmp_path)
+    service_port = free_port()
+    async with HoldingProxy(f"http://127.0.0.1:{service_port}", port=synapse.as_port) as proxy:
+        config = scene_config(scene, listen_port=service_port)
+        async with running_service(config):
+            await open_group_room(scene)
+            said = await scene.member.send_text(scene.group, "I can't do this any more")
+            await scene.moderator.react(scene.group, said, "🚨")
+            (dm,) = await until(scene.member.invited_rooms, what="the member's DM")
+            await scene.member.join(dm)
+            (debrief,) = await until(scene.moderator.invited_rooms, what="the debrief DM")
+            await scene.moderator.join(debrief)
+            await scene.staff.send_text(scene.staff_room, "!case 1 close spoke to them")
+            await until(
+                lambda: scene.staff_matching(lambda m: m.startswith("Case #1 closed")),
+                what="the case closed",
+            )
+            replies: dict[str, str] = {}
+
+            async def reply() -> None:
+                replies["member"] = await scene.member.send_text(dm, "are you still there")
+                replies["moderator"] = await scene.moderator.send_text(debrief, "rough night")
+
+            await drop_what_synapse_queues(scene, proxy, reply)
+            for text in ("are you still there", "rough night"):
+                await until(
+                    lambda text=text: scene.staff_matching(lambda m: text in m),
+                    within=90,
+                    what=f"{text!r} relayed to staff",
+                )
+            assert not set(replies.values()) & delivered(proxy), "Synapse dropped both"
 
 
 async def idle_requests(proxy: HoldingProxy, seconds: float) -> int:
