@@ -42,13 +42,14 @@ class FakeSync:
 def net(engine, hs, sync, *, joined: dict | None = None, **settings):
     if GROUP not in hs.rooms:
         hs.add_room(GROUP, {}, {})
-    reconciler, _ = build(engine, hs, **settings)
+    reconciler, intake = build(engine, hs, **settings)
 
     async def joined_at():
         return joined or {}
 
     settings = ReconcileSettings(**settings)
-    return SafetyNet(engine, sync, reconciler, settings, bot_user_id=BOT, joined_at=joined_at)
+    safety = SafetyNet(engine, sync, reconciler, settings, bot_user_id=BOT, joined_at=joined_at)
+    return safety, intake
 
 
 def room(events, **kwargs) -> SyncedRoom:
@@ -63,7 +64,7 @@ async def stored_token(engine) -> str | None:
 async def test_a_start_takes_a_token_then_feeds_what_follows_once(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, _ = net(engine, hs, sync)
     assert await safety.catch_up() == 0
     assert await stored_token(engine) == "s0"
     sync.answers = [
@@ -91,7 +92,7 @@ def stripped_invite(room_id: str) -> dict:
 async def test_an_invite_never_pushed_is_fed_like_a_pushed_one_once(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, _ = net(engine, hs, sync)
     await safety.catch_up()
     answer = SyncBatch("s1", [], [stripped_invite("!new:localhost")])
     sync.answers = [answer, answer]  # the same answer asked for again
@@ -104,10 +105,10 @@ async def test_an_invite_never_pushed_is_fed_like_a_pushed_one_once(engine):
 async def test_an_invite_the_push_brought_is_left_to_it(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, intake = net(engine, hs, sync)
     await safety.catch_up()
     pushed = stripped_invite("!new:localhost") | {"event_id": "$pushed"}
-    await safety._reconciler._intake.accept("txn-1", [pushed])
+    await intake.accept("txn-1", [pushed])
     sync.answers = [SyncBatch("s1", [], [stripped_invite("!new:localhost")])]
     assert await safety.catch_up() == 0
     assert await queued(engine) == [("$pushed", False)]
@@ -116,7 +117,7 @@ async def test_an_invite_the_push_brought_is_left_to_it(engine):
 async def test_nothing_from_before_the_bot_came_in(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, _ = net(engine, hs, sync)
     await safety.catch_up()
     joined = {
         "type": "m.room.member",
@@ -138,7 +139,7 @@ async def test_a_limited_timeline_is_read_back_to_the_last_sync(engine):
     hs = FakeHomeserver()
     fake_room = hs.add_room(GROUP, {}, {})
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, _ = net(engine, hs, sync)
     await safety.catch_up()
     fake_room.events += [flag("$gap", NOW), chat("$chat", NOW), flag("$in-answer", NOW)]
     answer = room([flag("$in-answer", NOW)], limited=True, prev_batch="2")
@@ -150,7 +151,7 @@ async def test_a_limited_timeline_is_read_back_to_the_last_sync(engine):
 async def test_a_young_answer_is_fed_once_it_has_settled(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync, settle=dt.timedelta(seconds=0.5))
+    safety, _ = net(engine, hs, sync, settle=dt.timedelta(seconds=0.5))
     await safety.catch_up()
     loop_time = dt.datetime.now(dt.UTC)
     sync.answers = [SyncBatch("s1", [room([flag("$young", loop_time)])], [])]
@@ -161,7 +162,7 @@ async def test_a_young_answer_is_fed_once_it_has_settled(engine):
 async def test_a_refused_token_starts_the_sync_again(engine):
     hs = FakeHomeserver()
     sync = FakeSync()
-    safety = net(engine, hs, sync)
+    safety, _ = net(engine, hs, sync)
     await safety.catch_up()
     sync.answers = [Refused("M_UNKNOWN_POS", "unknown position")]
     await safety.catch_up()
