@@ -515,6 +515,21 @@ class NioHomeserver:
         return list(response.rooms)
 
     async def find_marked_room(self, marker: str) -> str | None:
+        """The room made with `marker`: found by the alias it was made with (two reads,
+        however many rooms the bot is in)."""
+        if not self._room_aliases:
+            # An older registration reserves no alias namespace, so its rooms carry
+            # none: only reading every joined room's create event can find one.
+            return await self._scan_for_marked_room(marker)
+        room_id = await self.resolve_room(self._room_alias(marker))
+        if isinstance(room_id, Refused):
+            return None  # no such alias: no attempt made the room
+        content = await self._state_event(room_id, "m.room.create")
+        if isinstance(content, dict) and content.get(ROOM_MARKER_KEY) == marker:
+            return room_id
+        return None  # reserved, its room not written yet (create_room waits for it)
+
+    async def _scan_for_marked_room(self, marker: str) -> str | None:
         for room_id in await self.joined_rooms():
             content = await self._state_event(room_id, "m.room.create")
             if isinstance(content, dict) and content.get(ROOM_MARKER_KEY) == marker:
@@ -530,6 +545,9 @@ class NioHomeserver:
         """An alias only this deployment can derive from the marker (no one can squat it:
         the namespace is the appservice's, exclusively)."""
         return f"{ROOM_ALIAS_PREFIX}{self._digest(marker)}"
+
+    def _room_alias(self, marker: str) -> str:
+        return f"#{self._alias_for(marker)}:{self._domain}"
 
     async def create_room(
         self,
@@ -566,7 +584,7 @@ class NioHomeserver:
             elif isinstance(created, Refused) and (
                 created.errcode == "M_ROOM_IN_USE" or created.status == 409
             ):
-                created = await self._existing_room(f"#{alias}:{self._domain}", marker)
+                created = await self._existing_room(self._room_alias(marker), marker)
         if isinstance(created, RoomCreated):
             self._expected_members[created.room_id] = list(invite)
             if self.crypto is not None:

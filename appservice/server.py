@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bot.intake import Intake, StorageUnavailable, well_formed, without_lone_surrogates
 from bot.json_body import parse_body
 from bot.metrics import Metrics
+from bot.stranded import StrandedWatch
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ class AppServiceServer:
         health: HealthReport,
         refresh_metrics: Callable[[], Awaitable[None]] | None = None,
         admin_token: str | None = None,
+        stranded: StrandedWatch | None = None,
     ) -> None:
         self._intake = intake
+        self._stranded = stranded
         self._hs_token = hs_token.encode()
         self._admin_token = admin_token.encode() if admin_token else None
         self._metrics = metrics
@@ -146,6 +149,12 @@ class AppServiceServer:
             events = [
                 without_lone_surrogates(event) if well_formed(event) else event for event in events
             ]
+        stranded = self._stranded
+        if stranded is not None and stranded.refuse(txn_id):
+            # A nudge: not recorded, so Synapse keeps it and resends it after the one it
+            # stranded (bot/stranded.py). Nothing is lost.
+            self._metrics.transactions.labels("nudged").inc()
+            return matrix_error(503, "M_UNKNOWN", "Resend from the oldest transaction")
         try:
             await self._intake.accept(txn_id, events, valid_text=not may_hold_surrogates, body=body)
         except Exception as exc:
@@ -157,6 +166,8 @@ class AppServiceServer:
             else:
                 log.exception("transaction %s could not be recorded; asking for a retry", txn_id)
             return matrix_error(503, "M_UNKNOWN", "Cannot record the transaction now; retry")
+        if stranded is not None:
+            stranded.recorded(txn_id)
         return web.Response(body=b"{}", content_type="application/json")
 
     async def query_user(self, request: web.Request) -> web.Response:

@@ -65,6 +65,7 @@ from bot.staff_tools import StaffTools
 from bot.steps import Toolbox, build_steps
 from bot.store import audit, cases, ingest, outbox, positions, retention, rooms
 from bot.store.audit import Provenance
+from bot.stranded import StrandedWatch
 from bot.texts import Texts
 from bot.timers import Timers
 from bot.worker import STOP_GRACE_SECONDS, Worker
@@ -370,6 +371,10 @@ class Service:
                 bot_user_id=config.bot_user_id,
                 joined_at=self._moderated_since,
             )
+        # A push Synapse stored and never sent: noticed by the gap it leaves, nudged out.
+        self.stranded = StrandedWatch(
+            self.metrics, lambda: self.homeserver.ping(self.config.appservice.id)
+        )
         self.timers = Timers()
         self.health = HealthChecks(
             self.engine,
@@ -385,6 +390,7 @@ class Service:
             staff_room_warning=self._staff_room_warning,
             extra={
                 "ready_dm_rooms": self._ready_rooms_status,
+                "transactions": self._transactions_status,
                 **({"moderation_user": self._moderation_status} if self.moderation else {}),
             },
         )
@@ -416,6 +422,7 @@ class Service:
                 self.health.report,
                 refresh_metrics=self._refresh_metrics,
                 admin_token=self.config.appservice.admin_token,
+                stranded=self.stranded,
             )
             self._runner = web.AppRunner(server.app(), access_log=None)
             await self._runner.setup()
@@ -426,6 +433,7 @@ class Service:
             self.port = sockets[0].getsockname()[1] if sockets else listen.port
             log.info("listening on %s:%s", listen.host, self.port)
             self._background.append(asyncio.create_task(self._connect(), name="connect"))
+            self._background.append(asyncio.create_task(self.stranded.run(), name="stranded"))
         except BaseException:
             await self.stop()
             raise
@@ -603,6 +611,9 @@ class Service:
             self.room_state.warm(self.staff_room.room_id)
         with contextlib.suppress(HomeserverUnavailable):
             await self.homeserver.direct_rooms()
+
+    async def _transactions_status(self) -> dict[str, Any]:
+        return self.stranded.status()
 
     async def _ready_rooms_status(self) -> dict[str, Any]:
         return self.ready_rooms.status()

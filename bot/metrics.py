@@ -52,3 +52,20 @@ class Metrics:
             "safeguard_inbox_backlog", "Events recorded but not yet acted on", registry=r
         )
         self.checkins = Gauge("safeguard_checkins", "Check-ins by state", ["state"], registry=r)
+        # A gap in the homeserver's transaction ids past STRANDED_AFTER (bot/stranded.py).
+        self.stranded = Counter(
+            "safeguard_stranded_transactions",
+            "Gaps in the homeserver's transaction ids that lasted past a few seconds",
+            registry=r,
+        )
+        self.stranded_resolved = Counter(
+            "safeguard_stranded_transactions_resolved",
+            "Stranded gaps closed: recovered (the transaction came) or abandoned",
+            ["outcome"],
+            registry=r,
+        )
+        self.stranded_nudges = Counter(
+            "safeguard_stranded_nudges",
+            "Pushes answered 503 once (and a ping) to make the homeserver resend",
+            registry=r,
+        )

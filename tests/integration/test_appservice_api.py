@@ -165,6 +165,7 @@ async def test_health_names_each_check(synapse, tmp_path):
         "cases",
         "encryption",
         "ready_dm_rooms",
+        "transactions",
     }
     assert set(body["checks"]["inbox"]["lanes"]) == {"flags", "other", "refusals", "decrypt"}
     assert all(check["ok"] for check in body["checks"].values())

@@ -29,7 +29,7 @@ async def test_checkin_opens_and_a_staff_claim_is_recorded(synapse, tmp_path):
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        (room,) = await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        (room,) = await eventually(lambda: checkin_rooms(scene), within=60, what="the check-in")
         await scene.staff.join(room)
         (message,) = [
             e
@@ -232,7 +232,7 @@ async def test_checkin_opens_on_time_while_the_staff_room_refuses_the_bot(synaps
     async with running_service(config):
         await open_group_room(scene)
         await flag_member(scene)
-        (room,) = await eventually(lambda: checkin_rooms(scene), within=30, what="the check-in")
+        (room,) = await eventually(lambda: checkin_rooms(scene), within=60, what="the check-in")
         # The invites land just before the step's record: wait for the record, not the room.
         await eventually(lambda: recorded(config, "step.checkin"), what="the check-in's record")
         (case,) = (await export_json(config))["cases"]

@@ -301,3 +301,21 @@ async def test_scheduled_jobs_have_a_next_run_and_cases_a_timer(synapse, tmp_pat
         async with service.engine.connect() as conn:
             case = await cases.get(conn, 1)
             assert case is not None and case.next_attempt_at is not None, "the escalation is due"
+
+
+async def test_a_resumed_step_finds_its_room_by_alias_not_by_reading_every_room(synapse, tmp_path):
+    """A resumed step's question "did an earlier attempt make my room?" costs two reads
+    however many rooms the bot is in (it used to read every joined room's create event)."""
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(config_for(scene)) as service:
+        hs = service.homeserver
+        made = await hs.create_room(marker="test:made", invite=[scene.member.user_id])
+        for n in range(3):  # other rooms the bot is in
+            await hs.create_room(marker=f"test:other{n}", invite=[])
+
+        async def no_scan() -> list[str]:
+            raise AssertionError("read every joined room")
+
+        hs.joined_rooms = no_scan
+        assert await hs.find_marked_room("test:made") == made.room_id
+        assert await hs.find_marked_room("test:never-made") is None

@@ -6,7 +6,9 @@ unchanged unless a test says otherwise. It can:
   Synapse transaction in flight so the next events queue in Synapse's memory);
 - stand in for an upstream that is down (502);
 - let a request take effect upstream and lose the answer (502 to the caller);
-- rewrite a request on its way (Synapse created the room but never sent the invite).
+- rewrite a request on its way (Synapse created the room but never sent the invite);
+- swallow a request: answer it 200 without passing it on (a transaction Synapse
+  believes delivered that never arrived).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class HoldingProxy:
         self._lose_answer: Predicate = lambda request: False
         self._rewrite: list[tuple[Predicate, Callable[[dict[str, Any]], dict[str, Any]]]] = []
         self.lost_answers: list[str] = []
+        self._swallow: Callable[[web.Request, bytes], bool] = lambda request, body: False
+        self.swallowed: list[tuple[str, bytes]] = []  # (path, body) answered 200, not passed on
+        self.swallowed_event = asyncio.Event()
+        self.answers: list[tuple[str, int]] = []  # (path, status) of what upstream answered
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -65,6 +71,18 @@ class HoldingProxy:
 
         self._lose_answer = matching
 
+    def swallow(self, predicate: Callable[[web.Request, bytes], bool]) -> None:
+        """Answer the next request matching (request, body) 200 `{}`; pass nothing on."""
+
+        def matching(request: web.Request, body: bytes) -> bool:
+            if not predicate(request, body):
+                return False
+            self._swallow = lambda request, body: False
+            return True
+
+        self.swallowed_event.clear()
+        self._swallow = matching
+
     def rewrite(
         self, predicate: Predicate, change: Callable[[dict[str, Any]], dict[str, Any]]
     ) -> None:
@@ -84,6 +102,10 @@ class HoldingProxy:
             if self._drop:
                 return web.Response(status=502, text="dropped")
         body = await request.read()
+        if self._swallow(request, body):
+            self.swallowed.append((request.path, body))
+            self.swallowed_event.set()
+            return web.json_response({})
         for index, (predicate, change) in enumerate(self._rewrite):
             if predicate(request):
                 body = json.dumps(change(json.loads(body))).encode()
@@ -99,6 +121,7 @@ class HoldingProxy:
         ) as upstream:
             answer = await upstream.read()
             self.forwarded.append((request.method, request.path, body))
+            self.answers.append((request.path, upstream.status))
             if lose:
                 self.lost_answers.append(f"{request.method} {request.path}")
                 return web.Response(status=502, text="answer lost")
