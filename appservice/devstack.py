@@ -1,11 +1,10 @@
 """`safeguard dev`: a local Synapse, the service and demo users and rooms, in one command.
 
 The first run creates `.dev/` (Synapse config, registration, service config,
-credentials, room ids); later runs reuse it. Rooms are created before the
-service starts so the staff room's id can go into the service config; the bot is
-invited once the service runs, so Synapse's first push of anything for it finds the
-service listening (a failed push puts Synapse into its retry back-off, and an event
-it queues at the moment that back-off ends can wait for the next failure).
+credentials, room ids); later runs reuse it. Rooms are created, and staff invite
+the bot, before the service starts (the staff room's id goes into the service
+config): whatever Synapse's push of those invites does meanwhile, the bot's own
+sync finds them once the service runs (bot/safety_net.py).
 """
 
 from __future__ import annotations
@@ -133,8 +132,7 @@ async def _demo_rooms(hs_url: str, tokens: dict[str, str], state_path: Path) -> 
 
 async def _invite_bot(client: _Client, rooms: list[str]) -> None:
     """Staff put the bot in the demo rooms (only staff may: appservice.allowed_inviters
-    widens that), once the service runs. Invited before, Synapse would push the invite
-    to a service not yet listening, and deliver it only after its retry back-off."""
+    widens that)."""
     for room in rooms:
         members = await client.call("GET", f"/_matrix/client/v3/rooms/{room}/members")
         membership = next(
@@ -241,11 +239,11 @@ async def run_dev(
         if settings.get("policy", {}).get("staff_room") is None:
             settings.setdefault("policy", {})["staff_room"] = rooms["staff_room"]
             config_path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        staff = _Client(synapse.url, tokens["staff"])
+        await _invite_bot(staff, [rooms["staff_room"], rooms["group_room"]])
         service = Service(load_config(config_path))
         await service.start()
         await asyncio.wait_for(service.connected.wait(), 60)
-        staff = _Client(synapse.url, tokens["staff"])
-        await _invite_bot(staff, [rooms["staff_room"], rooms["group_room"]])
         # Only say "ready" once the bot has accepted its invites: a flag in a room
         # the bot is not in yet never reaches it.
         await _bot_joined(_Client(synapse.url, tokens["moderator"]), rooms["group_room"])

@@ -258,10 +258,13 @@ class NioHomeserver:
         body: dict[str, Any] | None = None,
         *,
         idempotent: bool = True,
+        long_poll: float | None = None,
     ) -> dict[str, Any] | Refused:
         """A request nio has no method for, answered by a JSON object; same
-        classification as `_call`."""
-        result = await self._raw_json(method, path, body, idempotent=idempotent)
+        classification as `_call`. `long_poll`: how long a long poll may take (seconds)."""
+        result = await self._raw_json(
+            method, path, body, idempotent=idempotent, long_poll=long_poll
+        )
         if isinstance(result, Refused):
             return result
         return result if isinstance(result, dict) else {}
@@ -273,6 +276,7 @@ class NioHomeserver:
         body: dict[str, Any] | None = None,
         *,
         idempotent: bool = True,
+        long_poll: float | None = None,
     ) -> Any:
         """`_raw`, with the answer's JSON as it came (a list, say); Refused on an error."""
 
@@ -281,7 +285,7 @@ class NioHomeserver:
             if self.client.access_token:
                 headers["Authorization"] = f"Bearer {self.client.access_token}"
             data = json.dumps(body) if body is not None else None
-            response = await self.client.send(method, path, data, headers)
+            response = await self.client.send(method, path, data, headers, timeout=long_poll)
             try:
                 payload = await response.json(content_type=None)
             except (json.JSONDecodeError, aiohttp.ContentTypeError):
@@ -913,6 +917,19 @@ class NioHomeserver:
         self, room_id: str, token: str | None, *, limit: int
     ) -> TimelinePage | Refused:
         return await self._messages(room_id, direction="b", token=token, limit=limit)
+
+    async def sync_json(
+        self, since: str | None, filter_json: str, *, wait: float
+    ) -> dict[str, Any] | Refused:
+        """The bot's /sync answer as it came (appservice/sync.py reads it)."""
+        params = {"filter": filter_json, "timeout": str(int(wait * 1000))}
+        if since is not None:
+            params["since"] = since
+        return await self._raw(
+            "GET",
+            f"/_matrix/client/v3/sync?{urlencode(params)}",
+            long_poll=wait + self.client.config.request_timeout,
+        )
 
     async def state_event(
         self, room_id: str, event_type: str, state_key: str = ""

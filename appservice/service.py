@@ -36,6 +36,7 @@ from appservice.homeserver import NioHomeserver
 from appservice.moderation_user import ModerationUser
 from appservice.registration import load_registration
 from appservice.server import AppServiceServer
+from appservice.sync import BotSync
 from appservice.webhook import HttpWebhook
 from bot.authorization import power_level
 from bot.checkin_events import CheckinEvents
@@ -57,6 +58,7 @@ from bot.retention import purge
 from bot.room_admin import RoomAdmin
 from bot.room_state import RoomStateCache
 from bot.rooms import RoomDirectory
+from bot.safety_net import SafetyNet
 from bot.staff import StaffDirectory
 from bot.staff_room import StaffRoom
 from bot.staff_tools import StaffTools
@@ -357,6 +359,18 @@ class Service:
             is_flag=lambda event: action_filter.lane(event) in (FLAG_LANE, REFUSAL_LANE),
             is_staff_room=self.staff_room.is_staff_room,
         )
+        # The catch-up that runs: the bot's own sync when Synapse lets the bot sync (a
+        # namespace user, not the sender); else every watched room read in turn.
+        self.catch_up: SafetyNet | Reconciler = self.reconciler
+        if self.registration.lets_the_bot_sync(config):
+            self.catch_up = SafetyNet(
+                self.engine,
+                BotSync(self.homeserver),
+                self.reconciler,
+                self.deployment.reconcile,
+                bot_user_id=config.bot_user_id,
+                joined_at=self._moderated_since,
+            )
         # A push Synapse stored and never sent: noticed by the gap it leaves, nudged out.
         self.stranded = StrandedWatch(
             self.metrics, lambda: self.homeserver.ping(self.config.appservice.id)
@@ -470,7 +484,7 @@ class Service:
             self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
             self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
             self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
-            self.reconciler.start()
+            self.catch_up.start()
             self._acting = self._started = True
         await self._warm_room_state()
         self._background.append(asyncio.create_task(self._probe(), name="probe"))
@@ -550,7 +564,7 @@ class Service:
                 self.room_state.forget_everything()
             if was_down and not down:
                 log.info("the homeserver answers again: catching up")
-                self.reconciler.trigger()
+                self.catch_up.trigger()
                 await self._warm_room_state()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
@@ -581,7 +595,7 @@ class Service:
                 answered = failed_at
                 with contextlib.suppress(HomeserverUnavailable):
                     await self.homeserver.ping(self.config.appservice.id)
-                self.reconciler.trigger()
+                self.catch_up.trigger()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
             except Exception as exc:
@@ -664,6 +678,11 @@ class Service:
             watched.append((self.staff_room.room_id, None))
         watched.extend((room_id, None) for room_id in sorted(private))
         return watched
+
+    async def _moderated_since(self) -> dict[str, dt.datetime | None]:
+        """When the bot was put in each room it moderates."""
+        async with self.engine.connect() as conn:
+            return {room.room_id: room.joined_at for room in await rooms.moderated(conn)}
 
     async def _join_staff_room(self) -> None:
         """Try once now; if the room is not ready, keep trying in the background.
@@ -774,7 +793,7 @@ class Service:
         async with self._pause_resume:
             if not self._acting or self._lock_held.is_set():
                 return
-            await self.reconciler.stop()
+            await self.catch_up.stop()
             await asyncio.gather(*(worker.stop() for worker in self._workers))
             await self.steps.stop()
             self.timers.pause()
@@ -788,11 +807,11 @@ class Service:
                 worker.start()
             self.steps.start()
             self.timers.resume()
-            self.reconciler.start()
+            self.catch_up.start()
             self._acting = True
         # Whatever started before the blip, and whatever Synapse retried meanwhile.
         await self.steps.retry_waiting()
-        self.reconciler.trigger()
+        self.catch_up.trigger()
 
     # ---- stop --------------------------------------------------------------------------------
 
@@ -804,7 +823,7 @@ class Service:
             for task in list(self._fallbacks):
                 task.cancel()
             await asyncio.gather(*self._fallbacks, return_exceptions=True)
-        await self.reconciler.stop()
+        await self.catch_up.stop()
         await asyncio.gather(*(worker.stop() for worker in self._workers))
         await self.steps.stop()
         await self.timers.stop()

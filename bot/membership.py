@@ -139,6 +139,10 @@ class Membership:
         if self._staff_room.is_staff_room(room_id):
             await self._join_staff_room(handling, inviter)
             return
+        if room_id in self._rooms.moderated:
+            # Taken already: the same invite, seen by the bot's sync (bot/safety_net.py)
+            # before Synapse's push came (a room the bot is in cannot invite it again).
+            return
         if not await self._may_invite(inviter):
             await self._hs.leave_room(room_id)  # rejects the invite
             async with handling.transaction() as conn:

@@ -257,6 +257,38 @@ class Timeline(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SyncedRoom:
+    """One room's part of a sync: its new timeline events (oldest first, each with its
+    room_id), and whether events between the last sync and these were left out
+    (`limited`: read them back from `prev_batch`)."""
+
+    room_id: str
+    events: list[dict[str, Any]]
+    limited: bool = False
+    prev_batch: str | None = None
+
+
+@dataclass(frozen=True)
+class SyncBatch:
+    """What one sync brought since the last one: the rooms the bot is in, the invites it
+    has (each as its m.room.member event, with room_id; stripped: no event id unless the
+    homeserver gave one), and the token to sync on from."""
+
+    next_batch: str
+    rooms: list[SyncedRoom]
+    invites: list[dict[str, Any]]
+
+
+class Syncing(Protocol):
+    """The bot's own sync: one request for every room, the safety net behind the push."""
+
+    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+        """What happened since `since` (None: a start, no timelines wanted), waiting up to
+        `wait` seconds for something to happen."""
+        ...
+
+
 class Decrypter(Protocol):
     """The bot's end-to-end encryption, as the policy needs it: reading what it is sent."""
 

@@ -48,7 +48,7 @@ PAGE = 100
 MAX_PAGES_BACK = 50
 
 
-def _time(event: dict[str, Any]) -> dt.datetime | None:
+def event_time(event: dict[str, Any]) -> dt.datetime | None:
     ts = event.get("origin_server_ts")
     if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0:
         with contextlib.suppress(OverflowError, OSError, ValueError):
@@ -65,7 +65,7 @@ def settled_part(
     counts as settled, so a forged or skewed one cannot hold the rest back for long.
     """
     for position, event in enumerate(events):
-        sent = _time(event)
+        sent = event_time(event)
         if sent is not None and abs(now - sent) < settle:
             return events[:position]
     return events
@@ -199,23 +199,39 @@ class Reconciler:
             log.info("cannot read %s to catch up: %s", room_id, now_token)
             return 0
         events: list[dict[str, Any]] = []
-        token: str | None = now_token
-        oldest = window.start
-        for _ in range(MAX_PAGES_BACK):
-            if window.floor is not None and window.floor >= dt.datetime.now(dt.UTC):
-                break  # nothing before now is wanted: the position alone
-            page = await self._timeline.read_back(room_id, token, limit=PAGE)
-            if isinstance(page, Refused):
-                break
-            events.extend(page.events)
-            times = [_time(event) for event in page.events]
-            if page.next_token is None or any(t is not None and t < oldest for t in times):
-                break
-            token = page.next_token
-        found = await self._feed(list(reversed(events)), window, first_read=True)
+        if window.floor is None or window.floor < dt.datetime.now(dt.UTC):
+            events = await self.read_back(room_id, now_token, window.start)
+        found = await self._feed(events, window, first_read=True)
         async with self._db.begin() as conn:
             await positions.put(conn, room_id, now_token, dt.datetime.now(dt.UTC))
         return found
+
+    async def read_back(
+        self, room_id: str, token: str | None, oldest: dt.datetime
+    ) -> list[dict[str, Any]]:
+        """The room's events before `token`, back to `oldest` (or MAX_PAGES_BACK pages),
+        oldest first."""
+        events: list[dict[str, Any]] = []
+        for _ in range(MAX_PAGES_BACK):
+            page = await self._timeline.read_back(room_id, token, limit=PAGE)
+            if isinstance(page, Refused):
+                log.info("cannot read %s back: %s", room_id, page)
+                break
+            events.extend(page.events)
+            times = [event_time(event) for event in page.events]
+            if page.next_token is None or any(t is not None and t < oldest for t in times):
+                break
+            token = page.next_token
+        return list(reversed(events))
+
+    async def feed_read_on(
+        self, events: list[dict[str, Any]], since: dt.datetime | None = None
+    ) -> int:
+        """Feed events read on from a known position (the bot's sync): the same rules as a
+        room's catch-up; `since`: when the bot was put in the room."""
+        now = dt.datetime.now(dt.UTC)
+        floor = max((t for t in (since, self.first_started) if t is not None), default=None)
+        return await self._feed(events, _Window(now - self._settings.lookback, floor))
 
     async def _feed(
         self, events: list[dict[str, Any]], window: _Window, *, first_read: bool = False
@@ -228,7 +244,7 @@ class Reconciler:
         for event in events:
             if not well_formed(event):
                 continue
-            sent = _time(event) or now
+            sent = event_time(event) or now
             if window.floor is not None and sent < window.floor:
                 continue
             if sent >= window.start or (not first_read and self._is_flag(event)):

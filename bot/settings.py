@@ -218,8 +218,8 @@ class ReconcileSettings(_Strict):
 
     # How far back a room's timeline is read when the service has no position for it.
     lookback: Duration = dt.timedelta(hours=24)
-    # How often every watched room is checked, so a homeserver restart nobody noticed
-    # (no call of ours failed) is still caught up.
+    # Only where the bot cannot sync (bot/safety_net.py): how often every watched room is
+    # read, so a homeserver restart nobody noticed (no call of ours failed) is caught up.
     interval: Duration = dt.timedelta(seconds=30)
     # An event younger than this is left to the homeserver's push, which is on its way
     # (milliseconds, seconds under load), and looked for again once it is this old: the

@@ -447,6 +447,20 @@ async def finish_many(conn: AsyncConnection, seqs: list[int], now: dt.datetime) 
     )
 
 
+async def membership_recorded_since(
+    conn: AsyncConnection, room_id: str, since: dt.datetime
+) -> bool:
+    """Whether a membership event of the room was queued since then (a pushed invite: the
+    bot's sync sees invites without their event id). Asked only when the sync brings an
+    invite, so no index of its own."""
+    query = sa.select(inbox.c.seq).where(
+        inbox.c.room_id == room_id,
+        inbox.c.event_type == "m.room.member",
+        inbox.c.received_at >= since,
+    )
+    return (await conn.execute(query.limit(1))).first() is not None
+
+
 async def backlog(conn: AsyncConnection) -> int:
     query = sa.select(sa.func.count()).select_from(inbox).where(inbox.c.status == "pending")
     return (await conn.execute(query)).scalar_one()

@@ -1,5 +1,6 @@
-"""How far each watched room's timeline has been read (a homeserver stream token), and
-from when on this database has been keeping track at all."""
+"""How far each watched room's timeline has been read (a homeserver stream token), how far
+the bot's sync has been (its `next_batch`, under a key no room id can be), and from when
+on this database has been keeping track at all."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ async def database_first_started(conn: AsyncConnection) -> dt.datetime | None:
 async def get(conn: AsyncConnection, room_id: str) -> str | None:
     query = sa.select(room_positions.c.token).where(room_positions.c.room_id == room_id)
     return (await conn.execute(query)).scalar_one_or_none()
+
+
+async def get_with_time(conn: AsyncConnection, key: str) -> tuple[str, dt.datetime] | None:
+    """The token kept under `key`, and when it was stored."""
+    query = sa.select(room_positions.c.token, room_positions.c.updated_at).where(
+        room_positions.c.room_id == key
+    )
+    row = (await conn.execute(query)).one_or_none()
+    return None if row is None else (row.token, row.updated_at)
+
+
+async def forget(conn: AsyncConnection, key: str) -> None:
+    await conn.execute(room_positions.delete().where(room_positions.c.room_id == key))
 
 
 async def put(conn: AsyncConnection, room_id: str, token: str, now: dt.datetime) -> None:

@@ -264,7 +264,7 @@ async def test_flag_dropped_by_a_synapse_restart_is_caught_up(restartable_synaps
         config = config_for(scene, listen_port=service_port)
         async with running_service(config) as service:
             await open_group_room(scene)
-            await until(lambda: service.reconciler.rounds > 0, what="a first catch-up round")
+            await until(lambda: service.catch_up.rounds > 0, what="a first catch-up round")
             proxy.hold(lambda r: "/transactions/" in r.path)
             await scene.member.send_text(scene.group, "just chatting")
             await asyncio.wait_for(proxy.held_event.wait(), 30)

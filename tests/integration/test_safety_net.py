@@ -1,0 +1,162 @@
+"""The bot's own sync behind the push (bot/safety_net.py), against a real Synapse.
+
+- An invite Synapse drops when it restarts is still handled as a pushed one: staff's
+  taken, a stranger's declined and told to staff.
+- A reply in a closed case's DM, or to a moderator's debrief, that a restart dropped
+  still reaches staff (the old per-room catch-up did not read those rooms).
+- While the service is idle, what it asks of Synapse does not grow with its rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.support.proxy import HoldingProxy
+from tests.support.scene import (
+    BOT,
+    Scene,
+    build_scene,
+    open_group_room,
+    running_service,
+    scene_config,
+    until,
+)
+from tests.support.synapse import free_port
+
+pytestmark = [pytest.mark.synapse, pytest.mark.faults]
+
+
+async def drop_what_synapse_queues(scene: Scene, proxy: HoldingProxy, act: Any) -> None:
+    """Hold a transaction in flight, `act` (Synapse queues its events in memory behind
+    it), then kill Synapse: the queue is gone, and the held push fails."""
+    proxy.hold(lambda r: "/transactions/" in r.path)
+    await scene.owner.send_text(scene.group, "just chatting")
+    await asyncio.wait_for(proxy.held_event.wait(), 30)
+    await act()
+    await asyncio.sleep(1.0)
+    await scene.synapse.restart(kill=True)
+    proxy.release(drop=True)
+
+
+def delivered(proxy: HoldingProxy) -> set[str]:
+    return {
+        event.get("event_id")
+        for body in proxy.bodies("/transactions/")
+        for event in json.loads(body).get("events", [])
+    }
+
+
+async def test_invites_dropped_by_a_synapse_restart_are_handled(restartable_synapse, tmp_path):
+    synapse = restartable_synapse
+    scene = await build_scene(synapse, tmp_path)
+    mallory = await synapse.new_user("mallory")
+    service_port = free_port()
+    async with HoldingProxy(f"http://127.0.0.1:{service_port}", port=synapse.as_port) as proxy:
+        config = scene_config(scene, listen_port=service_port)
+        async with running_service(config):
+            await open_group_room(scene)
+            rooms: dict[str, str] = {}
+
+            async def invite_the_bot() -> None:
+                rooms["staff"] = await scene.staff.create_room(name="Another group")
+                await scene.staff.invite(rooms["staff"], BOT)
+                rooms["mallory"] = await mallory.create_room(name="Trap", invite=[BOT])
+
+            await drop_what_synapse_queues(scene, proxy, invite_the_bot)
+
+            async def joined() -> bool:
+                return (await scene.staff.members(rooms["staff"])).get(BOT) == "join"
+
+            async def declined() -> bool:
+                return (await mallory.members(rooms["mallory"])).get(BOT) == "leave"
+
+            await until(joined, within=90, what="the bot to take staff's dropped invite")
+            await until(declined, within=30, what="the bot to decline the stranger's")
+            await until(
+                lambda: scene.staff_matching(lambda m: f"{mallory.user_id} tried to add me" in m),
+                what="staff told who tried",
+            )
+            invites = {
+                event["event_id"]
+                for user, room in ((scene.staff, rooms["staff"]), (mallory, rooms["mallory"]))
+                for event in await user.messages(room)
+                if event["type"] == "m.room.member"
+                and event.get("state_key") == BOT
+                and event["content"].get("membership") == "invite"
+            }
+            assert len(invites) == 2 and not invites & delivered(proxy), "Synapse dropped both"
+
+
+async def test_replies_in_a_closed_cases_dm_and_a_debrief_dropped_by_a_restart_reach_staff(
+    restartable_synapse, tmp_path
+):
+    synapse = restartable_synapse
+    scene = await build_scene(synapse, tmp_path)
+    service_port = free_port()
+    async with HoldingProxy(f"http://127.0.0.1:{service_port}", port=synapse.as_port) as proxy:
+        config = scene_config(scene, listen_port=service_port)
+        async with running_service(config):
+            await open_group_room(scene)
+            said = await scene.member.send_text(scene.group, "I can't do this any more")
+            await scene.moderator.react(scene.group, said, "🚨")
+            (dm,) = await until(scene.member.invited_rooms, what="the member's DM")
+            await scene.member.join(dm)
+            (debrief,) = await until(scene.moderator.invited_rooms, what="the debrief DM")
+            await scene.moderator.join(debrief)
+            await scene.staff.send_text(scene.staff_room, "!case 1 close spoke to them")
+            await until(
+                lambda: scene.staff_matching(lambda m: m.startswith("Case #1 closed")),
+                what="the case closed",
+            )
+            replies: dict[str, str] = {}
+
+            async def reply() -> None:
+                replies["member"] = await scene.member.send_text(dm, "are you still there")
+                replies["moderator"] = await scene.moderator.send_text(debrief, "rough night")
+
+            await drop_what_synapse_queues(scene, proxy, reply)
+            for text in ("are you still there", "rough night"):
+                await until(
+                    lambda text=text: scene.staff_matching(lambda m: text in m),
+                    within=90,
+                    what=f"{text!r} relayed to staff",
+                )
+            assert not set(replies.values()) & delivered(proxy), "Synapse dropped both"
+
+
+async def idle_requests(proxy: HoldingProxy, seconds: float) -> int:
+    before = len(proxy.forwarded)
+    await asyncio.sleep(seconds)
+    return len(proxy.forwarded) - before
+
+
+async def test_idle_requests_do_not_grow_with_the_rooms(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    async with HoldingProxy(synapse.url) as proxy:
+        config = scene_config(scene, homeserver_url=proxy.url)
+        async with running_service(config):
+            rooms: list[str] = []
+
+            async def add_rooms(count: int) -> None:
+                for _ in range(count):
+                    room = await scene.staff.create_room(name=f"Group {len(rooms)}", invite=[BOT])
+                    rooms.append(room)
+                for room in rooms[-count:]:
+
+                    async def joined(room: str = room) -> bool:
+                        return (await scene.staff.members(room)).get(BOT) == "join"
+
+                    await until(joined, within=60, what="the bot to join")
+                # What joining sets off (staff told, state read) is over by then.
+                await asyncio.sleep(15)
+
+            await add_rooms(5)
+            few = await idle_requests(proxy, 40)
+            await add_rooms(35)
+            many = await idle_requests(proxy, 40)
+            print(f"idle requests in 40 s: {few} with 5 rooms, {many} with 40")
+            assert many <= few + 4, f"{few} requests with 5 rooms, {many} with 40"

@@ -1,0 +1,171 @@
+"""The bot's sync as the safety net: what it brings is fed once, by catch-up's rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from bot.ports import Refused, SyncBatch, SyncedRoom
+from bot.safety_net import SYNC_POSITION, SafetyNet
+from bot.settings import ReconcileSettings
+from bot.store import positions
+from tests.support.fake_homeserver import FakeHomeserver
+from tests.support.policy import GROUP, STAFF
+from tests.unit.test_reconcile import NOW, _intakes, build, chat, flag, queued
+
+BOT = "@safeguard:localhost"
+
+
+@pytest.fixture
+async def engine(engine):
+    """The unit tests' database; the intakes' recording connections closed before it."""
+    yield engine
+    while _intakes:
+        await _intakes.pop().close()
+
+
+class FakeSync:
+    """Answers queued by the test, one a sync; records the tokens asked from."""
+
+    def __init__(self) -> None:
+        self.answers: list[SyncBatch | Refused] = []
+        self.asked: list[str | None] = []
+
+    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+        self.asked.append(since)
+        if since is None:
+            return SyncBatch("s0", [], [])
+        return self.answers.pop(0)
+
+
+def net(engine, hs, sync, *, joined: dict | None = None, **settings):
+    if GROUP not in hs.rooms:
+        hs.add_room(GROUP, {}, {})
+    reconciler, intake = build(engine, hs, **settings)
+
+    async def joined_at():
+        return joined or {}
+
+    settings = ReconcileSettings(**settings)
+    safety = SafetyNet(engine, sync, reconciler, settings, bot_user_id=BOT, joined_at=joined_at)
+    return safety, intake
+
+
+def room(events, **kwargs) -> SyncedRoom:
+    return SyncedRoom(GROUP, [e | {"room_id": GROUP} for e in events], **kwargs)
+
+
+async def stored_token(engine) -> str | None:
+    async with engine.connect() as conn:
+        return await positions.get(conn, SYNC_POSITION)
+
+
+async def test_a_start_takes_a_token_then_feeds_what_follows_once(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    assert await safety.catch_up() == 0
+    assert await stored_token(engine) == "s0"
+    sync.answers = [
+        SyncBatch("s1", [room([chat("$chat", NOW), flag("$lost", NOW)])], []),
+        SyncBatch("s2", [room([flag("$lost", NOW)])], []),
+    ]
+    assert await safety.catch_up() == 2
+    assert await stored_token(engine) == "s1"
+    assert await safety.catch_up() == 0, "nothing twice"
+    assert sync.asked == [None, "s0", "s1"]
+    assert await queued(engine) == [("$lost", True)]
+
+
+def stripped_invite(room_id: str) -> dict:
+    """As a sync shows it: no event id, no timestamp."""
+    return {
+        "type": "m.room.member",
+        "room_id": room_id,
+        "sender": STAFF,
+        "state_key": BOT,
+        "content": {"membership": "invite"},
+    }
+
+
+async def test_an_invite_never_pushed_is_fed_like_a_pushed_one_once(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    await safety.catch_up()
+    answer = SyncBatch("s1", [], [stripped_invite("!new:localhost")])
+    sync.answers = [answer, answer]  # the same answer asked for again
+    assert await safety.catch_up() == 1
+    await safety.catch_up()
+    ((event_id, caught_up),) = await queued(engine)
+    assert event_id.startswith("$") and caught_up
+
+
+async def test_an_invite_the_push_brought_is_left_to_it(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, intake = net(engine, hs, sync)
+    await safety.catch_up()
+    pushed = stripped_invite("!new:localhost") | {"event_id": "$pushed"}
+    await intake.accept("txn-1", [pushed])
+    sync.answers = [SyncBatch("s1", [], [stripped_invite("!new:localhost")])]
+    assert await safety.catch_up() == 0
+    assert await queued(engine) == [("$pushed", False)]
+
+
+async def test_nothing_from_before_the_bot_came_in(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    await safety.catch_up()
+    joined = {
+        "type": "m.room.member",
+        "event_id": "$bot-joined",
+        "sender": BOT,
+        "state_key": BOT,
+        "origin_server_ts": int(NOW.timestamp() * 1000),
+        "content": {"membership": "join"},
+    }
+    before, after = NOW - dt.timedelta(minutes=5), NOW + dt.timedelta(seconds=1)
+    events = [flag("$old", before), joined, flag("$new", after)]
+    sync.answers = [SyncBatch("s1", [room(events)], [])]
+    await safety.catch_up()
+    flags = [event_id for event_id, _ in await queued(engine) if event_id != "$bot-joined"]
+    assert flags == ["$new"]
+
+
+async def test_a_limited_timeline_is_read_back_to_the_last_sync(engine):
+    hs = FakeHomeserver()
+    fake_room = hs.add_room(GROUP, {}, {})
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    await safety.catch_up()
+    fake_room.events += [flag("$gap", NOW), chat("$chat", NOW), flag("$in-answer", NOW)]
+    answer = room([flag("$in-answer", NOW)], limited=True, prev_batch="2")
+    sync.answers = [SyncBatch("s1", [answer], [])]
+    assert await safety.catch_up() == 3, "the gap's two events, and the answer's"
+    assert [event_id for event_id, _ in await queued(engine)] == ["$gap", "$in-answer"]
+
+
+async def test_a_young_answer_is_fed_once_it_has_settled(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync, settle=dt.timedelta(seconds=0.5))
+    await safety.catch_up()
+    loop_time = dt.datetime.now(dt.UTC)
+    sync.answers = [SyncBatch("s1", [room([flag("$young", loop_time)])], [])]
+    assert await safety.catch_up() == 1
+    assert dt.datetime.now(dt.UTC) - loop_time >= dt.timedelta(seconds=0.5)
+
+
+async def test_a_refused_token_starts_the_sync_again(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    await safety.catch_up()
+    sync.answers = [Refused("M_UNKNOWN_POS", "unknown position")]
+    await safety.catch_up()
+    assert await stored_token(engine) is None
+    await safety.catch_up()
+    assert await stored_token(engine) == "s0"
