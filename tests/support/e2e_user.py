@@ -250,19 +250,29 @@ class E2EUser:
         await until(lambda: room_id in self.client.rooms, what="the room in sync")
         if self.client.should_query_keys:
             await self.client.keys_query()
-        response = await self.client.room_send(
-            room_id, "m.room.message", content, ignore_unverified_devices=True
-        )
-        assert isinstance(response, RoomSendResponse), response
-        return response.event_id
+        return await self._room_send(room_id, "m.room.message", content)
 
     async def react(self, room_id: str, event_id: str, key: str) -> str:
         relation = {"rel_type": "m.annotation", "event_id": event_id, "key": key}
-        response = await self.client.room_send(
-            room_id, "m.reaction", {"m.relates_to": relation}, ignore_unverified_devices=True
-        )
-        assert isinstance(response, RoomSendResponse), response
-        return response.event_id
+        return await self._room_send(room_id, "m.reaction", {"m.relates_to": relation})
+
+    async def _room_send(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        # nio drops a room's outbound Megolm session when its sync loop sees a member leave;
+        # if that lands while room_send is sharing the session, room_send raises KeyError.
+        # A client sends again (Element does): so does this one, with a fresh session.
+        for attempt in range(3):
+            try:
+                response = await self.client.room_send(
+                    room_id, event_type, content, ignore_unverified_devices=True
+                )
+            except KeyError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            assert isinstance(response, RoomSendResponse), response
+            return response.event_id
+        raise AssertionError("unreachable")
 
     def texts_in(self, room_id: str, sender: str | None = None) -> list[str]:
         return [
