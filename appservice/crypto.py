@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import json
 import logging
@@ -54,6 +55,7 @@ from nio import (
     ErrorResponse,
     Event,
     ForwardedRoomKeyEvent,
+    MatrixRoom,
     MegolmEvent,
     RoomKeyEvent,
     RoomKeyRequest,
@@ -82,18 +84,7 @@ async def _outage_as_unavailable(what: str) -> AsyncIterator[None]:
         raise HomeserverUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-# What the crypto client syncs: state and to-device, hardly any timeline (room
-# events come in transactions), no presence.
-SYNC_FILTER = {
-    "presence": {"not_types": ["*"]},
-    "account_data": {"not_types": ["*"]},
-    "room": {
-        "timeline": {"limit": 1},
-        "ephemeral": {"not_types": ["*"]},
-        "account_data": {"not_types": ["*"]},
-    },
-}
-# A room the bot just created is encrypted only once the sync has shown it with its members.
+# How long encrypting waits for a room's members (one just invited) to show.
 ROOM_KNOWN_WITHIN = 15.0
 # With a deadline to keep (encryption.fallback), one attempt waits at most this long for
 # the sync or the device: the step is tried again, and goes plain at its deadline.
@@ -143,12 +134,12 @@ def _store_fault(exc: BaseException, store: Path) -> EncryptionBroken:
 
 
 class CryptoClient(BotClient):
-    """The bot's device's client: nio's, with the sync token stored only once a sync's
-    answer has been handled, and other users' room-key requests kept for BotCrypto.
+    """The bot's device's client: nio's, fed answers of the bot's one sync (it makes no
+    request of its own for them), and other users' room-key requests kept for BotCrypto.
 
-    nio stores the token first: if handling then fails (the store is full), the room
-    keys in that answer are acknowledged to the homeserver and lost. Here a failure
-    puts the token back, so the next sync asks for the same answer again.
+    nio stores the sync token as it handles an answer: here the token is stored apart
+    (`BotCrypto.acknowledge`), only once the whole answer is recorded, and a failure
+    while handling it puts the client's token back.
 
     nio answers key requests from its own user's devices only, and drops every other
     one without a word: it never shows them to a to-device callback, and its
@@ -193,8 +184,6 @@ class CryptoClient(BotClient):
                 await self._handle_expired_verifications()
                 self._handle_olm_events(response)
                 await self._collect_key_requests()
-            if self.config.store_sync_tokens and self.store:
-                self.store.save_sync_token(self.next_batch)
         except BaseException:
             self.next_batch = previous
             raise
@@ -238,6 +227,16 @@ class BotCrypto:
         # Why the sync has failed for long (told to staff), or None.
         self.sync_failing: str | None = None
         self._encrypted: dict[str, bool] = {}  # rooms whose encryption state we read ourselves
+        # Set while the device takes the bot's sync's answers (started, its store working).
+        self.attached = asyncio.Event()
+        # The token the device's first answer after a start is asked from (its store's).
+        self._adopt_from: str | None = None
+        self._failing_since: float | None = None  # when the sync began to fail
+        self._began = time.monotonic()  # when the last start began
+        # Rooms nio knows whole (read from the homeserver since the start), and one read
+        # of a room at a time.
+        self._loaded: set[str] = set()
+        self._loading: dict[str, asyncio.Lock] = {}
 
     # ---- the device -------------------------------------------------------------------------
 
@@ -400,12 +399,16 @@ class BotCrypto:
             raise _store_fault(exc, self.store) from exc
 
     async def start(self) -> None:
-        """Open the store, make or reuse the device, publish its keys, catch up on
-        to-device, then sync on. EncryptionBroken for a fault of the store; any other
-        exception is the homeserver's (both are tried again by `run`)."""
-        began = time.monotonic()
+        """Open the store, make or reuse the device and publish its keys: then the device
+        is `attached` to the bot's sync, whose next answer (from this store's own token,
+        so every to-device message that came while we were away) makes it ready.
+        EncryptionBroken for a fault of the store; any other exception is the
+        homeserver's (both are tried again by `run`)."""
+        self._began = time.monotonic()
+        self.attached.clear()
         await self._close_client()
         self._faulted.clear()
+        self._loaded.clear()
         self.client = self._new_client()
         device_id = await self._device()
         self.client.masquerade_device = device_id
@@ -413,39 +416,33 @@ class BotCrypto:
         async with self._lock, self._store_guard("keys upload"):
             if self.client.should_upload_keys:
                 self._check(await self.client.keys_upload(), "keys upload")
-        # Full state every start: nio keeps no rooms in its store, only the sync token,
-        # and an encrypted room it does not know is one it cannot send to. The stored
-        # token still brings every to-device message that came while we were away.
-        async with self._store_guard("the first sync"):
-            first = await self.client.sync(timeout=0, full_state=True, sync_filter=SYNC_FILTER)
-        self._check(first, "the first sync")
-        await self._keys_housekeeping()
-        self.problem = None
-        if self.broken is not None:
-            log.warning("end-to-end encryption works again (it was: %s)", self.broken.why)
-            self.broken = None
-            self._on_broken(None)
-        self.ready.set()
-        log.info(
-            "end-to-end encryption ready: device %s (%.2fs)", device_id, time.monotonic() - began
-        )
+        # No full-state sync: nio keeps no rooms in its store, and a room it must send
+        # to is read when needed (_load_room). The store's token is where the device's
+        # to-device inbox was last acknowledged: the first answer starts there.
+        self._adopt_from = self.client.loaded_sync_token or None
+        self.attached.set()
+        log.info("the bot's device %s joins the bot's sync", device_id)
 
     async def run(self) -> None:
-        """Keep encryption working for as long as the service runs: start, sync, and after
-        any failure (the homeserver away, the store broken) start again, with backoff, on
-        a new client, so a repaired store is taken up without a restart."""
+        """Keep encryption working for as long as the service runs: start, then wait for
+        a fault (the answers come from the bot's sync, appservice/sync.py); after any
+        failure (the homeserver away, the store broken) start again, with backoff, on a
+        new client, so a repaired store is taken up without a restart."""
         delay = self._retry
         while True:
             try:
                 await self.start()
                 delay = self._retry
-                await self._sync_until_fault()
+                await self._faulted.wait()
+                assert self.broken is not None
+                raise self.broken
             except asyncio.CancelledError:
                 raise
             except EncryptionBroken as exc:
                 self._fault(exc)
             except Exception as exc:
                 self.problem = f"encryption is not ready: {type(exc).__name__}: {exc}"
+            self.attached.clear()
             self.ready.clear()
             log.warning("%s; trying again in %.0fs", self.problem, delay)
             await asyncio.sleep(delay)
@@ -454,6 +451,7 @@ class BotCrypto:
     def _fault(self, broken: EncryptionBroken) -> None:
         """The store broke: nothing more is synced or encrypted on it; told once."""
         self.problem = f"{broken.why}; {broken.what_to_do}"
+        self.attached.clear()
         self.ready.clear()
         self._faulted.set()
         first = self.broken is None
@@ -501,52 +499,100 @@ class BotCrypto:
                 )
             await self._answer_key_requests()
 
-    async def _sync_until_fault(self) -> None:
-        """Sync for as long as the store works; a homeserver away is waited out here."""
-        sync = asyncio.create_task(self._sync_forever(), name="crypto-sync")
-        fault = asyncio.create_task(self._faulted.wait(), name="crypto-fault")
-        try:
-            await asyncio.wait({sync, fault}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sync, fault):
-                task.cancel()
-            await asyncio.gather(sync, fault, return_exceptions=True)
-        if sync.done() and not sync.cancelled() and sync.exception() is not None:
-            raise sync.exception()  # type: ignore[misc]
-        assert self.broken is not None
-        raise self.broken
+    # ---- the bot's sync, shared -------------------------------------------------------------
 
-    async def _sync_forever(self) -> None:
-        """Sync on; a sync that keeps failing (past SYNC_FAILING_SECONDS) makes encryption
-        unusable for new rooms (they are made without it) and is told to staff, once, as
-        is its end."""
-        assert self.client is not None
-        delay = 1.0
-        failing_since: float | None = None
-        while True:
+    def sync_device(self) -> tuple[str, str | None] | None:
+        """What the bot's next sync carries for the device: its id, and the token to ask
+        from instead of the caller's (the store's own, for the first answer after a
+        start); None while no device may take an answer (starting, or its store broken:
+        the device's to-device inbox then waits on the homeserver, untouched)."""
+        client = self.client
+        if not self.attached.is_set() or client is None or self._faulted.is_set():
+            return None
+        return client.device_id, self._adopt_from if not self.ready.is_set() else None
+
+    async def take(self, answer: dict[str, Any]) -> Callable[[], None] | None:
+        """Handle a sync answer asked with the device: to-device (room keys, key
+        requests), device lists, one-time key counts and the rooms' encryption and
+        members; then what nio's own loop does between syncs. Returns what to call once
+        the whole answer is recorded (it stores the token in the crypto store), or None
+        if the device could not take the answer (its store broke): its to-device
+        messages are then asked for again, from the store's token, once repaired."""
+        client = self.client
+        if client is None or not self.attached.is_set():
+            return None
+        response = SyncResponse.from_dict(copy.deepcopy(answer))
+        if isinstance(response, ErrorResponse):
+            log.warning("the sync's answer does not read as one: %s", response)
+            return None
+        try:
+            async with self._store_guard("the sync"):
+                await client._handle_sync(response)
+        except EncryptionBroken:
+            return None
+        if client is not self.client or self._faulted.is_set():
+            return None
+        for room_id, room in response.rooms.join.items():
+            if room.timeline.limited:
+                # Members may have come and gone in the gap: read again when needed.
+                self._loaded.discard(room_id)
+        try:
+            await self._keys_housekeeping()
+        except EncryptionBroken:
+            return None
+        except (HomeserverUnavailable, *TRANSPORT_ERRORS) as exc:
+            self.sync_failed(f"{type(exc).__name__}: {exc}")
+        else:
+            self._sync_ok()
+        if not self.ready.is_set():
+            self._now_ready()
+        next_batch = response.next_batch
+
+        def acknowledge() -> None:
+            if client is not self.client or client.store is None or self._faulted.is_set():
+                return
             try:
-                async with self._store_guard("the sync"):
-                    response = await self.client.sync(timeout=30_000, sync_filter=SYNC_FILTER)
-                if isinstance(response, ErrorResponse):
-                    raise HomeserverUnavailable(str(response))
-                await self._keys_housekeeping()
-                self.problem = None
-                delay, failing_since = 1.0, None
-                if self.sync_failing is not None:
-                    self.sync_failing = None
-                    self._on_broken(None)
-            except (asyncio.CancelledError, EncryptionBroken):
-                raise
-            except Exception as exc:
-                self.problem = f"the bot's sync for encryption fails: {type(exc).__name__}: {exc}"
-                log.warning("%s; retrying in %.0fs", self.problem, delay)
-                now = time.monotonic()
-                failing_since = failing_since if failing_since is not None else now
-                if self.sync_failing is None and now - failing_since > SYNC_FAILING_SECONDS:
-                    self.sync_failing = self.problem
-                    self._on_broken(f"{self.problem} (for over a minute)")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                client.store.save_sync_token(next_batch)
+            except STORE_ERRORS as exc:
+                self._fault(_store_fault(exc, self.store))
+
+        return acknowledge
+
+    def _now_ready(self) -> None:
+        self.problem = None
+        self._adopt_from = None
+        if self.broken is not None:
+            log.warning("end-to-end encryption works again (it was: %s)", self.broken.why)
+            self.broken = None
+            self._on_broken(None)
+        self.ready.set()
+        client = self.client
+        log.info(
+            "end-to-end encryption ready: device %s (%.2fs)",
+            client.device_id if client is not None else None,
+            time.monotonic() - self._began,
+        )
+
+    def sync_failed(self, why: str) -> None:
+        """The bot's sync (or what the device does after it) failed: one that keeps
+        failing (past SYNC_FAILING_SECONDS) makes encryption unusable for new rooms (they
+        are made without it) and is told to staff, once, as is its end."""
+        if not self.attached.is_set():
+            return  # no device in the sync: nothing of encryption's is late
+        self.problem = f"the bot's sync for encryption fails: {why}"
+        now = time.monotonic()
+        self._failing_since = self._failing_since if self._failing_since is not None else now
+        if self.sync_failing is None and now - self._failing_since > SYNC_FAILING_SECONDS:
+            self.sync_failing = self.problem
+            self._on_broken(f"{self.problem} (for over a minute)")
+
+    def _sync_ok(self) -> None:
+        self._failing_since = None
+        if self.ready.is_set():
+            self.problem = None
+        if self.sync_failing is not None:
+            self.sync_failing = None
+            self._on_broken(None)
 
     async def _key_arrived(self, event: RoomKeyEvent | ForwardedRoomKeyEvent) -> None:
         self._on_room_key()
@@ -647,7 +693,7 @@ class BotCrypto:
         """Whether the room is encrypted, as far as the bot knows without a read (None:
         not known yet)."""
         room = self.client.rooms.get(room_id) if self.client is not None else None
-        if room is not None:
+        if room is not None and (room.encrypted or room_id in self._loaded):
             return bool(room.encrypted)
         return self._encrypted.get(room_id)
 
@@ -705,9 +751,6 @@ class BotCrypto:
                 _outage_as_unavailable("encrypting"),
                 self._store_guard("encrypting"),
             ):
-                if not room.members_synced:
-                    # Everyone the room has (the sync's state lists the invited too).
-                    self._check(await client.joined_members(room_id), "the room's members")
                 if client.should_query_keys:
                     self._check(await client.keys_query(), "keys query")
                 await self.key_sharing.before_share(client, room)
@@ -739,19 +782,87 @@ class BotCrypto:
             self._lock.release()
 
     async def _known_room(self, room_id: str, members: list[str], by: dt.datetime | None) -> Any:
-        """The room as the sync shows it, with these members in it (a room just created,
-        or a member just invited, appears with the next sync)."""
+        """The room as nio must know it to encrypt: its encryption and everyone joined or
+        invited, these members among them. A room nio does not know whole (no full-state
+        sync tells it of every room) is read from the homeserver, as nio's own room_send
+        reads the members of a room it knows only lazily; a member just invited may take
+        a moment to show."""
         deadline = time.monotonic() + _attempt_wait(by, ROOM_KNOWN_WITHIN)
         while True:
-            room = self.client.rooms.get(room_id) if self.client is not None else None
+            client = self.client
+            if client is None:
+                raise EncryptionUnavailable("end-to-end encryption is starting again")
+            room = client.rooms.get(room_id)
+            whole = room_id in self._loaded and room is not None
+            if whole and room.encrypted and all(m in room.users for m in members):
+                return room
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._load_room(client, room_id)
+            room = client.rooms.get(room_id)
             if room is not None and room.encrypted and all(m in room.users for m in members):
                 return room
             if time.monotonic() >= deadline:
                 raise EncryptionUnavailable(
-                    f"the encrypted room {room_id} has not reached the bot's sync yet",
+                    f"the encrypted room {room_id} could not be read by the bot's device yet",
                     retry_after=1.0,
                 )
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)
+
+    async def _load_room(self, client: CryptoClient, room_id: str) -> None:
+        """nio's room read from the homeserver: its encryption, and its members (joined
+        or invited; those who left or were banned taken out). Members the sync added
+        meanwhile are kept: one read at a time, and only a leave removes."""
+        lock = self._loading.setdefault(room_id, asyncio.Lock())
+        async with lock, _outage_as_unavailable("reading the room"):
+            path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
+            status, state = await self._raw("GET", f"{path}/state/m.room.encryption")
+            if status not in (200, 404):
+                _unreadable(room_id, "encryption", status)
+            members_status, body = await self._raw("GET", f"{path}/members")
+            if members_status != 200:
+                _unreadable(room_id, "members", members_status)
+        if client is not self.client:
+            return
+        room = client.rooms.get(room_id)
+        if room is None:
+            room = client.rooms[room_id] = MatrixRoom(
+                room_id, client.user_id, room_id in client.encrypted_rooms
+            )
+        if status == 200 and state.get("algorithm") and not room.encrypted:
+            room.encrypted = True
+            client.encrypted_rooms.add(room_id)
+            with contextlib.suppress(*STORE_ERRORS):  # remembered only to save this read
+                if client.store is not None:
+                    client.store.save_encrypted_rooms({room_id})
+        for event in body.get("chunk") or []:
+            if not isinstance(event, dict) or not isinstance(event.get("state_key"), str):
+                continue
+            user_id = event["state_key"]
+            content = event.get("content") if isinstance(event.get("content"), dict) else {}
+            membership = content.get("membership")
+            if membership in ("leave", "ban"):
+                if room.remove_member(user_id):
+                    client.invalidate_outbound_session(room_id)
+            elif membership in ("join", "invite"):
+                user = room.users.get(user_id)
+                if user is None:
+                    room.add_member(
+                        user_id,
+                        content.get("displayname"),
+                        content.get("avatar_url"),
+                        invited=membership == "invite",
+                    )
+                elif membership == "join" and user.invited:
+                    user.invited = False
+                    room.invited_users.pop(user_id, None)
+        room.members_synced = True
+        if room.encrypted and client.olm is not None:
+            # Their devices read afresh: a change while no room of theirs was known to
+            # nio was never shown to it.
+            client.olm.add_changed_users(set(room.users) - {client.user_id})
+            client.olm.update_tracked_users(room)
+        self._loaded.add(room_id)
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -774,6 +885,15 @@ class BotCrypto:
         if self.broken is not None:
             status["what_to_do"] = self.broken.what_to_do
         return status
+
+
+def _unreadable(room_id: str, what: str, status: int) -> None:
+    """A room's read refused: the homeserver away (5xx) is an outage, any other refusal
+    (the bot not in the room) means the room cannot be encrypted to now."""
+    why = f"reading {room_id}'s {what}: HTTP {status}"
+    if status >= 500 or status == 429:
+        raise HomeserverUnavailable(why)
+    raise EncryptionUnavailable(why)
 
 
 def _attempt_wait(by: dt.datetime | None, default: float) -> float:

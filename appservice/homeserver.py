@@ -919,12 +919,15 @@ class NioHomeserver:
         return await self._messages(room_id, direction="b", token=token, limit=limit)
 
     async def sync_json(
-        self, since: str | None, filter_json: str, *, wait: float
+        self, since: str | None, filter_json: str, *, wait: float, device_id: str | None = None
     ) -> dict[str, Any] | Refused:
-        """The bot's /sync answer as it came (appservice/sync.py reads it)."""
+        """The bot's /sync answer as it came (appservice/sync.py reads it); with
+        `device_id`, as the bot's encryption device (its to-device messages with it)."""
         params = {"filter": filter_json, "timeout": str(int(wait * 1000))}
         if since is not None:
             params["since"] = since
+        if device_id is not None:
+            params["device_id"] = device_id
         return await self._raw(
             "GET",
             f"/_matrix/client/v3/sync?{urlencode(params)}",

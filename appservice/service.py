@@ -365,7 +365,7 @@ class Service:
         if self.registration.lets_the_bot_sync(config):
             self.catch_up = SafetyNet(
                 self.engine,
-                BotSync(self.homeserver),
+                BotSync(self.homeserver, self.crypto),
                 self.reconciler,
                 self.deployment.reconcile,
                 bot_user_id=config.bot_user_id,

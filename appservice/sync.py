@@ -10,11 +10,17 @@ first answer is small however many rooms the bot has been in.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from appservice.homeserver import NioHomeserver
-from bot.ports import Refused, SyncBatch, SyncedRoom
+from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom
+
+if TYPE_CHECKING:
+    from appservice.crypto import BotCrypto
 
 # What the policy reads from a room's timeline (bot/intake.py, bot/dispatch.py).
 TIMELINE_TYPES = [
@@ -28,20 +34,25 @@ TIMELINE_TYPES = [
     "m.room.create",
     "m.room.join_rules",
 ]
+ENCRYPTION = "m.room.encryption"
 # Events of a room in one answer: more than this since the last one makes the timeline `limited`,
 # and that room alone is read back (bot/safety_net.py).
 TIMELINE_LIMIT = 50
 
 
-def _filter(timeline_limit: int) -> str:
+def _filter(timeline_limit: int, *, device: bool = False) -> str:
+    """The filter; with the encryption device, rooms also bring what nio reads of them:
+    a room becoming encrypted (in the timeline, or in the state a gap left out).
+    To-device messages, device-list changes and one-time key counts are not filtered."""
     nothing = {"not_types": ["*"]}
+    extra = [ENCRYPTION] if device else []
     return json.dumps(
         {
             "presence": nothing,
             "account_data": nothing,
             "room": {
-                "timeline": {"limit": timeline_limit, "types": TIMELINE_TYPES},
-                "state": {"lazy_load_members": True, "types": []},
+                "timeline": {"limit": timeline_limit, "types": TIMELINE_TYPES + extra},
+                "state": {"lazy_load_members": True, "types": extra},
                 "ephemeral": nothing,
                 "account_data": nothing,
                 "include_leave": False,
@@ -53,34 +64,96 @@ def _filter(timeline_limit: int) -> str:
 
 ON_START = _filter(1)
 ONGOING = _filter(TIMELINE_LIMIT)
+ONGOING_WITH_DEVICE = _filter(TIMELINE_LIMIT, device=True)
+ON_START_WITH_DEVICE = _filter(1, device=True)
 
 
 class BotSync:
-    """`bot.ports.Syncing` on the bot's homeserver connection."""
+    """`bot.ports.Syncing` on the bot's homeserver connection, and, when encryption is
+    on, the encryption device's sync too (`crypto`): one long poll for both."""
 
-    def __init__(self, homeserver: NioHomeserver) -> None:
+    def __init__(self, homeserver: NioHomeserver, crypto: BotCrypto | None = None) -> None:
         self._homeserver = homeserver
+        self._crypto = crypto
 
     async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
-        answer = await self._homeserver.sync_json(
-            since, ON_START if since is None else ONGOING, wait=wait
-        )
+        while True:
+            device = self._crypto.sync_device() if self._crypto is not None else None
+            if device is None:
+                answer = await self._unless_device_joins(
+                    self._homeserver.sync_json(
+                        since, ON_START if since is None else ONGOING, wait=wait
+                    )
+                )
+                if answer is None:
+                    continue  # the device joined meanwhile: ask again, with it
+                return _batch(answer, self._homeserver.bot_user_id)
+            return await self._with_device(since, wait, *device)
+
+    async def _with_device(
+        self, since: str | None, wait: float, device_id: str, adopt_from: str | None
+    ) -> SyncBatch | Refused:
+        """One answer for both: the device takes it first (its to-device messages and
+        keys), then the safety net, whose storing it calls back (`recorded`) to store
+        the device's own token. A device just (re)started asks from its store's token:
+        the homeserver deletes the to-device messages up to the token a sync asks from,
+        and the safety net's may have moved on while the device was away."""
+        assert self._crypto is not None
+        asked = adopt_from if since is not None and adopt_from is not None else since
+        try:
+            answer = await self._homeserver.sync_json(
+                asked,
+                ON_START_WITH_DEVICE if asked is None else ONGOING_WITH_DEVICE,
+                wait=wait,
+                device_id=device_id,
+            )
+        except HomeserverUnavailable as exc:
+            self._crypto.sync_failed(str(exc))
+            raise
         if isinstance(answer, Refused):
+            self._crypto.sync_failed(str(answer))
             return answer
-        next_batch = answer.get("next_batch")
-        if not isinstance(next_batch, str):
-            return Refused("M_UNKNOWN", "no next_batch in the /sync answer")
-        rooms = _dict(answer.get("rooms"))
-        bot = self._homeserver.bot_user_id
-        return SyncBatch(
-            next_batch,
-            [_room(room_id, _dict(room)) for room_id, room in _dict(rooms.get("join")).items()],
-            [
-                invite
-                for room_id, room in _dict(rooms.get("invite")).items()
-                if (invite := _invite(room_id, _dict(room), bot)) is not None
-            ],
-        )
+        recorded = await self._crypto.take(answer)
+        batch = _batch(answer, self._homeserver.bot_user_id)
+        return batch if isinstance(batch, Refused) else replace(batch, recorded=recorded)
+
+    async def _unless_device_joins(
+        self, request: Awaitable[dict[str, Any] | Refused]
+    ) -> dict[str, Any] | Refused | None:
+        """The answer to a sync without the device, or None if the device joined the
+        sync before it came (the request is dropped: without the device, nothing it
+        answers is lost by not reading it)."""
+        crypto = self._crypto
+        if crypto is None or crypto.attached.is_set():
+            return await request
+        asked = asyncio.ensure_future(request)
+        joined = asyncio.ensure_future(crypto.attached.wait())
+        try:
+            await asyncio.wait({asked, joined}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+            if not asked.done():
+                asked.cancel()
+            await asyncio.gather(joined, asked, return_exceptions=True)
+        return None if asked.cancelled() else asked.result()
+
+
+def _batch(answer: dict[str, Any] | Refused, bot: str) -> SyncBatch | Refused:
+    if isinstance(answer, Refused):
+        return answer
+    next_batch = answer.get("next_batch")
+    if not isinstance(next_batch, str):
+        return Refused("M_UNKNOWN", "no next_batch in the /sync answer")
+    rooms = _dict(answer.get("rooms"))
+    return SyncBatch(
+        next_batch,
+        [_room(room_id, _dict(room)) for room_id, room in _dict(rooms.get("join")).items()],
+        [
+            invite
+            for room_id, room in _dict(rooms.get("invite")).items()
+            if (invite := _invite(room_id, _dict(room), bot)) is not None
+        ],
+    )
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -101,7 +174,7 @@ def _room(room_id: str, room: dict[str, Any]) -> SyncedRoom:
     prev_batch = timeline.get("prev_batch")
     return SyncedRoom(
         room_id,
-        _events(timeline.get("events"), room_id),
+        [e for e in _events(timeline.get("events"), room_id) if e.get("type") in TIMELINE_TYPES],
         limited=timeline.get("limited") is True,
         prev_batch=prev_batch if isinstance(prev_batch, str) else None,
     )

@@ -11,8 +11,8 @@ workflow records as the step's outcome.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 # Key in the create event's content of every room the bot creates, so a crash
@@ -273,11 +273,14 @@ class SyncedRoom:
 class SyncBatch:
     """What one sync brought since the last one: the rooms the bot is in, the invites it
     has (each as its m.room.member event, with room_id; stripped: no event id unless the
-    homeserver gave one), and the token to sync on from."""
+    homeserver gave one), and the token to sync on from. `recorded`, if any, is called
+    once the answer is recorded and its token stored (the encryption device then stores
+    its own)."""
 
     next_batch: str
     rooms: list[SyncedRoom]
     invites: list[dict[str, Any]]
+    recorded: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class Syncing(Protocol):

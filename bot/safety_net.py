@@ -76,6 +76,10 @@ class SafetyNet:
         self._trigger = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0  # answers fed (tests and /metrics)
+        # An answer not recorded yet, and the token it was asked from: fed again, not
+        # asked for again (the encryption device has taken it: asking again would show
+        # it its to-device messages twice).
+        self._held: tuple[str | None, SyncBatch] | None = None
 
     @property
     def caught_up(self) -> int:
@@ -118,7 +122,7 @@ class SafetyNet:
         if stored is None:
             return await self._start()
         token, synced_at = stored
-        batch = await self._syncing.sync(token, wait=self._poll)
+        batch = await self._answer(token, wait=self._poll)
         if isinstance(batch, Refused):
             # A token the homeserver no longer knows: start again from the rooms' own.
             log.warning("the homeserver refused the sync (%s): starting it again", batch)
@@ -137,13 +141,21 @@ class SafetyNet:
         invites = await self._invites_not_pushed(batch, synced_at - self._settings.settle)
         if invites:
             found += await self._reconciler.feed_read_on(invites)
-        await self._store(batch.next_batch)
+        await self._store(batch)
         if found:
             log.warning("caught up %d event(s) the homeserver had not delivered", found)
         return found
 
+    async def _answer(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+        """The answer held from an attempt that could not record it, else a new one."""
+        if self._held is not None and self._held[0] == since:
+            return self._held[1]
+        batch = await self._syncing.sync(since, wait=wait)
+        self._held = None if isinstance(batch, Refused) else (since, batch)
+        return batch
+
     async def _start(self) -> int:
-        batch = await self._syncing.sync(None, wait=0)
+        batch = await self._answer(None, wait=0)
         if isinstance(batch, Refused):
             raise HomeserverUnavailable(f"the first sync was refused: {batch}")
         found = await self._reconciler.catch_up_all()
@@ -152,7 +164,7 @@ class SafetyNet:
         invites = await self._invites_not_pushed(batch, since)
         if invites:
             found += await self._reconciler.feed_read_on(invites)
-        await self._store(batch.next_batch)
+        await self._store(batch)
         return found
 
     async def _invites_not_pushed(
@@ -179,10 +191,13 @@ class SafetyNet:
             invites.append(invite)
         return invites
 
-    async def _store(self, token: str) -> None:
+    async def _store(self, batch: SyncBatch) -> None:
         async with self._db.begin() as conn:
-            await positions.put(conn, SYNC_POSITION, token, dt.datetime.now(dt.UTC))
+            await positions.put(conn, SYNC_POSITION, batch.next_batch, dt.datetime.now(dt.UTC))
+        self._held = None
         self.rounds += 1
+        if batch.recorded is not None:
+            batch.recorded()
 
     async def _settled(self, batch: SyncBatch) -> None:
         """Wait until the answer's youngest event is `settle` old (a timestamp far in the

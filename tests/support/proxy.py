@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,9 @@ class HoldingProxy:
         self.swallowed: list[tuple[str, bytes]] = []  # (path, body) answered 200, not passed on
         self.swallowed_event = asyncio.Event()
         self.answers: list[tuple[str, int]] = []  # (path, status) of what upstream answered
+        self.requested: list[str] = []  # every request's path and query, as it came
+        self.in_flight: Counter[str] = Counter()  # requests by path, waiting upstream now
+        self.most_in_flight: Counter[str] = Counter()  # the most ever waiting at once
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -93,6 +97,16 @@ class HoldingProxy:
         return [body for _method, path, body in self.forwarded if path_part in path]
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.requested.append(str(request.rel_url))
+        path = request.path
+        self.in_flight[path] += 1
+        self.most_in_flight[path] = max(self.most_in_flight[path], self.in_flight[path])
+        try:
+            return await self._pass_on(request)
+        finally:
+            self.in_flight[path] -= 1
+
+    async def _pass_on(self, request: web.Request) -> web.StreamResponse:
         if self.down:
             return web.Response(status=502, text="upstream down")
         if self._hold(request):
