@@ -3,12 +3,25 @@
 Why this shape (route "b" of issue 12, chosen over Synapse's experimental
 appservice to-device extensions): the bot is an ordinary user in the
 appservice's exclusive namespace — not its `sender_localpart` — so it may
-/sync, and nio's own sync loop receives the room keys other devices send it.
+/sync, and a sync as the device receives the room keys other devices send it.
 To-device messages wait in the device's inbox until a sync acknowledges them,
 so a key sent while the service is down or restarting is not lost (in
 appservice transactions, Synapse drops them for good when the service is
 unreachable). Room events still arrive in transactions; this module decrypts
 them, and encrypts what the bot sends.
+
+The device has no sync of its own: the bot's one sync (the safety net,
+appservice/sync.py) carries the device while it is `attached`, and hands each
+answer here first (`take`: to-device, device lists, one-time key counts, then
+keys up, devices queried, key requests answered). Synapse deletes the device's
+to-device messages up to the token a sync asks *from*, so the device's own token
+(kept in its store, stored only once the whole answer is recorded) is where the
+first answer after any start is asked from; while the store is broken the sync
+goes on without the device, and the inbox waits on the homeserver untouched.
+nio is never given the full state of every room: a room it must encrypt to is
+read from the homeserver when needed (its encryption and members, as nio's own
+room_send reads a lazily-loaded room's), and kept up to date by the timeline's
+membership events; a gap in a room's timeline makes it read again.
 
 Every request acts as the bot through the as_token (`?user_id=` and, for the
 device, `?device_id=`): no access token exists to leak or rotate, and calls stay
@@ -25,9 +38,11 @@ Encryption is never a single point of failure. A store that cannot be read (a
 backup restored with the wrong `pickle.key`, a broken volume) or written (a full
 disk, a read-only mount) is a fault of its own, told apart from the homeserver
 being away: `problem` and `broken` say what is wrong and what to do, the sync
-stops (a sync whose answer cannot be stored would drop the room keys in it), the
-service is told once (`on_broken`), and `run()` keeps probing and starts a new
-client on the repaired store by itself. Meanwhile every case goes on: what cannot
+goes on without the device (an answer whose to-device messages cannot be stored
+is never acknowledged), the service is told once (`on_broken`), and `run()`
+keeps probing and starts a new client on the repaired store by itself. A sync
+failing for over a minute is told to staff too (`sync_failing`), and new rooms
+are made without encryption meanwhile. Meanwhile every case goes on: what cannot
 be encrypted in time is sent in the clear, said so (encryption.fallback).
 """
 
@@ -229,6 +244,7 @@ class BotCrypto:
         self._encrypted: dict[str, bool] = {}  # rooms whose encryption state we read ourselves
         # Set while the device takes the bot's sync's answers (started, its store working).
         self.attached = asyncio.Event()
+        self._detached = asyncio.Event()  # set when it stops taking them (a fault, or not)
         # The token the device's first answer after a start is asked from (its store's).
         self._adopt_from: str | None = None
         self._failing_since: float | None = None  # when the sync began to fail
@@ -408,6 +424,7 @@ class BotCrypto:
         self.attached.clear()
         await self._close_client()
         self._faulted.clear()
+        self._detached.clear()
         self._loaded.clear()
         self.client = self._new_client()
         device_id = await self._device()
@@ -433,9 +450,9 @@ class BotCrypto:
             try:
                 await self.start()
                 delay = self._retry
-                await self._faulted.wait()
-                assert self.broken is not None
-                raise self.broken
+                await self._detached.wait()
+                if self.broken is not None and self._faulted.is_set():
+                    raise self.broken
             except asyncio.CancelledError:
                 raise
             except EncryptionBroken as exc:
@@ -454,6 +471,7 @@ class BotCrypto:
         self.attached.clear()
         self.ready.clear()
         self._faulted.set()
+        self._detached.set()
         first = self.broken is None
         self.broken = broken
         if first:
@@ -523,14 +541,18 @@ class BotCrypto:
             return None
         response = SyncResponse.from_dict(copy.deepcopy(answer))
         if isinstance(response, ErrorResponse):
-            log.warning("the sync's answer does not read as one: %s", response)
+            self._let_go(f"the sync's answer could not be read: {response}")
             return None
         try:
             async with self._store_guard("the sync"):
                 await client._handle_sync(response)
         except EncryptionBroken:
             return None
-        if client is not self.client or self._faulted.is_set():
+        except Exception as exc:
+            log.exception("the device could not take the sync's answer")
+            self._let_go(f"the device could not take the sync's answer: {type(exc).__name__}")
+            return None
+        if client is not self.client or not self.attached.is_set():
             return None
         for room_id, room in response.rooms.join.items():
             if room.timeline.limited:
@@ -540,7 +562,7 @@ class BotCrypto:
             await self._keys_housekeeping()
         except EncryptionBroken:
             return None
-        except (HomeserverUnavailable, *TRANSPORT_ERRORS) as exc:
+        except Exception as exc:  # the answer is taken: what follows it is tried next time
             self.sync_failed(f"{type(exc).__name__}: {exc}")
         else:
             self._sync_ok()
@@ -557,6 +579,15 @@ class BotCrypto:
                 self._fault(_store_fault(exc, self.store))
 
         return acknowledge
+
+    def _let_go(self, why: str) -> None:
+        """The device could not take an answer (not a fault of its store): the sync goes
+        on without it, so the answer's to-device messages stay on the homeserver, and
+        `run` starts it again (from its store's token)."""
+        self.problem = f"encryption is not ready: {why}"
+        self.attached.clear()
+        self.ready.clear()
+        self._detached.set()
 
     def _now_ready(self) -> None:
         self.problem = None

@@ -1,11 +1,24 @@
-"""The bot's own /sync, as the safety net behind Synapse's push (bot/safety_net.py).
+"""The bot's own /sync, as the safety net behind Synapse's push (bot/safety_net.py),
+and, with encryption on, as the encryption device's sync too: one long poll.
 
 One long poll for every room the bot is in or invited to, masquerading as the bot
 through the as_token. The filter brings only what the policy reads: the timeline
 event types the intake acts on, no presence, receipts, typing or account data,
 members lazy-loaded and no other state (the intake reads state from the timeline;
 the room-state cache reads it apart). A start asks for one event a room, so the
-first answer is small however many rooms the bot has been in.
+first answer is small however many rooms the bot has been in; no sync asks for
+full state.
+
+With encryption on, the request carries the bot's device (`device_id`, the
+masquerade the device's own calls use) whenever the device is attached
+(appservice/crypto.py), and the filter adds `m.room.encryption`; to-device
+messages, device-list changes and one-time key counts come unfiltered. The
+device takes the answer first, then the safety net feeds it, stores its token,
+and calls back (`SyncBatch.recorded`) for the device to store its own. A device
+just (re)started asks from its own token, not the safety net's: Synapse deletes
+the device's to-device messages up to the token a sync asks from, and the safety
+net's may have moved on (without the device) meanwhile. A poll without the device
+is dropped when the device attaches, so it waits no long poll to get in.
 """
 
 from __future__ import annotations

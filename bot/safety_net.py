@@ -12,8 +12,11 @@ the room, nor before this database first started). Each invite goes the same
 way as a pushed invite: joined if the inviter may put the bot there, else
 declined and reported. A room whose timeline came `limited` (more happened than
 one answer holds) is read back, that room alone, to where the last sync stood.
-The token is stored only once the answer's events are recorded, so an answer
-that could not be recorded is asked for again.
+The token is stored only once the answer's events are recorded; an answer that
+could not be recorded is held and fed again (not asked for again: with encryption
+on, the same sync is the encryption device's, which has taken the answer's
+to-device messages already, appservice/sync.py). Once stored, the answer's
+`recorded` callback lets the device store its own token.
 
 An event seen moments after it was sent is, nearly always, on its way in the
 push: an answer is fed once its youngest event is `reconcile.settle` old, so

@@ -62,7 +62,7 @@ def syncs(proxy: HoldingProxy) -> list[str]:
 
 
 async def test_one_sync_at_a_time_and_none_asks_for_full_state(scene, tmp_path):
-    async with HoldingProxy(scene.synapse.url) as proxy:
+    async with HoldingProxy(scene.synapse.url, cancel_with_caller=True) as proxy:
         config = config_for(scene, tmp_path, encryption=FAST, homeserver_url=proxy.url)
         for run in ("first start", "restart"):
             async with running_service(config) as service:

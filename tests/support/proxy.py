@@ -28,8 +28,13 @@ Predicate = Callable[[web.Request], bool]
 
 
 class HoldingProxy:
-    def __init__(self, upstream: str, *, port: int | None = None) -> None:
+    def __init__(
+        self, upstream: str, *, port: int | None = None, cancel_with_caller: bool = False
+    ) -> None:
         self.upstream = upstream
+        # A caller that hangs up ends its request upstream too (as Synapse ends a /sync
+        # whose caller left); otherwise the request runs on to its answer.
+        self._cancel_with_caller = cancel_with_caller
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.held: list[str] = []
@@ -150,7 +155,9 @@ class HoldingProxy:
         self._session = aiohttp.ClientSession(auto_decompress=True)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=self._cancel_with_caller
+        )
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from bot.ports import Refused, SyncBatch, SyncedRoom
+from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom
 from bot.safety_net import SYNC_POSITION, SafetyNet
 from bot.settings import ReconcileSettings
 from bot.store import positions
@@ -169,3 +169,30 @@ async def test_a_refused_token_starts_the_sync_again(engine):
     assert await stored_token(engine) is None
     await safety.catch_up()
     assert await stored_token(engine) == "s0"
+
+
+async def test_an_answer_not_recorded_is_fed_again_not_asked_for_again(engine):
+    """With encryption on, the answer's to-device messages were taken by the device: a
+    second request from the same token would show them to it twice."""
+    hs = FakeHomeserver()
+    fake_room = hs.add_room(GROUP, {}, {})
+    sync = FakeSync()
+    safety, _ = net(engine, hs, sync)
+    await safety.catch_up()
+    fake_room.events += [flag("$gap", NOW), flag("$in-answer", NOW)]
+    recorded: list[str] = []
+    answer = room([flag("$in-answer", NOW)], limited=True, prev_batch="1")
+    sync.answers = [SyncBatch("s1", [answer], [], recorded=lambda: recorded.append("s1"))]
+    read_back = hs.read_back
+
+    async def away(*args, **kwargs):
+        raise HomeserverUnavailable("read_back")
+
+    hs.read_back = away  # the gap cannot be read back now
+    with pytest.raises(HomeserverUnavailable):
+        await safety.catch_up()
+    assert await stored_token(engine) == "s0" and not recorded
+    hs.read_back = read_back
+    assert await safety.catch_up() == 2
+    assert sync.asked == [None, "s0"], "fed again, not asked for again"
+    assert await stored_token(engine) == "s1" and recorded == ["s1"]
