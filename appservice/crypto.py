@@ -438,7 +438,7 @@ class BotCrypto:
         # to-device inbox was last acknowledged: the first answer starts there.
         self._adopt_from = self.client.loaded_sync_token or None
         self.attached.set()
-        log.info("the bot's device %s joins the bot's sync", device_id)
+        log.info("the bot's device %s joins the bot's sync (from %s)", device_id, self._adopt_from)
 
     async def run(self) -> None:
         """Keep encryption working for as long as the service runs: start, then wait for
@@ -529,20 +529,31 @@ class BotCrypto:
             return None
         return client.device_id, self._adopt_from if not self.ready.is_set() else None
 
-    async def take(self, answer: dict[str, Any]) -> Callable[[], None] | None:
+    async def take(
+        self, answer: dict[str, Any], asked_from: str | None
+    ) -> Callable[[], None] | None:
         """Handle a sync answer asked with the device: to-device (room keys, key
         requests), device lists, one-time key counts and the rooms' encryption and
         members; then what nio's own loop does between syncs. Returns what to call once
         the whole answer is recorded (it stores the token in the crypto store), or None
         if the device could not take the answer (its store broke): its to-device
-        messages are then asked for again, from the store's token, once repaired."""
+        messages are then asked for again, from the store's token, once repaired.
+
+        The token the answer was asked from is stored first: the homeserver has deleted
+        the device's to-device messages up to it, so it is always safe to start from (a
+        device stopped before its first answer is recorded must not start from the
+        safety net's token next time, which may have moved on without it)."""
         client = self.client
         if client is None or not self.attached.is_set():
+            return None
+        if asked_from is not None and not self._save_token(client, asked_from):
             return None
         response = SyncResponse.from_dict(copy.deepcopy(answer))
         if isinstance(response, ErrorResponse):
             self._let_go(f"the sync's answer could not be read: {response}")
             return None
+        if response.to_device_events:
+            log.info("the device takes %d to-device message(s)", len(response.to_device_events))
         try:
             async with self._store_guard("the sync"):
                 await client._handle_sync(response)
@@ -571,14 +582,21 @@ class BotCrypto:
         next_batch = response.next_batch
 
         def acknowledge() -> None:
-            if client is not self.client or client.store is None or self._faulted.is_set():
-                return
-            try:
-                client.store.save_sync_token(next_batch)
-            except STORE_ERRORS as exc:
-                self._fault(_store_fault(exc, self.store))
+            if client is self.client and not self._faulted.is_set():
+                self._save_token(client, next_batch)
 
         return acknowledge
+
+    def _save_token(self, client: CryptoClient, token: str) -> bool:
+        """Where the device's to-device inbox is acknowledged, kept in its store."""
+        if client.store is None:
+            return False
+        try:
+            client.store.save_sync_token(token)
+        except STORE_ERRORS as exc:
+            self._fault(_store_fault(exc, self.store))
+            return False
+        return True
 
     def _let_go(self, why: str) -> None:
         """The device could not take an answer (not a fault of its store): the sync goes

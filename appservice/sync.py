@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from appservice.homeserver import NioHomeserver
 from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from appservice.crypto import BotCrypto
@@ -113,6 +116,8 @@ class BotSync:
         and the safety net's may have moved on while the device was away."""
         assert self._crypto is not None
         asked = adopt_from if since is not None and adopt_from is not None else since
+        if asked != since:
+            log.info("the device joins the sync from its own token %s (not %s)", asked, since)
         try:
             answer = await self._homeserver.sync_json(
                 asked,
@@ -126,7 +131,7 @@ class BotSync:
         if isinstance(answer, Refused):
             self._crypto.sync_failed(str(answer))
             return answer
-        recorded = await self._crypto.take(answer)
+        recorded = await self._crypto.take(answer, asked)
         batch = _batch(answer, self._homeserver.bot_user_id)
         return batch if isinstance(batch, Refused) else replace(batch, recorded=recorded)
 
