@@ -553,7 +553,7 @@ class BotCrypto:
             self._let_go(f"the sync's answer could not be read: {response}")
             return None
         if response.to_device_events:
-            log.info("the device takes %d to-device message(s)", len(response.to_device_events))
+            log.debug("the device takes %d to-device message(s)", len(response.to_device_events))
         try:
             async with self._store_guard("the sync"):
                 await client._handle_sync(response)
