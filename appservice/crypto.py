@@ -565,6 +565,9 @@ class BotCrypto:
             return None
         if client is not self.client or not self.attached.is_set():
             return None
+        if asked_from is None and not self._save_token(client, response.next_batch):
+            # A first answer (nothing acknowledged before it): its own token, now taken.
+            return None
         for room_id, room in response.rooms.join.items():
             if room.timeline.limited:
                 # Members may have come and gone in the gap: read again when needed.
