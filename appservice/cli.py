@@ -136,6 +136,12 @@ def cmd_log_id(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, config: Config | None) -> int:
+    from appservice.doctor import run
+
+    return run(args.config, as_json=args.json, webhook=args.webhook)
+
+
 def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
     async def upgrade() -> None:
         async with opened(config.database_url, migrate=True):
@@ -369,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", parents=[common], help="validate the config; exit 2 if bad")
     p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check a setup end to end: one line per check; exit 1 if any fails",
+    )
+    p.add_argument("--json", action="store_true", help="the same checks as JSON")
+    p.add_argument(
+        "--webhook", action="store_true", help="also send the webhook a signed test call"
+    )
+    # The doctor reads the config itself: a config that does not load is one of its findings.
+    p.set_defaults(handler=cmd_doctor, needs="nothing")
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     db = p.add_subparsers(dest="action", required=True)

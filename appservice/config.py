@@ -315,7 +315,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         parsed = ConfigFile.model_validate(data)
     except ValidationError as exc:
         lines = [_describe(error) for error in exc.errors()]
-        raise ConfigError(f"{config_path}: " + "; ".join(lines)) from None
+        raise ConfigError(f"{config_path}: " + "; ".join(lines), lines) from None
     base = config_path.resolve().parent
     registration = Path(parsed.appservice.registration)
     if not registration.is_absolute():
@@ -358,4 +358,4 @@ def check_runnable(config: Config) -> None:
             f"appservice.registration: {problem}" for problem in registration.mismatches(config)
         )
     if problems:
-        raise ConfigError(f"{config.path}: " + "; ".join(problems))
+        raise ConfigError(f"{config.path}: " + "; ".join(problems), problems)

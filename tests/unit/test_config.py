@@ -334,3 +334,15 @@ def test_retention_defaults_to_six_years_and_reads_its_older_name(tmp_path):
     both["audit"] = {"retention_days": 31}
     with pytest.raises(ConfigError, match="disagree"):
         load_config(write(tmp_path, both))
+
+
+def test_the_doctor_that_breaks_exits_2_not_1(monkeypatch, capsys):
+    """1 means a check failed; 2 that the doctor itself could not run."""
+    from appservice import doctor
+
+    async def broken(config_path: str, *, webhook: bool = False) -> doctor.Report:
+        raise RuntimeError("no event loop for you")
+
+    monkeypatch.setattr(doctor, "diagnose", broken)
+    assert doctor.run("config.yaml", as_json=False, webhook=False) == 2
+    assert "the doctor could not run: RuntimeError" in capsys.readouterr().out
