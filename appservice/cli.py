@@ -142,6 +142,26 @@ def cmd_doctor(args: argparse.Namespace, config: Config | None) -> int:
     return run(args.config, as_json=args.json, webhook=args.webhook)
 
 
+def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from appservice.backup import BackupError, backup, restore
+
+    folder = Path(args.folder)
+    try:
+        if args.command == "backup":
+            manifest = backup(config, folder)
+            print(f"backed up {len(manifest['files'])} files to {folder} (manifest.json)")
+            if manifest["database"] == "postgresql":
+                print("the database: pg_dump --format=custom (database.pgdump)")
+            return 0
+        for line in asyncio.run(restore(config, folder)):
+            print(line)
+        print("restored: start the service, then run `safeguard doctor`")
+        return 0
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
     async def upgrade() -> None:
         async with opened(config.database_url, migrate=True):
@@ -387,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The doctor reads the config itself: a config that does not load is one of its findings.
     p.set_defaults(handler=cmd_doctor, needs="nothing")
+
+    p = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="copy the database, crypto store, digest key, config and registration to a new "
+        "folder, with a manifest of checksums (the service may be running)",
+    )
+    p.add_argument("folder", metavar="DIR")
+    p.set_defaults(handler=cmd_backup)
+    p = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="put a backup back where the config keeps each part (the service stopped); "
+        "what it replaces is moved aside",
+    )
+    p.add_argument("folder", metavar="DIR")
+    p.set_defaults(handler=cmd_backup)
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     db = p.add_subparsers(dest="action", required=True)
