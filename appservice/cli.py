@@ -15,7 +15,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from appservice.config import DEFAULT_CONFIG_PATH, Config, check_runnable, load_config
+from appservice.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    Config,
+    check_runnable,
+    load_config,
+)
 from appservice.database import opened
 from appservice.digest_key import digest_key_path, load_digest_key, require_digest_key
 from appservice.errors import ConfigError
@@ -126,6 +132,40 @@ def _pseudonyms(config: Config, *, create: bool) -> Pseudonyms:
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(config.logging.level, config.logging.format, _pseudonyms(config, create=True))
     return asyncio.run(_run(config))
+
+
+def config_template() -> bytes:
+    """The documented example config, as installed with the package."""
+    return (Path(__file__).parent / "config.example.yaml").read_bytes()
+
+
+def cmd_start(args: argparse.Namespace, config: Config | None) -> int:
+    """`run`, with a first start as a container has it: no config yet writes the example
+    and stops; the example not yet edited stops; no registration yet writes it and stops."""
+    path = Path(args.config)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(config_template())
+        print(
+            f"wrote {path}, a new config: edit it (homeserver, appservice.url as Synapse "
+            "reaches this service, policy.staff_room, policy.staff, resources), or set its "
+            "keys by environment (SAFEGUARD_POLICY__STAFF_ROOM=…), then start again"
+        )
+        return 0
+    if path.read_bytes() == config_template() and not any(
+        name.startswith(ENV_PREFIX) for name in os.environ
+    ):
+        print(f"error: {path} is still the example config: edit it first", file=sys.stderr)
+        return EXIT_CONFIG
+    config = load_config(path)
+    if not config.registration_path.exists():
+        content = write_registration(config, config.registration_path)
+        print(
+            f"wrote {config.registration_path} (id {content['id']}): add it to Synapse's "
+            "app_service_config_files, restart Synapse, then start this again"
+        )
+        return 0
+    return cmd_run(args, config)
 
 
 def cmd_log_id(args: argparse.Namespace, config: Config) -> int:
@@ -392,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run the service")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "start",
+        parents=[common],
+        help="run, after a first start: writes the config, then the registration, if missing",
+    )
+    p.set_defaults(handler=cmd_start, needs="nothing")
 
     p = sub.add_parser("check-config", parents=[common], help="validate the config; exit 2 if bad")
     p.set_defaults(handler=cmd_check_config)
