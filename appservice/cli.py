@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from appservice.config import (
     DEFAULT_CONFIG_PATH,
-    ENV_PREFIX,
     Config,
     check_runnable,
     load_config,
@@ -152,12 +153,15 @@ def cmd_start(args: argparse.Namespace, config: Config | None) -> int:
             "keys by environment (SAFEGUARD_POLICY__STAFF_ROOM=…), then start again"
         )
         return 0
-    if path.read_bytes() == config_template() and not any(
-        name.startswith(ENV_PREFIX) for name in os.environ
-    ):
-        print(f"error: {path} is still the example config: edit it first", file=sys.stderr)
-        return EXIT_CONFIG
     config = load_config(path)
+    placeholder = yaml.safe_load(config_template())["policy"]["staff_room"]
+    if config.policy.staff_room == placeholder:
+        print(
+            f"error: {path} still has the example's policy.staff_room ({placeholder}): edit "
+            "the config (or set SAFEGUARD_POLICY__STAFF_ROOM) first",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if not config.registration_path.exists():
         content = write_registration(config, config.registration_path)
         print(

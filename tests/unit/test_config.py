@@ -396,7 +396,7 @@ def test_a_first_start_writes_the_config_then_the_registration_then_runs(tmp_pat
     assert "edit it" in capsys.readouterr().out
     # Not edited: refused, not run on the example's placeholders.
     assert main(["start", "-c", str(config)]) == 2
-    assert "still the example config" in capsys.readouterr().err
+    assert "still has the example's policy.staff_room" in capsys.readouterr().err
     data = yaml.safe_load(config.read_text())
     data["policy"]["staff_room"] = "!staff:example.org"
     config.write_text(yaml.safe_dump(data))
