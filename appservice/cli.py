@@ -459,22 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
     # The doctor reads the config itself: a config that does not load is one of its findings.
     p.set_defaults(handler=cmd_doctor, needs="nothing")
 
-    p = sub.add_parser(
-        "backup",
-        parents=[common],
-        help="copy the database, crypto store, digest key, config and registration to a new "
-        "folder, with a manifest of checksums (the service may be running)",
-    )
-    p.add_argument("folder", metavar="DIR")
-    p.set_defaults(handler=cmd_backup)
-    p = sub.add_parser(
-        "restore",
-        parents=[common],
-        help="put a backup back where the config keeps each part (the service stopped); "
-        "what it replaces is moved aside",
-    )
-    p.add_argument("folder", metavar="DIR")
-    p.set_defaults(handler=cmd_backup)
+    for name, what in (
+        (
+            "backup",
+            "copy the database, crypto store, digest key, config and registration to a new "
+            "folder, with a manifest of checksums (the service may be running)",
+        ),
+        (
+            "restore",
+            "put a backup back where the config keeps each part (the service stopped); "
+            "what it replaces is moved aside",
+        ),
+    ):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("folder", metavar="DIR")
+        p.set_defaults(handler=cmd_backup)
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     db = p.add_subparsers(dest="action", required=True)

@@ -36,7 +36,7 @@ from appservice.errors import ConfigError
 from appservice.registration import Registration, load_registration
 from bot.authorization import event_level, moderation_level, power_level
 from bot.membership import room_powers
-from bot.room_state import snapshot
+from bot.room_state import Snapshot, snapshot
 from bot.staff_room import PIN, not_staffs_room
 
 Status = Literal["ok", "warn", "fail"]
@@ -454,21 +454,31 @@ def _joined(read: RoomRead, user: str) -> bool:
     return (read.content("m.room.member", user) or {}).get("membership") == "join"
 
 
+def _state_if_joined(
+    read: RoomRead, bot: str, check: str, not_joined: str, fix: str
+) -> Snapshot | Finding:
+    """The room's state, read as the policy reads it; or the finding that it cannot be."""
+    where = {"room_id": read.room_id, "room_name": read.name}
+    if read.state is None or not _joined(read, bot):
+        return fail(check, f"{not_joined} ({read.why or 'not a member'})", fix, **where)
+    found = snapshot(read.room_id, read.state)
+    if found is None:
+        return fail(check, "its state cannot be read as a room's", **where)
+    return found
+
+
 def judge_staff_room(read: RoomRead, config: Config) -> list[Finding]:
     bot = config.bot_user_id
     where = {"room_id": read.room_id, "room_name": read.name}
-    if read.state is None or not _joined(read, bot):
-        return [
-            fail(
-                "staff room",
-                f"the bot is not joined ({read.why or 'not a member'})",
-                f"invite {bot} to the staff room (staff's invites are accepted)",
-                **where,
-            )
-        ]
-    found = snapshot(read.room_id, read.state)
-    if found is None:
-        return [fail("staff room", "its state cannot be read as a room's", **where)]
+    found = _state_if_joined(
+        read,
+        bot,
+        "staff room",
+        "the bot is not joined",
+        f"invite {bot} to the staff room (staff's invites are accepted)",
+    )
+    if isinstance(found, Finding):
+        return [found]
     findings = []
     kind = "m.room.encrypted" if read.content("m.room.encryption") else "m.room.message"
     needed = event_level(found.state, kind, state_event=False)
@@ -508,19 +518,15 @@ def judge_staff_room(read: RoomRead, config: Config) -> list[Finding]:
 def judge_group_room(read: RoomRead, config: Config) -> list[Finding]:
     bot = config.bot_user_id
     where = {"room_id": read.room_id, "room_name": read.name}
-    if read.state is None or not _joined(read, bot):
-        return [
-            fail(
-                "room",
-                f"moderated, but the bot is not joined ({read.why or 'not a member'})",
-                "invite the bot again, or tell the service to let it go (`!rooms leave` in the "
-                "staff room)",
-                **where,
-            )
-        ]
-    found = snapshot(read.room_id, read.state)
-    if found is None:
-        return [fail("room", "its state cannot be read as a room's", **where)]
+    found = _state_if_joined(
+        read,
+        bot,
+        "room",
+        "moderated, but the bot is not joined",
+        "invite the bot again, or tell the service to let it go (`!rooms leave` in the staff room)",
+    )
+    if isinstance(found, Finding):
+        return [found]
     state = found.state
     can_kick, can_redact = room_powers(bot, state)
     levels = state.power_levels if isinstance(state.power_levels, dict) else {}

@@ -33,7 +33,7 @@ from tests.support.scene import (
     build_scene,
     running_service,
     safeguard_cli,
-    service_config,
+    scene_config,
     until,
 )
 from tests.support.synapse import start_synapse
@@ -83,14 +83,7 @@ async def main(args: argparse.Namespace) -> None:
     synapse = await start_synapse(work / "synapse")
     try:
         scene = await build_scene(synapse, work)
-        config = service_config(
-            synapse,
-            work,
-            database_url=f"sqlite+aiosqlite:///{work / 'safeguard.db'}",
-            staff_room=scene.staff_room,
-            staff=[scene.staff.user_id],
-            policy={"ready_dm_rooms": 0},
-        )
+        config = scene_config(scene)
         rooms = []
         async with running_service(config):
             for n in range(args.rooms):

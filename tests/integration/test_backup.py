@@ -9,13 +9,12 @@ import json
 import shutil
 
 import pytest
-import yaml
 
 from appservice.config import load_config
 from appservice.database import create_engine, upgrade
 from appservice.digest_key import digest_key_path
 from bot.store import pins
-from tests.support.databases import BACKENDS, fresh_database
+from tests.support.databases import BACKENDS, fresh_database, offline_config
 from tests.support.e2e_scene import config_for, encrypted_scene, open_encrypted_group, staff_alerts
 from tests.support.scene import BOT, export_json, running_service, safeguard_cli, until
 
@@ -118,17 +117,7 @@ async def test_a_backup_restores_the_database_it_was_taken_from(backend, tmp_pat
     backup is there after a restore, what came after is gone, and the part replaced on
     SQLite is kept aside, not deleted."""
     async with fresh_database(backend, tmp_path) as url:
-        config_path = tmp_path / "config.yaml"
-        config_path.write_text(
-            yaml.safe_dump(
-                {
-                    "homeserver": {"url": "http://127.0.0.1:1", "domain": "localhost"},
-                    "appservice": {"url": "http://127.0.0.1:2"},
-                    "database": {"url": url},
-                    "policy": {"staff_room": "!staff:localhost", "staff": ["@s:localhost"]},
-                }
-            )
-        )
+        config_path = offline_config(tmp_path, url)
         config = load_config(config_path)
         engine = create_engine(config.database_url)
         try:

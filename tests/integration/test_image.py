@@ -84,20 +84,14 @@ def test_the_image_is_what_the_issue_asks(image, container):
     assert "/data" in config["Volumes"]
     assert "29333/tcp" in config["ExposedPorts"]
     assert "/live" in " ".join(config["Healthcheck"]["Test"])
-    passwd = subprocess.run(
-        ["buildah", "run", "--isolation", "chroot", container, "--", "id", "-u", "safeguard"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert passwd.stdout.strip() == str(UID)
-    group = subprocess.run(
-        ["buildah", "run", "--isolation", "chroot", container, "--", "id", "-g", "safeguard"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert group.stdout.strip() == str(UID)
+    for flag in ("-u", "-g"):
+        ids = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", container, "--", "id", flag, "safeguard"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert ids.stdout.strip() == str(UID), f"id {flag}"
 
 
 async def test_first_start_second_start_then_it_runs(synapse, container, tmp_path):
