@@ -190,6 +190,12 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "My end-to-end encryption works again: what waited for it follows now.",
         frozenset(),
     ),
+    "unread_notice": (
+        "Case #{case}: {member} has not opened the message yet: no read receipt for the "
+        "notice {waited} after it was sent ({sent}). Some apps send no read receipts, so "
+        "this may mean only that theirs does not. `!case {case}` will say when they read it.",
+        frozenset({"case", "member", "waited", "sent"}),
+    ),
     "step_failed": (
         "Case #{case}: the step '{step}' could not be done{error}. Please act on it by hand; "
         "`!case {case}` shows the whole case.",

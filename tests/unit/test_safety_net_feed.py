@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 
 import pytest
 
@@ -31,9 +32,13 @@ class FakeSync:
     def __init__(self) -> None:
         self.answers: list[SyncBatch | Refused] = []
         self.asked: list[str | None] = []
+        self.receipts_in: list[list[str]] = []
 
-    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
         self.asked.append(since)
+        self.receipts_in.append(list(receipts_in))
         if since is None:
             return SyncBatch("s0", [], [])
         return self.answers.pop(0)
