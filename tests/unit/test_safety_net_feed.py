@@ -7,7 +7,7 @@ from collections.abc import Collection
 
 import pytest
 
-from bot.ports import Refused, SyncBatch, SyncedRoom
+from bot.ports import Receipt, Refused, SyncBatch, SyncedRoom
 from bot.safety_net import SYNC_POSITION, SafetyNet
 from bot.settings import ReconcileSettings
 from bot.store import positions
@@ -44,7 +44,7 @@ class FakeSync:
         return self.answers.pop(0)
 
 
-def net(engine, hs, sync, *, joined: dict | None = None, **settings):
+def net(engine, hs, sync, *, joined: dict | None = None, notice_reads=None, **settings):
     if GROUP not in hs.rooms:
         hs.add_room(GROUP, {}, {})
     reconciler, intake = build(engine, hs, **settings)
@@ -53,7 +53,15 @@ def net(engine, hs, sync, *, joined: dict | None = None, **settings):
         return joined or {}
 
     settings = ReconcileSettings(**settings)
-    safety = SafetyNet(engine, sync, reconciler, settings, bot_user_id=BOT, joined_at=joined_at)
+    safety = SafetyNet(
+        engine,
+        sync,
+        reconciler,
+        settings,
+        bot_user_id=BOT,
+        joined_at=joined_at,
+        notice_reads=notice_reads,
+    )
     return safety, intake
 
 
@@ -174,3 +182,34 @@ async def test_a_refused_token_starts_the_sync_again(engine):
     assert await stored_token(engine) is None
     await safety.catch_up()
     assert await stored_token(engine) == "s0"
+
+
+class RecordingReads:
+    """The notices' read receipts, as the safety net uses them."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.rooms = rooms
+        self.taken: list[list[Receipt]] = []
+
+    async def watched(self) -> list[str]:
+        return self.rooms
+
+    async def take(self, receipts: list[Receipt]) -> int:
+        self.taken.append(list(receipts))
+        return len(receipts)
+
+
+async def test_receipts_are_asked_of_the_unread_notices_dms_alone_and_handed_on(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    reads = RecordingReads([])
+    safety, _ = net(engine, hs, sync, notice_reads=reads)
+    await safety.catch_up()  # the start: no receipts asked
+    read = Receipt("!dm:localhost", "$notice", "@member:localhost", "m.read", NOW)
+    sync.answers = [SyncBatch("s1", [], [], [read]), SyncBatch("s2", [], [])]
+    reads.rooms = ["!dm:localhost"]
+    await safety.catch_up()
+    reads.rooms = []
+    await safety.catch_up()
+    assert sync.receipts_in == [[], ["!dm:localhost"], []]
+    assert reads.taken == [[read]], "handed on once; an answer without receipts hands none"
