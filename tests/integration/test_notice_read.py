@@ -88,6 +88,7 @@ async def test_the_member_reads_the_notice_and_staff_see_when(scene):
     (case,) = (await export_json(config))["cases"]
     (read,) = [entry for entry in case["entries"] if entry["kind"] == "notice_read"]
     assert read["facts"]["receipt_on"] == "notice"
+    assert case["notice_read_at"] == read["facts"]["read_at"]
     assert not await unread_replies(scene)
 
 
