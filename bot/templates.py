@@ -191,9 +191,9 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         frozenset(),
     ),
     "unread_notice": (
-        "Case #{case}: {member} has not opened the message yet: no read receipt for the "
-        "notice {waited} after it was sent ({sent}). Some apps send no read receipts, so "
-        "this may mean only that theirs does not. `!case {case}` will say when they read it.",
+        "Case #{case}: {member} has not opened the message yet: there is no read receipt "
+        "for the notice sent {sent}, {waited} ago. Some apps send no read receipts, so this "
+        "may only mean that theirs does not; `!case {case}` will say if they read it.",
         frozenset({"case", "member", "waited", "sent"}),
     ),
     "step_failed": (

@@ -68,7 +68,7 @@ class UnreadNotice(CaseStep):
             case_number=case.id,
             member=await self.tools.person(case.member_id),
             sent_at=notify.finished_at,
-            waited=after,
+            waited=dt.datetime.now(dt.UTC) - notify.finished_at,
             reply_to=case.alert_event_id,
         )
         sent = await self.tools.send_to_staff(run, content)

@@ -234,7 +234,7 @@ async def test_unread_after_the_setting_staff_get_one_reply_to_the_alert(engine)
     assert content["m.relates_to"]["m.in_reply_to"]["event_id"] == case.alert_event_id
     assert content["body"].startswith(f"Case #{case.id}: ")
     assert "has not opened the message yet" in content["body"]
-    assert "10 minutes after it was sent" in content["body"]
+    assert ", 11 minutes ago." in content["body"], "how long it has been, in words"
     assert (await steps(engine, case.id))["unread_notice"].status == "done"
 
 
