@@ -69,10 +69,7 @@ class BotSync:
     async def sync(
         self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
     ) -> SyncBatch | Refused:
-        if since is None:
-            chosen = ON_START
-        else:
-            chosen = _filter(TIMELINE_LIMIT, receipts_in) if receipts_in else ONGOING
+        chosen = ON_START if since is None else _filter(TIMELINE_LIMIT, receipts_in)
         answer = await self._homeserver.sync_json(since, chosen, wait=wait)
         if isinstance(answer, Refused):
             return answer

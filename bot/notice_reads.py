@@ -11,6 +11,14 @@ the notice or an event after it. The first is recorded on the case, with the
 receipt's time, once, and audited; `!case N` shows it, and the staff reply
 "has not opened the message yet" (bot/steps/unread_notice.py) is not sent.
 
+A DM is asked about from the first sync after its notice is recorded. The sync
+before it returned on the notice itself (a timeline event of the DM) and then
+waited `reconcile.settle` before the next, so a receipt, which can only follow
+the notice, falls in a sync that asks for it, unless recording the notice took
+longer than that (the database stalling): such a read goes unseen. A restart
+loses none: the sync goes on from its stored token. Only the 50 newest unread
+notices are asked about (their room ids go in the sync's URL).
+
 A member whose app sends no read receipts, or only private ones, looks the same
 as one who has not read the notice: the staff texts and the README say so.
 """
