@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-image lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not image"
+
+# The OCI image built from Debian's packages and run (minutes; skipped without buildah).
+test-image: $(STAMP)
+	$(BIN)/python -m pytest -q -m image tests/integration/test_image.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -27,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/referral.py
 	$(BIN)/python bench/checkin.py
+	$(BIN)/python bench/doctor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

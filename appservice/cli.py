@@ -15,7 +15,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from appservice.config import DEFAULT_CONFIG_PATH, Config, check_runnable, load_config
+import yaml
+
+from appservice.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    check_runnable,
+    load_config,
+)
 from appservice.database import opened
 from appservice.digest_key import digest_key_path, load_digest_key, require_digest_key
 from appservice.errors import ConfigError
@@ -128,12 +135,75 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(_run(config))
 
 
+def config_template() -> bytes:
+    """The documented example config, as installed with the package."""
+    return (Path(__file__).parent / "config.example.yaml").read_bytes()
+
+
+def cmd_start(args: argparse.Namespace, config: Config | None) -> int:
+    """`run`, with a first start as a container has it: no config yet writes the example
+    and stops; the example not yet edited stops; no registration yet writes it and stops."""
+    path = Path(args.config)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(config_template())
+        print(
+            f"wrote {path}, a new config: edit it (homeserver, appservice.url as Synapse "
+            "reaches this service, policy.staff_room, policy.staff, resources), or set its "
+            "keys by environment (SAFEGUARD_POLICY__STAFF_ROOM=…), then start again"
+        )
+        return 0
+    config = load_config(path)
+    placeholder = yaml.safe_load(config_template())["policy"]["staff_room"]
+    if config.policy.staff_room == placeholder:
+        print(
+            f"error: {path} still has the example's policy.staff_room ({placeholder}): edit "
+            "the config (or set SAFEGUARD_POLICY__STAFF_ROOM) first",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if not config.registration_path.exists():
+        content = write_registration(config, config.registration_path)
+        print(
+            f"wrote {config.registration_path} (id {content['id']}): add it to Synapse's "
+            "app_service_config_files, restart Synapse, then start this again"
+        )
+        return 0
+    return cmd_run(args, config)
+
+
 def cmd_log_id(args: argparse.Namespace, config: Config) -> int:
     """The pseudonym each id has in this deployment's logs (to find the lines about it)."""
     pseudonyms = _pseudonyms(config, create=False)
     for matrix_id in args.ids:
         print(f"{pseudonyms.of(matrix_id)}  {matrix_id}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config | None) -> int:
+    from appservice.doctor import run
+
+    return run(args.config, as_json=args.json, webhook=args.webhook)
+
+
+def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from appservice.backup import BackupError, backup, restore
+
+    folder = Path(args.folder)
+    try:
+        if args.command == "backup":
+            manifest = backup(config, folder)
+            print(f"backed up {len(manifest['files'])} files to {folder} (manifest.json)")
+            if manifest["database"] == "postgresql":
+                print("the database: pg_dump --format=custom (database.pgdump)")
+            return 0
+        for line in asyncio.run(restore(config, folder)):
+            print(line)
+        print("restored: start the service, then run `safeguard doctor`")
+        return 0
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
@@ -367,8 +437,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run the service")
     p.set_defaults(handler=cmd_run)
 
+    p = sub.add_parser(
+        "start",
+        parents=[common],
+        help="run, after a first start: writes the config, then the registration, if missing",
+    )
+    p.set_defaults(handler=cmd_start, needs="nothing")
+
     p = sub.add_parser("check-config", parents=[common], help="validate the config; exit 2 if bad")
     p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check a setup end to end: one line per check; exit 1 if any fails",
+    )
+    p.add_argument("--json", action="store_true", help="the same checks as JSON")
+    p.add_argument(
+        "--webhook", action="store_true", help="also send the webhook a signed test call"
+    )
+    # The doctor reads the config itself: a config that does not load is one of its findings.
+    p.set_defaults(handler=cmd_doctor, needs="nothing")
+
+    for name, what in (
+        (
+            "backup",
+            "copy the database, crypto store, digest key, config and registration to a new "
+            "folder, with a manifest of checksums (the service may be running)",
+        ),
+        (
+            "restore",
+            "put a backup back where the config keeps each part (the service stopped); "
+            "what it replaces is moved aside",
+        ),
+    ):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("folder", metavar="DIR")
+        p.set_defaults(handler=cmd_backup)
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     db = p.add_subparsers(dest="action", required=True)

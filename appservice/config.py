@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -307,15 +308,66 @@ def _resolve_database_url(url: str, base: Path) -> str:
     return url
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate; raises ConfigError naming the first bad key(s)."""
+# Environment variables that set config keys: SAFEGUARD_POLICY__STAFF_ROOM=… sets
+# policy.staff_room (sections and keys joined by "__"); SAFEGUARD_…_FILE=/run/secrets/x
+# sets the key to that file's content (a secret kept out of the environment).
+ENV_PREFIX = "SAFEGUARD_"
+ENV_FILE_SUFFIX = "_FILE"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], Any]:
+    """The config keys the environment sets, by their path (("policy", "staff_room")).
+
+    Only names that reach a known section with "__", or name a top-level key, count:
+    other SAFEGUARD_ variables (a test's, a wrapper script's) are not config. A value is
+    a string, as YAML would read it quoted (so "!room:server", "#alias:server" and
+    "10:00" stay what they say), except a flow list or mapping ("[a, b]", "{k: v}")."""
+    found: dict[tuple[str, ...], Any] = {}
+    top_level = set(ConfigFile.model_fields)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key, value = name[len(ENV_PREFIX) :], raw
+        if key.endswith(ENV_FILE_SUFFIX):
+            key = key[: -len(ENV_FILE_SUFFIX)]
+            try:
+                value = Path(raw).read_text(encoding="utf-8").rstrip("\n")
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot read {raw}: {exc.strerror}") from None
+        path = tuple(part.lower() for part in key.split("__"))
+        if path[0] not in top_level or "" in path:
+            continue
+        if value.lstrip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: not a valid YAML list or mapping") from None
+        found[path] = value
+    return found
+
+
+def _apply(data: dict[str, Any], overrides: dict[tuple[str, ...], Any]) -> None:
+    for path, value in overrides.items():
+        section = data
+        for part in path[:-1]:
+            inner = section.get(part)
+            if not isinstance(inner, dict):
+                inner = section[part] = {}
+            section = inner
+        section[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, apply the environment's overrides, validate; raises ConfigError naming the
+    first bad key(s)."""
     config_path = Path(path)
     data = _read_yaml(config_path)
+    _apply(data, environment_overrides(os.environ if environ is None else environ))
     try:
         parsed = ConfigFile.model_validate(data)
     except ValidationError as exc:
         lines = [_describe(error) for error in exc.errors()]
-        raise ConfigError(f"{config_path}: " + "; ".join(lines)) from None
+        raise ConfigError(f"{config_path}: " + "; ".join(lines), lines) from None
     base = config_path.resolve().parent
     registration = Path(parsed.appservice.registration)
     if not registration.is_absolute():
@@ -358,4 +410,4 @@ def check_runnable(config: Config) -> None:
             f"appservice.registration: {problem}" for problem in registration.mismatches(config)
         )
     if problems:
-        raise ConfigError(f"{config.path}: " + "; ".join(problems))
+        raise ConfigError(f"{config.path}: " + "; ".join(problems), problems)

@@ -47,6 +47,7 @@ from bot.engine import StepEngine
 from bot.intake import DECRYPT_LANE, FLAG_LANE, OTHER_LANE, REFUSAL_LANE, ActionFilter, Intake
 from bot.membership import Membership
 from bot.metrics import Metrics
+from bot.notice_reads import NoticeReads
 from bot.ports import HomeserverUnavailable, Refused
 from bot.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.recent_senders import RecentSenders
@@ -370,6 +371,7 @@ class Service:
                 self.deployment.reconcile,
                 bot_user_id=config.bot_user_id,
                 joined_at=self._moderated_since,
+                notice_reads=NoticeReads(self.engine, self.homeserver, self.deployment.provenance),
             )
         # A push Synapse stored and never sent: noticed by the gap it leaves, nudged out.
         self.stranded = StrandedWatch(

@@ -19,19 +19,24 @@ just (re)started asks from its own token, not the safety net's: Synapse deletes
 the device's to-device messages up to the token a sync asks from, and the safety
 net's may have moved on (without the device) meanwhile. A poll without the device
 is dropped when the device attaches, so it waits no long poll to get in.
+
+Read receipts are asked for only in the rooms named (the DMs whose notice is still
+unread, bot/notice_reads.py): never a group room's, and none at all when there is
+none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from appservice.homeserver import NioHomeserver
-from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom
+from bot.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,14 @@ ENCRYPTION = "m.room.encryption"
 TIMELINE_LIMIT = 50
 
 
-def _filter(timeline_limit: int, *, device: bool = False) -> str:
+def _filter(timeline_limit: int, *, device: bool = False, receipts_in: Collection[str] = ()) -> str:
     """The filter; with the encryption device, rooms also bring what nio reads of them:
     a room becoming encrypted (in the timeline, or in the state a gap left out).
-    To-device messages, device-list changes and one-time key counts are not filtered."""
+    To-device messages, device-list changes and one-time key counts are not filtered.
+    Read receipts only of `receipts_in`."""
     nothing = {"not_types": ["*"]}
     extra = [ENCRYPTION] if device else []
+    receipts = {"types": ["m.receipt"], "rooms": sorted(receipts_in)}
     return json.dumps(
         {
             "presence": nothing,
@@ -69,7 +76,7 @@ def _filter(timeline_limit: int, *, device: bool = False) -> str:
             "room": {
                 "timeline": {"limit": timeline_limit, "types": TIMELINE_TYPES + extra},
                 "state": {"lazy_load_members": True, "types": extra},
-                "ephemeral": nothing,
+                "ephemeral": receipts if receipts_in else nothing,
                 "account_data": nothing,
                 "include_leave": False,
             },
@@ -79,9 +86,14 @@ def _filter(timeline_limit: int, *, device: bool = False) -> str:
 
 
 ON_START = _filter(1)
-ONGOING = _filter(TIMELINE_LIMIT)
-ONGOING_WITH_DEVICE = _filter(TIMELINE_LIMIT, device=True)
 ON_START_WITH_DEVICE = _filter(1, device=True)
+
+
+def _chosen(since: str | None, *, device: bool, receipts_in: Collection[str]) -> str:
+    """A start asks one event a room and no receipts; later answers, the full filter."""
+    if since is None:
+        return ON_START_WITH_DEVICE if device else ON_START
+    return _filter(TIMELINE_LIMIT, device=device, receipts_in=receipts_in)
 
 
 class BotSync:
@@ -92,22 +104,30 @@ class BotSync:
         self._homeserver = homeserver
         self._crypto = crypto
 
-    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
+        bot = self._homeserver.bot_user_id
         while True:
             device = self._crypto.sync_device() if self._crypto is not None else None
             if device is None:
                 answer = await self._unless_device_joins(
                     self._homeserver.sync_json(
-                        since, ON_START if since is None else ONGOING, wait=wait
+                        since, _chosen(since, device=False, receipts_in=receipts_in), wait=wait
                     )
                 )
                 if answer is None:
                     continue  # the device joined meanwhile: ask again, with it
-                return _batch(answer, self._homeserver.bot_user_id)
-            return await self._with_device(since, wait, *device)
+                return _batch(answer, bot, receipts_in)
+            return await self._with_device(since, wait, receipts_in, *device)
 
     async def _with_device(
-        self, since: str | None, wait: float, device_id: str, adopt_from: str | None
+        self,
+        since: str | None,
+        wait: float,
+        receipts_in: Collection[str],
+        device_id: str,
+        adopt_from: str | None,
     ) -> SyncBatch | Refused:
         """One answer for both: the device takes it first (its to-device messages and
         keys), then the safety net, whose storing it calls back (`recorded`) to store
@@ -121,7 +141,7 @@ class BotSync:
         try:
             answer = await self._homeserver.sync_json(
                 asked,
-                ON_START_WITH_DEVICE if asked is None else ONGOING_WITH_DEVICE,
+                _chosen(asked, device=True, receipts_in=receipts_in),
                 wait=wait,
                 device_id=device_id,
             )
@@ -132,7 +152,7 @@ class BotSync:
             self._crypto.sync_failed(str(answer))
             return answer
         recorded = await self._crypto.take(answer, asked)
-        batch = _batch(answer, self._homeserver.bot_user_id)
+        batch = _batch(answer, self._homeserver.bot_user_id, receipts_in)
         return batch if isinstance(batch, Refused) else replace(batch, recorded=recorded)
 
     async def _unless_device_joins(
@@ -156,20 +176,29 @@ class BotSync:
         return None if asked.cancelled() else asked.result()
 
 
-def _batch(answer: dict[str, Any] | Refused, bot: str) -> SyncBatch | Refused:
+def _batch(
+    answer: dict[str, Any] | Refused, bot: str, receipts_in: Collection[str]
+) -> SyncBatch | Refused:
     if isinstance(answer, Refused):
         return answer
     next_batch = answer.get("next_batch")
     if not isinstance(next_batch, str):
         return Refused("M_UNKNOWN", "no next_batch in the /sync answer")
     rooms = _dict(answer.get("rooms"))
+    joined = _dict(rooms.get("join"))
     return SyncBatch(
         next_batch,
-        [_room(room_id, _dict(room)) for room_id, room in _dict(rooms.get("join")).items()],
+        [_room(room_id, _dict(room)) for room_id, room in joined.items()],
         [
             invite
             for room_id, room in _dict(rooms.get("invite")).items()
             if (invite := _invite(room_id, _dict(room), bot)) is not None
+        ],
+        [
+            receipt
+            for room_id, room in joined.items()
+            if room_id in receipts_in
+            for receipt in receipts_of(room_id, _dict(room).get("ephemeral"))
         ],
     )
 
@@ -205,3 +234,38 @@ def _invite(room_id: str, room: dict[str, Any], bot: str) -> dict[str, Any] | No
         if event.get("type") == "m.room.member" and event.get("state_key") == bot:
             return event
     return None
+
+
+def receipts_of(room_id: str, ephemeral: Any) -> list[Receipt]:
+    """The read receipts among a room's ephemeral events (`m.receipt`: event id, then
+    receipt type, then user, then `{"ts": ..., "thread_id": ...}`), whatever else is there."""
+    found: list[Receipt] = []
+    events = _dict(ephemeral).get("events")
+    for event in events if isinstance(events, list) else []:
+        if not isinstance(event, dict) or event.get("type") != "m.receipt":
+            continue
+        for event_id, by_type in _dict(event.get("content")).items():
+            for receipt_type, by_user in _dict(by_type).items():
+                for user_id, data in _dict(by_user).items():
+                    data = _dict(data)
+                    ts, thread = data.get("ts"), data.get("thread_id")
+                    found.append(
+                        Receipt(
+                            room_id,
+                            event_id,
+                            user_id,
+                            receipt_type,
+                            _time(ts),
+                            thread if isinstance(thread, str) else None,
+                        )
+                    )
+    return found
+
+
+def _time(ts: Any) -> dt.datetime | None:
+    if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(ts / 1000, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None

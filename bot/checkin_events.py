@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -11,19 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.ports import Homeserver
+from bot.room_state import membership_in
 from bot.staff_room import StaffRoom
 from bot.store import audit, cases, outbox
 from bot.store.cases import Case
 from bot.templates import notice
 
 PRESENT = frozenset({"join", "invite"})
-
-
-def _membership(value: object) -> str | None:
-    if isinstance(value, Mapping):
-        membership = value.get("membership")
-        return membership if isinstance(membership, str) else None
-    return None
 
 
 class CheckinEvents:
@@ -49,8 +43,8 @@ class CheckinEvents:
         item = handling.item
         event = item.payload
         user = event.get("state_key")
-        membership = _membership(event.get("content"))
-        prev = _membership((event.get("unsigned") or {}).get("prev_content"))
+        membership = membership_in(event.get("content"))
+        prev = membership_in((event.get("unsigned") or {}).get("prev_content"))
         async with self._db.connect() as conn:
             case = await cases.by_checkin_room(conn, item.room_id)
         if case is None or not isinstance(user, str):

@@ -19,7 +19,7 @@ from bot.deployment import Deployment
 from bot.dispatch import Handling
 from bot.ports import Homeserver, Refused
 from bot.reports import RefusalReports
-from bot.room_state import RoomStateCache
+from bot.room_state import RoomStateCache, membership_in
 from bot.rooms import RoomDirectory, RoomKind
 from bot.staff_room import StaffRoom
 from bot.steps import POSITIONS
@@ -37,13 +37,6 @@ def room_powers(bot_user_id: str, state: Any) -> tuple[bool, bool]:
     # Members sit at users_default; the bot must outrank them to remove them.
     default = power_level("@nobody:invalid", state)
     return can_kick(bot_user_id, default, state), can_redact(bot_user_id, state)
-
-
-def _membership(content: object) -> str | None:
-    if isinstance(content, Mapping):
-        value = content.get("membership")
-        return value if isinstance(value, str) else None
-    return None
 
 
 class Membership:
@@ -79,7 +72,7 @@ class Membership:
 
     async def bot_membership(self, handling: Handling) -> None:
         """The bot was invited somewhere, or removed from a room."""
-        membership = _membership(handling.item.payload.get("content"))
+        membership = membership_in(handling.item.payload.get("content"))
         if membership == "invite":
             await self._invited(handling)
         elif membership in ("leave", "ban"):
@@ -90,9 +83,9 @@ class Membership:
         item = handling.item
         event = item.payload
         user = event.get("state_key")
-        membership = _membership(event.get("content"))
+        membership = membership_in(event.get("content"))
         unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), Mapping) else {}
-        previous = _membership(unsigned.get("prev_content"))
+        previous = membership_in(unsigned.get("prev_content"))
         # A display-name change is a join after a join: only a real return counts.
         if membership != "join" or previous == "join" or not isinstance(user, str):
             return

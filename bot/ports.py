@@ -270,25 +270,42 @@ class SyncedRoom:
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """One read receipt a sync brought: `user_id` has read up to `event_id` in `room_id`
+    (`receipt_type`: m.read, or the reader's own m.read.private; `thread_id`: None for
+    an unthreaded receipt, "main" for the main timeline, else a thread's root)."""
+
+    room_id: str
+    event_id: str
+    user_id: str
+    receipt_type: str
+    at: dt.datetime | None  # the receipt's `ts`, as the reader's homeserver gave it
+    thread_id: str | None = None
+
+
+@dataclass(frozen=True)
 class SyncBatch:
     """What one sync brought since the last one: the rooms the bot is in, the invites it
     has (each as its m.room.member event, with room_id; stripped: no event id unless the
-    homeserver gave one), and the token to sync on from. `recorded`, if any, is called
-    once the answer is recorded and its token stored (the encryption device then stores
-    its own)."""
+    homeserver gave one), the read receipts asked for, and the token to sync on from.
+    `recorded`, if any, is called once the answer is recorded and its token stored (the
+    encryption device then stores its own)."""
 
     next_batch: str
     rooms: list[SyncedRoom]
     invites: list[dict[str, Any]]
+    receipts: list[Receipt] = field(default_factory=list)
     recorded: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class Syncing(Protocol):
     """The bot's own sync: one request for every room, the safety net behind the push."""
 
-    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
         """What happened since `since` (None: a start, no timelines wanted), waiting up to
-        `wait` seconds for something to happen."""
+        `wait` seconds for something to happen; read receipts only of `receipts_in`."""
         ...
 
 

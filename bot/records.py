@@ -43,6 +43,7 @@ def case_summary(case: cases.Case, steps: list[cases.Step]) -> dict[str, Any]:
         "checkin_due_at": _iso(case.due_at),
         "dm_room": case.dm_room_id,
         "checkin_room": case.checkin_room_id,
+        "notice_read_at": _iso(case.notice_read_at),
         "rejoined_at": _iso(case.rejoined_at),
         "closed_at": _iso(case.closed_at),
         "outcome": case.outcome,

@@ -50,6 +50,14 @@ MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 READ_ATTEMPTS = 3
 
 
+def membership_in(content: object) -> str | None:
+    """The `membership` of an m.room.member content (or prev_content); None if it has none."""
+    if isinstance(content, dict):
+        value = content.get("membership")
+        return value if isinstance(value, str) else None
+    return None
+
+
 def member_well_formed(event: object, room_id: str, user_id: str) -> bool:
     """A member event fit to be kept: the shape the decisions read, under its own key."""
     if not isinstance(event, dict):

@@ -35,12 +35,13 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.intake import StorageUnavailable
+from bot.notice_reads import NoticeReads
 from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom, Syncing
 from bot.reconcile import Reconciler, event_time
 from bot.settings import ReconcileSettings
@@ -67,6 +68,7 @@ class SafetyNet:
         bot_user_id: str,
         joined_at: Callable[[], Awaitable[dict[str, dt.datetime | None]]],
         poll_seconds: float = POLL_SECONDS,
+        notice_reads: NoticeReads | None = None,
     ) -> None:
         self._db = db
         self._syncing = syncing
@@ -76,6 +78,8 @@ class SafetyNet:
         # When the bot was put in each room it moderates (nothing older is its to act on).
         self._joined_at = joined_at
         self._poll = poll_seconds
+        # Read receipts, of the DMs whose notice is unread only (bot/notice_reads.py).
+        self._notice_reads = notice_reads
         self._trigger = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0  # answers fed (tests and /metrics)
@@ -125,7 +129,9 @@ class SafetyNet:
         if stored is None:
             return await self._start()
         token, synced_at = stored
-        batch = await self._answer(token, wait=self._poll)
+        reads = self._notice_reads
+        watched = await reads.watched() if reads is not None else []
+        batch = await self._answer(token, wait=self._poll, receipts_in=watched)
         if isinstance(batch, Refused):
             # A token the homeserver no longer knows: start again from the rooms' own.
             log.warning("the homeserver refused the sync (%s): starting it again", batch)
@@ -144,16 +150,20 @@ class SafetyNet:
         invites = await self._invites_not_pushed(batch, synced_at - self._settings.settle)
         if invites:
             found += await self._reconciler.feed_read_on(invites)
+        if reads is not None and batch.receipts:
+            await reads.take(batch.receipts)
         await self._store(batch)
         if found:
             log.warning("caught up %d event(s) the homeserver had not delivered", found)
         return found
 
-    async def _answer(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+    async def _answer(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
         """The answer held from an attempt that could not record it, else a new one."""
         if self._held is not None and self._held[0] == since:
             return self._held[1]
-        batch = await self._syncing.sync(since, wait=wait)
+        batch = await self._syncing.sync(since, wait=wait, receipts_in=receipts_in)
         self._held = None if isinstance(batch, Refused) else (since, batch)
         return batch
 

@@ -57,6 +57,15 @@ def coerce_duration(value: object) -> object:
     return value
 
 
+def coerce_duration_or_off(value: object) -> object:
+    """A duration, or None for `0` / `off` (YAML reads a bare `off` as false)."""
+    if value is None or value is False or value == 0:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("0", "off"):
+        return None
+    return coerce_duration(value)
+
+
 class Resource(_Strict):
     """A crisis service the member is pointed to, as published on `verified_on`."""
 
@@ -162,10 +171,14 @@ class PolicySettings(_Strict):
     # (bot/retention.py); 0 keeps it for ever. Unset: `audit.retention_days` (its older
     # name) if set, else DEFAULT_RETENTION_DAYS.
     retention_days: int | None = Field(default=None, ge=0)
+    # Staff are told, in a reply to the alert, when the member has not read their notice
+    # (no read receipt on or after it) this long after it was sent. `0` or `off`: never.
+    unread_notice_after: Duration | None = dt.timedelta(minutes=10)
 
     _duration = field_validator(
         "ack_within", "alert_deadline", "recent_leave", "refusal_report_every", mode="before"
     )(coerce_duration)
+    _duration_or_off = field_validator("unread_notice_after", mode="before")(coerce_duration_or_off)
 
     @field_validator("reactions")
     @classmethod
@@ -260,6 +273,7 @@ class MessageTemplates(_Strict):
     checkin_reminder: str | None = None
     withdrawal_done: str | None = None
     step_failed: str | None = None
+    unread_notice: str | None = None
     step_update: str | None = None
     flag_found_late: str | None = None
     encryption_failing: str | None = None

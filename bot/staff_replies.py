@@ -12,6 +12,8 @@ _KIND_WORDS = {
     "flagged": "flagged",
     "corroborated": "flagged again (corroboration)",
     "step.notify": "member notified",
+    "notice_read": "member read the notice",
+    "step.unread_notice": "staff told the notice is unread",
     "step.remove": "member removed",
     "step.room_notice": "room notice",
     "step.alert": "staff alerted",
@@ -94,6 +96,8 @@ def _entry_line(entry: AuditEntry) -> str:
     for key in ("method", "why", "via"):
         if facts.get(key):
             detail.append(f"{key}: {facts[key]}")
+    if entry.kind == "notice_read" and isinstance(facts.get("read_at"), str):
+        detail.append(f"read at {_when(dt.datetime.fromisoformat(facts['read_at']))}")
     for key in ("by", "flagger", "reference", "service", "outcome", "why", "error", "text"):
         if personal.get(key):
             detail.append(f"{key}: {personal[key]}")
@@ -101,6 +105,15 @@ def _entry_line(entry: AuditEntry) -> str:
         words = "NOTE (opinion)"
     suffix = f" — {'; '.join(detail)}" if detail else ""
     return f"{_when(entry.at)}  {words}{suffix}"
+
+
+def notice_read_line(case: Case) -> str | None:
+    """Whether the member has read their notice, by their read receipt (None: no notice)."""
+    if case.notice_event_id is None:
+        return None
+    if case.notice_read_at is not None:
+        return f"The member read the notice at {_when(case.notice_read_at)}."
+    return "The member has not opened the notice yet (no read receipt; some apps send none)."
 
 
 # A timeline longer than this (characters) shows its latest entries only.
@@ -116,6 +129,9 @@ def case_timeline(case: Case, entries: Sequence[AuditEntry]) -> str:
         head += f" (outcome: {case.outcome})"
     if case.hold_reason:
         head += f" — ON HOLD: {case.hold_reason}"
+    read = notice_read_line(case)
+    if read:
+        head += f"\n{read}"
     lines = [_entry_line(entry) for entry in entries]
     kept: list[str] = []
     size = len(head)

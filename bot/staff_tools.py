@@ -372,6 +372,9 @@ class StaffTools:
                 conn, case.id, "notify", notify.progress | {"staff_asked": True}
             )
             await cases.retry_started_now(conn, now, case_id=case.id)
+        # The notice still to come is the one staff hear about if it goes unread (the
+        # earlier one was never sent, so nothing was said of it).
+        await cases.rearm_step(conn, case.id, "unread_notice", POSITIONS["unread_notice"], {})
         await cases.set_next_attempt(conn, case.id, now)
         return f"Case #{case.id}: trying to tell the member again now; I'll say here how it goes."
 

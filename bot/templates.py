@@ -190,6 +190,12 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "My end-to-end encryption works again: what waited for it follows now.",
         frozenset(),
     ),
+    "unread_notice": (
+        "Case #{case}: {member} has not opened the message yet: there is no read receipt "
+        "for the notice sent {sent}, {waited} ago. Some apps send no read receipts, so this "
+        "may only mean that theirs does not; `!case {case}` will say if they read it.",
+        frozenset({"case", "member", "waited", "sent"}),
+    ),
     "step_failed": (
         "Case #{case}: the step '{step}' could not be done{error}. Please act on it by hand; "
         "`!case {case}` shows the whole case.",

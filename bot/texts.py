@@ -422,6 +422,25 @@ class Texts:
             )
         )
 
+    def unread_notice(
+        self,
+        *,
+        case_number: int,
+        member: str,
+        sent_at: dt.datetime,
+        waited: dt.timedelta,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        """The member has not read their notice (no read receipt on or after it) by now."""
+        text = self.text(
+            "unread_notice",
+            case=case_number,
+            member=member,
+            waited=duration_words(waited),
+            sent=f"{self.when(sent_at)} ({self._zone_name})",
+        )
+        return notice(text, reply_to=reply_to)
+
     def step_failed(
         self, *, case_number: int, step: str, error: str | None, reply_to: str | None
     ) -> dict[str, Any]:

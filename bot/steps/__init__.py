@@ -21,6 +21,7 @@ from bot.steps.remove import Remove
 from bot.steps.remove_again import RemoveAgain
 from bot.steps.room_notice import RoomNotice
 from bot.steps.schedule import Schedule
+from bot.steps.unread_notice import UnreadNotice
 from bot.steps.withdraw import (
     WITHDRAW_STEPS,
     WithdrawApology,
@@ -49,10 +50,12 @@ STEP_TYPES: tuple[type[CaseStep], ...] = (
     Corroboration,
     Rejoin,
     Purge,
+    UnreadNotice,
 )
 POSITIONS: dict[str, int] = {step.name: index for index, step in enumerate(STEP_TYPES)}
-# The steps a new case starts with; the others are added when they are needed.
-CASE_STEPS: list[str] = [step.name for step in STEP_TYPES[:12]]
+# The steps a new case starts with; the others are added when they are needed. (New
+# steps go at the end: a step's position is recorded with it.)
+CASE_STEPS: list[str] = [step.name for step in (*STEP_TYPES[:12], UnreadNotice)]
 
 
 def build_steps(tools: Toolbox) -> dict[str, CaseStep]:

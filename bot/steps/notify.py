@@ -48,4 +48,7 @@ class Notify(CaseStep):
             # may name a room: personal, erasable).
             facts["unencrypted"] = True
             personal["plain_because"] = result.plain_because
-        return Outcome("done", facts, personal)
+        # The notice's event: the sync watches for the member's read receipt on it (or on
+        # anything after it), and none recorded for an earlier notice stands for this one.
+        fields = {"notice_event_id": result.told.event_id, "notice_read_at": None}
+        return Outcome("done", facts, personal, case_fields=fields)

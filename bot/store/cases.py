@@ -57,6 +57,8 @@ class Case:
     # the alert is not raised again after that.
     dealt_with_at: dt.datetime | None = None
     debrief_room_id: str | None = None  # the DM with the moderator who flagged
+    notice_event_id: str | None = None  # the member's notice, in their DM
+    notice_read_at: dt.datetime | None = None  # their first read receipt on or after it
 
     @property
     def active(self) -> bool:

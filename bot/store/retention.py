@@ -41,6 +41,7 @@ PERSONAL_CASE_COLUMNS = (
     "checkin_notice_event_id",
     "alert_event_id",
     "debrief_room_id",
+    "notice_event_id",
 )
 PRIVATE_ROOM_COLUMNS = ("dm_room_id", "checkin_room_id", "debrief_room_id")
 

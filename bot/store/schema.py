@@ -123,6 +123,13 @@ cases = sa.Table(
     sa.Column("alert_raised_again_at", UTCDateTime, nullable=True),
     sa.Column("dealt_with_at", UTCDateTime, nullable=True),
     sa.Column("debrief_room_id", sa.String(255), nullable=True),
+    # The member's notice (its event in their DM) and when they read it: the time of
+    # their first read receipt on it or after it (bot/notice_reads.py).
+    sa.Column("notice_event_id", sa.String(255), nullable=True),
+    sa.Column("notice_read_at", UTCDateTime, nullable=True),
+    # The DMs whose notice is still unread are found among open cases at every sync: the
+    # index keeps that proportional to them, not to every case ever.
+    sa.Index("ix_cases_state", "state", "notice_read_at"),
 )
 
 case_steps = sa.Table(

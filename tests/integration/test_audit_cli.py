@@ -6,12 +6,11 @@ import datetime as dt
 
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from appservice.database import create_engine, upgrade
 from bot.store import audit, cases
 from bot.store.schema import audit_entries
-from tests.support.databases import BACKENDS, fresh_database
+from tests.support.databases import BACKENDS, fresh_database, offline_config
 from tests.support.scene import export_json, export_via_cli, safeguard_cli
 
 PROVENANCE = audit.Provenance("2026-11", "c" * 64, b"5" * 64)
@@ -23,17 +22,7 @@ async def database(request, tmp_path):
     async with fresh_database(request.param, tmp_path) as url:
         engine = create_engine(url)
         await upgrade(engine)
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "homeserver": {"url": "http://127.0.0.1:1", "domain": "localhost"},
-                    "appservice": {"url": "http://127.0.0.1:2"},
-                    "database": {"url": url},
-                    "audit": {"retention_days": 30},
-                }
-            )
-        )
+        config = offline_config(tmp_path, url, audit={"retention_days": 30})
         # The deployment's digest key, as the service's first run would have written it.
         from appservice.config import load_config
         from appservice.digest_key import digest_key_path

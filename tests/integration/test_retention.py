@@ -54,6 +54,15 @@ async def database(request, tmp_path):
         yield url
 
 
+@pytest.fixture
+async def sqlite_database(tmp_path):
+    """For the fault tests: what they prove (a kill, an outage) is the homeserver's side
+    and the step engine's, the same on both backends; the purge's own SQL runs on both
+    in test_a_closed_case_past_retention_is_purged_end_to_end and test_audit_log.py."""
+    async with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
+
 def config_for(scene: Scene, url: str, *, homeserver_url: str | None = None) -> Path:
     """Check-in one second after the flag; retention at its default (six years)."""
     return service_config(
@@ -254,7 +263,8 @@ async def test_a_closed_case_past_retention_is_purged_end_to_end(synapse, tmp_pa
         assert (again.cases, again.scheduled) == (0, ())
 
 
-async def test_killed_mid_purge_resumes_and_does_nothing_twice(synapse, tmp_path, database):
+async def test_killed_mid_purge_resumes_and_does_nothing_twice(synapse, tmp_path, sqlite_database):
+    database = sqlite_database
     scene = await build_scene(synapse, tmp_path)
     proxy = HoldingProxy(synapse.url)
     await proxy.start()
@@ -292,7 +302,10 @@ async def test_killed_mid_purge_resumes_and_does_nothing_twice(synapse, tmp_path
         await proxy.stop()
 
 
-async def test_the_homeserver_down_defers_the_purge_and_loses_nothing(synapse, tmp_path, database):
+async def test_the_homeserver_down_defers_the_purge_and_loses_nothing(
+    synapse, tmp_path, sqlite_database
+):
+    database = sqlite_database
     scene = await build_scene(synapse, tmp_path)
     proxy = HoldingProxy(synapse.url)
     await proxy.start()

@@ -8,8 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -70,3 +72,17 @@ async def record_events(
         return await recorder.record(txn_id, event_ids, to_act_on, now)
     finally:
         await recorder.close()
+
+
+def offline_config(directory: Path, database_url: str, **sections: Any) -> Path:
+    """A config for the commands that need only the database (no homeserver answers at
+    its URL), written as config.yaml in `directory`."""
+    path = directory / "config.yaml"
+    data = {
+        "homeserver": {"url": "http://127.0.0.1:1", "domain": "localhost"},
+        "appservice": {"url": "http://127.0.0.1:2"},
+        "database": {"url": database_url},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -334,3 +334,74 @@ def test_retention_defaults_to_six_years_and_reads_its_older_name(tmp_path):
     both["audit"] = {"retention_days": 31}
     with pytest.raises(ConfigError, match="disagree"):
         load_config(write(tmp_path, both))
+
+
+def test_the_doctor_that_breaks_exits_2_not_1(monkeypatch, capsys):
+    """1 means a check failed; 2 that the doctor itself could not run."""
+    from appservice import doctor
+
+    async def broken(config_path: str, *, webhook: bool = False) -> doctor.Report:
+        raise RuntimeError("no event loop for you")
+
+    monkeypatch.setattr(doctor, "diagnose", broken)
+    assert doctor.run("config.yaml", as_json=False, webhook=False) == 2
+    assert "the doctor could not run: RuntimeError" in capsys.readouterr().out
+
+
+def test_every_key_can_be_set_by_the_environment(tmp_path):
+    """SAFEGUARD_SECTION__KEY sets section.key; …_FILE reads it from a file; values stay
+    strings unless they are a flow list or mapping; other SAFEGUARD_ variables are not config."""
+    secret = tmp_path / "db-url"
+    secret.write_text("sqlite+aiosqlite:///from-a-secret.db\n")
+    environ = {
+        "SAFEGUARD_POLICY__STAFF_ROOM": "!staff:example.org",
+        "SAFEGUARD_POLICY__STAFF": '["@ann:example.org", "@bo:example.org"]',
+        "SAFEGUARD_POLICY__MODERATOR_POWER_LEVEL": "40",
+        "SAFEGUARD_CHECKIN__AT": "10:00",
+        "SAFEGUARD_CHECKIN__TIMEZONE": "Europe/Dublin",
+        "SAFEGUARD_APPSERVICE__LISTEN__HOST": "0.0.0.0",
+        "SAFEGUARD_DATABASE__URL_FILE": str(secret),
+        "SAFEGUARD_RESOURCES_MAX_AGE_DAYS": "90",
+        "SAFEGUARD_TEST_PG": "postgresql://not-config",  # no section: not a config key
+    }
+    config = load_config(write(tmp_path, MINIMAL), environ)
+    assert config.policy.staff_room == "!staff:example.org"
+    assert config.policy.staff == ["@ann:example.org", "@bo:example.org"]
+    assert config.policy.moderator_power_level == 40
+    assert config.checkin.local_time.hour == 10
+    assert config.file.appservice.listen.host == "0.0.0.0"
+    assert config.sqlite_path == tmp_path / "from-a-secret.db"
+    assert config.file.resources_max_age_days == 90
+    # An alias is a string, not a YAML comment.
+    alias = load_config(write(tmp_path, MINIMAL), {"SAFEGUARD_POLICY__STAFF_ROOM": "#staff:x.org"})
+    assert alias.policy.staff_room == "#staff:x.org"
+
+
+def test_a_bad_environment_value_is_a_clear_config_error(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"policy\.moderator_power_level"):
+        load_config(path, {"SAFEGUARD_POLICY__MODERATOR_POWER_LEVEL": "lots"})
+    with pytest.raises(ConfigError, match="SAFEGUARD_DATABASE__URL_FILE: cannot read"):
+        load_config(path, {"SAFEGUARD_DATABASE__URL_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"policy\.no_such_key: unknown key"):
+        load_config(path, {"SAFEGUARD_POLICY__NO_SUCH_KEY": "1"})
+
+
+def test_a_first_start_writes_the_config_then_the_registration_then_runs(tmp_path, capsys):
+    """As mautrix bridges start in a container: each missing file is written, with what to
+    do, and the start stops until it is done."""
+    config = tmp_path / "data" / "config.yaml"
+    assert main(["start", "-c", str(config)]) == 0
+    assert config.read_bytes() == (ROOT / "config.example.yaml").read_bytes()
+    assert "edit it" in capsys.readouterr().out
+    # Not edited: refused, not run on the example's placeholders.
+    assert main(["start", "-c", str(config)]) == 2
+    assert "still has the example's policy.staff_room" in capsys.readouterr().err
+    data = yaml.safe_load(config.read_text())
+    data["policy"]["staff_room"] = "!staff:example.org"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["start", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "add it to Synapse's app_service_config_files" in out
+    registration = load_registration(tmp_path / "data" / "registration.yaml")
+    assert not registration.as_token.startswith(PLACEHOLDER_PREFIX)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 
 import pytest
 
-from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom
+from bot.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
 from bot.safety_net import SYNC_POSITION, SafetyNet
 from bot.settings import ReconcileSettings
 from bot.store import positions
@@ -31,15 +32,19 @@ class FakeSync:
     def __init__(self) -> None:
         self.answers: list[SyncBatch | Refused] = []
         self.asked: list[str | None] = []
+        self.receipts_in: list[list[str]] = []
 
-    async def sync(self, since: str | None, *, wait: float) -> SyncBatch | Refused:
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
         self.asked.append(since)
+        self.receipts_in.append(list(receipts_in))
         if since is None:
             return SyncBatch("s0", [], [])
         return self.answers.pop(0)
 
 
-def net(engine, hs, sync, *, joined: dict | None = None, **settings):
+def net(engine, hs, sync, *, joined: dict | None = None, notice_reads=None, **settings):
     if GROUP not in hs.rooms:
         hs.add_room(GROUP, {}, {})
     reconciler, intake = build(engine, hs, **settings)
@@ -48,7 +53,15 @@ def net(engine, hs, sync, *, joined: dict | None = None, **settings):
         return joined or {}
 
     settings = ReconcileSettings(**settings)
-    safety = SafetyNet(engine, sync, reconciler, settings, bot_user_id=BOT, joined_at=joined_at)
+    safety = SafetyNet(
+        engine,
+        sync,
+        reconciler,
+        settings,
+        bot_user_id=BOT,
+        joined_at=joined_at,
+        notice_reads=notice_reads,
+    )
     return safety, intake
 
 
@@ -196,3 +209,34 @@ async def test_an_answer_not_recorded_is_fed_again_not_asked_for_again(engine):
     assert await safety.catch_up() == 2
     assert sync.asked == [None, "s0"], "fed again, not asked for again"
     assert await stored_token(engine) == "s1" and recorded == ["s1"]
+
+
+class RecordingReads:
+    """The notices' read receipts, as the safety net uses them."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.rooms = rooms
+        self.taken: list[list[Receipt]] = []
+
+    async def watched(self) -> list[str]:
+        return self.rooms
+
+    async def take(self, receipts: list[Receipt]) -> int:
+        self.taken.append(list(receipts))
+        return len(receipts)
+
+
+async def test_receipts_are_asked_of_the_unread_notices_dms_alone_and_handed_on(engine):
+    hs = FakeHomeserver()
+    sync = FakeSync()
+    reads = RecordingReads([])
+    safety, _ = net(engine, hs, sync, notice_reads=reads)
+    await safety.catch_up()  # the start: no receipts asked
+    read = Receipt("!dm:localhost", "$notice", "@member:localhost", "m.read", NOW)
+    sync.answers = [SyncBatch("s1", [], [], [read]), SyncBatch("s2", [], [])]
+    reads.rooms = ["!dm:localhost"]
+    await safety.catch_up()
+    reads.rooms = []
+    await safety.catch_up()
+    assert sync.receipts_in == [[], ["!dm:localhost"], []]
+    assert reads.taken == [[read]], "handed on once; an answer without receipts hands none"
