@@ -658,6 +658,10 @@ class BotCrypto:
         while client.key_requests:
             _, event = client.key_requests.popitem()
             try:
+                if event.room_id not in self._loaded:
+                    # Whether its owner is still in the room, as the room is now: no
+                    # full-state sync has told nio of every room's members.
+                    await self._load_room(client, event.room_id)
                 await self.key_sharing.answer(client, event)
             except (KeyError, HomeserverUnavailable, EncryptionError, *TRANSPORT_ERRORS) as exc:
                 log.warning("could not answer a room key request: %s", type(exc).__name__)

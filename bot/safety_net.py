@@ -55,6 +55,8 @@ POLL_SECONDS = 30.0
 # Trying again after the homeserver did not answer backs off to this (seconds), so
 # catch-up starts well within a minute of it answering again.
 RETRY_MAX_SECONDS = 8.0
+# While an answer's young events settle, how often to look whether the push brought them.
+SETTLE_POLL_SECONDS = 0.1
 
 
 class SafetyNet:
@@ -213,18 +215,35 @@ class SafetyNet:
             batch.recorded()
 
     async def _settled(self, batch: SyncBatch) -> None:
-        """Wait until the answer's youngest event is `settle` old (a timestamp far in the
-        future is the sender's word, and holds nothing back)."""
+        """Wait until each of the answer's young events has come by push, or is `settle`
+        old (a timestamp far in the future is the sender's word, and holds nothing back).
+
+        Nearly always the push has brought them by the time the answer is read, so the
+        wait ends at once: the next sync (which, with encryption on, is also the
+        device's: its room keys and device lists) is not held back by a busy room."""
         settle = self._settings.settle
         now = dt.datetime.now(dt.UTC)
         wait = dt.timedelta(0)
+        young: set[str] = set()
         for room_events in (*(room.events for room in batch.rooms), batch.invites):
             for event in room_events:
                 sent = event_time(event)
                 if sent is not None and abs(now - sent) < settle:
                     wait = max(wait, settle - (now - sent))
-        if wait > dt.timedelta(0):
-            await asyncio.sleep(min(wait, settle).total_seconds())
+                    if isinstance(event.get("event_id"), str):
+                        young.add(event["event_id"])
+                    else:
+                        young.add("")  # (a stripped invite: only time tells)
+        deadline = asyncio.get_running_loop().time() + min(wait, settle).total_seconds()
+        while wait > dt.timedelta(0) and asyncio.get_running_loop().time() < deadline:
+            if "" not in young:
+                async with self._db.connect() as conn:
+                    young = await ingest.not_seen(conn, young)
+                if not young:
+                    return
+            await asyncio.sleep(
+                min(SETTLE_POLL_SECONDS, deadline - asyncio.get_running_loop().time())
+            )
 
     async def _with_gap(self, room: SyncedRoom, synced_at: dt.datetime) -> list[dict[str, Any]]:
         """The room's events, with those a limited timeline left out read back first."""

@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -459,6 +459,16 @@ async def membership_recorded_since(
         inbox.c.received_at >= since,
     )
     return (await conn.execute(query.limit(1))).first() is not None
+
+
+async def not_seen(conn: AsyncConnection, event_ids: Collection[str]) -> set[str]:
+    """Which of these events no push (or earlier catch-up) has brought yet."""
+    if not event_ids:
+        return set()
+    found = await conn.execute(
+        sa.select(seen_events.c.event_id).where(seen_events.c.event_id.in_(list(event_ids)))
+    )
+    return set(event_ids) - {row.event_id for row in found}
 
 
 async def backlog(conn: AsyncConnection) -> int:
