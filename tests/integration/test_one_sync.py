@@ -30,6 +30,7 @@ pytestmark = pytest.mark.synapse
 SYNC = "/_matrix/client/v3/sync"
 REPLY = "No open cases."
 FAST = {"fallback_after": "5s"}
+IDLE_SECONDS = 35
 
 
 @pytest.fixture(autouse=True)
@@ -72,9 +73,10 @@ async def test_one_sync_at_a_time_and_none_asks_for_full_state(scene, tmp_path):
                 await until(lambda: replies(scene), within=30, what="the bot's encrypted reply")
                 scene.staff.received.clear()
                 before = len(syncs(proxy))
-                await asyncio.sleep(65)
+                # Over one long poll (30 s): a second sync beside it would show by now.
+                await asyncio.sleep(IDLE_SECONDS)
                 idle = len(syncs(proxy)) - before
-                print(f"{run}: /sync requests in an idle 65 s: {idle}")
+                print(f"{run}: /sync requests in an idle {IDLE_SECONDS} s: {idle}")
                 print(f"{run}: most /sync requests at once: {proxy.most_in_flight[SYNC]}")
         assert proxy.most_in_flight[SYNC] == 1, "one /sync at a time"
         full = [asked for asked in syncs(proxy) if "full_state=true" in asked.lower()]
