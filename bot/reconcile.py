@@ -82,8 +82,12 @@ class Reconciler:
         *,
         is_flag: Callable[[dict[str, Any]], bool] = lambda event: False,
         is_staff_room: Callable[[str], bool] = lambda room_id: False,
+        on_caught_up: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._is_flag = is_flag
+        # Told how many events were found that the push never brought (bot/stranded.py
+        # takes that as the sign that a gap in the push's numbering is ours).
+        self._on_caught_up = on_caught_up
         self._is_staff_room = is_staff_room
         # When this database first started: nothing older is ever fed (set at start).
         self.first_started: dt.datetime | None = None
@@ -253,6 +257,8 @@ class Reconciler:
             return 0
         recorded = await self._intake.accept(f"catch-up:{uuid.uuid4().hex}", wanted, caught_up=True)
         self.caught_up += recorded.new_events
+        if recorded.new_events:
+            self._on_caught_up(recorded.new_events)
         return recorded.new_events
 
 

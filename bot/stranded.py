@@ -20,12 +20,17 @@ synapse/storage/databases/main/appservice.py):
 So a stranded push shows here as an id missing below ids that arrived. Answering the
 next push with a 503 (not recorded: Synapse keeps it and sends it again) starts the
 recoverer, which sends from the oldest — the stranded one first — and the ping makes it
-do so at once rather than after its backoff. A gap that is not a stranded push (another
-appservice's id, a number Synapse skipped, one the network swallowed after Synapse had
-its 200) is not resent; it is given up after one nudge, and each nudge that recovers
-nothing doubles the wait before the next (a homeserver with other appservices makes such
-gaps all the time). Reconciliation (bot/reconcile.py) catches up the events of any gap
-that is never filled.
+do so at once rather than after its backoff.
+
+But a 503 marks the service down: the pushes behind it wait for the recoverer (seconds,
+and a flag among them with it). A homeserver with bridges makes gaps all the time (the
+ids are theirs), so a gap alone is no reason to nudge. The sign that a gap is ours is
+the safety net (bot/safety_net.py, bot/reconcile.py) finding events the push never
+brought: a stranded gap is nudged only when that happened since shortly before it
+opened (`EVIDENCE_BEFORE`). Every gap is still logged and counted. A nudged gap that is
+not resent (a number Synapse skipped, one the network swallowed after Synapse had its
+200) is given up, and each nudge that recovers nothing doubles the wait before the next.
+The safety net has caught up the events of any gap that is never filled.
 
 Nothing is kept across a restart: the first transaction after start sets the baseline,
 so a restart never produces a false gap (and a strand from before it is left to
@@ -56,6 +61,9 @@ MAX_JUMP = 1000  # a jump of more ids than this is a renumbering, not as many ga
 MAX_GAPS = 1000  # more open gaps than this: the oldest are given up unnudged
 KNOWN = 1024  # ids remembered (recorded or given up), to tell a retry from a renumbering
 MAX_ID_DIGITS = 18
+# A gap is nudged only if the safety net found events the push never brought since this
+# long before the gap opened (the sync finds them a settle time after they were sent).
+EVIDENCE_BEFORE = 60.0
 
 Outcome = Literal[
     "ignored",
@@ -118,6 +126,11 @@ class GapTracker:
         self._last_nudge = -math.inf
         self._interval = nudge_every
         self._recovered_since_nudge = False
+        self._missed_at = -math.inf  # when the safety net last found an event not pushed
+
+    def missed(self, now: float) -> None:
+        """The safety net found events the push never brought: a gap is likely ours."""
+        self._missed_at = now
 
     @property
     def backing_off(self) -> bool:
@@ -190,13 +203,19 @@ class GapTracker:
     def nudge(self, txn_id: str, now: float) -> bool:
         """Whether to answer this push with a 503, to make Synapse resend from its oldest.
 
-        Only a fresh push (above the highest id), only for a stranded gap never nudged,
-        and only once per nudge interval.
+        Only a fresh push (above the highest id), only for a stranded gap never nudged
+        that events missed by the push show to be ours, and only once per nudge interval.
         """
         number = sequential_id(txn_id)
         if number is None or self.highest is None or number <= self.highest:
             return False
-        waiting = [gap for gap in self.gaps.values() if gap.stranded and gap.nudged_at is None]
+        waiting = [
+            gap
+            for gap in self.gaps.values()
+            if gap.stranded
+            and gap.nudged_at is None
+            and self._missed_at >= gap.opened - EVIDENCE_BEFORE
+        ]
         if not waiting or now - self._last_nudge < self._interval:
             return False
         for gap in waiting:
@@ -256,6 +275,10 @@ class StrandedWatch:
         self._ping_due: float | None = None
         self.nudges = 0
 
+    def missed(self, count: int) -> None:
+        """The safety net caught up `count` events the push never brought."""
+        self.tracker.missed(self._clock())
+
     def refuse(self, txn_id: str) -> bool:
         """Before recording a push: True to answer it 503 (a nudge), once per gap."""
         now = self._clock()
@@ -291,7 +314,8 @@ class StrandedWatch:
             log.log(
                 level,
                 "transaction %s missing %.0fs after later ones arrived: stranded by the "
-                "homeserver? the next push is answered 503 once to make it resend",
+                "homeserver, or another appservice's? nudged (the next push answered 503 "
+                "once) if the safety net finds events the push never brought",
                 _ids(swept.stranded),
                 self.tracker.stranded_after,
             )
