@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,21 +106,20 @@ async def tell_by_dm(
 
     async def kept() -> bool:
         """The DM kept; False if the room made ahead refused the invite (not kept)."""
-        if opened.invite_pending and not await _invite_into_ready(hs, run, user, opened.room_id):
-            return False
+        if opened.invite_pending:
+            # m.direct alongside the invite, not after it (undone if it is refused).
+            invited, _ = await _all_to_their_end(
+                _invite_into_ready(hs, run, user, opened.room_id), remember_dm(hs, user, opened)
+            )
+            if not invited:
+                await _forget_dm(hs, opened.room_id)
+                return False
         await keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain)
         return True
 
-    # All run to their end before any exception is raised: a message still on its way
-    # when the step gives up could be sent again by the resumed attempt (which finds the
-    # room made ahead in the step's record, and the message by its marker).
-    told, dm_kept = await asyncio.gather(
-        tools.tell(run, opened.room_id, content), kept(), return_exceptions=True
-    )
-    for outcome in (told, dm_kept):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    assert not isinstance(told, BaseException)
+    # A resumed attempt finds the room made ahead in the step's record, and the message
+    # by its marker.
+    told, dm_kept = await _all_to_their_end(tools.tell(run, opened.room_id, content), kept())
     if dm_kept is False:
         # As if none had been ready: a room is created, and the message sent there. The
         # one sent into the room made ahead reaches no one (no one else is in it, and the
@@ -207,13 +207,36 @@ async def keep_dm(
                 room[f"{what}_plain_because"] = plain_because
             await run.save(progress=run.progress | room, case_fields={case_field: opened.room_id})
 
-    async def remember() -> None:
-        try:
-            await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
-        except HomeserverUnavailable as exc:
-            log.warning("could not record the DM in m.direct: %s", exc)
+    await asyncio.gather(record(), remember_dm(hs, user, opened))
 
-    await asyncio.gather(record(), remember())
+
+async def remember_dm(hs: Homeserver, user: str, opened: OpenedDm) -> None:
+    """The room marked as a DM with them in the bot's m.direct (no call if it is)."""
+    try:
+        await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
+    except HomeserverUnavailable as exc:
+        log.warning("could not record the DM in m.direct: %s", exc)
+
+
+async def _forget_dm(hs: Homeserver, room_id: str) -> None:
+    """A room marked in m.direct that did not become their DM, unmarked: best effort."""
+    try:
+        forgotten = await hs.forget_direct_rooms([room_id])
+    except HomeserverUnavailable as exc:
+        forgotten = Refused("M_UNKNOWN", str(exc))
+    if isinstance(forgotten, Refused):
+        log.warning("could not take the unused room %s out of m.direct: %s", room_id, forgotten)
+
+
+async def _all_to_their_end(*calls: Awaitable[Any]) -> list[Any]:
+    """Their results, once all have ended; then the first exception, if any raised: a
+    message still on its way when the step gives up could be sent again by the resumed
+    attempt."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 async def _withdraw_unread(

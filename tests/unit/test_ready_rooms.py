@@ -176,6 +176,7 @@ async def test_a_room_made_ahead_that_refuses_the_invite_gives_way_to_a_new_one(
     assert all(hs.rooms[room].members.get(MEMBER) is None for room in made_ahead(hs))
     redacted = {event_id for _, event_id, _ in hs.redactions}
     assert {n["event_id"] for n in unread} <= redacted
+    assert hs.direct[MEMBER] == [dm], "m.direct marks their room only"
 
 
 async def test_an_empty_pool_or_none_at_all_creates_the_room_as_before(engine):
