@@ -656,6 +656,19 @@ class BotCrypto:
         one else in it may change that; if anyone does, the sync shows it first)."""
         self._encrypted[room_id] = encrypted
 
+    def invited(self, room_id: str, user_id: str) -> None:
+        """The bot's own invite, answered: the room's members (as the device sees them)
+        hold them now, as the next sync would show a moment later, so a message to them
+        need not wait for that sync. Their devices are queried, and get the room key,
+        when the message is encrypted. A room the sync has not shown yet is left to it."""
+        client = self.client
+        room = client.rooms.get(room_id) if client is not None else None
+        if room is None or user_id in room.users:
+            return
+        room.add_member(user_id, None, None, invited=True)
+        if room.encrypted and client is not None and client.olm is not None:
+            client.olm.update_tracked_users(room)
+
     @property
     def unusable_because(self) -> str | None:
         """Why the device cannot encrypt at all now: its store is broken, or it could not
@@ -739,8 +752,8 @@ class BotCrypto:
             self._lock.release()
 
     async def _known_room(self, room_id: str, members: list[str], by: dt.datetime | None) -> Any:
-        """The room as the sync shows it, with these members in it (a room just created,
-        or a member just invited, appears with the next sync)."""
+        """The room as the device knows it, with these members in it (a room just created
+        appears with the next sync; a member the bot just invited, with its answer)."""
         deadline = time.monotonic() + _attempt_wait(by, ROOM_KNOWN_WITHIN)
         while True:
             room = self.client.rooms.get(room_id) if self.client is not None else None
