@@ -758,6 +758,19 @@ class BotCrypto:
         one else in it may change that; if anyone does, the sync shows it first)."""
         self._encrypted[room_id] = encrypted
 
+    def invited(self, room_id: str, user_id: str) -> None:
+        """The bot's own invite, answered: the room's members (as the device sees them)
+        hold them now, as the next sync would show a moment later, so a message to them
+        need not wait for that sync. Their devices are queried, and get the room key,
+        when the message is encrypted. A room the sync has not shown yet is left to it."""
+        client = self.client
+        room = client.rooms.get(room_id) if client is not None else None
+        if room is None or user_id in room.users:
+            return
+        room.add_member(user_id, None, None, invited=True)
+        if room.encrypted and client is not None and client.olm is not None:
+            client.olm.update_tracked_users(room)
+
     @property
     def unusable_because(self) -> str | None:
         """Why the device cannot encrypt at all now: its store is broken, or it could not
@@ -841,8 +854,8 @@ class BotCrypto:
         """The room as nio must know it to encrypt: its encryption and everyone joined or
         invited, these members among them. A room nio does not know whole (no full-state
         sync tells it of every room) is read from the homeserver, as nio's own room_send
-        reads the members of a room it knows only lazily; a member just invited may take
-        a moment to show."""
+        reads the members of a room it knows only lazily; a member the bot just invited is
+        there with its answer (`invited`), one invited by others may take a moment."""
         deadline = time.monotonic() + _attempt_wait(by, ROOM_KNOWN_WITHIN)
         while True:
             client = self.client

@@ -755,8 +755,11 @@ class NioHomeserver:
                 return response
         expected = self._expected_members.setdefault(room_id, [])
         if user_id not in expected:
-            # An encrypted message waits until the sync shows them: their devices get the key.
+            # An encrypted message waits until the device knows them: their devices get
+            # the key. Our own invite's answer says so already (no wait for the sync).
             expected.append(user_id)
+        if self.crypto is not None:
+            self.crypto.invited(room_id, user_id)
         return Done()
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:

@@ -22,7 +22,7 @@ kick), for:
     invite into a room made ahead (made, untimed, before the member is even in the
     group), the notice, then the kick and the m.direct update together; no reads. Ours
     against it is what our own code costs (Synapse's push to us included).
-Four parts, one run:
+Six parts, one run:
   1. DMs in the clear (`encryption: {private_rooms: false}`: the floor sends in the
      clear): `--cases` of ours and as many of each floor, in alternating halves;
   2. the same with no rooms made ahead (`ready_dm_rooms: 0`): one half each;
@@ -33,9 +33,16 @@ Four parts, one run:
      (matrix-nio, their own devices), so every chat message is an encrypted event the
      service must decrypt to know it is no `!safeguard`: our 🚨→kick there against ours in
      the plain room's flood, same run (target <= 1.5x).
+  6. against the bare appservice (bench/bare_appservice.py): a second appservice, a few
+     lines of aiohttp registered with the same Synapse, that on its own pushed reaction
+     (🛑) invites the member into a DM room made ahead and sends the notice at once, then
+     kicks, keeping nothing durable: the physical limit of an appservice. Rounds
+     interleaved with ours, same room, DMs in the clear and encrypted (its notice
+     Megolm-encrypted too), target <= 1.1x.
 The first three parts start with one untimed case of each (cold caches on both sides).
+`--parts` runs some of them only (e.g. `--parts bare`).
 Synapse's clock makes the figures, so the bench polls gently: polling is load on Synapse.
-Usage: python bench/referral.py [--cases 20] [--flood 2000]
+Usage: python bench/referral.py [--cases 20] [--flood 2000] [--parts clear,bare,...]
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bare_appservice import BareAppservice
 from tests.support.scene import (
     BOT,
     Scene,
@@ -66,7 +74,7 @@ from tests.support.scene import (
     service_config,
     until,
 )
-from tests.support.synapse import start_synapse
+from tests.support.synapse import free_port, start_synapse
 
 CHATTERS = 8
 FLAGS_AMID_FLOOD = 6  # of each, at most: as many as fit while the flood lasts
@@ -105,15 +113,15 @@ class Timings:
 # ---- what Synapse recorded ------------------------------------------------------------------
 
 
-async def kick_ts(scene: Scene, member: str) -> int | None:
-    """Origin timestamp of the bot's kick of `member` (their membership, read cheaply)."""
+async def kick_ts(scene: Scene, member: str, by: str = BOT) -> int | None:
+    """Origin timestamp of `by`'s kick of `member` (their membership, read cheaply)."""
     event = await scene.owner.request(
         "GET",
         f"/_matrix/client/v3/rooms/{q(scene.group)}/state/m.room.member/{q(member)}",
         format="event",
     )
     content = event.get("content") or {}
-    if event.get("sender") == BOT and content.get("membership") == "leave":
+    if event.get("sender") == by and content.get("membership") == "leave":
         return event["origin_server_ts"]
     return None
 
@@ -366,6 +374,60 @@ async def alternating(
     return ours, raw, raw_same
 
 
+# ---- the bare appservice --------------------------------------------------------------------
+
+
+BARE_KEY = "🛑"  # the bare appservice's flag (the service ignores it)
+
+
+def notice_content() -> dict[str, Any]:
+    """The notice as the floors send it: ours' text and marker, no project code."""
+    return {
+        "msgtype": "m.text",
+        "body": NOTICE,
+        "format": "org.matrix.custom.html",
+        "formatted_body": NOTICE.replace("\n", "<br>"),
+        MESSAGE_MARKER_KEY: {"marker": uuid.uuid4().hex},
+    }
+
+
+async def bare_flag(scene: Scene, bare: BareAppservice, tag: str, *, encrypted: bool) -> Timings:
+    """One flag the bare appservice answers, into a DM room it made ahead (untimed)."""
+    await bare.make_room(encrypted=encrypted)
+    member = await new_member(scene, f"bare-{tag}")
+    said = await member.send_text(scene.group, "I don't feel safe")
+    done = bare.expect(member.user_id)
+    reaction = await scene.moderator.react(scene.group, said, BARE_KEY)
+    referred = await asyncio.wait_for(done, 30)
+    bare.reads += referred.read_sender
+    kick = await kick_ts(scene, member.user_id, by=bare.user_id)
+    assert kick is not None, "the bare appservice's kick"
+    reacted = await event_ts(scene.moderator, scene.group, reaction)
+    notice = await event_ts(bare, referred.room, referred.notice)
+    await asyncio.sleep(SETTLE)
+    return Timings(dm=[notice - reacted], kick=[kick - reacted])
+
+
+async def against_bare(
+    scene: Scene, service: Any, bare: BareAppservice, cases: int, tag: str, *, encrypted: bool
+) -> tuple[Timings, Timings]:
+    """Rounds interleaved, one of ours then one of the bare appservice's, in the group
+    room, after one untimed round: (ours, the bare appservice's). The bare bot is in the
+    room only meanwhile (Synapse pushes it the room's events only then)."""
+    await scene.owner.set_power_level(scene.group, bare.user_id, 50)
+    await scene.owner.invite(scene.group, bare.user_id)
+    await bare.join(scene.group)
+    ours, floor = Timings(), Timings()
+    for number in range(cases + 1):
+        mine = await measure_ours(scene, service, 1, f"{tag}{number}-")
+        theirs = await bare_flag(scene, bare, f"{tag}{number}", encrypted=encrypted)
+        if number:
+            ours.add(mine)
+            floor.add(theirs)
+    await bare.request("POST", f"/_matrix/client/v3/rooms/{q(scene.group)}/leave", {})
+    return ours, floor
+
+
 # ---- a flag amid a flood --------------------------------------------------------------------
 
 
@@ -537,10 +599,27 @@ def row(label: str, values: list[float], *against: tuple[str, list[float], float
     print(line)
 
 
-async def run(cases: int, flood_messages: int) -> None:
+PARTS = ("clear", "none", "encrypted", "flood", "bare")
+
+
+async def run(cases: int, flood_messages: int, parts: set[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="safeguard-bench-referral-"))
-    synapse = await start_synapse(work / "synapse")
+    bare = BareAppservice(
+        homeserver="",
+        server_name="localhost",
+        port=free_port(),
+        moderator="",
+        key=BARE_KEY,
+        notice=notice_content(),
+    )
+    bare_registration = work / "bare-registration.yaml"
+    bare_registration.parent.mkdir(parents=True, exist_ok=True)
+    bare_registration.write_text(yaml.safe_dump(bare.registration()))
+    await bare.start()  # before Synapse: it must never find the bare appservice down
+    synapse = await start_synapse(work / "synapse", other_registrations=[bare_registration])
     half = max(1, cases // 2)
+    clear = none_ahead = encrypted = bare_clear = bare_encrypted = None
+    flood = encrypted_flood = None
 
     def config(private_rooms: bool, ready: int = 2) -> Path:
         return service_config(
@@ -555,31 +634,51 @@ async def run(cases: int, flood_messages: int) -> None:
 
     try:
         scene = await build_scene(synapse, work)
+        bare.homeserver, bare.moderator = synapse.url, scene.moderator.user_id
         as_token = yaml.safe_load(synapse.registration_path.read_text())["as_token"]
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {as_token}"}) as http:
             floor = Floor(scene, http)
             async with running_service(config(private_rooms=False)) as service:
                 await open_group_room(scene)
                 await scene.owner.set_power_level(scene.group, scene.moderator.user_id, 50)
-                clear = await alternating(scene, service, floor, half, 2, "c", same=True)
-                flood = await flags_amid_flood(scene, floor, flood_messages)
-                encrypted_flood = await flags_amid_encrypted_flood(scene, flood_messages, work)
-            async with running_service(config(private_rooms=False, ready=0)) as service:
-                none_ahead = await alternating(scene, service, floor, half, 1, "n", same=False)
-            async with running_service(config(private_rooms=True)) as service:
-                encrypted = await alternating(scene, service, floor, half, 1, "e", same=False)
+                if "clear" in parts:
+                    clear = await alternating(scene, service, floor, half, 2, "c", same=True)
+                if "bare" in parts:
+                    bare_clear = await against_bare(
+                        scene, service, bare, cases, "bc", encrypted=False
+                    )
+                if "flood" in parts:
+                    flood = await flags_amid_flood(scene, floor, flood_messages)
+                    encrypted_flood = await flags_amid_encrypted_flood(scene, flood_messages, work)
+            if "none" in parts:
+                async with running_service(config(private_rooms=False, ready=0)) as service:
+                    none_ahead = await alternating(scene, service, floor, half, 1, "n", same=False)
+            if parts & {"encrypted", "bare"}:
+                async with running_service(config(private_rooms=True)) as service:
+                    if "encrypted" in parts:
+                        encrypted = await alternating(
+                            scene, service, floor, half, 1, "e", same=False
+                        )
+                    if "bare" in parts:
+                        bare_encrypted = await against_bare(
+                            scene, service, bare, cases, "be", encrypted=True
+                        )
     finally:
         await synapse.close()
+        await bare.close()
 
     title = "referral benchmark against a real Synapse (ms, Synapse's clock)"
     print(f"{title:72} {'p50':>6} {'p95':>6}")
     targets = {"dm": 0.85, "kick": 1.0}
-    parts = (
+    parts_run = (
         ("DMs in the clear (private_rooms: false)", clear, targets),
         ("no DM rooms made ahead (ready_dm_rooms: 0)", none_ahead, {}),
         ("encrypted DMs (private_rooms: true; the floor's in the clear)", encrypted, {}),
     )
-    for title, (ours, raw, same), part_targets in parts:
+    for title, measured, part_targets in parts_run:
+        if measured is None:
+            continue
+        ours, raw, same = measured
         print(f"{title}, {len(ours.kick)} cases each:")
         for what, label in (("dm", "🚨→DM notice"), ("kick", "🚨→kick")):
             mine, floor, floor_same = (getattr(t, what) for t in (ours, raw, same))
@@ -589,6 +688,31 @@ async def run(cases: int, flood_messages: int) -> None:
                 row(f"  floor, same calls as ours: {label}", floor_same)
                 against.append(("same calls", floor_same, 0.0))
             row(f"  ours:  {label}", mine, *against)
+    bare_parts = (
+        ("DMs in the clear", bare_clear),
+        ("encrypted DMs (the bare one's Megolm-encrypted too)", bare_encrypted),
+    )
+    for title, measured in bare_parts:
+        if measured is None:
+            continue
+        ours, theirs = measured
+        print(
+            f"against the bare appservice, {title}, {len(ours.kick)} rounds each, interleaved "
+            f"(it read the flagged event {bare.reads} times in all, else it knew the sender "
+            "from the push):"
+        )
+        for what, label in (("dm", "🚨→DM notice"), ("kick", "🚨→kick")):
+            row(f"  bare appservice: {label}", getattr(theirs, what))
+            row(
+                f"  ours:            {label}",
+                getattr(ours, what),
+                ("bare", getattr(theirs, what), 1.1),
+            )
+    if flood is not None:
+        print_floods(flood, encrypted_flood)
+
+
+def print_floods(flood: Flood, encrypted_flood: Flood) -> None:
     rate = flood.messages / flood.seconds
     print(
         f"flags amid a flood: {flood.messages:,} messages from {CHATTERS} users through "
@@ -617,8 +741,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=20, help="of ours (and of each floor's)")
     parser.add_argument("--flood", type=int, default=2000, help="chat messages in the flood")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"which parts, comma-separated (default all: {','.join(PARTS)})",
+    )
     arguments = parser.parse_args()
-    asyncio.run(run(arguments.cases, arguments.flood))
+    parts = set(arguments.parts.split(","))
+    if unknown := parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    asyncio.run(run(arguments.cases, arguments.flood, parts))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ class OpenedDm:
     invited_again: bool  # found without them in it: invited now
     direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
     made_ahead: bool = False  # a room made before the flag (bot/ready_rooms.py)
+    # Made ahead and taken, the invite not sent yet: tell_by_dm sends it alongside the
+    # message (a room in the clear: nothing in the message waits for the member).
+    invite_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,28 +88,45 @@ async def tell_by_dm(
     """
     hs = tools.homeserver
     room_plain = tools.plain_room_because()
+    encrypted = tools.deployment.encrypt_private_rooms and room_plain is None
     opened = await open_dm(
         hs,
         run,
         user,
         what,
-        encrypted=tools.deployment.encrypt_private_rooms and room_plain is None,
+        encrypted=encrypted,
         ready=tools.ready_rooms if made_ahead and room_plain is None else None,
+        # An encrypted message waits for the member in the room (its key is shared with
+        # their devices): the invite goes first there.
+        invite_later=not encrypted,
     )
     if isinstance(opened, Refused):
         return NotToldByDm(opened, None)
     made_plain = room_plain if opened.created else run.progress.get(f"{what}_plain_because")
-    # Both run to their end before either's exception is raised: a message still on its
-    # way when the step gives up could be sent again by the resumed attempt.
-    told, kept = await asyncio.gather(
-        tools.tell(run, opened.room_id, content),
-        keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain),
-        return_exceptions=True,
-    )
-    for outcome in (told, kept):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    assert not isinstance(told, BaseException)
+
+    async def kept() -> bool:
+        """The DM kept; False if the room made ahead refused the invite (not kept)."""
+        if opened.invite_pending:
+            # m.direct alongside the invite, not after it (undone if it is refused).
+            invited, _ = await _all_to_their_end(
+                _invite_into_ready(hs, run, user, opened.room_id), remember_dm(hs, user, opened)
+            )
+            if not invited:
+                await _forget_dm(hs, opened.room_id)
+                return False
+        await keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain)
+        return True
+
+    # A resumed attempt finds the room made ahead in the step's record, and the message
+    # by its marker.
+    told, dm_kept = await _all_to_their_end(tools.tell(run, opened.room_id, content), kept())
+    if dm_kept is False:
+        # As if none had been ready: a room is created, and the message sent there. The
+        # one sent into the room made ahead reaches no one (no one else is in it, and the
+        # room is never used again): redacted all the same, as far as it can be.
+        if isinstance(told, Told):
+            await _withdraw_unread(hs, run, what, opened.room_id, told.event_id)
+        return await tell_by_dm(tools, run, user, what, content, case_field)
     if isinstance(told, Refused):
         return NotToldByDm(told, opened.room_id)
     return ToldByDm(opened, told, told.plain_because or made_plain)
@@ -119,7 +140,10 @@ async def open_dm(
     *,
     encrypted: bool,
     ready: ReadyRooms | None = None,
+    invite_later: bool = False,
 ) -> OpenedDm | Refused:
+    """The DM room with `user`, with them in it — except a room made ahead taken with
+    `invite_later`: its invite is the caller's to send (`_invite_into_ready`)."""
     known = run.progress.get(f"{what}_room")
     tag = run.marker(what)
     direct: dict[str, list[str]] | None = None
@@ -131,9 +155,11 @@ async def open_dm(
         direct = await hs.direct_rooms()
         room_id = await _shared_dm(hs, user, direct)
     if room_id is None and ready is not None:
-        taken = await _ready_room(hs, run, user, what, ready)
-        if taken is not None:
-            return OpenedDm(taken, True, False, direct, made_ahead=True)
+        taken = await ready.take(run.case.id, run.step.step, what, run.progress)
+        if taken is not None and (invite_later or await _invite_into_ready(hs, run, user, taken)):
+            return OpenedDm(
+                taken, True, False, direct, made_ahead=True, invite_pending=invite_later
+            )
     if room_id is None:
         created = await hs.create_room(
             marker=tag, invite=[user], is_direct=True, encrypted=encrypted
@@ -181,31 +207,64 @@ async def keep_dm(
                 room[f"{what}_plain_because"] = plain_because
             await run.save(progress=run.progress | room, case_fields={case_field: opened.room_id})
 
-    async def remember() -> None:
-        try:
-            await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
-        except HomeserverUnavailable as exc:
-            log.warning("could not record the DM in m.direct: %s", exc)
-
-    await asyncio.gather(record(), remember())
+    await asyncio.gather(record(), remember_dm(hs, user, opened))
 
 
-async def _ready_room(
-    hs: Homeserver, run: StepRun, user: str, what: str, ready: ReadyRooms
-) -> str | None:
-    """A room made ahead, with them invited into it as a DM; None if none is ready, or
-    the one taken cannot be used (then the step creates one, as with none ready)."""
-    room_id = await ready.take(run.case.id, run.step.step, what, run.progress)
-    if room_id is None:
-        return None
+async def remember_dm(hs: Homeserver, user: str, opened: OpenedDm) -> None:
+    """The room marked as a DM with them in the bot's m.direct (no call if it is)."""
+    try:
+        await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
+    except HomeserverUnavailable as exc:
+        log.warning("could not record the DM in m.direct: %s", exc)
+
+
+async def _forget_dm(hs: Homeserver, room_id: str) -> None:
+    """A room marked in m.direct that did not become their DM, unmarked: best effort."""
+    try:
+        forgotten = await hs.forget_direct_rooms([room_id])
+    except HomeserverUnavailable as exc:
+        forgotten = Refused("M_UNKNOWN", str(exc))
+    if isinstance(forgotten, Refused):
+        log.warning("could not take the unused room %s out of m.direct: %s", room_id, forgotten)
+
+
+async def _all_to_their_end(*calls: Awaitable[Any]) -> list[Any]:
+    """Their results, once all have ended; then the first exception, if any raised: a
+    message still on its way when the step gives up could be sent again by the resumed
+    attempt."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+async def _withdraw_unread(
+    hs: Homeserver, run: StepRun, what: str, room_id: str, event_id: str
+) -> None:
+    """Redact a message sent into a room made ahead that refused the invite: best effort
+    (it reaches no one either way)."""
+    try:
+        redacted = await hs.redact(
+            room_id, event_id, reason="not delivered", txn_id=f"safeguard.{run.marker(what)}.unused"
+        )
+    except HomeserverUnavailable as exc:
+        redacted = Refused("M_UNKNOWN", str(exc))
+    if isinstance(redacted, Refused):
+        log.warning("could not redact the message in the unused room %s: %s", room_id, redacted)
+
+
+async def _invite_into_ready(hs: Homeserver, run: StepRun, user: str, room_id: str) -> bool:
+    """Them invited as a DM into a room made ahead (taken: the step's record holds it);
+    False if it refused (then the step creates one, as with none ready)."""
     invited = await hs.invite(room_id, user, is_direct=True)
     if isinstance(invited, Refused):
         log.warning(
             "the room made ahead %s refused the invite (%s): creating one", room_id, invited
         )
         await run.save(progress=run.progress)  # the step's record, without the room
-        return None
-    return room_id
+        return False
+    return True
 
 
 async def _shared_dm(hs: Homeserver, user: str, direct: dict[str, list[str]]) -> str | None:

@@ -46,7 +46,9 @@ class FakeHomeserver:
         self.direct: dict[str, list[str]] = {}
         self.calls: list[str] = []
         self.kicks: list[tuple[str, str]] = []
-        self.txn_ids: dict[str, str] = {}  # forgotten when "Synapse restarts"
+        # (room, txn id) -> event id, forgotten when "Synapse restarts": Synapse dedupes a
+        # send by its path (the room's in it) and transaction id.
+        self.txn_ids: dict[tuple[str, str], str] = {}
         self.crash_at: int | None = None
         self.unavailable_for: set[str] = set()
         self.refuse: dict[str, Refused] = {}
@@ -296,8 +298,8 @@ class FakeHomeserver:
             raise EncryptionUnavailable(self.encryption_broken)
         if "send" in self.refuse:
             return self.refuse["send"]
-        if txn_id in self.txn_ids:  # Synapse's own txn-id dedupe, while it remembers
-            return Sent(self.txn_ids[txn_id])
+        if (room_id, txn_id) in self.txn_ids:  # Synapse's own dedupe, while it remembers
+            return Sent(self.txn_ids[room_id, txn_id])
         event_id = f"$ev{next(self._ids)}"
         self.rooms[room_id].events.append(
             {
@@ -311,7 +313,7 @@ class FakeHomeserver:
                 "unsigned": {"transaction_id": txn_id},
             }
         )
-        self.txn_ids[txn_id] = event_id
+        self.txn_ids[room_id, txn_id] = event_id
         self._after("send")
         return Sent(event_id)
 

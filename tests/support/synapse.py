@@ -7,6 +7,7 @@ import secrets
 import socket
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,9 +73,13 @@ class SynapseHandle:
 
 
 async def start_synapse(
-    directory: Path, *, rate_limits: Literal["relaxed", "strict"] = "relaxed"
+    directory: Path,
+    *,
+    rate_limits: Literal["relaxed", "strict"] = "relaxed",
+    other_registrations: Sequence[Path] = (),
 ) -> SynapseHandle:
-    """Generate the project's registration as an operator would, then start Synapse with it."""
+    """Generate the project's registration as an operator would, then start Synapse with it
+    (and with `other_registrations`: other appservices beside ours, as a benchmark's)."""
     directory.mkdir(parents=True, exist_ok=True)
     as_port, hs_port = free_port(), free_port()
     seed = directory / "seed-config.yaml"
@@ -100,7 +105,7 @@ async def start_synapse(
         directory / "synapse",
         server_name=SERVER_NAME,
         port=hs_port,
-        registration_files=[registration],
+        registration_files=[registration, *other_registrations],
         shared_secret=shared_secret,
         rate_limits=rate_limits,
     )

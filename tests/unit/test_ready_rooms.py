@@ -99,6 +99,33 @@ async def test_a_notice_goes_into_a_room_made_ahead_with_a_dm_invite(engine):
     assert hs.direct[MEMBER] == [dm], "the bot's m.direct knows it as their DM"
 
 
+async def test_in_the_clear_the_notice_goes_alongside_the_invite_not_after_it(engine):
+    hs = homeserver()
+    pool = ready_rooms(engine, hs)
+    await fill(pool)
+    invite, send, sending = hs.invite, hs.send, asyncio.Event()
+
+    async def send_seen(*args, **kwargs):
+        sending.set()
+        return await send(*args, **kwargs)
+
+    async def invite_once_sending(*args, **kwargs):
+        await sending.wait()  # answered only once the notice is on its way
+        return await invite(*args, **kwargs)
+
+    hs.send, hs.invite = send_seen, invite_once_sending
+    case_id = await new_case(engine)
+    # Bounded only so the old order (the notice after the invite's answer) fails, not hangs.
+    await asyncio.wait_for(step_engine(engine, hs, ready_rooms=pool).run_case(case_id), 30)
+
+    done = await steps(engine, case_id)
+    assert all(done[s].status == "done" for s in REFERRAL_STEPS)
+    assert done["notify"].result["room_made_ahead"] is True
+    dm = done["notify"].progress["dm_room"]
+    (notice,) = notices(hs, "notify")
+    assert notice in hs.rooms[dm].events and hs.rooms[dm].members[MEMBER] == "invite"
+
+
 @pytest.mark.parametrize("crash_at", [*range(1, 8), *range(-1, -8, -1)])
 async def test_crash_anywhere_around_a_taken_room_then_resume_tells_them_once(engine, crash_at):
     hs = homeserver()
@@ -141,8 +168,15 @@ async def test_a_room_made_ahead_that_refuses_the_invite_gives_way_to_a_new_one(
     dm = done["notify"].progress["dm_room"]
     assert dm not in made_ahead(hs), "a room created for the notice"
     assert hs.rooms[dm].members[MEMBER] == "invite"
-    (notice,) = notices(hs, "notify")
-    assert notice in hs.rooms[dm].events
+    # The notice went into the room made ahead alongside the invite (a room in the
+    # clear): that one reaches no one, and is redacted; the member has one, in theirs.
+    seen = [n for n in notices(hs, "notify") if n in hs.rooms[dm].events]
+    unread = [n for n in notices(hs, "notify") if n not in seen]
+    assert len(seen) == 1
+    assert all(hs.rooms[room].members.get(MEMBER) is None for room in made_ahead(hs))
+    redacted = {event_id for _, event_id, _ in hs.redactions}
+    assert {n["event_id"] for n in unread} <= redacted
+    assert hs.direct[MEMBER] == [dm], "m.direct marks their room only"
 
 
 async def test_an_empty_pool_or_none_at_all_creates_the_room_as_before(engine):
