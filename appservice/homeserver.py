@@ -822,9 +822,9 @@ class NioHomeserver:
     def encryption_problem(self) -> str | None:
         return None if self.crypto is None else self.crypto.unusable_because
 
-    async def _encrypted(self, room_id: str, encrypt_by: dt.datetime | None = None) -> bool:
-        """Whether what the bot sends to the room must be encrypted; EncryptionUnavailable
-        if it must and cannot be (never in the clear into an encrypted room unasked)."""
+    async def room_is_encrypted(self, room_id: str) -> bool:
+        """Whether the room is encrypted: as the device knows it, else read once (and
+        known from then on; the sync shows a room becoming encrypted)."""
         if self.crypto is None:
             return False
 
@@ -832,7 +832,12 @@ class NioHomeserver:
             state = await self._state_event(room_id, "m.room.encryption")
             return isinstance(state, dict) and bool(state.get("algorithm"))
 
-        if not await self.crypto.room_encrypted(room_id, read):
+        return await self.crypto.room_encrypted(room_id, read)
+
+    async def _encrypted(self, room_id: str, encrypt_by: dt.datetime | None = None) -> bool:
+        """Whether what the bot sends to the room must be encrypted; EncryptionUnavailable
+        if it must and cannot be (never in the clear into an encrypted room unasked)."""
+        if not await self.room_is_encrypted(room_id):
             return False
         await self.crypto.usable(by=encrypt_by)
         return True

@@ -702,6 +702,19 @@ class Service:
             self._background.append(
                 asyncio.create_task(self._keep_joining_staff_room(problem), name="staff-room")
             )
+        else:
+            await self._learn_staff_room_encryption()
+
+    async def _learn_staff_room_encryption(self) -> None:
+        """Whether the staff room is encrypted, known from the start (no full-state sync
+        tells the device): /health warns of one in the clear (`_staff_room_warning`)."""
+        room_id = self.staff_room.room_id
+        if room_id is None:
+            return
+        try:
+            await self.homeserver.room_is_encrypted(room_id)
+        except HomeserverUnavailable as exc:  # known at the first message to staff instead
+            log.warning("could not read whether the staff room is encrypted: %s", exc)
 
     async def _keep_joining_staff_room(self, problem: str) -> None:
         delay = self._connect_retry
@@ -722,6 +735,7 @@ class Service:
         log.info("joined the staff room %s", self.staff_room.room_id)
         if self.staff_room.room_id is not None:
             self.room_state.warm(self.staff_room.room_id)
+        await self._learn_staff_room_encryption()
         await self.steps.retry_waiting()
         self.outbox_worker.wake()
 
