@@ -373,6 +373,9 @@ class Service:
                 bot_user_id=config.bot_user_id,
                 joined_at=self._moderated_since,
                 notice_reads=NoticeReads(self.engine, self.homeserver, self.deployment.provenance),
+                on_interrupted=(
+                    self.crypto.sync_failed if self.crypto is not None else lambda why: None
+                ),
             )
         # A push Synapse stored and never sent: noticed by the gap it leaves, nudged out.
         self.stranded = StrandedWatch(

@@ -71,7 +71,11 @@ class SafetyNet:
         joined_at: Callable[[], Awaitable[dict[str, dt.datetime | None]]],
         poll_seconds: float = POLL_SECONDS,
         notice_reads: NoticeReads | None = None,
+        on_interrupted: Callable[[str], None] = lambda why: None,
     ) -> None:
+        # Told each time a round fails, wherever in it (the sync, a read-back, a start's
+        # catch-up): the encryption device, whose answers come only with this sync.
+        self._on_interrupted = on_interrupted
         self._db = db
         self._syncing = syncing
         self._reconciler = reconciler
@@ -118,8 +122,10 @@ class SafetyNet:
                 continue
             except (HomeserverUnavailable, StorageUnavailable) as exc:
                 log.warning("the sync is interrupted (%s); trying again", exc)
-            except Exception:
+                self._on_interrupted(str(exc))
+            except Exception as exc:
                 log.exception("the sync failed; trying again")
+                self._on_interrupted(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._trigger.wait(), delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)

@@ -156,7 +156,13 @@ class HoldingProxy:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=self._cancel_with_caller
+            app,
+            access_log=None,
+            handler_cancellation=self._cancel_with_caller,
+            # Stopped, it is gone, as a homeserver that died is: what is in flight is cut
+            # within a second, not served for a minute of graceful shutdown (a long poll
+            # still answered, or a request on a kept connection taken and held).
+            shutdown_timeout=1.0,
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
