@@ -45,6 +45,8 @@ class HoldingProxy:
         self.swallowed: list[tuple[str, bytes]] = []  # (path, body) answered 200, not passed on
         self.swallowed_event = asyncio.Event()
         self.answers: list[tuple[str, int]] = []  # (path, status) of what upstream answered
+        # (path and query, bytes) of what upstream answered
+        self.answer_sizes: list[tuple[str, int]] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -122,6 +124,7 @@ class HoldingProxy:
             answer = await upstream.read()
             self.forwarded.append((request.method, request.path, body))
             self.answers.append((request.path, upstream.status))
+            self.answer_sizes.append((request.path_qs, len(answer)))
             if lose:
                 self.lost_answers.append(f"{request.method} {request.path}")
                 return web.Response(status=502, text="answer lost")
