@@ -25,9 +25,11 @@ between it and Synapse, and a proxy between Synapse and it (for dropping a push)
   - a flag Synapse drops in a restart: a push held in flight, the 🚨 queued behind it in
     Synapse's memory, Synapse killed and started again; from Synapse answering again to
     the kick (target < 60 s).
+--no-encryption turns the bot's device off (`encryption.enabled: false`): one sync, the
+safety net's, where the device runs one of its own beside it.
 Seeded sizes are kept under --cache (Synapse's data, the service's database, the scene's
 users) so a rerun skips the seeding; --fresh seeds again.
-Usage: python bench/scale.py [--sizes 100,1000,5000] [--flags 10] [--idle 60]
+Usage: python bench/scale.py [--sizes 100,1000,5000] [--flags 10] [--idle 60] [--no-encryption]
 """
 
 from __future__ import annotations
@@ -191,7 +193,11 @@ async def put_direct(synapse: SynapseHandle, direct: dict[str, list[str]]) -> No
 
 
 def config_for(
-    seeded_scene: Scene, synapse: SynapseHandle, *, homeserver_url: str | None = None
+    seeded_scene: Scene,
+    synapse: SynapseHandle,
+    *,
+    homeserver_url: str | None = None,
+    encryption: bool = True,
 ) -> tuple[Path, int]:
     """The service's config (its database in the size's directory) and the port it listens
     on: the registration's, or (through `homeserver_url`, the counting proxy) one behind
@@ -204,6 +210,8 @@ def config_for(
         staff_room=seeded_scene.staff_room,
         staff=[seeded_scene.staff.user_id],
         checkin={"after": f"{CHECKIN_AFTER.days}d"},
+        # The device on (the default), DMs in the clear (the bench reads no encrypted ones).
+        encryption={"enabled": encryption, "private_rooms": False},
         listen_port=port,
         homeserver_url=homeserver_url,
     )
@@ -452,12 +460,14 @@ async def dropped_flag(scene: Scene, pushes: HoldingProxy) -> float:
     return kicked / 1000 - answering
 
 
-async def measure(seeded: Seeded, flags: int, idle_seconds: float) -> Figures:
+async def measure(seeded: Seeded, flags: int, idle_seconds: float, encryption: bool) -> Figures:
     figures = Figures(seeded.size, seeded.seeded_seconds, seeded.first_start_seconds)
     figures.idle_seconds = idle_seconds
     scene, synapse = seeded.scene, seeded.synapse
     async with HoldingProxy(synapse.url) as requests:
-        config, port = config_for(scene, synapse, homeserver_url=requests.url)
+        config, port = config_for(
+            scene, synapse, homeserver_url=requests.url, encryption=encryption
+        )
         async with (
             HoldingProxy(f"http://127.0.0.1:{port}", port=synapse.as_port) as pushes,
             service_process(config, port, seeded.work / "service.log") as service,
@@ -467,7 +477,8 @@ async def measure(seeded: Seeded, flags: int, idle_seconds: float) -> Figures:
             ready_at, ready_when = len(requests.forwarded), time.perf_counter()
             # /ready does not wait for the encryption device ("starting" is no fault); a
             # flag's encrypted DM does (up to encryption's ATTEMPT_WAIT, then tries again).
-            figures.encryption_seconds = await service.wait_logged(ENCRYPTION_READY)
+            if encryption:
+                figures.encryption_seconds = await service.wait_logged(ENCRYPTION_READY)
             figures.rss_encryption = rss_mib(service.process.pid)
             await asyncio.sleep(max(0.0, AFTER_READY - (time.perf_counter() - ready_when)))
             figures.after_ready = counted(requests, ready_at)
@@ -525,7 +536,7 @@ def report(all_figures: list[Figures]) -> None:
     line("start -> /ready 200 (s)", [f"{f.start_seconds:.2f}" for f in all_figures])
     line(
         "start -> encryption device ready (s)",
-        [f"{f.encryption_seconds:.2f}" for f in all_figures],
+        [f"{f.encryption_seconds:.2f}" if f.encryption_seconds else "-" for f in all_figures],
         "(its first sync is a full-state one)",
     )
     line(
@@ -577,12 +588,14 @@ def report(all_figures: list[Figures]) -> None:
         print(f"  idle requests at {f.size:,}: {top}")
 
 
-async def run(sizes: list[int], flags: int, idle_seconds: float, cache: Path, fresh: bool) -> None:
+async def run(
+    sizes: list[int], flags: int, idle_seconds: float, cache: Path, fresh: bool, encryption: bool
+) -> None:
     all_figures = []
     for size in sizes:
         seeded = await prepared(size, cache, fresh)
         try:
-            all_figures.append(await measure(seeded, flags, idle_seconds))
+            all_figures.append(await measure(seeded, flags, idle_seconds, encryption))
         finally:
             await seeded.synapse.close()
     report(all_figures)
@@ -602,9 +615,15 @@ def main() -> None:
         help="where seeded sizes are kept",
     )
     parser.add_argument("--fresh", action="store_true", help="seed again, cache or not")
+    parser.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="encryption.enabled: false (no device, so one sync: the safety net's)",
+    )
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
-    asyncio.run(run(sizes, args.flags, args.idle, args.cache, args.fresh))
+    encryption = not args.no_encryption
+    asyncio.run(run(sizes, args.flags, args.idle, args.cache, args.fresh, encryption))
 
 
 if __name__ == "__main__":
