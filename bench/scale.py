@@ -399,6 +399,7 @@ class Figures:
     idle_seconds: float = 60.0
     start_syncs: list[tuple[str, int]] = field(default_factory=list)  # (whose, bytes)
     kicks: list[float] = field(default_factory=list)
+    while_flagging: Counter[str] = field(default_factory=Counter)
     dropped_seconds: float | None = None
 
     @property
@@ -440,15 +441,15 @@ async def flag_and_kick(scene: Scene, tag: str) -> float:
     return kicked - await event_ts(scene.moderator, scene.group, reaction)
 
 
-async def dropped_flag(scene: Scene, pushes: HoldingProxy) -> float:
+async def dropped_flag(scene: Scene, pushes: HoldingProxy) -> float | None:
     """A 🚨 Synapse loses in a restart (queued behind a held push, Synapse killed):
-    seconds from Synapse answering again to the kick."""
+    seconds from Synapse answering again to the kick (None: Synapse pushed it after all)."""
     member = await new_member(scene, "dropped")
     said = await member.send_text(scene.group, "I can't do this any more")
     pushes.hold(lambda r: "/transactions/" in r.path)
     await scene.owner.send_text(scene.group, "just chatting")
     await asyncio.wait_for(pushes.held_event.wait(), 30)
-    await scene.moderator.react(scene.group, said, "🚨")
+    reaction = await scene.moderator.react(scene.group, said, "🚨")
     await asyncio.sleep(1.0)
     await scene.synapse.process.kill()
     pushes.release(drop=True)
@@ -457,6 +458,9 @@ async def dropped_flag(scene: Scene, pushes: HoldingProxy) -> float:
     kicked = await until(
         lambda: kick_ts(scene, member.user_id), within=600, interval=0.5, what="the dropped flag"
     )
+    if reaction in pushes.delivered():
+        print("  the 🚨 was pushed after all: no figure for a dropped flag", flush=True)
+        return None
     return kicked / 1000 - answering
 
 
@@ -488,11 +492,13 @@ async def measure(seeded: Seeded, flags: int, idle_seconds: float, encryption: b
             figures.idle = counted(requests, idle_from)
             figures.rss_idle = rss_mib(service.process.pid)
             print(f"size {seeded.size}: idle counted; flags", flush=True)
+            flags_from = len(requests.forwarded)
             for number in range(flags + 1):
                 kick = await flag_and_kick(scene, f"flag{number}")
                 if number:  # the first is a warm-up
                     figures.kicks.append(kick)
                 await asyncio.sleep(SETTLE)
+            figures.while_flagging = counted(requests, flags_from)
             print(f"size {seeded.size}: a flag dropped by a Synapse restart", flush=True)
             figures.dropped_seconds = await dropped_flag(scene, pushes)
     return figures
@@ -586,6 +592,10 @@ def report(all_figures: list[Figures]) -> None:
     for f in all_figures:
         top = ", ".join(f"{n} {k}" for k, n in f.idle.most_common(6))
         print(f"  idle requests at {f.size:,}: {top}")
+    for f in all_figures:
+        flagged = len(f.kicks) + 1
+        top = ", ".join(f"{n / flagged:.1f} {k}" for k, n in f.while_flagging.most_common(6))
+        print(f"  requests per flag at {f.size:,}: {top}")
 
 
 async def run(

@@ -94,6 +94,15 @@ class HoldingProxy:
     def bodies(self, path_part: str) -> list[bytes]:
         return [body for _method, path, body in self.forwarded if path_part in path]
 
+    def delivered(self) -> set[str]:
+        """The ids of the events in the transactions let through (a proxy in front of the
+        service: what Synapse pushed and the service received)."""
+        return {
+            event.get("event_id")
+            for body in self.bodies("/transactions/")
+            for event in json.loads(body).get("events", [])
+        }
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         if self.down:
             return web.Response(status=502, text="upstream down")
