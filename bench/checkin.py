@@ -33,32 +33,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appservice.config import load_config
-from appservice.database import create_engine, upgrade
-from appservice.digest_key import load_digest_key
+from appservice.database import create_engine
 from appservice.service import Service
 from bench.memory import rss_mib
-from bot.steps import CASE_STEPS
+from bench.seeding import CHECKIN_AFTER, WaitingCase, seed_waiting_cases
 from bot.store import cases
-from bot.store.audit import Provenance
 from bot.store.schema import case_steps
-from bot.store.schema import cases as cases_table
 from tests.support.scene import build_scene, service_config
 from tests.support.synapse import start_synapse
 
-CHECKIN_AFTER = dt.timedelta(days=7)  # flagged over the past week, due over the next
 FIRST_DUE_AFTER_START = 3.0  # seconds
-# What a case waiting for its check-in has done already, and what waits on the check-in.
-WAITING = ("checkin", "checkin_notice", "checkin_reminder")
-SKIPPED = {"escalate": "staff have dealt with it"}
 FLOOR_QUERY = (
     "SELECT c.id, c.due_at, c.next_attempt_at FROM cases c "
     "JOIN case_steps s ON s.case_id = c.id "
@@ -74,96 +64,17 @@ def sqlite_path(database_url: str) -> str:
 
 
 async def seed(config_path: Path, pending: int, member: str) -> None:
-    config = load_config(config_path)
-    provenance = Provenance(
-        config.policy.policy_version,
-        config.config_hash,
-        digest_key=load_digest_key(config, create=True) or b"",
-    )
-    engine = create_engine(config.database_url)
-    await upgrade(engine)
-    now = dt.datetime.now(dt.UTC)
-    server = config.bot_user_id.split(":", 1)[1]
-    span = dt.timedelta(days=7) - dt.timedelta(hours=1)
-    done_steps = [s for s in CASE_STEPS if s not in WAITING and s not in SKIPPED]
-    step_rows: list[dict[str, Any]] = []
-    case_rows: list[dict[str, Any]] = []
-    async with engine.begin() as conn:
-        for number in range(1, pending + 1):
-            # Case 1's due time is set just before the start (see `arm_first`).
-            due = now + dt.timedelta(hours=1) + span * (number / pending)
-            flagged = due - CHECKIN_AFTER
-            flag = cases.NewFlag(
-                room_id=f"!group:{server}",
-                member_id=member if number == 1 else f"@bench-{number}:{server}",
-                flagger=f"@moderator:{server}",
-                method="reaction",
-                flag_event_id=f"$flag-{number}",
-                target_event_id=f"$said-{number}",
-                reason=None,
-                flagged_at=flagged,
-                received_at=flagged,
-            )
-            opened = await cases.open_or_corroborate(
-                conn, provenance, flag, steps=list(CASE_STEPS), dry_run=False, due_at=due
-            )
-            assert opened.created and opened.case_id == number
-            finished = flagged + dt.timedelta(seconds=2)
-            for step in done_steps:
-                result = {"due_at": due.isoformat()} if step == "schedule" else {}
-                step_rows.append({"c": number, "s": step, "st": "done", "r": result, "f": finished})
-            acked = finished + dt.timedelta(minutes=5)
-            for step, why in SKIPPED.items():
-                step_rows.append(
-                    {"c": number, "s": step, "st": "skipped", "r": {"why": why}, "f": acked}
-                )
-            case_rows.append(
-                {
-                    "c": number,
-                    "dm": f"!dm-{number}:{server}",
-                    "debrief": f"!debrief-{number}:{server}",
-                    "alert": f"$alert-{number}",
-                    "acked": f"@staff:{server}",
-                    "dealt": acked,
-                    # What the engine sets after the last immediate step: the check-in's time.
-                    "next": due,
-                }
-            )
-        if case_rows:
-            await finish_seeded_steps(conn, step_rows, case_rows)
-    await engine.dispose()
-
-
-async def finish_seeded_steps(
-    conn: AsyncConnection, step_rows: list[dict[str, Any]], case_rows: list[dict[str, Any]]
-) -> None:
-    """What the engine recorded as each immediate step finished, all at once."""
-    param = sa.bindparam
-    await conn.execute(
-        case_steps.update()
-        .where(case_steps.c.case_id == param("c"), case_steps.c.step == param("s"))
-        .values(
-            status=param("st"),
-            attempts=1,
-            started_at=param("f"),
-            finished_at=param("f"),
-            result=param("r"),
-        ),
-        step_rows,
-    )
-    await conn.execute(
-        cases_table.update()
-        .where(cases_table.c.id == param("c"))
-        .values(
-            dm_room_id=param("dm"),
-            debrief_room_id=param("debrief"),
-            alert_event_id=param("alert"),
-            alert_acked_by=param("acked"),
-            dealt_with_at=param("dealt"),
-            next_attempt_at=param("next"),
-        ),
-        case_rows,
-    )
+    """Room ids the bot is not in (bench/scale.py seeds real rooms)."""
+    server = load_config(config_path).bot_user_id.split(":", 1)[1]
+    waiting = [
+        WaitingCase(
+            member=member if number == 1 else f"@bench-{number}:{server}",
+            dm_room=f"!dm-{number}:{server}",
+            debrief_room=f"!debrief-{number}:{server}",
+        )
+        for number in range(1, pending + 1)
+    ]
+    await seed_waiting_cases(config_path, f"!group:{server}", f"@moderator:{server}", waiting)
 
 
 async def seed_in_child(config_path: Path, pending: int, member: str) -> None:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -40,14 +39,6 @@ async def drop_what_synapse_queues(scene: Scene, proxy: HoldingProxy, act: Any) 
     await asyncio.sleep(1.0)
     await scene.synapse.restart(kill=True)
     proxy.release(drop=True)
-
-
-def delivered(proxy: HoldingProxy) -> set[str]:
-    return {
-        event.get("event_id")
-        for body in proxy.bodies("/transactions/")
-        for event in json.loads(body).get("events", [])
-    }
 
 
 async def test_invites_dropped_by_a_synapse_restart_are_handled(restartable_synapse, tmp_path):
@@ -88,7 +79,7 @@ async def test_invites_dropped_by_a_synapse_restart_are_handled(restartable_syna
                 and event.get("state_key") == BOT
                 and event["content"].get("membership") == "invite"
             }
-            assert len(invites) == 2 and not invites & delivered(proxy), "Synapse dropped both"
+            assert len(invites) == 2 and not invites & proxy.delivered(), "Synapse dropped both"
 
 
 async def test_replies_in_a_closed_cases_dm_and_a_debrief_dropped_by_a_restart_reach_staff(
@@ -125,7 +116,7 @@ async def test_replies_in_a_closed_cases_dm_and_a_debrief_dropped_by_a_restart_r
                     within=90,
                     what=f"{text!r} relayed to staff",
                 )
-            assert not set(replies.values()) & delivered(proxy), "Synapse dropped both"
+            assert not set(replies.values()) & proxy.delivered(), "Synapse dropped both"
 
 
 async def idle_requests(proxy: HoldingProxy, seconds: float) -> int:

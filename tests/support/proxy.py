@@ -54,6 +54,8 @@ class HoldingProxy:
         self.requested: list[str] = []  # every request's path and query, as it came
         self.in_flight: Counter[str] = Counter()  # requests by path, waiting upstream now
         self.most_in_flight: Counter[str] = Counter()  # the most ever waiting at once
+        # (path and query, bytes) of what upstream answered
+        self.answer_sizes: list[tuple[str, int]] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -101,6 +103,15 @@ class HoldingProxy:
     def bodies(self, path_part: str) -> list[bytes]:
         return [body for _method, path, body in self.forwarded if path_part in path]
 
+    def delivered(self) -> set[str]:
+        """The ids of the events in the transactions let through (a proxy in front of the
+        service: what Synapse pushed and the service received)."""
+        return {
+            event.get("event_id")
+            for body in self.bodies("/transactions/")
+            for event in json.loads(body).get("events", [])
+        }
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.requested.append(str(request.rel_url))
         path = request.path
@@ -141,6 +152,7 @@ class HoldingProxy:
             answer = await upstream.read()
             self.forwarded.append((request.method, request.path, body))
             self.answers.append((request.path, upstream.status))
+            self.answer_sizes.append((request.path_qs, len(answer)))
             if lose:
                 self.lost_answers.append(f"{request.method} {request.path}")
                 return web.Response(status=502, text="answer lost")
