@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from appservice.logs import setup_logging
-from bot.store import audit
+from bot.store import audit, ingest
 from tests.support.matrix_user import q
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
@@ -443,6 +443,15 @@ async def test_a_flag_removed_before_the_bot_reached_it_is_not_acted_on(synapse,
     config = scene_config(scene, reconcile={"settle": "60s"})
     async with running_service(config) as service:
         await open_group_room(scene)
+        # The safety net's start (a catch-up of every room) over, and pushes flowing.
+        await until(lambda: service.catch_up.rounds >= 1, within=60, what="the first sync")
+        probe = await scene.owner.send_text(scene.group, "hello")
+
+        async def pushed() -> bool:
+            async with service.engine.connect() as conn:
+                return not await ingest.not_seen(conn, {probe})
+
+        await until(pushed, within=60, what="a push")
         await service.flag_worker.stop()  # a backlog: the flag waits its turn
         said = await scene.member.send_text(scene.group, "I'm fine really")
         reaction = await scene.moderator.react(scene.group, said, "🚨")
@@ -454,8 +463,6 @@ async def test_a_flag_removed_before_the_bot_reached_it_is_not_acted_on(synapse,
 
         async def both_queued() -> bool:
             async with service.engine.connect() as conn:
-                from bot.store import ingest
-
                 pending = await ingest.pending(conn)
             return {item.event_type for item in pending} >= {"m.reaction", "m.room.redaction"}
 
