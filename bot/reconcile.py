@@ -37,6 +37,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.background import TriggeredLoop
 from bot.intake import Intake, StorageUnavailable, well_formed
 from bot.ports import HomeserverUnavailable, Refused, Timeline
 from bot.settings import ReconcileSettings
@@ -71,7 +72,9 @@ def settled_part(
     return events
 
 
-class Reconciler:
+class Reconciler(TriggeredLoop):
+    TASK_NAME = "reconcile"
+
     def __init__(
         self,
         db: AsyncEngine,
@@ -103,20 +106,6 @@ class Reconciler:
         # Rooms whose latest events were left to settle: read again (they alone) once
         # those have, while every room waits for the next full round.
         self._unsettled: set[str] = set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reconcile")
-
-    def trigger(self) -> None:
-        """A gap just ended (e.g. the homeserver answers again): catch up now."""
-        self._trigger.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -40,6 +40,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.background import TriggeredLoop
 from bot.intake import StorageUnavailable
 from bot.notice_reads import NoticeReads
 from bot.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom, Syncing
@@ -59,7 +60,9 @@ RETRY_MAX_SECONDS = 8.0
 SETTLE_POLL_SECONDS = 0.1
 
 
-class SafetyNet:
+class SafetyNet(TriggeredLoop):
+    TASK_NAME = "safety-net"
+
     def __init__(
         self,
         db: AsyncEngine,
@@ -97,20 +100,6 @@ class SafetyNet:
     @property
     def caught_up(self) -> int:
         return self._reconciler.caught_up
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="safety-net")
-
-    def trigger(self) -> None:
-        """A gap just ended (the homeserver answers again): sync now, not after a backoff."""
-        self._trigger.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _loop(self) -> None:
         delay = 1.0
