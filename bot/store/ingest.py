@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.store.outages import is_database_outage
-from bot.store.schema import inbox, seen_events, transactions
+from bot.store.schema import epoch_millis, inbox, seen_events, transactions
 from bot.store.writer_thread import WriterThread
 
 
@@ -115,9 +115,13 @@ def _record_sqlite_rows(
     event_ids: Sequence[str],
     queue: list[tuple[str, str, str, str, int]],
     received: Any,
+    seen_at: int,
     caught_up: bool,
 ) -> tuple[int, int]:
-    """One SQLite write transaction, all of it on the calling thread: (queued, new events)."""
+    """One SQLite write transaction, all of it on the calling thread: (queued, new events).
+
+    `received`: the time as the transaction and inbox rows store it; `seen_at`: the same
+    time as `seen_events` stores it, integer milliseconds (bot/store/schema.py)."""
     conn.execute("BEGIN IMMEDIATE")  # waits for another process's lock: the busy timeout
     try:
         conn.execute(_SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids)))
@@ -131,7 +135,7 @@ def _record_sqlite_rows(
         new_events = 0
         if event_ids:
             new_events = conn.executemany(
-                _SQLITE_EVENTS, [(event_id, received) for event_id in event_ids]
+                _SQLITE_EVENTS, [(event_id, seen_at) for event_id in event_ids]
             ).rowcount
         conn.execute("COMMIT")
     except BaseException:
@@ -287,7 +291,14 @@ class TransactionRecorder:
             # the pragma is set again only when it changes.
             left_ms = max(100, int((deadline - loop.time()) * 10) * 100)
             queued, new_events = await self._thread.run(
-                self._sqlite_write, left_ms, txn_id, event_ids, queue, self._stamp(now), caught_up
+                self._sqlite_write,
+                left_ms,
+                txn_id,
+                event_ids,
+                queue,
+                self._stamp(now),
+                epoch_millis(now),
+                caught_up,
             )
         finally:
             await turn.__aexit__(None, None, None)

@@ -35,6 +35,36 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return None if value is None else value.replace(tzinfo=dt.UTC)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def epoch_millis(value: dt.datetime) -> int:
+    """An aware datetime as whole milliseconds since the Unix epoch."""
+    return (value - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
+class EpochMillis(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes stored as integer milliseconds since the epoch.
+
+    For SQLite's `seen_events`, one row per event delivered: an 8-byte integer where a
+    datetime is 26 characters of text, which made recording a transaction about a
+    quarter slower (measured for issue 22). The intake's hot path binds the integer
+    itself (`epoch_millis`); everything else reads and writes datetimes through this."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored: use aware UTC")
+        return epoch_millis(value)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else _EPOCH + dt.timedelta(milliseconds=value)
+
+
 # Every transaction id Synapse sent, so a retried transaction is acknowledged
 # without reprocessing, across restarts. Pruned after database.dedupe_retention_days.
 transactions = sa.Table(
@@ -50,7 +80,8 @@ seen_events = sa.Table(
     "seen_events",
     metadata,
     sa.Column("event_id", sa.String(255), primary_key=True),
-    sa.Column("received_at", UTCDateTime, nullable=False),
+    # PostgreSQL keeps a timestamp: its statement binds one value for every row.
+    sa.Column("received_at", UTCDateTime().with_variant(EpochMillis(), "sqlite"), nullable=False),
 )
 # For the prune only, so as cheap to keep as can be: on PostgreSQL a BRIN index (the
 # column only grows); SQLite has none and prunes by rowid (bot/store/ingest.py).

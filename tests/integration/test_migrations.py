@@ -66,3 +66,35 @@ async def test_an_older_database_keeps_its_own_first_start(engine):
         first = await positions.database_first_started(conn)
     assert first is not None
     assert abs(first - entry.at) < dt.timedelta(seconds=1), "the first record, not the upgrade"
+
+
+async def test_event_ids_recorded_before_0010_keep_their_time_and_are_pruned_by_it(engine):
+    """0010 stores SQLite's `seen_events.received_at` as milliseconds: rows recorded as
+    text before it keep their time, and the prune still tells old from recent."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from bot.store import ingest
+    from bot.store.schema import seen_events
+
+    await upgrade(engine, "0009")
+    old = dt.datetime(2026, 1, 2, 3, 4, 5, 678000)
+    recent = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text("INSERT INTO seen_events (event_id, received_at) VALUES (:e, :t)"),
+            [{"e": "$old", "t": old}, {"e": "$recent", "t": recent}],
+        )
+    await upgrade(engine)
+    async with engine.connect() as conn:
+        stored = dict((await conn.execute(sa.select(seen_events))).all())
+    assert stored == {
+        "$old": old.replace(tzinfo=dt.UTC),
+        "$recent": recent.replace(tzinfo=dt.UTC),
+    }
+    async with engine.begin() as conn:
+        removed = await ingest.prune(conn, dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    assert removed == 1
+    async with engine.connect() as conn:
+        assert await ingest.not_seen(conn, ["$old", "$recent"]) == {"$old"}
