@@ -27,7 +27,9 @@ and a flag among them with it). A homeserver with bridges makes gaps all the tim
 ids are theirs), so a gap alone is no reason to nudge. The sign that a gap is ours is
 the safety net (bot/safety_net.py, bot/reconcile.py) finding events the push never
 brought: a stranded gap is nudged only when that happened since shortly before it
-opened (`EVIDENCE_BEFORE`). Every gap is still logged and counted. A nudged gap that is
+opened (`EVIDENCE_BEFORE`). Every gap is still counted, and logged: as a warning only
+with that sign, else at INFO; one the sign never comes for is forgotten after
+`FORGET_AFTER`, so the gaps a homeserver with bridges makes never pile up. A nudged gap that is
 not resent (a number Synapse skipped, one the network swallowed after Synapse had its
 200) is given up, and each nudge that recovers nothing doubles the wait before the next.
 The safety net has caught up the events of any gap that is never filled.
@@ -64,6 +66,9 @@ MAX_ID_DIGITS = 18
 # A gap is nudged only if the safety net found events the push never brought since this
 # long before the gap opened (the sync finds them a settle time after they were sent).
 EVIDENCE_BEFORE = 60.0
+# A stranded gap no such evidence has come for this long after it opened is forgotten:
+# another appservice's id (with bridges, most gaps are), not one to nudge or to keep.
+FORGET_AFTER = 120.0
 
 Outcome = Literal[
     "ignored",
@@ -97,6 +102,8 @@ class Gap:
 class Swept:
     stranded: list[int] = field(default_factory=list)  # gaps that just passed STRANDED_AFTER
     abandoned: list[int] = field(default_factory=list)  # nudged and still open: given up
+    forgotten: list[int] = field(default_factory=list)  # never evidenced: not ours, dropped
+    evidenced: bool = False  # some of `stranded` are likely ours (events were missed)
 
 
 class GapTracker:
@@ -111,8 +118,10 @@ class GapTracker:
         nudge_wait: float = NUDGE_WAIT,
         max_jump: int = MAX_JUMP,
         max_gaps: int = MAX_GAPS,
+        forget_after: float = FORGET_AFTER,
     ) -> None:
         self.max_gaps = max_gaps
+        self.forget_after = forget_after
         self.stranded_after = stranded_after
         self.nudge_every = nudge_every
         self.nudge_every_max = nudge_every_max
@@ -131,6 +140,11 @@ class GapTracker:
     def missed(self, now: float) -> None:
         """The safety net found events the push never brought: a gap is likely ours."""
         self._missed_at = now
+
+    def evidenced(self, gap: Gap) -> bool:
+        """Whether the safety net has found events the push never brought since shortly
+        before this gap opened: then the gap is likely ours."""
+        return self._missed_at >= gap.opened - EVIDENCE_BEFORE
 
     @property
     def backing_off(self) -> bool:
@@ -212,9 +226,7 @@ class GapTracker:
         waiting = [
             gap
             for gap in self.gaps.values()
-            if gap.stranded
-            and gap.nudged_at is None
-            and self._missed_at >= gap.opened - EVIDENCE_BEFORE
+            if gap.stranded and gap.nudged_at is None and self.evidenced(gap)
         ]
         if not waiting or now - self._last_nudge < self._interval:
             return False
@@ -225,14 +237,26 @@ class GapTracker:
         return True
 
     def sweep(self, now: float) -> Swept:
-        """Gaps that just became stranded, and nudged ones given up (dropped)."""
+        """Gaps that just became stranded, nudged ones given up and ones never evidenced
+        forgotten (both dropped)."""
         swept = Swept()
         for number, gap in sorted(self.gaps.items()):
             if not gap.stranded and now - gap.opened >= self.stranded_after:
                 gap.stranded = True
                 swept.stranded.append(number)
+                swept.evidenced = swept.evidenced or self.evidenced(gap)
             elif gap.nudged_at is not None and now - gap.nudged_at >= self.nudge_wait:
                 swept.abandoned.append(number)
+            elif (
+                gap.stranded
+                and gap.nudged_at is None
+                and now - gap.opened >= self.forget_after
+                and not self.evidenced(gap)
+            ):
+                swept.forgotten.append(number)
+        for number in swept.forgotten:
+            del self.gaps[number]
+            self._know(number)
         excess = len(self.gaps) - len(swept.abandoned) - self.max_gaps
         if excess > 0:
             kept = [number for number in sorted(self.gaps) if number not in swept.abandoned]
@@ -305,10 +329,13 @@ class StrandedWatch:
 
     async def tick(self) -> None:
         now = self._clock()
-        # While nudges recover nothing (another appservice shares the numbering), new
-        # gaps are likely not strands: told at INFO, many in one line.
-        level = logging.INFO if self.tracker.backing_off else logging.WARNING
+        # A gap is a warning only with a sign that it is ours (the safety net found events
+        # the push never brought) and while nudges still recover what they ask for. Else
+        # it is likely another appservice's id (they share the numbering): told at INFO,
+        # many in one line, as a homeserver with bridges makes them all the time.
+        quiet = self.tracker.backing_off  # as it was before this sweep's give-ups
         swept = self.tracker.sweep(now)
+        level = logging.WARNING if swept.evidenced and not quiet else logging.INFO
         if swept.stranded:
             self._metrics.stranded.inc(len(swept.stranded))
             log.log(
@@ -319,10 +346,16 @@ class StrandedWatch:
                 _ids(swept.stranded),
                 self.tracker.stranded_after,
             )
+        if swept.forgotten:
+            self._metrics.stranded_resolved.labels("forgotten").inc(len(swept.forgotten))
+            log.debug(
+                "transaction %s forgotten: no event went missing around it (not ours)",
+                _ids(swept.forgotten),
+            )
         if swept.abandoned:
             self._metrics.stranded_resolved.labels("abandoned").inc(len(swept.abandoned))
             log.log(
-                level,
+                logging.INFO if quiet else logging.WARNING,
                 "transaction %s not resent after a nudge: given up (not ours, or lost after "
                 "the homeserver had its answer); catch-up reads its rooms",
                 _ids(swept.abandoned),

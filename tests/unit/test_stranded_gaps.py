@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.metrics import Metrics
-from bot.stranded import PING_AFTER, GapTracker, StrandedWatch, sequential_id
+from bot.stranded import (
+    FORGET_AFTER,
+    PING_AFTER,
+    STRANDED_AFTER,
+    GapTracker,
+    StrandedWatch,
+    sequential_id,
+)
 
 
 def tracker(*, evidence: bool = True, **options: float) -> GapTracker:
@@ -212,7 +219,7 @@ def test_gaps_are_exactly_the_ids_not_seen_and_nudges_are_bounded(count, dropped
     for n, step in zip(delivered, steps, strict=False):
         now += step
         swept = gaps.sweep(now)
-        abandoned.update(swept.abandoned)
+        abandoned.update(swept.abandoned, swept.forgotten)
         stranded.update(swept.stranded)
         if gaps.nudge(str(n), now):
             nudges.append(now)
@@ -315,3 +322,50 @@ async def test_after_a_nudge_that_recovered_nothing_new_gaps_are_told_at_info(ca
     (line,) = [r for r in caplog.records if "5 … 13 (5 ids) missing" in r.getMessage()]
     assert line.levelno == logging.INFO
     assert sample(metrics, "safeguard_stranded_transactions_total") == 6
+
+
+def test_a_gap_no_missed_event_points_to_is_forgotten_never_nudged():
+    """With bridges on the homeserver most gaps are their ids: without a sign that a gap is
+    ours it is told quietly, never nudged, and forgotten, so open gaps do not pile up."""
+    gaps = tracker(evidence=False)
+    gaps.recorded("1", 0.0)
+    gaps.recorded("3", 0.0)
+    swept = gaps.sweep(STRANDED_AFTER)
+    assert swept.stranded == [2] and not swept.evidenced
+    assert not gaps.nudge("4", STRANDED_AFTER)
+    assert gaps.sweep(FORGET_AFTER - 1).forgotten == []
+    assert gaps.sweep(FORGET_AFTER).forgotten == [2]
+    assert gaps.gaps == {}
+    assert gaps.recorded("2", FORGET_AFTER + 1) == "retry", "known, so never a gap again"
+
+
+def test_evidence_keeps_a_gap_to_nudge_and_makes_its_line_a_warning():
+    gaps = tracker(evidence=False)
+    gaps.recorded("1", 0.0)
+    gaps.recorded("3", 0.0)
+    gaps.missed(1.0)
+    swept = gaps.sweep(STRANDED_AFTER)
+    assert swept.evidenced
+    assert gaps.sweep(FORGET_AFTER).forgotten == []
+    assert gaps.nudge("4", FORGET_AFTER)
+
+
+async def test_gaps_without_evidence_are_told_at_info(caplog):
+    metrics, clock = Metrics(), Clock()
+
+    async def ping() -> None:
+        pass
+
+    watch = StrandedWatch(metrics, ping, clock=clock)
+    with caplog.at_level(logging.DEBUG, logger="bot.stranded"):
+        watch.recorded("1")
+        watch.recorded("3")
+        clock.now = STRANDED_AFTER
+        await watch.tick()
+        clock.now = FORGET_AFTER
+        await watch.tick()
+    (line,) = [r for r in caplog.records if "transaction 2 missing" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    labels = {"outcome": "forgotten"}
+    assert sample(metrics, "safeguard_stranded_transactions_resolved_total", **labels) == 1
