@@ -7,7 +7,8 @@ given the power it needs by the bot when the bot may change power levels), never
 the flag path: an action in a room where it is not seated — not yet, or it lost its
 power — is done by the bot, at once. Safety comes before discretion: the member is
 removed either way. Where it cannot be seated, /health's detail and the log say what
-power it needs there.
+power it needs there, and staff are told (once per room and reason, and again once it
+can act there after all).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from bot.authorization import event_level, moderation_level, power_level
@@ -40,6 +41,7 @@ class ModerationUser:
         user_id: str,
         displayname: str,
         rooms: Callable[[], Iterable[str]],
+        tell_staff: Callable[[str, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.user_id = user_id
         self._hs = homeserver
@@ -49,6 +51,11 @@ class ModerationUser:
         self._seated: set[str] = set()
         # Rooms it could not be seated in: why, and when it was last tried (monotonic).
         self.unseated: dict[str, tuple[str, float]] = {}
+        # Told to staff by `run` (room, why; None: it can act there again), in order:
+        # `unseat` is called on an action's path, which must not wait for the database.
+        self._tell_staff = tell_staff
+        self._news: list[tuple[str, str | None]] = []
+        self._told: dict[str, str] = {}  # the reason staff were last told, by room
 
     def seated_in(self, room_id: str) -> bool:
         return room_id in self._seated
@@ -58,6 +65,23 @@ class ModerationUser:
         self._seated.discard(room_id)
         self.unseated[room_id] = (why, time.monotonic())
         log.warning("the moderation user cannot act in %s (%s): the bot acts there", room_id, why)
+        self._news_of(room_id, why)
+
+    def _news_of(self, room_id: str, why: str | None) -> None:
+        """Staff hear of a room it cannot act in once per reason, and of its return once."""
+        if why is None:
+            if self._told.pop(room_id, None) is not None:
+                self._news.append((room_id, None))
+        elif self._told.get(room_id) != why:
+            self._told[room_id] = why
+            self._news.append((room_id, why))
+
+    async def tell_news(self) -> None:
+        """Tell staff what changed, in order; what cannot be told yet is kept for later."""
+        while self._news and self._tell_staff is not None:
+            room_id, why = self._news[0]
+            await self._tell_staff(room_id, why)
+            self._news.pop(0)
 
     def status(self) -> dict[str, object]:
         return {
@@ -76,6 +100,7 @@ class ModerationUser:
                 await self.seat_everywhere()
             except HomeserverUnavailable as exc:
                 log.info("seating the moderation user waits: %s", exc)
+            await self.tell_news()
             await asyncio.sleep(LOOK_SECONDS)
 
     async def seat_everywhere(self) -> None:
@@ -94,6 +119,7 @@ class ModerationUser:
             else:
                 self.unseated[room_id] = (why, now)
                 log.warning("the moderation user cannot act in %s: %s", room_id, why)
+            self._news_of(room_id, why)
 
     async def _seat(self, room_id: str) -> str | None:
         """Join it to the room with the power it needs; why not, if it cannot be."""

@@ -155,6 +155,7 @@ class Service:
                 config.moderation_user_id,
                 config.appservice.moderation_displayname,
                 rooms=lambda: self.rooms.moderated,
+                tell_staff=self._moderation_news,
             )
             self.homeserver.moderation = self.moderation
         self.connected = asyncio.Event()
@@ -512,6 +513,24 @@ class Service:
                 content=self.texts.encryption_broken(why=why),
                 plain=why is not None,
             )
+
+    async def _moderation_news(self, room_id: str, why: str | None) -> None:
+        """The moderation user cannot act in a room (the bot acts there, under its own
+        name), or can again: recorded, and staff told."""
+        assert self.moderation is not None
+        moderator = self.moderation.user_id
+        if why is None:
+            kind = "moderation_user_seated"
+            content = self.texts.moderation_seated(moderator=moderator, room=room_id)
+        else:
+            kind = "moderation_user_unseated"
+            content = self.texts.moderation_unseated(moderator=moderator, room=room_id, why=why)
+        await self._record_and_tell(
+            kind,
+            facts={},
+            personal={"room": room_id, **({"why": why} if why else {})},
+            content=content,
+        )
 
     async def _record_and_tell(
         self,

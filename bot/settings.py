@@ -286,6 +286,8 @@ class MessageTemplates(_Strict):
     join_failed: str | None = None
     room_removed: str | None = None
     powers_lost: str | None = None
+    moderation_unseated: str | None = None
+    moderation_seated: str | None = None
     processing_failed: str | None = None
     undecryptable: str | None = None
     undecryptable_summary: str | None = None

@@ -238,6 +238,15 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "My power level in {room} was changed: {powers}",
         frozenset({"room", "powers"}),
     ),
+    "moderation_unseated": (
+        "{moderator} cannot act in {room}: {why}. Until it can, I remove members, redact "
+        "flags and post the room notice there myself, under my own name.",
+        frozenset({"moderator", "room", "why"}),
+    ),
+    "moderation_seated": (
+        "{moderator} can act in {room} again: removals and the room notice there come from it.",
+        frozenset({"moderator", "room"}),
+    ),
     "processing_failed": (
         "An event could not be processed ({event} in {room}). It may have been a flag: "
         "please check that room now and act by hand if needed.",

@@ -526,6 +526,12 @@ class Texts:
         powers = self._powers(can_kick, can_redact)
         return notice(self.text("powers_lost", room=room, powers=powers))
 
+    def moderation_unseated(self, *, moderator: str, room: str, why: str) -> dict[str, Any]:
+        return notice(self.text("moderation_unseated", moderator=moderator, room=room, why=why))
+
+    def moderation_seated(self, *, moderator: str, room: str) -> dict[str, Any]:
+        return notice(self.text("moderation_seated", moderator=moderator, room=room))
+
     def processing_failed(self, *, event_id: str, room: str) -> dict[str, Any]:
         return notice(self.text("processing_failed", event=event_id, room=room))
 

@@ -356,7 +356,8 @@ async def test_a_moderation_user_acts_so_the_room_sees_nothing_of_safeguarding(s
 
 async def test_without_power_the_moderation_user_stands_aside_and_the_bot_acts(synapse, tmp_path):
     """Safety before discretion: where the moderation user cannot be given the power to
-    act, the bot removes the member all the same, and /health's detail says what to do."""
+    act, the bot removes the member all the same, and staff and /health's detail say what
+    to do."""
     scene = await build_scene(synapse, tmp_path)
     moderation = f"@{MODERATION_LOCALPART}:{synapse.server_name}"
     config = with_moderation_user(configure(scene))
@@ -369,6 +370,12 @@ async def test_without_power_the_moderation_user_stands_aside_and_the_bot_acts(s
 
         why = await until(not_seated, what="the room where it cannot act, on /health")
         assert f"give {moderation} power level 50" in why
+        told = await until(
+            lambda: scene.staff_matching(lambda text: "cannot act in" in text),
+            what="staff told where the moderation user cannot act",
+        )
+        assert f"{moderation} cannot act in {scene.group}" in told[0]
+        assert f"give {moderation} power level 50" in told[0]
         said = await scene.member.send_text(scene.group, "I can't do this any more")
         await scene.moderator.react(scene.group, said, "🚨")
         await until(lambda: kick_event(scene, scene.member), what="the removal, by the bot")
