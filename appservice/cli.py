@@ -223,7 +223,7 @@ async def _with_db(config: Config, work: Callable[[Any], Awaitable[int]]) -> int
 
 
 def cmd_cases(args: argparse.Namespace, config: Config) -> int:
-    from bot import records
+    from bot.cases import records
     from bot.store import cases
 
     async def listing(conn: Any) -> int:
@@ -268,7 +268,7 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, config: Config) -> int:
-    from bot.audit_chain import ChainVerifier
+    from bot.core.audit_chain import ChainVerifier
     from bot.store import audit
 
     anchor = None
@@ -299,7 +299,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         return 1
 
     async def purge_now() -> int:
-        from bot.retention import purge
+        from bot.cases.retention import purge
         from bot.store.audit import Provenance
 
         days = args.days if args.days is not None else config.retention_days

@@ -32,7 +32,7 @@ from sqlalchemy.exc import ArgumentError
 from appservice.errors import ConfigError
 from appservice.registration import load_registration
 from appservice.webhook import webhook_problem
-from bot.settings import (
+from bot.config.settings import (
     DEFAULT_RETENTION_DAYS,
     AuditSettings,
     CheckinSettings,
@@ -43,7 +43,7 @@ from bot.settings import (
     coerce_duration,
     default_resources,
 )
-from bot.templates import validate_templates
+from bot.texts.templates import validate_templates
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 

@@ -80,7 +80,7 @@ from nio.exceptions import EncryptionError, LocalProtocolError
 
 from appservice.homeserver import BotClient
 from appservice.key_sharing import KeySharing
-from bot.ports import EncryptionUnavailable, HomeserverUnavailable
+from bot.core.ports import EncryptionUnavailable, HomeserverUnavailable
 
 log = logging.getLogger(__name__)
 

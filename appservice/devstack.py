@@ -4,7 +4,7 @@ The first run creates `.dev/` (Synapse config, registration, service config,
 credentials, room ids); later runs reuse it. Rooms are created, and staff invite
 the bot, before the service starts (the staff room's id goes into the service
 config): whatever Synapse's push of those invites does meanwhile, the bot's own
-sync finds them once the service runs (bot/safety_net.py).
+sync finds them once the service runs (bot/intake/safety_net.py).
 """
 
 from __future__ import annotations

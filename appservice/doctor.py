@@ -34,10 +34,10 @@ from aiohttp import web
 from appservice.config import Config, check_runnable, load_config
 from appservice.errors import ConfigError
 from appservice.registration import Registration, load_registration
-from bot.authorization import event_level, moderation_level, power_level
-from bot.membership import room_powers
-from bot.room_state import Snapshot, snapshot
-from bot.staff_room import PIN, not_staffs_room
+from bot.moderation.authorization import event_level, moderation_level, power_level
+from bot.moderation.membership import room_powers
+from bot.moderation.room_state import Snapshot, snapshot
+from bot.rooms.staff_room import PIN, not_staffs_room
 
 Status = Literal["ok", "warn", "fail"]
 MARKS: dict[Status, str] = {"ok": "✓", "warn": "⚠", "fail": "✗"}

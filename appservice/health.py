@@ -29,9 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from appservice.database import write_heartbeat
 from appservice.homeserver import NioHomeserver
-from bot.intake import FLAG_LANE, LANES, Intake
-from bot.metrics import Metrics
-from bot.staff_room import StaffRoom
+from bot.core.metrics import Metrics
+from bot.intake.accept import FLAG_LANE, LANES, Intake
+from bot.rooms.staff_room import StaffRoom
 from bot.store import cases, ingest, outbox
 
 CHECK_SECONDS = 5.0

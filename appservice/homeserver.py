@@ -1,6 +1,6 @@
 """The bot's Client-Server API calls, through matrix-nio with the as_token.
 
-Implements `bot.ports.Homeserver`. Every call goes through `_call`, which tells
+Implements `bot.core.ports.Homeserver`. Every call goes through `_call`, which tells
 the three kinds of answer apart: success; a refusal the homeserver means
 (returned as `Refused`, for the workflow to record); and "not now" — network
 errors, 5xx, rate limits past nio's own retries, a rejected token — retried here
@@ -45,7 +45,7 @@ from nio.api import MessageDirection
 from nio.client.async_client import client_session
 
 from appservice.registration import ROOM_ALIAS_PREFIX
-from bot.ports import (
+from bot.core.ports import (
     MESSAGE_MARKER_KEY,
     ROOM_MARKER_KEY,
     Done,
@@ -400,7 +400,7 @@ class NioHomeserver:
             )
         return f"the homeserver answered HTTP {response.status}"
 
-    # ---- bot.ports.Homeserver ------------------------------------------------------------
+    # ---- bot.core.ports.Homeserver ------------------------------------------------------------
 
     async def _state_event(
         self, room_id: str, event_type: str, state_key: str = "", *, as_event: bool = False
@@ -887,7 +887,7 @@ class NioHomeserver:
                 return source.get("event_id")
         return None
 
-    # ---- bot.ports.Timeline ---------------------------------------------------------------
+    # ---- bot.core.ports.Timeline ---------------------------------------------------------------
 
     async def _messages(
         self, room_id: str, *, direction: str, token: str | None, limit: int

@@ -23,7 +23,7 @@ from nio import Api, ErrorResponse, RoomKeyRequest
 from nio.exceptions import EncryptionError
 
 from appservice.homeserver import ENCRYPTION
-from bot.ports import HomeserverUnavailable
+from bot.core.ports import HomeserverUnavailable
 
 log = logging.getLogger(__name__)
 

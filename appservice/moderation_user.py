@@ -19,8 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
-from bot.authorization import event_level, moderation_level, power_level
-from bot.ports import HomeserverUnavailable, Refused
+from bot.core.ports import HomeserverUnavailable, Refused
+from bot.moderation.authorization import event_level, moderation_level, power_level
 
 if TYPE_CHECKING:
     from appservice.homeserver import NioHomeserver

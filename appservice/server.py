@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.intake import Intake, StorageUnavailable, well_formed, without_lone_surrogates
-from bot.json_body import parse_body
-from bot.metrics import Metrics
-from bot.stranded import StrandedWatch
+from bot.core.metrics import Metrics
+from bot.intake.accept import Intake, StorageUnavailable, well_formed, without_lone_surrogates
+from bot.intake.json_body import parse_body
+from bot.intake.stranded import StrandedWatch
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class AppServiceServer:
         stranded = self._stranded
         if stranded is not None and stranded.refuse(txn_id):
             # A nudge: not recorded, so Synapse keeps it and resends it after the one it
-            # stranded (bot/stranded.py). Nothing is lost.
+            # stranded (bot/intake/stranded.py). Nothing is lost.
             self._metrics.transactions.labels("nudged").inc()
             return matrix_error(503, "M_UNKNOWN", "Resend from the oldest transaction")
         try:

@@ -38,38 +38,45 @@ from appservice.registration import load_registration
 from appservice.server import AppServiceServer
 from appservice.sync import BotSync
 from appservice.webhook import HttpWebhook
-from bot.authorization import power_level
-from bot.checkin_events import CheckinEvents
-from bot.delivery import OutboxDelivery
-from bot.deployment import Deployment
-from bot.dispatch import Classifier, Dispatcher, EventKind
-from bot.engine import StepEngine
-from bot.intake import DECRYPT_LANE, FLAG_LANE, OTHER_LANE, REFUSAL_LANE, ActionFilter, Intake
-from bot.membership import Membership
-from bot.metrics import Metrics
-from bot.notice_reads import NoticeReads
-from bot.ports import HomeserverUnavailable, Refused
-from bot.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
-from bot.recent_senders import RecentSenders
-from bot.reconcile import Reconciler
-from bot.referral import Referral
-from bot.relay import Relay
-from bot.reports import RefusalReports
-from bot.retention import purge
-from bot.room_admin import RoomAdmin
-from bot.room_state import RoomStateCache
-from bot.rooms import RoomDirectory
-from bot.safety_net import SafetyNet
-from bot.staff import StaffDirectory
-from bot.staff_room import StaffRoom
-from bot.staff_tools import StaffTools
+from bot.cases.engine import StepEngine
+from bot.cases.retention import purge
+from bot.checkin.events import CheckinEvents
+from bot.config.deployment import Deployment
+from bot.core.metrics import Metrics
+from bot.core.ports import HomeserverUnavailable, Refused
+from bot.core.timers import Timers
+from bot.core.worker import STOP_GRACE_SECONDS, Worker
+from bot.intake.accept import (
+    DECRYPT_LANE,
+    FLAG_LANE,
+    OTHER_LANE,
+    REFUSAL_LANE,
+    ActionFilter,
+    Intake,
+)
+from bot.intake.dispatch import Classifier, Dispatcher, EventKind
+from bot.intake.notice_reads import NoticeReads
+from bot.intake.recent_senders import RecentSenders
+from bot.intake.reconcile import Reconciler
+from bot.intake.safety_net import SafetyNet
+from bot.intake.stranded import StrandedWatch
+from bot.moderation.authorization import power_level
+from bot.moderation.membership import Membership
+from bot.moderation.room_state import RoomStateCache
+from bot.referral.decision import Referral
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
+from bot.rooms.refusal_reports import RefusalReports
+from bot.rooms.staff_room import StaffRoom
+from bot.staff.delivery import OutboxDelivery
+from bot.staff.members import StaffDirectory
+from bot.staff.relay import Relay
+from bot.staff.room_admin import RoomAdmin
+from bot.staff.tools import StaffTools
 from bot.steps import Toolbox, build_steps
 from bot.store import audit, cases, ingest, outbox, positions, retention, rooms
 from bot.store.audit import Provenance
-from bot.stranded import StrandedWatch
-from bot.texts import Texts
-from bot.timers import Timers
-from bot.worker import STOP_GRACE_SECONDS, Worker
+from bot.texts.messages import Texts
 
 log = logging.getLogger(__name__)
 # Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
@@ -324,7 +331,7 @@ class Service:
             lane_of=action_filter.lane,
             on_moved=self._wake_lane,
         )
-        # One worker a lane (bot/intake.py): flags are worked the moment they arrive;
+        # One worker a lane (bot/intake/accept.py): flags are worked the moment they arrive;
         # everything else in small batches.
         self.lane_workers = {
             FLAG_LANE: Worker("flags", lambda: self.dispatcher.work_lane(FLAG_LANE)),
@@ -712,7 +719,7 @@ class Service:
     async def _join_staff_room(self) -> None:
         """Try once now; if the room is not ready, keep trying in the background.
 
-        Whatever is for staff waits for the room (see bot.staff_room) rather than being
+        Whatever is for staff waits for the room (see bot.rooms.staff_room) rather than being
         dropped, so an alias created or an invite sent after the service started is enough.
         """
         try:

@@ -1,4 +1,4 @@
-"""The bot's own /sync, as the safety net behind Synapse's push (bot/safety_net.py),
+"""The bot's own /sync, as the safety net behind Synapse's push (bot/intake/safety_net.py),
 and, with encryption on, as the encryption device's sync too: one long poll.
 
 One long poll for every room the bot is in or invited to, masquerading as the bot
@@ -21,7 +21,7 @@ net's may have moved on (without the device) meanwhile. A poll without the devic
 is dropped when the device attaches, so it waits no long poll to get in.
 
 Read receipts are asked for only in the rooms named (the DMs whose notice is still
-unread, bot/notice_reads.py): never a group room's, and none at all when there is
+unread, bot/intake/notice_reads.py): never a group room's, and none at all when there is
 none.
 """
 
@@ -36,14 +36,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from appservice.homeserver import NioHomeserver
-from bot.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
+from bot.core.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from appservice.crypto import BotCrypto
 
-# What the policy reads from a room's timeline (bot/intake.py, bot/dispatch.py).
+# What the policy reads from a room's timeline (bot/intake/accept.py, bot/intake/dispatch.py).
 TIMELINE_TYPES = [
     "m.reaction",
     "m.room.message",
@@ -57,7 +57,7 @@ TIMELINE_TYPES = [
 ]
 ENCRYPTION = "m.room.encryption"
 # Events of a room in one answer: more than this since the last one makes the timeline `limited`,
-# and that room alone is read back (bot/safety_net.py).
+# and that room alone is read back (bot/intake/safety_net.py).
 TIMELINE_LIMIT = 50
 
 
@@ -97,7 +97,7 @@ def _chosen(since: str | None, *, device: bool, receipts_in: Collection[str]) ->
 
 
 class BotSync:
-    """`bot.ports.Syncing` on the bot's homeserver connection, and, when encryption is
+    """`bot.core.ports.Syncing` on the bot's homeserver connection, and, when encryption is
     on, the encryption device's sync too (`crypto`): one long poll for both."""
 
     def __init__(self, homeserver: NioHomeserver, crypto: BotCrypto | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The on-call webhook (bot.ports.Webhook) over aiohttp.
+"""The on-call webhook (bot.core.ports.Webhook) over aiohttp.
 
 What it sends says a safeguarding case needs someone: it goes only where the operator
 said, as the operator said. Plain http only to this machine (anything further would

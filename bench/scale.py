@@ -63,7 +63,7 @@ from appservice.synapse_local import LocalSynapse
 from bench.memory import rss_mib
 from bench.referral import event_ts, kick_ts, new_member
 from bench.seeding import CHECKIN_AFTER, WaitingCase, seed_waiting_cases
-from bot.ports import Refused
+from bot.core.ports import Refused
 from tests.support.matrix_user import MatrixUser, q
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy

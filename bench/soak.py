@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appservice.database import create_engine
 from bench.memory import rss_mib
-from bot.ports import MESSAGE_MARKER_KEY
+from bot.core.ports import MESSAGE_MARKER_KEY
 from bot.store import cases as case_store
 from tests.support.matrix_user import MatrixError, q
 from tests.support.scene import (

@@ -1,4 +1,4 @@
-"""Every step a case can have, in the policy's order (see bot/engine.py for the contract).
+"""Every step a case can have, in the policy's order (see bot/cases/engine.py for the contract).
 
 Today's names are part of the record (`cases[].steps` in the export): steps are
 added, never renamed.

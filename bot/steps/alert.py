@@ -4,7 +4,7 @@ Staff hear of every case within `policy.alert_deadline` of the flag, whatever th
 member's notice and removal are doing: the alert goes as soon as both have
 settled, or at the deadline with each stated as it is, verified — done, not yet
 (and why), failed (and why), or held for their decision. What finishes after the
-alert is told in a reply to it (bot/engine.py, with the outcome's record).
+alert is told in a reply to it (bot/cases/engine.py, with the outcome's record).
 
 A staff room that cannot take the alert (not resolved, the bot not allowed to
 post) defers it — /health says why — and once the deadline has passed the alert
@@ -21,11 +21,11 @@ import datetime as dt
 import logging
 from collections.abc import Mapping
 
-from bot.ports import EncryptionUnavailable, Refused
+from bot.core.ports import EncryptionUnavailable, Refused
 from bot.steps.base import PLAIN_CLOCK, CaseStep, Outcome, StepRun
 from bot.store import audit
 from bot.store.cases import Case, Step
-from bot.texts import StepState
+from bot.texts.messages import StepState
 
 log = logging.getLogger(__name__)
 # A flag that reaches us later than this is reported as late in the staff alert.
@@ -77,7 +77,7 @@ def stated(step: Step) -> str:
 class Alert(CaseStep):
     name = "alert"
     # No `requires`: it waits for the notice and the removal only until its deadline, and
-    # then goes first, whatever they are doing (see bot/engine.py).
+    # then goes first, whatever they are doing (see bot/cases/engine.py).
     promise = True
 
     def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:

@@ -1,4 +1,4 @@
-"""What every step of a case is: one contract, kept by the step engine (bot/engine.py).
+"""What every step of a case is: one contract, kept by the step engine (bot/cases/engine.py).
 
 A step states its own preconditions (`requires`: steps that must have finished
 first) and its due time (`due`), and does one thing in `run`. The engine writes
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.deployment import Deployment
-from bot.metrics import Metrics
-from bot.ports import (
+from bot.config.deployment import Deployment
+from bot.core.metrics import Metrics
+from bot.core.ports import (
     MESSAGE_MARKER_KEY,
     EncryptionUnavailable,
     Homeserver,
@@ -33,13 +33,13 @@ from bot.ports import (
     Webhook,
     message_txn_id,
 )
-from bot.ready_rooms import ReadyRooms
-from bot.rooms import RoomDirectory
-from bot.staff_room import StaffRoom, StaffRoomUnavailable
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.ready_rooms import ReadyRooms
+from bot.rooms.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
 from bot.store.retention import record_staff_post
-from bot.texts import Texts
-from bot.wording import person, place
+from bot.texts.messages import Texts
+from bot.texts.wording import person, place
 
 log = logging.getLogger(__name__)
 # In a step's progress: when encryption first failed for it (the plain fall-back's clock).

@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store.cases import Case, Step
 

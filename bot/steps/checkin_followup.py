@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.steps.checkin import matrix_to
 from bot.store.cases import Case, Step

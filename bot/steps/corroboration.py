@@ -1,14 +1,14 @@
 """corroboration: a second moderator's flag of a member with an open case is told to staff,
 as a reply to the case's alert that itself says `Case #N`, who, and the reason given.
 
-Armed again by each corroborating flag (bot/referral.py); each is told once.
+Armed again by each corroborating flag (bot/referral/decision.py); each is told once.
 """
 
 from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import audit, cases
 

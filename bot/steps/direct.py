@@ -3,7 +3,7 @@
 Used by the member's notice, the moderator's debrief and a withdrawal's apology. A room the step
 already recorded, or one an earlier attempt created (found by its marker), or
 a DM the bot already shares with them, is used; otherwise, for the notice, a room
-made ahead (bot/ready_rooms.py) with them invited into it; otherwise one is
+made ahead (bot/rooms/ready_rooms.py) with them invited into it; otherwise one is
 created with the invite. A found room is only used once the person is verifiably
 in it (or invited): an earlier attempt may have died after creating the room and
 before inviting them.
@@ -17,8 +17,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from bot.ports import Homeserver, HomeserverUnavailable, Refused
-from bot.ready_rooms import ReadyRooms
+from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.rooms.ready_rooms import ReadyRooms
 from bot.steps.base import Outcome, StepRun, Told, Toolbox
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class OpenedDm:
     created: bool
     invited_again: bool  # found without them in it: invited now
     direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
-    made_ahead: bool = False  # a room made before the flag (bot/ready_rooms.py)
+    made_ahead: bool = False  # a room made before the flag (bot/rooms/ready_rooms.py)
     # Made ahead and taken, the invite not sent yet: tell_by_dm sends it alongside the
     # message (a room in the clear: nothing in the message waits for the member).
     invite_pending: bool = False

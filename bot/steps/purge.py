@@ -19,8 +19,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from bot.ports import Refused
-from bot.staff_room import StaffRoomUnavailable
+from bot.core.ports import Refused
+from bot.rooms.staff_room import StaffRoomUnavailable
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import cases
 from bot.store import retention as store

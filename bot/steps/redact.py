@@ -8,7 +8,7 @@ A corroborating flag re-arms `redact_flag`, so it is removed too.
 
 from __future__ import annotations
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import audit
 

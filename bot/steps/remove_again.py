@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 
 

@@ -1,7 +1,7 @@
 """unread_notice: staff told, once, in a reply to the alert, that the member has not
 opened the notice `policy.unread_notice_after` after it was sent.
 
-Whether they read it is known by their read receipt (bot/notice_reads.py). A step,
+Whether they read it is known by their read receipt (bot/intake/notice_reads.py). A step,
 so the engine's timer brings it due, a restart keeps it, and a resumed attempt finds
 its reply by its marker instead of sending a second one. Nothing is said if they read
 it, if the case was closed or withdrawn meanwhile, or with the setting off.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store.cases import Case, Step
 

@@ -8,7 +8,7 @@ done on the homeserver, each once.
 
 from __future__ import annotations
 
-from bot.ports import Refused
+from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.steps.direct import NotToldByDm, tell_by_dm
 

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bot.audit_chain import KEYED, ChainedEntry, personal_digest
+from bot.core.audit_chain import KEYED, ChainedEntry, personal_digest
 from bot.store.schema import audit_entries, audit_head
 
 

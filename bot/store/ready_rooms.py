@@ -1,4 +1,4 @@
-"""DM rooms made ahead of any flag: planned, created, handed to a case (bot/ready_rooms.py)."""
+"""DM rooms made ahead of a flag: planned, created, handed to a case (bot/rooms/ready_rooms.py)."""
 
 from __future__ import annotations
 

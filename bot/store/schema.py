@@ -155,7 +155,7 @@ cases = sa.Table(
     sa.Column("dealt_with_at", UTCDateTime, nullable=True),
     sa.Column("debrief_room_id", sa.String(255), nullable=True),
     # The member's notice (its event in their DM) and when they read it: the time of
-    # their first read receipt on it or after it (bot/notice_reads.py).
+    # their first read receipt on it or after it (bot/intake/notice_reads.py).
     sa.Column("notice_event_id", sa.String(255), nullable=True),
     sa.Column("notice_read_at", UTCDateTime, nullable=True),
     # The DMs whose notice is still unread are found among open cases at every sync: the
@@ -219,7 +219,7 @@ staff_posts = sa.Table(
 )
 
 # Rooms of purged cases the bot could not leave: no case and no person, only that whoever
-# writes there is a former member, told where to get help now (bot/relay.py).
+# writes there is a former member, told where to get help now (bot/staff/relay.py).
 former_rooms = sa.Table(
     "former_rooms",
     metadata,
@@ -247,7 +247,7 @@ heartbeat = sa.Table(
 )
 
 # One row: when this database first started (an older database: when it was upgraded to
-# have this). Catch-up never feeds what happened before it (bot/reconcile.py).
+# have this). Catch-up never feeds what happened before it (bot/intake/reconcile.py).
 database_info = sa.Table(
     "database_info",
     metadata,
@@ -268,7 +268,7 @@ rooms = sa.Table(
 )
 
 # Refusals from one person in one room are reported to staff once per window (the
-# rest counted, and told in one message when the window ends). See bot/reports.py.
+# rest counted, and told in one message when the window ends). See bot/rooms/refusal_reports.py.
 refusal_reports = sa.Table(
     "refusal_reports",
     metadata,
@@ -293,7 +293,7 @@ pinned = sa.Table(
 
 # DM rooms the bot made ahead of any flag, with no one else in them, so a flagged
 # member is told with one invite and one message instead of a room creation first
-# (bot/ready_rooms.py). A row is written before its room is created (room_id empty
+# (bot/rooms/ready_rooms.py). A row is written before its room is created (room_id empty
 # until then: a creation cut short is finished, by its marker, not repeated) and
 # deleted in the transaction that hands its room to a case.
 ready_rooms = sa.Table(

@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from bot.audit_chain import verify_chain
+from bot.core.audit_chain import verify_chain
 from bot.store import audit
 from bot.store.schema import audit_entries
 
@@ -132,7 +132,7 @@ async def test_timestamps_round_trip_exactly(engine):
 
 async def test_personal_digests_are_keyed(engine):
     """A purged entry's digest cannot be matched by hashing guessed user ids."""
-    from bot.audit_chain import digest, personal_digest
+    from bot.core.audit_chain import digest, personal_digest
 
     await _append_some(engine, 1)
     async with engine.connect() as conn:
@@ -153,7 +153,7 @@ async def _rows(engine):
 
 async def test_entries_from_before_keyed_digests_still_verify(engine):
     """Plain SHA-256 entries (written before this version) verify as they were."""
-    from bot.audit_chain import GENESIS_HASH, ChainedEntry, digest
+    from bot.core.audit_chain import GENESIS_HASH, ChainedEntry, digest
 
     at = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     personal = {"member": "@old:localhost"}

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bot.ports import MESSAGE_MARKER_KEY
+from bot.core.ports import MESSAGE_MARKER_KEY
 from bot.store import cases
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy

@@ -1,4 +1,4 @@
-"""Whether the member has read their notice, against a real Synapse (bot/notice_reads.py).
+"""Whether the member has read their notice, against a real Synapse (bot/intake/notice_reads.py).
 
 - The member reads the DM (their client posts a read receipt): the case records it
   and `!case N` says when.

@@ -1,5 +1,5 @@
 """One /sync, with encryption on (the default), against a real Synapse with real
-end-to-end clients: the bot's sync is both the safety net (bot/safety_net.py) and the
+end-to-end clients: the bot's sync is both the safety net (bot/intake/safety_net.py) and the
 encryption device's (appservice/crypto.py).
 
 - The service holds one /sync at a time, and no sync it makes asks for full state (the

@@ -20,8 +20,8 @@ from appservice.config import load_config
 from appservice.database import create_engine
 from appservice.digest_key import load_digest_key
 from appservice.registration import load_registration
-from bot.retention import purge
-from bot.settings import DEFAULT_RETENTION_DAYS
+from bot.cases.retention import purge
+from bot.config.settings import DEFAULT_RETENTION_DAYS
 from bot.store import audit
 from bot.store.schema import audit_entries, case_steps, cases, outbox, room_positions, staff_posts
 from tests.support.checkins import flag_member

@@ -1,4 +1,4 @@
-"""The bot's own sync behind the push (bot/safety_net.py), against a real Synapse.
+"""The bot's own sync behind the push (bot/intake/safety_net.py), against a real Synapse.
 
 - An invite Synapse drops when it restarts is still handled as a pushed one: staff's
   taken, a stranger's declined and told to staff.

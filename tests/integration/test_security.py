@@ -271,7 +271,7 @@ async def test_debug_logs_hold_no_chat_text_and_no_tokens(synapse, tmp_path):
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
     text = captured.getvalue()
-    assert "INFO bot.engine: case #1: notify done" in text, "the capture works"
+    assert "INFO bot.cases.engine: case #1: notify done" in text, "the capture works"
     for secret in ("SECRET-CHAT-TEXT", "SECRET-RELAYED-REPLY", "SECRET-REASON", *tokens):
         assert secret not in text, f"{secret[:12]}… reached the logs"
     # No one is named either: ids are keyed pseudonyms, as written or URL-encoded.

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from bot.intake.stranded import sequential_id
 from bot.store.schema import seen_events, transactions
-from bot.stranded import sequential_id
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     Scene,
@@ -93,7 +93,7 @@ async def test_a_swallowed_transaction_is_noticed_nudged_once_and_its_flag_caugh
         def prepare(service: Any) -> None:
             service.stranded.tracker.nudge_wait = 5.0  # give up sooner than in production
 
-        caplog.set_level(logging.WARNING, logger="bot.stranded")
+        caplog.set_level(logging.WARNING, logger="bot.intake.stranded")
         async with running_service(config, prepare=prepare) as service:
             await open_group_room(scene)
             swallowed, flag = await swallow_a_flag(scene, proxy, service)
@@ -156,7 +156,7 @@ async def test_a_swallowed_transaction_is_noticed_nudged_once_and_its_flag_caugh
         assert flagged["kind"] == "flagged" and flagged["facts"]["caught_up"] is True
         assert flagged["personal"]["flag_event"] == flag
         # Nothing in the log names a room or a person.
-        stranded_log = [r.getMessage() for r in caplog.records if r.name == "bot.stranded"]
+        stranded_log = [r.getMessage() for r in caplog.records if r.name == "bot.intake.stranded"]
         assert stranded_log and not any(("!" in m or "@" in m) for m in stranded_log)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.ports import (
+from bot.core.ports import (
     MESSAGE_MARKER_KEY,
     ROOM_MARKER_KEY,
     Done,
@@ -90,7 +90,7 @@ class FakeHomeserver:
     def messages_in(self, room_id: str) -> list[dict[str, Any]]:
         return [e for e in self.rooms[room_id].events if e["type"] == "m.room.message"]
 
-    # ---- bot.ports.Homeserver ----
+    # ---- bot.core.ports.Homeserver ----
 
     async def room_state(self, room_id: str) -> RoomState | Refused:
         self._enter("room_state")
@@ -332,7 +332,7 @@ class FakeHomeserver:
                 return event["event_id"]
         return None
 
-    # ---- bot.ports.Timeline (a token is a position in the room's event list) ----
+    # ---- bot.core.ports.Timeline (a token is a position in the room's event list) ----
 
     async def current_position(self, room_id: str) -> str | Refused:
         return str(len(self.rooms[room_id].events))

@@ -7,17 +7,17 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.deployment import Deployment
-from bot.engine import StepEngine
-from bot.metrics import Metrics
-from bot.ports import MESSAGE_MARKER_KEY
-from bot.ready_rooms import ReadyRooms
-from bot.rooms import RoomDirectory
-from bot.settings import CheckinSettings, MessageTemplates, PolicySettings, default_resources
-from bot.staff_room import StaffRoom
+from bot.cases.engine import StepEngine
+from bot.config.deployment import Deployment
+from bot.config.settings import CheckinSettings, MessageTemplates, PolicySettings, default_resources
+from bot.core.metrics import Metrics
+from bot.core.ports import MESSAGE_MARKER_KEY
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.ready_rooms import ReadyRooms
+from bot.rooms.staff_room import StaffRoom
 from bot.steps import CASE_STEPS, Toolbox, build_steps
 from bot.store import audit, cases
-from bot.texts import Texts
+from bot.texts.messages import Texts
 from tests.support.fake_homeserver import FakeHomeserver
 
 GROUP, STAFF = "!group:localhost", "!staff:localhost"
@@ -103,11 +103,11 @@ def referral(
     db: AsyncEngine, homeserver: Any, settings: Deployment | None = None, **options: Any
 ) -> Any:
     """The referral decision wired to the fake homeserver (what unit tests need of it)."""
-    from bot.recent_senders import RecentSenders
-    from bot.referral import Referral
-    from bot.reports import RefusalReports
-    from bot.room_state import RoomStateCache
-    from bot.staff import StaffDirectory
+    from bot.intake.recent_senders import RecentSenders
+    from bot.moderation.room_state import RoomStateCache
+    from bot.referral.decision import Referral
+    from bot.rooms.refusal_reports import RefusalReports
+    from bot.staff.members import StaffDirectory
 
     options.setdefault("senders", RecentSenders())
     options.setdefault("watch_member", lambda room_id, member_id: None)

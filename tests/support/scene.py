@@ -213,7 +213,7 @@ async def export_json(config_path: Path, *extra: str) -> dict[str, Any]:
     if extra:
         return await export_via_cli(config_path, *extra)
     from appservice.database import create_engine
-    from bot import records
+    from bot.cases import records
 
     engine = create_engine(load_config(config_path).database_url)
     try:

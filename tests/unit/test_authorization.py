@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.authorization import can_kick, decide_flag, is_staff, power_level
-from bot.ports import RoomState
+from bot.core.ports import RoomState
+from bot.moderation.authorization import can_kick, decide_flag, is_staff, power_level
 
 BOT, MOD, MEMBER, OWNER = "@safeguard:l", "@mod:l", "@member:l", "@owner:l"
 
@@ -149,10 +149,10 @@ def test_an_accepted_flag_always_means_a_moderator_above_its_target(flagger, tar
 
 
 def test_a_staff_room_whose_default_reaches_the_staff_level_is_told():
-    from bot.ports import RoomState
-    from bot.settings import PolicySettings
-    from bot.staff import StaffDirectory
-    from bot.staff_room import StaffRoom
+    from bot.config.settings import PolicySettings
+    from bot.core.ports import RoomState
+    from bot.rooms.staff_room import StaffRoom
+    from bot.staff.members import StaffDirectory
 
     directory = StaffDirectory(None, PolicySettings(staff_power_level=50), StaffRoom("!s:l"))  # type: ignore[arg-type]
 
@@ -166,7 +166,7 @@ def test_a_staff_room_whose_default_reaches_the_staff_level_is_told():
 
 
 def test_a_staff_room_is_invite_only_and_made_by_staff():
-    from bot.staff_room import not_staffs_room
+    from bot.rooms.staff_room import not_staffs_room
 
     def state(creator: str, join_rule: str | None, admins: dict[str, int]) -> list[dict]:
         events = [

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from bot.checkin_time import due_at
-from bot.settings import CheckinSettings, parse_duration
+from bot.checkin.due import due_at
+from bot.config.settings import CheckinSettings, parse_duration
 
 LONDON = ZoneInfo("Europe/London")
 TEN = CheckinSettings(at=dt.time(10, 0), timezone="Europe/London")

@@ -322,7 +322,7 @@ def test_an_in_memory_database_is_refused(tmp_path, url):
 
 
 def test_retention_defaults_to_six_years_and_reads_its_older_name(tmp_path):
-    from bot.settings import DEFAULT_RETENTION_DAYS
+    from bot.config.settings import DEFAULT_RETENTION_DAYS
 
     assert load_config(write(tmp_path, MINIMAL)).retention_days == DEFAULT_RETENTION_DAYS == 2192
     newer = write(tmp_path, {**MINIMAL, "policy": {"retention_days": 0}})

@@ -15,15 +15,15 @@ import logging
 import pytest
 
 from appservice.logs import JsonFormatter
-from bot.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
-from bot.intake import FLAG_LANE, OTHER_LANE
-from bot.metrics import Metrics
-from bot.ports import HomeserverUnavailable
-from bot.reports import RefusalReports
-from bot.rooms import RoomDirectory
-from bot.staff_room import StaffRoom
+from bot.core.metrics import Metrics
+from bot.core.ports import HomeserverUnavailable
+from bot.intake.accept import FLAG_LANE, OTHER_LANE
+from bot.intake.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.refusal_reports import RefusalReports
+from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
-from bot.texts import Texts
+from bot.texts.messages import Texts
 from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
@@ -172,7 +172,7 @@ async def test_flags_have_a_lane_of_their_own(engine):
 
 def test_json_logs_carry_the_case_number_and_no_extras():
     record = logging.LogRecord(
-        "bot.engine", logging.INFO, __file__, 1, "case #%d: %s", (4, "x"), None
+        "bot.cases.engine", logging.INFO, __file__, 1, "case #%d: %s", (4, "x"), None
     )
     record.case = 4
     line = json.loads(JsonFormatter().format(record))
@@ -234,7 +234,7 @@ class DecryptsTo:
 
 
 async def test_encrypted_chat_is_decrypted_apart_and_only_a_flag_moves_to_the_flag_lane(engine):
-    from bot.intake import DECRYPT_LANE
+    from bot.intake.accept import DECRYPT_LANE
 
     chat = {f"$chat{n}": {"msgtype": "m.text", "body": f"hello {n}"} for n in range(30)}
     command = {"$command": {"msgtype": "m.text", "body": f"!safeguard {MEMBER}"}}

@@ -14,9 +14,9 @@ import datetime as dt
 
 import pytest
 
-from bot.audit_chain import verify_chain
-from bot.ports import MESSAGE_MARKER_KEY, Refused
-from bot.settings import MessageTemplates
+from bot.config.settings import MessageTemplates
+from bot.core.audit_chain import verify_chain
+from bot.core.ports import MESSAGE_MARKER_KEY, Refused
 from bot.steps import CASE_STEPS
 from bot.store import audit, cases, outbox
 from tests.support.fake_homeserver import Crash
@@ -51,7 +51,7 @@ AT_ONCE = [
 
 
 def _marker(room) -> str:
-    from bot.ports import ROOM_MARKER_KEY
+    from bot.core.ports import ROOM_MARKER_KEY
 
     return room.state.get(("m.room.create", ""), {}).get(ROOM_MARKER_KEY) or ""
 

@@ -12,7 +12,7 @@ import pytest
 
 import appservice.health as health_module
 from appservice.health import HealthChecks
-from bot.metrics import Metrics
+from bot.core.metrics import Metrics
 
 
 def checks(engine: Any = None, intake: Any = None) -> HealthChecks:

@@ -6,8 +6,8 @@ import datetime as dt
 from typing import Any
 
 from appservice.health import HealthChecks
-from bot.intake import FLAG_LANE, REFUSAL_LANE
-from bot.metrics import Metrics
+from bot.core.metrics import Metrics
+from bot.intake.accept import FLAG_LANE, REFUSAL_LANE
 from tests.support.databases import record_events
 from tests.support.policy import GROUP, MOD
 

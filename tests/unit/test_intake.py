@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.intake import (
+from bot.config.settings import PolicySettings
+from bot.core.metrics import Metrics
+from bot.intake.accept import (
     DECRYPT_LANE,
     FLAG_LANE,
     OTHER_LANE,
@@ -19,11 +21,9 @@ from bot.intake import (
     Intake,
     well_formed,
 )
-from bot.metrics import Metrics
-from bot.recent_senders import RecentSenders
-from bot.rooms import RoomDirectory
-from bot.settings import PolicySettings
-from bot.staff_room import StaffRoom
+from bot.intake.recent_senders import RecentSenders
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.staff_room import StaffRoom
 from bot.store import ingest
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF
 
@@ -221,7 +221,7 @@ async def test_who_sent_an_accepted_event_is_known_from_its_body_and_never_wrong
 
 def test_rooms_known_at_start_are_known_as_if_added_one_by_one():
     """`RoomDirectory.know` (the cases read at start) and the one-by-one adds agree."""
-    from bot.rooms import RoomKind
+    from bot.rooms.directory import RoomKind
 
     at_once, one_by_one = RoomDirectory(StaffRoom(STAFF)), RoomDirectory(StaffRoom(STAFF))
     at_once.know(watched={(GROUP, MEMBER)}, dms={"!dm:l", "!debrief:l"}, checkins={"!ci:l"})

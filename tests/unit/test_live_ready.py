@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from appservice.server import AppServiceServer
-from bot.metrics import Metrics
+from bot.core.metrics import Metrics
 
 
 def server(checks: dict[str, dict[str, Any]]) -> AppServiceServer:

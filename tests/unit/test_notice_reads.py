@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from appservice.sync import _filter, receipts_of
-from bot.notice_reads import NoticeReads, after_notice, may_count
-from bot.ports import Receipt
-from bot.staff_replies import case_timeline
+from bot.core.ports import Receipt
+from bot.intake.notice_reads import NoticeReads, after_notice, may_count
+from bot.staff.replies import case_timeline
 from bot.steps.unread_notice import unread_deadline
 from bot.store import audit, cases
 from bot.store.notices import Unread

@@ -1,5 +1,5 @@
 """DM rooms made ahead of any flag: made once each, handed to one case each, and a notice
-that needs one is never lost for want of it (bot/ready_rooms.py)."""
+that needs one is never lost for want of it (bot/rooms/ready_rooms.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import contextlib
 import pytest
 
 from appservice.database import create_engine, upgrade
-from bot.ports import Refused
-from bot.ready_rooms import MARKER_PREFIX, ReadyRooms
-from bot.rooms import RoomDirectory, RoomKind
-from bot.staff_room import StaffRoom
+from bot.core.ports import Refused
+from bot.rooms.directory import RoomDirectory, RoomKind
+from bot.rooms.ready_rooms import MARKER_PREFIX, ReadyRooms
+from bot.rooms.staff_room import StaffRoom
 from bot.store import cases
 from bot.store import ready_rooms as store
 from tests.support.databases import BACKENDS, fresh_database

@@ -8,13 +8,13 @@ import datetime as dt
 import pytest
 
 from appservice.database import create_engine, upgrade
-from bot.intake import ActionFilter, Intake
-from bot.metrics import Metrics
-from bot.recent_senders import RecentSenders
-from bot.reconcile import Reconciler
-from bot.rooms import RoomDirectory
-from bot.settings import PolicySettings, ReconcileSettings
-from bot.staff_room import StaffRoom
+from bot.config.settings import PolicySettings, ReconcileSettings
+from bot.core.metrics import Metrics
+from bot.intake.accept import ActionFilter, Intake
+from bot.intake.recent_senders import RecentSenders
+from bot.intake.reconcile import Reconciler
+from bot.rooms.directory import RoomDirectory
+from bot.rooms.staff_room import StaffRoom
 from bot.store import ingest
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF

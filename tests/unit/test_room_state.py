@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from bot.dispatch import Handling
-from bot.recent_senders import RecentSenders
-from bot.room_state import RoomStateCache
+from bot.intake.dispatch import Handling
+from bot.intake.recent_senders import RecentSenders
+from bot.moderation.room_state import RoomStateCache
+from bot.referral.triggers import Flag
 from bot.store import audit, ingest, outbox
-from bot.triggers import Flag
 from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, MEMBER, MOD, STAFF

@@ -7,9 +7,9 @@ from collections.abc import Collection
 
 import pytest
 
-from bot.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
-from bot.safety_net import SYNC_POSITION, SafetyNet
-from bot.settings import ReconcileSettings
+from bot.config.settings import ReconcileSettings
+from bot.core.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
+from bot.intake.safety_net import SYNC_POSITION, SafetyNet
 from bot.store import positions
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.policy import GROUP, STAFF

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.staff_commands import CaseCommand, CommandError, parse_case_command
+from bot.staff.commands import CaseCommand, CommandError, parse_case_command
 
 
 @pytest.mark.parametrize(
@@ -88,9 +88,9 @@ def test_a_long_listing_is_paged_under_the_event_size_limit():
     import datetime as dt
     import json
 
-    from bot.staff_replies import LIST_PAGE_SIZE, case_listing
+    from bot.staff.replies import LIST_PAGE_SIZE, case_listing
     from bot.store.cases import Case
-    from bot.templates import notice
+    from bot.texts.templates import notice
 
     now = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
     long_id = "@" + "m" * 240 + ":example.org"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.metrics import Metrics
-from bot.stranded import (
+from bot.core.metrics import Metrics
+from bot.intake.stranded import (
     FORGET_AFTER,
     PING_AFTER,
     STRANDED_AFTER,
@@ -260,7 +260,7 @@ async def test_the_watch_logs_counts_nudges_and_pings(caplog):
     watch.recorded("1")
     watch.recorded("3")
     clock.now = 5.0
-    with caplog.at_level(logging.WARNING, logger="bot.stranded"):
+    with caplog.at_level(logging.WARNING, logger="bot.intake.stranded"):
         await watch.tick()
     assert sample(metrics, "safeguard_stranded_transactions_total") == 1
     assert "transaction 2 missing" in caplog.text
@@ -304,7 +304,7 @@ async def test_after_a_nudge_that_recovered_nothing_new_gaps_are_told_at_info(ca
         pass
 
     watch = StrandedWatch(metrics, ping, clock=clock, tracker=tracker(nudge_wait=5.0))
-    with caplog.at_level(logging.INFO, logger="bot.stranded"):
+    with caplog.at_level(logging.INFO, logger="bot.intake.stranded"):
         for n in ("1", "3"):
             watch.recorded(n)
         clock.now = 5.0
@@ -357,7 +357,7 @@ async def test_gaps_without_evidence_are_told_at_info(caplog):
         pass
 
     watch = StrandedWatch(metrics, ping, clock=clock)
-    with caplog.at_level(logging.DEBUG, logger="bot.stranded"):
+    with caplog.at_level(logging.DEBUG, logger="bot.intake.stranded"):
         watch.recorded("1")
         watch.recorded("3")
         clock.now = STRANDED_AFTER

@@ -8,10 +8,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bot.settings import CheckinSettings, MessageTemplates, Resource
-from bot.templates import CATALOGUE, KICK_REASON_LIMIT, validate_templates
-from bot.texts import StepState, Texts
-from bot.wording import checkin_when, clean_name, person, place, since_words
+from bot.config.settings import CheckinSettings, MessageTemplates, Resource
+from bot.texts.messages import StepState, Texts
+from bot.texts.templates import CATALOGUE, KICK_REASON_LIMIT, validate_templates
+from bot.texts.wording import checkin_when, clean_name, person, place, since_words
 from tests.support.policy import deployment
 
 LONDON = ZoneInfo("Europe/London")

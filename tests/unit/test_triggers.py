@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.triggers import normalise_key, recognise_flag, strip_reply_fallback
+from bot.referral.triggers import normalise_key, recognise_flag, strip_reply_fallback
 
 KEYS = {"reactions": ["🚨"], "command": "!safeguard"}
 BASE = {"event_id": "$flag", "room_id": "!room:l", "sender": "@mod:l"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.worker import Worker
+from bot.core.worker import Worker
 
 
 async def test_stop_lets_the_round_in_progress_finish():

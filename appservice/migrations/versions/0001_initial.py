@@ -7,7 +7,7 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
-from bot.audit_chain import GENESIS_HASH
+from bot.core.audit_chain import GENESIS_HASH
 
 revision = "0001"
 down_revision = None

@@ -1,4 +1,4 @@
-"""DM rooms made ahead of any flag (bot/ready_rooms.py).
+"""DM rooms made ahead of any flag (bot/rooms/ready_rooms.py).
 
 Revision ID: 0006
 Revises: 0005

@@ -1,5 +1,5 @@
 """Whether the member has read their notice: the notice's event and the time of the
-member's first read receipt on it or after it (bot/notice_reads.py).
+member's first read receipt on it or after it (bot/intake/notice_reads.py).
 
 Revision ID: 0009
 Revises: 0008

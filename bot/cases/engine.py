@@ -1,0 +1,579 @@
+"""The step engine: every step of every case, run exactly once, in one place, by one contract.
+
+For each step (bot/steps/): the intent is written before it touches the
+homeserver (status `started`, the attempt counted), the outcome after, in the
+same database transaction as its audit entry and whatever a person must be
+told. A step runs when the steps it requires have finished and its due time
+has come; the case row's `next_attempt_at` is when the engine must look at a
+case again, so one timer — the earliest of them — serves every case, however
+many check-ins are pending.
+
+What can go wrong, and what then:
+- the homeserver is unreachable, rate-limits past its budget, or rejects our
+  token (an outage), or the room cannot be encrypted for yet: the step waits
+  with backoff; nothing is recorded as failed (its record says why it waits);
+- the database cannot record (disk full, locked, restarting): nothing is
+  decided; the case is looked at again, and a resumed step finds what it did;
+- the homeserver refuses: retried up to the step's `retries`, then recorded
+  `failed` with its reason, and a person is told — in the staff alert if it is
+  still to come, else by a staff-room reply to it; an alert that itself fails
+  pages `policy.alert_webhook` and shows on /health;
+- a step hits a bug of ours: never read as "could not be done, move on". It is
+  retried with backoff for as long as it raises, the steps that need it wait,
+  /health names the case, and staff are told (in the alert, or a reply to it).
+
+Staff hear of every case within `policy.alert_deadline` whatever the other steps
+are doing (bot/steps/alert.py); a notice or a removal that finishes after the
+alert was posted is told to staff in a reply to it, in the transaction that
+records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bot.core.ports import EncryptionUnavailable, HomeserverUnavailable
+from bot.core.worker import STOP_GRACE_SECONDS
+from bot.rooms.staff_room import StaffRoomUnavailable
+from bot.steps import CaseStep, Outcome, StepRun, Toolbox
+from bot.steps.alert import REPORTED_BY_ALERT
+from bot.store import audit, cases, outbox
+from bot.store.cases import INTERNAL_ERROR, Case, Step
+from bot.store.outages import DatabaseUnavailable, is_database_outage
+
+log = logging.getLogger(__name__)
+
+# Outage backoff (seconds), by the step's attempt number.
+OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Backoff before retrying a step that failed but might succeed, or that raised (by its
+# failure count; the last is repeated for a step that keeps raising).
+FAILURE_DELAYS = (2.0, 10.0, 30.0, 60.0)
+
+
+class _Finished(NamedTuple):
+    """A step's outcome, to be recorded in the transaction that starts the next."""
+
+    case: Case
+    unit: CaseStep
+    step: Step
+    steps: Mapping[str, Step]
+    outcome: Outcome
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _database_outage(exc: BaseException) -> bool:
+    """A database call that failed because the database cannot answer now. Only errors a
+    database call raised count (a step's own OSError, say, is a failure of the step)."""
+    return isinstance(exc, DatabaseUnavailable | SQLAlchemyError) and is_database_outage(exc)
+
+
+def _delay(delays: tuple[float, ...], count: int) -> dt.timedelta:
+    return dt.timedelta(seconds=delays[min(max(count, 1), len(delays)) - 1])
+
+
+class StepEngine:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        steps: Mapping[str, CaseStep],
+        tools: Toolbox,
+        *,
+        max_parallel_cases: int = 8,
+        poll_interval: float = 30.0,
+        outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
+        failure_delays: tuple[float, ...] = FAILURE_DELAYS,
+    ) -> None:
+        self._db = db
+        self._steps = dict(steps)
+        self._tools = tools
+        self._metrics = tools.metrics
+        self._slots = asyncio.Semaphore(max_parallel_cases)
+        self._poll = poll_interval
+        self._outage_delays = outage_delays
+        self._failure_delays = failure_delays
+        self._running: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Set once the timer has read the due cases and armed itself (cleared on stop).
+        self.ready = asyncio.Event()
+        self.on_outbox = lambda: None  # told when a staff message was queued
+
+    # ---- the timer -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._loop(), name="step-engine")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop the timer; steps in flight get `grace` seconds, then are cancelled.
+
+        Every step is resumable, so whatever is cut short finishes on the next start;
+        cancelling in the middle of a database transaction is what the grace avoids.
+        """
+        self._stopping = True
+        self.ready.clear()
+        self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            timeout = self._poll
+            try:
+                next_at = await self._start_due_cases()
+                if next_at is not None:
+                    timeout = min(self._poll, max((next_at - _now()).total_seconds(), 0.0))
+                self.ready.set()
+            except Exception:
+                # A database hiccup must not stop the timer: the rows are still the truth.
+                log.exception("the step engine could not read its due cases; retrying")
+                timeout = min(self._poll, 2.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _start_due_cases(self) -> dt.datetime | None:
+        """Start every due case not already running; returns when to look next."""
+        async with self._db.connect() as conn:
+            due = await cases.due(conn, _now())
+            next_at = await cases.next_due_at(conn)
+        for case_id in due:
+            self.start_case(case_id)
+        if next_at is not None and next_at <= _now():
+            # Only cases in flight are due: they wake the timer when they finish.
+            return None if len(due) < 100 else next_at
+        return next_at
+
+    def start_case(self, case_id: int) -> None:
+        """Run a case now (e.g. just opened), unless it is already running."""
+        if case_id in self._running or self._stopping:
+            return
+        self._running.add(case_id)
+        task = asyncio.create_task(self._run_guarded(case_id), name=f"case:{case_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_guarded(self, case_id: int) -> None:
+        try:
+            async with self._slots:
+                await self.run_case(case_id)
+        except Exception as exc:
+            # Recording failed (the database): the case stays due and is retried; a
+            # resumed step finds what this attempt already did.
+            if _database_outage(exc):
+                log.warning("case #%d: the database cannot record (%s); retrying", case_id, exc)
+                self._metrics.errors.labels("database").inc()
+            else:
+                log.exception("case #%d: could not be advanced; retrying", case_id)
+                self._metrics.errors.labels("workflow").inc()
+            await asyncio.sleep(1)
+        finally:
+            self._running.discard(case_id)
+            self.wake()
+
+    async def retry_waiting(self) -> None:
+        """What held steps back is fixed (e.g. the staff room works now): retry them now."""
+        async with self._db.begin() as conn:
+            await cases.retry_started_now(conn, _now())
+        self.wake()
+
+    # ---- one case --------------------------------------------------------------------
+
+    async def run_case(self, case_id: int) -> None:
+        """Run every step of the case that can run now, in order; then set its next look.
+
+        One database transaction between two steps: the outcome of the one that ran,
+        the case as it is now (a staff command may have changed it meanwhile), and the
+        intent of the next (or, with none to run now, when to look again). So a step
+        waits for one commit after the one before it, not three.
+        """
+        deferred: set[str] = set()  # each step is tried at most once per round when waiting
+        finished: _Finished | None = None  # the last step's outcome, not yet recorded
+        go_on = True
+        while True:
+            step: Step | None = None
+            async with self._db.begin() as conn:
+                told = await self._write_outcome(conn, finished) if finished else False
+                case = await cases.get(conn, case_id)
+                steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
+                if case is not None and go_on:
+                    step = self._next_runnable(case, steps, _now(), skip=deferred)
+                    if step is not None:
+                        await cases.start_step(conn, case_id, step.step, _now())  # the intent
+                if case is not None and step is None:
+                    await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+            if finished is not None:
+                await self._outcome_recorded(finished, told)
+            if case is None or step is None:
+                return
+            deferred.add(step.step)
+            step = replace(
+                step,
+                status="started",
+                attempts=step.attempts + 1,
+                started_at=step.started_at or _now(),
+            )
+            steps[step.step] = step
+            # False: the homeserver is away, and the other steps would wait for it too.
+            go_on, finished = await self._run_step(case, step, steps)
+
+    def _when(self, case: Case, steps: Mapping[str, Step], step: Step) -> dt.datetime | None:
+        """When `step` may run (None: its preconditions do not hold yet)."""
+        unit = self._steps.get(step.step)
+        if unit is None or step.finished or not unit.ready(case, steps):
+            return None
+        times = [t for t in (unit.due(case, steps), step.not_before) if t is not None]
+        return max(times) if times else case.received_at
+
+    def _next_runnable(
+        self, case: Case, steps: Mapping[str, Step], now: dt.datetime, *, skip: set[str]
+    ) -> Step | None:
+        """The next step to run: a promise that fell due (the alert at its deadline) first,
+        then the others in the policy's order."""
+        ordered = sorted(steps.values(), key=lambda s: s.position)
+        promises = [s for s in ordered if self._is_promise(s)]
+        for step in [*promises, *ordered]:
+            if step.step in skip and step.status == "started":
+                continue
+            when = self._when(case, steps, step)
+            if when is not None and when <= now:
+                return step
+        return None
+
+    def _is_promise(self, step: Step) -> bool:
+        unit = self._steps.get(step.step)
+        return unit is not None and unit.promise
+
+    def _cut_at(self, case: Case, steps: Mapping[str, Step], step: Step) -> float | None:
+        """When an attempt at `step` is cut short (loop time): at the due time of a promise
+        still to keep (the alert's deadline), so no other step can hold it up. None: not."""
+        if self._is_promise(step):
+            return None
+        dues = [
+            self._when(case, steps, other)
+            for other in steps.values()
+            if self._is_promise(other) and not other.finished
+        ]
+        now = _now()
+        upcoming = [due for due in dues if due is not None and due > now]
+        if not upcoming:
+            return None
+        return asyncio.get_running_loop().time() + (min(upcoming) - now).total_seconds()
+
+    def _next_look(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
+        times = [self._when(case, steps, step) for step in steps.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    async def _run_step(
+        self, case: Case, step: Step, steps: dict[str, Step]
+    ) -> tuple[bool, _Finished | None]:
+        """Run one step (its intent written) under the contract: whether to go on (False
+        if a homeserver outage deferred it), and the outcome to record, if it has one.
+
+        A staff room that cannot take messages, or a room that cannot be encrypted for
+        yet, defers only the steps that need it: the case's other steps go on.
+        """
+        unit = self._steps[step.step]
+        run = StepRun(case, step, steps, self._saver(case, step))
+        began = time.perf_counter()
+        limit = asyncio.timeout_at(self._cut_at(case, steps, step))
+        try:
+            async with limit:
+                outcome = await unit.run(run)
+        except HomeserverUnavailable as exc:
+            await self._defer(unit, run, exc)
+            return await self._others_may_go_on(exc), None
+        except TimeoutError as exc:
+            if not limit.expired():
+                await self._crashed(unit, run, exc)
+                return True, None
+            # Cut short at the alert's deadline: resumable like any interrupted attempt (it
+            # looks for what it did first), and tried again right after the alert.
+            cut = HomeserverUnavailable("still under way at the staff alert's deadline")
+            cut.retry_after = 0.0
+            await self._defer(unit, run, cut)
+            return True, None
+        except Exception as exc:
+            if _database_outage(exc):
+                raise  # nothing is decided: the case is looked at again (_run_guarded)
+            await self._crashed(unit, run, exc)
+            return True, None
+        if outcome.status == "failed" and outcome.retry and step.failures < unit.retries:
+            await self._retry_later(case, step, outcome)
+            return True, None
+        self._metrics.step_seconds.labels(step.step).observe(time.perf_counter() - began)
+        return True, _Finished(case, unit, step, steps, outcome)
+
+    async def _others_may_go_on(self, exc: HomeserverUnavailable) -> bool:
+        """After a step was deferred: whether the case's other steps are worth trying in
+        this round. Not if the homeserver itself is away (they would wait for it too); yes
+        if only this step's own need failed (the staff room, encryption, one call)."""
+        if isinstance(exc, StaffRoomUnavailable | EncryptionUnavailable):
+            return True
+        try:
+            return await self._tools.homeserver.check() is None
+        except Exception:
+            return False
+
+    def _saver(self, case: Case, step: Step) -> Any:
+        async def save(
+            *, progress: dict[str, Any] | None = None, case_fields: dict[str, Any] | None = None
+        ) -> None:
+            async def write() -> None:
+                async with self._db.begin() as conn:
+                    if progress is not None:
+                        await cases.save_progress(conn, case.id, step.step, progress)
+                    if case_fields:
+                        await cases.set_fields(conn, case.id, **case_fields)
+
+            try:
+                # An attempt cut short at the alert's deadline still records what it
+                # learnt: the write runs to its end (never half a transaction).
+                await asyncio.shield(write())
+            except Exception as exc:
+                if _database_outage(exc):
+                    # What the step did is on the homeserver; recording it is retried,
+                    # never turned into the step's failure.
+                    raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise
+
+        return save
+
+    async def _defer(self, unit: CaseStep, run: StepRun, exc: HomeserverUnavailable) -> None:
+        case, step = run.case, run.step
+        why = str(exc)
+        delay = _delay(self._outage_delays, step.attempts)
+        if exc.retry_after is not None:
+            delay = min(delay, dt.timedelta(seconds=exc.retry_after))
+        until = _now() + delay
+        promised = unit.try_again_by(run)
+        if promised is not None:
+            until = min(until, promised)
+        async with self._db.begin() as conn:
+            # Why it waits is on the record: the alert tells staff, if it goes first.
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=False, error=why[:500]
+            )
+        log.warning(
+            "case #%d: %s waits %.0fs: %s",
+            case.id,
+            step.step,
+            (until - _now()).total_seconds(),
+            why,
+            extra={"case": case.id},
+        )
+        self._metrics.errors.labels("homeserver").inc()
+        try:
+            await unit.deferred(run, why)
+        except Exception:
+            log.exception("case #%d: %s: deferral hook failed", case.id, step.step)
+
+    async def _crashed(self, unit: CaseStep, run: StepRun, exc: BaseException) -> None:
+        """A bug of ours: the step is tried again, with backoff, for as long as it raises.
+
+        It is never recorded as failed, so nothing that needs it (the removal, after the
+        notice) goes ahead as if it could not be done, and its failures (bounded for
+        refusals) are not used up. /health names the case; staff hear of it in the alert,
+        or once in a reply to it if the alert went before; an alert that raises pages
+        `policy.alert_webhook` once past its deadline, as one that waits does.
+        """
+        case, step = run.case, run.step
+        log.error(
+            "case #%d: step %s crashed", case.id, step.step, exc_info=exc, extra={"case": case.id}
+        )
+        self._metrics.errors.labels("workflow").inc()
+        error = f"{INTERNAL_ERROR} ({type(exc).__name__}), retrying"
+        crashes = int(run.progress.get("crashes", 0)) + 1
+        until = _now() + _delay(self._failure_delays, crashes)
+        alert = run.steps.get("alert")
+        tell = not run.progress.get("crash_told") and alert is not None and alert.finished
+        # What this attempt saved is kept: the progress as it is now, not as it began.
+        progress = run.progress | {"crashes": crashes} | ({"crash_told": True} if tell else {})
+        async with self._db.begin() as conn:
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=False, error=error
+            )
+            await cases.save_progress(conn, case.id, step.step, progress)
+            if tell:
+                content = self._tools.texts.step_failed(
+                    case_number=case.id, step=step.step, error=error, reply_to=case.alert_event_id
+                )
+                await outbox.queue(
+                    conn, self._tools.staff_room.address, content, _now(), case_id=case.id
+                )
+        run.progress = progress
+        if tell:
+            self.on_outbox()
+        try:
+            await unit.deferred(run, error)
+        except Exception:
+            log.exception("case #%d: %s: deferral hook failed", case.id, step.step)
+
+    async def _retry_later(self, case: Case, step: Step, outcome: Outcome) -> None:
+        until = _now() + _delay(self._failure_delays, step.failures + 1)
+        async with self._db.begin() as conn:
+            await cases.retry_step_later(
+                conn, case.id, step.step, not_before=until, failed=True, error=outcome.error
+            )
+        log.warning(
+            "case #%d: %s failed (%s); retrying (%d of %d)",
+            case.id,
+            step.step,
+            outcome.error,
+            step.failures + 1,
+            self._steps[step.step].retries,
+            extra={"case": case.id},
+        )
+
+    async def _write_outcome(self, conn: AsyncConnection, finished: _Finished) -> bool:
+        """A step's outcome, its audit entry and what a person must be told, in the
+        caller's transaction; True if a staff message was queued."""
+        case, unit, step, steps, outcome = finished
+        now = _now()
+        facts = outcome.facts | {"status": outcome.status, "attempts": step.attempts}
+        personal = outcome.personal
+        if outcome.error:
+            # The homeserver's words may name people: personal, erasable. The code is not.
+            personal = personal | {"error": outcome.error}
+            code = outcome.error.split(":", 1)[0]
+            if code.startswith("M_") and code.replace("_", "").isalnum():
+                facts["errcode"] = code
+        await cases.finish_step(
+            conn,
+            case.id,
+            step.step,
+            status=outcome.status,
+            result=outcome.facts | outcome.personal,
+            error=outcome.error,
+            now=now,
+        )
+        if outcome.case_fields:
+            await cases.set_fields(conn, case.id, **outcome.case_fields)
+        await audit.append(
+            conn,
+            self._tools.deployment.provenance,
+            unit.kind,
+            case_id=case.id,
+            facts=facts,
+            personal=personal,
+            at=now,
+        )
+        return await self._tell_staff(conn, case, step, steps, outcome, now)
+
+    async def _outcome_recorded(self, finished: _Finished, told: bool) -> None:
+        """What follows a recorded outcome, once it is committed."""
+        case, _, step, _, outcome = finished
+        self._metrics.steps.labels(step.step, outcome.status).inc()
+        log.info("case #%d: %s %s", case.id, step.step, outcome.status, extra={"case": case.id})
+        if told:
+            self.on_outbox()
+        if outcome.status == "failed" and step.step == "alert":
+            await self._page_failed_alert(case, outcome)
+
+    async def _tell_staff(
+        self,
+        conn: AsyncConnection,
+        case: Case,
+        step: Step,
+        steps: Mapping[str, Step],
+        outcome: Outcome,
+        now: dt.datetime,
+    ) -> bool:
+        """Queue what staff must hear of this outcome (True if anything was queued).
+
+        The notice's and the removal's outcomes are in the alert when it goes after them;
+        when the alert went first (its deadline came), each outcome follows as a reply
+        to it. Any other step's failure is told in a reply of its own.
+        """
+        alert = steps.get("alert")
+        content: dict[str, Any] | None = None
+        if step.step in REPORTED_BY_ALERT:
+            stated = (alert.result.get("stated") or {}) if alert is not None else {}
+            # News: not what the alert said, or asked for by staff (`!case N notify`).
+            news = stated.get(step.step) != outcome.status or step.progress.get("staff_asked")
+            if alert is not None and alert.status == "done" and news:
+                remove = steps.get("remove")
+                content = self._tools.texts.step_update(
+                    case_number=case.id,
+                    step=step.step,
+                    status=outcome.status,
+                    facts=outcome.facts,
+                    error=outcome.error,
+                    removed=remove is not None and remove.status == "done",
+                    reply_to=case.alert_event_id,
+                )
+        elif outcome.status == "failed" and step.step != "alert":
+            content = self._tools.texts.step_failed(
+                case_number=case.id,
+                step=step.step,
+                error=outcome.error,
+                reply_to=case.alert_event_id,
+            )
+        if content is None:
+            return False
+        await outbox.queue(conn, self._tools.staff_room.address, content, now, case_id=case.id)
+        return True
+
+    async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:
+        """Staff could not be told in their room: page whoever is on call (and /health says)."""
+        log.error(
+            "case #%d: the staff alert could not be delivered: %s",
+            case.id,
+            outcome.error,
+            extra={"case": case.id},
+        )
+        url = self._tools.deployment.policy.alert_webhook
+        problem = "no alert_webhook is configured"
+        if url:
+            problem = (
+                await self._tools.webhook.post_json(
+                    url,
+                    {
+                        "event": "safeguard.alert_failed",
+                        "case": case.id,
+                        "error": outcome.error,
+                        "text": f"Safeguarding case #{case.id}: the staff alert could not be "
+                        "delivered. Check the service's /health and the staff room now.",
+                    },
+                )
+                or "sent"
+            )
+        async with self._db.begin() as conn:
+            await audit.append(
+                conn,
+                self._tools.deployment.provenance,
+                "alert_paged",
+                case_id=case.id,
+                facts={"webhook": problem},
+                at=_now(),
+            )

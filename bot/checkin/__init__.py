@@ -1,0 +1,1 @@
+"""The next-day check-in: when it falls due, and who joins and claims it."""

@@ -1,0 +1,1 @@
+"""What the policy is configured with: the charity's settings, the deployment."""

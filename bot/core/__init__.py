@@ -1,0 +1,1 @@
+"""What all of bot/ builds on: the homeserver port, metrics, reactions, audit chain, loops."""

@@ -1,0 +1,1 @@
+"""The group rooms the bot moderates: their state, who may flag whom, who comes and goes."""

@@ -1,0 +1,309 @@
+"""Membership and power changes: the rooms the bot moderates, and members coming back.
+
+The moderated rooms are the rooms the bot was invited to. Each time it joins
+one, staff are told who added it and whether it can remove members there, and
+told again if that power is taken away later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.config.deployment import Deployment
+from bot.core.ports import Homeserver, Refused
+from bot.intake.dispatch import Handling
+from bot.moderation.authorization import can_kick, can_redact, power_level
+from bot.moderation.room_state import RoomStateCache, membership_in
+from bot.rooms.directory import RoomDirectory, RoomKind
+from bot.rooms.refusal_reports import RefusalReports
+from bot.rooms.staff_room import StaffRoom
+from bot.steps import POSITIONS
+from bot.steps.rejoin import rejoin_due
+from bot.store import audit, cases, outbox, rooms
+from bot.texts.messages import Texts
+
+log = logging.getLogger(__name__)
+
+ABSENT = frozenset({"leave", "ban", None})
+
+
+def room_powers(bot_user_id: str, state: Any) -> tuple[bool, bool]:
+    """(can remove members, can redact others' events), for the bot in that room."""
+    # Members sit at users_default; the bot must outrank them to remove them.
+    default = power_level("@nobody:invalid", state)
+    return can_kick(bot_user_id, default, state), can_redact(bot_user_id, state)
+
+
+class Membership:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        homeserver: Homeserver,
+        deployment: Deployment,
+        staff_room: StaffRoom,
+        room_directory: RoomDirectory,
+        *,
+        may_invite: Callable[[str], Awaitable[bool]],
+        room_state: RoomStateCache,
+        reports: RefusalReports,
+        texts: Texts,
+        on_outbox: Callable[[], None],
+        on_staff_room_joined: Callable[[], None],
+        on_case: Callable[[int], None] = lambda case_id: None,
+    ) -> None:
+        self._on_case = on_case
+        self._db = db
+        self._hs = homeserver
+        self._deployment = deployment
+        self._staff_room = staff_room
+        self._rooms = room_directory
+        self._may_invite = may_invite
+        self._room_state = room_state
+        self._reports = reports
+        self._texts = texts
+        self._on_outbox = on_outbox
+        # Told when the bot joins the staff room on an invite (alerts may be waiting for it).
+        self._on_staff_room_joined = on_staff_room_joined
+
+    async def bot_membership(self, handling: Handling) -> None:
+        """The bot was invited somewhere, or removed from a room."""
+        membership = membership_in(handling.item.payload.get("content"))
+        if membership == "invite":
+            await self._invited(handling)
+        elif membership in ("leave", "ban"):
+            await self._removed(handling, membership)
+
+    async def member_event(self, handling: Handling) -> None:
+        """Someone's membership changed in a group room: a member coming back ends their case."""
+        item = handling.item
+        event = item.payload
+        user = event.get("state_key")
+        membership = membership_in(event.get("content"))
+        unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), Mapping) else {}
+        previous = membership_in(unsigned.get("prev_content"))
+        # A display-name change is a join after a join: only a real return counts.
+        if membership != "join" or previous == "join" or not isinstance(user, str):
+            return
+        now = dt.datetime.now(dt.UTC)
+        removing = self._deployment.policy.on_rejoin == "remove"
+        async with handling.transaction() as conn:
+            case = await cases.active_case(conn, item.room_id, user)
+            if case is None:
+                return
+            if case.state == "open" and removing:
+                # They are removed again: the case stays the one later flags corroborate.
+                await cases.rearm_step(conn, case.id, "remove_again", POSITIONS["remove_again"], {})
+            else:
+                await cases.end_active(conn, item.room_id, user, now)
+            if case.state == "open":
+                await rejoin_due(conn, case.id, removing=removing, position=POSITIONS["rejoin"])
+                await cases.set_next_attempt(conn, case.id, now)
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "member_rejoined",
+                case_id=case.id,
+                facts={
+                    "removed_again": case.state == "open" and removing,
+                    "note": "later flags in this room open a new case"
+                    if not (case.state == "open" and removing)
+                    else "removed again (policy.on_rejoin: remove)",
+                },
+                personal={"room": item.room_id, "member": user},
+                at=now,
+            )
+        self._on_case(case.id)
+
+    async def _invited(self, handling: Handling) -> None:
+        """The bot acts only where staff put it: the staff room's invite is always taken;
+        any other room's only from staff (or the inviters operators allowed)."""
+        item = handling.item
+        inviter = item.payload.get("sender", "")
+        room_id = item.room_id
+        now = dt.datetime.now(dt.UTC)
+        if self._staff_room.room_id is None:
+            # The staff room's alias may only now exist (this may be that room's invite).
+            await self._staff_room.resolve(self._hs)
+        if self._staff_room.is_staff_room(room_id):
+            await self._join_staff_room(handling, inviter)
+            return
+        if room_id in self._rooms.moderated:
+            # Taken already: the same invite, seen by the bot's sync (bot/intake/safety_net.py)
+            # before Synapse's push came (a room the bot is in cannot invite it again).
+            return
+        if not await self._may_invite(inviter):
+            await self._hs.leave_room(room_id)  # rejects the invite
+            async with handling.transaction() as conn:
+                await audit.append(
+                    conn,
+                    self._deployment.provenance,
+                    "invite_refused",
+                    facts={"why": "inviter not allowed"},
+                    personal={"room": room_id, "inviter": inviter},
+                    at=now,
+                )
+                told = await self._reports.refused(
+                    conn,
+                    kind="invite",
+                    actor=inviter,
+                    room_id=room_id,
+                    report=self._texts.invite_refused(inviter=inviter, room=room_id),
+                    now=now,
+                )
+            if told:
+                self._on_outbox()
+            return
+        if not await self._join(handling, inviter, tell_staff=True):
+            return
+        # From the join on, a flag there is decided as a flag (not left as a stranger's),
+        # even while what follows waits for the homeserver.
+        self._rooms.moderate(room_id)
+        kick, redact = await self._powers(room_id)
+        async with handling.transaction() as conn:
+            await rooms.joined(
+                conn, room_id, inviter=inviter, at=now, can_kick=kick, can_redact=redact
+            )
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "room_joined",
+                facts={"can_kick": kick, "can_redact": redact},
+                personal={"room": room_id, "inviter": inviter},
+                at=now,
+            )
+            await outbox.queue(
+                conn,
+                self._staff_room.address,
+                self._texts.room_joined(
+                    inviter=inviter, room=room_id, can_kick=kick, can_redact=redact
+                ),
+                now,
+            )
+        self._on_outbox()
+
+    async def _join(self, handling: Handling, inviter: str, *, tell_staff: bool) -> bool:
+        """Join the room the bot was invited to; a refusal is recorded, and staff are told
+        (when it is not the staff room itself: that failure is on /health)."""
+        room_id = handling.item.room_id
+        joined = await self._hs.join_room(room_id)
+        if not isinstance(joined, Refused):
+            return True
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "join_failed",
+                facts={"errcode": joined.errcode},
+                personal={"room": room_id, "inviter": inviter, "error": str(joined)},
+                at=now,
+            )
+            if tell_staff:
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    self._texts.join_failed(inviter=inviter, room=room_id, error=joined.errcode),
+                    now,
+                )
+        if tell_staff:
+            self._on_outbox()
+        return False
+
+    async def _join_staff_room(self, handling: Handling, inviter: str) -> None:
+        room_id = handling.item.room_id
+        if not await self._join(handling, inviter, tell_staff=False):
+            return
+        await self._record(handling, "staff_room_joined", {}, {"room": room_id, "inviter": inviter})
+        self._on_staff_room_joined()
+
+    async def _removed(self, handling: Handling, membership: str) -> None:
+        """Someone removed the bot from a room. From a moderated room, staff are told: flags
+        there no longer reach it. Its own leaving is recorded by what made it leave
+        (`!rooms leave`, a declined invite), not again here."""
+        item = handling.item
+        by = item.payload.get("sender")
+        if by == self._deployment.bot_user_id:
+            return
+        now = dt.datetime.now(dt.UTC)
+        async with self._db.connect() as conn:
+            known = await rooms.get(conn, item.room_id)
+        moderated = known is not None and known.left_at is None
+        self._rooms.stop_moderating(item.room_id)
+        async with handling.transaction() as conn:
+            await rooms.left(conn, item.room_id, at=now)
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "bot_removed",
+                facts={"membership": membership, "moderated": moderated},
+                personal={"room": item.room_id, "by": by},
+                at=now,
+            )
+            if moderated:
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    self._texts.room_removed(by=str(by), room=item.room_id),
+                    now,
+                )
+        if moderated:
+            self._on_outbox()
+
+    async def power_levels_changed(self, handling: Handling) -> None:
+        """Only moderated rooms (the bot was invited in) matter; not rooms the bot made."""
+        item = handling.item
+        room_id = item.room_id
+        if self._rooms.kind(room_id) is not RoomKind.GROUP:
+            return
+        async with self._db.connect() as conn:
+            known = await rooms.get(conn, room_id)
+        if known is None:
+            return  # not a room we were invited to moderate
+        kick, redact = await self._powers(room_id)
+        if known.can_kick == kick and known.can_redact == redact:
+            return
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            await rooms.set_powers(conn, room_id, can_kick=kick, can_redact=redact)
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "kick_power_changed",
+                facts={"can_kick": kick, "can_redact": redact},
+                personal={"room": room_id, "by": item.payload.get("sender")},
+                at=now,
+            )
+            if (known.can_kick and not kick) or (known.can_redact and not redact):
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    self._texts.powers_lost(room=room_id, can_kick=kick, can_redact=redact),
+                    now,
+                )
+        self._on_outbox()
+
+    async def _powers(self, room_id: str) -> tuple[bool | None, bool | None]:
+        """Whether the bot can remove members there, and redact others' events (None:
+        the room's state cannot be read). Read fresh; the cache keeps it for flags."""
+        state = await self._room_state.fresh(room_id)
+        if isinstance(state, Refused):
+            return None, None
+        return room_powers(self._deployment.bot_user_id, state)
+
+    async def _record(
+        self, handling: Handling, kind: str, facts: dict[str, Any], personal: dict[str, Any]
+    ) -> None:
+        async with handling.transaction() as conn:
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                kind,
+                facts=facts,
+                personal=personal,
+                at=dt.datetime.now(dt.UTC),
+            )

@@ -1,0 +1,92 @@
+"""Which kind of room an event comes from, known in memory so the hot path can tell cheaply.
+
+The staff room, the members' DMs and the check-in rooms are the bot's own
+conversations: every message there matters (a member's reply, a staff command).
+Any other room the bot is in is a group room it moderates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+from bot.rooms.staff_room import StaffRoom
+
+
+class RoomKind(Enum):
+    STAFF = "staff"
+    DM = "dm"
+    CHECKIN = "checkin"
+    GROUP = "group"
+
+
+class RoomDirectory:
+    def __init__(self, staff_room: StaffRoom) -> None:
+        self.staff_room = staff_room
+        self._dms: set[str] = set()
+        self._checkins: set[str] = set()
+        # Both together, so the hot path's test is one lookup (read, never written, by
+        # the intake's filter).
+        self.conversations: set[str] = set()
+        # The group rooms staff put the bot in (and it has not left): only there can a flag
+        # be acted on, so only there does one take the flag lane (bot/intake/accept.py).
+        self.moderated: set[str] = set()
+        # (room, member) of every active case: the only people whose membership of a
+        # group room the policy acts on (their return ends the case, or removes them
+        # again). Added before the case is written, never taken away while running:
+        # one too many only queues an event that needs nothing.
+        self._watched: set[tuple[str, str]] = set()
+
+    def know(
+        self,
+        *,
+        watched: Iterable[tuple[str, str]] = (),
+        dms: Iterable[str] = (),
+        checkins: Iterable[str] = (),
+        moderated: Iterable[str] = (),
+    ) -> None:
+        """Many at once (what the cases and rooms hold, read at start), at set speed."""
+        self.moderated.update(moderated)
+        self._watched.update(watched)
+        self._dms.update(dms)
+        self._checkins.update(checkins)
+        self.conversations.update(self._dms, self._checkins)
+
+    def add_dm(self, room_id: str) -> None:
+        self._dms.add(room_id)
+        self.conversations.add(room_id)
+
+    def add_checkin(self, room_id: str) -> None:
+        self._checkins.add(room_id)
+        self.conversations.add(room_id)
+
+    def forget(self, room_id: str) -> None:
+        """The bot left one of its own rooms (its case purged): nothing there is ours now."""
+        self._dms.discard(room_id)
+        self._checkins.discard(room_id)
+        self.conversations.discard(room_id)
+
+    def moderate(self, room_id: str) -> None:
+        self.moderated.add(room_id)
+
+    def stop_moderating(self, room_id: str) -> None:
+        self.moderated.discard(room_id)
+
+    def watch_member(self, room_id: str, member_id: str) -> None:
+        self._watched.add((room_id, member_id))
+
+    def is_watched(self, room_id: str, member_id: str) -> bool:
+        return (room_id, member_id) in self._watched
+
+    def kind(self, room_id: str) -> RoomKind:
+        if self.staff_room.is_staff_room(room_id):
+            return RoomKind.STAFF
+        if room_id in self._dms:
+            return RoomKind.DM
+        if room_id in self._checkins:
+            return RoomKind.CHECKIN
+        return RoomKind.GROUP
+
+    def is_private(self, room_id: str) -> bool:
+        """The staff room, a DM or a check-in room: every event there may need acting on."""
+        return room_id in self.conversations or self.staff_room.is_staff_room(room_id)

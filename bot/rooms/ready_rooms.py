@@ -1,0 +1,161 @@
+"""DM rooms made ahead of any flag, so telling a flagged member waits for no room creation.
+
+Creating a room is most of what a notice costs: on Synapse a createRoom with its
+invite takes several times as long as an invite into a room that exists. So the
+bot keeps `policy.ready_dm_rooms` empty private rooms of its own, encrypted from
+their first event when DMs are (`encryption.private_rooms`). A flag's notice takes
+one (bot/steps/direct.py), invites the member into it as a DM and sends the notice;
+another is made a few seconds later, off every flag's path.
+
+A ready room holds nothing and no one but the bot: nothing about any member is
+prepared before a flag, and no one sees a room until they are invited to it.
+
+What can go wrong, and what then:
+- a creation cut short (crash, lost answer): its row was written first, with the
+  room's marker, so the next round finishes it (the marker's alias finds the room)
+  instead of making a second;
+- the homeserver away or refusing: nothing is ready, and a notice creates its room
+  as it would with none kept (the same call the pool saves); retried next round;
+- the setting for encrypted DMs changed: rooms of the other kind are left, not used;
+- two notices at once: the row's delete decides who gets a room (bot/store/ready_rooms.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.rooms.directory import RoomDirectory
+from bot.store import cases
+from bot.store import ready_rooms as store
+
+log = logging.getLogger(__name__)
+MARKER_PREFIX = "ready:"
+# After a room was taken, wait this long before making the next: the case that took
+# it is still removing the member and telling staff, and a room creation on the same
+# homeserver would only slow those down.
+REFILL_AFTER_SECONDS = 2.0
+
+
+class ReadyRooms:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        homeserver: Homeserver,
+        rooms: RoomDirectory,
+        *,
+        wanted: int,
+        encrypted: bool,
+    ) -> None:
+        self._db = db
+        self._hs = homeserver
+        self._rooms = rooms
+        self.wanted = wanted
+        self._encrypted = encrypted
+        self.ready = 0  # as of the last round (for /health)
+        self.problem: str | None = None  # why the last round could not make one
+        self.on_taken = lambda: None  # told when a room was handed over (to make another)
+
+    async def load(self) -> None:
+        """Before the first transaction: ready rooms are the bot's conversations, not
+        rooms it moderates."""
+        async with self._db.connect() as conn:
+            known = await store.all_rooms(conn)
+        for room in known:
+            if room.room_id is not None:
+                self._rooms.add_dm(room.room_id)
+        self.ready = sum(1 for r in known if r.room_id and r.encrypted == self._encrypted)
+
+    async def work_once(self) -> bool:
+        """Finish, clear out or make one room; True if there may be more to do now."""
+        async with self._db.connect() as conn:
+            known = await store.all_rooms(conn)
+        try:
+            for room in known:
+                if room.encrypted != self._encrypted or self.wanted <= 0:
+                    await self._discard(room)
+                    return True
+                if room.room_id is None:
+                    return await self._create(room.marker)
+            self.ready = len(known)
+            if self.ready >= self.wanted:
+                self.problem = None
+                return False
+            marker = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
+            async with self._db.begin() as conn:
+                await store.plan(
+                    conn, marker, encrypted=self._encrypted, now=dt.datetime.now(dt.UTC)
+                )
+            return await self._create(marker)
+        except HomeserverUnavailable as exc:
+            self._failed(f"the homeserver is not reachable ({exc})")
+            return False
+
+    async def _create(self, marker: str) -> bool:
+        created = await self._hs.create_room(
+            marker=marker, invite=[], is_direct=False, encrypted=self._encrypted
+        )
+        if isinstance(created, Refused):
+            # Refused, so not made (a room an earlier attempt made is found, not refused):
+            # the plan goes, and the next round plans afresh.
+            async with self._db.begin() as conn:
+                await store.forget(conn, marker)
+            self._failed(f"the homeserver refused to create a room ({created})")
+            return False
+        self._rooms.add_dm(created.room_id)
+        async with self._db.begin() as conn:
+            await store.created(conn, marker, created.room_id)
+        self.problem = None
+        return True
+
+    async def _discard(self, room: store.ReadyRoom) -> None:
+        """A room of the kind DMs no longer are (the encryption setting changed)."""
+        if room.room_id is not None:
+            left = await self._hs.leave_room(room.room_id)
+            if isinstance(left, Refused):
+                log.warning("could not leave the unused room %s: %s", room.room_id, left)
+        async with self._db.begin() as conn:
+            await store.forget(conn, room.marker)
+
+    def status(self) -> dict[str, Any]:
+        """For /health: always ok (with none ready, a notice creates its room, only
+        slower), with why none could be made, if so."""
+        return {"ok": True, "ready": self.ready, "wanted": self.wanted} | (
+            {"problem": self.problem} if self.problem else {}
+        )
+
+    def _failed(self, why: str) -> None:
+        if why != self.problem:
+            log.warning("no DM room made ahead: %s (notices create their rooms)", why)
+        self.problem = why
+
+    async def take(
+        self, case_id: int, step: str, what: str, progress: dict[str, Any]
+    ) -> str | None:
+        """A ready room, recorded as the step's `<what>_room` (and `<what>_made_ahead`) in
+        the transaction that takes it (a resumed attempt finds it there), or None if none
+        is ready."""
+        if self.wanted <= 0:
+            return None
+
+        async def take() -> str | None:
+            async with self._db.begin() as conn:
+                room_id = await store.take(conn, encrypted=self._encrypted)
+                if room_id is not None:
+                    taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
+                    await cases.save_progress(conn, case_id, step, progress | taken)
+            return room_id
+
+        # Runs to its end even if the step is cut short (at the alert's deadline): a room
+        # taken is always a room recorded, and never half a transaction.
+        room_id = await asyncio.shield(take())
+        if room_id is not None:
+            self.ready = max(self.ready - 1, 0)
+            self.on_taken()
+        return room_id

@@ -1,0 +1,454 @@
+"""Staff act on cases from the staff room: `!case` commands and ✅ acknowledgements.
+
+Only staff (policy.staff, or staff_power_level in the staff room) have any
+effect; anyone else's command is recorded and otherwise ignored. Commands edit
+nothing: each is a new audit entry. Replies go through the outbox, as replies
+to the command, so they are delivered exactly once even across a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bot.checkin.events import CheckinEvents
+from bot.config.deployment import Deployment
+from bot.core.reactions import ACK_KEY, CLAIM_KEY, annotation
+from bot.intake.dispatch import Handling
+from bot.rooms.staff_room import StaffRoom
+from bot.staff.commands import (
+    USAGE,
+    CaseCommand,
+    CommandError,
+    RoomsCommand,
+    parse_case_command,
+    parse_rooms_command,
+)
+from bot.staff.replies import LIST_PAGE_SIZE, case_listing, case_timeline
+from bot.staff.room_admin import RoomAdmin
+from bot.steps import POSITIONS, WITHDRAW_STEPS
+from bot.steps.base import PLAIN_CLOCK
+from bot.store import audit, cases, outbox
+from bot.texts.templates import notice
+
+log = logging.getLogger(__name__)
+# What counts as staff dealing with a case: the alert is not raised again after it.
+DEALING_WITH = frozenset({"es", "ack", "note", "close", "withdraw", "remove", "notify"})
+CHECKIN_STEPS = ["checkin", "checkin_notice", "checkin_reminder"]
+
+
+class StaffTools:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        deployment: Deployment,
+        staff_room: StaffRoom,
+        *,
+        is_staff: Callable[[str], Awaitable[bool]],
+        checkins: CheckinEvents,
+        room_admin: RoomAdmin,
+        on_outbox: Callable[[], None],
+        on_case_changed: Callable[[int], None],
+    ) -> None:
+        self._db = db
+        self._room_admin = room_admin
+        self._deployment = deployment
+        self._staff_room = staff_room
+        self._is_staff = is_staff
+        self._checkins = checkins
+        self._on_outbox = on_outbox
+        self._on_case_changed = on_case_changed
+
+    # ---- dispatcher entries --------------------------------------------------------------
+
+    async def message(self, handling: Handling) -> None:
+        """A message in the staff room: a `!case` or `!rooms` command, or nothing for us."""
+        content = handling.item.payload.get("content") or {}
+        body = content.get("body", "")
+        rooms_command = parse_rooms_command(body)
+        if rooms_command is not None:
+            await self._rooms(handling, rooms_command)
+            return
+        parsed = parse_case_command(body)
+        if parsed is None:
+            return
+        # Staff first: anyone else gets no effect at all, not even a usage hint.
+        if isinstance(parsed, CommandError):
+            if await self._refused_unless_staff(handling, None, "unparsed", "command"):
+                return
+            await self._reply(handling, f"Sorry, I did not understand that: {parsed.message}.")
+            return
+        await self._run(handling, parsed, via="command")
+
+    async def reaction(self, handling: Handling) -> None:
+        """✅ on an alert acknowledges it; ✋ on a check-in notice claims the check-in."""
+        reacted = annotation(handling.item.payload.get("content"))
+        if reacted is None:
+            return
+        key, target = reacted
+        if key == CLAIM_KEY:
+            await self._checkins.claim_by_reaction(handling, target)
+            return
+        if key != ACK_KEY:
+            return
+        async with self._db.connect() as conn:
+            case = await cases.by_alert(conn, target)
+        if case is not None:
+            # Answered as a reply to the alert itself, naming who acknowledged it.
+            await self._run(handling, CaseCommand("ack", case.id), via="reaction", reply_to=target)
+
+    # ---- commands ------------------------------------------------------------------------
+
+    async def _rooms(self, handling: Handling, command: RoomsCommand | CommandError) -> None:
+        action = command.action if isinstance(command, RoomsCommand) else "unparsed"
+        if await self._refused_unless_staff(handling, None, f"rooms {action}", "command"):
+            return
+        if isinstance(command, CommandError):
+            await self._reply(handling, f"Sorry, I did not understand that: {command.message}.")
+            return
+        if command.action == "list":
+            await self._reply(handling, await self._room_admin.listing())
+            return
+        assert command.room is not None
+        sender = handling.item.payload.get("sender", "")
+        reply, left = await self._room_admin.leave(command.room, sender)
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            if left is not None:
+                await self._room_admin.record_left(conn, left, sender, now)
+            await self._queue_reply(conn, handling, reply, now)
+        self._on_outbox()
+
+    async def _refused_unless_staff(
+        self, handling: Handling, case_id: int | None, action: str, via: str
+    ) -> bool:
+        """True (and recorded) when the sender is not staff."""
+        sender = handling.item.payload.get("sender", "")
+        if await self._is_staff(sender):
+            return False
+        async with handling.transaction() as conn:
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                "command_refused",
+                case_id=case_id,
+                facts={"action": action, "via": via, "why": "not staff"},
+                personal={"by": sender},
+                at=dt.datetime.now(dt.UTC),
+            )
+        return True
+
+    async def _run(
+        self, handling: Handling, command: CaseCommand, *, via: str, reply_to: str | None = None
+    ) -> None:
+        if await self._refused_unless_staff(handling, command.case, command.action, via):
+            return
+        sender = handling.item.payload.get("sender", "")
+        now = dt.datetime.now(dt.UTC)
+        if command.action == "claim":
+            await self._claim(handling, command, sender)
+            return
+        async with handling.transaction() as conn:
+            reply = await self._apply(conn, command, sender, now, via)
+            await self._queue_reply(
+                conn, handling, reply, now, reply_to=reply_to, case_id=command.case
+            )
+        self._on_outbox()
+        if command.case is not None and command.action in (
+            "close",
+            "reopen",
+            "withdraw",
+            "remove",
+            "notify",
+        ):
+            self._on_case_changed(command.case)
+
+    async def _claim(self, handling: Handling, command: CaseCommand, sender: str) -> None:
+        assert command.case is not None
+        async with self._db.connect() as conn:
+            case = await cases.get(conn, command.case)
+        if case is None or case.checkin_room_id is None:
+            text = (
+                f"Case #{command.case} has no open check-in to claim yet."
+                if case
+                else f"There is no case #{command.case}."
+            )
+            await self._reply(handling, text, case_id=case.id if case else None)
+            return
+        await self._checkins.claim(handling, case, sender, via="command")
+        await self._reply(
+            handling, f"Case #{case.id}: check-in claimed by {sender}.", case_id=case.id
+        )
+
+    async def _apply(
+        self, conn: AsyncConnection, command: CaseCommand, sender: str, now: dt.datetime, via: str
+    ) -> str:
+        """Record the command; returns the reply text."""
+        if command.action == "help":
+            return USAGE
+        if command.action == "stats":
+            return await self._stats(conn, command.page, now)
+        if command.action == "list":
+            total = await cases.count(conn, command.text)
+            found = await cases.page(
+                conn,
+                command.text,
+                offset=(command.page - 1) * LIST_PAGE_SIZE,
+                limit=LIST_PAGE_SIZE,
+            )
+            return case_listing(found, command.text, now, page=command.page, total=total)
+        assert command.case is not None
+        case = await cases.get(conn, command.case)
+        if case is None:
+            return f"There is no case #{command.case}. `!case list all` shows every case."
+        if command.action == "show":
+            return case_timeline(case, await audit.entries(conn, case_id=case.id))
+
+        def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
+            return audit.append(
+                conn,
+                self._deployment.provenance,
+                kind,
+                case_id=case.id,
+                facts=facts,
+                personal={"by": sender} | personal,
+                at=now,
+            )
+
+        policy = self._deployment.policy
+        if command.action in DEALING_WITH and case.dealt_with_at is None:
+            # Staff are on it: the alert is not raised again.
+            await cases.set_fields(conn, case.id, dealt_with_at=now)
+        if command.action == "es":
+            await entry(
+                "emergency_services_informed",
+                {
+                    "lawful_basis": policy.lawful_basis,
+                    "data_shared": policy.emergency_data_shared,
+                    "informed_at": now.isoformat(),
+                },
+                {"reference": command.reference, "service": command.service},
+            )
+            return (
+                f"Case #{case.id}: recorded that {command.service} were informed by {sender} "
+                f"(reference {command.reference}; lawful basis: {policy.lawful_basis})."
+            )
+        if command.action == "note":
+            await entry("note", {"kind": "opinion"}, {"text": command.text})
+            return f"Case #{case.id}: note added."
+        if command.action == "ack":
+            if case.alert_acked_by is None:
+                await cases.set_fields(conn, case.id, alert_acked_by=sender)
+            await entry(
+                "alert_acknowledged", {"via": via, "first": case.alert_acked_by is None}, {}
+            )
+            return f"Case #{case.id}: alert acknowledged by {sender}."
+        if command.action == "withdraw":
+            return await self._withdraw(conn, case, command, sender, now, entry)
+        if command.action == "remove":
+            return await self._remove(conn, case, sender, now, entry)
+        if command.action == "notify":
+            return await self._notify_again(conn, case, now, entry)
+        if command.action == "close":
+            if case.state == "closed":
+                return (
+                    f"Case #{case.id} is already closed. `!case {case.id} reopen <why>` reopens it."
+                )
+            # Closed, the case no longer gathers flags: a new flag opens a new case.
+            await cases.set_fields(
+                conn, case.id, state="closed", closed_at=now, outcome=command.text, active_key=None
+            )
+            await entry("closed", {}, {"outcome": command.text})
+            await self._cancel_checkin(conn, case.id, "the case was closed before it", now)
+            head = await audit.head(conn)
+            return (
+                f"Case #{case.id} closed. Audit chain head: {head[0]}:{head[1]} "
+                f"(check with `safeguard audit verify --head {head[0]}:{head[1]}`)."
+            )
+        if command.action == "reopen":
+            if case.state != "closed":
+                return f"Case #{case.id} is open already."
+            await cases.set_fields(conn, case.id, state="open", closed_at=None)
+            await cases.reactivate(conn, case)
+            await entry("reopened", {}, {"why": command.text})
+            return f"Case #{case.id} reopened."
+        if command.action == "hold":
+            await cases.set_fields(conn, case.id, hold_reason=command.text)
+            await entry("held", {}, {"why": command.text})
+            return f"Case #{case.id} is on hold: retention will not purge it."
+        raise AssertionError(command.action)
+
+    async def _withdraw(
+        self,
+        conn: AsyncConnection,
+        case: cases.Case,
+        command: CaseCommand,
+        sender: str,
+        now: dt.datetime,
+        entry: Any,
+    ) -> str:
+        """A wrong flag: recorded, the case closed as withdrawn, the check-in cancelled
+        (unless kept); the apology and the way back are steps (bot/steps/withdraw.py)."""
+        if case.outcome and case.outcome.startswith("withdrawn"):
+            return f"Case #{case.id} was withdrawn already."
+        await entry("withdrawn", {"keep_checkin": command.keep_checkin}, {"why": command.text})
+        await cases.set_fields(
+            conn,
+            case.id,
+            state="closed",
+            closed_at=now,
+            outcome=f"withdrawn: {command.text}",
+            active_key=None,
+        )
+        if not command.keep_checkin:
+            await self._cancel_checkin(conn, case.id, "withdrawn", now)
+        for name in WITHDRAW_STEPS:
+            progress = {"by": sender, "why": command.text} if name == "withdraw_report" else {}
+            await cases.rearm_step(conn, case.id, name, POSITIONS[name], progress)
+        await cases.set_next_attempt(conn, case.id, now)
+        kept = " The check-in stays as planned." if command.keep_checkin else ""
+        return (
+            f"Case #{case.id}: withdrawing. I'm apologising to the member and inviting them "
+            f"back into the room; I'll say here how it went.{kept}"
+        )
+
+    async def _remove(
+        self,
+        conn: AsyncConnection,
+        case: cases.Case,
+        sender: str,
+        now: dt.datetime,
+        entry: Any,
+    ) -> str:
+        """Staff decide to remove the member without waiting for the notice."""
+        steps = {step.step: step for step in await cases.steps_of(conn, case.id)}
+        remove, notify = steps.get("remove"), steps.get("notify")
+        if case.dry_run or remove is None:
+            return f"Case #{case.id} has no removal to make (dry run)."
+        if remove.finished:
+            return f"Case #{case.id}: the removal is over already ({remove.status})."
+        if remove.progress.get("decided_by"):
+            return f"Case #{case.id}: the removal is under way already."
+        notified = notify is not None and notify.status == "done"
+        await entry("removal_decided", {"notified_first": notified}, {})
+        await cases.save_progress(conn, case.id, "remove", remove.progress | {"decided_by": sender})
+        await cases.set_next_attempt(conn, case.id, now)
+        if notified:
+            return f"Case #{case.id}: they have been told; removing them now."
+        return (
+            f"Case #{case.id}: removing them now, without the notice, as you decided "
+            f"(recorded). `!case {case.id} notify` still tries to tell them."
+        )
+
+    async def _notify_again(
+        self, conn: AsyncConnection, case: cases.Case, now: dt.datetime, entry: Any
+    ) -> str:
+        """Staff ask for another try at telling the member (the notice failed, or waits)."""
+        notify = next((s for s in await cases.steps_of(conn, case.id) if s.step == "notify"), None)
+        if case.dry_run or notify is None:
+            return f"Case #{case.id} sends no notice (dry run)."
+        if notify.status == "done":
+            return f"Case #{case.id}: the member has been told already."
+        await entry("notice_retried", {"was": notify.status}, {})
+        if notify.finished:
+            # What the earlier attempts did (the DM room) is kept: the next looks there
+            # first. Its outcome is told, whatever it is; encryption gets its full wait.
+            await cases.rearm_step(
+                conn,
+                case.id,
+                "notify",
+                POSITIONS["notify"],
+                lambda progress: (
+                    {k: v for k, v in progress.items() if k != PLAIN_CLOCK} | {"staff_asked": True}
+                ),
+            )
+        else:
+            await cases.save_progress(
+                conn, case.id, "notify", notify.progress | {"staff_asked": True}
+            )
+            await cases.retry_started_now(conn, now, case_id=case.id)
+        # The notice still to come is the one staff hear about if it goes unread (the
+        # earlier one was never sent, so nothing was said of it).
+        await cases.rearm_step(conn, case.id, "unread_notice", POSITIONS["unread_notice"], {})
+        await cases.set_next_attempt(conn, case.id, now)
+        return f"Case #{case.id}: trying to tell the member again now; I'll say here how it goes."
+
+    async def _cancel_checkin(
+        self, conn: AsyncConnection, case_id: int, why: str, now: dt.datetime
+    ) -> None:
+        for name in await cases.skip_pending(conn, case_id, CHECKIN_STEPS, why, now):
+            await audit.append(
+                conn,
+                self._deployment.provenance,
+                f"step.{name}" if name != "checkin_reminder" else "checkin_reminded",
+                case_id=case_id,
+                facts={"status": "skipped", "why": why},
+                at=now,
+            )
+
+    async def _stats(self, conn: AsyncConnection, days: int, now: dt.datetime) -> str:
+        """Who carries this most often: flags per moderator and per room, over `days`."""
+        since = now - dt.timedelta(days=days)
+        flags = [
+            e
+            for e in await audit.entries(conn, since=since)
+            if e.kind in ("flagged", "corroborated")
+        ]
+        if not flags:
+            return f"No flags in the last {days} days."
+        moderators = Counter((e.personal or {}).get("flagger") or "(purged)" for e in flags)
+        rooms = Counter((e.personal or {}).get("room") or "(purged)" for e in flags)
+        lines = [f"Flags in the last {days} days: {len(flags)} (cases and corroborations)."]
+        lines.append("By moderator (who may need a debrief):")
+        lines += [f"  {who}: {count}" for who, count in moderators.most_common(20)]
+        lines.append("By room:")
+        lines += [f"  {room}: {count}" for room, count in rooms.most_common(20)]
+        return "\n".join(lines)
+
+    async def _queue_reply(
+        self,
+        conn: AsyncConnection,
+        handling: Handling,
+        text: str,
+        now: dt.datetime,
+        *,
+        reply_to: str | None = None,
+        case_id: int | None = None,
+    ) -> None:
+        """`case_id`: the case the reply tells of (retention redacts it with the case)."""
+        await outbox.queue(
+            conn,
+            self._staff_room.address,
+            notice(text, reply_to=reply_to or handling.item.event_id),
+            now,
+            case_id=case_id,
+        )
+
+    async def _reply(self, handling: Handling, text: str, *, case_id: int | None = None) -> None:
+        async with handling.transaction() as conn:
+            await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC), case_id=case_id)
+        self._on_outbox()
+
+    # ---- the chain head, anchored outside the database -----------------------------------
+
+    async def post_chain_head(self) -> None:
+        """Daily: anyone can later check the log against the head posted here."""
+        now = dt.datetime.now(dt.UTC)
+        async with self._db.begin() as conn:
+            seq, digest = await audit.head(conn)
+            if seq:
+                await outbox.queue(
+                    conn,
+                    self._staff_room.address,
+                    notice(
+                        f"Audit chain head: {seq}:{digest} — keep this; "
+                        f"`safeguard audit verify --head {seq}:{digest}` proves the log since."
+                    ),
+                    now,
+                )
+        self._on_outbox()

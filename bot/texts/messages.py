@@ -1,0 +1,546 @@
+"""Every text the bot sends, filled in from its template — and never a stalled case over one.
+
+`run` refuses a template that fails to render (bot.texts.templates.validate_templates),
+so a failure here means something validation could not foresee. The text is
+then sent with the built-in template at once, and the fall-back reported
+(recorded, staff told) through `on_fallback`, once per template.
+
+Staff texts name people as `Display Name (@user:server)` and rooms as
+`Room name (!id:server)`, and give every time in `checkin.timezone`, named once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bot.config.deployment import Deployment
+from bot.config.settings import MessageTemplates
+from bot.texts.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
+from bot.texts.wording import (
+    checkin_when,
+    duration_words,
+    emergency_line,
+    resource_lines,
+    since_words,
+    when,
+)
+
+log = logging.getLogger(__name__)
+BUILT_IN = MessageTemplates()
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step as staff are told of it: done, not yet (and why), failed (and why), held for
+    their decision, or skipped."""
+
+    state: Literal["done", "waiting", "failed", "held", "skipped"]
+    why: str | None = None
+    note: str | None = None  # about a done step: how it went ("sent unencrypted: ...")
+
+
+def _reply(message: dict[str, Any], reply_to: str | None) -> dict[str, Any]:
+    if reply_to:
+        message["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return message
+
+
+def _mentioning(message: dict[str, Any], users: Sequence[str]) -> dict[str, Any]:
+    message["m.mentions"] = {"user_ids": list(users)}
+    return message
+
+
+class Texts:
+    def __init__(
+        self,
+        deployment: Deployment,
+        on_fallback: Callable[[str, str], None] = lambda name, problem: None,
+    ) -> None:
+        self._deployment = deployment
+        self.messages = deployment.messages
+        self._resources = deployment.resources
+        self._zone = deployment.checkin.zone
+        self._zone_name = deployment.checkin.timezone or "Europe/London"
+        self._policy = deployment.policy
+        self.on_fallback = on_fallback
+        self._reported: set[str] = set()
+
+    # ---- the rendering core ----------------------------------------------------------------
+
+    def text(self, name: str, **values: Any) -> str:
+        """Template `name` filled in; the built-in one if the configured one fails."""
+        strings: Mapping[str, str] = {key: str(value) for key, value in values.items()}
+        try:
+            return render_text(self.messages, name, strings)
+        except TemplateError as exc:
+            log.error("%s; the built-in text was used instead", exc)
+            if exc.name not in self._reported:
+                self._reported.add(exc.name)
+                self.on_fallback(exc.name, str(exc))
+            return render_text(BUILT_IN, name, strings)
+
+    def when(self, at: dt.datetime) -> str:
+        return when(at, self._zone)
+
+    # ---- to the member and the room ----------------------------------------------------
+
+    def notice(self, due_at: dt.datetime | None, now: dt.datetime) -> dict[str, Any]:
+        return content(
+            self.text(
+                "notice",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+                checkin_when=checkin_when(now, due_at, self._zone),
+            )
+        )
+
+    def checkin(
+        self, *, flagged_at: dt.datetime, now: dt.datetime, staff_roles: Sequence[str]
+    ) -> dict[str, Any]:
+        return content(
+            self.text(
+                "checkin",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+                staff=" and ".join(staff_roles) if staff_roles else "our staff team",
+                since=since_words(flagged_at, now, self._zone),
+            )
+        )
+
+    def withdrawn(self, *, room: str) -> dict[str, Any]:
+        return content(self.text("withdrawn", room=room))
+
+    def farewell(self) -> dict[str, Any]:
+        """Where to get help now, as the bot leaves a conversation whose case is purged."""
+        return content(
+            self.text(
+                "farewell",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+            )
+        )
+
+    def kick_reason(self, *, notified: bool) -> str:
+        name = "kick_reason" if notified else "kick_reason_unnotified"
+        return self.text(name)[:KICK_REASON_LIMIT]
+
+    def redaction_reason(self) -> str:
+        return self.text("redaction_reason")[:KICK_REASON_LIMIT]
+
+    def retention_redaction_reason(self) -> str:
+        return self.text("retention_redaction_reason")[:KICK_REASON_LIMIT]
+
+    def room_notice(self) -> dict[str, Any]:
+        text = self.text("room_notice", resources=resource_lines(self._resources))
+        return content(text, "m.notice")
+
+    def moderator_debrief(
+        self, *, case_number: int, due_at: dt.datetime | None, now: dt.datetime
+    ) -> dict[str, Any]:
+        return content(
+            self.text(
+                "moderator_debrief",
+                case=case_number,
+                checkin_when=checkin_when(now, due_at, self._zone),
+                support=self._policy.moderator_support,
+            )
+        )
+
+    # ---- to staff ------------------------------------------------------------------------
+
+    def alert(
+        self,
+        *,
+        case_number: int,
+        member: str,
+        room: str,
+        flagger: str,
+        flagged_at: dt.datetime,
+        method: str,
+        reason: str | None,
+        notice: StepState,
+        removal: StepState,
+        late_by: dt.timedelta | None,
+        due_at: dt.datetime | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        if dry_run:
+            status_line = " — DRY RUN: the member was not messaged or removed"
+            outcomes = "Nothing was sent to the member and no one was removed (dry run)."
+        else:
+            status_line = {
+                "failed": f" — member was NOT notified: {notice.why}",
+                "waiting": f" — member NOT notified yet: {notice.why}",
+            }.get(notice.state, "")
+            outcomes = "\n".join(
+                [self._notice_line(notice, removal), self._removal_line(case_number, removal)]
+            )
+        if due_at is None:
+            checkin = "Check-in: could not be scheduled — arrange it by hand."
+        elif dry_run:
+            checkin = f"Check-in would open {self.when(due_at)} (dry run: it will not)."
+        else:
+            checkin = f"Check-in room opens {self.when(due_at)}."
+        checklist = (
+            "If a life may be at immediate risk:\n"
+            "☐ Call 999 and give them what you know (the member's details from your records)\n"
+            f"☐ Record it: !case {case_number} es <reference> [service]\n"
+            f"☐ Acknowledge this alert: react ✅ or write !case {case_number} ack\n"
+            f"☐ Notes: !case {case_number} note <text> — the whole case: !case {case_number}"
+        )
+        return content(
+            self.text(
+                "alert",
+                case=case_number,
+                status_line=status_line,
+                member=member,
+                room=room,
+                flagger=flagger,
+                when=self.when(flagged_at),
+                method=method,
+                reason=reason or "(none given)",
+                outcomes=outcomes,
+                late=f" — arrived {duration_words(late_by)} late" if late_by else "",
+                checkin=checkin,
+                checklist=checklist,
+                zone=self._zone_name,
+            ),
+            "m.notice",
+        )
+
+    @staticmethod
+    def _notice_line(notice: StepState, removal: StepState) -> str:
+        if notice.state == "done":
+            before = ", before removal" if removal.state == "done" and not removal.note else ""
+            plain = f" — sent UNENCRYPTED ({notice.note})" if notice.note else ""
+            return f"✔ Member notified by DM{before}{plain}"
+        if notice.state == "waiting":
+            return (
+                f"… Member NOT notified yet ({notice.why}): still trying; "
+                "I'll reply here when they are"
+            )
+        return f"✘ Member was NOT notified ({notice.why}): please reach them another way"
+
+    @staticmethod
+    def _removal_line(case_number: int, removal: StepState) -> str:
+        if removal.state == "done":
+            return f"✘ Not removed: {removal.note}" if removal.note else "✔ Removed from the room"
+        if removal.state == "held":
+            return (
+                "⏸ Not removed: they have not been told, so the removal waits for your "
+                f"decision: !case {case_number} remove removes them without the notice; "
+                f"!case {case_number} notify tries telling them again"
+            )
+        if removal.state == "waiting":
+            return f"… Not removed yet ({removal.why}): I'll reply here when they are"
+        return f"✘ Not removed: {removal.why or 'unknown reason'}"
+
+    def step_update(
+        self,
+        *,
+        case_number: int,
+        step: str,
+        status: str,
+        facts: Mapping[str, Any],
+        error: str | None,
+        removed: bool,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        """What became of the notice or the removal after the alert went (a reply to it)."""
+        if step == "notify":
+            if status == "done":
+                plain = (
+                    " (sent unencrypted: encryption was failing)"
+                    if facts.get("unencrypted")
+                    else ""
+                )
+                update = f"the member has now been notified by DM{plain}."
+            elif removed:
+                update = (
+                    f"the member could NOT be notified ({error or facts.get('why')}). Please "
+                    f"reach them another way; !case {case_number} notify tries again."
+                )
+            else:
+                update = (
+                    f"the member could NOT be notified ({error or facts.get('why')}). They "
+                    f"have not been removed: !case {case_number} remove removes them without "
+                    f"the notice; !case {case_number} notify tries telling them again. "
+                    "Please reach them another way."
+                )
+        elif status == "done":
+            if facts.get("already_gone"):
+                update = "they had already left the room."
+            elif facts.get("staff_decision"):
+                update = (
+                    "they have now been removed from the room, without the notice, as staff "
+                    "decided."
+                )
+            else:
+                update = "they have now been removed from the room."
+        else:
+            update = (
+                f"they could NOT be removed ({error or facts.get('why')}): please do it by hand."
+            )
+        return notice(self.text("step_update", case=case_number, update=update), reply_to=reply_to)
+
+    def encryption_failing(self, *, case_number: int | None) -> dict[str, Any]:
+        """Sent in the clear into an encrypted staff room: no detail, only where to look."""
+        what = f"Case #{case_number} needs you" if case_number else "Messages for staff are waiting"
+        return notice(self.text("encryption_failing", what=what))
+
+    def encryption_broken(self, *, why: str | None) -> dict[str, Any]:
+        """Staff told once that the bot's encryption stopped (why), or works again (None)."""
+        if why is None:
+            return notice(self.text("encryption_repaired"))
+        return notice(self.text("encryption_broken", why=why))
+
+    def alert_again(self, *, case_number: int, waited: dt.timedelta) -> dict[str, Any]:
+        staff = list(self._policy.staff)
+        who = f"{' '.join(staff)}: " if staff else ""
+        return _mentioning(
+            notice(
+                self.text("alert_again", case=case_number, waited=duration_words(waited), staff=who)
+            ),
+            staff,
+        )
+
+    def corroborated(
+        self,
+        *,
+        case_number: int,
+        flagger: str,
+        member: str,
+        method: str,
+        at: dt.datetime,
+        reason: str | None,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        text = self.text(
+            "corroborated",
+            case=case_number,
+            flagger=flagger,
+            member=member,
+            method=method,
+            when=self.when(at),
+            reason=reason or "(none given)",
+        )
+        return notice(text, reply_to=reply_to)
+
+    def rejoined(
+        self, *, case_number: int, member: str, room: str, removing: bool, reply_to: str | None
+    ) -> dict[str, Any]:
+        action = (
+            "As policy.on_rejoin is `remove`, I am removing them again, as discreetly as before."
+            if removing
+            else "They were not removed again: please decide what to do, and reach out to them."
+        )
+        text = self.text("rejoined", case=case_number, member=member, room=room, action=action)
+        return notice(text, reply_to=reply_to)
+
+    def relay(self, *, case_number: int, member: str, text: str, where: str) -> dict[str, Any]:
+        said = {
+            "DM": "replied to the notice",
+            "debrief": "(the moderator who flagged) replied to their debrief",
+        }.get(where, "wrote in the check-in room")
+        waiting = " No one from staff has joined it yet." if where == "check-in room" else ""
+        return notice(
+            self.text(
+                "relay", case=case_number, member=member, said=said, waiting=waiting, text=text
+            )
+        )
+
+    def checkin_opened(
+        self,
+        *,
+        case_number: int,
+        link: str,
+        late_by: dt.timedelta | None,
+        member_not_invited: str | None,
+    ) -> dict[str, Any]:
+        late = (
+            f"\nIt opened {duration_words(late_by)} late (the service was unavailable)."
+            if late_by
+            else ""
+        )
+        not_invited = (
+            f"\nThe member could NOT be invited ({member_not_invited}): please reach them "
+            "another way."
+            if member_not_invited
+            else ""
+        )
+        return notice(
+            self.text(
+                "checkin_opened",
+                case=case_number,
+                link=link,
+                late=late,
+                not_invited=not_invited,
+            )
+        )
+
+    def checkin_failed(self, *, case_number: int, error: str | None) -> dict[str, Any]:
+        return notice(self.text("checkin_failed", case=case_number, error=error or "unknown"))
+
+    def checkin_dry_run(self, *, case_number: int, due_at: dt.datetime | None) -> dict[str, Any]:
+        at = self.when(due_at) if due_at else "now"
+        return notice(self.text("checkin_dry_run", case=case_number, when=at))
+
+    def checkin_reminder(
+        self, *, case_number: int, link: str, member_waiting: bool
+    ) -> dict[str, Any]:
+        staff = list(self._policy.staff)
+        waiting = " The member has joined and is waiting." if member_waiting else ""
+        text = self.text(
+            "checkin_reminder",
+            case=case_number,
+            staff=f"{' '.join(staff)}: " if staff else "",
+            link=link,
+            waiting=waiting,
+        )
+        return _mentioning(notice(text), staff)
+
+    def withdrawal_done(
+        self, *, case_number: int, by: str, why: str, outcomes: str, reply_to: str | None
+    ) -> dict[str, Any]:
+        text = self.text("withdrawal_done", case=case_number, by=by, why=why, outcomes=outcomes)
+        return notice(text, reply_to=reply_to)
+
+    def flag_found_late(
+        self, *, flagged_at: dt.datetime, room: str, flagger: str, member: str | None
+    ) -> dict[str, Any]:
+        return notice(
+            self.text(
+                "flag_found_late",
+                when=self.when(flagged_at),
+                room=room,
+                flagger=flagger,
+                member=member or "(the flagged message could not be read)",
+            )
+        )
+
+    def unread_notice(
+        self,
+        *,
+        case_number: int,
+        member: str,
+        sent_at: dt.datetime,
+        waited: dt.timedelta,
+        reply_to: str | None,
+    ) -> dict[str, Any]:
+        """The member has not read their notice (no read receipt on or after it) by now."""
+        text = self.text(
+            "unread_notice",
+            case=case_number,
+            member=member,
+            waited=duration_words(waited),
+            sent=f"{self.when(sent_at)} ({self._zone_name})",
+        )
+        return notice(text, reply_to=reply_to)
+
+    def step_failed(
+        self, *, case_number: int, step: str, error: str | None, reply_to: str | None
+    ) -> dict[str, Any]:
+        text = self.text(
+            "step_failed", case=case_number, step=step, error=f" ({error})" if error else ""
+        )
+        return notice(text, reply_to=reply_to)
+
+    def refusal(
+        self, *, code: str, detail: str, room: str, flagger: str, method: str, member: str | None
+    ) -> dict[str, Any]:
+        return notice(
+            self.text(
+                "refusal",
+                code=code,
+                detail=detail,
+                room=room,
+                flagger=flagger,
+                method=method,
+                member=f" — member: {member}" if member else "",
+            )
+        )
+
+    def refusals_summary(
+        self, *, kind: str, actor: str, room: str, count: int, since: dt.datetime
+    ) -> dict[str, Any]:
+        if kind == "undecryptable":
+            return notice(
+                self.text(
+                    "undecryptable_summary",
+                    count=count,
+                    sender=actor,
+                    room=room,
+                    since=f"{self.when(since)} ({self._zone_name})",
+                )
+            )
+        what = "flag(s)" if kind == "flag" else "invite(s) of the bot"
+        return notice(
+            self.text(
+                "refusals_summary",
+                count=count,
+                what=what,
+                actor=actor,
+                room=room,
+                since=f"{self.when(since)} ({self._zone_name})",
+            )
+        )
+
+    def invite_refused(self, *, inviter: str, room: str) -> dict[str, Any]:
+        return notice(self.text("invite_refused", inviter=inviter, room=room))
+
+    @staticmethod
+    def _powers(can_kick: bool | None, can_redact: bool | None) -> str:
+        kick = (
+            "I can remove members there."
+            if can_kick
+            else "I CANNOT remove members there: give me a power level at or above the kick "
+            "level, or flags there will be recorded but nobody can be removed."
+        )
+        redact = (
+            " I can remove the flags themselves once recorded."
+            if can_redact
+            else " I CANNOT redact there: flags (the 🚨, the command) will stay visible to the "
+            "room; give me the redact power level."
+        )
+        return kick + redact
+
+    def room_joined(
+        self, *, inviter: str, room: str, can_kick: bool | None, can_redact: bool | None
+    ) -> dict[str, Any]:
+        powers = self._powers(can_kick, can_redact)
+        return notice(self.text("room_joined", inviter=inviter, room=room, powers=powers))
+
+    def join_failed(self, *, inviter: str, room: str, error: str) -> dict[str, Any]:
+        return notice(self.text("join_failed", inviter=inviter, room=room, error=error))
+
+    def room_removed(self, *, by: str, room: str) -> dict[str, Any]:
+        return notice(self.text("room_removed", by=by, room=room))
+
+    def powers_lost(
+        self, *, room: str, can_kick: bool | None, can_redact: bool | None
+    ) -> dict[str, Any]:
+        powers = self._powers(can_kick, can_redact)
+        return notice(self.text("powers_lost", room=room, powers=powers))
+
+    def moderation_unseated(self, *, moderator: str, room: str, why: str) -> dict[str, Any]:
+        return notice(self.text("moderation_unseated", moderator=moderator, room=room, why=why))
+
+    def moderation_seated(self, *, moderator: str, room: str) -> dict[str, Any]:
+        return notice(self.text("moderation_seated", moderator=moderator, room=room))
+
+    def processing_failed(self, *, event_id: str, room: str) -> dict[str, Any]:
+        return notice(self.text("processing_failed", event=event_id, room=room))
+
+    def undecryptable(self, *, sender: str, room: str) -> dict[str, Any]:
+        return notice(self.text("undecryptable", sender=sender, room=room))
+
+    def former_member_wrote(self) -> dict[str, Any]:
+        """Staff told that someone wrote in a purged case's conversation: no one named."""
+        return notice(self.text("former_member_wrote"))
+
+    def template_fallback(self, *, name: str, problem: str) -> dict[str, Any]:
+        return notice(self.text("template_fallback", name=name, problem=problem))
