@@ -19,6 +19,7 @@ import yaml
 
 from appservice.config import (
     DEFAULT_CONFIG_PATH,
+    UNCHOSEN_RESOURCES,
     Config,
     check_runnable,
     load_config,
@@ -71,6 +72,8 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
             "note: policy.staff_room is an alias: it is pinned to the room it first resolves "
             "to; a room id leaves no doubt about which room gets the alerts"
         )
+    if config.resources_unchosen:
+        print(f"warning: {UNCHOSEN_RESOURCES}")
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "

@@ -32,6 +32,7 @@ from sqlalchemy.exc import ArgumentError
 from appservice.errors import ConfigError
 from appservice.registration import load_registration
 from appservice.webhook import webhook_problem
+from bot.config.resource_packs import PACKS, pack_for
 from bot.config.settings import (
     DEFAULT_RETENTION_DAYS,
     AuditSettings,
@@ -46,6 +47,11 @@ from bot.config.settings import (
 from bot.texts.templates import validate_templates
 
 DEFAULT_CONFIG_PATH = "config.yaml"
+# Said by `check-config` and the doctor when neither `region` nor `resources` is set.
+UNCHOSEN_RESOURCES = (
+    "neither region nor resources is set: members are shown the UK (England) crisis "
+    f"resources; set region: ({', '.join(PACKS)}) or list your own under resources:"
+)
 
 
 class _Strict(BaseModel):
@@ -145,12 +151,41 @@ class ConfigFile(_Strict):
     policy: PolicySettings = PolicySettings()
     checkin: CheckinSettings = CheckinSettings()
     messages: MessageTemplates = MessageTemplates()
-    resources: list[Resource] = Field(default_factory=default_resources, min_length=1)
+    # The built-in crisis resources of a region (bot/config/resource_packs.py), used
+    # unless `resources` lists the install's own.
+    region: str | None = None
+    resources: list[Resource] | None = Field(default=None, min_length=1)
     resources_max_age_days: int = Field(default=365, ge=1)
     audit: AuditSettings = AuditSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     encryption: EncryptionSettings = EncryptionSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, region: str | None) -> str | None:
+        if region is None:
+            return None
+        pack = pack_for(region)
+        if pack is None:
+            known = ", ".join(PACKS)
+            raise ValueError(
+                f"no built-in crisis resources for region {region!r} (there are: {known}); "
+                "list your own under resources:"
+            )
+        return pack.region
+
+    @property
+    def crisis_resources(self) -> list[Resource]:
+        """What members are pointed to: the install's own list, else its region's pack,
+        else (neither set) the UK list this project has always shipped."""
+        if self.resources is not None:
+            return self.resources
+        if self.region is not None:
+            pack = pack_for(self.region)
+            assert pack is not None  # validated
+            return list(pack.resources)
+        return default_resources()
 
     @model_validator(mode="after")
     def _one_retention(self) -> ConfigFile:
@@ -185,7 +220,7 @@ class Config:
     policy = property(lambda self: self.file.policy)
     checkin = property(lambda self: self.file.checkin)
     messages = property(lambda self: self.file.messages)
-    resources = property(lambda self: self.file.resources)
+    resources = property(lambda self: self.file.crisis_resources)
     audit = property(lambda self: self.file.audit)
     retention_days = property(lambda self: self.file.retention_days)
     logging = property(lambda self: self.file.logging)
@@ -228,9 +263,9 @@ class Config:
     @property
     def config_hash(self) -> str:
         """A digest of the policy-relevant settings, recorded with every audit entry."""
-        relevant = self.file.model_dump(
-            mode="json", include={"policy", "checkin", "messages", "resources"}
-        )
+        relevant = self.file.model_dump(mode="json", include={"policy", "checkin", "messages"})
+        # What members are shown, wherever it came from (a list, or a region's pack).
+        relevant["resources"] = [r.model_dump(mode="json") for r in self.resources]
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -242,6 +277,11 @@ class Config:
             for pattern in self.appservice.allowed_inviters
             if any(mark in pattern.split(":", 1)[0] for mark in "*?[")
         ]
+
+    @property
+    def resources_unchosen(self) -> bool:
+        """Neither `region` nor `resources` is set: the UK list is used by default."""
+        return self.file.region is None and self.file.resources is None
 
     def stale_resources(self, today: dt.date | None = None) -> list[Resource]:
         today = today or dt.date.today()

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 from aiohttp import web
 
-from appservice.config import Config, check_runnable, load_config
+from appservice.config import UNCHOSEN_RESOURCES, Config, check_runnable, load_config
 from appservice.errors import ConfigError
 from appservice.registration import Registration, load_registration
 from bot.moderation.authorization import event_level, moderation_level, power_level
@@ -195,8 +195,11 @@ def check_resources(config: Config) -> Finding:
             f"{names} last verified more than {config.file.resources_max_age_days} days ago",
             "check each number and website, then update verified_on",
         )
+    if config.resources_unchosen:
+        return warn("crisis resources", "none chosen", UNCHOSEN_RESOURCES)
     oldest = min(r.verified_on for r in resources)
-    return ok("crisis resources", f"{len(resources)}, all verified since {oldest}")
+    where = f" (region {config.file.region})" if config.file.resources is None else ""
+    return ok("crisis resources", f"{len(resources)}{where}, all verified since {oldest}")
 
 
 async def check_database(config: Config) -> Finding:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appservice.config import Config, check_runnable
+from appservice.config import UNCHOSEN_RESOURCES, Config, check_runnable
 from appservice.crypto import BotCrypto
 from appservice.database import (
     HEALTH_BUSY_TIMEOUT_MS,
@@ -423,6 +423,8 @@ class Service:
             self._lock.watch(self._lock_lost, self._lock_regained, self._lock_taken)
             await self.staff_room.load_pin()
             await self._load_rooms()
+            if self.config.resources_unchosen:
+                log.warning(UNCHOSEN_RESOURCES)
             for resource in self.config.stale_resources():
                 log.warning(
                     "crisis resource %r was last verified on %s: check it is still right",
