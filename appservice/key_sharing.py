@@ -233,6 +233,15 @@ class KeySharing:
 
     # ---- cross-signing ---------------------------------------------------------------------
 
+    def cross_signed(self, user_id: str, device_id: str) -> bool | None:
+        """Whether the user cross-signed that device, as the bot last read it; None when it
+        is to be read again before the next share (their device list changed since: the
+        sync brings that news, `reconcile.gather` at most after the answer before)."""
+        known = self._cross_signed.get(user_id)
+        if known is None:
+            return None
+        return any(device == device_id for device, _key in known)
+
     def _is_cross_signed(self, device: Any) -> bool:
         return (device.id, device.ed25519) in self._cross_signed.get(device.user_id, frozenset())
 

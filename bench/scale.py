@@ -29,7 +29,10 @@ between it and Synapse, and a proxy between Synapse and it (for dropping a push)
 safety net's, where the device runs one of its own beside it.
 Seeded sizes are kept under --cache (Synapse's data, the service's database, the scene's
 users) so a rerun skips the seeding; --fresh seeds again.
+--gather sets `reconcile.gather` (e.g. `--gather 0`: the sync asks again at once after an
+answer, as before it was added).
 Usage: python bench/scale.py [--sizes 100,1000,5000] [--flags 10] [--idle 60] [--no-encryption]
+                             [--gather 1s]
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def config_for(
     *,
     homeserver_url: str | None = None,
     encryption: bool = True,
+    gather: str | None = None,
 ) -> tuple[Path, int]:
     """The service's config (its database in the size's directory) and the port it listens
     on: the registration's, or (through `homeserver_url`, the counting proxy) one behind
@@ -214,6 +218,7 @@ def config_for(
         encryption={"enabled": encryption, "private_rooms": False},
         listen_port=port,
         homeserver_url=homeserver_url,
+        **({"reconcile": {"gather": gather}} if gather is not None else {}),
     )
     return config, port
 
@@ -464,13 +469,15 @@ async def dropped_flag(scene: Scene, pushes: HoldingProxy) -> float | None:
     return kicked / 1000 - answering
 
 
-async def measure(seeded: Seeded, flags: int, idle_seconds: float, encryption: bool) -> Figures:
+async def measure(
+    seeded: Seeded, flags: int, idle_seconds: float, encryption: bool, gather: str | None
+) -> Figures:
     figures = Figures(seeded.size, seeded.seeded_seconds, seeded.first_start_seconds)
     figures.idle_seconds = idle_seconds
     scene, synapse = seeded.scene, seeded.synapse
     async with HoldingProxy(synapse.url) as requests:
         config, port = config_for(
-            scene, synapse, homeserver_url=requests.url, encryption=encryption
+            scene, synapse, homeserver_url=requests.url, encryption=encryption, gather=gather
         )
         async with (
             HoldingProxy(f"http://127.0.0.1:{port}", port=synapse.as_port) as pushes,
@@ -599,13 +606,19 @@ def report(all_figures: list[Figures]) -> None:
 
 
 async def run(
-    sizes: list[int], flags: int, idle_seconds: float, cache: Path, fresh: bool, encryption: bool
+    sizes: list[int],
+    flags: int,
+    idle_seconds: float,
+    cache: Path,
+    fresh: bool,
+    encryption: bool,
+    gather: str | None,
 ) -> None:
     all_figures = []
     for size in sizes:
         seeded = await prepared(size, cache, fresh)
         try:
-            all_figures.append(await measure(seeded, flags, idle_seconds, encryption))
+            all_figures.append(await measure(seeded, flags, idle_seconds, encryption, gather))
         finally:
             await seeded.synapse.close()
     report(all_figures)
@@ -630,10 +643,13 @@ def main() -> None:
         action="store_true",
         help="encryption.enabled: false (no device, so one sync: the safety net's)",
     )
+    parser.add_argument(
+        "--gather", help="reconcile.gather for the service (e.g. 0 to sync again at once)"
+    )
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
     encryption = not args.no_encryption
-    asyncio.run(run(sizes, args.flags, args.idle, args.cache, args.fresh, encryption))
+    asyncio.run(run(sizes, args.flags, args.idle, args.cache, args.fresh, encryption, args.gather))
 
 
 if __name__ == "__main__":

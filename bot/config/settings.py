@@ -238,8 +238,18 @@ class ReconcileSettings(_Strict):
     # (milliseconds, seconds under load), and looked for again once it is this old: the
     # record's "caught up" then means the homeserver truly did not deliver it.
     settle: Duration = dt.timedelta(seconds=10)
+    # After a sync answer that brought anything, the bot's next sync waits this long, so a
+    # burst of events (a flag's) is one answer, not one each (bot/intake/safety_net.py).
+    # 0: sync again at once.
+    gather: Duration = dt.timedelta(seconds=1)
 
     _durations = field_validator("lookback", "interval", "settle", mode="before")(coerce_duration)
+
+    @field_validator("gather", mode="before")
+    @classmethod
+    def _gather(cls, value: object) -> object:
+        off = coerce_duration_or_off(value)
+        return dt.timedelta(0) if off is None else off
 
 
 class AuditSettings(_Strict):

@@ -87,7 +87,12 @@ async def test_a_device_that_lost_a_key_gets_it_back_also_after_a_restart(synaps
                 what="the key given back after a restart",
             )
             assert back == REPLY
-            assert service.crypto.status()["key_requests"] == {"answered": 1, "refused": 0}
+            # Given back, not refused. (The request from before the restart may come again
+            # too: the homeserver keeps a to-device message until a sync moves past the
+            # answer that brought it, and a service stopped before storing that answer
+            # takes it again. Answering it again gives the same key to the same device.)
+            requests = service.crypto.status()["key_requests"]
+            assert requests["refused"] == 0 and requests["answered"] >= 1, requests
     finally:
         await scene.close()
 
@@ -150,6 +155,16 @@ async def test_verified_only_gives_keys_to_cross_signed_devices_only(synapse, tm
             await until(lambda: service.crypto.key_sharing.refused == 1, what="refused")
             # Verified from the first device: the bot's next message reaches it too.
             await scene.staff.cross_sign(unverified.client.device_id)
+            # The bot hears of it from its sync (device_lists), one answer later.
+            await until(
+                lambda: (
+                    service.crypto.key_sharing.cross_signed(
+                        scene.staff.user_id, unverified.client.device_id
+                    )
+                    is not False
+                ),
+                what="the bot aware of the new signature",
+            )
             scene.staff.received.clear()
             later = await bot_message_in_staff_room(scene, service)
             await until(
