@@ -140,7 +140,12 @@ async def test_wrong_pickle_key_member_told_staff_told_and_mended_without_restar
             lambda: staff_alerts(scene, 1), within=60, what="the whole alert, encrypted"
         )
         assert "sent UNENCRYPTED" in alert[0] and "pickle.key" in alert[0]
-        assert staff_saw(scene, "encryption works again")
+        # Told apart from the alert (the outbox), so in either order.
+        await until(
+            lambda: staff_saw(scene, "encryption works again"),
+            within=30,
+            what="staff told encryption works again",
+        )
         assert (await encryption_check(service))["ok"]
     (case,) = (await export_json(config))["cases"]
     (notify,) = [e for e in case["entries"] if e["kind"] == "step.notify"]
