@@ -367,7 +367,9 @@ class Service:
             self.deployment.reconcile,
             is_flag=lambda event: action_filter.lane(event) in (FLAG_LANE, REFUSAL_LANE),
             is_staff_room=self.staff_room.is_staff_room,
-            on_caught_up=lambda count: self.stranded.missed(count),
+            on_caught_up=lambda count: self.stranded.missed(
+                count, first_round=self.catch_up.rounds == 0
+            ),
         )
         # The catch-up that runs: the bot's own sync when Synapse lets the bot sync (a
         # namespace user, not the sender); else every watched room read in turn.

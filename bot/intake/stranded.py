@@ -299,9 +299,12 @@ class StrandedWatch:
         self._ping_due: float | None = None
         self.nudges = 0
 
-    def missed(self, count: int) -> None:
-        """The safety net caught up `count` events the push never brought."""
-        self.tracker.missed(self._clock())
+    def missed(self, count: int, *, first_round: bool = False) -> None:
+        """The safety net caught up `count` events the push never brought. What its first
+        round after a start finds happened while the service was away, before the push
+        this watch numbers from: no sign that a gap since is ours."""
+        if not first_round:
+            self.tracker.missed(self._clock())
 
     def refuse(self, txn_id: str) -> bool:
         """Before recording a push: True to answer it 503 (a nudge), once per gap."""

@@ -369,3 +369,22 @@ async def test_gaps_without_evidence_are_told_at_info(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     labels = {"outcome": "forgotten"}
     assert sample(metrics, "safeguard_stranded_transactions_resolved_total", **labels) == 1
+
+
+async def test_what_the_first_catch_up_after_a_start_finds_is_no_evidence():
+    """Events missed while the service was away are found by the first round after its
+    start: they say nothing of the gaps the push leaves after it."""
+    metrics, clock = Metrics(), Clock()
+
+    async def ping() -> None:
+        pass
+
+    watch = StrandedWatch(metrics, ping, clock=clock, tracker=tracker(evidence=False))
+    watch.missed(3, first_round=True)
+    watch.recorded("1")
+    watch.recorded("3")
+    clock.now = STRANDED_AFTER
+    await watch.tick()
+    assert not watch.refuse("4"), "no nudge on the start's catch-up alone"
+    watch.missed(1)  # a later round finds one the push never brought
+    assert watch.refuse("5")
