@@ -141,6 +141,9 @@ class PolicySettings(_Strict):
         "the member's name and Matrix user id, and the concern the moderator raised"
     )
     ack_within: Duration = dt.timedelta(minutes=10)
+    # The charity's confidentiality policy (what is shared with emergency services, and
+    # why), linked from the member's notice and the check-in message.
+    confidentiality_url: str | None = Field(default=None, pattern=r"^https://\S+$")
     # Staff hear of every flag this soon after it, whatever state the member's notice and
     # removal are in (the alert says which are done, not yet, or failed, and why).
     alert_deadline: Duration = dt.timedelta(seconds=30)

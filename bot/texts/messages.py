@@ -22,6 +22,7 @@ from bot.config.settings import MessageTemplates
 from bot.texts.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
 from bot.texts.wording import (
     checkin_when,
+    confidentiality_line,
     duration_words,
     emergency_line,
     resource_lines,
@@ -95,6 +96,7 @@ class Texts:
                 resources=resource_lines(self._resources),
                 emergency=emergency_line(self._resources),
                 checkin_when=checkin_when(now, due_at, self._zone),
+                confidentiality=confidentiality_line(self._policy.confidentiality_url),
             )
         )
 
@@ -108,6 +110,7 @@ class Texts:
                 emergency=emergency_line(self._resources),
                 staff=" and ".join(staff_roles) if staff_roles else "our staff team",
                 since=since_words(flagged_at, now, self._zone),
+                confidentiality=confidentiality_line(self._policy.confidentiality_url),
             )
         )
 

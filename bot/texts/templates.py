@@ -36,8 +36,9 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "\n"
         "We may contact emergency services to make sure you are safe.\n"
         "Someone from our staff team will message you {checkin_when} to check in.\n"
-        "You can reply here at any time: our staff team will see it.",
-        frozenset({"resources", "emergency", "checkin_when"}),
+        "You can reply here at any time: our staff team will see it."
+        "{confidentiality}",
+        frozenset({"resources", "emergency", "checkin_when", "confidentiality"}),
     ),
     "checkin": (
         "Hi, it's {staff} here.\n"
@@ -47,8 +48,9 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "\n"
         "{emergency}\n"
         "If you need someone to talk to right now:\n"
-        "{resources}",
-        frozenset({"resources", "emergency", "staff", "since"}),
+        "{resources}"
+        "{confidentiality}",
+        frozenset({"resources", "emergency", "staff", "since", "confidentiality"}),
     ),
     "withdrawn": (
         "We're sorry: we moved you out of {room} by mistake, and we've invited you back.\n"

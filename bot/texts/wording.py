@@ -103,6 +103,12 @@ def resource_lines(resources: Sequence[Resource]) -> str:
     return "\n".join(lines)
 
 
+def confidentiality_line(url: str | None) -> str:
+    """The link to the charity's confidentiality policy, as the last paragraph of a
+    message to the member; nothing when none is configured."""
+    return f"\n\nWhat we share and why: {url}" if url else ""
+
+
 def emergency_line(resources: Sequence[Resource]) -> str:
     """'If your life is in danger right now, call 999 or go to A&E.' — from the resources."""
     emergencies = [r for r in resources if r.emergency]

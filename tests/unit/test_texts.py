@@ -118,8 +118,8 @@ def test_overrides_and_unknown_placeholders():
     custom = MessageTemplates(notice="Hello. Help: {resources}", checkin="{staf} here")
     assert Texts(deployment(messages=custom)).notice(None, NOW)["body"].startswith("Hello. Help: •")
     assert validate_templates(custom) == [
-        "messages.checkin: unknown placeholder(s) staf; available: emergency, resources, "
-        "since, staff"
+        "messages.checkin: unknown placeholder(s) staf; available: confidentiality, "
+        "emergency, resources, since, staff"
     ]
     assert validate_templates(MessageTemplates(notice="{broken"))[0].startswith("messages.notice")
 
@@ -206,3 +206,25 @@ def test_readme_documents_every_template():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in CATALOGUE:
         assert f"| `{name}` |" in readme, name
+
+
+def test_the_notice_and_the_checkin_link_the_confidentiality_policy_when_set():
+    url = "https://example.org/confidentiality"
+    linked = texts(confidentiality_url=url)
+    notice = linked.notice(TOMORROW_10, NOW)["body"]
+    checkin = linked.checkin(flagged_at=NOW, now=NOW, staff_roles=[])["body"]
+    for body in (notice, checkin):
+        assert body.endswith(f"\n\nWhat we share and why: {url}")
+    plain = texts()
+    assert "What we share" not in plain.notice(TOMORROW_10, NOW)["body"]
+    assert not plain.checkin(flagged_at=NOW, now=NOW, staff_roles=[])["body"].endswith("\n")
+
+
+@pytest.mark.parametrize("url", ["http://example.org/policy", "example.org", "https://a b"])
+def test_the_confidentiality_link_must_be_https(url):
+    from pydantic import ValidationError
+
+    from bot.config.settings import PolicySettings
+
+    with pytest.raises(ValidationError):
+        PolicySettings(staff_room="!staff:localhost", confidentiality_url=url)
