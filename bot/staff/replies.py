@@ -1,4 +1,5 @@
-"""How case records read in the staff room: listings and timelines (fixed wording)."""
+"""How case records read in the staff room: listings and timelines (fixed wording), every
+time in the charity's zone, as the alert above them is."""
 
 from __future__ import annotations
 
@@ -7,8 +8,34 @@ from collections.abc import Sequence
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
+from bot.texts.wording import when
+
+# What each step did, in words (its status is added when it is not "done").
+_STEP_WORDS = {
+    "notify": "member told (the notice)",
+    "remove": "member removed from the room",
+    "room_notice": "room told (no one named)",
+    "alert": "staff alerted",
+    "schedule": "check-in scheduled",
+    "checkin": "check-in opened",
+    "checkin_notice": "staff told the check-in is open",
+    "checkin_reminder": "staff reminded of the check-in",
+    "escalate": "alert raised again (unacknowledged)",
+    "redact_flag": "the flag taken out of the room",
+    "redact_message": "the flagged message taken out of the room",
+    "debrief": "moderator debriefed",
+    "withdraw_apology": "member sent an apology (flag withdrawn)",
+    "withdraw_reinvite": "member invited back (flag withdrawn)",
+    "withdraw_report": "staff told the flag was withdrawn",
+    "remove_again": "member removed again",
+    "corroboration": "staff told of another flag",
+    "rejoin": "staff told the member came back",
+    "purge": "personal data purged (retention)",
+    "unread_notice": "staff told the notice is unread",
+}
 
 _KIND_WORDS = {
+    **{f"step.{step}": words for step, words in _STEP_WORDS.items()},
     "flagged": "flagged",
     "corroborated": "flagged again (corroboration)",
     "step.notify": "member notified",
@@ -21,6 +48,9 @@ _KIND_WORDS = {
     "step.checkin": "check-in opened",
     "member_rejoined": "member rejoined the room",
     "member_replied": "member replied in the DM (relayed)",
+    "checkin_member_wrote": "member wrote in the check-in room (relayed)",
+    "moderator_replied": "moderator replied to the debrief (relayed)",
+    "flag_withdrawn": "flag withdrawn",
     "checkin_member_joined": "member joined the check-in",
     "checkin_invite_rejected": "member declined the check-in invite",
     "checkin_staff_joined": "staff joined the check-in",
@@ -37,8 +67,13 @@ _KIND_WORDS = {
 }
 
 
-def _when(at: dt.datetime) -> str:
-    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _words(kind: str) -> str:
+    """An entry's kind in words: the table's, else its name read as words."""
+    return _KIND_WORDS.get(kind) or kind.removeprefix("step.").replace("_", " ")
+
+
+def _zone_note(zone: dt.tzinfo) -> str:
+    return f"(times: {zone})"
 
 
 def _age(since: dt.datetime, now: dt.datetime) -> str:
@@ -55,7 +90,13 @@ LIST_PAGE_SIZE = 20
 
 
 def case_listing(
-    found: Sequence[Case], which: str, now: dt.datetime, *, page: int = 1, total: int | None = None
+    found: Sequence[Case],
+    which: str,
+    now: dt.datetime,
+    *,
+    zone: dt.tzinfo = dt.UTC,
+    page: int = 1,
+    total: int | None = None,
 ) -> str:
     total = len(found) if total is None else total
     if total == 0:
@@ -66,7 +107,7 @@ def case_listing(
             f"There are {pages} page(s) of {which} cases; `!case list {which} {pages}` is the last."
         )
     first = (page - 1) * LIST_PAGE_SIZE + 1
-    lines = [f"Cases ({which}), {first}–{first + len(found) - 1} of {total}:"]
+    lines = [f"Cases ({which}), {first}–{first + len(found) - 1} of {total} {_zone_note(zone)}:"]
     for case in found:
         checkin = "no check-in"
         if case.checkin_opened_at:
@@ -76,7 +117,7 @@ def case_listing(
                 else "check-in open, unclaimed"
             )
         elif case.due_at:
-            checkin = f"check-in due {_when(case.due_at)}"
+            checkin = f"check-in due {when(case.due_at, zone)}"
         lines.append(
             f"#{case.id} {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
             f"{case.state}, {_age(case.received_at, now)} old, {checkin}"
@@ -86,33 +127,33 @@ def case_listing(
     return "\n".join(lines)
 
 
-def _entry_line(entry: AuditEntry) -> str:
+def _entry_line(entry: AuditEntry, zone: dt.tzinfo) -> str:
     facts = entry.facts
     personal = entry.personal or {}
-    words = _KIND_WORDS.get(entry.kind, entry.kind)
+    words = _words(entry.kind)
     detail = []
-    if "status" in facts and entry.kind.startswith("step."):
+    if entry.kind.startswith("step.") and facts.get("status") not in (None, "done"):
         detail.append(str(facts["status"]))
     for key in ("method", "why", "via"):
         if facts.get(key):
             detail.append(f"{key}: {facts[key]}")
     if entry.kind == "notice_read" and isinstance(facts.get("read_at"), str):
-        detail.append(f"read at {_when(dt.datetime.fromisoformat(facts['read_at']))}")
+        detail.append(f"read at {when(dt.datetime.fromisoformat(facts['read_at']), zone)}")
     for key in ("by", "flagger", "reference", "service", "outcome", "why", "error", "text"):
         if personal.get(key):
             detail.append(f"{key}: {personal[key]}")
     if entry.kind == "note":
         words = "NOTE (opinion)"
     suffix = f" — {'; '.join(detail)}" if detail else ""
-    return f"{_when(entry.at)}  {words}{suffix}"
+    return f"{when(entry.at, zone)}  {words}{suffix}"
 
 
-def notice_read_line(case: Case) -> str | None:
+def notice_read_line(case: Case, zone: dt.tzinfo = dt.UTC) -> str | None:
     """Whether the member has read their notice, by their read receipt (None: no notice)."""
     if case.notice_event_id is None:
         return None
     if case.notice_read_at is not None:
-        return f"The member read the notice at {_when(case.notice_read_at)}."
+        return f"The member read the notice at {when(case.notice_read_at, zone)}."
     return "The member has not opened the notice yet (no read receipt; some apps send none)."
 
 
@@ -120,19 +161,19 @@ def notice_read_line(case: Case) -> str | None:
 MAX_TIMELINE = 24_000
 
 
-def case_timeline(case: Case, entries: Sequence[AuditEntry]) -> str:
+def case_timeline(case: Case, entries: Sequence[AuditEntry], *, zone: dt.tzinfo = dt.UTC) -> str:
     head = (
         f"Case #{case.id}: {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
-        f"{case.state}"
+        f"{case.state} {_zone_note(zone)}"
     )
     if case.outcome:
         head += f" (outcome: {case.outcome})"
     if case.hold_reason:
         head += f" — ON HOLD: {case.hold_reason}"
-    read = notice_read_line(case)
+    read = notice_read_line(case, zone)
     if read:
         head += f"\n{read}"
-    lines = [_entry_line(entry) for entry in entries]
+    lines = [_entry_line(entry, zone) for entry in entries]
     kept: list[str] = []
     size = len(head)
     for line in reversed(lines):

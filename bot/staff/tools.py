@@ -58,6 +58,8 @@ class StaffTools:
         self._db = db
         self._room_admin = room_admin
         self._deployment = deployment
+        # Every time staff read, in the zone the alert and the check-in use.
+        self._zone = deployment.checkin.zone
         self._staff_room = staff_room
         self._is_staff = is_staff
         self._checkins = checkins
@@ -201,13 +203,15 @@ class StaffTools:
                 offset=(command.page - 1) * LIST_PAGE_SIZE,
                 limit=LIST_PAGE_SIZE,
             )
-            return case_listing(found, command.text, now, page=command.page, total=total)
+            return case_listing(
+                found, command.text, now, zone=self._zone, page=command.page, total=total
+            )
         assert command.case is not None
         case = await cases.get(conn, command.case)
         if case is None:
             return f"There is no case #{command.case}. `!case list all` shows every case."
         if command.action == "show":
-            return case_timeline(case, await audit.entries(conn, case_id=case.id))
+            return case_timeline(case, await audit.entries(conn, case_id=case.id), zone=self._zone)
 
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(

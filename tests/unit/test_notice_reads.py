@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -162,9 +163,10 @@ async def test_a_receipt_on_the_notice_is_recorded_once_audited_and_shown(engine
         entries = [e for e in await audit.entries(conn, case_id=case.id) if e.kind == "notice_read"]
     (entry,) = entries
     assert entry.facts == {"read_at": AT.isoformat(), "receipt_on": "notice"}
-    shown = case_timeline(case, entries)
-    assert "The member read the notice at 2026-12-06 14:02 UTC." in shown
-    assert "member read the notice — read at 2026-12-06 14:02 UTC" in shown
+    shown = case_timeline(case, entries, zone=ZoneInfo("America/Toronto"))
+    assert "(times: America/Toronto)" in shown, "the zone is named once"
+    assert "The member read the notice at Sun 06 Dec 2026, 09:02." in shown
+    assert "member read the notice — read at Sun 06 Dec 2026, 09:02" in shown
 
 
 async def test_a_receipt_on_a_later_event_counts_and_one_on_an_earlier_one_does_not(engine):

@@ -115,3 +115,31 @@ def test_a_long_listing_is_paged_under_the_event_size_limit():
     assert "`!case list all 2`" in text and f"1–{LIST_PAGE_SIZE} of 10000" in text
     last = case_listing(page[:5], "all", now, page=500, total=9_985)
     assert "More:" not in last
+
+
+def test_a_case_timeline_reads_as_sentences_in_the_charitys_zone():
+    """No internal names (`step.redact_flag — done`), no UTC under an alert in local time."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from bot.staff.replies import case_timeline
+    from bot.steps import STEP_TYPES
+    from bot.store.audit import AuditEntry
+    from bot.store.cases import Case
+
+    at = dt.datetime(2026, 7, 1, 9, 30, tzinfo=dt.UTC)  # 10:30 in London (summer time)
+    fields = dict.fromkeys(Case.__dataclass_fields__)
+    fields |= {"id": 3, "member_id": "@m:l", "room_id": "!r:l", "state": "open"}
+    case = Case(**fields)
+
+    def entry(kind: str, **facts: object) -> AuditEntry:
+        return AuditEntry(1, 3, at, kind, dict(facts), None, "v", "h", "x")
+
+    steps = [entry(f"step.{step.name}", status="done") for step in STEP_TYPES]
+    failed = entry("step.redact_flag", status="failed", why="the homeserver refused")
+    shown = case_timeline(case, [*steps, failed], zone=ZoneInfo("Europe/London"))
+    assert "(times: Europe/London)" in shown
+    assert "Wed 01 Jul 2026, 10:30  the flag taken out of the room\n" in shown + "\n"
+    assert "the flag taken out of the room — failed; why: the homeserver refused" in shown
+    assert "step." not in shown and "— done" not in shown and "UTC" not in shown
+    assert "_" not in shown.split("\n", 1)[1], "no internal name in any line"
