@@ -4,11 +4,11 @@ time in the charity's zone, as the alert above them is."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
-from bot.texts.wording import when
+from bot.texts.wording import place, when
 
 # What each step did, in words (its status is added when it is not "done").
 _STEP_WORDS = {
@@ -76,6 +76,12 @@ def _zone_note(zone: dt.tzinfo) -> str:
     return f"(times: {zone})"
 
 
+def _whose(case: Case, names: Mapping[str, str | None]) -> str:
+    """'@member in Room name (!id)': the case's member and room, or what retention left."""
+    room = place(case.room_id, names.get(case.room_id)) if case.room_id else "(purged)"
+    return f"{case.member_id or '(purged)'} in {room}"
+
+
 def _age(since: dt.datetime, now: dt.datetime) -> str:
     seconds = int((now - since).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -95,6 +101,7 @@ def case_listing(
     now: dt.datetime,
     *,
     zone: dt.tzinfo = dt.UTC,
+    names: Mapping[str, str | None] | None = None,
     page: int = 1,
     total: int | None = None,
 ) -> str:
@@ -119,7 +126,7 @@ def case_listing(
         elif case.due_at:
             checkin = f"check-in due {when(case.due_at, zone)}"
         lines.append(
-            f"#{case.id} {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
+            f"#{case.id} {_whose(case, names or {})} — "
             f"{case.state}, {_age(case.received_at, now)} old, {checkin}"
         )
     if page < pages:
@@ -161,11 +168,14 @@ def notice_read_line(case: Case, zone: dt.tzinfo = dt.UTC) -> str | None:
 MAX_TIMELINE = 24_000
 
 
-def case_timeline(case: Case, entries: Sequence[AuditEntry], *, zone: dt.tzinfo = dt.UTC) -> str:
-    head = (
-        f"Case #{case.id}: {case.member_id or '(purged)'} in {case.room_id or '(purged)'} — "
-        f"{case.state} {_zone_note(zone)}"
-    )
+def case_timeline(
+    case: Case,
+    entries: Sequence[AuditEntry],
+    *,
+    zone: dt.tzinfo = dt.UTC,
+    names: Mapping[str, str | None] | None = None,
+) -> str:
+    head = f"Case #{case.id}: {_whose(case, names or {})} — {case.state} {_zone_note(zone)}"
     if case.outcome:
         head += f" (outcome: {case.outcome})"
     if case.hold_reason:

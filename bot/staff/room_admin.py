@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.config.deployment import Deployment
-from bot.core.ports import Homeserver, Refused
+from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
 from bot.moderation.membership import room_powers
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
 from bot.store import audit, rooms
+from bot.texts.wording import place, when
 
 MAX_LISTED = 60
 
@@ -36,6 +38,22 @@ class RoomAdmin:
         self._deployment = deployment
         self._room_state = room_state
 
+    async def names(self, room_ids: Iterable[str]) -> dict[str, str | None]:
+        """Each room's name as its members see it (None: none, or not readable now)."""
+        unique = list(dict.fromkeys(room_ids))
+
+        async def name(room_id: str) -> str | None:
+            try:
+                return await self._hs.room_name(room_id)
+            except HomeserverUnavailable:
+                return None
+
+        return dict(zip(unique, await asyncio.gather(*map(name, unique)), strict=True))
+
+    async def moderated_names(self) -> dict[str, str | None]:
+        """The names of the rooms the bot moderates (what case replies name rooms by)."""
+        return await self.names(self._rooms.moderated)
+
     async def listing(self) -> str:
         """One line a room, its powers read now (not as they were when the bot joined)."""
         async with self._db.connect() as conn:
@@ -43,16 +61,21 @@ class RoomAdmin:
         if not moderated:
             return "I moderate no rooms yet. A staff member can invite me into one."
         shown = moderated[:MAX_LISTED]
-        states = await asyncio.gather(*(self._room_state.fresh(r.room_id) for r in shown))
-        lines = [f"I moderate {len(moderated)} room(s):"]
+        states, names = await asyncio.gather(
+            asyncio.gather(*(self._room_state.fresh(r.room_id) for r in shown)),
+            self.names(r.room_id for r in shown),
+        )
+        zone = self._deployment.checkin.zone
+        lines = [f"I moderate {len(moderated)} room(s) (times: {zone}):"]
         for room, state in zip(shown, states, strict=True):
             if isinstance(state, Refused):
                 kick = redact = None
             else:
                 kick, redact = room_powers(self._deployment.bot_user_id, state)
-            added = room.joined_at.strftime("%Y-%m-%d %H:%M UTC") if room.joined_at else "?"
+            added = when(room.joined_at, zone) if room.joined_at else "?"
             lines.append(
-                f"{room.room_id} — added by {room.inviter or '?'} on {added}; "
+                f"{place(room.room_id, names[room.room_id])} — added by {room.inviter or '?'} "
+                f"on {added}; "
                 f"can remove members: {_yes_no(kick)}; can redact: {_yes_no(redact)}"
             )
         if len(moderated) > MAX_LISTED:

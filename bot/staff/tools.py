@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -155,8 +155,13 @@ class StaffTools:
         if command.action == "claim":
             await self._claim(handling, command, sender)
             return
+        # Rooms are named in a listing or a timeline: read before the transaction, which
+        # holds the database's write lock (a few rooms, at once).
+        names: Mapping[str, str | None] = {}
+        if command.action in ("list", "show"):
+            names = await self._room_admin.moderated_names()
         async with handling.transaction() as conn:
-            reply = await self._apply(conn, command, sender, now, via)
+            reply = await self._apply(conn, command, sender, now, via, names)
             await self._queue_reply(
                 conn, handling, reply, now, reply_to=reply_to, case_id=command.case
             )
@@ -188,7 +193,13 @@ class StaffTools:
         )
 
     async def _apply(
-        self, conn: AsyncConnection, command: CaseCommand, sender: str, now: dt.datetime, via: str
+        self,
+        conn: AsyncConnection,
+        command: CaseCommand,
+        sender: str,
+        now: dt.datetime,
+        via: str,
+        names: Mapping[str, str | None],
     ) -> str:
         """Record the command; returns the reply text."""
         if command.action == "help":
@@ -204,14 +215,22 @@ class StaffTools:
                 limit=LIST_PAGE_SIZE,
             )
             return case_listing(
-                found, command.text, now, zone=self._zone, page=command.page, total=total
+                found,
+                command.text,
+                now,
+                zone=self._zone,
+                names=names,
+                page=command.page,
+                total=total,
             )
         assert command.case is not None
         case = await cases.get(conn, command.case)
         if case is None:
             return f"There is no case #{command.case}. `!case list all` shows every case."
         if command.action == "show":
-            return case_timeline(case, await audit.entries(conn, case_id=case.id), zone=self._zone)
+            return case_timeline(
+                case, await audit.entries(conn, case_id=case.id), zone=self._zone, names=names
+            )
 
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(

@@ -64,7 +64,12 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
         assert "!case N es" in await command(scene, scene.staff, "!case help")
         listing = await command(scene, scene.staff, "!case list")
         assert "#1" in listing and scene.member.user_id in listing
-        assert "staff alerted" in await command(scene, scene.staff, "!case 1")
+        assert f"in Group chat ({scene.group})" in listing, "the room by its name"
+        timeline = await command(scene, scene.staff, "!case 1")
+        assert "staff alerted" in timeline and f"in Group chat ({scene.group})" in timeline
+        assert "(times: Europe/London)" in timeline and "UTC" not in timeline
+        rooms = await command(scene, scene.staff, "!rooms")
+        assert f"Group chat ({scene.group}) — added by" in rooms
         reply = await command(scene, scene.staff, "!case 1 es CAD-4471 Metropolitan Police")
         assert "CAD-4471" in reply and "vital interests" in reply
         assert "note added" in await command(scene, scene.staff, "!case 1 note seemed calmer")
