@@ -20,6 +20,7 @@ from bot.intake.dispatch import Handling
 from bot.moderation.authorization import can_kick, can_redact, power_level
 from bot.moderation.room_state import RoomStateCache, membership_in
 from bot.rooms.directory import RoomDirectory, RoomKind
+from bot.rooms.names import named_room
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.steps import POSITIONS
@@ -164,6 +165,7 @@ class Membership:
         # even while what follows waits for the homeserver.
         self._rooms.moderate(room_id)
         kick, redact = await self._powers(room_id)
+        named = await named_room(self._hs, room_id)
         async with handling.transaction() as conn:
             await rooms.joined(
                 conn, room_id, inviter=inviter, at=now, can_kick=kick, can_redact=redact
@@ -180,7 +182,7 @@ class Membership:
                 conn,
                 self._staff_room.address,
                 self._texts.room_joined(
-                    inviter=inviter, room=room_id, can_kick=kick, can_redact=redact
+                    inviter=inviter, room=named, can_kick=kick, can_redact=redact
                 ),
                 now,
             )
@@ -268,6 +270,8 @@ class Membership:
         if known.can_kick == kick and known.can_redact == redact:
             return
         now = dt.datetime.now(dt.UTC)
+        lost = (known.can_kick and not kick) or (known.can_redact and not redact)
+        named = await named_room(self._hs, room_id) if lost else room_id
         async with handling.transaction() as conn:
             await rooms.set_powers(conn, room_id, can_kick=kick, can_redact=redact)
             await audit.append(
@@ -278,11 +282,11 @@ class Membership:
                 personal={"room": room_id, "by": item.payload.get("sender")},
                 at=now,
             )
-            if (known.can_kick and not kick) or (known.can_redact and not redact):
+            if lost:
                 await outbox.queue(
                     conn,
                     self._staff_room.address,
-                    self._texts.powers_lost(room=room_id, can_kick=kick, can_redact=redact),
+                    self._texts.powers_lost(room=named, can_kick=kick, can_redact=redact),
                     now,
                 )
         self._on_outbox()

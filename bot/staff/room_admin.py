@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.config.deployment import Deployment
-from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.core.ports import Homeserver, Refused
 from bot.moderation.membership import room_powers
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
+from bot.rooms.names import room_names
 from bot.store import audit, rooms
 from bot.texts.wording import place, when
 
@@ -38,21 +38,9 @@ class RoomAdmin:
         self._deployment = deployment
         self._room_state = room_state
 
-    async def names(self, room_ids: Iterable[str]) -> dict[str, str | None]:
-        """Each room's name as its members see it (None: none, or not readable now)."""
-        unique = list(dict.fromkeys(room_ids))
-
-        async def name(room_id: str) -> str | None:
-            try:
-                return await self._hs.room_name(room_id)
-            except HomeserverUnavailable:
-                return None
-
-        return dict(zip(unique, await asyncio.gather(*map(name, unique)), strict=True))
-
     async def moderated_names(self) -> dict[str, str | None]:
         """The names of the rooms the bot moderates (what case replies name rooms by)."""
-        return await self.names(self._rooms.moderated)
+        return await room_names(self._hs, self._rooms.moderated)
 
     async def listing(self) -> str:
         """One line a room, its powers read now (not as they were when the bot joined)."""
@@ -63,7 +51,7 @@ class RoomAdmin:
         shown = moderated[:MAX_LISTED]
         states, names = await asyncio.gather(
             asyncio.gather(*(self._room_state.fresh(r.room_id) for r in shown)),
-            self.names(r.room_id for r in shown),
+            room_names(self._hs, (r.room_id for r in shown)),
         )
         zone = self._deployment.checkin.zone
         lines = [f"I moderate {len(moderated)} room(s) (times: {zone}):"]

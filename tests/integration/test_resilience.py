@@ -219,7 +219,7 @@ async def test_staff_alert_waits_for_a_staff_room_that_is_not_ready(synapse, tmp
         assert len(alerts) == 1
         # What was queued for staff meanwhile is not dropped either.
         await until(
-            lambda: scene.staff_matching(lambda m: f"added me to {scene.group}" in m),
+            lambda: scene.staff_matching(lambda m: f"added me to Group chat ({scene.group})" in m),
             within=30,
             what="the room-joined notice queued while the staff room was not ready",
         )
