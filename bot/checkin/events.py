@@ -80,12 +80,12 @@ class CheckinEvents:
                 at=now,
             )
 
-    async def claim_by_reaction(self, handling: Handling, target: str) -> None:
-        """✋ on a check-in notice in the staff room."""
+    async def claim_by_reaction(self, handling: Handling, target: str) -> bool:
+        """✋ on a check-in notice in the staff room; False if `target` is none."""
         async with self._db.connect() as conn:
             case = await cases.by_checkin_notice(conn, target)
         if case is None:
-            return
+            return False
         sender = handling.item.payload.get("sender", "")
         claimed = await self.claim(handling, case, sender, via="reaction")
         if claimed:
@@ -94,6 +94,7 @@ class CheckinEvents:
                     conn, case.id, target, f"Case #{case.id}: check-in claimed by {sender} (✋)."
                 )
             self._on_outbox()
+        return True
 
     async def claim(self, handling: Handling, case: Case, user: str, *, via: str) -> bool:
         """Record a staff member's claim and make sure they are in the room. False: not staff."""

@@ -94,7 +94,8 @@ class StaffTools:
             return
         key, target = reacted
         if key == CLAIM_KEY:
-            await self._checkins.claim_by_reaction(handling, target)
+            if not await self._checkins.claim_by_reaction(handling, target):
+                await self._misplaced(handling, key, target)
             return
         if key != ACK_KEY:
             return
@@ -103,6 +104,50 @@ class StaffTools:
         if case is not None:
             # Answered as a reply to the alert itself, naming who acknowledged it.
             await self._run(handling, CaseCommand("ack", case.id), via="reaction", reply_to=target)
+            return
+        await self._misplaced(handling, key, target)
+
+    async def _misplaced(self, handling: Handling, key: str, target: str) -> None:
+        """A ✋ or ✅ on a message it does nothing on: staff are told where it works (a
+        reaction that does nothing and says nothing reads as done)."""
+        if not await self._is_staff(handling.item.payload.get("sender", "")):
+            return
+        async with self._db.connect() as conn:
+            alerted = await cases.by_alert(conn, target)
+            opened = await cases.by_checkin_notice(conn, target)
+        case = alerted or opened
+        if key == CLAIM_KEY and case is not None and case.checkin_opened_at is None:
+            text = (
+                f"Case #{case.id}'s check-in is not open yet. Once it is, react ✋ on the "
+                f"message saying so, or send `!case {case.id} claim`."
+            )
+        elif key == CLAIM_KEY:
+            text = (
+                f"✋ claims a check-in: react on the message saying case #{case.id}'s check-in "
+                f"is open, or send `!case {case.id} claim`."
+                if case is not None
+                else "✋ claims a check-in: react on a message saying a check-in is open, or "
+                "send `!case N claim`."
+            )
+        else:
+            text = (
+                f"✅ acknowledges an alert: react on case #{case.id}'s alert itself, or send "
+                f"`!case {case.id} ack`."
+                if case is not None
+                else "✅ acknowledges an alert: react on the alert itself (the message starting "
+                '"Case #"), or send `!case N ack`.'
+            )
+        now = dt.datetime.now(dt.UTC)
+        async with handling.transaction() as conn:
+            await self._queue_reply(
+                conn,
+                handling,
+                text,
+                now,
+                reply_to=target,
+                case_id=case.id if case is not None else None,
+            )
+        self._on_outbox()
 
     # ---- commands ------------------------------------------------------------------------
 

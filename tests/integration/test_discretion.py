@@ -199,6 +199,13 @@ async def test_actions_by_reaction_are_answered_and_corroboration_told(synapse, 
         await scene.staff.react(scene.staff_room, notice["event_id"], "✋")
         claimed = await until(lambda: reply_to(scene, notice["event_id"]), what="the ✋ answer")
         assert "claimed by" in claimed and scene.staff.user_id in claimed
+        # A reaction where it does nothing is answered with where it works.
+        await scene.staff.react(scene.staff_room, notice["event_id"], "✅")
+        where = await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("✅ acknowledges an alert")),
+            what="where ✅ works",
+        )
+        assert "case #1's alert itself" in where[0] and "`!case 1 ack`" in where[0]
 
 
 async def test_the_moderator_is_debriefed_and_stats_show_who_carries_this(synapse, tmp_path):
