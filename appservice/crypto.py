@@ -771,6 +771,13 @@ class BotCrypto:
         if room.encrypted and client is not None and client.olm is not None:
             client.olm.update_tracked_users(room)
 
+    def not_invited(self, room_id: str, user_id: str) -> None:
+        """An invite counted in ahead of its answer (`invited`) was refused: not a member."""
+        client = self.client
+        room = client.rooms.get(room_id) if client is not None else None
+        if room is not None and user_id in room.invited_users:
+            room.remove_member(user_id)
+
     @property
     def unusable_because(self) -> str | None:
         """Why the device cannot encrypt at all now: its store is broken, or it could not

@@ -746,21 +746,35 @@ class NioHomeserver:
                 idempotent=True,
             )
             if isinstance(result, Refused):
+                self._unexpect_member(room_id, user_id)
                 return result
         else:
             response = await self._call(
                 f"invite to {room_id}", lambda: self.client.room_invite(room_id, user_id)
             )
             if isinstance(response, Refused):
+                self._unexpect_member(room_id, user_id)
                 return response
+        # Our own invite's answer says they are invited (no wait for the sync).
+        self.expect_member(room_id, user_id)
+        return Done()
+
+    def expect_member(self, room_id: str, user_id: str) -> None:
+        """An encrypted message to the room waits until the device knows its members, and
+        their devices get the key: they count from now (invited, or being invited)."""
         expected = self._expected_members.setdefault(room_id, [])
         if user_id not in expected:
-            # An encrypted message waits until the device knows them: their devices get
-            # the key. Our own invite's answer says so already (no wait for the sync).
             expected.append(user_id)
         if self.crypto is not None:
             self.crypto.invited(room_id, user_id)
-        return Done()
+
+    def _unexpect_member(self, room_id: str, user_id: str) -> None:
+        """The invite was refused: they are not to be counted in (a refused DM is left)."""
+        expected = self._expected_members.get(room_id, [])
+        if user_id in expected:
+            expected.remove(user_id)
+        if self.crypto is not None:
+            self.crypto.not_invited(room_id, user_id)
 
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused:
         response = await self._as_moderator(

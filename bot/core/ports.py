@@ -198,6 +198,11 @@ class Homeserver(Protocol):
         """Invite them; `is_direct` marks the invite as a DM's, as createRoom's does."""
         ...
 
+    def expect_member(self, room_id: str, user_id: str) -> None:
+        """They are being invited there now: an encrypted message sent meanwhile is
+        encrypted for their devices too, without waiting for the invite's answer."""
+        ...
+
     async def kick(self, room_id: str, user_id: str, reason: str) -> Done | Refused: ...
 
     async def send(

@@ -96,9 +96,8 @@ async def tell_by_dm(
         what,
         encrypted=encrypted,
         ready=tools.ready_rooms if made_ahead and room_plain is None else None,
-        # An encrypted message waits for the member in the room (its key is shared with
-        # their devices): the invite goes first there.
-        invite_later=not encrypted,
+        # A room made ahead: the invite goes alongside the message (kept() below).
+        invite_later=True,
     )
     if isinstance(opened, Refused):
         return NotToldByDm(opened, None)
@@ -117,6 +116,10 @@ async def tell_by_dm(
         await keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain)
         return True
 
+    if opened.invite_pending:
+        # Encrypted, the message's key goes to their devices while the invite is on its
+        # way (keys queried and claimed alongside it), not after its answer.
+        hs.expect_member(opened.room_id, user)
     # A resumed attempt finds the room made ahead in the step's record, and the message
     # by its marker.
     told, dm_kept = await _all_to_their_end(tools.tell(run, opened.room_id, content), kept())

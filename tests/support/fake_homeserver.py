@@ -58,6 +58,7 @@ class FakeHomeserver:
         # Synapse creating a room, then dying before it sent the invites (seen in real life).
         self.create_dies_before_invites = False
         self.invites: list[tuple[str, str, bool]] = []  # (room, user, is_direct), in order
+        self.expected_members: list[tuple[str, str]] = []  # told ahead of an invite's answer
         # End-to-end encryption, as the bot's device sees it: the encrypted rooms, and
         # why it cannot encrypt for them now (None: it can).
         self.encrypted_rooms: set[str] = set()
@@ -247,6 +248,9 @@ class FakeHomeserver:
             if not self.direct[user]:
                 del self.direct[user]
         return Done()
+
+    def expect_member(self, room_id: str, user_id: str) -> None:
+        self.expected_members.append((room_id, user_id))
 
     async def invite(
         self, room_id: str, user_id: str, *, is_direct: bool = False
