@@ -1,4 +1,4 @@
-"""Rooms by the names their members see, for what staff read (the id after, once)."""
+"""Rooms and people by the names others see, for what staff read (the id after, once)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from bot.core.ports import Homeserver, HomeserverUnavailable
 from bot.texts.wording import place
 
 
-async def room_names(hs: Homeserver, room_ids: Iterable[str]) -> dict[str, str | None]:
-    """Each room's name (None: it has none, or it cannot be read now), read at once."""
-    unique = list(dict.fromkeys(room_ids))
+async def names_of(hs: Homeserver, ids: Iterable[str]) -> dict[str, str | None]:
+    """Each room's name (`!…`) or person's display name (`@…`), read at once; None when
+    there is none, or it cannot be read now."""
+    unique = list(dict.fromkeys(ids))
 
-    async def name(room_id: str) -> str | None:
+    async def name(some_id: str) -> str | None:
         try:
-            return await hs.room_name(room_id)
+            if some_id.startswith("@"):
+                return await hs.display_name(some_id)
+            return await hs.room_name(some_id)
         except HomeserverUnavailable:
             return None
 
@@ -24,4 +27,4 @@ async def room_names(hs: Homeserver, room_ids: Iterable[str]) -> dict[str, str |
 
 async def named_room(hs: Homeserver, room_id: str) -> str:
     """'Group chat (!abc:example.org)', or the id alone when no name can be read."""
-    return place(room_id, (await room_names(hs, [room_id]))[room_id])
+    return place(room_id, (await names_of(hs, [room_id]))[room_id])

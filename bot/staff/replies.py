@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
-from bot.texts.wording import place, when
+from bot.texts.wording import person, place, when
 
 # What each step did, in words (its status is added when it is not "done").
 _STEP_WORDS = {
@@ -77,9 +77,11 @@ def _zone_note(zone: dt.tzinfo) -> str:
 
 
 def _whose(case: Case, names: Mapping[str, str | None]) -> str:
-    """'@member in Room name (!id)': the case's member and room, or what retention left."""
+    """'Sam (@sam:…) in Group chat (!…)': the case's member and room by the names people
+    know (`names`, by id), or what retention left."""
+    member = person(case.member_id, names.get(case.member_id)) if case.member_id else "(purged)"
     room = place(case.room_id, names.get(case.room_id)) if case.room_id else "(purged)"
-    return f"{case.member_id or '(purged)'} in {room}"
+    return f"{member} in {room}"
 
 
 def _age(since: dt.datetime, now: dt.datetime) -> str:

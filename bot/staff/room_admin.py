@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -12,7 +13,7 @@ from bot.core.ports import Homeserver, Refused
 from bot.moderation.membership import room_powers
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
-from bot.rooms.names import room_names
+from bot.rooms.names import names_of
 from bot.store import audit, rooms
 from bot.texts.wording import place, when
 
@@ -38,9 +39,12 @@ class RoomAdmin:
         self._deployment = deployment
         self._room_state = room_state
 
-    async def moderated_names(self) -> dict[str, str | None]:
-        """The names of the rooms the bot moderates (what case replies name rooms by)."""
-        return await room_names(self._hs, self._rooms.moderated)
+    def moderated_ids(self) -> list[str]:
+        return list(self._rooms.moderated)
+
+    async def names(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """Rooms' and people's names (what case replies name them by)."""
+        return await names_of(self._hs, ids)
 
     async def listing(self) -> str:
         """One line a room, its powers read now (not as they were when the bot joined)."""
@@ -51,7 +55,7 @@ class RoomAdmin:
         shown = moderated[:MAX_LISTED]
         states, names = await asyncio.gather(
             asyncio.gather(*(self._room_state.fresh(r.room_id) for r in shown)),
-            room_names(self._hs, (r.room_id for r in shown)),
+            names_of(self._hs, (r.room_id for r in shown)),
         )
         zone = self._deployment.checkin.zone
         lines = [f"I moderate {len(moderated)} room(s) (times: {zone}):"]

@@ -200,11 +200,11 @@ class StaffTools:
         if command.action == "claim":
             await self._claim(handling, command, sender)
             return
-        # Rooms are named in a listing or a timeline: read before the transaction, which
-        # holds the database's write lock (a few rooms, at once).
+        # Rooms and members are named in a listing or a timeline: read before the
+        # transaction, which holds the database's write lock (a few names, at once).
         names: Mapping[str, str | None] = {}
         if command.action in ("list", "show"):
-            names = await self._room_admin.moderated_names()
+            names = await self._names_for(command)
         async with handling.transaction() as conn:
             reply = await self._apply(conn, command, sender, now, via, names)
             await self._queue_reply(
@@ -237,6 +237,19 @@ class StaffTools:
             handling, f"Case #{case.id}: check-in claimed by {sender}.", case_id=case.id
         )
 
+    async def _names_for(self, command: CaseCommand) -> dict[str, str | None]:
+        """The names a `!case list` page or a `!case N` timeline shows: the moderated
+        rooms', and the members' of the cases it shows (read now, as `_apply` will)."""
+        async with self._db.connect() as conn:
+            if command.action == "list":
+                shown = await _listed(conn, command)
+            else:
+                assert command.case is not None
+                one = await cases.get(conn, command.case)
+                shown = [one] if one is not None else []
+        members = [case.member_id for case in shown if case.member_id]
+        return await self._room_admin.names([*self._room_admin.moderated_ids(), *members])
+
     async def _apply(
         self,
         conn: AsyncConnection,
@@ -253,12 +266,7 @@ class StaffTools:
             return await self._stats(conn, command.page, now)
         if command.action == "list":
             total = await cases.count(conn, command.text)
-            found = await cases.page(
-                conn,
-                command.text,
-                offset=(command.page - 1) * LIST_PAGE_SIZE,
-                limit=LIST_PAGE_SIZE,
-            )
+            found = await _listed(conn, command)
             return case_listing(
                 found,
                 command.text,
@@ -520,3 +528,10 @@ class StaffTools:
                     now,
                 )
         self._on_outbox()
+
+
+async def _listed(conn: AsyncConnection, command: CaseCommand) -> list[cases.Case]:
+    """The cases on the page `!case list [which] [page]` asks for."""
+    return await cases.page(
+        conn, command.text, offset=(command.page - 1) * LIST_PAGE_SIZE, limit=LIST_PAGE_SIZE
+    )

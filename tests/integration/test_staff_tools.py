@@ -65,6 +65,7 @@ async def test_staff_commands_end_to_end(synapse, tmp_path):
         listing = await command(scene, scene.staff, "!case list")
         assert "#1" in listing and scene.member.user_id in listing
         assert f"in Group chat ({scene.group})" in listing, "the room by its name"
+        assert f"({scene.member.user_id}) in Group chat" in listing, "the member by name too"
         timeline = await command(scene, scene.staff, "!case 1")
         assert "staff alerted" in timeline and f"in Group chat ({scene.group})" in timeline
         assert "(times: Europe/London)" in timeline and "UTC" not in timeline

@@ -137,10 +137,10 @@ def test_a_case_timeline_reads_as_sentences_in_the_charitys_zone():
 
     steps = [entry(f"step.{step.name}", status="done") for step in STEP_TYPES]
     failed = entry("step.redact_flag", status="failed", why="the homeserver refused")
-    shown = case_timeline(
-        case, [*steps, failed], zone=ZoneInfo("Europe/London"), names={"!r:l": "Group chat"}
-    )
-    assert shown.startswith("Case #3: @m:l in Group chat (!r:l) — open (times: Europe/London)")
+    names = {"!r:l": "Group chat", "@m:l": "Sam"}
+    shown = case_timeline(case, [*steps, failed], zone=ZoneInfo("Europe/London"), names=names)
+    head = "Case #3: Sam (@m:l) in Group chat (!r:l) — open (times: Europe/London)"
+    assert shown.startswith(head)
     assert "Wed 01 Jul 2026, 10:30  the flag taken out of the room\n" in shown + "\n"
     assert "the flag taken out of the room — failed; why: the homeserver refused" in shown
     assert "step." not in shown and "— done" not in shown and "UTC" not in shown
