@@ -59,6 +59,9 @@ ENCRYPTION = "m.room.encryption"
 # Events of a room in one answer: more than this since the last one makes the timeline `limited`,
 # and that room alone is read back (bot/intake/safety_net.py).
 TIMELINE_LIMIT = 50
+# Synapse gives at most this many to-device messages an answer: an answer with as many
+# likely has more waiting (a device catching up after an outage or a restore).
+TO_DEVICE_PER_ANSWER = 100
 
 
 def _filter(timeline_limit: int, *, device: bool = False, receipts_in: Collection[str] = ()) -> str:
@@ -186,6 +189,8 @@ def _batch(
         return Refused("M_UNKNOWN", "no next_batch in the /sync answer")
     rooms = _dict(answer.get("rooms"))
     joined = _dict(rooms.get("join"))
+    to_device = _dict(answer.get("to_device")).get("events")
+    backlog = isinstance(to_device, list) and len(to_device) >= TO_DEVICE_PER_ANSWER
     return SyncBatch(
         next_batch,
         [_room(room_id, _dict(room)) for room_id, room in joined.items()],
@@ -200,6 +205,7 @@ def _batch(
             if room_id in receipts_in
             for receipt in receipts_of(room_id, _dict(room).get("ephemeral"))
         ],
+        backlog=backlog,
     )
 
 

@@ -65,7 +65,9 @@ SETTLE_POLL_SECONDS = 0.1
 # Synapse ~80 ms at 5,000 rooms, and the flag's own requests queued behind them. A
 # moment's pause gathers the burst into one or two answers. Its cost: a room key sent
 # in that moment reaches the encryption device that much later. Nothing waits on it
-# for safety: the push delivers events, the sync only catches up.
+# for safety: the push delivers events, the sync only catches up. An answer that shows a
+# backlog (a limited timeline, to-device messages at the homeserver's limit) is followed
+# at once: catching up after an outage or a restore is not slowed by it.
 
 
 class SafetyNet(TriggeredLoop):
@@ -97,6 +99,7 @@ class SafetyNet(TriggeredLoop):
         self._poll = poll_seconds
         self._gather = settings.gather.total_seconds()
         self._brought = False  # the last answer brought events, invites or receipts
+        self._backlog = False  # ... and more was waiting than it held: no pause then
         # Read receipts, of the DMs whose notice is unread only (bot/intake/notice_reads.py).
         self._notice_reads = notice_reads
         self._trigger = asyncio.Event()
@@ -118,7 +121,7 @@ class SafetyNet(TriggeredLoop):
             try:
                 await self.catch_up()
                 delay = 1.0
-                if self._brought and self._gather > 0:
+                if self._brought and not self._backlog and self._gather > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._trigger.wait(), self._gather)
                 continue
@@ -149,6 +152,7 @@ class SafetyNet(TriggeredLoop):
                 await positions.forget(conn, SYNC_POSITION)
             return 0
         self._brought = bool(batch.rooms or batch.invites or batch.receipts)
+        self._backlog = batch.backlog or any(room.limited for room in batch.rooms)
         await self._settled(batch)
         joined_at = await self._joined_at()
         found = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Collection
 
@@ -240,3 +241,44 @@ async def test_receipts_are_asked_of_the_unread_notices_dms_alone_and_handed_on(
     await safety.catch_up()
     assert sync.receipts_in == [[], ["!dm:localhost"], []]
     assert reads.taken == [[read]], "handed on once; an answer without receipts hands none"
+
+
+class TimedSync(FakeSync):
+    """FakeSync that notes when each sync was asked for, and waits once out of answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self.idle = asyncio.Event()
+
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
+        self.times.append(asyncio.get_running_loop().time())
+        if since is not None and not self.answers:
+            self.idle.set()
+            await asyncio.sleep(3600)
+        return await super().sync(since, wait=wait, receipts_in=receipts_in)
+
+
+async def test_after_an_answer_with_events_the_sync_waits_gather_unless_more_is_waiting(engine):
+    """A flag's burst is gathered into one answer; a backlog (after an outage, a restore)
+    is read on at once."""
+    hs = FakeHomeserver()
+    sync = TimedSync()
+    safety, _ = net(engine, hs, sync, gather="1s")
+    sync.answers = [
+        SyncBatch("s1", [room([chat("$a", NOW)])], [], backlog=True),  # more waiting
+        SyncBatch("s2", [room([chat("$b", NOW)])], []),  # then the pause
+        SyncBatch("s3", [], []),
+    ]
+    safety.start()
+    try:
+        await asyncio.wait_for(sync.idle.wait(), 10)
+    finally:
+        await safety.stop()
+    # The start (no token yet), then the answers s1 (a backlog), s2 (events), s3 (empty).
+    _start, first, after_backlog, after_events, after_empty = sync.times[:5]
+    assert after_backlog - first < 0.5, "a backlog is read on at once"
+    assert after_events - after_backlog >= 0.95, "events: the next sync waits `gather`"
+    assert after_empty - after_events < 0.5, "an empty answer: at once"
