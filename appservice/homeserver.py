@@ -172,6 +172,8 @@ class NioHomeserver:
         # Whom the bot created each room with, or invited since: an encrypted message
         # waits for the sync to show them (their devices get the room key).
         self._expected_members: dict[str, list[str]] = {}
+        # (room, user) counted in ahead of an invite's answer (`expect_member`).
+        self._counted_ahead: set[tuple[str, str]] = set()
         # The bot's m.direct as last read or written (see direct_rooms); None: not known.
         self._direct: dict[str, list[str]] | None = None
         self._direct_lock = asyncio.Lock()
@@ -756,12 +758,23 @@ class NioHomeserver:
                 self._unexpect_member(room_id, user_id)
                 return response
         # Our own invite's answer says they are invited (no wait for the sync).
-        self.expect_member(room_id, user_id)
+        self._counted_ahead.discard((room_id, user_id))
+        self._count_in(room_id, user_id)
         return Done()
 
     def expect_member(self, room_id: str, user_id: str) -> None:
+        """They are being invited now: counted in ahead of the invite's answer, and
+        counted out again if it is refused (`invite`)."""
+        if not self._counts_in(room_id, user_id):
+            self._counted_ahead.add((room_id, user_id))
+        self._count_in(room_id, user_id)
+
+    def _counts_in(self, room_id: str, user_id: str) -> bool:
+        return user_id in self._expected_members.get(room_id, [])
+
+    def _count_in(self, room_id: str, user_id: str) -> None:
         """An encrypted message to the room waits until the device knows its members, and
-        their devices get the key: they count from now (invited, or being invited)."""
+        their devices get the key: they count from now."""
         expected = self._expected_members.setdefault(room_id, [])
         if user_id not in expected:
             expected.append(user_id)
@@ -769,10 +782,12 @@ class NioHomeserver:
             self.crypto.invited(room_id, user_id)
 
     def _unexpect_member(self, room_id: str, user_id: str) -> None:
-        """The invite was refused: they are not to be counted in (a refused DM is left)."""
-        expected = self._expected_members.get(room_id, [])
-        if user_id in expected:
-            expected.remove(user_id)
+        """The invite was refused: only what `expect_member` counted in ahead of it is
+        taken back (anyone counted in by an earlier answer stays)."""
+        if (room_id, user_id) not in self._counted_ahead:
+            return
+        self._counted_ahead.discard((room_id, user_id))
+        self._expected_members[room_id].remove(user_id)
         if self.crypto is not None:
             self.crypto.not_invited(room_id, user_id)
 
