@@ -39,9 +39,6 @@ class RoomAdmin:
         self._deployment = deployment
         self._room_state = room_state
 
-    def moderated_ids(self) -> list[str]:
-        return list(self._rooms.moderated)
-
     async def names(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Rooms' and people's names (what case replies name them by)."""
         return await names_of(self._hs, ids)

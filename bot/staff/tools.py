@@ -238,8 +238,8 @@ class StaffTools:
         )
 
     async def _names_for(self, command: CaseCommand) -> dict[str, str | None]:
-        """The names a `!case list` page or a `!case N` timeline shows: the moderated
-        rooms', and the members' of the cases it shows (read now, as `_apply` will)."""
+        """The names a `!case list` page or a `!case N` timeline shows: the rooms and
+        members of the cases it shows (read now, as `_apply` will)."""
         async with self._db.connect() as conn:
             if command.action == "list":
                 shown = await _listed(conn, command)
@@ -247,8 +247,8 @@ class StaffTools:
                 assert command.case is not None
                 one = await cases.get(conn, command.case)
                 shown = [one] if one is not None else []
-        members = [case.member_id for case in shown if case.member_id]
-        return await self._room_admin.names([*self._room_admin.moderated_ids(), *members])
+        ids = [some_id for case in shown for some_id in (case.room_id, case.member_id) if some_id]
+        return await self._room_admin.names(ids)
 
     async def _apply(
         self,
