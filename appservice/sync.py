@@ -190,10 +190,10 @@ def _batch(
     rooms = _dict(answer.get("rooms"))
     joined = _dict(rooms.get("join"))
     to_device = _dict(answer.get("to_device")).get("events")
-    backlog = isinstance(to_device, list) and len(to_device) >= TO_DEVICE_PER_ANSWER
+    synced = [_room(room_id, _dict(room)) for room_id, room in joined.items()]
     return SyncBatch(
         next_batch,
-        [_room(room_id, _dict(room)) for room_id, room in joined.items()],
+        synced,
         [
             invite
             for room_id, room in _dict(rooms.get("invite")).items()
@@ -205,7 +205,8 @@ def _batch(
             if room_id in receipts_in
             for receipt in receipts_of(room_id, _dict(room).get("ephemeral"))
         ],
-        backlog=backlog,
+        backlog=(isinstance(to_device, list) and len(to_device) >= TO_DEVICE_PER_ANSWER)
+        or any(room.limited for room in synced),
     )
 
 

@@ -301,8 +301,9 @@ class SyncBatch:
     invites: list[dict[str, Any]]
     receipts: list[Receipt] = field(default_factory=list)
     recorded: Callable[[], None] | None = field(default=None, compare=False)
-    # More is waiting than one answer holds (to-device messages at the homeserver's limit
-    # per answer): the next sync is asked for at once (bot/intake/safety_net.py).
+    # More is waiting than one answer holds (a limited timeline, to-device messages at the
+    # homeserver's limit per answer): the next sync is asked for at once
+    # (bot/intake/safety_net.py).
     backlog: bool = False
 
 

@@ -152,7 +152,7 @@ class SafetyNet(TriggeredLoop):
                 await positions.forget(conn, SYNC_POSITION)
             return 0
         self._brought = bool(batch.rooms or batch.invites or batch.receipts)
-        self._backlog = batch.backlog or any(room.limited for room in batch.rooms)
+        self._backlog = batch.backlog
         await self._settled(batch)
         joined_at = await self._joined_at()
         found = 0
