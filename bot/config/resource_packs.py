@@ -19,7 +19,6 @@ from bot.config.settings import Resource
 @dataclass(frozen=True)
 class ResourcePack:
     region: str
-    area: str  # what the region covers, in words
     checked: dt.date
     resources: tuple[Resource, ...]
     sources: tuple[str, ...]
@@ -28,15 +27,13 @@ class ResourcePack:
 CHECKED = dt.date(2026, 12, 6)
 
 
-def _pack(
-    region: str, area: str, entries: list[tuple[str, str, str]], sources: list[str]
-) -> ResourcePack:
+def _pack(region: str, entries: list[tuple[str, str, str]], sources: list[str]) -> ResourcePack:
     """(name, contact, when) per entry; the first is the emergency line."""
     resources = tuple(
         Resource(name=name, contact=contact, when=when, verified_on=CHECKED, emergency=index == 0)
         for index, (name, contact, when) in enumerate(entries)
     )
-    return ResourcePack(region, area, CHECKED, resources, tuple(sources))
+    return ResourcePack(region, CHECKED, resources, tuple(sources))
 
 
 _EMERGENCY_WHEN = "if your life is in danger right now"
@@ -48,8 +45,7 @@ PACKS: dict[str, ResourcePack] = {
     pack.region: pack
     for pack in (
         _pack(
-            "GB",
-            "England (and the UK where no nation's pack is chosen)",
+            "GB",  # England (and the UK where no nation's pack is chosen)
             [
                 ("Emergency services", "call 999 or go to A&E", _EMERGENCY_WHEN),
                 _CHILDLINE_UK,
@@ -75,8 +71,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "GB-SCT",
-            "Scotland",
+            "GB-SCT",  # Scotland
             [
                 ("Emergency services", "call 999 or go to A&E", _EMERGENCY_WHEN),
                 _CHILDLINE_UK,
@@ -103,8 +98,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "GB-WLS",
-            "Wales",
+            "GB-WLS",  # Wales
             [
                 ("Emergency services", "call 999 or go to A&E", _EMERGENCY_WHEN),
                 (
@@ -138,8 +132,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "GB-NIR",
-            "Northern Ireland",
+            "GB-NIR",  # Northern Ireland
             [
                 ("Emergency services", "call 999 or go to A&E", _EMERGENCY_WHEN),
                 _CHILDLINE_UK,
@@ -155,8 +148,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "IE",
-            "Ireland",
+            "IE",  # Ireland
             [
                 (
                     "Emergency services",
@@ -180,8 +172,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "US",
-            "the United States",
+            "US",  # the United States
             [
                 ("Emergency services", "call 911", _EMERGENCY_WHEN),
                 (
@@ -203,8 +194,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "CA",
-            "Canada",
+            "CA",  # Canada
             [
                 ("Emergency services", "call 911", _EMERGENCY_WHEN),
                 (
@@ -220,8 +210,7 @@ PACKS: dict[str, ResourcePack] = {
             ],
         ),
         _pack(
-            "AU",
-            "Australia",
+            "AU",  # Australia
             [
                 ("Emergency services", "call 000", _EMERGENCY_WHEN),
                 (
