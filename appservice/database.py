@@ -21,15 +21,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from appservice.config import sqlite_file
 from appservice.errors import ConfigError
+from bot.store.outages import is_database_outage
 from bot.store.schema import heartbeat
+from bot.store.transact import Work, run_whole
+from bot.store.writer_thread import WriterThread
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -104,6 +109,54 @@ class SqliteEngine(AsyncEngine):
             await conn.execution_options(**{_WRITE: True})
             async with conn.begin():
                 yield conn
+
+    async def transact(self, work: Work[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`work(conn, *args)` as one write transaction, run whole on a thread of its own
+        with a plain connection: one hand-over, where `begin()` makes one per statement
+        (bot/store/transact.py). In this process's turn to write, as every writer."""
+        if getattr(self, "_transactions", None) is None:
+            self._transactions = WriterThread("safeguard-transactions")
+            self._plain_engine: sa.Engine | None = None
+        async with self.writing():
+            return await self._transactions.run(self._run_whole, work, args, kwargs)
+
+    def _run_whole(self, work: Work[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
+        """On the transactions' thread: its one connection, opened there on first use."""
+        if self._plain_engine is None:
+            self._plain_engine = _plain_engine(self)
+        try:
+            with self._plain_engine.connect() as connection:
+                return run_whole(connection, work, *args, **kwargs)
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated or is_database_outage(exc):
+                # A file gone or a disk that failed: the next transaction opens afresh.
+                self._close_plain()
+            raise
+
+    def _close_plain(self) -> None:
+        if self._plain_engine is not None:
+            engine, self._plain_engine = self._plain_engine, None
+            engine.dispose()
+
+    async def dispose(self, close: bool = True) -> None:
+        transactions = getattr(self, "_transactions", None)
+        if transactions is not None:
+            await transactions.run(self._close_plain)
+            transactions.stop()
+            self._transactions = None
+        await super().dispose(close)
+
+
+def _plain_engine(engine: SqliteEngine) -> sa.Engine:
+    """A synchronous engine on the same file, holding one plain connection (for the
+    thread that opens it), whose transactions begin as the pool's writes do."""
+    plain = sa.create_engine("sqlite://", creator=engine.plain_connection, poolclass=StaticPool)
+
+    @event.listens_for(plain, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return plain
 
 
 def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> AsyncEngine:

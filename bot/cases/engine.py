@@ -50,6 +50,7 @@ from bot.steps.alert import REPORTED_BY_ALERT
 from bot.store import audit, cases, outbox
 from bot.store.cases import INTERNAL_ERROR, Case, Step
 from bot.store.outages import DatabaseUnavailable, is_database_outage
+from bot.store.transact import transact
 
 log = logging.getLogger(__name__)
 
@@ -221,17 +222,9 @@ class StepEngine:
         finished: _Finished | None = None  # the last step's outcome, not yet recorded
         go_on = True
         while True:
-            step: Step | None = None
-            async with self._db.begin() as conn:
-                told = await self._write_outcome(conn, finished) if finished else False
-                case = await cases.get(conn, case_id)
-                steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
-                if case is not None and go_on:
-                    step = self._next_runnable(case, steps, _now(), skip=deferred)
-                    if step is not None:
-                        await cases.start_step(conn, case_id, step.step, _now())  # the intent
-                if case is not None and step is None:
-                    await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+            told, case, steps, step = await transact(
+                self._db, self._between_steps, case_id, finished, go_on, deferred
+            )
             if finished is not None:
                 await self._outcome_recorded(finished, told)
             if case is None or step is None:
@@ -246,6 +239,28 @@ class StepEngine:
             steps[step.step] = step
             # False: the homeserver is away, and the other steps would wait for it too.
             go_on, finished = await self._run_step(case, step, steps)
+
+    async def _between_steps(
+        self,
+        conn: AsyncConnection,
+        case_id: int,
+        finished: _Finished | None,
+        go_on: bool,
+        deferred: set[str],
+    ) -> tuple[bool, Case | None, dict[str, Step], Step | None]:
+        """The transaction between two steps (run whole: bot/store/transact.py): the last
+        one's outcome recorded, the case read, and the next one's intent written."""
+        told = await self._write_outcome(conn, finished) if finished else False
+        case = await cases.get(conn, case_id)
+        steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
+        step: Step | None = None
+        if case is not None and go_on:
+            step = self._next_runnable(case, steps, _now(), skip=deferred)
+            if step is not None:
+                await cases.start_step(conn, case_id, step.step, _now())  # the intent
+        if case is not None and step is None:
+            await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
+        return told, case, steps, step
 
     def _when(self, case: Case, steps: Mapping[str, Step], step: Step) -> dt.datetime | None:
         """When `step` may run (None: its preconditions do not hold yet)."""
@@ -349,12 +364,14 @@ class StepEngine:
         async def save(
             *, progress: dict[str, Any] | None = None, case_fields: dict[str, Any] | None = None
         ) -> None:
+            async def record(conn: AsyncConnection) -> None:
+                if progress is not None:
+                    await cases.save_progress(conn, case.id, step.step, progress)
+                if case_fields:
+                    await cases.set_fields(conn, case.id, **case_fields)
+
             async def write() -> None:
-                async with self._db.begin() as conn:
-                    if progress is not None:
-                        await cases.save_progress(conn, case.id, step.step, progress)
-                    if case_fields:
-                        await cases.set_fields(conn, case.id, **case_fields)
+                await transact(self._db, record)
 
             try:
                 # An attempt cut short at the alert's deadline still records what it

@@ -27,7 +27,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from enum import Enum
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -41,9 +41,12 @@ from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
 from bot.store.ingest import InboxItem
+from bot.store.transact import Work, transact
 from bot.texts.messages import Texts
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MAX_ATTEMPTS = 5
 # An encrypted event whose key has not come this long after it did: staff are told a
@@ -130,9 +133,25 @@ class Handling:
         """A write transaction that also marks the event done (once, at commit)."""
         async with self._db.begin() as conn:
             yield conn
-            if not self.finished:
-                await ingest.finish(conn, self.item.seq, dt.datetime.now(dt.UTC))
+            await self._finish(conn)
         self.finished = True
+
+    async def transact(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`work(conn, *args)` as one write transaction (whole, on SQLite's writer thread:
+        bot/store/transact.py) that also marks the event done."""
+
+        async def and_finish(conn: AsyncConnection) -> T:
+            result = await work(conn, *args, **kwargs)
+            await self._finish(conn)
+            return result
+
+        result = await transact(self._db, and_finish)
+        self.finished = True
+        return result
+
+    async def _finish(self, conn: AsyncConnection) -> None:
+        if not self.finished:
+            await ingest.finish(conn, self.item.seq, dt.datetime.now(dt.UTC))
 
 
 Handler = Callable[[Handling], Awaitable[None]]

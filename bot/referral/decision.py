@@ -18,7 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.checkin.due import due_at
 from bot.config.deployment import Deployment
@@ -37,6 +37,9 @@ from bot.steps.corroboration import corroboration_due
 from bot.store import audit, cases, outbox
 from bot.texts.messages import Texts
 from bot.texts.wording import duration_words as _duration
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 log = logging.getLogger(__name__)
 # Refusals recorded and logged but not reported to staff (see Referral._refuse).
@@ -248,25 +251,7 @@ class Referral:
         )
         # Before the case exists, so no membership of theirs from then on goes unqueued.
         self._watch_member(flag.room_id, target)
-        async with handling.transaction() as conn:
-            opened = await cases.open_or_corroborate(
-                conn,
-                self._deployment.provenance,
-                new_flag,
-                steps=CASE_STEPS,
-                dry_run=self._policy.dry_run,
-                due_at=due_at(flagged_at, self._deployment.checkin),
-            )
-            if not opened.created:
-                # Staff are told (as a reply to the alert), and this flag is redacted too.
-                await corroboration_due(
-                    conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
-                )
-                # What it redacted already stays recorded: only the new flag is new.
-                await cases.rearm_step(
-                    conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was
-                )
-                await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
+        opened = await handling.transact(self._record_flag, new_flag, flagged_at)
         self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
         log.info(
             "case #%d %s by %s flag",
@@ -276,6 +261,30 @@ class Referral:
             extra={"case": opened.case_id},
         )
         self._on_case(opened.case_id)
+
+    async def _record_flag(
+        self, conn: AsyncConnection, new_flag: cases.NewFlag, flagged_at: dt.datetime
+    ) -> cases.Opened:
+        """The case opened (or the flag recorded on the member's open case): one transaction."""
+        opened = await cases.open_or_corroborate(
+            conn,
+            self._deployment.provenance,
+            new_flag,
+            steps=CASE_STEPS,
+            dry_run=self._policy.dry_run,
+            due_at=due_at(flagged_at, self._deployment.checkin),
+        )
+        if not opened.created:
+            # Staff are told (as a reply to the alert), and this flag is redacted too.
+            await corroboration_due(
+                conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
+            )
+            # What it redacted already stays recorded: only the new flag is new.
+            await cases.rearm_step(
+                conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was
+            )
+            await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
+        return opened
 
     async def _found_too_late(
         self, handling: Handling, flag: Flag, flagged_at: dt.datetime
