@@ -49,6 +49,7 @@ _KEEPALIVE_SETTINGS = {
 # /health must answer within seconds even while another process holds the write lock.
 HEALTH_BUSY_TIMEOUT_MS = 2_000
 _WRITE = "safeguard_write"
+_READ = "safeguard_read"
 
 
 def _configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
@@ -114,18 +115,32 @@ class SqliteEngine(AsyncEngine):
         """`work(conn, *args)` as one write transaction, run whole on a thread of its own
         with a plain connection: one hand-over, where `begin()` makes one per statement
         (bot/store/transact.py). In this process's turn to write, as every writer."""
+        async with self.writing():
+            return await self._whole_on_thread(work, args, kwargs, write=True)
+
+    async def read(self, work: Work[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`work(conn, *args)` as one read (a consistent snapshot, no lock), run whole on
+        the same thread."""
+        return await self._whole_on_thread(work, args, kwargs, write=False)
+
+    async def _whole_on_thread(
+        self, work: Work[..., Any], args: tuple[Any, ...], kwargs: Any, *, write: bool
+    ) -> Any:
         if getattr(self, "_transactions", None) is None:
             self._transactions = WriterThread("safeguard-transactions")
             self._plain_engine: sa.Engine | None = None
-        async with self.writing():
-            return await self._transactions.run(self._run_whole, work, args, kwargs)
+        return await self._transactions.run(self._run_whole, work, args, kwargs, write)
 
-    def _run_whole(self, work: Work[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
+    def _run_whole(
+        self, work: Work[..., Any], args: tuple[Any, ...], kwargs: Any, write: bool
+    ) -> Any:
         """On the transactions' thread: its one connection, opened there on first use."""
         if self._plain_engine is None:
             self._plain_engine = _plain_engine(self)
         try:
             with self._plain_engine.connect() as connection:
+                if not write:
+                    connection = connection.execution_options(**{_READ: True})
                 return run_whole(connection, work, *args, **kwargs)
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated or is_database_outage(exc):
@@ -154,7 +169,8 @@ def _plain_engine(engine: SqliteEngine) -> sa.Engine:
 
     @event.listens_for(plain, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        reading = connection.get_execution_options().get(_READ, False)
+        connection.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return plain
 

@@ -41,7 +41,7 @@ from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, ingest, outbox
 from bot.store.ingest import InboxItem
-from bot.store.transact import Work, transact
+from bot.store.transact import Work, read, transact
 from bot.texts.messages import Texts
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,7 @@ class Dispatcher:
     async def work_lane(self, lane: int) -> bool:
         """Handle the lane's due events in order; True if there may be more to do now."""
         now = dt.datetime.now(dt.UTC)
-        async with self._db.connect() as conn:
-            items = await ingest.pending(conn, lane=lane, now=now, limit=50)
+        items = await read(self._db, ingest.pending, lane=lane, now=now, limit=50)
         # Flags their sender removed (redacted) before they were reached: not acted on.
         withdrawn = {redacted for item in items if (redacted := _redacts(item)) is not None}
         nothing_to_do: list[int] = []

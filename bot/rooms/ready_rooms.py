@@ -28,12 +28,13 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
 from bot.rooms.directory import RoomDirectory
 from bot.store import cases
 from bot.store import ready_rooms as store
+from bot.store.transact import transact
 
 log = logging.getLogger(__name__)
 MARKER_PREFIX = "ready:"
@@ -144,17 +145,16 @@ class ReadyRooms:
         if self.wanted <= 0:
             return None
 
-        async def take() -> str | None:
-            async with self._db.begin() as conn:
-                room_id = await store.take(conn, encrypted=self._encrypted)
-                if room_id is not None:
-                    taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
-                    await cases.save_progress(conn, case_id, step, progress | taken)
+        async def take(conn: AsyncConnection) -> str | None:
+            room_id = await store.take(conn, encrypted=self._encrypted)
+            if room_id is not None:
+                taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
+                await cases.save_progress(conn, case_id, step, progress | taken)
             return room_id
 
         # Runs to its end even if the step is cut short (at the alert's deadline): a room
         # taken is always a room recorded, and never half a transaction.
-        room_id = await asyncio.shield(take())
+        room_id = await asyncio.shield(transact(self._db, take))
         if room_id is not None:
             self.ready = max(self.ready - 1, 0)
             self.on_taken()
