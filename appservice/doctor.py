@@ -34,8 +34,7 @@ from aiohttp import web
 from appservice.config import UNCHOSEN_RESOURCES, Config, check_runnable, load_config
 from appservice.errors import ConfigError
 from appservice.registration import Registration, load_registration
-from bot.moderation.authorization import event_level, moderation_level, power_level
-from bot.moderation.membership import room_powers
+from bot.moderation.authorization import event_level, moderation_level, power_level, room_powers
 from bot.moderation.room_state import Snapshot, snapshot
 from bot.rooms.staff_room import PIN, not_staffs_room
 

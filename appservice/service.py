@@ -63,6 +63,7 @@ from bot.intake.stranded import StrandedWatch
 from bot.moderation.authorization import power_level
 from bot.moderation.membership import Membership
 from bot.moderation.room_state import RoomStateCache
+from bot.moderation.upgrades import RoomUpgrades
 from bot.referral.decision import Referral
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
@@ -257,6 +258,17 @@ class Service:
         async def may_invite(user_id: str) -> bool:
             return await self.staff.may_invite_bot(user_id, self.deployment.extra_inviters)
 
+        upgrades = RoomUpgrades(
+            self.engine,
+            self.homeserver,
+            self.deployment,
+            self.staff_room,
+            self.rooms,
+            room_state=self.room_state,
+            reports=self.refusal_reports,
+            texts=self.texts,
+            on_outbox=on_outbox,
+        )
         self.membership = Membership(
             self.engine,
             self.homeserver,
@@ -270,6 +282,7 @@ class Service:
             on_outbox=on_outbox,
             on_staff_room_joined=self._staff_room_news.set,
             on_case=self.steps.start_case,
+            upgrades=upgrades,
         )
         checkins = CheckinEvents(
             self.engine,
@@ -317,6 +330,7 @@ class Service:
                 EventKind.MEMBERSHIP: self.membership.member_event,
                 EventKind.CHECKIN_MEMBERSHIP: checkins.membership,
                 EventKind.POWER_LEVELS: self.membership.power_levels_changed,
+                EventKind.TOMBSTONE: upgrades.tombstone,
                 EventKind.STAFF_MESSAGE: self.staff_tools.message,
                 EventKind.STAFF_REACTION: self.staff_tools.reaction,
                 EventKind.MEMBER_MESSAGE: relay,

@@ -75,6 +75,7 @@ class EventKind(Enum):
     MEMBERSHIP = "membership"  # someone joining or leaving a group room
     CHECKIN_MEMBERSHIP = "checkin_membership"
     POWER_LEVELS = "power_levels"
+    TOMBSTONE = "tombstone"  # a group room upgraded (bot/moderation/upgrades.py)
     STAFF_MESSAGE = "staff_message"  # a `!case` command, perhaps
     STAFF_REACTION = "staff_reaction"  # ✅ on an alert, ✋ on a check-in notice
     MEMBER_MESSAGE = "member_message"  # in a DM or check-in room: relayed to staff
@@ -99,6 +100,8 @@ class Classifier:
             return EventKind.MEMBERSHIP if kind is RoomKind.GROUP else EventKind.IGNORED
         if item.event_type == "m.room.power_levels":
             return EventKind.POWER_LEVELS
+        if item.event_type == "m.room.tombstone":
+            return EventKind.TOMBSTONE if kind is RoomKind.GROUP else EventKind.IGNORED
         if kind is RoomKind.STAFF:
             if item.event_type == "m.room.message":
                 return EventKind.STAFF_MESSAGE

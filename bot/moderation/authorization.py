@@ -103,6 +103,13 @@ def can_redact(user_id: str, state: RoomState) -> bool:
     return power_level(user_id, state) >= needed
 
 
+def room_powers(bot_user_id: str, state: RoomState) -> tuple[bool, bool]:
+    """(can remove members, can redact others' events), for the bot in that room."""
+    # Members sit at users_default; the bot must outrank them to remove them.
+    default = power_level("@nobody:invalid", state)
+    return can_kick(bot_user_id, default, state), can_redact(bot_user_id, state)
+
+
 def event_level(state: RoomState, event_type: str, *, state_event: bool) -> int:
     """The power needed to send an event of this type (the spec's defaults: 0 for
     messages, 50 for state)."""

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.config.deployment import Deployment
 from bot.core.ports import Homeserver, Refused
 from bot.intake.dispatch import Handling
-from bot.moderation.authorization import can_kick, can_redact, power_level
+from bot.moderation.authorization import room_powers
 from bot.moderation.room_state import RoomStateCache, membership_in
+from bot.moderation.upgrades import RoomUpgrades
 from bot.rooms.directory import RoomDirectory, RoomKind
 from bot.rooms.names import named_room
 from bot.rooms.refusal_reports import RefusalReports
@@ -31,13 +32,6 @@ from bot.texts.messages import Texts
 log = logging.getLogger(__name__)
 
 ABSENT = frozenset({"leave", "ban", None})
-
-
-def room_powers(bot_user_id: str, state: Any) -> tuple[bool, bool]:
-    """(can remove members, can redact others' events), for the bot in that room."""
-    # Members sit at users_default; the bot must outrank them to remove them.
-    default = power_level("@nobody:invalid", state)
-    return can_kick(bot_user_id, default, state), can_redact(bot_user_id, state)
 
 
 class Membership:
@@ -56,8 +50,10 @@ class Membership:
         on_outbox: Callable[[], None],
         on_staff_room_joined: Callable[[], None],
         on_case: Callable[[int], None] = lambda case_id: None,
+        upgrades: RoomUpgrades | None = None,
     ) -> None:
         self._on_case = on_case
+        self._upgrades = upgrades
         self._db = db
         self._hs = homeserver
         self._deployment = deployment
@@ -98,7 +94,10 @@ class Membership:
                 return
             if case.state == "open" and removing:
                 # They are removed again: the case stays the one later flags corroborate.
-                await cases.rearm_step(conn, case.id, "remove_again", POSITIONS["remove_again"], {})
+                # From the room they came back to (the replacement of an upgraded room).
+                await cases.rearm_step(
+                    conn, case.id, "remove_again", POSITIONS["remove_again"], {"room": item.room_id}
+                )
             else:
                 await cases.end_active(conn, item.room_id, user, now)
             if case.state == "open":
@@ -136,6 +135,18 @@ class Membership:
         if room_id in self._rooms.moderated:
             # Taken already: the same invite, seen by the bot's sync (bot/intake/safety_net.py)
             # before Synapse's push came (a room the bot is in cannot invite it again).
+            return
+        upgrade = await self._upgrades.awaited(room_id) if self._upgrades else None
+        if upgrade is not None and self._upgrades is not None:
+            # The replacement of a room the bot moderates, which it could not join on its
+            # own: anyone there may let it in (its create event proves what it is).
+            if await self._join(handling, inviter, tell_staff=True):
+                await self._upgrades.follow(
+                    handling,
+                    old_room_id=upgrade.old_room_id,
+                    new_room_id=room_id,
+                    by=upgrade.upgraded_by,
+                )
             return
         if not await self._may_invite(inviter):
             await self._hs.leave_room(room_id)  # rejects the invite

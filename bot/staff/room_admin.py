@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.config.deployment import Deployment
 from bot.core.ports import Homeserver, Refused
-from bot.moderation.membership import room_powers
+from bot.moderation.authorization import room_powers
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.names import names_of

@@ -15,11 +15,13 @@ class RemoveAgain(CaseStep):
         case = run.case
         if case.state == "closed" or case.room_id is None or case.member_id is None:
             return Outcome.skipped("the case is closed")
-        membership = await self.hs.membership(case.room_id, case.member_id)
+        # Where they came back: the case's room, or the replacement it was upgraded to.
+        room = str(run.progress.get("room") or case.room_id)
+        membership = await self.hs.membership(room, case.member_id)
         if membership not in ("join", "invite", "knock"):
             return Outcome("done", {"already_gone": True})
         reason = self.tools.texts.kick_reason(notified=True)
-        kicked = await self.hs.kick(case.room_id, case.member_id, reason)
+        kicked = await self.hs.kick(room, case.member_id, reason)
         if isinstance(kicked, Refused):
             return Outcome.refused("the homeserver refused the removal", kicked)
         return Outcome("done", {"already_gone": False})

@@ -465,6 +465,44 @@ async def active_case(conn: AsyncConnection, room_id: str, member_id: str) -> Ca
     return await _latest_where(conn, cases.c.active_key == active_key(room_id, member_id))
 
 
+async def active_members(conn: AsyncConnection, room_id: str) -> list[str]:
+    """The members with a case in that room that later flags would corroborate."""
+    rows = await conn.execute(
+        sa.select(cases.c.member_id, cases.c.active_key).where(
+            cases.c.active_key.startswith(f"{room_id}|", autoescape=True)
+        )
+    )
+    return [
+        row.member_id
+        for row in rows
+        if row.member_id is not None and row.active_key == active_key(room_id, row.member_id)
+    ]
+
+
+async def follow_upgrade(conn: AsyncConnection, old_room_id: str, new_room_id: str) -> list[str]:
+    """The room was upgraded: its members' active cases now belong to the replacement, so
+    a flag there corroborates them and a return there is a return (`policy.on_rejoin`).
+    The case keeps the room it was opened in. Returns the members whose cases moved."""
+    rows = (
+        await conn.execute(
+            sa.select(cases.c.id, cases.c.member_id, cases.c.active_key).where(
+                cases.c.active_key.startswith(f"{old_room_id}|", autoescape=True)
+            )
+        )
+    ).all()
+    moved = []
+    for row in rows:
+        if row.member_id is None or row.active_key != active_key(old_room_id, row.member_id):
+            continue  # another room whose id begins the same way
+        await conn.execute(
+            cases.update()
+            .where(cases.c.id == row.id)
+            .values(active_key=active_key(new_room_id, row.member_id))
+        )
+        moved.append(row.member_id)
+    return moved
+
+
 async def has_active(conn: AsyncConnection, room_id: str, member_id: str) -> bool:
     key = active_key(room_id, member_id)
     query = sa.select(cases.c.id).where(cases.c.active_key == key)
@@ -533,7 +571,9 @@ async def rooms_of_cases(conn: AsyncConnection) -> RoomsOfCases:
     else:
         rows = await (await driver.execute(_ROOMS_OF_CASES)).fetchall()
     return RoomsOfCases(
-        watched={(row[0], row[1]) for row in rows if row[2]},
+        # Where later flags would corroborate: the active key's room (a room upgraded
+        # since the case opened moved it to the replacement: `follow_upgrade`).
+        watched={(row[2][: -len(row[1]) - 1], row[1]) for row in rows if row[2]},
         dms={row[3] for row in rows if row[3]} | {row[4] for row in rows if row[4]},
         checkins={row[5] for row in rows if row[5]},
     )

@@ -267,6 +267,19 @@ rooms = sa.Table(
     sa.Column("can_redact", sa.Boolean, nullable=True),
 )
 
+# A moderated room that was upgraded (a tombstone from someone with the power to send it):
+# the replacement it names, until the bot has joined it and moderates it
+# (bot/moderation/upgrades.py).
+room_upgrades = sa.Table(
+    "room_upgrades",
+    metadata,
+    sa.Column("new_room_id", sa.String(255), primary_key=True),
+    sa.Column("old_room_id", sa.String(255), nullable=False),
+    sa.Column("upgraded_by", sa.String(255), nullable=False),
+    sa.Column("upgraded_at", UTCDateTime, nullable=False),
+    sa.Column("followed_at", UTCDateTime, nullable=True),
+)
+
 # Refusals from one person in one room are reported to staff once per window (the
 # rest counted, and told in one message when the window ends). See bot/rooms/refusal_reports.py.
 refusal_reports = sa.Table(

@@ -480,7 +480,10 @@ class Texts:
                     since=f"{self.when(since)} ({self._zone_name})",
                 )
             )
-        what = "flag(s)" if kind == "flag" else "invite(s) of the bot"
+        what = {
+            "flag": "flag(s)",
+            "tombstone": "upgrade notice(s) (tombstones) I ignored",
+        }.get(kind, "invite(s) of the bot")
         return notice(
             self.text(
                 "refusals_summary",
@@ -519,6 +522,33 @@ class Texts:
 
     def join_failed(self, *, inviter: str, room: str, error: str) -> dict[str, Any]:
         return notice(self.text("join_failed", inviter=inviter, room=room, error=error))
+
+    def room_upgraded(
+        self,
+        *,
+        by: str,
+        old: str,
+        new: str,
+        cases: int,
+        can_kick: bool | None,
+        can_redact: bool | None,
+    ) -> dict[str, Any]:
+        moved = (
+            f"The {cases} open case(s) of that room carry on there: a member with one who "
+            "joins the new room is treated as coming back (policy.on_rejoin). "
+            if cases
+            else ""
+        )
+        powers = self._powers(can_kick, can_redact)
+        return notice(
+            self.text("room_upgraded", by=by, old=old, new=new, cases=moved, powers=powers)
+        )
+
+    def upgrade_join_failed(self, *, by: str, old: str, new: str, error: str) -> dict[str, Any]:
+        return notice(self.text("upgrade_join_failed", by=by, old=old, new=new, error=error))
+
+    def tombstone_ignored(self, *, sender: str, room: str, why: str) -> dict[str, Any]:
+        return notice(self.text("tombstone_ignored", sender=sender, room=room, why=why))
 
     def room_removed(self, *, by: str, room: str) -> dict[str, Any]:
         return notice(self.text("room_removed", by=by, room=room))

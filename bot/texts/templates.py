@@ -231,6 +231,23 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "that the room lets me in.",
         frozenset({"inviter", "room", "error"}),
     ),
+    "room_upgraded": (
+        "{by} upgraded {old} to a new room, {new}. I have joined it and watch it for flags "
+        "as I did the old one. {cases}{powers}",
+        frozenset({"by", "old", "new", "cases", "powers"}),
+    ),
+    "upgrade_join_failed": (
+        "{by} upgraded {old} to a new room ({new}), but I could not join it ({error}). "
+        "Flags there will not reach me until I am in it: invite me to the new room (any "
+        "member who can invite there may), and I will take it on as I did the old one.",
+        frozenset({"by", "old", "new", "error"}),
+    ),
+    "tombstone_ignored": (
+        "{sender} sent an upgrade notice (a tombstone) in {room} pointing to another room, "
+        "which I ignored: {why}. I am still watching {room}. If the room really was "
+        "upgraded, an admin of it can invite me to the new one.",
+        frozenset({"sender", "room", "why"}),
+    ),
     "room_removed": (
         "{by} removed me from {room}. I am no longer watching it: flags there will not "
         "reach me. If it should still be moderated, a staff member can invite me back.",

@@ -113,9 +113,13 @@ async def test_prune_cuts_exactly_at_the_window(engine, rows):
         assert kept == list(range(cut, rows)), f"cut at {cut}"
 
 
-def flag(member: str = "@member:localhost", flagger: str = "@mod:localhost") -> cases.NewFlag:
+def flag(
+    member: str = "@member:localhost",
+    flagger: str = "@mod:localhost",
+    room: str = "!group:localhost",
+) -> cases.NewFlag:
     return cases.NewFlag(
-        room_id="!group:localhost",
+        room_id=room,
         member_id=member,
         flagger=flagger,
         method="reaction",
@@ -161,6 +165,32 @@ async def test_rejoin_ends_the_active_case(engine):
         )
     second = await open_case(engine, flag())
     assert second.created and second.case_id != first.case_id
+
+
+async def test_an_upgrade_moves_the_rooms_active_cases_to_the_replacement(engine):
+    """Later flags and returns in the replacement find the case; the record keeps its room,
+    and a room whose id merely begins the same way is not touched."""
+    moved = await open_case(engine, flag())
+    ended = await open_case(engine, flag("@gone:localhost"))
+    lookalike = await open_case(engine, flag(room="!group:localhost.evil"))
+    async with engine.begin() as conn:
+        await cases.end_active(conn, "!group:localhost", "@gone:localhost", NOW)
+        assert await cases.active_members(conn, "!group:localhost") == ["@member:localhost"]
+        members = await cases.follow_upgrade(conn, "!group:localhost", "!new:localhost")
+    assert members == ["@member:localhost"]
+    async with engine.connect() as conn:
+        case = await cases.active_case(conn, "!new:localhost", "@member:localhost")
+        assert case is not None and case.id == moved.case_id
+        assert case.room_id == "!group:localhost"
+        assert await cases.active_case(conn, "!group:localhost", "@member:localhost") is None
+        ended_case = await cases.get(conn, ended.case_id)
+        assert ended_case is not None and ended_case.rejoined_at is not None
+        watched = (await cases.rooms_of_cases(conn)).watched
+    assert watched == {
+        ("!new:localhost", "@member:localhost"),
+        ("!group:localhost.evil", "@member:localhost"),
+    }
+    assert lookalike.created
 
 
 async def test_checkin_counts_follow_the_checkin_not_the_case(engine):
