@@ -297,6 +297,9 @@ class MessageTemplates(_Strict):
     invite_refused: str | None = None
     room_joined: str | None = None
     join_failed: str | None = None
+    room_upgraded: str | None = None
+    upgrade_join_failed: str | None = None
+    tombstone_ignored: str | None = None
     room_removed: str | None = None
     powers_lost: str | None = None
     moderation_unseated: str | None = None
