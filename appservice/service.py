@@ -60,6 +60,7 @@ from bot.intake.recent_senders import RecentSenders
 from bot.intake.reconcile import Reconciler
 from bot.intake.safety_net import SafetyNet
 from bot.intake.stranded import StrandedWatch
+from bot.members.policy import PolicyExplainer
 from bot.moderation.authorization import power_level
 from bot.moderation.membership import Membership
 from bot.moderation.room_state import RoomStateCache
@@ -75,7 +76,16 @@ from bot.staff.relay import Relay
 from bot.staff.room_admin import RoomAdmin
 from bot.staff.tools import StaffTools
 from bot.steps import Toolbox, build_steps
-from bot.store import audit, cases, ingest, outbox, positions, retention, rooms
+from bot.store import (
+    audit,
+    cases,
+    ingest,
+    outbox,
+    policy_rooms,
+    positions,
+    retention,
+    rooms,
+)
 from bot.store.audit import Provenance
 from bot.texts.messages import Texts
 
@@ -313,6 +323,9 @@ class Service:
             texts=self.texts,
             on_outbox=on_outbox,
         )
+        policy_explainer = PolicyExplainer(
+            self.engine, self.homeserver, self.deployment, self.rooms, texts=self.texts
+        )
         action_filter = ActionFilter(
             config.policy,
             self.rooms,
@@ -334,6 +347,8 @@ class Service:
                 EventKind.STAFF_MESSAGE: self.staff_tools.message,
                 EventKind.STAFF_REACTION: self.staff_tools.reaction,
                 EventKind.MEMBER_MESSAGE: relay,
+                EventKind.POLICY_REQUEST: policy_explainer.request,
+                EventKind.POLICY_ROOM_MESSAGE: policy_explainer.written_to,
             },
             deployment=self.deployment,
             staff_room=self.staff_room,
@@ -476,6 +491,7 @@ class Service:
             known = await cases.rooms_of_cases(conn)
             former = await retention.former_room_ids(conn)
             moderated = [room.room_id for room in await rooms.moderated(conn)]
+            policy_dms = await policy_rooms.room_ids(conn)
             self.reconciler.first_started = await positions.database_first_started(conn)
         self.rooms.know(
             watched=known.watched,
@@ -483,6 +499,7 @@ class Service:
             dms=known.dms | set(former),
             checkins=known.checkins,
             moderated=moderated,
+            policy=policy_dms,
         )
         await self.ready_rooms.load()
 

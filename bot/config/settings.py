@@ -270,6 +270,8 @@ class MessageTemplates(_Strict):
     checkin: str | None = None
     withdrawn: str | None = None
     farewell: str | None = None
+    policy_explained: str | None = None
+    policy_room_reply: str | None = None
     kick_reason: str | None = None
     kick_reason_unnotified: str | None = None
     redaction_reason: str | None = None

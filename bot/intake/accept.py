@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 STATE_TYPES = frozenset(
     {"m.room.member", "m.room.power_levels", "m.room.create", "m.room.tombstone"}
 )
+# What any member of a moderated room may send to be told, in a DM, how safeguarding
+# works there (bot/members/policy.py).
+POLICY_COMMAND = "!policy"
 # State the room-state cache is told of the moment it arrives (bot/moderation/room_state.py).
 _ROOM_STATE = STATE_TYPES | {"m.room.join_rules"}
 # Matrix ids are far shorter; the columns hold 255 characters.
@@ -184,9 +187,11 @@ class ActionFilter:
             if body.__class__ is not str:
                 return None
             mark = self._command_mark
-            if mark is not None and mark not in body:
+            if mark is not None and mark not in body and POLICY_COMMAND[0] not in body:
                 return None
             if self._command.search(body) is None:
+                if is_policy_request(body) and room_id in self._moderated:
+                    return OTHER_LANE  # a member asking how safeguarding works here
                 return None
             return self._flag_lane(event, room_id)
         if event_type == "m.reaction" or event_type == "m.room.encrypted":
@@ -227,6 +232,11 @@ class ActionFilter:
             # The bot's own state (a room it made) changes nothing it decides.
             return OTHER_LANE if event.get("sender") != self._bot else None
         return None
+
+
+def is_policy_request(body: str) -> bool:
+    """`!policy` alone (any case, spaces around it): a member asking how it works here."""
+    return len(body) < 32 and body.strip().casefold() == POLICY_COMMAND
 
 
 class Intake:

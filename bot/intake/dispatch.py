@@ -35,7 +35,7 @@ from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.core.reactions import ACK_KEY, CLAIM_KEY, annotation
-from bot.intake.accept import DECRYPT_LANE
+from bot.intake.accept import DECRYPT_LANE, is_policy_request
 from bot.rooms.directory import RoomDirectory, RoomKind
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
@@ -79,6 +79,8 @@ class EventKind(Enum):
     STAFF_MESSAGE = "staff_message"  # a `!case` command, perhaps
     STAFF_REACTION = "staff_reaction"  # ✅ on an alert, ✋ on a check-in notice
     MEMBER_MESSAGE = "member_message"  # in a DM or check-in room: relayed to staff
+    POLICY_REQUEST = "policy_request"  # `!policy` in a group room (bot/members/policy.py)
+    POLICY_ROOM_MESSAGE = "policy_room_message"  # written in a `!policy` DM
     IGNORED = "ignored"
 
 
@@ -114,6 +116,15 @@ class Classifier:
             if item.event_type in ("m.room.message", "m.room.encrypted"):
                 return EventKind.MEMBER_MESSAGE
             return EventKind.IGNORED
+        if kind is RoomKind.POLICY:
+            if item.event_type in ("m.room.message", "m.room.encrypted"):
+                return EventKind.POLICY_ROOM_MESSAGE
+            return EventKind.IGNORED
+        if item.event_type == "m.room.message":
+            content = event.get("content")
+            body = content.get("body") if isinstance(content, dict) else None
+            if isinstance(body, str) and is_policy_request(body):
+                return EventKind.POLICY_REQUEST
         if item.event_type in ("m.reaction", "m.room.message", "m.room.encrypted"):
             return EventKind.FLAG
         return EventKind.IGNORED

@@ -17,6 +17,7 @@ class RoomKind(Enum):
     STAFF = "staff"
     DM = "dm"
     CHECKIN = "checkin"
+    POLICY = "policy"  # a member's `!policy` DM: read by no one (bot/members/policy.py)
     GROUP = "group"
 
 
@@ -25,6 +26,7 @@ class RoomDirectory:
         self.staff_room = staff_room
         self._dms: set[str] = set()
         self._checkins: set[str] = set()
+        self._policy: set[str] = set()
         # Both together, so the hot path's test is one lookup (read, never written, by
         # the intake's filter).
         self.conversations: set[str] = set()
@@ -44,16 +46,22 @@ class RoomDirectory:
         dms: Iterable[str] = (),
         checkins: Iterable[str] = (),
         moderated: Iterable[str] = (),
+        policy: Iterable[str] = (),
     ) -> None:
         """Many at once (what the cases and rooms hold, read at start), at set speed."""
         self.moderated.update(moderated)
         self._watched.update(watched)
         self._dms.update(dms)
         self._checkins.update(checkins)
-        self.conversations.update(self._dms, self._checkins)
+        self._policy.update(policy)
+        self.conversations.update(self._dms, self._checkins, self._policy)
 
     def add_dm(self, room_id: str) -> None:
         self._dms.add(room_id)
+        self.conversations.add(room_id)
+
+    def add_policy_room(self, room_id: str) -> None:
+        self._policy.add(room_id)
         self.conversations.add(room_id)
 
     def add_checkin(self, room_id: str) -> None:
@@ -85,6 +93,8 @@ class RoomDirectory:
             return RoomKind.DM
         if room_id in self._checkins:
             return RoomKind.CHECKIN
+        if room_id in self._policy:
+            return RoomKind.POLICY
         return RoomKind.GROUP
 
     def is_private(self, room_id: str) -> bool:

@@ -280,6 +280,19 @@ room_upgrades = sa.Table(
     sa.Column("followed_at", UTCDateTime, nullable=True),
 )
 
+# The DM in which a member who sent `!policy` was told how safeguarding works here
+# (bot/members/policy.py): one per member, kept for the next time they ask. It holds
+# nothing about any case.
+policy_rooms = sa.Table(
+    "policy_rooms",
+    metadata,
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("room_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("opened_at", UTCDateTime, nullable=False),
+    sa.Column("last_sent_at", UTCDateTime, nullable=True),
+    sa.Column("last_reply_at", UTCDateTime, nullable=True),
+)
+
 # Refusals from one person in one room are reported to staff once per window (the
 # rest counted, and told in one message when the window ends). See bot/rooms/refusal_reports.py.
 refusal_reports = sa.Table(

@@ -127,6 +127,27 @@ class Texts:
             )
         )
 
+    def policy_explained(self) -> dict[str, Any]:
+        """How safeguarding works here, to a member who sent `!policy`: nothing of any case."""
+        return content(
+            self.text(
+                "policy_explained",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+                confidentiality=confidentiality_line(self._policy.confidentiality_url),
+            )
+        )
+
+    def policy_room_reply(self) -> dict[str, Any]:
+        """To someone who wrote in their `!policy` DM, which nobody reads."""
+        return content(
+            self.text(
+                "policy_room_reply",
+                resources=resource_lines(self._resources),
+                emergency=emergency_line(self._resources),
+            )
+        )
+
     def kick_reason(self, *, notified: bool) -> str:
         name = "kick_reason" if notified else "kick_reason_unnotified"
         return self.text(name)[:KICK_REASON_LIMIT]

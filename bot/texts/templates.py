@@ -71,6 +71,41 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "Take care of yourself.",
         frozenset({"resources", "emergency"}),
     ),
+    "policy_explained": (
+        "Hi, you asked how safeguarding works in our group chats. Here it is in plain words.\n"
+        "\n"
+        "If a moderator is worried that someone may be at immediate risk, they can flag "
+        "what that person wrote. Then:\n"
+        "• I message that person privately first, with people they can talk to straight "
+        "away.\n"
+        "• They are moved out of the group chat for now. It is not a punishment, and they "
+        "are not in trouble.\n"
+        "• Our staff team is told: who it is, what they wrote and who was worried. Staff "
+        "decide whether to contact emergency services. If they do, they share only what "
+        "is needed to keep the person safe.\n"
+        "• The next day, someone from our staff team opens a private chat with them to "
+        "check in.\n"
+        "Nobody else in the group is told why.\n"
+        "\n"
+        "You don't need to wait for any of that to get support. {emergency}\n"
+        "These services can talk with you now:\n"
+        "{resources}\n"
+        "\n"
+        "This chat is automatic: nobody on our team reads it. To talk to our staff, ask a "
+        "moderator in your group.{confidentiality}",
+        frozenset({"resources", "emergency", "confidentiality"}),
+    ),
+    "policy_room_reply": (
+        "This chat is automatic, and nobody on our team reads what is written here.\n"
+        "\n"
+        "If you need to talk to someone now:\n"
+        "{resources}\n"
+        "\n"
+        "{emergency}\n"
+        "\n"
+        "To talk to our staff, ask a moderator in your group.",
+        frozenset({"resources", "emergency"}),
+    ),
     # ---- what the group room sees -------------------------------------------------------
     "kick_reason": ("Removed by a moderator", frozenset()),
     "kick_reason_unnotified": ("Removed by a moderator", frozenset()),

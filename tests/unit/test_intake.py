@@ -19,6 +19,7 @@ from bot.intake.accept import (
     REFUSAL_LANE,
     ActionFilter,
     Intake,
+    is_policy_request,
     well_formed,
 )
 from bot.intake.recent_senders import RecentSenders
@@ -272,3 +273,31 @@ def test_a_flag_takes_the_flag_lane_only_where_it_could_be_acted_on():
     assert check.lane(chat | {"content": {"ciphertext": "…"}}) == DECRYPT_LANE
     rooms.stop_moderating(GROUP)
     assert check.lane(command) == REFUSAL_LANE, "a room the bot left"
+
+
+@pytest.mark.parametrize(
+    ("body", "asks"),
+    [
+        ("!policy", True),
+        ("  !Policy\n", True),
+        ("!POLICY", True),
+        ("!policy please", False),  # the command alone: chat that mentions it is chat
+        ("what is the !policy here", False),
+        ("policy", False),
+        ("!policies", False),
+    ],
+)
+def test_a_policy_request_is_the_command_alone(body: str, asks: bool) -> None:
+    assert is_policy_request(body) is asks
+    check, rooms = action_filter()
+    assert check.lane(message(body)) == (OTHER_LANE if asks else None)
+    # Only where the bot moderates: elsewhere it is nobody's business of ours.
+    rooms.stop_moderating(GROUP)
+    assert check.lane(message(body)) is None
+
+
+@given(body=st.text(max_size=40))
+def test_no_text_is_taken_both_for_a_flag_and_a_policy_request(body: str) -> None:
+    check, _ = action_filter()
+    if is_policy_request(body):
+        assert check.lane(message(body)) == OTHER_LANE

@@ -25,6 +25,7 @@ LAYERS = (
     "cases",  # the engine that runs the steps
     "intake",
     "moderation",  # membership answers through the intake's dispatcher
+    "members",  # what any member may ask (`!policy`), answered through the dispatcher
     "checkin",  # who joins a check-in reads moderation's room state
     "staff",  # `!case` claims a check-in; `!rooms` reads the bot's powers in a room
     "referral",  # the decision asks who is staff and when the check-in falls due

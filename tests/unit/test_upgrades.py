@@ -59,3 +59,19 @@ def test_only_a_group_rooms_tombstone_goes_to_the_upgrade_handler() -> None:
     assert kind("!old:localhost") is EventKind.TOMBSTONE
     assert kind("!dm:localhost") is EventKind.IGNORED
     assert kind("!staff:localhost") is EventKind.IGNORED
+
+
+def test_policy_requests_and_what_is_written_in_policy_dms_have_their_handlers() -> None:
+    rooms = RoomDirectory(StaffRoom("!staff:localhost"))
+    rooms.add_policy_room("!policy-dm:localhost")
+    classify = Classifier(rooms, BOT)
+
+    def kind(room: str, body: str, event_type: str = "m.room.message") -> EventKind:
+        event = {"type": event_type, "sender": "@m:localhost", "content": {"body": body}}
+        return classify(InboxItem(1, "$e", room, event_type, event, dt.datetime.now(dt.UTC), 0))
+
+    assert kind("!group:localhost", " !policy ") is EventKind.POLICY_REQUEST
+    assert kind("!group:localhost", "!safeguard") is EventKind.FLAG
+    assert kind("!policy-dm:localhost", "hello") is EventKind.POLICY_ROOM_MESSAGE
+    assert kind("!policy-dm:localhost", "", "m.room.encrypted") is EventKind.POLICY_ROOM_MESSAGE
+    assert kind("!policy-dm:localhost", "", "m.reaction") is EventKind.IGNORED

@@ -1,0 +1,1 @@
+"""What any member of a moderated room may ask of the bot (`!policy`)."""
