@@ -136,9 +136,29 @@ def case_listing(
     return "\n".join(lines)
 
 
-def _entry_line(entry: AuditEntry, zone: dt.tzinfo) -> str:
+# Fields of an entry's personal part that name a person, shown by name (the id after).
+_PEOPLE = ("by", "flagger", "member")
+
+
+def people_in(entries: Sequence[AuditEntry]) -> list[str]:
+    """The user ids a timeline of these entries names (to read their names first)."""
+    return [
+        value
+        for entry in entries
+        for key in _PEOPLE
+        if isinstance(value := (entry.personal or {}).get(key), str) and value.startswith("@")
+    ]
+
+
+def _entry_line(
+    entry: AuditEntry, zone: dt.tzinfo, names: Mapping[str, str | None] | None = None
+) -> str:
     facts = entry.facts
-    personal = entry.personal or {}
+    personal = dict(entry.personal or {})
+    for key in _PEOPLE:
+        value = personal.get(key)
+        if isinstance(value, str) and value.startswith("@"):
+            personal[key] = person(value, (names or {}).get(value))
     words = _words(entry.kind)
     detail = []
     if entry.kind.startswith("step.") and facts.get("status") not in (None, "done"):
@@ -185,7 +205,7 @@ def case_timeline(
     read = notice_read_line(case, zone)
     if read:
         head += f"\n{read}"
-    lines = [_entry_line(entry, zone) for entry in entries]
+    lines = [_entry_line(entry, zone, names) for entry in entries]
     kept: list[str] = []
     size = len(head)
     for line in reversed(lines):

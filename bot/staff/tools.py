@@ -29,7 +29,7 @@ from bot.staff.commands import (
     parse_case_command,
     parse_rooms_command,
 )
-from bot.staff.replies import LIST_PAGE_SIZE, case_listing, case_timeline
+from bot.staff.replies import LIST_PAGE_SIZE, case_listing, case_timeline, people_in
 from bot.staff.room_admin import RoomAdmin
 from bot.steps import POSITIONS, WITHDRAW_STEPS
 from bot.steps.base import PLAIN_CLOCK
@@ -247,7 +247,11 @@ class StaffTools:
                 assert command.case is not None
                 one = await cases.get(conn, command.case)
                 shown = [one] if one is not None else []
+            # The timeline's people too: who flagged, who acted.
+            entries = await audit.entries(conn, case_id=shown[0].id) if len(shown) == 1 else []
         ids = [some_id for case in shown for some_id in (case.room_id, case.member_id) if some_id]
+        if command.action == "show":
+            ids += people_in(entries)
         return await self._room_admin.names(ids)
 
     async def _apply(

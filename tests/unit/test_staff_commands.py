@@ -145,3 +145,25 @@ def test_a_case_timeline_reads_as_sentences_in_the_charitys_zone():
     assert "the flag taken out of the room — failed; why: the homeserver refused" in shown
     assert "step." not in shown and "— done" not in shown and "UTC" not in shown
     assert "_" not in shown.split("\n", 1)[1], "no internal name in any line"
+
+
+def test_the_people_in_a_timeline_are_named():
+    """Who flagged and who acted, by the names staff know, the id after (once)."""
+    import datetime as dt
+
+    from bot.staff.replies import case_timeline, people_in
+    from bot.store.audit import AuditEntry
+    from bot.store.cases import Case
+
+    at = dt.datetime(2026, 7, 1, 9, 30, tzinfo=dt.UTC)
+    fields = dict.fromkeys(Case.__dataclass_fields__)
+    fields |= {"id": 3, "member_id": "@m:l", "room_id": "!r:l", "state": "open"}
+    flagged = AuditEntry(
+        1, 3, at, "flagged", {"method": "reaction"}, {"flagger": "@mod:l"}, "v", "h", "x"
+    )
+    closed = AuditEntry(2, 3, at, "closed", {}, {"by": "@ann:l", "outcome": "safe"}, "v", "h", "x")
+    assert people_in([flagged, closed]) == ["@mod:l", "@ann:l"]
+    names = {"@mod:l": "Mo", "@ann:l": None}
+    shown = case_timeline(Case(**fields), [flagged, closed], names=names)
+    assert "flagger: Mo (@mod:l)" in shown
+    assert "by: @ann:l" in shown, "no name to show: the id alone"
