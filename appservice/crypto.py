@@ -58,7 +58,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -753,10 +753,34 @@ class BotCrypto:
             return bool(room.encrypted)
         return self._encrypted.get(room_id)
 
-    def created(self, room_id: str, *, encrypted: bool) -> None:
+    def created(
+        self, room_id: str, *, encrypted: bool, invited: Sequence[str] = (), new: bool = False
+    ) -> None:
         """A room the bot just created, encrypted from its first event or not at all (no
-        one else in it may change that; if anyone does, the sync shows it first)."""
+        one else in it may change that; if anyone does, the sync shows it first).
+
+        `new`: made by this very call, so its members are known without a read: the bot
+        and whoever it invited. An encrypted one is then known to the device whole, and
+        its first message (a flagged member's notice, into a room made ahead) waits for
+        no read of the room's state and members."""
         self._encrypted[room_id] = encrypted
+        client = self.client
+        if not (new and encrypted) or client is None:
+            return
+        room = client.rooms.get(room_id)
+        if room is None:
+            room = client.rooms[room_id] = MatrixRoom(room_id, client.user_id, True)
+        room.encrypted = True
+        client.encrypted_rooms.add(room_id)
+        if client.user_id not in room.users:
+            room.add_member(client.user_id, None, None)
+        for user_id in invited:
+            if user_id not in room.users:
+                room.add_member(user_id, None, None, invited=True)
+        room.members_synced = True
+        if client.olm is not None:
+            client.olm.update_tracked_users(room)
+        self._loaded.add(room_id)
 
     def invited(self, room_id: str, user_id: str) -> None:
         """The bot's own invite, answered: the room's members (as the device sees them)
@@ -892,10 +916,12 @@ class BotCrypto:
         lock = self._loading.setdefault(room_id, asyncio.Lock())
         async with lock, _outage_as_unavailable("reading the room"):
             path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}"
-            status, state = await self._raw("GET", f"{path}/state/m.room.encryption")
+            (status, state), (members_status, body) = await asyncio.gather(
+                self._raw("GET", f"{path}/state/m.room.encryption"),
+                self._raw("GET", f"{path}/members"),
+            )
             if status not in (200, 404):
                 _unreadable(room_id, "encryption", status)
-            members_status, body = await self._raw("GET", f"{path}/members")
             if members_status != 200:
                 _unreadable(room_id, "members", members_status)
         if client is not self.client:

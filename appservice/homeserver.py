@@ -591,7 +591,12 @@ class NioHomeserver:
             self._expected_members[created.room_id] = list(invite)
             if self.crypto is not None:
                 # We just made it, so whether it is encrypted needs no read before sending.
-                self.crypto.created(created.room_id, encrypted=encrypted)
+                self.crypto.created(
+                    created.room_id,
+                    encrypted=encrypted,
+                    invited=invite,
+                    new=not created.existing,
+                )
         return created
 
     async def _existing_room(self, alias: str, marker: str) -> RoomCreated | Refused:
