@@ -699,6 +699,8 @@ class Service:
 
     def _wake_lane(self, lane: int) -> None:
         self.lane_workers[lane].wake()
+        if lane == FLAG_LANE and isinstance(self.catch_up, SafetyNet):
+            self.catch_up.hold()  # the flag's calls first, its burst in one answer after
 
     def _staff_room_warning(self) -> str | None:
         """What an operator should know of the staff room that stops nothing, from what is

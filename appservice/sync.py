@@ -36,7 +36,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from appservice.homeserver import NioHomeserver
-from bot.core.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
+from bot.core.ports import (
+    HomeserverUnavailable,
+    Receipt,
+    Refused,
+    SyncBatch,
+    SyncedRoom,
+    SyncWithdrawn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,31 @@ class BotSync:
     def __init__(self, homeserver: NioHomeserver, crypto: BotCrypto | None = None) -> None:
         self._homeserver = homeserver
         self._crypto = crypto
+        self._waiting: asyncio.Future[Any] | None = None  # the request, until its answer
+
+    def withdraw(self) -> bool:
+        """Drop the request waiting for its answer: the homeserver, which computes a
+        sync answer the moment anything happens in any of the bot's rooms, stops (Synapse
+        cancels a /sync whose client went), and nothing of it is taken."""
+        waiting = self._waiting
+        if waiting is None or waiting.done():
+            return False
+        waiting.cancel()
+        return True
+
+    async def _answer_of(self, request: Awaitable[Any]) -> Any:
+        """The request's answer; SyncWithdrawn if `withdraw()` dropped it first."""
+        waiting = asyncio.ensure_future(request)
+        self._waiting = waiting
+        try:
+            await asyncio.wait({waiting})
+        finally:
+            self._waiting = None
+            if not waiting.done():
+                waiting.cancel()  # we were cancelled ourselves: so is the request
+        if waiting.cancelled():
+            raise SyncWithdrawn()
+        return waiting.result()
 
     async def sync(
         self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
@@ -115,8 +147,10 @@ class BotSync:
             device = self._crypto.sync_device() if self._crypto is not None else None
             if device is None:
                 answer = await self._unless_device_joins(
-                    self._homeserver.sync_json(
-                        since, _chosen(since, device=False, receipts_in=receipts_in), wait=wait
+                    self._answer_of(
+                        self._homeserver.sync_json(
+                            since, _chosen(since, device=False, receipts_in=receipts_in), wait=wait
+                        )
                     )
                 )
                 if answer is None:
@@ -142,11 +176,13 @@ class BotSync:
         if asked != since:
             log.info("the device joins the sync from its own token %s (not %s)", asked, since)
         try:
-            answer = await self._homeserver.sync_json(
-                asked,
-                _chosen(asked, device=True, receipts_in=receipts_in),
-                wait=wait,
-                device_id=device_id,
+            answer = await self._answer_of(
+                self._homeserver.sync_json(
+                    asked,
+                    _chosen(asked, device=True, receipts_in=receipts_in),
+                    wait=wait,
+                    device_id=device_id,
+                )
             )
         except HomeserverUnavailable as exc:
             self._crypto.sync_failed(str(exc))

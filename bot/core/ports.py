@@ -307,6 +307,11 @@ class SyncBatch:
     backlog: bool = False
 
 
+class SyncWithdrawn(Exception):
+    """The sync in flight was withdrawn before its answer came (`Syncing.withdraw`):
+    nothing of it was taken, and the same token is asked from next time."""
+
+
 class Syncing(Protocol):
     """The bot's own sync: one request for every room, the safety net behind the push."""
 
@@ -314,7 +319,13 @@ class Syncing(Protocol):
         self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
     ) -> SyncBatch | Refused:
         """What happened since `since` (None: a start, no timelines wanted), waiting up to
-        `wait` seconds for something to happen; read receipts only of `receipts_in`."""
+        `wait` seconds for something to happen; read receipts only of `receipts_in`.
+        Raises SyncWithdrawn if `withdraw()` came first."""
+        ...
+
+    def withdraw(self) -> bool:
+        """Drop the request in flight while it waits for its answer (never once the answer
+        is being taken); True if there was one."""
         ...
 
 

@@ -42,7 +42,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config.settings import ReconcileSettings
 from bot.core.background import TriggeredLoop
-from bot.core.ports import HomeserverUnavailable, Refused, SyncBatch, SyncedRoom, Syncing
+from bot.core.ports import (
+    HomeserverUnavailable,
+    Refused,
+    SyncBatch,
+    SyncedRoom,
+    Syncing,
+    SyncWithdrawn,
+)
 from bot.intake.accept import StorageUnavailable
 from bot.intake.notice_reads import NoticeReads
 from bot.intake.reconcile import Reconciler, event_time
@@ -68,6 +75,14 @@ SETTLE_POLL_SECONDS = 0.1
 # for safety: the push delivers events, the sync only catches up. An answer that shows a
 # backlog (a limited timeline, to-device messages at the homeserver's limit) is followed
 # at once: catching up after an outage or a restore is not slowed by it.
+#
+# The pause comes after an answer; the first answer of a flag's burst is the one the
+# reaction itself wakes, computed by Synapse while the flag's own calls (invite, notice,
+# kick) need it. So a pushed flag withdraws the sync waiting in its long poll (Synapse
+# stops computing a /sync whose client went) and holds the next one back for `gather`:
+# the burst is then one answer, after the flag's calls. A hold never keeps the sync
+# away longer than HOLD_AT_MOST since it last asked, whatever flags keep coming.
+HOLD_AT_MOST_SECONDS = 5.0
 
 
 class SafetyNet(TriggeredLoop):
@@ -104,6 +119,9 @@ class SafetyNet(TriggeredLoop):
         self._notice_reads = notice_reads
         self._trigger = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._held_until = 0.0  # loop time before which no sync is asked (`hold`)
+        self._asked_at = 0.0  # loop time the last sync was asked
+        self.withdrawn = 0  # syncs withdrawn for a flag (tests and the bench)
         self.rounds = 0  # answers fed (tests and /metrics)
         # An answer not recorded yet, and the token it was asked from: fed again, not
         # asked for again (the encryption device has taken it: asking again would show
@@ -114,17 +132,38 @@ class SafetyNet(TriggeredLoop):
     def caught_up(self) -> int:
         return self._reconciler.caught_up
 
+    def hold(self) -> None:
+        """A flag was pushed: its burst of events is coming, and the flag's calls need the
+        homeserver now. The sync waiting for an answer is withdrawn, and the next waits
+        `gather` (see HOLD_AT_MOST_SECONDS)."""
+        if self._gather <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._asked_at >= HOLD_AT_MOST_SECONDS:
+            return  # a stream of flags: the safety net still asks every few seconds
+        self._held_until = max(self._held_until, now + self._gather)
+        if self._syncing.withdraw():
+            self.withdrawn += 1
+
+    async def _held_back(self) -> None:
+        # A deadline that later flags move on (up to HOLD_AT_MOST), not an event to wait for.
+        while (left := self._held_until - asyncio.get_running_loop().time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left)
+
     async def _loop(self) -> None:
         delay = 1.0
         while True:
             self._trigger.clear()
             try:
+                await self._held_back()
                 await self.catch_up()
                 delay = 1.0
                 if self._brought and not self._backlog and self._gather > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._trigger.wait(), self._gather)
                 continue
+            except SyncWithdrawn:
+                continue  # for a flag (`hold`): asked again once the hold ends
             except (HomeserverUnavailable, StorageUnavailable) as exc:
                 log.warning("the sync is interrupted (%s); trying again", exc)
                 self._on_interrupted(str(exc))
@@ -178,6 +217,7 @@ class SafetyNet(TriggeredLoop):
         """The answer held from an attempt that could not record it, else a new one."""
         if self._held is not None and self._held[0] == since:
             return self._held[1]
+        self._asked_at = asyncio.get_running_loop().time()
         batch = await self._syncing.sync(since, wait=wait, receipts_in=receipts_in)
         self._held = None if isinstance(batch, Refused) else (since, batch)
         return batch

@@ -9,7 +9,15 @@ from collections.abc import Collection
 import pytest
 
 from bot.config.settings import ReconcileSettings
-from bot.core.ports import HomeserverUnavailable, Receipt, Refused, SyncBatch, SyncedRoom
+from bot.core.ports import (
+    HomeserverUnavailable,
+    Receipt,
+    Refused,
+    SyncBatch,
+    SyncedRoom,
+    SyncWithdrawn,
+)
+from bot.intake import safety_net as safety_net_module
 from bot.intake.safety_net import SYNC_POSITION, SafetyNet
 from bot.store import positions
 from tests.support.fake_homeserver import FakeHomeserver
@@ -43,6 +51,9 @@ class FakeSync:
         if since is None:
             return SyncBatch("s0", [], [])
         return self.answers.pop(0)
+
+    def withdraw(self) -> bool:
+        return False
 
 
 def net(engine, hs, sync, *, joined: dict | None = None, notice_reads=None, **settings):
@@ -282,3 +293,91 @@ async def test_after_an_answer_with_events_the_sync_waits_gather_unless_more_is_
     assert after_backlog - first < 0.5, "a backlog is read on at once"
     assert after_events - after_backlog >= 0.95, "events: the next sync waits `gather`"
     assert after_empty - after_events < 0.5, "an empty answer: at once"
+
+
+class LongPoll(FakeSync):
+    """FakeSync that waits, as a long poll does, while it has no answer; `withdraw` drops
+    the waiting request as BotSync does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self.waiting: asyncio.Future[None] | None = None
+        self.polling = asyncio.Event()
+
+    async def sync(
+        self, since: str | None, *, wait: float, receipts_in: Collection[str] = ()
+    ) -> SyncBatch | Refused:
+        self.times.append(asyncio.get_running_loop().time())
+        if since is not None and not self.answers:
+            self.waiting = asyncio.get_running_loop().create_future()
+            self.polling.set()
+            withdrawn = self.waiting
+            try:
+                await asyncio.wait({withdrawn})  # our own cancellation stays one
+            finally:
+                if not withdrawn.done():
+                    withdrawn.cancel()
+            self.asked.append(since)
+            raise SyncWithdrawn()
+        return await super().sync(since, wait=wait, receipts_in=receipts_in)
+
+    def withdraw(self) -> bool:
+        if self.waiting is None or self.waiting.done():
+            return False
+        self.waiting.cancel()
+        return True
+
+
+async def test_a_pushed_flag_withdraws_the_long_poll_and_holds_the_next_back(engine):
+    """The answer a flag's reaction wakes is not computed while the flag's calls run: the
+    waiting sync is dropped, asked again `gather` later from the same token, and what
+    happened meanwhile comes in that one answer."""
+    hs = FakeHomeserver()
+    sync = LongPoll()
+    safety, _ = net(engine, hs, sync, gather="1s")
+    safety.start()
+    try:
+        await asyncio.wait_for(sync.polling.wait(), 10)
+        sync.polling.clear()
+        sync.answers = [SyncBatch("s1", [room([flag("$lost", NOW)])], [])]
+        safety.hold()
+        held_at = asyncio.get_running_loop().time()
+        assert safety.withdrawn == 1
+        safety.hold()  # a second flag of the same burst: nothing more to withdraw
+        assert safety.withdrawn == 1
+        await asyncio.wait_for(sync.polling.wait(), 10)  # s1 taken, polling again
+    finally:
+        await safety.stop()
+    assert sync.times[-2] - held_at >= 0.95, "the next sync waited for the hold"
+    assert sync.asked[1:] == ["s0", "s0"], "withdrawn, then asked again from its token"
+    assert await stored_token(engine) == "s1"
+    assert await queued(engine) == [("$lost", True)]
+
+
+async def test_flags_never_keep_the_sync_away_for_long(engine, monkeypatch):
+    monkeypatch.setattr(safety_net_module, "HOLD_AT_MOST_SECONDS", 0.3)
+    hs = FakeHomeserver()
+    sync = LongPoll()
+    safety, _ = net(engine, hs, sync, gather="1s")
+    safety.start()
+    try:
+        await asyncio.wait_for(sync.polling.wait(), 10)
+        await asyncio.sleep(0.4)  # the sync asked longer ago than a hold may keep it away
+        safety.hold()
+        assert safety.withdrawn == 0 and not sync.waiting.done()
+    finally:
+        await safety.stop()
+
+
+async def test_without_a_pause_a_flag_withdraws_nothing(engine):
+    hs = FakeHomeserver()
+    sync = LongPoll()
+    safety, _ = net(engine, hs, sync, gather=0)
+    safety.start()
+    try:
+        await asyncio.wait_for(sync.polling.wait(), 10)
+        safety.hold()
+        assert safety.withdrawn == 0 and not sync.waiting.done()
+    finally:
+        await safety.stop()
