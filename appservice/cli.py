@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import faulthandler
 import importlib.util
 import json
 import os
@@ -544,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     # What the service and its commands write (the database, its journal, the crypto
     # store, exports) names people at risk: readable by the service's own user only.
     os.umask(0o077)
+    # `kill -USR1 <pid>`: every thread's stack to stderr, for a process that will not
+    # stop or seems stuck (nothing else changes; the process carries on).
+    # (Not where stderr is no file: the commands run inside another program's capture.)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "needs", None) == "nothing":

@@ -18,15 +18,40 @@ from tests.support.synapse import free_port
 pytestmark = pytest.mark.synapse
 
 
-async def _read_until(stream: asyncio.StreamReader, marker: str, limit: float) -> str:
-    seen = ""
-    async with asyncio.timeout(limit):
-        while marker not in seen:
-            line = await stream.readline()
-            if not line:
-                raise AssertionError(f"safeguard dev exited early:\n{seen}")
-            seen += line.decode()
-    return seen
+class Output:
+    """All a process writes, read as it comes (a pipe nobody reads fills up, and a
+    process writing to it then waits for ever)."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.text = ""
+        self._task = asyncio.ensure_future(self._drain(stream))
+
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.text += line.decode(errors="replace")
+
+    async def until(self, marker: str, limit: float) -> str:
+        async with asyncio.timeout(limit):
+            while marker not in self.text:
+                if self._task.done():
+                    raise AssertionError(f"safeguard dev exited early:\n{self.text}")
+                await asyncio.sleep(0.05)
+        return self.text
+
+
+async def _stopped(process: asyncio.subprocess.Process, output: Output) -> None:
+    """Ctrl-C, and the process gone within 30 s with exit code 0; else its stacks
+    (SIGUSR1: appservice/cli.py) and what it wrote, in the failure."""
+    process.send_signal(signal.SIGINT)
+    try:
+        code = await asyncio.wait_for(process.wait(), 30)
+    except TimeoutError:
+        process.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(2)
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"safeguard dev did not stop:\n{output.text[-20000:]}") from None
+    assert code == 0, output.text[-5000:]
 
 
 async def test_dev_stack_end_to_end_and_rerun(tmp_path):
@@ -54,8 +79,9 @@ async def test_dev_stack_end_to_end_and_rerun(tmp_path):
         )
 
     process = await start()
+    output = Output(process.stdout)
     try:
-        banner = await _read_until(process.stdout, "Stop: Ctrl-C", 90)
+        banner = await output.until("Stop: Ctrl-C", 90)
         assert "@moderator:localhost" in banner and "password:" in banner
         credentials = json.loads((base / "credentials.json").read_text())
         rooms = json.loads((base / "state.json").read_text())
@@ -79,14 +105,13 @@ async def test_dev_stack_end_to_end_and_rerun(tmp_path):
         for user in users.values():
             await user.close()
     finally:
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        await _stopped(process, output)
 
     # A second run reuses .dev/ (same rooms, same passwords) and starts cleanly.
     process = await start()
+    output = Output(process.stdout)
     try:
-        await _read_until(process.stdout, "Stop: Ctrl-C", 90)
+        await output.until("Stop: Ctrl-C", 90)
         assert json.loads((base / "state.json").read_text()) == rooms
     finally:
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        await _stopped(process, output)
