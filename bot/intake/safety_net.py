@@ -80,9 +80,11 @@ SETTLE_POLL_SECONDS = 0.1
 # reaction itself wakes, computed by Synapse while the flag's own calls (invite, notice,
 # kick) need it. So a pushed flag withdraws the sync waiting in its long poll (Synapse
 # stops computing a /sync whose client went) and holds the next one back for `gather`:
-# the burst is then one answer, after the flag's calls. A hold never keeps the sync
-# away longer than HOLD_AT_MOST since it last asked, whatever flags keep coming.
-HOLD_AT_MOST_SECONDS = 5.0
+# the burst is then one answer, after the flag's calls. Only a sync that has waited
+# WITHDRAW_AFTER is withdrawn: by then it has answered anything that was waiting when it
+# asked (a room key, a backlog), so flags in a stream can never keep the sync from
+# answering (each one asked again comes back at once with what it has).
+WITHDRAW_AFTER_SECONDS = 0.5
 
 
 class SafetyNet(TriggeredLoop):
@@ -134,19 +136,19 @@ class SafetyNet(TriggeredLoop):
 
     def hold(self) -> None:
         """A flag was pushed: its burst of events is coming, and the flag's calls need the
-        homeserver now. The sync waiting for an answer is withdrawn, and the next waits
-        `gather` (see HOLD_AT_MOST_SECONDS)."""
+        homeserver now. The sync waiting in its long poll is withdrawn, and the next waits
+        `gather` (see WITHDRAW_AFTER_SECONDS)."""
         if self._gather <= 0:
             return
         now = asyncio.get_running_loop().time()
-        if now - self._asked_at >= HOLD_AT_MOST_SECONDS:
-            return  # a stream of flags: the safety net still asks every few seconds
-        self._held_until = max(self._held_until, now + self._gather)
+        if now - self._asked_at < WITHDRAW_AFTER_SECONDS:
+            return  # just asked: it may be bringing what was waiting; let it answer
         if self._syncing.withdraw():
             self.withdrawn += 1
+            self._held_until = max(self._held_until, now + self._gather)
 
     async def _held_back(self) -> None:
-        # A deadline that later flags move on (up to HOLD_AT_MOST), not an event to wait for.
+        # A deadline a later withdrawal moves on, not an event to wait for.
         while (left := self._held_until - asyncio.get_running_loop().time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(left)
 
