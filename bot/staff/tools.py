@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -200,13 +200,13 @@ class StaffTools:
         if command.action == "claim":
             await self._claim(handling, command, sender)
             return
-        # Rooms and members are named in a listing or a timeline: read before the
-        # transaction, which holds the database's write lock (a few names, at once).
-        names: Mapping[str, str | None] = {}
-        if command.action in ("list", "show"):
-            names = await self._names_for(command)
+        # A listing or a timeline is read once, its names with it, before the transaction
+        # (which holds the database's write lock): the transaction only queues the reply.
+        shown = await self._shown(command, now) if command.action in ("list", "show") else None
         async with handling.transaction() as conn:
-            reply = await self._apply(conn, command, sender, now, via, names)
+            reply = (
+                shown if shown is not None else await self._apply(conn, command, sender, now, via)
+            )
             await self._queue_reply(
                 conn, handling, reply, now, reply_to=reply_to, case_id=command.case
             )
@@ -237,22 +237,34 @@ class StaffTools:
             handling, f"Case #{case.id}: check-in claimed by {sender}.", case_id=case.id
         )
 
-    async def _names_for(self, command: CaseCommand) -> dict[str, str | None]:
-        """The names a `!case list` page or a `!case N` timeline shows: the rooms and
-        members of the cases it shows (read now, as `_apply` will)."""
+    async def _shown(self, command: CaseCommand, now: dt.datetime) -> str:
+        """`!case list` or `!case N`: what it shows, read in one read, with the names of
+        the rooms and people it names (the id after, once)."""
         async with self._db.connect() as conn:
             if command.action == "list":
+                total = await cases.count(conn, command.text)
                 shown = await _listed(conn, command)
+                entries: list[audit.AuditEntry] = []
             else:
                 assert command.case is not None
-                one = await cases.get(conn, command.case)
-                shown = [one] if one is not None else []
-            # The timeline's people too: who flagged, who acted.
-            entries = await audit.entries(conn, case_id=shown[0].id) if len(shown) == 1 else []
-        ids = [some_id for case in shown for some_id in (case.room_id, case.member_id) if some_id]
-        if command.action == "show":
-            ids += people_in(entries)
-        return await self._room_admin.names(ids)
+                case = await cases.get(conn, command.case)
+                if case is None:
+                    return _no_such_case(command.case)
+                shown = [case]
+                entries = await audit.entries(conn, case_id=case.id)
+        ids = [some_id for one in shown for some_id in (one.room_id, one.member_id) if some_id]
+        names = await self._room_admin.names([*ids, *people_in(entries)])
+        if command.action == "list":
+            return case_listing(
+                shown,
+                command.text,
+                now,
+                zone=self._zone,
+                names=names,
+                page=command.page,
+                total=total,
+            )
+        return case_timeline(shown[0], entries, zone=self._zone, names=names)
 
     async def _apply(
         self,
@@ -261,33 +273,16 @@ class StaffTools:
         sender: str,
         now: dt.datetime,
         via: str,
-        names: Mapping[str, str | None],
     ) -> str:
         """Record the command; returns the reply text."""
         if command.action == "help":
             return USAGE
         if command.action == "stats":
             return await self._stats(conn, command.page, now)
-        if command.action == "list":
-            total = await cases.count(conn, command.text)
-            found = await _listed(conn, command)
-            return case_listing(
-                found,
-                command.text,
-                now,
-                zone=self._zone,
-                names=names,
-                page=command.page,
-                total=total,
-            )
         assert command.case is not None
         case = await cases.get(conn, command.case)
         if case is None:
-            return f"There is no case #{command.case}. `!case list all` shows every case."
-        if command.action == "show":
-            return case_timeline(
-                case, await audit.entries(conn, case_id=case.id), zone=self._zone, names=names
-            )
+            return _no_such_case(command.case)
 
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(
@@ -539,3 +534,7 @@ async def _listed(conn: AsyncConnection, command: CaseCommand) -> list[cases.Cas
     return await cases.page(
         conn, command.text, offset=(command.page - 1) * LIST_PAGE_SIZE, limit=LIST_PAGE_SIZE
     )
+
+
+def _no_such_case(number: int) -> str:
+    return f"There is no case #{number}. `!case list all` shows every case."
