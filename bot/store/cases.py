@@ -25,6 +25,11 @@ def active_key(room_id: str, member_id: str) -> str:
     return f"{room_id}|{member_id}"
 
 
+def room_of_key(key: str, member_id: str) -> str:
+    """The room of an `active_key` (the room it was opened in, or its replacement)."""
+    return key[: -len(member_id) - 1]
+
+
 @dataclass(frozen=True)
 class Case:
     id: int
@@ -465,42 +470,38 @@ async def active_case(conn: AsyncConnection, room_id: str, member_id: str) -> Ca
     return await _latest_where(conn, cases.c.active_key == active_key(room_id, member_id))
 
 
-async def active_members(conn: AsyncConnection, room_id: str) -> list[str]:
-    """The members with a case in that room that later flags would corroborate."""
+async def _active_in(conn: AsyncConnection, room_id: str) -> list[tuple[int, str]]:
+    """(case, member) of every case in that room that later flags would corroborate."""
     rows = await conn.execute(
-        sa.select(cases.c.member_id, cases.c.active_key).where(
+        sa.select(cases.c.id, cases.c.member_id, cases.c.active_key).where(
             cases.c.active_key.startswith(f"{room_id}|", autoescape=True)
         )
     )
+    # A room whose id merely begins the same way is another room.
     return [
-        row.member_id
+        (row.id, row.member_id)
         for row in rows
         if row.member_id is not None and row.active_key == active_key(room_id, row.member_id)
     ]
+
+
+async def active_members(conn: AsyncConnection, room_id: str) -> list[str]:
+    """The members with a case in that room that later flags would corroborate."""
+    return [member for _, member in await _active_in(conn, room_id)]
 
 
 async def follow_upgrade(conn: AsyncConnection, old_room_id: str, new_room_id: str) -> list[str]:
     """The room was upgraded: its members' active cases now belong to the replacement, so
     a flag there corroborates them and a return there is a return (`policy.on_rejoin`).
     The case keeps the room it was opened in. Returns the members whose cases moved."""
-    rows = (
-        await conn.execute(
-            sa.select(cases.c.id, cases.c.member_id, cases.c.active_key).where(
-                cases.c.active_key.startswith(f"{old_room_id}|", autoescape=True)
-            )
-        )
-    ).all()
-    moved = []
-    for row in rows:
-        if row.member_id is None or row.active_key != active_key(old_room_id, row.member_id):
-            continue  # another room whose id begins the same way
+    moved = await _active_in(conn, old_room_id)
+    for case_id, member in moved:
         await conn.execute(
             cases.update()
-            .where(cases.c.id == row.id)
-            .values(active_key=active_key(new_room_id, row.member_id))
+            .where(cases.c.id == case_id)
+            .values(active_key=active_key(new_room_id, member))
         )
-        moved.append(row.member_id)
-    return moved
+    return [member for _, member in moved]
 
 
 async def has_active(conn: AsyncConnection, room_id: str, member_id: str) -> bool:
@@ -573,7 +574,7 @@ async def rooms_of_cases(conn: AsyncConnection) -> RoomsOfCases:
     return RoomsOfCases(
         # Where later flags would corroborate: the active key's room (a room upgraded
         # since the case opened moved it to the replacement: `follow_upgrade`).
-        watched={(row[2][: -len(row[1]) - 1], row[1]) for row in rows if row[2]},
+        watched={(room_of_key(row[2], row[1]), row[1]) for row in rows if row[2]},
         dms={row[3] for row in rows if row[3]} | {row[4] for row in rows if row[4]},
         checkins={row[5] for row in rows if row[5]},
     )
