@@ -95,18 +95,14 @@ class PolicyExplainer:
     async def _send(
         self, room_id: str, content: dict[str, Any], marker: str
     ) -> tuple[Sent | Refused, bool]:
-        """Sent encrypted where the room is; in the clear once encryption has failed for
-        `encryption.fallback_after` (the text is the same for everyone: nothing in it is
-        anyone's), unless operators chose `fallback: none` (then it is tried again later).
-        Returns what was sent and whether in the clear."""
-        fallback = self._deployment.plain_fallback_after
-        by = None if fallback is None else self._now() + fallback
+        """Sent encrypted where the room is; in the clear if this attempt cannot encrypt
+        it (it waits a few seconds at most: the text is the same for everyone, nothing in
+        it is anyone's), unless operators chose `encryption.fallback: none` (then it is
+        tried again later). Returns what was sent and whether in the clear."""
         try:
-            return await self._hs.send(
-                room_id, content, txn_id=message_txn_id(marker), encrypt_by=by
-            ), False
+            return await self._hs.send(room_id, content, txn_id=message_txn_id(marker)), False
         except EncryptionUnavailable:
-            if fallback is None:
+            if self._deployment.plain_fallback_after is None:
                 raise
         sent = await self._hs.send(
             room_id, content, txn_id=message_txn_id(f"{marker}:plain"), plain=True
@@ -114,14 +110,12 @@ class PolicyExplainer:
         return sent, True
 
     async def _room_with(self, member: str, known: store.PolicyRoom | None) -> str | Refused:
-        """Their policy DM, with them in it (or invited): made the first time they ask."""
+        """Their policy DM, with them in it (or invited): made the first time they ask.
+
+        A room kept from before, or one an earlier attempt created (found by its marker,
+        its invite not proven sent), is used once they are verifiably in it or invited."""
         if known is not None:
-            if await self._hs.membership(known.room_id, member) not in IN_THE_ROOM:
-                invited = await self._hs.invite(known.room_id, member, is_direct=True)
-                if isinstance(invited, Refused):
-                    return invited
-                self._hs.expect_member(known.room_id, member)
-            return known.room_id
+            return await self._with_them_in(known.room_id, member)
         created = await self._hs.create_room(
             marker=f"policy:{member}",
             invite=[member],
@@ -132,11 +126,20 @@ class PolicyExplainer:
             return created
         # What they write there is answered from now on (and after a restart).
         self._rooms.add_policy_room(created.room_id)
-        self._hs.expect_member(created.room_id, member)
         async with self._db.begin() as conn:
             if await store.in_room(conn, created.room_id) is None:
                 await store.opened(conn, member, created.room_id, self._now())
+        if created.existing:
+            return await self._with_them_in(created.room_id, member)
+        self._hs.expect_member(created.room_id, member)
         return created.room_id
+
+    async def _with_them_in(self, room_id: str, member: str) -> str | Refused:
+        if await self._hs.membership(room_id, member) not in IN_THE_ROOM:
+            invited = await self._hs.invite(room_id, member, is_direct=True)
+            if isinstance(invited, Refused):
+                return invited
+        return room_id
 
     async def _not_sent(self, handling: Handling, member: str, refused: Refused) -> None:
         """The homeserver refused (they block invites, say): recorded; nobody else to tell,
