@@ -79,6 +79,9 @@ class SqliteEngine(AsyncEngine):
     _write_lock: asyncio.Lock | None = None
     _write_lock_loop: asyncio.AbstractEventLoop | None = None
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+    # Whole transactions (`transact`, `read`): their thread and its one plain connection.
+    _transactions: WriterThread | None = None
+    _plain_engine: sa.Engine | None = None
 
     def plain_connection(self) -> sqlite3.Connection:
         """A plain sqlite3 connection with the pool's settings, for the thread that opens it.
@@ -126,9 +129,8 @@ class SqliteEngine(AsyncEngine):
     async def _whole_on_thread(
         self, work: Work[..., Any], args: tuple[Any, ...], kwargs: Any, *, write: bool
     ) -> Any:
-        if getattr(self, "_transactions", None) is None:
+        if self._transactions is None:
             self._transactions = WriterThread("safeguard-transactions")
-            self._plain_engine: sa.Engine | None = None
         return await self._transactions.run(self._run_whole, work, args, kwargs, write)
 
     def _run_whole(
@@ -154,7 +156,7 @@ class SqliteEngine(AsyncEngine):
             engine.dispose()
 
     async def dispose(self, close: bool = True) -> None:
-        transactions = getattr(self, "_transactions", None)
+        transactions = self._transactions
         if transactions is not None:
             await transactions.run(self._close_plain)
             transactions.stop()

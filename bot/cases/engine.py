@@ -370,13 +370,10 @@ class StepEngine:
                 if case_fields:
                     await cases.set_fields(conn, case.id, **case_fields)
 
-            async def write() -> None:
-                await transact(self._db, record)
-
             try:
                 # An attempt cut short at the alert's deadline still records what it
                 # learnt: the write runs to its end (never half a transaction).
-                await asyncio.shield(write())
+                await asyncio.shield(transact(self._db, record))
             except Exception as exc:
                 if _database_outage(exc):
                     # What the step did is on the homeserver; recording it is retried,

@@ -148,8 +148,9 @@ class SafetyNet(TriggeredLoop):
             self._held_until = max(self._held_until, now + self._gather)
 
     async def _held_back(self) -> None:
-        # A deadline a later withdrawal moves on, not an event to wait for.
-        while (left := self._held_until - asyncio.get_running_loop().time()) > 0:  # noqa: ASYNC110
+        # Only a withdrawal moves the hold on, and none can come while no sync is asked.
+        left = self._held_until - asyncio.get_running_loop().time()
+        if left > 0:
             await asyncio.sleep(left)
 
     async def _loop(self) -> None:

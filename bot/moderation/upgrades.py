@@ -37,12 +37,13 @@ from bot.intake.dispatch import Handling
 from bot.moderation.authorization import event_level, power_level, room_powers
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
-from bot.rooms.names import named_room
+from bot.rooms.names import named_room, names_of
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, cases, outbox, rooms
 from bot.store import room_upgrades as store
 from bot.texts.messages import Texts
+from bot.texts.wording import place
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,11 @@ class RoomUpgrades:
             raise UnreadableRoom(f"the power levels of {old} cannot be read ({state.errcode})")
         needed = event_level(state, TOMBSTONE, state_event=True)
         if power_level(sender, state) < needed:
-            await self._ignore(handling, sender, f"they are below the power to send it ({needed})")
+            why = f"they are below the power to send it ({needed})"
+            await self._ignore(handling, sender, why, old, new)
             return
         if new is None or new == old:
-            await self._ignore(handling, sender, "it names no other room")
+            await self._ignore(handling, sender, "it names no other room", old, new)
             return
         async with self._db.connect() as conn:
             known = await store.get(conn, new)
@@ -155,7 +157,7 @@ class RoomUpgrades:
             if isinstance(left, Refused):
                 log.warning("could not leave %s (not a replacement): %s", new_room_id, left)
             why = "the room it names does not say it replaces this one"
-            await self._ignore(handling, by, why, room_id=old_room_id)
+            await self._ignore(handling, by, why, old_room_id, new_room_id)
             return
         # From the join on, a flag there is a flag (not a stranger's), and the members
         # whose cases move are watched before their cases do (bot/rooms/directory.py).
@@ -165,9 +167,10 @@ class RoomUpgrades:
         for member in members:
             self._rooms.watch_member(new_room_id, member)
         kick, redact = room_powers(self._deployment.bot_user_id, state)
+        names = await names_of(self._hs, [old_room_id, new_room_id])
         named_old, named_new = (
-            await named_room(self._hs, old_room_id),
-            await named_room(self._hs, new_room_id),
+            place(old_room_id, names[old_room_id]),
+            place(new_room_id, names[new_room_id]),
         )
         now = dt.datetime.now(dt.UTC)
         async with handling.transaction() as conn:
@@ -202,10 +205,10 @@ class RoomUpgrades:
         self._on_outbox()
 
     async def _ignore(
-        self, handling: Handling, sender: str, why: str, *, room_id: str | None = None
+        self, handling: Handling, sender: str, why: str, room_id: str, replacement: str | None
     ) -> None:
-        """A tombstone not acted on: recorded, and staff told (once in the window)."""
-        room_id = room_id or handling.item.room_id
+        """A tombstone not acted on (in `room_id`, naming `replacement`): recorded, and staff
+        told (once in the window)."""
         now = dt.datetime.now(dt.UTC)
         named = await named_room(self._hs, room_id)
         async with handling.transaction() as conn:
@@ -217,7 +220,7 @@ class RoomUpgrades:
                 personal={
                     "room": room_id,
                     "sender": sender,
-                    "replacement": replacement_of(handling.item.payload),
+                    "replacement": replacement,
                 },
                 at=now,
             )
