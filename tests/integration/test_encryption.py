@@ -17,6 +17,7 @@ import signal
 
 import pytest
 
+from bot.store import audit
 from tests.support.e2e_scene import (
     config_for,
     encrypted_scene,
@@ -201,3 +202,28 @@ async def test_a_message_the_bot_cannot_read_is_told_to_staff(synapse, tmp_path)
 
 async def _invited(user, room: str) -> bool:
     return room in await user.invited_rooms()
+
+
+async def test_policy_is_explained_in_an_encrypted_dm(synapse, tmp_path):
+    """`!policy` as a member sends it by default: encrypted in an encrypted group room, and
+    answered in a DM encrypted from its first event, which their phone decrypts."""
+    scene = await encrypted_scene(synapse, tmp_path)
+    try:
+        config = config_for(scene, tmp_path)
+        async with running_service(config) as service:
+            await until(service.crypto.ready.is_set, what="the bot's device")
+            await open_encrypted_group(scene)
+            await scene.member.send_text(scene.group, "!policy")
+            (dm,) = await until(scene.member.invited, within=30, what="the policy DM's invite")
+            await scene.member.join(dm)
+            (text,) = await until(
+                lambda: scene.member.texts_in(dm, BOT), within=30, what="the explanation"
+            )
+            assert "If a moderator is worried" in text
+            assert scene.member.encrypted(dm), "the DM is encrypted"
+            assert not scene.member.undecryptable
+            async with service.engine.connect() as conn:
+                kinds = {e.kind: e.facts for e in await audit.entries(conn)}
+            assert kinds["policy_explained"] == {"unencrypted": False}
+    finally:
+        await scene.close()
