@@ -50,6 +50,18 @@ class AuditEntry:
         }
 
 
+# Built once: an entry is appended at every step of every case, and building a statement
+# (with its values) costs more than SQLite takes to run it.
+_HEAD = sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+_HEAD_FOR_UPDATE = _HEAD.with_for_update()
+_INSERT_ENTRY = audit_entries.insert()
+_MOVE_HEAD = (
+    audit_head.update()
+    .where(audit_head.c.id == 1)
+    .values(seq=sa.bindparam("new_seq"), hash=sa.bindparam("new_hash"))
+)
+
+
 async def append(
     conn: AsyncConnection,
     provenance: Provenance,
@@ -64,10 +76,8 @@ async def append(
     facts = facts or {}
     personal = personal or {}
     at = at or dt.datetime.now(dt.UTC)
-    head_query = sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
-    if conn.dialect.name == "postgresql":
-        head_query = head_query.with_for_update()
     # The migration seeds this row, so there is always one to lock.
+    head_query = _HEAD_FOR_UPDATE if conn.dialect.name == "postgresql" else _HEAD
     head = (await conn.execute(head_query)).one()
     prev_seq, prev_hash = head.seq, head.hash
     entry = ChainedEntry(
@@ -84,24 +94,23 @@ async def append(
     )
     entry_hash = entry.compute_hash()
     await conn.execute(
-        audit_entries.insert().values(
-            seq=entry.seq,
-            case_id=case_id,
-            at=at,
-            kind=kind,
-            facts=facts,
-            personal=personal,
-            personal_digest=entry.personal_digest,
-            personal_alg=entry.personal_alg,
-            policy_version=entry.policy_version,
-            config_hash=entry.config_hash,
-            prev_hash=prev_hash,
-            hash=entry_hash,
-        )
+        _INSERT_ENTRY,
+        {
+            "seq": entry.seq,
+            "case_id": case_id,
+            "at": at,
+            "kind": kind,
+            "facts": facts,
+            "personal": personal,
+            "personal_digest": entry.personal_digest,
+            "personal_alg": entry.personal_alg,
+            "policy_version": entry.policy_version,
+            "config_hash": entry.config_hash,
+            "prev_hash": prev_hash,
+            "hash": entry_hash,
+        },
     )
-    await conn.execute(
-        audit_head.update().where(audit_head.c.id == 1).values(seq=entry.seq, hash=entry_hash)
-    )
+    await conn.execute(_MOVE_HEAD, {"new_seq": entry.seq, "new_hash": entry_hash})
     return entry.seq
 
 

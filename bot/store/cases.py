@@ -154,6 +154,27 @@ def _flag_facts(flag: NewFlag) -> dict[str, Any]:
     return facts
 
 
+# Statements of every step of every case, built once: building one with its values
+# costs more than SQLite takes to run it. An update sets the columns its parameters name.
+_ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("key"))
+_INSERT_CASE = cases.insert().returning(cases.c.id)
+_CASE = sa.select(cases).where(cases.c.id == sa.bindparam("b_case"))
+_UPDATE_CASE = cases.update().where(cases.c.id == sa.bindparam("b_case"))
+_STEPS_OF = (
+    sa.select(case_steps)
+    .where(case_steps.c.case_id == sa.bindparam("b_case"))
+    .order_by(case_steps.c.position)
+)
+_UPDATE_STEP = case_steps.update().where(
+    case_steps.c.case_id == sa.bindparam("b_case"), case_steps.c.step == sa.bindparam("b_step")
+)
+_START_STEP = _UPDATE_STEP.values(
+    status="started",
+    attempts=case_steps.c.attempts + 1,
+    started_at=sa.func.coalesce(case_steps.c.started_at, sa.bindparam("b_now")),
+)
+
+
 async def open_or_corroborate(
     conn: AsyncConnection,
     provenance: audit.Provenance,
@@ -168,35 +189,30 @@ async def open_or_corroborate(
     Runs inside the caller's transaction: case, first entry and steps commit together.
     """
     key = active_key(flag.room_id, flag.member_id)
-    existing = (
-        await conn.execute(sa.select(cases.c.id).where(cases.c.active_key == key))
-    ).scalar_one_or_none()
+    existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one_or_none()
     if existing is None:
         try:
             async with conn.begin_nested():
                 case_id = (
                     await conn.execute(
-                        cases.insert()
-                        .values(
-                            room_id=flag.room_id,
-                            member_id=flag.member_id,
-                            active_key=key,
-                            state="open",
-                            dry_run=dry_run,
-                            flagged_at=flag.flagged_at,
-                            received_at=flag.received_at,
-                            due_at=due_at,
-                            next_attempt_at=flag.received_at,
-                            nonce=secrets.token_hex(8),
-                        )
-                        .returning(cases.c.id)
+                        _INSERT_CASE,
+                        {
+                            "room_id": flag.room_id,
+                            "member_id": flag.member_id,
+                            "active_key": key,
+                            "state": "open",
+                            "dry_run": dry_run,
+                            "flagged_at": flag.flagged_at,
+                            "received_at": flag.received_at,
+                            "due_at": due_at,
+                            "next_attempt_at": flag.received_at,
+                            "nonce": secrets.token_hex(8),
+                        },
                     )
                 ).scalar_one()
         except IntegrityError:
             # Another flag opened it between our read and our insert.
-            existing = (
-                await conn.execute(sa.select(cases.c.id).where(cases.c.active_key == key))
-            ).scalar_one()
+            existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
         else:
             await conn.execute(
                 case_steps.insert(),
@@ -231,7 +247,7 @@ async def open_or_corroborate(
 
 
 async def get(conn: AsyncConnection, case_id: int) -> Case | None:
-    row = (await conn.execute(sa.select(cases).where(cases.c.id == case_id))).first()
+    row = (await conn.execute(_CASE, {"b_case": case_id})).first()
     return _case(row) if row else None
 
 
@@ -243,9 +259,7 @@ async def listing(conn: AsyncConnection, state: str = "all") -> list[Case]:
 
 
 async def steps_of(conn: AsyncConnection, case_id: int) -> list[Step]:
-    rows = await conn.execute(
-        sa.select(case_steps).where(case_steps.c.case_id == case_id).order_by(case_steps.c.position)
-    )
+    rows = await conn.execute(_STEPS_OF, {"b_case": case_id})
     return [_step(row) for row in rows]
 
 
@@ -267,7 +281,7 @@ async def next_due_at(conn: AsyncConnection) -> dt.datetime | None:
 
 
 async def set_next_attempt(conn: AsyncConnection, case_id: int, when: dt.datetime | None) -> None:
-    await conn.execute(cases.update().where(cases.c.id == case_id).values(next_attempt_at=when))
+    await conn.execute(_UPDATE_CASE, {"b_case": case_id, "next_attempt_at": when})
 
 
 async def retry_started_now(
@@ -370,25 +384,13 @@ async def rearm_step(
 
 async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
     """Write the intent before the network call: a restart then knows to look before acting."""
-    await conn.execute(
-        case_steps.update()
-        .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
-        .values(
-            status="started",
-            attempts=case_steps.c.attempts + 1,
-            started_at=sa.func.coalesce(case_steps.c.started_at, now),
-        )
-    )
+    await conn.execute(_START_STEP, {"b_case": case_id, "b_step": step, "b_now": now})
 
 
 async def save_progress(
     conn: AsyncConnection, case_id: int, step: str, progress: dict[str, Any]
 ) -> None:
-    await conn.execute(
-        case_steps.update()
-        .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
-        .values(progress=progress)
-    )
+    await conn.execute(_UPDATE_STEP, {"b_case": case_id, "b_step": step, "progress": progress})
 
 
 async def retry_step_later(
@@ -423,14 +425,26 @@ async def finish_step(
     now: dt.datetime,
 ) -> None:
     await conn.execute(
-        case_steps.update()
-        .where(case_steps.c.case_id == case_id, case_steps.c.step == step)
-        .values(status=status, result=result, error=error, finished_at=now, not_before=None)
+        _UPDATE_STEP,
+        {
+            "b_case": case_id,
+            "b_step": step,
+            "status": status,
+            "result": result,
+            "error": error,
+            "finished_at": now,
+            "not_before": None,
+        },
     )
 
 
 async def set_fields(conn: AsyncConnection, case_id: int, **values: Any) -> None:
-    await conn.execute(cases.update().where(cases.c.id == case_id).values(**values))
+    # A name that is no column would be left out of the update without a word.
+    unknown = values.keys() - cases.c.keys()
+    if unknown:
+        raise ValueError(f"cases have no field {', '.join(sorted(unknown))}")
+    if values:
+        await conn.execute(_UPDATE_CASE, {"b_case": case_id, **values})
 
 
 async def end_active(

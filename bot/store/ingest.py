@@ -432,20 +432,21 @@ async def retry_later(
     await conn.execute(inbox.update().where(inbox.c.seq == seq).values(**values))
 
 
+# Built once: every event acted on is finished so.
+_FINISH = (
+    inbox.update()
+    .where(inbox.c.seq == sa.bindparam("b_seq"))
+    .values(payload=None, processed_at=sa.bindparam("b_now"), attempts=inbox.c.attempts + 1)
+)
+
+
 async def finish(
     conn: AsyncConnection, seq: int, now: dt.datetime, *, error: str | None = None
 ) -> None:
     """Mark an inbox event processed (or failed for good), and drop its content."""
     await conn.execute(
-        inbox.update()
-        .where(inbox.c.seq == seq)
-        .values(
-            status="failed" if error else "done",
-            error=error,
-            payload=None,
-            processed_at=now,
-            attempts=inbox.c.attempts + 1,
-        )
+        _FINISH,
+        {"b_seq": seq, "status": "failed" if error else "done", "error": error, "b_now": now},
     )
 
 
