@@ -90,6 +90,16 @@ REQUEST_TIMEOUT_SECONDS = 45  # above the sync's 30 s long poll
 TRANSPORT_ERRORS = (ClientConnectionError, TimeoutError, asyncio.TimeoutError)
 
 
+def _drop_stale_session(client: CryptoClient, room_id: str) -> None:
+    """A session made ahead with its room (`BotCrypto.created`) and never shared, that
+    has expired while the room waited: dropped, so sharing makes a fresh one. (nio would
+    share the expired one, then refuse to encrypt with it, rotating it unshared.)"""
+    assert client.olm is not None
+    session = client.olm.outbound_group_sessions.get(room_id)
+    if session is not None and not session.shared and session.expired:
+        del client.olm.outbound_group_sessions[room_id]
+
+
 @contextlib.asynccontextmanager
 async def _outage_as_unavailable(what: str) -> AsyncIterator[None]:
     """A dead connection is the homeserver being away: callers retry it as an outage."""
@@ -253,6 +263,9 @@ class BotCrypto:
         # of a room at a time.
         self._loaded: set[str] = set()
         self._loading: dict[str, asyncio.Lock] = {}
+        self._lookups: set[asyncio.Task[None]] = set()  # devices read ahead of a message
+        # Rooms made with nobody invited, known whole, that no sync answer has shown yet.
+        self._made_empty: set[str] = set()
 
     # ---- the device -------------------------------------------------------------------------
 
@@ -426,6 +439,7 @@ class BotCrypto:
         self._faulted.clear()
         self._detached.clear()
         self._loaded.clear()
+        self._made_empty.clear()
         self.client = self._new_client()
         device_id = await self._device()
         self.client.masquerade_device = device_id
@@ -569,7 +583,12 @@ class BotCrypto:
             # A first answer (nothing acknowledged before it): its own token, now taken.
             return None
         for room_id, room in response.rooms.join.items():
-            if room.timeline.limited:
+            # A room the device made with nobody else in it (one made ahead) comes first with
+            # its timeline limited (so Synapse shows a room just joined): no one can have come
+            # or gone in that gap but whom the bot invited itself, and the device knows them.
+            made_empty = room_id in self._made_empty
+            self._made_empty.discard(room_id)
+            if room.timeline.limited and not made_empty:
                 # Members may have come and gone in the gap: read again when needed.
                 self._loaded.discard(room_id)
         try:
@@ -697,6 +716,9 @@ class BotCrypto:
 
     async def close(self) -> None:
         self.ready.clear()
+        for task in list(self._lookups):
+            task.cancel()
+        await asyncio.gather(*self._lookups, return_exceptions=True)
         await self._close_client()
 
     # ---- decrypting --------------------------------------------------------------------------
@@ -780,7 +802,55 @@ class BotCrypto:
         room.members_synced = True
         if client.olm is not None:
             client.olm.update_tracked_users(room)
+            self._session_ahead(client, room_id)
         self._loaded.add(room_id)
+        if not invited:
+            self._made_empty.add(room_id)
+
+    def knows_whole(self, room_id: str) -> bool:
+        """Whether the device knows the room's encryption and members without a read."""
+        return room_id in self._loaded
+
+    def _session_ahead(self, client: CryptoClient, room_id: str) -> None:
+        """The new room's Megolm session made now, not when its first message is sent:
+        making one writes to the store, and a room made ahead's first message is a flagged
+        member's notice. (Kept in memory, as nio keeps it: after a restart the first
+        message makes one, as it always did.)"""
+        assert client.olm is not None
+        try:
+            client.olm.create_outbound_group_session(room_id)
+        except STORE_ERRORS as exc:
+            client.olm.outbound_group_sessions.pop(room_id, None)
+            self._fault(_store_fault(exc, self.store))
+
+    def look_up_devices(self, user_id: str) -> None:
+        """Someone about to get an encrypted message (a flagged member, while their case
+        is being opened): their devices read now, in the background, so the message's
+        key goes to them without waiting for that read. Best effort: encrypting reads
+        them itself if this has not finished or failed. Nothing is read for someone the
+        device already follows (the sync says when their devices change)."""
+        client = self.client
+        if client is None or client.olm is None or not self.ready.is_set():
+            return
+        olm = client.olm
+        if user_id in olm.tracked_users and user_id not in olm.users_for_key_query:
+            return
+        olm.users_for_key_query.add(user_id)
+        task = asyncio.create_task(self._query_devices(client), name="crypto:look-up-devices")
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    async def _query_devices(self, client: CryptoClient) -> None:
+        try:
+            async with (
+                self._turn(None),
+                _outage_as_unavailable("reading devices"),
+                self._store_guard("keys query"),
+            ):
+                if client is self.client and client.should_query_keys:
+                    self._check(await client.keys_query(), "keys query")
+        except Exception as exc:  # the message reads them itself: nothing is lost here
+            log.info("could not read devices ahead of a message: %s", exc)
 
     def invited(self, room_id: str, user_id: str) -> None:
         """The bot's own invite, answered: the room's members (as the device sees them)
@@ -853,6 +923,7 @@ class BotCrypto:
             ):
                 if client.should_query_keys:
                     self._check(await client.keys_query(), "keys query")
+                _drop_stale_session(client, room_id)
                 await self.key_sharing.before_share(client, room)
                 if client.olm.should_share_group_session(room_id):
                     await client.share_group_session(room_id, ignore_unverified_devices=True)
