@@ -263,6 +263,8 @@ class Service:
             senders=self.recent_senders,
             watch_member=self.rooms.watch_member,
             is_moderated=self.rooms.moderated.__contains__,
+            before_notice=self._before_notice,
+            begin=self.steps.begin,
         )
 
         async def may_invite(user_id: str) -> bool:
@@ -696,6 +698,12 @@ class Service:
                 f"{self.moderation.user_id} cannot (see not_seated)"
             )
         return status
+
+    def _before_notice(self, member: str) -> None:
+        """A flag accepted: the member's devices read while their case is opened, so their
+        encrypted notice's key goes out without waiting for that read."""
+        if self.crypto is not None and self.deployment.encrypt_private_rooms:
+            self.crypto.look_up_devices(member)
 
     def _wake_lane(self, lane: int) -> None:
         self.lane_workers[lane].wake()

@@ -61,6 +61,15 @@ OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILURE_DELAYS = (2.0, 10.0, 30.0, 60.0)
 
 
+class Begun(NamedTuple):
+    """A case as the transaction that opened it left it: its first step's intent written
+    (`step` None: none to run now)."""
+
+    case: Case | None
+    steps: dict[str, Step]
+    step: Step | None
+
+
 class _Finished(NamedTuple):
     """A step's outcome, to be recorded in the transaction that starts the next."""
 
@@ -175,19 +184,28 @@ class StepEngine:
             return None if len(due) < 100 else next_at
         return next_at
 
-    def start_case(self, case_id: int) -> None:
-        """Run a case now (e.g. just opened), unless it is already running."""
+    async def begin(self, conn: AsyncConnection, case_id: int) -> Begun:
+        """In the transaction that opens the case: its first step's intent written there,
+        so the step (the member's notice) waits for no transaction of its own. Hand the
+        result to `start_case`."""
+        _, case, steps, step = await self._between_steps(conn, case_id, None, True, set())
+        return Begun(case, steps, step)
+
+    def start_case(self, case_id: int, begun: Begun | None = None) -> None:
+        """Run a case now (e.g. just opened, `begun` there), unless it is already running
+        (that run finds the intent written, and resumes the step as it would after a
+        crash)."""
         if case_id in self._running or self._stopping:
             return
         self._running.add(case_id)
-        task = asyncio.create_task(self._run_guarded(case_id), name=f"case:{case_id}")
+        task = asyncio.create_task(self._run_guarded(case_id, begun), name=f"case:{case_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_guarded(self, case_id: int) -> None:
+    async def _run_guarded(self, case_id: int, begun: Begun | None = None) -> None:
         try:
             async with self._slots:
-                await self.run_case(case_id)
+                await self.run_case(case_id, begun)
         except Exception as exc:
             # Recording failed (the database): the case stays due and is retried; a
             # resumed step finds what this attempt already did.
@@ -210,7 +228,7 @@ class StepEngine:
 
     # ---- one case --------------------------------------------------------------------
 
-    async def run_case(self, case_id: int) -> None:
+    async def run_case(self, case_id: int, begun: Begun | None = None) -> None:
         """Run every step of the case that can run now, in order; then set its next look.
 
         One database transaction between two steps: the outcome of the one that ran,
@@ -222,9 +240,13 @@ class StepEngine:
         finished: _Finished | None = None  # the last step's outcome, not yet recorded
         go_on = True
         while True:
-            told, case, steps, step = await transact(
-                self._db, self._between_steps, case_id, finished, go_on, deferred
-            )
+            if begun is not None:
+                # The transaction that opened the case wrote the first intent (`begin`).
+                (case, steps, step), told, begun = begun, False, None
+            else:
+                told, case, steps, step = await transact(
+                    self._db, self._between_steps, case_id, finished, go_on, deferred
+                )
             if finished is not None:
                 await self._outcome_recorded(finished, told)
             if case is None or step is None:

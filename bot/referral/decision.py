@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from bot.cases.engine import Begun
 from bot.checkin.due import due_at
 from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
@@ -79,13 +80,20 @@ class Referral:
         room_state: RoomStateCache,
         reports: RefusalReports,
         texts: Texts,
-        on_case: Callable[[int], None],
+        on_case: Callable[[int, Begun | None], None],
         on_outbox: Callable[[], None],
         senders: RecentSenders,
         watch_member: Callable[[str, str], None],
         is_moderated: Callable[[str], bool],
+        before_notice: Callable[[str], None] = lambda member: None,
+        begin: Callable[[AsyncConnection, int], Awaitable[Begun]] | None = None,
     ) -> None:
+        # Writes a new case's first step's intent in the transaction that opens it.
+        self._begin = begin
         self._hs = homeserver
+        # Told the member as their flag is accepted: what their notice needs from the
+        # homeserver (their devices) is read while the case is opened.
+        self._before_notice = before_notice
         self._is_moderated = is_moderated
         self._watch_member = watch_member
         self._senders = senders
@@ -251,7 +259,9 @@ class Referral:
         )
         # Before the case exists, so no membership of theirs from then on goes unqueued.
         self._watch_member(flag.room_id, target)
-        opened = await handling.transact(self._record_flag, new_flag, flagged_at)
+        if not self._policy.dry_run:
+            self._before_notice(target)
+        opened, begun = await handling.transact(self._record_flag, new_flag, flagged_at)
         self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
         log.info(
             "case #%d %s by %s flag",
@@ -260,12 +270,13 @@ class Referral:
             flag.method,
             extra={"case": opened.case_id},
         )
-        self._on_case(opened.case_id)
+        self._on_case(opened.case_id, begun)
 
     async def _record_flag(
         self, conn: AsyncConnection, new_flag: cases.NewFlag, flagged_at: dt.datetime
-    ) -> cases.Opened:
-        """The case opened (or the flag recorded on the member's open case): one transaction."""
+    ) -> tuple[cases.Opened, Begun | None]:
+        """The case opened, its first step's intent with it (or the flag recorded on the
+        member's open case): one transaction."""
         opened = await cases.open_or_corroborate(
             conn,
             self._deployment.provenance,
@@ -274,17 +285,19 @@ class Referral:
             dry_run=self._policy.dry_run,
             due_at=due_at(flagged_at, self._deployment.checkin),
         )
-        if not opened.created:
-            # Staff are told (as a reply to the alert), and this flag is redacted too.
-            await corroboration_due(
-                conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
-            )
-            # What it redacted already stays recorded: only the new flag is new.
-            await cases.rearm_step(
-                conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was
-            )
-            await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
-        return opened
+        if opened.created:
+            begun = await self._begin(conn, opened.case_id) if self._begin else None
+            return opened, begun
+        # Staff are told (as a reply to the alert), and this flag is redacted too.
+        await corroboration_due(
+            conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
+        )
+        # What it redacted already stays recorded: only the new flag is new.
+        await cases.rearm_step(
+            conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was
+        )
+        await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
+        return opened, None
 
     async def _found_too_late(
         self, handling: Handling, flag: Flag, flagged_at: dt.datetime

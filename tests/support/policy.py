@@ -131,7 +131,7 @@ def referral(
             on_outbox=lambda: None,
         ),
         texts=texts,
-        on_case=lambda case_id: None,
+        on_case=lambda case_id, begun=None: None,
         on_outbox=lambda: None,
         **options,
     )

@@ -476,7 +476,7 @@ async def new_case_for(engine, member: str) -> int:
     flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$f2", "$m2", None, NOW, NOW)
     async with engine.begin() as conn:
         opened = await cases.open_or_corroborate(
-            conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW
+            conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW + HOUR
         )
     return opened.case_id
 
@@ -547,3 +547,66 @@ async def test_a_checkin_whose_message_is_refused_is_not_done_and_staff_are_told
     assert done["checkin"].status == "failed" and done["checkin"].attempts == 3
     (told,) = notices(hs, "checkin_notice")
     assert "could NOT be opened" in told["content"]["body"]
+
+
+HOUR = dt.timedelta(hours=1)
+
+
+async def _open_and_begin(engine, runner) -> tuple[int, object]:
+    """A case opened and its first intent written in one transaction, as a flag does."""
+    at = dt.datetime.now(dt.UTC)
+    flag = cases.NewFlag(GROUP, MEMBER, MOD, "reaction", "$flag", "$msg", None, at, at)
+    async with engine.begin() as conn:
+        opened = await cases.open_or_corroborate(
+            conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW + HOUR
+        )
+        begun = await runner.begin(conn, opened.case_id)
+    return opened.case_id, begun
+
+
+async def test_a_case_begun_where_it_opened_needs_no_transaction_before_its_notice(
+    engine, monkeypatch
+):
+    hs = homeserver()
+    runner = step_engine(engine, hs)
+    case_id, begun = await _open_and_begin(engine, runner)
+    assert begun.step is not None and begun.step.step == "notify"
+    async with engine.connect() as conn:
+        (notify,) = [s for s in await cases.steps_of(conn, case_id) if s.step == "notify"]
+    assert (notify.status, notify.attempts) == ("started", 1), "the intent is written"
+    import bot.cases.engine as engine_module
+
+    calls_before: list[int] = []  # homeserver calls made before each transaction
+    whole = engine_module.transact
+
+    async def counted(db, work, *args):
+        calls_before.append(len(hs.calls))
+        return await whole(db, work, *args)
+
+    monkeypatch.setattr(engine_module, "transact", counted)
+    await runner.run_case(case_id, begun)
+    assert calls_before and calls_before[0] > 0, "the notice's calls came first"
+    done = await steps(engine, case_id)
+    assert [done[s].status for s in REFERRAL_STEPS] == ["done"] * 5
+    assert done["notify"].attempts == 1, "not taken for a resumed attempt"
+    assert len(notices(hs, "notify")) == 1 and hs.kicks == [(GROUP, MEMBER)]
+
+
+@pytest.mark.parametrize("crash_at", [None, 1, -1, 2, -2, 3, -3])
+async def test_killed_after_the_case_began_resumes_it_once(engine, crash_at):
+    """The intent written with the case, then the process killed: before the notice's first
+    call (None), or at any of its calls, before or just after it acted."""
+    hs = homeserver()
+    case_id, begun = await _open_and_begin(engine, step_engine(engine, hs))
+    if crash_at is not None:
+        hs.crash_at = crash_at
+        with contextlib.suppress(Crash):
+            await step_engine(engine, hs).run_case(case_id, begun)
+        hs.crash_at = None
+    hs.txn_ids.clear()
+    await step_engine(engine, hs).run_case(case_id)
+    done = await steps(engine, case_id)
+    assert all(done[s].status == "done" for s in REFERRAL_STEPS), done
+    assert len([r for r in hs.rooms.values() if r.members.get(MEMBER) == "invite"]) == 1
+    assert len(notices(hs, "notify")) == 1
+    assert hs.kicks == [(GROUP, MEMBER)]
