@@ -58,7 +58,10 @@ _INSERT_ENTRY = audit_entries.insert()
 _MOVE_HEAD = (
     audit_head.update()
     .where(audit_head.c.id == 1)
-    .values(seq=sa.bindparam("new_seq"), hash=sa.bindparam("new_hash"))
+    .values(
+        seq=sa.bindparam("new_seq", type_=audit_head.c.seq.type),
+        hash=sa.bindparam("new_hash", type_=audit_head.c.hash.type),
+    )
 )
 
 

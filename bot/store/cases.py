@@ -171,7 +171,10 @@ _UPDATE_STEP = case_steps.update().where(
 _START_STEP = _UPDATE_STEP.values(
     status="started",
     attempts=case_steps.c.attempts + 1,
-    started_at=sa.func.coalesce(case_steps.c.started_at, sa.bindparam("b_now")),
+    # Typed as the column, so a datetime is stored as every other one (UTC).
+    started_at=sa.func.coalesce(
+        case_steps.c.started_at, sa.bindparam("b_now", type_=case_steps.c.started_at.type)
+    ),
 )
 
 

@@ -436,7 +436,11 @@ async def retry_later(
 _FINISH = (
     inbox.update()
     .where(inbox.c.seq == sa.bindparam("b_seq"))
-    .values(payload=None, processed_at=sa.bindparam("b_now"), attempts=inbox.c.attempts + 1)
+    .values(
+        payload=None,
+        processed_at=sa.bindparam("b_now", type_=inbox.c.processed_at.type),
+        attempts=inbox.c.attempts + 1,
+    )
 )
 
 

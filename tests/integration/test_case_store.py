@@ -149,6 +149,38 @@ async def test_second_flag_corroborates_the_active_case(engine):
     assert [s.step for s in steps] == ["notify", "remove"]
 
 
+async def test_a_step_and_an_event_keep_their_times_in_utc(engine):
+    """The statements built once (bot/store/cases.py, ingest.py) bind their times as
+    every other write does: an aware UTC datetime in, the same out, on either backend."""
+    opened = await open_case(engine, flag())
+    later = NOW + dt.timedelta(minutes=5)
+    async with engine.begin() as conn:
+        await cases.start_step(conn, opened.case_id, "notify", NOW)
+        await cases.start_step(conn, opened.case_id, "notify", later)  # the first start stays
+        await cases.finish_step(
+            conn, opened.case_id, "notify", status="done", result={}, error=None, now=later
+        )
+        await cases.set_fields(conn, opened.case_id, next_attempt_at=later)
+        with pytest.raises(ValueError):
+            await cases.set_fields(conn, opened.case_id, no_such_field=1)
+    await record(engine, "1", ["$a"], ["$a"])
+    async with engine.begin() as conn:
+        (item,) = await ingest.pending(conn)
+        await ingest.finish(conn, item.seq, later)
+    async with engine.connect() as conn:
+        (notify,) = [s for s in await cases.steps_of(conn, opened.case_id) if s.step == "notify"]
+        case = await cases.get(conn, opened.case_id)
+        processed = (
+            await conn.execute(
+                sa.text("SELECT processed_at FROM inbox WHERE seq = :seq"), {"seq": item.seq}
+            )
+        ).scalar_one()
+    assert (notify.status, notify.attempts) == ("done", 2)
+    assert notify.started_at == NOW and notify.finished_at == later
+    assert case is not None and case.next_attempt_at == later
+    assert processed is not None
+
+
 async def test_simultaneous_flags_open_one_case(engine):
     results = await asyncio.gather(
         *(open_case(engine, flag(flagger=f"@mod{n}:localhost")) for n in range(6))
