@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from bot.store import audit
 from tests.support.scene import (
     BOT,
     build_scene,
+    entries,
     open_group_room,
     running_service,
     scene_config,
@@ -22,11 +22,6 @@ from tests.support.scene import (
 pytestmark = pytest.mark.synapse
 
 LINK = "https://example.org/confidentiality"
-
-
-async def entries(service, kind: str) -> list[audit.AuditEntry]:
-    async with service.engine.connect() as conn:
-        return [e for e in await audit.entries(conn) if e.kind == kind]
 
 
 async def bot_texts(user, room: str) -> list[str]:

@@ -18,12 +18,12 @@ import uuid
 
 import pytest
 
-from bot.store import audit
 from tests.support.appservice_api import put
 from tests.support.matrix_user import q
 from tests.support.scene import (
     BOT,
     build_scene,
+    entries,
     open_group_room,
     running_service,
     scene_config,
@@ -31,11 +31,6 @@ from tests.support.scene import (
 )
 
 pytestmark = pytest.mark.synapse
-
-
-async def entries(service, kind: str) -> list[audit.AuditEntry]:
-    async with service.engine.connect() as conn:
-        return [e for e in await audit.entries(conn) if e.kind == kind]
 
 
 async def upgrade(user, room: str) -> str:

@@ -26,6 +26,7 @@ from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
     build_scene,
+    entries,
     export_json,
     health,
     open_group_room,
@@ -39,11 +40,6 @@ pytestmark = pytest.mark.synapse
 
 def configure(scene, **policy):
     return scene_config(scene, policy=policy)
-
-
-async def entries(service, kind: str) -> list[audit.AuditEntry]:
-    async with service.engine.connect() as conn:
-        return [e for e in await audit.entries(conn) if e.kind == kind]
 
 
 async def test_a_plain_users_own_room_gets_nothing_from_the_bot(synapse, tmp_path):

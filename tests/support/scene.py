@@ -17,6 +17,7 @@ import yaml
 
 from appservice.config import load_config
 from appservice.service import Service
+from bot.store import audit
 from tests.support.synapse import appservice_delivering
 
 T = TypeVar("T")
@@ -185,6 +186,12 @@ async def open_group_room(
     await until(lambda: scene.bot_joined(room), what="the bot to join the group room")
     scene.group = room
     return room
+
+
+async def entries(service: Service, kind: str) -> list[audit.AuditEntry]:
+    """The running service's audit entries of this kind, oldest first."""
+    async with service.engine.connect() as conn:
+        return [e for e in await audit.entries(conn) if e.kind == kind]
 
 
 async def recorded(config_path: Path, kind: str) -> bool:
