@@ -83,6 +83,10 @@ async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
                     lambda seen=seen: client.next_batch != seen or None, what="a sync answer"
                 )
             assert all(service.crypto.knows_whole(room) for room in made_ahead)
+            # A flag accepted reads the member's devices as it opens the case.
+            looked_up: list[str] = []
+            look_up = service.crypto.look_up_devices
+            service.crypto.look_up_devices = lambda user: (looked_up.append(user), look_up(user))[1]
             said = await scene.member.send_text(scene.group, "I have a plan to end it tonight")
             await scene.moderator.send_text(
                 scene.group, "!safeguard they said they have a plan", reply_to=said
@@ -92,6 +96,7 @@ async def test_encrypted_rooms_end_to_end(synapse, tmp_path):
                 return (await scene.owner.members(scene.group)).get(scene.member.user_id) == "leave"
 
             await until(removed, within=30, what="the member removed by an encrypted command")
+            assert looked_up == [scene.member.user_id]
             alerts = await until(lambda: staff_alerts(scene, 1), within=30, what="the alert")
             assert "they said they have a plan" in alerts[0]
             # The member's DM: made ahead, encrypted from its first event, and the notice
