@@ -77,6 +77,14 @@ async def open_encrypted_group(scene: EncryptedScene) -> str:
         return (await scene.owner.members(room)).get(BOT) == "join"
 
     await until(bot_in, what="the bot to join the encrypted group room")
+    # Each client shares its room key with the members it has seen: one that sends before
+    # its sync shows the bot's join never gives the bot that key (seen once in CI: the
+    # chat stayed unreadable). A person's client has seen the join before they write.
+    for user in (scene.moderator, scene.member, scene.staff):
+        await until(
+            lambda user=user: room in user.client.rooms and BOT in user.client.rooms[room].users,
+            what="the bot's join seen by every client",
+        )
     scene.group = room
     return room
 
