@@ -517,8 +517,8 @@ class NioHomeserver:
         return list(response.rooms)
 
     async def find_marked_room(self, marker: str) -> str | None:
-        """The room made with `marker`: found by the alias it was made with (two reads,
-        however many rooms the bot is in)."""
+        """The room made with `marker`, once made whole: found by the alias it was made
+        with (three reads, two of them at once, however many rooms the bot is in)."""
         if not self._room_aliases:
             # An older registration reserves no alias namespace, so its rooms carry
             # none: only reading every joined room's create event can find one.
@@ -526,10 +526,26 @@ class NioHomeserver:
         room_id = await self.resolve_room(self._room_alias(marker))
         if isinstance(room_id, Refused):
             return None  # no such alias: no attempt made the room
-        content = await self._state_event(room_id, "m.room.create")
+        content = await self._created(room_id)
         if isinstance(content, dict) and content.get(ROOM_MARKER_KEY) == marker:
             return room_id
-        return None  # reserved, its room not written yet (create_room waits for it)
+        return None  # reserved, its room not all written yet (create_room waits for it)
+
+    async def _created(self, room_id: str) -> dict[str, Any] | None:
+        """The room's create event, once its creation is complete; None before.
+
+        Synapse writes a new room's create event (with its creator and power levels) on its
+        own, then the rest of what was asked (join rules, encryption, name, topic) in one
+        batch. An attempt cut short while it waited must not take the room in between: its
+        invites would go out before its name and encryption (seen in CI: a check-in
+        invite whose room had no name). Every preset writes the join rules in that batch."""
+        create, join_rules = await asyncio.gather(
+            self._state_event(room_id, "m.room.create"),
+            self._state_event(room_id, "m.room.join_rules"),
+        )
+        if not isinstance(create, dict) or not isinstance(join_rules, dict):
+            return None
+        return create
 
     async def _scan_for_marked_room(self, marker: str) -> str | None:
         for room_id in await self.joined_rooms():
@@ -600,17 +616,18 @@ class NioHomeserver:
         return created
 
     async def _existing_room(self, alias: str, marker: str) -> RoomCreated | Refused:
-        """The room an earlier attempt created, once its create event is there.
+        """The room an earlier attempt created, once its creation is complete (`_created`).
 
         Synapse reserves the alias before it writes the room's first event: a Synapse
-        killed in between leaves a reservation with no room behind it. One that stays
-        empty longer than any room creation takes is released, and the room created anew.
+        killed in between leaves a reservation with no room behind it (or half of one).
+        One that stays so longer than any room creation takes is released, and the room
+        created anew.
         """
         room_id = await self.resolve_room(alias)
         if isinstance(room_id, Refused):
             raise HomeserverUnavailable(f"{alias} is taken but does not resolve yet ({room_id})")
-        create = await self._state_event(room_id, "m.room.create")
-        if create is None or isinstance(create, Refused):
+        create = await self._created(room_id)
+        if create is None:
             first_seen = self._empty_reservations.setdefault(alias, time.monotonic())
             waited = time.monotonic() - first_seen
             if waited < EMPTY_RESERVATION_SECONDS:

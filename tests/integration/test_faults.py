@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bot.core.ports import MESSAGE_MARKER_KEY
+from bot.core.ports import MESSAGE_MARKER_KEY, HomeserverUnavailable, RoomCreated
 from bot.store import cases
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
@@ -302,7 +302,7 @@ async def test_scheduled_jobs_have_a_next_run_and_cases_a_timer(synapse, tmp_pat
 
 
 async def test_a_resumed_step_finds_its_room_by_alias_not_by_reading_every_room(synapse, tmp_path):
-    """A resumed step's question "did an earlier attempt make my room?" costs two reads
+    """A resumed step's question "did an earlier attempt make my room?" costs three reads
     however many rooms the bot is in (it used to read every joined room's create event)."""
     scene = await build_scene(synapse, tmp_path)
     async with running_service(config_for(scene)) as service:
@@ -317,3 +317,31 @@ async def test_a_resumed_step_finds_its_room_by_alias_not_by_reading_every_room(
         hs.joined_rooms = no_scan
         assert await hs.find_marked_room("test:made") == made.room_id
         assert await hs.find_marked_room("test:never-made") is None
+
+
+async def test_a_room_still_being_created_is_not_taken_by_a_resumed_step(synapse, tmp_path):
+    """Synapse writes a new room's create event first, and what else was asked (join
+    rules, encryption, name) in a batch after it: an attempt cut short while its room was
+    being created, and resumed at once, must not invite into the room in between (its
+    invite would show no name). The window is inside Synapse and cannot be held open from
+    outside: the batch not written yet is its join rules not found."""
+    scene = await build_scene(synapse, tmp_path)
+    async with running_service(config_for(scene)) as service:
+        hs = service.homeserver
+        made = await hs.create_room(marker="test:half", invite=[], name="Checking in")
+        state_event = hs._state_event
+
+        async def batch_not_written(room_id, event_type, *args, **kwargs):
+            if room_id == made.room_id and event_type == "m.room.join_rules":
+                return None
+            return await state_event(room_id, event_type, *args, **kwargs)
+
+        hs._state_event = batch_not_written
+        assert await hs.find_marked_room("test:half") is None
+        with pytest.raises(HomeserverUnavailable, match="still being created"):
+            await hs.create_room(marker="test:half", invite=[], name="Checking in")
+        hs._state_event = state_event
+        assert await hs.find_marked_room("test:half") == made.room_id
+        again = await hs.create_room(marker="test:half", invite=[], name="Checking in")
+        assert isinstance(again, RoomCreated)
+        assert again.room_id == made.room_id and again.existing
