@@ -27,7 +27,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -693,53 +694,66 @@ class NioHomeserver:
             return Refused("M_UNKNOWN", "createRoom answered without a room_id")
         return RoomCreated(room_id)
 
-    async def direct_rooms(self) -> dict[str, list[str]]:
+    async def direct_rooms(self) -> Mapping[str, Sequence[str]]:
         """The bot's m.direct: read once, then kept. Only this process writes it — the bot
         has no access token, whoever holds the as_token is this service, and a second
-        instance cannot start — so what was read or last written is what is there."""
+        instance cannot start — so what was read or last written is what is there.
+
+        A view of what is kept, not a copy: it holds every DM the bot keeps, and the
+        member's notice reads it."""
+        return MappingProxyType(await self._direct_known())
+
+    def direct_rooms_known(self, user_id: str) -> Sequence[str] | None:
+        # Never changed in place (a new dict replaces it), so readable from any thread.
+        direct = self._direct
+        return None if direct is None else direct.get(user_id, ())
+
+    async def _direct_known(self) -> dict[str, list[str]]:
         if self._direct is None:
             result = await self._raw(
                 "GET",
                 f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
             )
             if isinstance(result, Refused):
+                # None written yet: an empty m.direct, kept (anything else: read again).
+                if result.errcode == "M_NOT_FOUND":
+                    self._direct = {}
                 return {}
             self._direct = {
                 user: [room for room in rooms if isinstance(room, str)]
                 for user, rooms in result.items()
                 if isinstance(rooms, list)
             }
-        return {user: list(rooms) for user, rooms in self._direct.items()}
+        return self._direct
 
     async def remember_direct_room(
-        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
-    ) -> None:
+        self, user_id: str, room_id: str, *, known: Mapping[str, Sequence[str]] | None = None
+    ) -> Done | Refused:
         # One update at a time: two cases' DMs at once must not overwrite each other.
         async with self._direct_lock:
-            direct = (
-                await self.direct_rooms()
-                if self._direct is not None or known is None
-                else {user: list(rooms) for user, rooms in known.items()}
-            )
-            rooms = direct.setdefault(user_id, [])
-            if room_id in rooms:
-                return
-            rooms.append(room_id)
+            # What is kept, else what the caller just read (no second read), else read.
+            source = self._direct if self._direct is not None or known is None else known
+            if source is None:
+                source = await self._direct_known()
+            if room_id in source.get(user_id, ()):
+                return Done()
+            direct = {user: list(rooms) for user, rooms in source.items()}
+            direct.setdefault(user_id, []).append(room_id)
             result = await self._raw(
                 "PUT",
                 f"/_matrix/client/v3/user/{_quote(self._bot_user_id)}/account_data/m.direct",
                 direct,
             )
             if isinstance(result, Refused):
-                log.warning("could not record the DM in m.direct: %s", result)
                 self._direct = None  # what is there now is not known: read it next time
-                return
+                return result
             self._direct = direct
+            return Done()
 
     async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:
         gone = set(room_ids)
         async with self._direct_lock:
-            direct = await self.direct_rooms()
+            direct = await self._direct_known()
             kept = {
                 user: [room for room in rooms if room not in gone] for user, rooms in direct.items()
             }

@@ -184,11 +184,20 @@ class StepEngine:
             return None if len(due) < 100 else next_at
         return next_at
 
-    async def begin(self, conn: AsyncConnection, case_id: int) -> Begun:
+    async def begin(self, conn: AsyncConnection, opened: cases.Opened) -> Begun:
         """In the transaction that opens the case: its first step's intent written there,
         so the step (the member's notice) waits for no transaction of its own. Hand the
         result to `start_case`."""
-        _, case, steps, step = await self._between_steps(conn, case_id, None, True, set())
+        known = None
+        if opened.case is not None:  # as just written: no need to read it back
+            known = opened.case, {step.step: step for step in opened.steps}
+        _, case, steps, step = await self._between_steps(
+            conn, opened.case_id, None, True, set(), known
+        )
+        if case is not None and step is not None:
+            progress = await self._steps[step.step].begin(conn, case, step)
+            if progress is not None:
+                step = steps[step.step] = replace(step, progress=progress)
         return Begun(case, steps, step)
 
     def start_case(self, case_id: int, begun: Begun | None = None) -> None:
@@ -269,12 +278,17 @@ class StepEngine:
         finished: _Finished | None,
         go_on: bool,
         deferred: set[str],
+        known: tuple[Case, dict[str, Step]] | None = None,
     ) -> tuple[bool, Case | None, dict[str, Step], Step | None]:
         """The transaction between two steps (run whole: bot/store/transact.py): the last
-        one's outcome recorded, the case read, and the next one's intent written."""
+        one's outcome recorded, the case read (`known`: as this transaction wrote it), and
+        the next one's intent written."""
         told = await self._write_outcome(conn, finished) if finished else False
-        case = await cases.get(conn, case_id)
-        steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
+        if known is not None:
+            case, steps = known
+        else:
+            case = await cases.get(conn, case_id)
+            steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
         step: Step | None = None
         if case is not None and go_on:
             step = self._next_runnable(case, steps, _now(), skip=deferred)

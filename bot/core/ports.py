@@ -11,7 +11,7 @@ workflow records as the step's outcome.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -177,14 +177,21 @@ class Homeserver(Protocol):
         end-to-end encrypted from its first event when `encrypted` (and the bot can)."""
         ...
 
-    async def direct_rooms(self) -> dict[str, list[str]]:
-        """The bot's m.direct account data: user id -> DM room ids."""
+    async def direct_rooms(self) -> Mapping[str, Sequence[str]]:
+        """The bot's m.direct account data: user id -> DM room ids (read only: a view, not a
+        copy, as it grows with every DM the bot keeps)."""
+        ...
+
+    def direct_rooms_known(self, user_id: str) -> Sequence[str] | None:
+        """Their DM rooms in the bot's m.direct as already read (no call; safe from any
+        thread); None if m.direct has not been read yet."""
         ...
 
     async def remember_direct_room(
-        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
-    ) -> None:
-        """Add the room to m.direct; `known` is the m.direct just read, if any."""
+        self, user_id: str, room_id: str, *, known: Mapping[str, Sequence[str]] | None = None
+    ) -> Done | Refused:
+        """Add the room to m.direct (no write if it is there); `known` is the m.direct just
+        read, if any."""
         ...
 
     async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:

@@ -86,7 +86,7 @@ class Referral:
         watch_member: Callable[[str, str], None],
         is_moderated: Callable[[str], bool],
         before_notice: Callable[[str], None] = lambda member: None,
-        begin: Callable[[AsyncConnection, int], Awaitable[Begun]] | None = None,
+        begin: Callable[[AsyncConnection, cases.Opened], Awaitable[Begun]] | None = None,
     ) -> None:
         # Writes a new case's first step's intent in the transaction that opens it.
         self._begin = begin
@@ -286,7 +286,7 @@ class Referral:
             due_at=due_at(flagged_at, self._deployment.checkin),
         )
         if opened.created:
-            begun = await self._begin(conn, opened.case_id) if self._begin else None
+            begun = await self._begin(conn, opened) if self._begin else None
             return opened, begun
         # Staff are told (as a reply to the alert), and this flag is redacted too.
         await corroboration_due(

@@ -44,6 +44,11 @@ MARKER_PREFIX = "ready:"
 REFILL_AFTER_SECONDS = 2.0
 
 
+def taken(what: str, room_id: str) -> dict[str, Any]:
+    """What a step's progress records of a room made ahead that it took."""
+    return {f"{what}_room": room_id, f"{what}_made_ahead": True}
+
+
 class ReadyRooms:
     def __init__(
         self,
@@ -62,6 +67,9 @@ class ReadyRooms:
         self.ready = 0  # as of the last round (for /health)
         self.problem: str | None = None  # why the last round could not make one
         self.on_taken = lambda: None  # told when a room was handed over (to make another)
+        # The bot's m.direct, read ahead too: a notice takes a room as its case opens only
+        # once it is known the member has no DM with the bot (bot/steps/notify.py).
+        self._direct_read = False
 
     async def load(self) -> None:
         """Before the first transaction: ready rooms are the bot's conversations, not
@@ -78,6 +86,9 @@ class ReadyRooms:
         async with self._db.connect() as conn:
             known = await store.all_rooms(conn)
         try:
+            if not self._direct_read and self.wanted > 0:
+                await self._hs.direct_rooms()
+                self._direct_read = True
             for room in known:
                 if room.encrypted != self._encrypted or self.wanted <= 0:
                     await self._discard(room)
@@ -137,25 +148,43 @@ class ReadyRooms:
         self.problem = why
 
     async def take(
-        self, case_id: int, step: str, what: str, progress: dict[str, Any]
+        self, case_id: int, step: str, what: str, progress: dict[str, Any], case_field: str
     ) -> str | None:
-        """A ready room, recorded as the step's `<what>_room` (and `<what>_made_ahead`) in
-        the transaction that takes it (a resumed attempt finds it there), or None if none
-        is ready."""
+        """A ready room, recorded as the step's `<what>_room` (and `<what>_made_ahead`) and
+        as the case's `case_field` in the transaction that takes it (a resumed attempt
+        finds it there, and the member's replies in it reach staff after a restart), or
+        None if none is ready."""
         if self.wanted <= 0:
             return None
-
-        async def take(conn: AsyncConnection) -> str | None:
-            room_id = await store.take(conn, encrypted=self._encrypted)
-            if room_id is not None:
-                taken = {f"{what}_room": room_id, f"{what}_made_ahead": True}
-                await cases.save_progress(conn, case_id, step, progress | taken)
-            return room_id
-
         # Runs to its end even if the step is cut short (at the alert's deadline): a room
         # taken is always a room recorded, and never half a transaction.
-        room_id = await asyncio.shield(transact(self._db, take))
+        room_id = await asyncio.shield(
+            transact(self._db, self.take_in, case_id, step, what, progress, case_field)
+        )
         if room_id is not None:
-            self.ready = max(self.ready - 1, 0)
-            self.on_taken()
+            self.handed_over()
         return room_id
+
+    async def take_in(
+        self,
+        conn: AsyncConnection,
+        case_id: int,
+        step: str,
+        what: str,
+        progress: dict[str, Any],
+        case_field: str,
+    ) -> str | None:
+        """`take` in the caller's transaction (the one that opens the case: see
+        bot/steps/notify.py); once it has committed, the caller calls `handed_over`."""
+        if self.wanted <= 0:
+            return None
+        room_id = await store.take(conn, encrypted=self._encrypted)
+        if room_id is not None:
+            await cases.save_progress(conn, case_id, step, progress | taken(what, room_id))
+            await cases.set_fields(conn, case_id, **{case_field: room_id})
+        return room_id
+
+    def handed_over(self) -> None:
+        """A room taken (and committed): one fewer ready, and another to be made."""
+        self.ready = max(self.ready - 1, 0)
+        self.on_taken()

@@ -32,6 +32,7 @@ _STEP_WORDS = {
     "rejoin": "staff told the member came back",
     "purge": "personal data purged (retention)",
     "unread_notice": "staff told the notice is unread",
+    "mark_dm": "the member's DM marked as a direct chat",
 }
 
 _KIND_WORDS = {

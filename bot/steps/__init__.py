@@ -13,6 +13,7 @@ from bot.steps.checkin_followup import CheckinNotice, CheckinReminder
 from bot.steps.corroboration import Corroboration
 from bot.steps.debrief import Debrief
 from bot.steps.escalate import Escalate
+from bot.steps.mark_dm import MarkDm
 from bot.steps.notify import Notify
 from bot.steps.purge import Purge
 from bot.steps.redact import RedactFlag, RedactMessage
@@ -51,11 +52,12 @@ STEP_TYPES: tuple[type[CaseStep], ...] = (
     Rejoin,
     Purge,
     UnreadNotice,
+    MarkDm,
 )
 POSITIONS: dict[str, int] = {step.name: index for index, step in enumerate(STEP_TYPES)}
 # The steps a new case starts with; the others are added when they are needed. (New
 # steps go at the end: a step's position is recorded with it.)
-CASE_STEPS: list[str] = [step.name for step in (*STEP_TYPES[:12], UnreadNotice)]
+CASE_STEPS: list[str] = [step.name for step in (*STEP_TYPES[:12], UnreadNotice, MarkDm)]
 
 
 def build_steps(tools: Toolbox) -> dict[str, CaseStep]:

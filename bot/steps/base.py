@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
@@ -297,6 +297,12 @@ class CaseStep(ABC):
 
     def due(self, case: Case, steps: Mapping[str, Step]) -> dt.datetime | None:
         """When the step may run, once its preconditions hold (None: at once)."""
+        return None
+
+    async def begin(self, conn: AsyncConnection, case: Case, step: Step) -> dict[str, Any] | None:
+        """As a new case opens with this step first, in that transaction (run whole: only
+        the database may be awaited): work that saves the step a transaction of its own,
+        saved as the step's progress; returns that progress (None: nothing done)."""
         return None
 
     @abstractmethod

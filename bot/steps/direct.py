@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
-from bot.rooms.ready_rooms import ReadyRooms
+from bot.rooms.ready_rooms import ReadyRooms, taken
 from bot.steps.base import Outcome, StepRun, Told, Toolbox
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,13 @@ class OpenedDm:
     # or the invite's answer is the proof of the invite).
     created: bool
     invited_again: bool  # found without them in it: invited now
-    direct: dict[str, list[str]] | None  # the bot's m.direct as read, to update it
+    direct: Mapping[str, Sequence[str]] | None  # the bot's m.direct as read, to update it
     made_ahead: bool = False  # a room made before the flag (bot/rooms/ready_rooms.py)
     # Made ahead and taken, the invite not sent yet: tell_by_dm sends it alongside the
     # message (a room in the clear: nothing in the message waits for the member).
     invite_pending: bool = False
+    # Already recorded on the step and the case (as a room made ahead is, when taken).
+    recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,13 @@ async def tell_by_dm(
     case_field: str,
     *,
     made_ahead: bool = False,
+    mark_direct: bool = True,
 ) -> ToldByDm | NotToldByDm:
     """Open (or find) the DM, keep it, and send `content` there once (`made_ahead`: into a
     room made ahead of any flag, if one is ready: the member's notice).
+
+    `mark_direct=False`: the room is not added to the bot's m.direct here; the case's
+    `mark_dm` step does it (the member's notice: see bot/steps/mark_dm.py).
 
     With encryption known to be broken (and `encryption.fallback: plain`), a room made
     now is made without encryption, and none made ahead (they are encrypted) is taken;
@@ -95,6 +101,7 @@ async def tell_by_dm(
         user,
         what,
         encrypted=encrypted,
+        case_field=case_field,
         ready=tools.ready_rooms if made_ahead and room_plain is None else None,
         # A room made ahead: the invite goes alongside the message (kept() below).
         invite_later=True,
@@ -106,14 +113,29 @@ async def tell_by_dm(
     async def kept() -> bool:
         """The DM kept; False if the room made ahead refused the invite (not kept)."""
         if opened.invite_pending:
-            # m.direct alongside the invite, not after it (undone if it is refused).
-            invited, _ = await _all_to_their_end(
-                _invite_into_ready(hs, run, user, opened.room_id), remember_dm(hs, user, opened)
-            )
+            if mark_direct:
+                # m.direct alongside the invite, not after it (undone if it is refused).
+                invited, _ = await _all_to_their_end(
+                    _invite_into_ready(hs, run, user, opened.room_id, what, case_field),
+                    remember_dm(hs, user, opened),
+                )
+            else:
+                invited = await _invite_into_ready(hs, run, user, opened.room_id, what, case_field)
             if not invited:
-                await _forget_dm(hs, opened.room_id)
+                if mark_direct:
+                    await _forget_dm(hs, opened.room_id)
                 return False
-        await keep_dm(hs, tools, run, user, opened, what, case_field, plain_because=made_plain)
+        await keep_dm(
+            hs,
+            tools,
+            run,
+            user,
+            opened,
+            what,
+            case_field,
+            plain_because=made_plain,
+            mark_direct=mark_direct,
+        )
         return True
 
     if opened.invite_pending:
@@ -129,7 +151,9 @@ async def tell_by_dm(
         # room is never used again): redacted all the same, as far as it can be.
         if isinstance(told, Told):
             await _withdraw_unread(hs, run, what, opened.room_id, told.event_id)
-        return await tell_by_dm(tools, run, user, what, content, case_field)
+        return await tell_by_dm(
+            tools, run, user, what, content, case_field, mark_direct=mark_direct
+        )
     if isinstance(told, Refused):
         return NotToldByDm(told, opened.room_id)
     return ToldByDm(opened, told, told.plain_because or made_plain)
@@ -142,27 +166,54 @@ async def open_dm(
     what: str,
     *,
     encrypted: bool,
+    case_field: str,
     ready: ReadyRooms | None = None,
     invite_later: bool = False,
 ) -> OpenedDm | Refused:
     """The DM room with `user`, with them in it — except a room made ahead taken with
-    `invite_later`: its invite is the caller's to send (`_invite_into_ready`)."""
+    `invite_later`: its invite is the caller's to send (`_invite_into_ready`).
+    `case_field`: the case's column a room made ahead is recorded in as it is taken."""
     known = run.progress.get(f"{what}_room")
     tag = run.marker(what)
-    direct: dict[str, list[str]] | None = None
+    direct: Mapping[str, Sequence[str]] | None = None
+    if (
+        known is not None
+        and invite_later
+        and not run.resumed
+        and run.progress.get(f"{what}_made_ahead")
+    ):
+        # Taken as the case was opened (Notify.begin), recorded there: nothing sent yet.
+        if ready is not None:
+            ready.handed_over()
+        return OpenedDm(
+            known, True, False, None, made_ahead=True, invite_pending=True, recorded=True
+        )
     room_id: str | None = known
     if room_id is None and run.resumed:
         # The earlier attempt may have created the room and died before recording it.
         room_id = await hs.find_marked_room(tag)
     if room_id is None:
         direct = await hs.direct_rooms()
-        room_id = await _shared_dm(hs, user, direct)
+        # The case's own DM with them too: the notice's is marked in m.direct only by a
+        # later step (bot/steps/mark_dm.py).
+        own = run.case.dm_room_id if user == run.case.member_id else None
+        room_id = await _shared_dm(hs, user, [*direct.get(user, ()), *([own] if own else [])])
     if room_id is None and ready is not None:
-        taken = await ready.take(run.case.id, run.step.step, what, run.progress)
-        if taken is not None and (invite_later or await _invite_into_ready(hs, run, user, taken)):
-            return OpenedDm(
-                taken, True, False, direct, made_ahead=True, invite_pending=invite_later
-            )
+        room_id = await ready.take(run.case.id, run.step.step, what, run.progress, case_field)
+        if room_id is not None:
+            # Recorded on the step and the case as it was taken.
+            run.progress = run.progress | taken(what, room_id)
+            if invite_later or await _invite_into_ready(hs, run, user, room_id, what, case_field):
+                return OpenedDm(
+                    room_id,
+                    True,
+                    False,
+                    direct,
+                    made_ahead=True,
+                    invite_pending=invite_later,
+                    recorded=True,
+                )
+            room_id = None
     if room_id is None:
         created = await hs.create_room(
             marker=tag, invite=[user], is_direct=True, encrypted=encrypted
@@ -190,11 +241,13 @@ async def keep_dm(
     case_field: str,
     *,
     plain_because: str | None = None,
+    mark_direct: bool = True,
 ) -> None:
     """What makes an opened DM one whose replies reach staff, now and after a restart:
-    the room directory told, the room recorded on the step and the case, and the room
-    marked as a DM with them in the bot's m.direct (what clients show): also one an
-    earlier attempt opened and died before marking (a room already there costs no call).
+    the room directory told, the room recorded on the step and the case, and (with
+    `mark_direct`) the room marked as a DM with them in the bot's m.direct (what a later
+    DM looks for first): also one an earlier attempt opened and died before marking (a
+    room already there costs no call).
 
     m.direct is bookkeeping only: a homeserver away now must not hold up or repeat
     the message the DM was opened for.
@@ -202,7 +255,14 @@ async def keep_dm(
     tools.rooms.add_dm(opened.room_id)
 
     async def record() -> None:
-        if run.progress.get(f"{what}_room") != opened.room_id:
+        # Written once: a room made ahead was recorded as it was taken; a resumed attempt
+        # finds the step's record, and writes the case's if that attempt died before it.
+        if opened.recorded:
+            return
+        if (
+            run.progress.get(f"{what}_room") != opened.room_id
+            or getattr(run.case, case_field) != opened.room_id
+        ):
             room: dict[str, Any] = {f"{what}_room": opened.room_id}
             if opened.made_ahead:
                 room[f"{what}_made_ahead"] = True
@@ -210,15 +270,20 @@ async def keep_dm(
                 room[f"{what}_plain_because"] = plain_because
             await run.save(progress=run.progress | room, case_fields={case_field: opened.room_id})
 
-    await asyncio.gather(record(), remember_dm(hs, user, opened))
+    if mark_direct:
+        await asyncio.gather(record(), remember_dm(hs, user, opened))
+    else:
+        await record()
 
 
 async def remember_dm(hs: Homeserver, user: str, opened: OpenedDm) -> None:
     """The room marked as a DM with them in the bot's m.direct (no call if it is)."""
     try:
-        await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
+        remembered = await hs.remember_direct_room(user, opened.room_id, known=opened.direct)
     except HomeserverUnavailable as exc:
-        log.warning("could not record the DM in m.direct: %s", exc)
+        remembered = Refused("M_UNKNOWN", str(exc))
+    if isinstance(remembered, Refused):
+        log.warning("could not record the DM in m.direct: %s", remembered)
 
 
 async def _forget_dm(hs: Homeserver, room_id: str) -> None:
@@ -257,22 +322,26 @@ async def _withdraw_unread(
         log.warning("could not redact the message in the unused room %s: %s", room_id, redacted)
 
 
-async def _invite_into_ready(hs: Homeserver, run: StepRun, user: str, room_id: str) -> bool:
-    """Them invited as a DM into a room made ahead (taken: the step's record holds it);
-    False if it refused (then the step creates one, as with none ready)."""
+async def _invite_into_ready(
+    hs: Homeserver, run: StepRun, user: str, room_id: str, what: str, case_field: str
+) -> bool:
+    """Them invited as a DM into a room made ahead (taken: the step's and the case's record
+    hold it); False if it refused (then the step creates one, as with none ready)."""
     invited = await hs.invite(room_id, user, is_direct=True)
     if isinstance(invited, Refused):
         log.warning(
             "the room made ahead %s refused the invite (%s): creating one", room_id, invited
         )
-        await run.save(progress=run.progress)  # the step's record, without the room
+        # The step's and the case's record, without the room.
+        run.progress = {k: v for k, v in run.progress.items() if k not in taken(what, room_id)}
+        await run.save(progress=run.progress, case_fields={case_field: None})
         return False
     return True
 
 
-async def _shared_dm(hs: Homeserver, user: str, direct: dict[str, list[str]]) -> str | None:
-    """A DM the bot already has with them, that both are still in."""
-    for room_id in reversed(direct.get(user, [])):
+async def _shared_dm(hs: Homeserver, user: str, rooms: Sequence[str]) -> str | None:
+    """The latest of `rooms` (DMs the bot has had with them) that both are still in."""
+    for room_id in reversed(dict.fromkeys(rooms)):
         bot, theirs = await asyncio.gather(
             hs.membership(room_id, hs.bot_user_id), hs.membership(room_id, user)
         )

@@ -7,9 +7,14 @@ joined in) the DM room and the notice is in it (see bot/steps/direct.py).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bot.rooms.ready_rooms import taken
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.steps.direct import NotToldByDm, tell_by_dm
+from bot.store.cases import Case, Step
 
 
 class Notify(CaseStep):
@@ -18,14 +23,36 @@ class Notify(CaseStep):
     # and an undeliverable notice is itself the news staff need.
     retries = 0
 
+    async def begin(self, conn: AsyncConnection, case: Case, step: Step) -> dict[str, Any] | None:
+        """A room made ahead taken in the transaction that opens the case (so the notice
+        waits for no transaction of its own): only when it is the room `run` would take,
+        so not when the bot's m.direct (as read) lists a DM with them (that one may still
+        be shared: `run` looks), nor before m.direct was read at all."""
+        ready = self.tools.ready_rooms
+        if case.dry_run or case.member_id is None or ready is None:
+            return None
+        known_dms = self.hs.direct_rooms_known(case.member_id)
+        if known_dms is None or known_dms or self.tools.plain_room_because() is not None:
+            return None
+        room_id = await ready.take_in(conn, case.id, step.step, "dm", step.progress, "dm_room_id")
+        return None if room_id is None else step.progress | taken("dm", room_id)
+
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
         if case.dry_run:
             return Outcome.skipped("dry run")
         assert case.member_id is not None
         content = self.tools.texts.notice(case.due_at, dt.datetime.now(dt.UTC))
+        # Marked in the bot's m.direct by the case's `mark_dm` step, after the removal.
         result = await tell_by_dm(
-            self.tools, run, case.member_id, "dm", content, "dm_room_id", made_ahead=True
+            self.tools,
+            run,
+            case.member_id,
+            "dm",
+            content,
+            "dm_room_id",
+            made_ahead=True,
+            mark_direct=False,
         )
         if isinstance(result, NotToldByDm):
             if result.room is None:

@@ -96,6 +96,26 @@ class Step:
         return self.status in FINISHED
 
 
+# The case's fields a newly opened case has no value for (all of them but these).
+_CASE_NULLABLE = tuple(
+    field
+    for field in Case.__dataclass_fields__
+    if field
+    not in {
+        "id",
+        "room_id",
+        "member_id",
+        "state",
+        "dry_run",
+        "flagged_at",
+        "received_at",
+        "due_at",
+        "next_attempt_at",
+        "nonce",
+    }
+)
+
+
 def _case(row: sa.Row[Any]) -> Case:
     return Case(**{field: getattr(row, field) for field in Case.__dataclass_fields__})
 
@@ -129,6 +149,9 @@ class Opened:
     case_id: int
     created: bool  # False: the flag corroborated the member's active case
     seq: int = 0  # the audit entry that recorded the flag
+    # A case opened: as written (what a read in the same transaction would return).
+    case: Case | None = None
+    steps: tuple[Step, ...] = ()
 
 
 def _flag_personal(flag: NewFlag) -> dict[str, Any]:
@@ -194,34 +217,45 @@ async def open_or_corroborate(
     key = active_key(flag.room_id, flag.member_id)
     existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one_or_none()
     if existing is None:
+        values = {
+            "room_id": flag.room_id,
+            "member_id": flag.member_id,
+            "active_key": key,
+            "state": "open",
+            "dry_run": dry_run,
+            "flagged_at": flag.flagged_at,
+            "received_at": flag.received_at,
+            "due_at": due_at,
+            "next_attempt_at": flag.received_at,
+            "nonce": secrets.token_hex(8),
+        }
         try:
-            async with conn.begin_nested():
-                case_id = (
-                    await conn.execute(
-                        _INSERT_CASE,
-                        {
-                            "room_id": flag.room_id,
-                            "member_id": flag.member_id,
-                            "active_key": key,
-                            "state": "open",
-                            "dry_run": dry_run,
-                            "flagged_at": flag.flagged_at,
-                            "received_at": flag.received_at,
-                            "due_at": due_at,
-                            "next_attempt_at": flag.received_at,
-                            "nonce": secrets.token_hex(8),
-                        },
-                    )
-                ).scalar_one()
+            if conn.dialect.name == "sqlite":
+                # Every writer here takes SQLite's write lock as it begins (BEGIN
+                # IMMEDIATE: appservice/database.py): no flag can open it between our
+                # read and our insert, so no savepoint is needed to survive that.
+                case_id = (await conn.execute(_INSERT_CASE, values)).scalar_one()
+            else:
+                async with conn.begin_nested():
+                    case_id = (await conn.execute(_INSERT_CASE, values)).scalar_one()
         except IntegrityError:
             # Another flag opened it between our read and our insert.
             existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
         else:
+            new_steps = tuple(
+                Step(case_id, name, index, "pending", 0, None, None, {}, {}, None)
+                for index, name in enumerate(steps)
+            )
             await conn.execute(
                 case_steps.insert(),
                 [
-                    {"case_id": case_id, "step": name, "position": index, "status": "pending"}
-                    for index, name in enumerate(steps)
+                    {
+                        "case_id": case_id,
+                        "step": step.step,
+                        "position": step.position,
+                        "status": step.status,
+                    }
+                    for step in new_steps
                 ],
             )
             facts = _flag_facts(flag) | {"dry_run": dry_run}
@@ -236,7 +270,9 @@ async def open_or_corroborate(
                 personal=_flag_personal(flag),
                 at=flag.received_at,
             )
-            return Opened(case_id, created=True, seq=seq)
+            written = {name: value for name, value in values.items() if name != "active_key"}
+            case = Case(**dict.fromkeys(_CASE_NULLABLE) | written | {"id": case_id})
+            return Opened(case_id, created=True, seq=seq, case=case, steps=new_steps)
     seq = await audit.append(
         conn,
         provenance,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -147,6 +148,19 @@ async def test_second_flag_corroborates_the_active_case(engine):
         steps = await cases.steps_of(conn, first.case_id)
     assert kinds == ["flagged", "corroborated"]
     assert [s.step for s in steps] == ["notify", "remove"]
+
+
+async def test_a_case_opened_is_told_as_a_read_of_it_would_return_it(engine):
+    """The step engine begins a new case from what its opening wrote, without reading it
+    back (bot/cases/engine.py): that must be what a read returns, whatever columns a case
+    gains. Flagged with microseconds, as a real flag is."""
+    at = NOW + dt.timedelta(microseconds=123456)
+    opened = await open_case(engine, replace(flag(), flagged_at=at, received_at=at))
+    async with engine.connect() as conn:
+        case = await cases.get(conn, opened.case_id)
+        steps = tuple(await cases.steps_of(conn, opened.case_id))
+    assert opened.case == case
+    assert opened.steps == steps
 
 
 async def test_a_step_and_an_event_keep_their_times_in_utc(engine):

@@ -8,7 +8,7 @@ the real Synapse in tests/integration.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,17 +229,21 @@ class FakeHomeserver:
         self._after("create_room")
         return RoomCreated(room_id)
 
-    async def direct_rooms(self) -> dict[str, list[str]]:
+    async def direct_rooms(self) -> Mapping[str, Sequence[str]]:
         self._enter("direct_rooms")
         return {user: list(rooms) for user, rooms in self.direct.items()}
 
+    def direct_rooms_known(self, user_id: str) -> Sequence[str] | None:
+        return self.direct.get(user_id, [])
+
     async def remember_direct_room(
-        self, user_id: str, room_id: str, *, known: dict[str, list[str]] | None = None
-    ) -> None:
+        self, user_id: str, room_id: str, *, known: Mapping[str, Sequence[str]] | None = None
+    ) -> Done | Refused:
         self._enter("remember_direct_room")
         rooms = self.direct.setdefault(user_id, [])
         if room_id not in rooms:
             rooms.append(room_id)
+        return Done()
 
     async def forget_direct_rooms(self, room_ids: Collection[str]) -> Done | Refused:
         self._enter("forget_direct_rooms")

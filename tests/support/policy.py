@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.cases.engine import StepEngine
+from bot.cases.engine import Begun, StepEngine
 from bot.config.deployment import Deployment
 from bot.config.settings import CheckinSettings, MessageTemplates, PolicySettings, default_resources
 from bot.core.metrics import Metrics
@@ -172,6 +172,23 @@ async def new_case(
             due_at=NOW + (due_in or dt.timedelta(hours=1)),
         )
     return opened.case_id
+
+
+async def open_and_begin(engine: AsyncEngine, runner: StepEngine) -> tuple[int, Begun]:
+    """A case opened and its first intent written in one transaction, as a flag does."""
+    at = dt.datetime.now(dt.UTC)
+    flag = cases.NewFlag(GROUP, MEMBER, MOD, "reaction", "$flag", "$msg", None, at, at)
+    async with engine.begin() as conn:
+        opened = await cases.open_or_corroborate(
+            conn,
+            PROVENANCE,
+            flag,
+            steps=CASE_STEPS,
+            dry_run=False,
+            due_at=NOW + dt.timedelta(hours=1),
+        )
+        begun = await runner.begin(conn, opened)
+    return opened.case_id, begun
 
 
 def notices(hs: FakeHomeserver, step: str) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from tests.support.policy import (
     homeserver,
     new_case,
     notices,
+    open_and_begin,
     run_until_waiting,
     step_engine,
     steps,
@@ -47,6 +48,8 @@ AT_ONCE = [
     "redact_flag",
     "redact_message",
     "debrief",
+    # Last: bookkeeping never competes with what the member and staff wait for.
+    "mark_dm",
 ]
 
 
@@ -78,6 +81,13 @@ async def test_clean_run_order_and_record(engine):
     assert len(notices(hs, "room_notice")) == 1
     assert await kinds(engine, case_id) == ["flagged"] + [f"step.{s}" for s in AT_ONCE]
     assert hs.redactions == [(GROUP, "$flag", "Removed by a moderator")], "the flag is gone"
+    # The member's DM marked in m.direct, but only once the member is out and staff know:
+    # that write must not compete with theirs on the homeserver.
+    (dm,) = [room.room_id for room in hs.rooms.values() if notice in room.events]
+    assert hs.direct[MEMBER] == [dm]
+    marked = hs.calls.index("remember_direct_room")
+    assert marked > hs.calls.index("kick")
+    assert marked > max(i for i, call in enumerate(hs.calls) if call == "send")
     (debrief,) = notices(hs, "debrief")
     assert "Case #1" in debrief["content"]["body"]
     async with engine.connect() as conn:
@@ -552,24 +562,12 @@ async def test_a_checkin_whose_message_is_refused_is_not_done_and_staff_are_told
 HOUR = dt.timedelta(hours=1)
 
 
-async def _open_and_begin(engine, runner) -> tuple[int, object]:
-    """A case opened and its first intent written in one transaction, as a flag does."""
-    at = dt.datetime.now(dt.UTC)
-    flag = cases.NewFlag(GROUP, MEMBER, MOD, "reaction", "$flag", "$msg", None, at, at)
-    async with engine.begin() as conn:
-        opened = await cases.open_or_corroborate(
-            conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW + HOUR
-        )
-        begun = await runner.begin(conn, opened.case_id)
-    return opened.case_id, begun
-
-
 async def test_a_case_begun_where_it_opened_needs_no_transaction_before_its_notice(
     engine, monkeypatch
 ):
     hs = homeserver()
     runner = step_engine(engine, hs)
-    case_id, begun = await _open_and_begin(engine, runner)
+    case_id, begun = await open_and_begin(engine, runner)
     assert begun.step is not None and begun.step.step == "notify"
     async with engine.connect() as conn:
         (notify,) = [s for s in await cases.steps_of(conn, case_id) if s.step == "notify"]
@@ -597,7 +595,7 @@ async def test_killed_after_the_case_began_resumes_it_once(engine, crash_at):
     """The intent written with the case, then the process killed: before the notice's first
     call (None), or at any of its calls, before or just after it acted."""
     hs = homeserver()
-    case_id, begun = await _open_and_begin(engine, step_engine(engine, hs))
+    case_id, begun = await open_and_begin(engine, step_engine(engine, hs))
     if crash_at is not None:
         hs.crash_at = crash_at
         with contextlib.suppress(Crash):

@@ -24,6 +24,7 @@ from tests.support.policy import (
     homeserver,
     new_case,
     notices,
+    open_and_begin,
     step_engine,
     steps,
 )
@@ -177,6 +178,9 @@ async def test_a_room_made_ahead_that_refuses_the_invite_gives_way_to_a_new_one(
     redacted = {event_id for _, event_id, _ in hs.redactions}
     assert {n["event_id"] for n in unread} <= redacted
     assert hs.direct[MEMBER] == [dm], "m.direct marks their room only"
+    async with engine.connect() as conn:
+        case = await cases.get(conn, case_id)
+    assert case is not None and case.dm_room_id == dm, "the case names their room, not the other"
 
 
 async def test_an_empty_pool_or_none_at_all_creates_the_room_as_before(engine):
@@ -193,7 +197,9 @@ async def test_an_empty_pool_or_none_at_all_creates_the_room_as_before(engine):
 async def test_a_creation_cut_short_is_finished_not_repeated(engine):
     hs = homeserver()
     pool = ready_rooms(engine, hs, wanted=1)
-    hs.crash_at = -1  # the homeserver made the room; we died before recording it
+    # The homeserver made the room (its second call, after reading m.direct); we died
+    # before recording it.
+    hs.crash_at = -2
     with pytest.raises(Crash):
         await pool.work_once()
     hs.crash_at = None
@@ -263,3 +269,80 @@ async def test_two_takers_at_once_never_get_the_same_room(backend, tmp_path):
             assert taken.count(None) == 2
         finally:
             await engine.dispose()
+
+
+async def _case_begun_with_pool(engine, hs, pool):
+    runner = step_engine(engine, hs, ready_rooms=pool)
+    return runner, *await open_and_begin(engine, runner)
+
+
+async def test_a_new_case_takes_its_room_made_ahead_in_the_transaction_that_opens_it(engine):
+    hs = homeserver()
+    pool = ready_rooms(engine, hs)
+    await fill(pool)
+    assert "direct_rooms" in hs.calls, "m.direct is read ahead too"
+    before = {r.room_id for r in await rows(engine)}
+    woken: list[bool] = []
+    pool.on_taken = lambda: woken.append(True)
+    hs.calls.clear()
+    runner, case_id, begun = await _case_begun_with_pool(engine, hs, pool)
+
+    # Committed with the case: the room is the case's and the step's, and no one else's.
+    (left,) = {r.room_id for r in await rows(engine)}
+    (room,) = before - {left}
+    assert begun.step is not None and begun.step.progress["dm_room"] == room
+    async with engine.connect() as conn:
+        case = await cases.get(conn, case_id)
+        (notify,) = [s for s in await cases.steps_of(conn, case_id) if s.step == "notify"]
+    assert case is not None and case.dm_room_id == room
+    assert notify.progress == {"dm_room": room, "dm_made_ahead": True}
+    assert hs.calls == [], "nothing asked of the homeserver inside the transaction"
+
+    await runner.run_case(case_id, begun)
+    assert hs.calls[:2] in (["send", "invite"], ["invite", "send"]), "nothing before them"
+    assert woken == [True], "another room is made once this one is handed over"
+    done = await steps(engine, case_id)
+    assert done["notify"].status == "done" and done["notify"].result["room_made_ahead"]
+    (notice,) = notices(hs, "notify")
+    assert notice in hs.rooms[room].events and hs.rooms[room].members[MEMBER] == "invite"
+    assert hs.direct[MEMBER] == [room]
+
+
+async def test_a_member_the_bot_has_a_dm_with_is_not_given_a_room_made_ahead(engine):
+    hs = homeserver()
+    hs.add_room("!theirs:localhost", {MEMBER: "join", hs.bot_user_id: "join"}, {})
+    hs.direct[MEMBER] = ["!theirs:localhost"]
+    pool = ready_rooms(engine, hs)
+    await fill(pool)
+    before = await rows(engine)
+    runner, case_id, begun = await _case_begun_with_pool(engine, hs, pool)
+    assert begun.step is not None and "dm_room" not in begun.step.progress
+    await runner.run_case(case_id, begun)
+    (notice,) = notices(hs, "notify")
+    assert notice in hs.rooms["!theirs:localhost"].events, "the DM they share wins"
+    assert await rows(engine) == before, "no room made ahead used up"
+
+
+@pytest.mark.parametrize("crash_at", [1, -1, 2, -2, 3, -3])
+async def test_killed_after_a_case_began_with_a_room_made_ahead_tells_them_once(engine, crash_at):
+    """The room taken with the case, then the process killed at any of the notice's first
+    calls, before or just after it acted: the resumed attempt uses that room, once."""
+    hs = homeserver()
+    pool = ready_rooms(engine, hs)
+    await fill(pool)
+    runner, case_id, begun = await _case_begun_with_pool(engine, hs, pool)
+    assert begun.step is not None
+    room = begun.step.progress["dm_room"]
+    hs.crash_at = crash_at
+    with contextlib.suppress(Crash):
+        await runner.run_case(case_id, begun)
+    hs.crash_at = None
+    hs.txn_ids.clear()
+    await step_engine(engine, hs, ready_rooms=pool).run_case(case_id)
+    done = await steps(engine, case_id)
+    assert all(done[s].status == "done" for s in REFERRAL_STEPS), done
+    their_rooms = [r.room_id for r in hs.rooms.values() if r.members.get(MEMBER) == "invite"]
+    assert their_rooms == [room], "the room taken with the case, and only that one"
+    (notice,) = notices(hs, "notify")
+    assert notice in hs.rooms[room].events
+    assert len(await rows(engine)) == 1, "one room taken, however the attempt ended"
