@@ -361,6 +361,7 @@ class Service:
             decrypter=self.crypto,
             lane_of=action_filter.lane,
             on_moved=self._wake_lane,
+            hand_over_lanes=frozenset({FLAG_LANE}),
         )
         # One worker a lane (bot/intake/accept.py): flags are worked the moment they arrive;
         # everything else in small batches.
@@ -389,6 +390,9 @@ class Service:
             on_state=self.room_state.state_changed,
             senders=self.recent_senders,
             busy_timeout=busy_timeout,
+            # A flag goes to its lane in memory as it is recorded: no read of it back.
+            hand_over=self.dispatcher.hand_over,
+            foresee=referral.foresee,
         )
         self.reconciler = Reconciler(
             self.engine,

@@ -239,6 +239,32 @@ def is_policy_request(body: str) -> bool:
     return len(body) < 32 and body.strip().casefold() == POLICY_COMMAND
 
 
+def _queued_items(
+    to_act_on: Sequence[tuple[dict[str, Any], int]],
+    seqs: Mapping[str, int],
+    received_at: dt.datetime,
+    caught_up: bool,
+) -> list[ingest.InboxItem]:
+    """The events just queued with these queue numbers, as the inbox holds them (each
+    once, however many times the transaction carried it)."""
+    items: dict[int, ingest.InboxItem] = {}
+    for event, lane in to_act_on:
+        seq = seqs.get(event["event_id"])
+        if seq is not None and seq not in items:
+            items[seq] = ingest.InboxItem(
+                seq=seq,
+                event_id=event["event_id"],
+                room_id=event["room_id"],
+                event_type=event["type"],
+                payload=event,
+                received_at=received_at,
+                attempts=0,
+                lane=lane,
+                caught_up=caught_up,
+            )
+    return list(items.values())
+
+
 class Intake:
     def __init__(
         self,
@@ -250,7 +276,15 @@ class Intake:
         senders: RecentSenders | None = None,
         recorder: ingest.TransactionRecorder | None = None,
         busy_timeout: float = 5.0,
+        hand_over: Callable[[list[ingest.InboxItem]], None] | None = None,
+        foresee: Callable[[dict[str, Any]], None] = lambda event: None,
     ) -> None:
+        # Shown each possible flag as it arrives, before it is recorded (the referral
+        # asks now for what the member's notice will need: bot/referral/decision.py).
+        self._foresee = foresee
+        # Told of the flags just queued, as the inbox holds them: their lane takes them
+        # from memory, not from a read of what was just written (bot/intake/dispatch.py).
+        self._hand_over = hand_over
         # A transaction not recorded within `busy_timeout` seconds is answered 503.
         self._recorder = recorder or ingest.TransactionRecorder(db, busy_timeout=busy_timeout)
         # Who sent each event, so that a flag on it needs no read (bot/intake/recent_senders.py).
@@ -315,6 +349,8 @@ class Intake:
             lane = lane_of(event, kind, room_id)  # type: ignore[arg-type]
             if lane is not None:
                 to_act_on.append((event, lane))  # type: ignore[arg-type]
+                if lane == FLAG_LANE:
+                    self._foreseen(event)  # type: ignore[arg-type]
         skipped = len(events) - len(kept)
         if skipped:
             self._metrics.events.labels("malformed").inc(skipped)
@@ -335,10 +371,18 @@ class Intake:
             recorded = await self._record_one_by_one(txn_id, kept, to_act_on, now, caught_up)
         self.last_write_error = None
         self._count(recorded, len(kept))
+        if recorded.handed and self._hand_over is not None:
+            self._hand_over(_queued_items(to_act_on, recorded.handed, now, caught_up))
         if recorded.queued:
             for lane in sorted({lane for _, lane in to_act_on}):
                 self._on_queued(lane)
         return recorded
+
+    def _foreseen(self, event: dict[str, Any]) -> None:
+        try:
+            self._foresee(event)
+        except Exception:  # a look ahead: the flag is recorded and acted on regardless
+            log.exception("could not look ahead at a possible flag")
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         self.last_write_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -359,6 +403,7 @@ class Intake:
             to_act_on,
             now,
             caught_up=caught_up,
+            hand_over_lane=FLAG_LANE if self._hand_over is not None else None,
         )
 
     async def close(self) -> None:
@@ -375,6 +420,7 @@ class Intake:
     ) -> ingest.Recorded:
         lanes = {id(event): lane for event, lane in to_act_on}
         new_events = queued = stored = 0
+        handed: dict[str, int] = {}
         for position, event in enumerate(events):
             lane = lanes.get(id(event))
             try:
@@ -394,8 +440,9 @@ class Intake:
                 continue
             new_events += one.new_events
             queued += one.queued
+            handed |= one.handed
             stored += 1
-        return ingest.Recorded(new_events, queued, stored)
+        return ingest.Recorded(new_events, queued, stored, handed)
 
     def _count(self, recorded: ingest.Recorded, total: int) -> None:
         duplicates = total - recorded.new_events

@@ -49,6 +49,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 5
+BATCH = 50  # events a lane takes at a time
 # An encrypted event whose key has not come this long after it did: staff are told a
 # message could not be read (a key may still come late: it is retried until then).
 UNDECRYPTABLE_AFTER = dt.timedelta(minutes=2)
@@ -190,7 +191,16 @@ class Dispatcher:
         on_moved: Callable[[int], None] = lambda lane: None,
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
+        hand_over_lanes: frozenset[int] = frozenset(),
     ) -> None:
+        # Events the intake hands over as it queues them (`hand_over`), by lane and queue
+        # number: a lane takes them from memory, not from a read of what was just written,
+        # while it is `clear` — every event it holds pending is known here (none waits in
+        # the inbox to be retried, nothing moved into it). Else it reads the inbox, which
+        # stays the truth either way: what is handed over is written first.
+        self._hand_over_lanes = hand_over_lanes
+        self._handed: dict[int, dict[int, InboxItem]] = {lane: {} for lane in hand_over_lanes}
+        self._clear: set[int] = set()
         self._decrypter = decrypter
         # Where a decrypted event belongs (the intake's test), and who is told it moved.
         self._lane_of = lane_of
@@ -211,13 +221,39 @@ class Dispatcher:
         self._outage_delays = outage_delays
         self._outages = 0
 
+    def hand_over(self, items: list[InboxItem]) -> None:
+        """Events just queued (and committed) in a lane that takes them from memory."""
+        for item in items:
+            handed = self._handed.get(item.lane)
+            if handed is not None:
+                handed[item.seq] = item
+
+    async def _due(self, lane: int, now: dt.datetime) -> tuple[list[InboxItem], bool]:
+        """The lane's due events, in order, and whether they are every event it holds
+        pending: from what was handed over while the lane is clear, else read."""
+        handed = self._handed.get(lane)
+        if handed and lane in self._clear:
+            items = [handed.pop(seq) for seq in sorted(handed)[:BATCH]]
+            return items, not handed
+        items, pending = await read(
+            self._db, ingest.due_in_lane, lane, now, BATCH, counted=handed is not None
+        )
+        if handed:
+            # Read now: handed over meanwhile, and committed after the read, it stays.
+            for item in items:
+                handed.pop(item.seq, None)
+        return items, pending == len(items)
+
     async def work_lane(self, lane: int) -> bool:
         """Handle the lane's due events in order; True if there may be more to do now."""
         now = dt.datetime.now(dt.UTC)
-        items = await read(self._db, ingest.pending, lane=lane, now=now, limit=50)
+        items, all_pending = await self._due(lane, now)
+        # Clear again only once this round has left nothing of the lane waiting.
+        self._clear.discard(lane)
         # Flags their sender removed (redacted) before they were reached: not acted on.
         withdrawn = {redacted for item in items if (redacted := _redacts(item)) is not None}
         nothing_to_do: list[int] = []
+        left_waiting = False
         try:
             for item in items:
                 if item.event_id in withdrawn and item.event_type != "m.room.redaction":
@@ -225,6 +261,7 @@ class Dispatcher:
                     continue
                 readable = await self._readable(item)
                 if readable is None:
+                    left_waiting = True
                     continue  # waiting for its key (or given up, and staff told)
                 if lane == DECRYPT_LANE:
                     if not await self._moved(readable):
@@ -237,22 +274,30 @@ class Dispatcher:
                     if handler is not None:
                         await handler(handling)
                 except HomeserverUnavailable as exc:
+                    left_waiting = True
                     if await self._is_outage():
                         await self._wait_for_homeserver(item, exc)
                         return False
                     await self._failed(item, exc)
                 except Exception as exc:
+                    left_waiting = True
                     log.exception("event %s could not be handled", item.event_id)
                     await self._failed(item, exc)
                 else:
                     self._outages = 0
                     if not handling.finished:
                         nothing_to_do.append(item.seq)
-        finally:
             if nothing_to_do:
                 async with self._db.begin() as conn:
                     await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
-        return len(items) == 50
+                nothing_to_do = []
+            if all_pending and not left_waiting and lane in self._handed:
+                self._clear.add(lane)
+        finally:
+            if nothing_to_do:  # cut short: what was done is still recorded
+                async with self._db.begin() as conn:
+                    await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
+        return len(items) == BATCH
 
     async def _withdrawn(self, item: InboxItem) -> None:
         """A flag removed before the queue reached it: recorded, and nothing done."""
@@ -277,6 +322,7 @@ class Dispatcher:
             return False
         async with self._db.begin() as conn:
             await ingest.move_to_lane(conn, decrypted.seq, lane)
+        self._clear.discard(lane)  # an event there it was not handed: read the inbox
         self._on_moved(lane)
         return True
 

@@ -108,6 +108,22 @@ class Referral:
         self._on_case = on_case
         self._on_outbox = on_outbox
 
+    def foresee(self, event: dict[str, Any]) -> None:
+        """A possible flag as it arrives, before it is recorded: what its notice will need
+        from the homeserver (the member's devices) is asked for now, when no read is
+        needed to know whom it names. Asks nothing of anyone else; the flag is decided
+        later, as always (a flag refused then cost one read of someone's devices)."""
+        if self._policy.dry_run:
+            return
+        flag = recognise_flag(event, reactions=self._policy.reactions, command=self._policy.command)
+        if flag is None or not self._is_moderated(flag.room_id):
+            return
+        target = flag.target_user
+        if target is None and flag.target_event_id is not None:
+            target = self._senders.sender_of(flag.room_id, flag.target_event_id)
+        if target is not None:
+            self._before_notice(target)
+
     async def __call__(self, handling: Handling) -> None:
         """Dispatcher entry: a possible flag in a group room."""
         flag = recognise_flag(

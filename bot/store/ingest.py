@@ -9,7 +9,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -34,6 +34,9 @@ class Recorded:
     new_events: int  # event ids never recorded before
     queued: int  # of them, events queued to act on
     events: int  # event ids it carried
+    # Of those queued in the lane the recorder was asked about (`hand_over_lane`): each
+    # one's queue number, by event id, so it can be handed on in memory.
+    handed: dict[str, int] = field(default_factory=dict)
 
     @property
     def duplicate_transaction(self) -> bool:
@@ -87,8 +90,10 @@ _PG_RECORD = (
     " FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::text[], $9::smallint[])"
     " AS e(event_id, room_id, event_type, payload, lane)"
     " JOIN seen ON seen.event_id = e.event_id"
-    " ON CONFLICT (event_id) DO NOTHING RETURNING 1"
-    ") SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM seen)"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id, lane"
+    ") SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM seen),"
+    " (SELECT array_agg(event_id) FROM queued WHERE lane = $11),"
+    " (SELECT array_agg(seq) FROM queued WHERE lane = $11)"
 )
 _PG_RECORD_IDS = (
     "WITH txn AS ("
@@ -117,8 +122,10 @@ def _record_sqlite_rows(
     received: Any,
     seen_at: int,
     caught_up: bool,
-) -> tuple[int, int]:
-    """One SQLite write transaction, all of it on the calling thread: (queued, new events).
+    hand_over_lane: int | None = None,
+) -> tuple[int, int, dict[str, int]]:
+    """One SQLite write transaction, all of it on the calling thread: (queued, new events,
+    the queue numbers of those queued in `hand_over_lane`, by event id).
 
     `received`: the time as the transaction and inbox rows store it; `seen_at`: the same
     time as `seen_events` stores it, integer milliseconds (bot/store/schema.py)."""
@@ -126,12 +133,21 @@ def _record_sqlite_rows(
     try:
         conn.execute(_SQLITE_TRANSACTION, (storable_txn_id(txn_id), received, len(event_ids)))
         queued = 0
+        handed: dict[str, int] = {}
         if queue:
-            rows = [
-                (event_id, room, kind, payload, received, lane, caught_up, event_id)
-                for event_id, room, kind, payload, lane in queue
-            ]
-            queued = conn.executemany(_SQLITE_QUEUE, rows).rowcount
+            rows = []
+            for event_id, room, kind, payload, lane in queue:
+                row = (event_id, room, kind, payload, received, lane, caught_up, event_id)
+                if lane != hand_over_lane:
+                    rows.append(row)
+                    continue
+                # One by one (a few, at most): each one's queue number is its rowid.
+                cursor = conn.execute(_SQLITE_QUEUE, row)
+                if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                    handed[event_id] = cursor.lastrowid
+                    queued += 1
+            if rows:
+                queued += conn.executemany(_SQLITE_QUEUE, rows).rowcount
         new_events = 0
         if event_ids:
             new_events = conn.executemany(
@@ -142,7 +158,7 @@ def _record_sqlite_rows(
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    return queued, new_events
+    return queued, new_events, handed
 
 
 class TransactionRecorder:
@@ -193,12 +209,14 @@ class TransactionRecorder:
         now: dt.datetime,
         *,
         caught_up: bool = False,
+        hand_over_lane: int | None = None,
     ) -> Recorded:
         """Persist a transaction; only events never seen before are queued to act on.
 
         A retried transaction carries the same ids, so nothing is queued twice; a
         reused txn id (Synapse restored from backup) still has its new events queued.
         Raises WriteUnavailable or UnstorableEvents; nothing is recorded then.
+        `hand_over_lane`: the queue numbers of the events queued in that lane are returned.
         """
         try:
             queue = [
@@ -220,9 +238,17 @@ class TransactionRecorder:
             if self._dialect == "postgresql":
                 async with asyncio.timeout_at(deadline):
                     return await self._record_postgresql(
-                        await self._driver(), txn_id, event_ids, queue, now, caught_up
+                        await self._driver(),
+                        txn_id,
+                        event_ids,
+                        queue,
+                        now,
+                        caught_up,
+                        hand_over_lane,
                     )
-            return await self._record_sqlite(txn_id, event_ids, queue, now, caught_up, deadline)
+            return await self._record_sqlite(
+                txn_id, event_ids, queue, now, caught_up, deadline, hand_over_lane
+            )
         except Exception as exc:
             if isinstance(exc, TimeoutError) or self._is_outage(exc):
                 await self._drop()
@@ -259,7 +285,7 @@ class TransactionRecorder:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _sqlite_write(self, busy_ms: int, *args: Any) -> tuple[int, int]:
+    def _sqlite_write(self, busy_ms: int, *args: Any) -> tuple[int, int, dict[str, int]]:
         """On the recorder's thread: open the connection if need be, and write, waiting
         for another process's lock no longer than `busy_ms`."""
         if self._sqlite is None:
@@ -278,6 +304,7 @@ class TransactionRecorder:
         now: dt.datetime,
         caught_up: bool,
         deadline: float,
+        hand_over_lane: int | None,
     ) -> Recorded:
         # Our turn among this process's writers; then SQLite's write lock, taken up
         # front as every writer here does (appservice/database.py), each within what is
@@ -290,7 +317,7 @@ class TransactionRecorder:
             # In whole tenths of a second: uncontended, that is the same every time, and
             # the pragma is set again only when it changes.
             left_ms = max(100, int((deadline - loop.time()) * 10) * 100)
-            queued, new_events = await self._thread.run(
+            queued, new_events, handed = await self._thread.run(
                 self._sqlite_write,
                 left_ms,
                 txn_id,
@@ -299,10 +326,11 @@ class TransactionRecorder:
                 self._stamp(now),
                 epoch_millis(now),
                 caught_up,
+                hand_over_lane,
             )
         finally:
             await turn.__aexit__(None, None, None)
-        return Recorded(new_events, queued, len(event_ids))
+        return Recorded(new_events, queued, len(event_ids), handed)
 
     async def _record_postgresql(
         self,
@@ -312,6 +340,7 @@ class TransactionRecorder:
         queue: list[tuple[str, str, str, str, int]],
         now: dt.datetime,
         caught_up: bool,
+        hand_over_lane: int | None,
     ) -> Recorded:
         received = self._stamp(now)
         if not queue:
@@ -322,7 +351,7 @@ class TransactionRecorder:
             )
             return Recorded(int(status.rsplit(" ", 1)[1]), 0, len(event_ids))
         columns = [list(column) for column in zip(*queue, strict=True)]
-        queued, new_events = await driver.fetchrow(
+        queued, new_events, handed_ids, handed_seqs = await driver.fetchrow(
             _PG_RECORD,
             storable_txn_id(txn_id),
             received,
@@ -330,8 +359,10 @@ class TransactionRecorder:
             list(event_ids),
             *columns,
             caught_up,
+            -1 if hand_over_lane is None else hand_over_lane,
         )
-        return Recorded(new_events, queued, len(event_ids))
+        handed = dict(zip(handed_ids or (), handed_seqs or (), strict=True))
+        return Recorded(new_events, queued, len(event_ids), handed)
 
     def _is_outage(self, exc: BaseException) -> bool:
         """A driver error that means "not now" (vs. something in the data). Anything from
@@ -369,20 +400,51 @@ async def pending(
             sa.or_(inbox.c.next_attempt_at.is_(None), inbox.c.next_attempt_at <= now)
         )
     rows = await conn.execute(query.order_by(inbox.c.seq).limit(limit))
-    return [
-        InboxItem(
-            seq=row.seq,
-            event_id=row.event_id,
-            room_id=row.room_id,
-            event_type=row.event_type,
-            payload=row.payload,
-            received_at=row.received_at,
-            attempts=row.attempts,
-            lane=row.lane,
-            caught_up=row.caught_up,
-        )
-        for row in rows
-    ]
+    return [_item(row) for row in rows]
+
+
+def _item(row: sa.Row[Any]) -> InboxItem:
+    return InboxItem(
+        seq=row.seq,
+        event_id=row.event_id,
+        room_id=row.room_id,
+        event_type=row.event_type,
+        payload=row.payload,
+        received_at=row.received_at,
+        attempts=row.attempts,
+        lane=row.lane,
+        caught_up=row.caught_up,
+    )
+
+
+_DUE_IN_LANE = (
+    sa.select(inbox)
+    .where(
+        inbox.c.status == "pending",
+        inbox.c.lane == sa.bindparam("b_lane"),
+        sa.or_(
+            inbox.c.next_attempt_at.is_(None),
+            inbox.c.next_attempt_at <= sa.bindparam("b_now", type_=inbox.c.next_attempt_at.type),
+        ),
+    )
+    .order_by(inbox.c.seq)
+    .limit(sa.bindparam("b_limit"))
+)
+_PENDING_IN_LANE = sa.select(sa.func.count()).where(
+    inbox.c.status == "pending", inbox.c.lane == sa.bindparam("b_lane")
+)
+
+
+async def due_in_lane(
+    conn: AsyncConnection, lane: int, now: dt.datetime, limit: int, *, counted: bool = False
+) -> tuple[list[InboxItem], int | None]:
+    """The lane's events due at `now`, in arrival order (at most `limit`), and (`counted`)
+    how many events the lane holds pending in all, due or not: one snapshot."""
+    rows = await conn.execute(_DUE_IN_LANE, {"b_lane": lane, "b_now": now, "b_limit": limit})
+    items = [_item(row) for row in rows]
+    if not counted:
+        return items, None
+    return items, (await conn.execute(_PENDING_IN_LANE, {"b_lane": lane})).scalar_one()
 
 
 async def next_attempt_at(conn: AsyncConnection, lane: int) -> dt.datetime | None:

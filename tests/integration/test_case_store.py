@@ -62,6 +62,31 @@ async def test_event_carried_twice_in_one_transaction_is_queued_once(engine):
         assert [item.event_id for item in await ingest.pending(conn)] == ["$a"]
 
 
+async def test_the_recorder_tells_the_queue_numbers_of_one_lane_to_hand_it_over(engine):
+    """What a lane is handed in memory is what the inbox holds: the new events of that lane
+    only, each once, with its queue number; a retry hands over nothing."""
+    from bot.store.ingest import TransactionRecorder
+
+    recorder = TransactionRecorder(engine)
+    try:
+        to_act_on = [(event("$flag"), 0), (event("$join"), 1), (event("$flag"), 0)]
+        to_act_on.append((event("$again"), 0))
+        first = await recorder.record("t1", ["$flag", "$join", "$again"], to_act_on, NOW)
+        retried = await recorder.record(
+            "t1", ["$flag", "$join", "$again"], to_act_on, NOW, hand_over_lane=0
+        )
+        assert first.handed == {}, "none asked for"
+        assert retried.handed == {} and retried.queued == 0
+        fresh = [(event("$new"), 0), (event("$other"), 1), (event("$new"), 0)]
+        second = await recorder.record("t2", ["$new", "$other"], fresh, NOW, hand_over_lane=0)
+    finally:
+        await recorder.close()
+    assert second.queued == 2
+    async with engine.connect() as conn:
+        queued = {item.event_id: item.seq for item in await ingest.pending(conn, lane=0)}
+    assert second.handed == {"$new": queued["$new"]}
+
+
 async def test_event_seen_without_action_is_not_queued_when_delivered_again(engine):
     """Dedupe is by every id recorded, not only by the inbox: a chat event delivered
     again (a catch-up, a restored Synapse) is never queued late."""

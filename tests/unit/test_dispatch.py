@@ -17,7 +17,7 @@ import pytest
 from appservice.logs import JsonFormatter
 from bot.core.metrics import Metrics
 from bot.core.ports import HomeserverUnavailable
-from bot.intake.accept import FLAG_LANE, OTHER_LANE
+from bot.intake.accept import FLAG_LANE, OTHER_LANE, ActionFilter, Intake
 from bot.intake.dispatch import MAX_ATTEMPTS, Classifier, Dispatcher, EventKind
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.refusal_reports import RefusalReports
@@ -26,7 +26,7 @@ from bot.store import audit, ingest, outbox
 from bot.texts.messages import Texts
 from tests.support.databases import record_events
 from tests.support.fake_homeserver import FakeHomeserver
-from tests.support.policy import GROUP, MEMBER, MOD, STAFF, deployment
+from tests.support.policy import BOT, GROUP, MEMBER, MOD, STAFF, deployment
 from tests.support.policy import referral as build_referral
 
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
@@ -287,3 +287,163 @@ async def test_a_flag_removed_before_it_was_reached_is_not_acted_on(engine):
     kinds = [e.kind for e in entries]
     assert kinds == ["flag_withdrawn", "flagged"], "the other flag is acted on"
     assert entries[0].facts["event"] == "$flag"
+
+
+OTHER, THIRD = "@other:localhost", "@third:localhost"
+
+
+def intake_for(engine, dispatcher: Dispatcher) -> Intake:
+    """The intake as the service wires it: flags handed to their lane as they are recorded."""
+    rooms = RoomDirectory(StaffRoom(STAFF))
+    rooms.moderate(GROUP)
+    check = ActionFilter(deployment().policy, rooms, bot_user_id=BOT)
+    return Intake(
+        engine, check, Metrics(), on_queued=lambda lane: None, hand_over=dispatcher.hand_over
+    )
+
+
+def counting_reads(monkeypatch) -> list[int]:
+    """How many times the lanes read the inbox."""
+    import bot.intake.dispatch as dispatch_module
+
+    reads: list[int] = []
+    whole = dispatch_module.read
+
+    async def counted(db, work, *args, **kwargs):
+        reads.append(1)
+        return await whole(db, work, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch_module, "read", counted)
+    return reads
+
+
+async def kinds_of(engine) -> list[str]:
+    async with engine.connect() as conn:
+        return [e.kind for e in await audit.entries(conn)]
+
+
+async def test_a_flag_is_handed_to_its_lane_as_it_is_recorded_and_acted_on_once(
+    engine, monkeypatch
+):
+    hs = homeserver()
+    hs.rooms[GROUP].members |= {OTHER: "join", THIRD: "join"}
+    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
+    intake = intake_for(engine, dispatcher)
+    reads = counting_reads(monkeypatch)
+    try:
+        await intake.accept("t1", [flag("$first")])
+        # Until a round has seen the lane whole, it reads the inbox (which has the flag).
+        await dispatcher.work_lane(FLAG_LANE)
+        assert len(reads) == 1 and await kinds_of(engine) == ["flagged"]
+        await dispatcher.work_lane(FLAG_LANE)  # a poll: nothing handed over, so a read
+        assert len(reads) == 2 and await kinds_of(engine) == ["flagged"], "not twice"
+        await intake.accept("t2", [flag("$second", member=OTHER)])
+        await dispatcher.work_lane(FLAG_LANE)
+        assert len(reads) == 2, "the second flag came from memory, not a read"
+        assert await kinds_of(engine) == ["flagged", "flagged"]
+        await drain(dispatcher, FLAG_LANE, rounds=3)
+        assert await kinds_of(engine) == ["flagged", "flagged"], "each acted on once"
+        async with engine.connect() as conn:
+            assert await ingest.pending(conn) == []
+    finally:
+        await intake.close()
+
+
+async def test_a_flag_both_handed_over_and_read_is_acted_on_once(engine):
+    hs = homeserver()
+    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
+    await queue(engine, (flag("$flag"), FLAG_LANE))
+    async with engine.connect() as conn:
+        (item,) = await ingest.pending(conn)
+    dispatcher.hand_over([item])  # as if its commit and the lane's read had crossed
+    await drain(dispatcher, FLAG_LANE, rounds=4)
+    assert await kinds_of(engine) == ["flagged"]
+
+
+async def test_a_lane_with_a_flag_to_retry_reads_the_inbox_so_flags_keep_their_order(
+    engine, monkeypatch
+):
+    hs = homeserver()
+    hs.rooms[GROUP].members |= {OTHER: "join", THIRD: "join"}
+    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
+    intake = intake_for(engine, dispatcher)
+    reads = counting_reads(monkeypatch)
+    original = hs.get_event
+    failures = ["once"]
+
+    async def failing_once(room_id, event_id):
+        if event_id == "$said" and failures:
+            failures.pop()
+            raise ValueError("caused by this event")
+        return await original(room_id, event_id)
+
+    hs.get_event = failing_once  # type: ignore[method-assign]
+    try:
+        await intake.accept("t0", [flag("$warm-up", member=THIRD)])
+        await dispatcher.work_lane(FLAG_LANE)  # the lane seen whole: clear
+        await intake.accept("t1", [reaction("$first", to="$said")])
+        await dispatcher.work_lane(FLAG_LANE)  # from memory; it fails, to be retried
+        assert await kinds_of(engine) == ["flagged"]
+        read_before = len(reads)
+        await intake.accept("t2", [flag("$second", member=OTHER)])
+        await dispatcher.work_lane(FLAG_LANE)
+        assert len(reads) == read_before + 1, "with a flag waiting, the lane reads the inbox"
+        async with engine.connect() as conn:
+            flagged = [e.personal.get("flag_event") for e in await audit.entries(conn)]
+        assert flagged[1:] == ["$first", "$second"], "the retried flag first, as it came"
+    finally:
+        await intake.close()
+
+
+async def test_the_member_a_flag_names_is_looked_ahead_at_as_it_arrives(engine):
+    """Before the flag is even recorded, the referral is shown it, and asks for what the
+    member's notice will need (their devices): only for a flag, in a room it moderates,
+    naming someone it knows without a read, and never in a dry run."""
+    from bot.intake.recent_senders import RecentSenders
+
+    looked_up: list[str] = []
+    senders = RecentSenders()
+    senders.note(["$said"], [{"room_id": GROUP, "sender": MEMBER}])
+    referral = build_referral(engine, homeserver(), senders=senders, before_notice=looked_up.append)
+    chat = flag("$chat") | {"content": {"body": "hello"}}
+    elsewhere = reaction("$elsewhere", to="$said") | {"room_id": "!other:localhost"}
+    for event in (chat, reaction("$unknown", to="$never-seen"), elsewhere):
+        referral.foresee(event)
+    assert looked_up == []
+    referral.foresee(reaction("$flag", to="$said"))
+    referral.foresee(flag("$command", member=OTHER))
+    assert looked_up == [MEMBER, OTHER]
+    dry = build_referral(
+        engine,
+        homeserver(),
+        deployment(dry_run=True),
+        senders=senders,
+        before_notice=looked_up.append,
+    )
+    dry.foresee(reaction("$flag", to="$said"))
+    assert looked_up == [MEMBER, OTHER], "a dry run sends no one anything"
+
+
+async def test_the_intake_shows_the_referral_each_possible_flag_as_it_arrives(engine):
+    shown: list[str] = []
+
+    async def pending_count() -> int:
+        async with engine.connect() as conn:
+            return len(await ingest.pending(conn))
+
+    rooms = RoomDirectory(StaffRoom(STAFF))
+    rooms.moderate(GROUP)
+    intake = Intake(
+        engine,
+        ActionFilter(deployment().policy, rooms, bot_user_id=BOT),
+        Metrics(),
+        on_queued=lambda lane: None,
+        foresee=lambda event: shown.append(event["event_id"]),
+    )
+    try:
+        chat = flag("$chat") | {"content": {"body": "hello"}}
+        await intake.accept("t1", [chat, membership("$join"), reaction("$flag", to="$said")])
+    finally:
+        await intake.close()
+    assert shown == ["$flag"], "possible flags only"
+    assert await pending_count() == 1

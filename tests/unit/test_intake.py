@@ -149,7 +149,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[tuple[dict[str, Any], int]]]] = []
 
-    async def record(self, txn_id, event_ids, to_act_on, now, *, caught_up=False):
+    async def record(
+        self, txn_id, event_ids, to_act_on, now, *, caught_up=False, hand_over_lane=None
+    ):
         self.calls.append((list(event_ids), list(to_act_on)))
         return ingest.Recorded(len(event_ids), len(to_act_on), len(event_ids))
 
