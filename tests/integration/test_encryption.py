@@ -18,7 +18,6 @@ import signal
 
 import pytest
 
-from bot.store import audit
 from bot.store import ready_rooms as ready_store
 from tests.support.e2e_scene import (
     config_for,
@@ -30,6 +29,7 @@ from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
+    entries,
     export_json,
     health,
     running_service,
@@ -264,8 +264,10 @@ async def test_policy_is_explained_in_an_encrypted_dm(synapse, tmp_path):
             assert "If a moderator is worried" in text
             assert scene.member.encrypted(dm), "the DM is encrypted"
             assert not scene.member.undecryptable
-            async with service.engine.connect() as conn:
-                kinds = {e.kind: e.facts for e in await audit.entries(conn)}
-            assert kinds["policy_explained"] == {"unencrypted": False}
+            # Recorded once the send is answered: the member's client may show it first.
+            (explained,) = await until(
+                lambda: entries(service, "policy_explained"), what="the record of it"
+            )
+            assert explained.facts == {"unencrypted": False}
     finally:
         await scene.close()
