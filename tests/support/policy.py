@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.cases.engine import Begun, StepEngine
 from bot.config.deployment import Deployment
@@ -152,6 +152,26 @@ def homeserver() -> FakeHomeserver:
     return hs
 
 
+async def _open(
+    conn: AsyncConnection,
+    *,
+    dry_run: bool = False,
+    due_in: dt.timedelta | None = None,
+    member: str = MEMBER,
+) -> cases.Opened:
+    # Flagged now (not at import): the alert's deadline counts from it.
+    at = dt.datetime.now(dt.UTC)
+    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, at, at)
+    return await cases.open_or_corroborate(
+        conn,
+        PROVENANCE,
+        flag,
+        steps=CASE_STEPS,
+        dry_run=dry_run,
+        due_at=NOW + (due_in or dt.timedelta(hours=1)),
+    )
+
+
 async def new_case(
     engine: AsyncEngine,
     *,
@@ -159,34 +179,15 @@ async def new_case(
     due_in: dt.timedelta | None = None,
     member: str = MEMBER,
 ) -> int:
-    # Flagged now (not at import): the alert's deadline counts from it.
-    at = dt.datetime.now(dt.UTC)
-    flag = cases.NewFlag(GROUP, member, MOD, "reaction", "$flag", "$msg", None, at, at)
     async with engine.begin() as conn:
-        opened = await cases.open_or_corroborate(
-            conn,
-            PROVENANCE,
-            flag,
-            steps=CASE_STEPS,
-            dry_run=dry_run,
-            due_at=NOW + (due_in or dt.timedelta(hours=1)),
-        )
+        opened = await _open(conn, dry_run=dry_run, due_in=due_in, member=member)
     return opened.case_id
 
 
 async def open_and_begin(engine: AsyncEngine, runner: StepEngine) -> tuple[int, Begun]:
     """A case opened and its first intent written in one transaction, as a flag does."""
-    at = dt.datetime.now(dt.UTC)
-    flag = cases.NewFlag(GROUP, MEMBER, MOD, "reaction", "$flag", "$msg", None, at, at)
     async with engine.begin() as conn:
-        opened = await cases.open_or_corroborate(
-            conn,
-            PROVENANCE,
-            flag,
-            steps=CASE_STEPS,
-            dry_run=False,
-            due_at=NOW + dt.timedelta(hours=1),
-        )
+        opened = await _open(conn)
         begun = await runner.begin(conn, opened)
     return opened.case_id, begun
 

@@ -317,6 +317,15 @@ def counting_reads(monkeypatch) -> list[int]:
     return reads
 
 
+def handing_over(engine, monkeypatch) -> tuple[FakeHomeserver, Dispatcher, Intake, list[int]]:
+    """A flag lane that takes what the intake hands over, the reads of the inbox counted,
+    and three members in the group room."""
+    hs = homeserver()
+    hs.rooms[GROUP].members |= {OTHER: "join", THIRD: "join"}
+    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
+    return hs, dispatcher, intake_for(engine, dispatcher), counting_reads(monkeypatch)
+
+
 async def kinds_of(engine) -> list[str]:
     async with engine.connect() as conn:
         return [e.kind for e in await audit.entries(conn)]
@@ -325,11 +334,7 @@ async def kinds_of(engine) -> list[str]:
 async def test_a_flag_is_handed_to_its_lane_as_it_is_recorded_and_acted_on_once(
     engine, monkeypatch
 ):
-    hs = homeserver()
-    hs.rooms[GROUP].members |= {OTHER: "join", THIRD: "join"}
-    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
-    intake = intake_for(engine, dispatcher)
-    reads = counting_reads(monkeypatch)
+    _, dispatcher, intake, reads = handing_over(engine, monkeypatch)
     try:
         await intake.accept("t1", [flag("$first")])
         # Until a round has seen the lane whole, it reads the inbox (which has the flag).
@@ -363,11 +368,7 @@ async def test_a_flag_both_handed_over_and_read_is_acted_on_once(engine):
 async def test_a_lane_with_a_flag_to_retry_reads_the_inbox_so_flags_keep_their_order(
     engine, monkeypatch
 ):
-    hs = homeserver()
-    hs.rooms[GROUP].members |= {OTHER: "join", THIRD: "join"}
-    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
-    intake = intake_for(engine, dispatcher)
-    reads = counting_reads(monkeypatch)
+    hs, dispatcher, intake, reads = handing_over(engine, monkeypatch)
     original = hs.get_event
     failures = ["once"]
 
