@@ -75,7 +75,9 @@ from tests.support.synapse import SynapseHandle, free_port, start_synapse
 
 CONCURRENT_ROOMS = 6  # createRoom calls in flight while seeding (Synapse on SQLite, 2 cores)
 AFTER_READY = 30.0  # seconds after ready counted as the start's own work, before the idle minute
-SETTLE = 1.0  # seconds after a flag, so its follow-up steps overlap no measurement
+# Seconds after a flag's follow-up steps are done (`settled`), for the sync's answer to
+# them (it waits `reconcile.gather` after an answer that brought anything).
+SETTLE = 1.0
 TARGET_IDLE_SPREAD = 0.10
 TARGET_RSS_MIB = 200.0
 TARGET_DROPPED_SECONDS = 60.0
@@ -302,6 +304,30 @@ async def quiet(database: Path, within: float = 1800) -> None:
     await until(done, within=within, interval=1.0, what="the first start's work done")
 
 
+async def settled(database: Path, within: float = 60) -> None:
+    """Until the last flag's case has done everything it does at once (no step started,
+    no case due now: the alert, the redactions, the debrief, the DM's m.direct entry all
+    recorded), so its follow-up steps overlap no measurement: at 5,000 rooms they take
+    Synapse longer than a fixed pause allowed."""
+
+    def done() -> bool:
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(" ")
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
+                started = db.execute(
+                    "SELECT count(*) FROM case_steps WHERE status = 'started'"
+                ).fetchone()[0]
+                due = db.execute(
+                    "SELECT count(*) FROM cases WHERE state = 'open' AND next_attempt_at <= ?",
+                    (now,),
+                ).fetchone()[0]
+        except sqlite3.Error:
+            return False
+        return started == 0 and due == 0
+
+    await until(done, within=within, interval=0.1, what="the flag's follow-up steps done")
+
+
 async def prepared(size: int, cache: Path, fresh: bool) -> Seeded:
     """The size's seeded Synapse and database: from the cache, or seeded (and cached)."""
     pristine, work = cache / f"{size}" / "pristine", cache / f"{size}" / "work"
@@ -504,6 +530,7 @@ async def measure(
                 kick = await flag_and_kick(scene, f"flag{number}")
                 if number:  # the first is a warm-up
                     figures.kicks.append(kick)
+                await settled(seeded.work / "safeguard.db")
                 await asyncio.sleep(SETTLE)
             figures.while_flagging = counted(requests, flags_from)
             print(f"size {seeded.size}: a flag dropped by a Synapse restart", flush=True)
