@@ -201,6 +201,11 @@ class Dispatcher:
         self._hand_over_lanes = hand_over_lanes
         self._handed: dict[int, dict[int, InboxItem]] = {lane: {} for lane in hand_over_lanes}
         self._clear: set[int] = set()
+        # The newest queue number a read of the lane returned: an event handed over only
+        # after a read took it (its commit and the hand-over straddling the read) is
+        # not taken again. (The intake records one transaction at a time, so queue
+        # numbers are committed in order.)
+        self._read_up_to: dict[int, int] = {}
         self._decrypter = decrypter
         # Where a decrypted event belongs (the intake's test), and who is told it moved.
         self._lane_of = lane_of
@@ -225,7 +230,7 @@ class Dispatcher:
         """Events just queued (and committed) in a lane that takes them from memory."""
         for item in items:
             handed = self._handed.get(item.lane)
-            if handed is not None:
+            if handed is not None and item.seq > self._read_up_to.get(item.lane, 0):
                 handed[item.seq] = item
 
     async def _due(self, lane: int, now: dt.datetime) -> tuple[list[InboxItem], bool]:
@@ -238,7 +243,8 @@ class Dispatcher:
         items, pending = await read(
             self._db, ingest.due_in_lane, lane, now, BATCH, counted=handed is not None
         )
-        if handed:
+        if handed is not None and items:
+            self._read_up_to[lane] = max(self._read_up_to.get(lane, 0), items[-1].seq)
             # Read now: handed over meanwhile, and committed after the read, it stays.
             for item in items:
                 handed.pop(item.seq, None)

@@ -365,6 +365,20 @@ async def test_a_flag_both_handed_over_and_read_is_acted_on_once(engine):
     assert await kinds_of(engine) == ["flagged"]
 
 
+async def test_a_flag_handed_over_only_after_a_read_took_it_is_acted_on_once(engine):
+    """Its commit and its hand-over straddling a read of the lane (a poll): the read
+    takes it, and the late hand-over is not taken again."""
+    hs = homeserver()
+    dispatcher = build(engine, hs, hand_over_lanes=frozenset({FLAG_LANE}))
+    await queue(engine, (flag("$flag"), FLAG_LANE))
+    async with engine.connect() as conn:
+        (item,) = await ingest.pending(conn)
+    await dispatcher.work_lane(FLAG_LANE)  # the read takes it, and the lane is clear
+    dispatcher.hand_over([item])  # the intake's hand-over, late
+    await drain(dispatcher, FLAG_LANE, rounds=4)
+    assert await kinds_of(engine) == ["flagged"]
+
+
 async def test_a_lane_with_a_flag_to_retry_reads_the_inbox_so_flags_keep_their_order(
     engine, monkeypatch
 ):
