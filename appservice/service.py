@@ -704,8 +704,10 @@ class Service:
         return status
 
     def _before_notice(self, member: str) -> None:
-        """A flag accepted: the member's devices read while their case is opened, so their
-        encrypted notice's key goes out without waiting for that read."""
+        """A possible flag arriving (Referral.foresee), or accepted on a member it had to
+        read the message to know: their devices read meanwhile, so their encrypted
+        notice's key goes out without waiting for that read. (Asked twice, they are read
+        once: the device follows them from the first answer.)"""
         if self.crypto is not None and self.deployment.encrypt_private_rooms:
             self.crypto.look_up_devices(member)
 

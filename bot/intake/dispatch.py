@@ -293,16 +293,12 @@ class Dispatcher:
                     self._outages = 0
                     if not handling.finished:
                         nothing_to_do.append(item.seq)
+        finally:
             if nothing_to_do:
                 async with self._db.begin() as conn:
                     await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
-                nothing_to_do = []
-            if all_pending and not left_waiting and lane in self._handed:
-                self._clear.add(lane)
-        finally:
-            if nothing_to_do:  # cut short: what was done is still recorded
-                async with self._db.begin() as conn:
-                    await ingest.finish_many(conn, nothing_to_do, dt.datetime.now(dt.UTC))
+        if all_pending and not left_waiting and lane in self._handed:
+            self._clear.add(lane)
         return len(items) == BATCH
 
     async def _withdrawn(self, item: InboxItem) -> None:

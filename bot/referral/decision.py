@@ -118,9 +118,7 @@ class Referral:
         flag = recognise_flag(event, reactions=self._policy.reactions, command=self._policy.command)
         if flag is None or not self._is_moderated(flag.room_id):
             return
-        target = flag.target_user
-        if target is None and flag.target_event_id is not None:
-            target = self._senders.sender_of(flag.room_id, flag.target_event_id)
+        target = self._known_target(flag)
         if target is not None:
             self._before_notice(target)
 
@@ -234,13 +232,11 @@ class Referral:
 
     async def _flagged_sender(self, flag: Flag) -> str | Refusal:
         """The member the flag names: given, or the flagged message's sender."""
-        if flag.target_user is not None:
-            return flag.target_user
-        if flag.target_event_id is None:
-            return Refusal("target_unknown", "no member was named")
-        known = self._senders.sender_of(flag.room_id, flag.target_event_id)
+        known = self._known_target(flag)
         if known is not None:
             return known
+        if flag.target_event_id is None:
+            return Refusal("target_unknown", "no member was named")
         flagged = await self._hs.get_event(flag.room_id, flag.target_event_id)
         if isinstance(flagged, Refused):
             return Refusal(
@@ -248,6 +244,15 @@ class Referral:
             )
         sender = flagged.get("sender")
         return sender if isinstance(sender, str) else Refusal("target_unknown", "no sender")
+
+    def _known_target(self, flag: Flag) -> str | None:
+        """The member the flag names, if known without a read: given, or the sender of a
+        message delivered lately (bot/intake/recent_senders.py)."""
+        if flag.target_user is not None:
+            return flag.target_user
+        if flag.target_event_id is None:
+            return None
+        return self._senders.sender_of(flag.room_id, flag.target_event_id)
 
     async def _staff_room_state(self) -> RoomState | None:
         """Whose power in the staff room makes them staff (None: no staff room yet, or it

@@ -38,8 +38,11 @@ class OpenedDm:
     # Made ahead and taken, the invite not sent yet: tell_by_dm sends it alongside the
     # message (a room in the clear: nothing in the message waits for the member).
     invite_pending: bool = False
-    # Already recorded on the step and the case (as a room made ahead is, when taken).
-    recorded: bool = False
+
+    @property
+    def recorded(self) -> bool:
+        """Already recorded on the step and the case: a room made ahead is, as it is taken."""
+        return self.made_ahead and self.created
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,7 @@ async def open_dm(
         # Taken as the case was opened (Notify.begin), recorded there: nothing sent yet.
         if ready is not None:
             ready.handed_over()
-        return OpenedDm(
-            known, True, False, None, made_ahead=True, invite_pending=True, recorded=True
-        )
+        return OpenedDm(known, True, False, None, made_ahead=True, invite_pending=True)
     room_id: str | None = known
     if room_id is None and run.resumed:
         # The earlier attempt may have created the room and died before recording it.
@@ -205,13 +206,7 @@ async def open_dm(
             run.progress = run.progress | taken(what, room_id)
             if invite_later or await _invite_into_ready(hs, run, user, room_id, what, case_field):
                 return OpenedDm(
-                    room_id,
-                    True,
-                    False,
-                    direct,
-                    made_ahead=True,
-                    invite_pending=invite_later,
-                    recorded=True,
+                    room_id, True, False, direct, made_ahead=True, invite_pending=invite_later
                 )
             room_id = None
     if room_id is None:

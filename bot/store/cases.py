@@ -96,26 +96,6 @@ class Step:
         return self.status in FINISHED
 
 
-# The case's fields a newly opened case has no value for (all of them but these).
-_CASE_NULLABLE = tuple(
-    field
-    for field in Case.__dataclass_fields__
-    if field
-    not in {
-        "id",
-        "room_id",
-        "member_id",
-        "state",
-        "dry_run",
-        "flagged_at",
-        "received_at",
-        "due_at",
-        "next_attempt_at",
-        "nonce",
-    }
-)
-
-
 def _case(row: sa.Row[Any]) -> Case:
     return Case(**{field: getattr(row, field) for field in Case.__dataclass_fields__})
 
@@ -270,8 +250,9 @@ async def open_or_corroborate(
                 personal=_flag_personal(flag),
                 at=flag.received_at,
             )
-            written = {name: value for name, value in values.items() if name != "active_key"}
-            case = Case(**dict.fromkeys(_CASE_NULLABLE) | written | {"id": case_id})
+            # Every field the insert did not set is empty in a new case.
+            written = values | {"id": case_id}
+            case = Case(**{name: written.get(name) for name in Case.__dataclass_fields__})
             return Opened(case_id, created=True, seq=seq, case=case, steps=new_steps)
     seq = await audit.append(
         conn,

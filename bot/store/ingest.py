@@ -388,17 +388,13 @@ async def pending(
     conn: AsyncConnection,
     *,
     lane: int | None = None,
-    now: dt.datetime | None = None,
     limit: int = 100,
 ) -> list[InboxItem]:
-    """Queued events in arrival order (of one lane; due for an attempt at `now`)."""
+    """Queued events in arrival order (of one lane), due or not: what the inbox holds.
+    (A lane takes its due ones with `due_in_lane`.)"""
     query = sa.select(inbox).where(inbox.c.status == "pending")
     if lane is not None:
         query = query.where(inbox.c.lane == lane)
-    if now is not None:
-        query = query.where(
-            sa.or_(inbox.c.next_attempt_at.is_(None), inbox.c.next_attempt_at <= now)
-        )
     rows = await conn.execute(query.order_by(inbox.c.seq).limit(limit))
     return [_item(row) for row in rows]
 
