@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The message catalogues, compiled from their .po files (bot/texts/catalogues.py).
+CATALOGUES := $(patsubst %.po,%.mo,$(wildcard bot/texts/locale/*/LC_MESSAGES/*.po))
 
-.PHONY: run test test-image lint bench clean
+.PHONY: run test test-image lint bench clean messages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,22 +14,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
-run: $(STAMP)
+%.mo: %.po $(STAMP)
+	$(BIN)/python -m bot.texts.catalogue_tool compile
+
+# After changing a text in the code: the .pot and every .po brought in step (then translate).
+messages: $(STAMP)
+	$(BIN)/python -m bot.texts.catalogue_tool update
+
+run: $(STAMP) $(CATALOGUES)
 	$(BIN)/safeguard dev
 
-test: $(STAMP)
+test: $(STAMP) $(CATALOGUES)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not image"
 
 # The OCI image built from Debian's packages and run (minutes; skipped without buildah).
-test-image: $(STAMP)
+test-image: $(STAMP) $(CATALOGUES)
 	$(BIN)/python -m pytest -q -m image tests/integration/test_image.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(CATALOGUES)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/referral.py
 	$(BIN)/python bench/checkin.py

@@ -75,6 +75,8 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
         )
     if config.resources_unchosen:
         print(f"warning: {UNCHOSEN_RESOURCES}")
+    if (language := config.language_warning) is not None:
+        print(f"warning: {language}")
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "

@@ -44,6 +44,7 @@ from bot.config.settings import (
     coerce_duration,
     default_resources,
 )
+from bot.texts.catalogues import SOURCE_LANGUAGE, shipped_languages
 from bot.texts.templates import validate_templates
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -156,6 +157,9 @@ class ConfigFile(_Strict):
     region: str | None = None
     resources: list[Resource] | None = Field(default=None, min_length=1)
     resources_max_age_days: int = Field(default=365, ge=1)
+    # The language of every text people read (bot/texts/catalogues.py): en, or a
+    # language with a catalogue in the package (cy).
+    language: str = SOURCE_LANGUAGE
     audit: AuditSettings = AuditSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     encryption: EncryptionSettings = EncryptionSettings()
@@ -174,6 +178,16 @@ class ConfigFile(_Strict):
                 "list your own under resources:"
             )
         return pack.region
+
+    @field_validator("language")
+    @classmethod
+    def _shipped_language(cls, code: str) -> str:
+        if code not in shipped_languages():
+            raise ValueError(
+                f"no message catalogue for language {code!r} "
+                f"(there are: {', '.join(shipped_languages())})"
+            )
+        return code
 
     @property
     def crisis_resources(self) -> list[Resource]:
@@ -263,7 +277,9 @@ class Config:
     @property
     def config_hash(self) -> str:
         """A digest of the policy-relevant settings, recorded with every audit entry."""
-        relevant = self.file.model_dump(mode="json", include={"policy", "checkin", "messages"})
+        relevant = self.file.model_dump(
+            mode="json", include={"policy", "checkin", "messages", "language"}
+        )
         # What members are shown, wherever it came from (a list, or a region's pack).
         relevant["resources"] = [r.model_dump(mode="json") for r in self.resources]
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
@@ -282,6 +298,25 @@ class Config:
     def resources_unchosen(self) -> bool:
         """Neither `region` nor `resources` is set: the UK list is used by default."""
         return self.file.region is None and self.file.resources is None
+
+    @property
+    def language(self) -> str:
+        return self.file.language
+
+    @property
+    def language_warning(self) -> str | None:
+        """Said by check-config, the doctor, the log at start and /health while the texts'
+        language is not marked reviewed by a native speaker (`messages.reviewed_locales`):
+        a crisis message that reads wrongly can do harm."""
+        code = self.language
+        if code in self.messages.reviewed_locales:
+            return None
+        return (
+            f"language {code!r}: its built-in texts are not marked reviewed "
+            f"(messages.reviewed_locales: {self.messages.reviewed_locales}): have a native "
+            "speaker read every message members, moderators and staff will get "
+            f"(bot/texts/locale/{code}), then add {code!r} there"
+        )
 
     def stale_resources(self, today: dt.date | None = None) -> list[Resource]:
         today = today or dt.date.today()

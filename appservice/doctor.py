@@ -182,6 +182,12 @@ def check_timezone(config: Config) -> Finding:
     return ok("check-in timezone", f"{name} (now UTC{offset[:3]}:{offset[3:]})")
 
 
+def check_language(config: Config) -> Finding:
+    if (warning := config.language_warning) is not None:
+        return warn("language", warning, "list it under messages.reviewed_locales once read")
+    return ok("language", f"{config.language}, reviewed")
+
+
 def check_resources(config: Config) -> Finding:
     resources = config.resources
     if not resources:
@@ -679,7 +685,7 @@ async def diagnose(config_path: str, *, webhook: bool = False) -> Report:
     config, findings = check_config_file(config_path)
     if config is None:
         return Report(findings)
-    findings += [check_timezone(config), check_resources(config)]
+    findings += [check_timezone(config), check_resources(config), check_language(config)]
     try:
         registration = load_registration(config.registration_path)
     except ConfigError:

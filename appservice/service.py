@@ -116,6 +116,7 @@ class Service:
             checkin=config.checkin,
             messages=config.messages,
             resources=tuple(config.resources),
+            language=config.language,
             bot_user_id=config.bot_user_id,
             provenance=Provenance(
                 config.policy.policy_version,
@@ -442,6 +443,7 @@ class Service:
             extra={
                 "ready_dm_rooms": self._ready_rooms_status,
                 "transactions": self._transactions_status,
+                "messages": self._messages_status,
                 **({"moderation_user": self._moderation_status} if self.moderation else {}),
             },
         )
@@ -462,6 +464,8 @@ class Service:
             await self._load_rooms()
             if self.config.resources_unchosen:
                 log.warning(UNCHOSEN_RESOURCES)
+            if (language := self.config.language_warning) is not None:
+                log.warning(language)
             for resource in self.config.stale_resources():
                 log.warning(
                     "crisis resource %r was last verified on %s: check it is still right",
@@ -687,6 +691,14 @@ class Service:
 
     async def _transactions_status(self) -> dict[str, Any]:
         return self.stranded.status()
+
+    async def _messages_status(self) -> dict[str, Any]:
+        """The texts' language, and whether a native speaker has reviewed it: a warning,
+        not a fault (the service works, and a 503 for ever would hide real faults)."""
+        status: dict[str, Any] = {"ok": True, "language": self.config.language}
+        if (warning := self.config.language_warning) is not None:
+            status["warning"] = warning
+        return status
 
     async def _ready_rooms_status(self) -> dict[str, Any]:
         return self.ready_rooms.status()

@@ -34,3 +34,5 @@ class Deployment:
     # Days after a case closes that its personal data is kept (0: for ever); the
     # settings' policy.retention_days, or its older name, or the default.
     retention_days: int = 0
+    # The language of every text people read (bot/texts/catalogues.py).
+    language: str = "en"

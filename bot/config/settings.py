@@ -266,6 +266,10 @@ class AuditSettings(_Strict):
 class MessageTemplates(_Strict):
     """Every text the bot sends (bot/texts/templates.py has each one's default and placeholders)."""
 
+    # The languages whose built-in texts a native speaker has read for this charity
+    # (bot/texts/catalogues.py): any other makes check-config warn and /health say so.
+    reviewed_locales: list[str] = Field(default_factory=lambda: ["en"])
+
     notice: str | None = None
     checkin: str | None = None
     withdrawn: str | None = None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from bot.config.deployment import Deployment
 from bot.config.settings import MessageTemplates
+from bot.texts.catalogues import language
 from bot.texts.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
 from bot.texts.wording import (
     checkin_when,
@@ -67,6 +68,8 @@ class Texts:
         self._zone = deployment.checkin.zone
         self._zone_name = deployment.checkin.timezone or "Europe/London"
         self._policy = deployment.policy
+        self.language = language(deployment.language)
+        self._ = self.language._
         self.on_fallback = on_fallback
         self._reported: set[str] = set()
 
@@ -76,16 +79,19 @@ class Texts:
         """Template `name` filled in; the built-in one if the configured one fails."""
         strings: Mapping[str, str] = {key: str(value) for key, value in values.items()}
         try:
-            return render_text(self.messages, name, strings)
+            return render_text(self.messages, name, strings, self.language)
         except TemplateError as exc:
             log.error("%s; the built-in text was used instead", exc)
             if exc.name not in self._reported:
                 self._reported.add(exc.name)
                 self.on_fallback(exc.name, str(exc))
-            return render_text(BUILT_IN, name, strings)
+            return render_text(BUILT_IN, name, strings, self.language)
 
     def when(self, at: dt.datetime) -> str:
-        return when(at, self._zone)
+        return when(at, self._zone, self.language)
+
+    def duration(self, delta: dt.timedelta) -> str:
+        return duration_words(delta, self.language)
 
     # ---- to the member and the room ----------------------------------------------------
 
@@ -93,10 +99,12 @@ class Texts:
         return content(
             self.text(
                 "notice",
-                resources=resource_lines(self._resources),
-                emergency=emergency_line(self._resources),
-                checkin_when=checkin_when(now, due_at, self._zone),
-                confidentiality=confidentiality_line(self._policy.confidentiality_url),
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
+                checkin_when=checkin_when(now, due_at, self._zone, self.language),
+                confidentiality=confidentiality_line(
+                    self._policy.confidentiality_url, self.language
+                ),
             )
         )
 
@@ -106,11 +114,15 @@ class Texts:
         return content(
             self.text(
                 "checkin",
-                resources=resource_lines(self._resources),
-                emergency=emergency_line(self._resources),
-                staff=" and ".join(staff_roles) if staff_roles else "our staff team",
-                since=since_words(flagged_at, now, self._zone),
-                confidentiality=confidentiality_line(self._policy.confidentiality_url),
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
+                staff=self._(" and ").join(staff_roles)
+                if staff_roles
+                else self._("our staff team"),
+                since=since_words(flagged_at, now, self._zone, self.language),
+                confidentiality=confidentiality_line(
+                    self._policy.confidentiality_url, self.language
+                ),
             )
         )
 
@@ -122,8 +134,8 @@ class Texts:
         return content(
             self.text(
                 "farewell",
-                resources=resource_lines(self._resources),
-                emergency=emergency_line(self._resources),
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
             )
         )
 
@@ -132,9 +144,11 @@ class Texts:
         return content(
             self.text(
                 "policy_explained",
-                resources=resource_lines(self._resources),
-                emergency=emergency_line(self._resources),
-                confidentiality=confidentiality_line(self._policy.confidentiality_url),
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
+                confidentiality=confidentiality_line(
+                    self._policy.confidentiality_url, self.language
+                ),
             )
         )
 
@@ -143,8 +157,8 @@ class Texts:
         return content(
             self.text(
                 "policy_room_reply",
-                resources=resource_lines(self._resources),
-                emergency=emergency_line(self._resources),
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
             )
         )
 
@@ -159,7 +173,7 @@ class Texts:
         return self.text("retention_redaction_reason")[:KICK_REASON_LIMIT]
 
     def room_notice(self) -> dict[str, Any]:
-        text = self.text("room_notice", resources=resource_lines(self._resources))
+        text = self.text("room_notice", resources=resource_lines(self._resources, self.language))
         return content(text, "m.notice")
 
     def moderator_debrief(
@@ -169,7 +183,7 @@ class Texts:
             self.text(
                 "moderator_debrief",
                 case=case_number,
-                checkin_when=checkin_when(now, due_at, self._zone),
+                checkin_when=checkin_when(now, due_at, self._zone, self.language),
                 support=self._policy.moderator_support,
             )
         )
@@ -192,30 +206,32 @@ class Texts:
         due_at: dt.datetime | None,
         dry_run: bool,
     ) -> dict[str, Any]:
+        _ = self._
         if dry_run:
-            status_line = " — DRY RUN: the member was not messaged or removed"
-            outcomes = "Nothing was sent to the member and no one was removed (dry run)."
+            status_line = _(" — DRY RUN: the member was not messaged or removed")
+            outcomes = _("Nothing was sent to the member and no one was removed (dry run).")
         else:
             status_line = {
-                "failed": f" — member was NOT notified: {notice.why}",
-                "waiting": f" — member NOT notified yet: {notice.why}",
-            }.get(notice.state, "")
+                "failed": _(" — member was NOT notified: {why}"),
+                "waiting": _(" — member NOT notified yet: {why}"),
+            }.get(notice.state, "").format(why=notice.why)
             outcomes = "\n".join(
                 [self._notice_line(notice, removal), self._removal_line(case_number, removal)]
             )
         if due_at is None:
-            checkin = "Check-in: could not be scheduled — arrange it by hand."
+            checkin = _("Check-in: could not be scheduled — arrange it by hand.")
         elif dry_run:
-            checkin = f"Check-in would open {self.when(due_at)} (dry run: it will not)."
+            checkin = _("Check-in would open {when} (dry run: it will not).")
         else:
-            checkin = f"Check-in room opens {self.when(due_at)}."
-        checklist = (
+            checkin = _("Check-in room opens {when}.")
+        checkin = checkin.format(when=self.when(due_at) if due_at else "")
+        checklist = _(
             "If a life may be at immediate risk:\n"
             "☐ Call 999 and give them what you know (the member's details from your records)\n"
-            f"☐ Record it: !case {case_number} es <reference> [service]\n"
-            f"☐ Acknowledge this alert: react ✅ or write !case {case_number} ack\n"
-            f"☐ Notes: !case {case_number} note <text> — the whole case: !case {case_number}"
-        )
+            "☐ Record it: !case {case} es <reference> [service]\n"
+            "☐ Acknowledge this alert: react ✅ or write !case {case} ack\n"
+            "☐ Notes: !case {case} note <text> — the whole case: !case {case}"
+        ).format(case=case_number)
         return content(
             self.text(
                 "alert",
@@ -226,9 +242,11 @@ class Texts:
                 flagger=flagger,
                 when=self.when(flagged_at),
                 method=method,
-                reason=reason or "(none given)",
+                reason=reason or _("(none given)"),
                 outcomes=outcomes,
-                late=f" — arrived {duration_words(late_by)} late" if late_by else "",
+                late=_(" — arrived {delay} late").format(delay=self.duration(late_by))
+                if late_by
+                else "",
                 checkin=checkin,
                 checklist=checklist,
                 zone=self._zone_name,
@@ -236,32 +254,47 @@ class Texts:
             "m.notice",
         )
 
-    @staticmethod
-    def _notice_line(notice: StepState, removal: StepState) -> str:
+    def _notice_line(self, notice: StepState, removal: StepState) -> str:
+        _ = self._
         if notice.state == "done":
-            before = ", before removal" if removal.state == "done" and not removal.note else ""
-            plain = f" — sent UNENCRYPTED ({notice.note})" if notice.note else ""
-            return f"✔ Member notified by DM{before}{plain}"
+            before = removal.state == "done" and not removal.note
+            if notice.note:
+                line = (
+                    _("✔ Member notified by DM, before removal — sent UNENCRYPTED ({why})")
+                    if before
+                    else _("✔ Member notified by DM — sent UNENCRYPTED ({why})")
+                )
+                return line.format(why=notice.note)
+            return (
+                _("✔ Member notified by DM, before removal")
+                if before
+                else _("✔ Member notified by DM")
+            )
         if notice.state == "waiting":
-            return (
-                f"… Member NOT notified yet ({notice.why}): still trying; "
-                "I'll reply here when they are"
-            )
-        return f"✘ Member was NOT notified ({notice.why}): please reach them another way"
+            return _(
+                "… Member NOT notified yet ({why}): still trying; I'll reply here when they are"
+            ).format(why=notice.why)
+        return _("✘ Member was NOT notified ({why}): please reach them another way").format(
+            why=notice.why
+        )
 
-    @staticmethod
-    def _removal_line(case_number: int, removal: StepState) -> str:
+    def _removal_line(self, case_number: int, removal: StepState) -> str:
+        _ = self._
         if removal.state == "done":
-            return f"✘ Not removed: {removal.note}" if removal.note else "✔ Removed from the room"
+            if removal.note:
+                return _("✘ Not removed: {why}").format(why=removal.note)
+            return _("✔ Removed from the room")
         if removal.state == "held":
-            return (
+            return _(
                 "⏸ Not removed: they have not been told, so the removal waits for your "
-                f"decision: !case {case_number} remove removes them without the notice; "
-                f"!case {case_number} notify tries telling them again"
-            )
+                "decision: !case {case} remove removes them without the notice; "
+                "!case {case} notify tries telling them again"
+            ).format(case=case_number)
         if removal.state == "waiting":
-            return f"… Not removed yet ({removal.why}): I'll reply here when they are"
-        return f"✘ Not removed: {removal.why or 'unknown reason'}"
+            return _("… Not removed yet ({why}): I'll reply here when they are").format(
+                why=removal.why
+            )
+        return _("✘ Not removed: {why}").format(why=removal.why or _("unknown reason"))
 
     def step_update(
         self,
@@ -275,45 +308,51 @@ class Texts:
         reply_to: str | None,
     ) -> dict[str, Any]:
         """What became of the notice or the removal after the alert went (a reply to it)."""
+        _ = self._
+        why = error or facts.get("why")
         if step == "notify":
             if status == "done":
-                plain = (
-                    " (sent unencrypted: encryption was failing)"
-                    if facts.get("unencrypted")
-                    else ""
-                )
-                update = f"the member has now been notified by DM{plain}."
-            elif removed:
                 update = (
-                    f"the member could NOT be notified ({error or facts.get('why')}). Please "
-                    f"reach them another way; !case {case_number} notify tries again."
+                    _(
+                        "the member has now been notified by DM (sent unencrypted: encryption "
+                        "was failing)."
+                    )
+                    if facts.get("unencrypted")
+                    else _("the member has now been notified by DM.")
+                )
+            elif removed:
+                update = _(
+                    "the member could NOT be notified ({why}). Please reach them another way; "
+                    "!case {case} notify tries again."
                 )
             else:
-                update = (
-                    f"the member could NOT be notified ({error or facts.get('why')}). They "
-                    f"have not been removed: !case {case_number} remove removes them without "
-                    f"the notice; !case {case_number} notify tries telling them again. "
-                    "Please reach them another way."
+                update = _(
+                    "the member could NOT be notified ({why}). They have not been removed: "
+                    "!case {case} remove removes them without the notice; !case {case} notify "
+                    "tries telling them again. Please reach them another way."
                 )
         elif status == "done":
             if facts.get("already_gone"):
-                update = "they had already left the room."
+                update = _("they had already left the room.")
             elif facts.get("staff_decision"):
-                update = (
+                update = _(
                     "they have now been removed from the room, without the notice, as staff "
                     "decided."
                 )
             else:
-                update = "they have now been removed from the room."
+                update = _("they have now been removed from the room.")
         else:
-            update = (
-                f"they could NOT be removed ({error or facts.get('why')}): please do it by hand."
-            )
+            update = _("they could NOT be removed ({why}): please do it by hand.")
+        update = update.format(why=why, case=case_number)
         return notice(self.text("step_update", case=case_number, update=update), reply_to=reply_to)
 
     def encryption_failing(self, *, case_number: int | None) -> dict[str, Any]:
         """Sent in the clear into an encrypted staff room: no detail, only where to look."""
-        what = f"Case #{case_number} needs you" if case_number else "Messages for staff are waiting"
+        what = (
+            self._("Case #{case} needs you").format(case=case_number)
+            if case_number
+            else self._("Messages for staff are waiting")
+        )
         return notice(self.text("encryption_failing", what=what))
 
     def encryption_broken(self, *, why: str | None) -> dict[str, Any]:
@@ -327,7 +366,7 @@ class Texts:
         who = f"{' '.join(staff)}: " if staff else ""
         return _mentioning(
             notice(
-                self.text("alert_again", case=case_number, waited=duration_words(waited), staff=who)
+                self.text("alert_again", case=case_number, waited=self.duration(waited), staff=who)
             ),
             staff,
         )
@@ -350,7 +389,7 @@ class Texts:
             member=member,
             method=method,
             when=self.when(at),
-            reason=reason or "(none given)",
+            reason=reason or self._("(none given)"),
         )
         return notice(text, reply_to=reply_to)
 
@@ -358,19 +397,26 @@ class Texts:
         self, *, case_number: int, member: str, room: str, removing: bool, reply_to: str | None
     ) -> dict[str, Any]:
         action = (
-            "As policy.on_rejoin is `remove`, I am removing them again, as discreetly as before."
+            self._(
+                "As policy.on_rejoin is `remove`, I am removing them again, as discreetly as "
+                "before."
+            )
             if removing
-            else "They were not removed again: please decide what to do, and reach out to them."
+            else self._(
+                "They were not removed again: please decide what to do, and reach out to them."
+            )
         )
         text = self.text("rejoined", case=case_number, member=member, room=room, action=action)
         return notice(text, reply_to=reply_to)
 
     def relay(self, *, case_number: int, member: str, text: str, where: str) -> dict[str, Any]:
         said = {
-            "DM": "replied to the notice",
-            "debrief": "(the moderator who flagged) replied to their debrief",
-        }.get(where, "wrote in the check-in room")
-        waiting = " No one from staff has joined it yet." if where == "check-in room" else ""
+            "DM": self._("replied to the notice"),
+            "debrief": self._("(the moderator who flagged) replied to their debrief"),
+        }.get(where) or self._("wrote in the check-in room")
+        waiting = (
+            self._(" No one from staff has joined it yet.") if where == "check-in room" else ""
+        )
         return notice(
             self.text(
                 "relay", case=case_number, member=member, said=said, waiting=waiting, text=text
@@ -386,13 +432,18 @@ class Texts:
         member_not_invited: str | None,
     ) -> dict[str, Any]:
         late = (
-            f"\nIt opened {duration_words(late_by)} late (the service was unavailable)."
+            "\n"
+            + self._("It opened {delay} late (the service was unavailable).").format(
+                delay=self.duration(late_by)
+            )
             if late_by
             else ""
         )
         not_invited = (
-            f"\nThe member could NOT be invited ({member_not_invited}): please reach them "
-            "another way."
+            "\n"
+            + self._(
+                "The member could NOT be invited ({why}): please reach them another way."
+            ).format(why=member_not_invited)
             if member_not_invited
             else ""
         )
@@ -407,17 +458,19 @@ class Texts:
         )
 
     def checkin_failed(self, *, case_number: int, error: str | None) -> dict[str, Any]:
-        return notice(self.text("checkin_failed", case=case_number, error=error or "unknown"))
+        return notice(
+            self.text("checkin_failed", case=case_number, error=error or self._("unknown"))
+        )
 
     def checkin_dry_run(self, *, case_number: int, due_at: dt.datetime | None) -> dict[str, Any]:
-        at = self.when(due_at) if due_at else "now"
+        at = self.when(due_at) if due_at else self._("now")
         return notice(self.text("checkin_dry_run", case=case_number, when=at))
 
     def checkin_reminder(
         self, *, case_number: int, link: str, member_waiting: bool
     ) -> dict[str, Any]:
         staff = list(self._policy.staff)
-        waiting = " The member has joined and is waiting." if member_waiting else ""
+        waiting = self._(" The member has joined and is waiting.") if member_waiting else ""
         text = self.text(
             "checkin_reminder",
             case=case_number,
@@ -442,7 +495,7 @@ class Texts:
                 when=self.when(flagged_at),
                 room=room,
                 flagger=flagger,
-                member=member or "(the flagged message could not be read)",
+                member=member or self._("(the flagged message could not be read)"),
             )
         )
 
@@ -460,7 +513,7 @@ class Texts:
             "unread_notice",
             case=case_number,
             member=member,
-            waited=duration_words(waited),
+            waited=self.duration(waited),
             sent=f"{self.when(sent_at)} ({self._zone_name})",
         )
         return notice(text, reply_to=reply_to)
@@ -484,7 +537,7 @@ class Texts:
                 room=room,
                 flagger=flagger,
                 method=method,
-                member=f" — member: {member}" if member else "",
+                member=self._(" — member: {member}").format(member=member) if member else "",
             )
         )
 
@@ -502,9 +555,9 @@ class Texts:
                 )
             )
         what = {
-            "flag": "flag(s)",
-            "tombstone": "upgrade notice(s) (tombstones) I ignored",
-        }.get(kind, "invite(s) of the bot")
+            "flag": self._("flag(s)"),
+            "tombstone": self._("upgrade notice(s) (tombstones) I ignored"),
+        }.get(kind) or self._("invite(s) of the bot")
         return notice(
             self.text(
                 "refusals_summary",
@@ -519,21 +572,25 @@ class Texts:
     def invite_refused(self, *, inviter: str, room: str) -> dict[str, Any]:
         return notice(self.text("invite_refused", inviter=inviter, room=room))
 
-    @staticmethod
-    def _powers(can_kick: bool | None, can_redact: bool | None) -> str:
+    def _powers(self, can_kick: bool | None, can_redact: bool | None) -> str:
+        _ = self._
         kick = (
-            "I can remove members there."
+            _("I can remove members there.")
             if can_kick
-            else "I CANNOT remove members there: give me a power level at or above the kick "
-            "level, or flags there will be recorded but nobody can be removed."
+            else _(
+                "I CANNOT remove members there: give me a power level at or above the kick "
+                "level, or flags there will be recorded but nobody can be removed."
+            )
         )
         redact = (
-            " I can remove the flags themselves once recorded."
+            _("I can remove the flags themselves once recorded.")
             if can_redact
-            else " I CANNOT redact there: flags (the 🚨, the command) will stay visible to the "
-            "room; give me the redact power level."
+            else _(
+                "I CANNOT redact there: flags (the 🚨, the command) will stay visible to the "
+                "room; give me the redact power level."
+            )
         )
-        return kick + redact
+        return f"{kick} {redact}"
 
     def room_joined(
         self, *, inviter: str, room: str, can_kick: bool | None, can_redact: bool | None
@@ -555,8 +612,10 @@ class Texts:
         can_redact: bool | None,
     ) -> dict[str, Any]:
         moved = (
-            f"The {cases} open case(s) of that room carry on there: a member with one who "
-            "joins the new room is treated as coming back (policy.on_rejoin). "
+            self._(
+                "The {count} open case(s) of that room carry on there: a member with one who "
+                "joins the new room is treated as coming back (policy.on_rejoin). "
+            ).format(count=cases)
             if cases
             else ""
         )

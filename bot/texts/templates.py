@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.config.settings import MessageTemplates
+from bot.texts.catalogues import Language
 
 # (default text, placeholders it may use), by the name operators override it with.
 CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
@@ -377,9 +378,17 @@ def validate_templates(messages: MessageTemplates) -> list[str]:
     return problems
 
 
-def render_text(messages: MessageTemplates, name: str, values: Mapping[str, str]) -> str:
-    """The template `name` (configured, else built in) filled in; TemplateError if it fails."""
-    template = getattr(messages, name, None) or DEFAULTS[name]
+def render_text(
+    messages: MessageTemplates,
+    name: str,
+    values: Mapping[str, str],
+    language: Language | None = None,
+) -> str:
+    """The template `name` (configured, else built in, in `language`) filled in;
+    TemplateError if it fails."""
+    template = getattr(messages, name, None) or (
+        language.template(name, DEFAULTS[name]) if language else DEFAULTS[name]
+    )
     try:
         return template.format_map(dict(values))
     except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:

@@ -7,6 +7,9 @@ import re
 from collections.abc import Sequence
 
 from bot.config.settings import Resource
+from bot.texts.catalogues import Language, language
+
+ENGLISH = language()
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 MAX_NAME = 64
@@ -31,89 +34,97 @@ def place(room_id: str, name: object = None) -> str:
     return f"{name} ({room_id})" if name else room_id
 
 
-def when(at: dt.datetime, zone: dt.tzinfo) -> str:
+def when(at: dt.datetime, zone: dt.tzinfo, language: Language = ENGLISH) -> str:
     """`Wed 25 Nov 2026, 10:00`, in the one zone every staff text uses (named once)."""
-    return at.astimezone(zone).strftime("%a %d %b %Y, %H:%M")
+    return language.date(at.astimezone(zone), "EEE dd MMM y, HH:mm")
 
 
-def duration_words(delta: dt.timedelta) -> str:
+def duration_words(delta: dt.timedelta, language: Language = ENGLISH) -> str:
     """'24 hours', '5 minutes', '1 h 30 min': a duration as people say it."""
+    _ = language._
     seconds = max(int(delta.total_seconds()), 0)
-
-    def plural(count: int, unit: str) -> str:
-        return f"{count} {unit}{'s' if count != 1 else ''}"
-
     if seconds >= 86400 and seconds % 86400 == 0:
-        return plural(seconds // 86400, "day")
+        days = seconds // 86400
+        return (_("1 day") if days == 1 else _("{count} days")).format(count=days)
     if seconds >= 3600:
         hours, minutes = seconds // 3600, (seconds % 3600) // 60
-        return plural(hours, "hour") if not minutes else f"{hours} h {minutes} min"
+        if minutes:
+            return _("{hours} h {minutes} min").format(hours=hours, minutes=minutes)
+        return (_("1 hour") if hours == 1 else _("{count} hours")).format(count=hours)
     if seconds >= 60:
-        return plural(seconds // 60, "minute")
-    return plural(seconds, "second")
+        count = seconds // 60
+        return (_("1 minute") if count == 1 else _("{count} minutes")).format(count=count)
+    return (_("1 second") if seconds == 1 else _("{count} seconds")).format(count=seconds)
 
 
-def _part_of_day(local: dt.datetime) -> str:
-    if local.hour < 12:
-        return "morning"
-    return "afternoon" if local.hour < 17 else "evening"
-
-
-def checkin_when(now: dt.datetime, due: dt.datetime | None, zone: dt.tzinfo) -> str:
+def checkin_when(
+    now: dt.datetime, due: dt.datetime | None, zone: dt.tzinfo, language: Language = ENGLISH
+) -> str:
     """When the check-in will be, as the member reads it: 'tomorrow morning', 'later today'."""
+    _ = language._
     if due is None:
-        return "soon"
+        return _("soon")
     local_now, local_due = now.astimezone(zone), due.astimezone(zone)
     days = (local_due.date() - local_now.date()).days
     ahead = due - now
     if ahead <= dt.timedelta(hours=1):
-        return "within the hour" if ahead > dt.timedelta(minutes=5) else "very soon"
+        return _("within the hour") if ahead > dt.timedelta(minutes=5) else _("very soon")
     if days <= 0:
-        return "in a few hours" if ahead <= dt.timedelta(hours=4) else "later today"
+        return _("in a few hours") if ahead <= dt.timedelta(hours=4) else _("later today")
     if days == 1:
-        return f"tomorrow {_part_of_day(local_due)}"
+        if local_due.hour < 12:
+            return _("tomorrow morning")
+        return _("tomorrow afternoon") if local_due.hour < 17 else _("tomorrow evening")
     if days < 7:
-        return f"on {local_due.strftime('%A')}"
-    return f"on {local_due.strftime('%A %d %B')}"
+        return _("on {weekday}").format(weekday=language.date(local_due, "EEEE"))
+    return _("on {weekday}").format(weekday=language.date(local_due, "EEEE dd MMMM"))
 
 
-def since_words(then: dt.datetime, now: dt.datetime, zone: dt.tzinfo) -> str:
+def since_words(
+    then: dt.datetime, now: dt.datetime, zone: dt.tzinfo, language: Language = ENGLISH
+) -> str:
     """How long ago something happened, as the member reads it: 'yesterday', 'earlier today'."""
+    _ = language._
     local_then, local_now = then.astimezone(zone), now.astimezone(zone)
     days = (local_now.date() - local_then.date()).days
     if days <= 0:
-        return "a little while ago" if now - then < dt.timedelta(hours=2) else "earlier today"
+        return _("a little while ago") if now - then < dt.timedelta(hours=2) else _("earlier today")
     if days == 1:
-        return "yesterday"
+        return _("yesterday")
     if days < 7:
-        return f"on {local_then.strftime('%A')}"
-    return f"on {local_then.strftime('%d %B')}"
+        return _("on {weekday}").format(weekday=language.date(local_then, "EEEE"))
+    return _("on {date}").format(date=language.date(local_then, "dd MMMM"))
 
 
-def resource_lines(resources: Sequence[Resource]) -> str:
+def resource_lines(resources: Sequence[Resource], language: Language = ENGLISH) -> str:
     """The services to talk to, one a line (the emergency line is said apart)."""
     lines = []
     for resource in resources:
         if resource.emergency:
             continue
-        line = f"• {resource.name}: {resource.contact}"
+        line = f"• {resource.name}: {language.resource(resource.contact)}"
         if resource.when:
-            line += f" ({resource.when})"
+            line += f" ({language.resource(resource.when)})"
         lines.append(line)
     return "\n".join(lines)
 
 
-def confidentiality_line(url: str | None) -> str:
+def confidentiality_line(url: str | None, language: Language = ENGLISH) -> str:
     """The link to the charity's confidentiality policy, as the last paragraph of a
     message to the member; nothing when none is configured."""
-    return f"\n\nWhat we share and why: {url}" if url else ""
+    return "\n\n" + language._("What we share and why: {url}").format(url=url) if url else ""
 
 
-def emergency_line(resources: Sequence[Resource]) -> str:
+def emergency_line(resources: Sequence[Resource], language: Language = ENGLISH) -> str:
     """'If your life is in danger right now, call 999 or go to A&E.' — from the resources."""
+    _ = language._
     emergencies = [r for r in resources if r.emergency]
     if not emergencies:
-        return "If your life is in danger right now, call your local emergency number."
+        return _("If your life is in danger right now, call your local emergency number.")
     return " ".join(
-        f"{(r.when or 'in an emergency').capitalize()}, {r.contact}." for r in emergencies
+        _("{when}, {contact}.").format(
+            when=(language.resource(r.when) if r.when else _("in an emergency")).capitalize(),
+            contact=language.resource(r.contact),
+        )
+        for r in emergencies
     )

@@ -24,7 +24,7 @@ def texts(**options) -> Texts:
 
 
 def test_every_text_is_a_template_operators_can_override():
-    assert set(MessageTemplates.model_fields) == set(CATALOGUE)
+    assert set(MessageTemplates.model_fields) - {"reviewed_locales"} == set(CATALOGUE)
     assert validate_templates(MessageTemplates()) == []
 
 
