@@ -15,6 +15,7 @@ from bot.moderation.room_state import membership_in
 from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, cases, outbox
 from bot.store.cases import Case
+from bot.texts.catalogues import language
 from bot.texts.templates import notice
 
 PRESENT = frozenset({"join", "invite"})
@@ -37,6 +38,9 @@ class CheckinEvents:
         self._staff_room = staff_room
         self._is_staff = is_staff
         self._on_outbox = on_outbox
+        self._claimed = language(deployment.language)._(
+            "Case #{case}: check-in claimed by {by} (✋)."
+        )
 
     async def membership(self, handling: Handling) -> None:
         """Someone joined or left a check-in room: the member, or staff picking it up."""
@@ -91,7 +95,7 @@ class CheckinEvents:
         if claimed:
             async with self._db.begin() as conn:
                 await self._reply(
-                    conn, case.id, target, f"Case #{case.id}: check-in claimed by {sender} (✋)."
+                    conn, case.id, target, self._claimed.format(case=case.id, by=sender)
                 )
             self._on_outbox()
         return True

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from bot.texts.catalogues import N_, Language
 
 PREFIX = "!case"
 Action = Literal[
@@ -36,7 +39,7 @@ KEEP_CHECKIN = "--keep-checkin"
 _NO_TEXT = ("claim", "ack", "remove", "notify")
 LIST_FILTERS = ("open", "closed", "all")
 
-USAGE = """\
+USAGE = N_("""\
 !case list [open|closed|all] [page] — the cases, oldest first, a page at a time
 !case N — case N's whole timeline
 !case N es <reference> [service] — record that emergency services were informed
@@ -54,7 +57,7 @@ USAGE = """\
 !case stats [days] — flags per moderator and per room (default: the last 30 days)
 !case help — this list
 !rooms — the rooms I moderate: who added me, when, whether I can remove and redact there
-!rooms leave <room> — make me leave a room (a room id or #alias)"""
+!rooms leave <room> — make me leave a room (a room id or #alias)""")
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,18 @@ class CaseCommand:
 
 @dataclass(frozen=True)
 class CommandError:
-    """A `!case` command that could not be understood; `message` says how to write it."""
+    """A `!case` command that could not be understood: how to write it (English, with
+    `{placeholders}` filled from `values`; `in_` says it in a community's language)."""
 
-    message: str
+    template: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def in_(self, language: Language) -> str:
+        return language._(self.template).format_map(self.values)
+
+    @property
+    def message(self) -> str:
+        return self.template.format_map(self.values)
 
 
 def parse_case_command(body: str) -> CaseCommand | CommandError | None:
@@ -101,7 +113,7 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
             return CaseCommand("stats", page=30)
         if len(rest) == 2 and re.fullmatch(r"\d{1,4}", rest[1]) and int(rest[1]) > 0:
             return CaseCommand("stats", page=int(rest[1]))
-        return CommandError("write `!case stats` or `!case stats 90` (days)")
+        return CommandError(N_("write `!case stats` or `!case stats 90` (days)"))
     if head == "list":
         arguments = [word.casefold() for word in rest[1:]]
         chosen = "open"
@@ -112,14 +124,17 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
             page = int(arguments.pop(0))
         if arguments:
             return CommandError(
-                "write `!case list`, `!case list closed`, `!case list all` "
-                "(add a page number for more, e.g. `!case list all 2`)"
+                N_(
+                    "write `!case list`, `!case list closed`, `!case list all` "
+                    "(add a page number for more, e.g. `!case list all 2`)"
+                )
             )
         return CaseCommand("list", text=chosen, page=page)
     number = rest[0].lstrip("#")
     if not re.fullmatch(r"\d{1,9}", number):
         return CommandError(
-            f"`{rest[0]}` is not a case number: write e.g. `!case 12` or `!case help`"
+            N_("`{word}` is not a case number: write e.g. `!case 12` or `!case help`"),
+            {"word": rest[0]},
         )
     case = int(number)
     if len(rest) == 1:
@@ -135,14 +150,20 @@ def parse_case_command(body: str) -> CaseCommand | CommandError | None:
             arguments = [word for word in arguments if word != KEEP_CHECKIN]
             text = " ".join(arguments)
             if not arguments:
-                return CommandError(f"write `!case {case} withdraw {_NEEDS_TEXT[action]}`")
+                return CommandError(N_("write `{usage}`"), {"usage": _usage(case, action)})
             return CaseCommand(
                 "withdraw", case, text=text[:2000], words=(KEEP_CHECKIN,) if keep else ()
             )
         if not arguments:
-            return CommandError(f"write `!case {case} {action} {_NEEDS_TEXT[action]}`")
+            return CommandError(N_("write `{usage}`"), {"usage": _usage(case, action)})
         return CaseCommand(action, case, text=text[:2000], words=tuple(arguments))  # type: ignore[arg-type]
-    return CommandError(f"`{rest[1]}` is not a case command; `!case help` lists them")
+    return CommandError(
+        N_("`{word}` is not a case command; `!case help` lists them"), {"word": rest[1]}
+    )
+
+
+def _usage(case: int, action: str) -> str:
+    return f"!case {case} {action} {_NEEDS_TEXT[action]}"
 
 
 @dataclass(frozen=True)
@@ -164,4 +185,4 @@ def parse_rooms_command(body: str) -> RoomsCommand | CommandError | None:
         return RoomsCommand("list")
     if words[1].casefold() == "leave" and len(words) == 3 and words[2][:1] in ("!", "#"):
         return RoomsCommand("leave", words[2])
-    return CommandError("write `!rooms`, or `!rooms leave !roomid:server` (or a #alias)")
+    return CommandError(N_("write `!rooms`, or `!rooms leave !roomid:server` (or a #alias)"))

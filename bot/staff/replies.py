@@ -8,81 +8,110 @@ from collections.abc import Mapping, Sequence
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
-from bot.texts.wording import person, place, when
+from bot.texts.catalogues import N_, Language
+from bot.texts.wording import ENGLISH, person, place, when
 
 # What each step did, in words (its status is added when it is not "done").
 _STEP_WORDS = {
-    "notify": "member told (the notice)",
-    "remove": "member removed from the room",
-    "room_notice": "room told (no one named)",
-    "alert": "staff alerted",
-    "schedule": "check-in scheduled",
-    "checkin": "check-in opened",
-    "checkin_notice": "staff told the check-in is open",
-    "checkin_reminder": "staff reminded of the check-in",
-    "escalate": "alert raised again (unacknowledged)",
-    "redact_flag": "the flag taken out of the room",
-    "redact_message": "the flagged message taken out of the room",
-    "debrief": "moderator debriefed",
-    "withdraw_apology": "member sent an apology (flag withdrawn)",
-    "withdraw_reinvite": "member invited back (flag withdrawn)",
-    "withdraw_report": "staff told the flag was withdrawn",
-    "remove_again": "member removed again",
-    "corroboration": "staff told of another flag",
-    "rejoin": "staff told the member came back",
-    "purge": "personal data purged (retention)",
-    "unread_notice": "staff told the notice is unread",
-    "mark_dm": "the member's DM marked as a direct chat",
+    "notify": N_("member told (the notice)"),
+    "remove": N_("member removed from the room"),
+    "room_notice": N_("room told (no one named)"),
+    "alert": N_("staff alerted"),
+    "schedule": N_("check-in scheduled"),
+    "checkin": N_("check-in opened"),
+    "checkin_notice": N_("staff told the check-in is open"),
+    "checkin_reminder": N_("staff reminded of the check-in"),
+    "escalate": N_("alert raised again (unacknowledged)"),
+    "redact_flag": N_("the flag taken out of the room"),
+    "redact_message": N_("the flagged message taken out of the room"),
+    "debrief": N_("moderator debriefed"),
+    "withdraw_apology": N_("member sent an apology (flag withdrawn)"),
+    "withdraw_reinvite": N_("member invited back (flag withdrawn)"),
+    "withdraw_report": N_("staff told the flag was withdrawn"),
+    "remove_again": N_("member removed again"),
+    "corroboration": N_("staff told of another flag"),
+    "rejoin": N_("staff told the member came back"),
+    "purge": N_("personal data purged (retention)"),
+    "unread_notice": N_("staff told the notice is unread"),
+    "mark_dm": N_("the member's DM marked as a direct chat"),
 }
 
 _KIND_WORDS = {
     **{f"step.{step}": words for step, words in _STEP_WORDS.items()},
-    "flagged": "flagged",
-    "corroborated": "flagged again (corroboration)",
-    "step.notify": "member notified",
-    "notice_read": "member read the notice",
-    "step.unread_notice": "staff told the notice is unread",
-    "step.remove": "member removed",
-    "step.room_notice": "room notice",
-    "step.alert": "staff alerted",
-    "step.schedule": "check-in scheduled",
-    "step.checkin": "check-in opened",
-    "member_rejoined": "member rejoined the room",
-    "member_replied": "member replied in the DM (relayed)",
-    "checkin_member_wrote": "member wrote in the check-in room (relayed)",
-    "moderator_replied": "moderator replied to the debrief (relayed)",
-    "flag_withdrawn": "flag withdrawn",
-    "checkin_member_joined": "member joined the check-in",
-    "checkin_invite_rejected": "member declined the check-in invite",
-    "checkin_staff_joined": "staff joined the check-in",
-    "checkin_claimed": "check-in claimed",
-    "checkin_reminded": "staff reminded about the check-in",
-    "emergency_services_informed": "emergency services informed",
-    "note": "staff note",
-    "alert_acknowledged": "alert acknowledged",
-    "alert_raised_again": "alert raised again (unacknowledged)",
-    "closed": "case closed",
-    "reopened": "case reopened",
-    "held": "placed on hold",
-    "purged": "personal data purged (retention)",
+    "flagged": N_("flagged"),
+    "corroborated": N_("flagged again (corroboration)"),
+    "step.notify": N_("member notified"),
+    "notice_read": N_("member read the notice"),
+    "step.unread_notice": N_("staff told the notice is unread"),
+    "step.remove": N_("member removed"),
+    "step.room_notice": N_("room notice"),
+    "step.alert": N_("staff alerted"),
+    "step.schedule": N_("check-in scheduled"),
+    "step.checkin": N_("check-in opened"),
+    "member_rejoined": N_("member rejoined the room"),
+    "member_replied": N_("member replied in the DM (relayed)"),
+    "checkin_member_wrote": N_("member wrote in the check-in room (relayed)"),
+    "moderator_replied": N_("moderator replied to the debrief (relayed)"),
+    "flag_withdrawn": N_("flag withdrawn"),
+    "checkin_member_joined": N_("member joined the check-in"),
+    "checkin_invite_rejected": N_("member declined the check-in invite"),
+    "checkin_staff_joined": N_("staff joined the check-in"),
+    "checkin_claimed": N_("check-in claimed"),
+    "checkin_reminded": N_("staff reminded about the check-in"),
+    "emergency_services_informed": N_("emergency services informed"),
+    "note": N_("staff note"),
+    "alert_acknowledged": N_("alert acknowledged"),
+    "alert_raised_again": N_("alert raised again (unacknowledged)"),
+    "closed": N_("case closed"),
+    "reopened": N_("case reopened"),
+    "held": N_("placed on hold"),
+    "purged": N_("personal data purged (retention)"),
+}
+# The words of a case's state, of a step's status and of each detail a timeline line gives.
+_WORDS = {
+    "open": N_("open"),
+    "closed": N_("closed"),
+    "all": N_("all"),
+    "failed": N_("failed"),
+    "skipped": N_("skipped"),
+    "started": N_("started"),
+    "pending": N_("pending"),
+    "method": N_("method"),
+    "why": N_("why"),
+    "via": N_("via"),
+    "by": N_("by"),
+    "flagger": N_("flagger"),
+    "reference": N_("reference"),
+    "service": N_("service"),
+    "outcome": N_("outcome"),
+    "error": N_("error"),
+    "text": N_("text"),
 }
 
 
-def _words(kind: str) -> str:
+def word(key: str, language: Language) -> str:
+    """A state, status or detail's name in words, in `language` (as recorded if unknown)."""
+    english = _WORDS.get(key)
+    return language._(english) if english else key
+
+
+def _words(kind: str, language: Language) -> str:
     """An entry's kind in words: the table's, else its name read as words."""
-    return _KIND_WORDS.get(kind) or kind.removeprefix("step.").replace("_", " ")
+    english = _KIND_WORDS.get(kind)
+    return language._(english) if english else kind.removeprefix("step.").replace("_", " ")
 
 
-def _zone_note(zone: dt.tzinfo) -> str:
-    return f"(times: {zone})"
+def _zone_note(zone: dt.tzinfo, language: Language) -> str:
+    return language._("(times: {zone})").format(zone=zone)
 
 
-def _whose(case: Case, names: Mapping[str, str | None]) -> str:
+def _whose(case: Case, names: Mapping[str, str | None], language: Language) -> str:
     """'Sam (@sam:…) in Group chat (!…)': the case's member and room by the names people
     know (`names`, by id), or what retention left."""
-    member = person(case.member_id, names.get(case.member_id)) if case.member_id else "(purged)"
-    room = place(case.room_id, names.get(case.room_id)) if case.room_id else "(purged)"
-    return f"{member} in {room}"
+    purged = language._("(purged)")
+    member = person(case.member_id, names.get(case.member_id)) if case.member_id else purged
+    room = place(case.room_id, names.get(case.room_id)) if case.room_id else purged
+    return language._("{member} in {room}").format(member=member, room=room)
 
 
 def _age(since: dt.datetime, now: dt.datetime) -> str:
@@ -107,33 +136,56 @@ def case_listing(
     names: Mapping[str, str | None] | None = None,
     page: int = 1,
     total: int | None = None,
+    language: Language = ENGLISH,
 ) -> str:
+    _ = language._
     total = len(found) if total is None else total
     if total == 0:
-        return f"No {which if which != 'all' else ''} cases.".replace("  ", " ")
+        return (
+            _("No cases.")
+            if which == "all"
+            else _("No {which} cases.").format(which=word(which, language))
+        )
     pages = max(1, -(-total // LIST_PAGE_SIZE))
     if not found:
-        return (
-            f"There are {pages} page(s) of {which} cases; `!case list {which} {pages}` is the last."
+        return _("There are {pages} page(s) of {which} cases; `{command}` is the last.").format(
+            pages=pages, which=word(which, language), command=f"!case list {which} {pages}"
         )
     first = (page - 1) * LIST_PAGE_SIZE + 1
-    lines = [f"Cases ({which}), {first}–{first + len(found) - 1} of {total} {_zone_note(zone)}:"]
+    lines = [
+        _("Cases ({which}), {first}–{last} of {total} {zone}:").format(
+            which=word(which, language),
+            first=first,
+            last=first + len(found) - 1,
+            total=total,
+            zone=_zone_note(zone, language),
+        )
+    ]
     for case in found:
-        checkin = "no check-in"
+        checkin = _("no check-in")
         if case.checkin_opened_at:
             checkin = (
-                f"check-in open, claimed by {case.checkin_claimed_by}"
+                _("check-in open, claimed by {by}").format(by=case.checkin_claimed_by)
                 if (case.checkin_claimed_by)
-                else "check-in open, unclaimed"
+                else _("check-in open, unclaimed")
             )
         elif case.due_at:
-            checkin = f"check-in due {when(case.due_at, zone)}"
+            checkin = _("check-in due {when}").format(when=when(case.due_at, zone, language))
         lines.append(
-            f"#{case.id} {_whose(case, names or {})} — "
-            f"{case.state}, {_age(case.received_at, now)} old, {checkin}"
+            _("#{case} {whose} — {state}, {age} old, {checkin}").format(
+                case=case.id,
+                whose=_whose(case, names or {}, language),
+                state=word(case.state, language),
+                age=_age(case.received_at, now),
+                checkin=checkin,
+            )
         )
     if page < pages:
-        lines.append(f"More: `!case list {which} {page + 1}` (page {page} of {pages}).")
+        lines.append(
+            _("More: `{command}` (page {page} of {pages}).").format(
+                command=f"!case list {which} {page + 1}", page=page, pages=pages
+            )
+        )
     return "\n".join(lines)
 
 
@@ -152,7 +204,10 @@ def people_in(entries: Sequence[AuditEntry]) -> list[str]:
 
 
 def _entry_line(
-    entry: AuditEntry, zone: dt.tzinfo, names: Mapping[str, str | None] | None = None
+    entry: AuditEntry,
+    zone: dt.tzinfo,
+    names: Mapping[str, str | None] | None,
+    language: Language,
 ) -> str:
     facts = entry.facts
     personal = dict(entry.personal or {})
@@ -160,31 +215,38 @@ def _entry_line(
         value = personal.get(key)
         if isinstance(value, str) and value.startswith("@"):
             personal[key] = person(value, (names or {}).get(value))
-    words = _words(entry.kind)
+    words = _words(entry.kind, language)
     detail = []
     if entry.kind.startswith("step.") and facts.get("status") not in (None, "done"):
-        detail.append(str(facts["status"]))
+        detail.append(word(str(facts["status"]), language))
     for key in ("method", "why", "via"):
         if facts.get(key):
-            detail.append(f"{key}: {facts[key]}")
+            detail.append(f"{word(key, language)}: {facts[key]}")
     if entry.kind == "notice_read" and isinstance(facts.get("read_at"), str):
-        detail.append(f"read at {when(dt.datetime.fromisoformat(facts['read_at']), zone)}")
+        read_at = when(dt.datetime.fromisoformat(facts["read_at"]), zone, language)
+        detail.append(language._("read at {when}").format(when=read_at))
     for key in ("by", "flagger", "reference", "service", "outcome", "why", "error", "text"):
         if personal.get(key):
-            detail.append(f"{key}: {personal[key]}")
+            detail.append(f"{word(key, language)}: {personal[key]}")
     if entry.kind == "note":
-        words = "NOTE (opinion)"
+        words = language._("NOTE (opinion)")
     suffix = f" — {'; '.join(detail)}" if detail else ""
-    return f"{when(entry.at, zone)}  {words}{suffix}"
+    return f"{when(entry.at, zone, language)}  {words}{suffix}"
 
 
-def notice_read_line(case: Case, zone: dt.tzinfo = dt.UTC) -> str | None:
+def notice_read_line(
+    case: Case, zone: dt.tzinfo = dt.UTC, language: Language = ENGLISH
+) -> str | None:
     """Whether the member has read their notice, by their read receipt (None: no notice)."""
     if case.notice_event_id is None:
         return None
     if case.notice_read_at is not None:
-        return f"The member read the notice at {when(case.notice_read_at, zone)}."
-    return "The member has not opened the notice yet (no read receipt; some apps send none)."
+        return language._("The member read the notice at {when}.").format(
+            when=when(case.notice_read_at, zone, language)
+        )
+    return language._(
+        "The member has not opened the notice yet (no read receipt; some apps send none)."
+    )
 
 
 # A timeline longer than this (characters) shows its latest entries only.
@@ -197,16 +259,23 @@ def case_timeline(
     *,
     zone: dt.tzinfo = dt.UTC,
     names: Mapping[str, str | None] | None = None,
+    language: Language = ENGLISH,
 ) -> str:
-    head = f"Case #{case.id}: {_whose(case, names or {})} — {case.state} {_zone_note(zone)}"
+    _ = language._
+    head = _("Case #{case}: {whose} — {state} {zone}").format(
+        case=case.id,
+        whose=_whose(case, names or {}, language),
+        state=word(case.state, language),
+        zone=_zone_note(zone, language),
+    )
     if case.outcome:
-        head += f" (outcome: {case.outcome})"
+        head += _(" (outcome: {outcome})").format(outcome=case.outcome)
     if case.hold_reason:
-        head += f" — ON HOLD: {case.hold_reason}"
-    read = notice_read_line(case, zone)
+        head += _(" — ON HOLD: {why}").format(why=case.hold_reason)
+    read = notice_read_line(case, zone, language)
     if read:
         head += f"\n{read}"
-    lines = [_entry_line(entry, zone, names) for entry in entries]
+    lines = [_entry_line(entry, zone, names, language) for entry in entries]
     kept: list[str] = []
     size = len(head)
     for line in reversed(lines):
@@ -214,7 +283,9 @@ def case_timeline(
         if size > MAX_TIMELINE:
             omitted = len(lines) - len(kept)
             kept.append(
-                f"… {omitted} earlier entries: `safeguard cases show {case.id}` has them all"
+                _("… {count} earlier entries: `{command}` has them all").format(
+                    count=omitted, command=f"safeguard cases show {case.id}"
+                )
             )
             break
         kept.append(line)

@@ -15,13 +15,14 @@ from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.names import names_of
 from bot.store import audit, rooms
+from bot.texts.catalogues import N_, Language, language
 from bot.texts.wording import place, when
 
 MAX_LISTED = 60
 
 
-def _yes_no(value: bool | None) -> str:
-    return "unknown" if value is None else ("yes" if value else "NO")
+def _yes_no(value: bool | None, language: Language) -> str:
+    return language._(N_("unknown") if value is None else (N_("yes") if value else N_("NO")))
 
 
 class RoomAdmin:
@@ -38,6 +39,8 @@ class RoomAdmin:
         self._hs = homeserver
         self._deployment = deployment
         self._room_state = room_state
+        self._language = language(deployment.language)
+        self._ = self._language._
 
     async def names(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Rooms' and people's names (what case replies name them by)."""
@@ -48,45 +51,62 @@ class RoomAdmin:
         async with self._db.connect() as conn:
             moderated = await rooms.moderated(conn)
         if not moderated:
-            return "I moderate no rooms yet. A staff member can invite me into one."
+            return self._("I moderate no rooms yet. A staff member can invite me into one.")
         shown = moderated[:MAX_LISTED]
         states, names = await asyncio.gather(
             asyncio.gather(*(self._room_state.fresh(r.room_id) for r in shown)),
             names_of(self._hs, (r.room_id for r in shown)),
         )
         zone = self._deployment.checkin.zone
-        lines = [f"I moderate {len(moderated)} room(s) (times: {zone}):"]
+        _ = self._
+        lines = [
+            _("I moderate {count} room(s) (times: {zone}):").format(count=len(moderated), zone=zone)
+        ]
         for room, state in zip(shown, states, strict=True):
             if isinstance(state, Refused):
                 kick = redact = None
             else:
                 kick, redact = room_powers(self._deployment.bot_user_id, state)
-            added = when(room.joined_at, zone) if room.joined_at else "?"
+            added = when(room.joined_at, zone, self._language) if room.joined_at else "?"
             lines.append(
-                f"{place(room.room_id, names[room.room_id])} — added by {room.inviter or '?'} "
-                f"on {added}; "
-                f"can remove members: {_yes_no(kick)}; can redact: {_yes_no(redact)}"
+                _(
+                    "{room} — added by {inviter} on {added}; can remove members: {kick}; "
+                    "can redact: {redact}"
+                ).format(
+                    room=place(room.room_id, names[room.room_id]),
+                    inviter=room.inviter or "?",
+                    added=added,
+                    kick=_yes_no(kick, self._language),
+                    redact=_yes_no(redact, self._language),
+                )
             )
         if len(moderated) > MAX_LISTED:
-            lines.append(f"… and {len(moderated) - MAX_LISTED} more.")
-        lines.append("`!rooms leave <room>` makes me leave one.")
+            lines.append(_("… and {count} more.").format(count=len(moderated) - MAX_LISTED))
+        lines.append(_("`!rooms leave <room>` makes me leave one."))
         return "\n".join(lines)
 
     async def leave(self, room: str, by: str) -> tuple[str, str | None]:
         """Leave a moderated room. Returns (reply, the room id left or None)."""
         room_id = await self._hs.resolve_room(room)
         if isinstance(room_id, Refused):
-            return f"I cannot find {room} ({room_id}).", None
+            return self._("I cannot find {room} ({why}).").format(room=room, why=room_id), None
         async with self._db.connect() as conn:
             known = await rooms.get(conn, room_id)
         if known is None or known.left_at is not None:
-            return f"I do not moderate {room}: `!rooms` lists the rooms I do.", None
+            return (
+                self._("I do not moderate {room}: `!rooms` lists the rooms I do.").format(
+                    room=room
+                ),
+                None,
+            )
         left = await self._hs.leave_room(room_id)
         if isinstance(left, Refused):
-            return f"I could not leave {room_id} ({left}).", None
+            return self._("I could not leave {room} ({why}).").format(room=room_id, why=left), None
         self._rooms.stop_moderating(room_id)  # flags there no longer take the flag lane
         return (
-            f"I have left {room_id}, as {by} asked. Flags there will no longer reach me.",
+            self._(
+                "I have left {room}, as {by} asked. Flags there will no longer reach me."
+            ).format(room=room_id, by=by),
             room_id,
         )
 

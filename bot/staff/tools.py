@@ -29,11 +29,12 @@ from bot.staff.commands import (
     parse_case_command,
     parse_rooms_command,
 )
-from bot.staff.replies import LIST_PAGE_SIZE, case_listing, case_timeline, people_in
+from bot.staff.replies import LIST_PAGE_SIZE, case_listing, case_timeline, people_in, word
 from bot.staff.room_admin import RoomAdmin
 from bot.steps import POSITIONS, WITHDRAW_STEPS
 from bot.steps.base import PLAIN_CLOCK
 from bot.store import audit, cases, outbox
+from bot.texts.catalogues import language
 from bot.texts.templates import notice
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class StaffTools:
         self._deployment = deployment
         # Every time staff read, in the zone the alert and the check-in use.
         self._zone = deployment.checkin.zone
+        self._language = language(deployment.language)
+        self._ = self._language._
         self._staff_room = staff_room
         self._is_staff = is_staff
         self._checkins = checkins
@@ -83,7 +86,7 @@ class StaffTools:
         if isinstance(parsed, CommandError):
             if await self._refused_unless_staff(handling, None, "unparsed", "command"):
                 return
-            await self._reply(handling, f"Sorry, I did not understand that: {parsed.message}.")
+            await self._reply(handling, self._not_understood(parsed.in_(self._language)))
             return
         await self._run(handling, parsed, via="command")
 
@@ -116,27 +119,37 @@ class StaffTools:
             alerted = await cases.by_alert(conn, target)
             opened = await cases.by_checkin_notice(conn, target)
         case = alerted or opened
+        _ = self._
         if key == CLAIM_KEY and case is not None and case.checkin_opened_at is None:
-            text = (
-                f"Case #{case.id}'s check-in is not open yet. Once it is, react ✋ on the "
-                f"message saying so, or send `!case {case.id} claim`."
+            text = _(
+                "Case #{case}'s check-in is not open yet. Once it is, react ✋ on the "
+                "message saying so, or send `!case {case} claim`."
             )
         elif key == CLAIM_KEY:
             text = (
-                f"✋ claims a check-in: react on the message saying case #{case.id}'s check-in "
-                f"is open, or send `!case {case.id} claim`."
+                _(
+                    "✋ claims a check-in: react on the message saying case #{case}'s check-in "
+                    "is open, or send `!case {case} claim`."
+                )
                 if case is not None
-                else "✋ claims a check-in: react on a message saying a check-in is open, or "
-                "send `!case N claim`."
+                else _(
+                    "✋ claims a check-in: react on a message saying a check-in is open, or "
+                    "send `!case N claim`."
+                )
             )
         else:
             text = (
-                f"✅ acknowledges an alert: react on case #{case.id}'s alert itself, or send "
-                f"`!case {case.id} ack`."
+                _(
+                    "✅ acknowledges an alert: react on case #{case}'s alert itself, or send "
+                    "`!case {case} ack`."
+                )
                 if case is not None
-                else "✅ acknowledges an alert: react on the alert itself (the message starting "
-                '"Case #"), or send `!case N ack`.'
+                else _(
+                    "✅ acknowledges an alert: react on the alert itself (the message starting "
+                    '"Case #"), or send `!case N ack`.'
+                )
             )
+        text = text.format(case=case.id if case is not None else "N")
         now = dt.datetime.now(dt.UTC)
         async with handling.transaction() as conn:
             await self._queue_reply(
@@ -156,7 +169,7 @@ class StaffTools:
         if await self._refused_unless_staff(handling, None, f"rooms {action}", "command"):
             return
         if isinstance(command, CommandError):
-            await self._reply(handling, f"Sorry, I did not understand that: {command.message}.")
+            await self._reply(handling, self._not_understood(command.in_(self._language)))
             return
         if command.action == "list":
             await self._reply(handling, await self._room_admin.listing())
@@ -226,15 +239,17 @@ class StaffTools:
             case = await cases.get(conn, command.case)
         if case is None or case.checkin_room_id is None:
             text = (
-                f"Case #{command.case} has no open check-in to claim yet."
+                self._("Case #{case} has no open check-in to claim yet.")
                 if case
-                else f"There is no case #{command.case}."
-            )
+                else self._("There is no case #{case}.")
+            ).format(case=command.case)
             await self._reply(handling, text, case_id=case.id if case else None)
             return
         await self._checkins.claim(handling, case, sender, via="command")
         await self._reply(
-            handling, f"Case #{case.id}: check-in claimed by {sender}.", case_id=case.id
+            handling,
+            self._("Case #{case}: check-in claimed by {by}.").format(case=case.id, by=sender),
+            case_id=case.id,
         )
 
     async def _shown(self, command: CaseCommand, now: dt.datetime) -> str:
@@ -249,7 +264,7 @@ class StaffTools:
                 assert command.case is not None
                 case = await cases.get(conn, command.case)
                 if case is None:
-                    return _no_such_case(command.case)
+                    return self._no_such_case(command.case)
                 shown = [case]
                 entries = await audit.entries(conn, case_id=case.id)
         ids = [some_id for one in shown for some_id in (one.room_id, one.member_id) if some_id]
@@ -263,8 +278,11 @@ class StaffTools:
                 names=names,
                 page=command.page,
                 total=total,
+                language=self._language,
             )
-        return case_timeline(shown[0], entries, zone=self._zone, names=names)
+        return case_timeline(
+            shown[0], entries, zone=self._zone, names=names, language=self._language
+        )
 
     async def _apply(
         self,
@@ -276,13 +294,14 @@ class StaffTools:
     ) -> str:
         """Record the command; returns the reply text."""
         if command.action == "help":
-            return USAGE
+            return self._(USAGE)
         if command.action == "stats":
             return await self._stats(conn, command.page, now)
         assert command.case is not None
         case = await cases.get(conn, command.case)
         if case is None:
-            return _no_such_case(command.case)
+            return self._no_such_case(command.case)
+        _ = self._
 
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(
@@ -309,20 +328,26 @@ class StaffTools:
                 },
                 {"reference": command.reference, "service": command.service},
             )
-            return (
-                f"Case #{case.id}: recorded that {command.service} were informed by {sender} "
-                f"(reference {command.reference}; lawful basis: {policy.lawful_basis})."
+            return _(
+                "Case #{case}: recorded that {service} were informed by {by} "
+                "(reference {reference}; lawful basis: {basis})."
+            ).format(
+                case=case.id,
+                service=command.service,
+                by=sender,
+                reference=command.reference,
+                basis=policy.lawful_basis,
             )
         if command.action == "note":
             await entry("note", {"kind": "opinion"}, {"text": command.text})
-            return f"Case #{case.id}: note added."
+            return _("Case #{case}: note added.").format(case=case.id)
         if command.action == "ack":
             if case.alert_acked_by is None:
                 await cases.set_fields(conn, case.id, alert_acked_by=sender)
             await entry(
                 "alert_acknowledged", {"via": via, "first": case.alert_acked_by is None}, {}
             )
-            return f"Case #{case.id}: alert acknowledged by {sender}."
+            return _("Case #{case}: alert acknowledged by {by}.").format(case=case.id, by=sender)
         if command.action == "withdraw":
             return await self._withdraw(conn, case, command, sender, now, entry)
         if command.action == "remove":
@@ -331,9 +356,9 @@ class StaffTools:
             return await self._notify_again(conn, case, now, entry)
         if command.action == "close":
             if case.state == "closed":
-                return (
-                    f"Case #{case.id} is already closed. `!case {case.id} reopen <why>` reopens it."
-                )
+                return _(
+                    "Case #{case} is already closed. `!case {case} reopen <why>` reopens it."
+                ).format(case=case.id)
             # Closed, the case no longer gathers flags: a new flag opens a new case.
             await cases.set_fields(
                 conn, case.id, state="closed", closed_at=now, outcome=command.text, active_key=None
@@ -341,21 +366,21 @@ class StaffTools:
             await entry("closed", {}, {"outcome": command.text})
             await self._cancel_checkin(conn, case.id, "the case was closed before it", now)
             head = await audit.head(conn)
-            return (
-                f"Case #{case.id} closed. Audit chain head: {head[0]}:{head[1]} "
-                f"(check with `safeguard audit verify --head {head[0]}:{head[1]}`)."
-            )
+            return _(
+                "Case #{case} closed. Audit chain head: {head} "
+                "(check with `safeguard audit verify --head {head}`)."
+            ).format(case=case.id, head=f"{head[0]}:{head[1]}")
         if command.action == "reopen":
             if case.state != "closed":
-                return f"Case #{case.id} is open already."
+                return _("Case #{case} is open already.").format(case=case.id)
             await cases.set_fields(conn, case.id, state="open", closed_at=None)
             await cases.reactivate(conn, case)
             await entry("reopened", {}, {"why": command.text})
-            return f"Case #{case.id} reopened."
+            return _("Case #{case} reopened.").format(case=case.id)
         if command.action == "hold":
             await cases.set_fields(conn, case.id, hold_reason=command.text)
             await entry("held", {}, {"why": command.text})
-            return f"Case #{case.id} is on hold: retention will not purge it."
+            return _("Case #{case} is on hold: retention will not purge it.").format(case=case.id)
         raise AssertionError(command.action)
 
     async def _withdraw(
@@ -370,7 +395,7 @@ class StaffTools:
         """A wrong flag: recorded, the case closed as withdrawn, the check-in cancelled
         (unless kept); the apology and the way back are steps (bot/steps/withdraw.py)."""
         if case.outcome and case.outcome.startswith("withdrawn"):
-            return f"Case #{case.id} was withdrawn already."
+            return self._("Case #{case} was withdrawn already.").format(case=case.id)
         await entry("withdrawn", {"keep_checkin": command.keep_checkin}, {"why": command.text})
         await cases.set_fields(
             conn,
@@ -386,11 +411,11 @@ class StaffTools:
             progress = {"by": sender, "why": command.text} if name == "withdraw_report" else {}
             await cases.rearm_step(conn, case.id, name, POSITIONS[name], progress)
         await cases.set_next_attempt(conn, case.id, now)
-        kept = " The check-in stays as planned." if command.keep_checkin else ""
-        return (
-            f"Case #{case.id}: withdrawing. I'm apologising to the member and inviting them "
-            f"back into the room; I'll say here how it went.{kept}"
-        )
+        kept = self._(" The check-in stays as planned.") if command.keep_checkin else ""
+        return self._(
+            "Case #{case}: withdrawing. I'm apologising to the member and inviting them "
+            "back into the room; I'll say here how it went.{kept}"
+        ).format(case=case.id, kept=kept)
 
     async def _remove(
         self,
@@ -403,32 +428,36 @@ class StaffTools:
         """Staff decide to remove the member without waiting for the notice."""
         steps = {step.step: step for step in await cases.steps_of(conn, case.id)}
         remove, notify = steps.get("remove"), steps.get("notify")
+        _ = self._
         if case.dry_run or remove is None:
-            return f"Case #{case.id} has no removal to make (dry run)."
+            return _("Case #{case} has no removal to make (dry run).").format(case=case.id)
         if remove.finished:
-            return f"Case #{case.id}: the removal is over already ({remove.status})."
+            return _("Case #{case}: the removal is over already ({status}).").format(
+                case=case.id, status=word(remove.status, self._language)
+            )
         if remove.progress.get("decided_by"):
-            return f"Case #{case.id}: the removal is under way already."
+            return _("Case #{case}: the removal is under way already.").format(case=case.id)
         notified = notify is not None and notify.status == "done"
         await entry("removal_decided", {"notified_first": notified}, {})
         await cases.save_progress(conn, case.id, "remove", remove.progress | {"decided_by": sender})
         await cases.set_next_attempt(conn, case.id, now)
         if notified:
-            return f"Case #{case.id}: they have been told; removing them now."
-        return (
-            f"Case #{case.id}: removing them now, without the notice, as you decided "
-            f"(recorded). `!case {case.id} notify` still tries to tell them."
-        )
+            return _("Case #{case}: they have been told; removing them now.").format(case=case.id)
+        return _(
+            "Case #{case}: removing them now, without the notice, as you decided "
+            "(recorded). `!case {case} notify` still tries to tell them."
+        ).format(case=case.id)
 
     async def _notify_again(
         self, conn: AsyncConnection, case: cases.Case, now: dt.datetime, entry: Any
     ) -> str:
         """Staff ask for another try at telling the member (the notice failed, or waits)."""
         notify = next((s for s in await cases.steps_of(conn, case.id) if s.step == "notify"), None)
+        _ = self._
         if case.dry_run or notify is None:
-            return f"Case #{case.id} sends no notice (dry run)."
+            return _("Case #{case} sends no notice (dry run).").format(case=case.id)
         if notify.status == "done":
-            return f"Case #{case.id}: the member has been told already."
+            return _("Case #{case}: the member has been told already.").format(case=case.id)
         await entry("notice_retried", {"was": notify.status}, {})
         if notify.finished:
             # What the earlier attempts did (the DM room) is kept: the next looks there
@@ -451,7 +480,9 @@ class StaffTools:
         # earlier one was never sent, so nothing was said of it).
         await cases.rearm_step(conn, case.id, "unread_notice", POSITIONS["unread_notice"], {})
         await cases.set_next_attempt(conn, case.id, now)
-        return f"Case #{case.id}: trying to tell the member again now; I'll say here how it goes."
+        return _(
+            "Case #{case}: trying to tell the member again now; I'll say here how it goes."
+        ).format(case=case.id)
 
     async def _cancel_checkin(
         self, conn: AsyncConnection, case_id: int, why: str, now: dt.datetime
@@ -474,14 +505,20 @@ class StaffTools:
             for e in await audit.entries(conn, since=since)
             if e.kind in ("flagged", "corroborated")
         ]
+        _ = self._
         if not flags:
-            return f"No flags in the last {days} days."
-        moderators = Counter((e.personal or {}).get("flagger") or "(purged)" for e in flags)
-        rooms = Counter((e.personal or {}).get("room") or "(purged)" for e in flags)
-        lines = [f"Flags in the last {days} days: {len(flags)} (cases and corroborations)."]
-        lines.append("By moderator (who may need a debrief):")
+            return _("No flags in the last {days} days.").format(days=days)
+        purged = _("(purged)")
+        moderators = Counter((e.personal or {}).get("flagger") or purged for e in flags)
+        rooms = Counter((e.personal or {}).get("room") or purged for e in flags)
+        lines = [
+            _("Flags in the last {days} days: {count} (cases and corroborations).").format(
+                days=days, count=len(flags)
+            )
+        ]
+        lines.append(_("By moderator (who may need a debrief):"))
         lines += [f"  {who}: {count}" for who, count in moderators.most_common(20)]
-        lines.append("By room:")
+        lines.append(_("By room:"))
         lines += [f"  {room}: {count}" for room, count in rooms.most_common(20)]
         return "\n".join(lines)
 
@@ -509,6 +546,14 @@ class StaffTools:
             await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC), case_id=case_id)
         self._on_outbox()
 
+    def _not_understood(self, why: str) -> str:
+        return self._("Sorry, I did not understand that: {why}.").format(why=why)
+
+    def _no_such_case(self, number: int) -> str:
+        return self._("There is no case #{case}. `!case list all` shows every case.").format(
+            case=number
+        )
+
     # ---- the chain head, anchored outside the database -----------------------------------
 
     async def post_chain_head(self) -> None:
@@ -521,8 +566,10 @@ class StaffTools:
                     conn,
                     self._staff_room.address,
                     notice(
-                        f"Audit chain head: {seq}:{digest} — keep this; "
-                        f"`safeguard audit verify --head {seq}:{digest}` proves the log since."
+                        self._(
+                            "Audit chain head: {head} — keep this; "
+                            "`safeguard audit verify --head {head}` proves the log since."
+                        ).format(head=f"{seq}:{digest}")
                     ),
                     now,
                 )
@@ -534,7 +581,3 @@ async def _listed(conn: AsyncConnection, command: CaseCommand) -> list[cases.Cas
     return await cases.page(
         conn, command.text, offset=(command.page - 1) * LIST_PAGE_SIZE, limit=LIST_PAGE_SIZE
     )
-
-
-def _no_such_case(number: int) -> str:
-    return f"There is no case #{number}. `!case list all` shows every case."

@@ -58,26 +58,30 @@ class WithdrawReport(CaseStep):
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
         apology, back = run.steps["withdraw_apology"], run.steps["withdraw_reinvite"]
+        _ = self.tools.texts.language._
         lines = [
-            "✔ Apology sent to the member"
+            _("✔ Apology sent to the member")
             if apology.status == "done"
-            else f"✘ No apology sent ({apology.error or apology.result.get('why')})",
-            "✔ Invited back into the room"
+            else _("✘ No apology sent ({why})").format(
+                why=apology.error or apology.result.get("why")
+            ),
+            _("✔ Invited back into the room")
             if back.status == "done"
-            else f"✘ Not invited back ({back.error or back.result.get('why')}): "
-            "please invite them yourself",
+            else _("✘ Not invited back ({why}): please invite them yourself").format(
+                why=back.error or back.result.get("why")
+            ),
         ]
         checkin = run.steps.get("checkin")
         if checkin is not None:
             lines.append(
-                "The check-in was cancelled."
+                _("The check-in was cancelled.")
                 if checkin.status == "skipped" and checkin.result.get("why") == "withdrawn"
-                else "The check-in stays as planned."
+                else _(" The check-in stays as planned.").strip()
             )
         content = self.tools.texts.withdrawal_done(
             case_number=case.id,
-            by=run.progress.get("by") or "staff",
-            why=run.progress.get("why") or "(no reason given)",
+            by=run.progress.get("by") or _("staff"),
+            why=run.progress.get("why") or _("(no reason given)"),
             outcomes="\n".join(lines),
             reply_to=case.alert_event_id,
         )

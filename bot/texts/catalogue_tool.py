@@ -33,9 +33,10 @@ def source_messages() -> Iterator[tuple[str | None, str, str]]:
     """(context, English, where) of every text to translate."""
     for name, (text, _) in CATALOGUE.items():
         yield name, text, "bot/texts/templates.py"
-    # `_` is a method of a Language; Babel's extractor matches the name at any call.
+    # `_` is a method of a Language (Babel's extractor matches the name at any call); `N_`
+    # marks a text in a table, translated where it is used.
     for filename, lineno, message, _comments, context in extract_from_dir(
-        PACKAGE, keywords={"_": None}, comment_tags=(), strip_comment_tags=True
+        PACKAGE, keywords={"_": None, "N_": None}, comment_tags=(), strip_comment_tags=True
     ):
         if isinstance(message, str):
             yield context, message, f"bot/{filename}:{lineno}"

@@ -30,6 +30,12 @@ SOURCE_LANGUAGE = "en"
 RESOURCE_CONTEXT = "resource"
 
 
+def N_(message: str) -> str:
+    """Marks an English text for the catalogue where it is written (a table of words); it
+    is translated where it is used, by `Language._`."""
+    return message
+
+
 class CatalogueMissing(Exception):
     """A language whose catalogue is not there, or was never compiled."""
 

@@ -61,6 +61,19 @@ async def test_a_welsh_community_is_told_in_welsh(scene):
         )
         assert room_notice["content"]["body"].startswith("Mae cymedrolwr wedi camu i mewn yma.")
 
+        # Staff's commands are answered in Welsh too, the case's timeline included.
+        await scene.staff.send_text(scene.staff_room, "!case 1")
+        (timeline,) = await until(
+            lambda: scene.staff_matching(lambda text: text.startswith("Achos #1: ")),
+            what="the case's timeline, in Welsh",
+        )
+        assert "(amseroedd: Europe/London)" in timeline and "wedi'i nodi" in timeline
+        await scene.staff.send_text(scene.staff_room, "!case 99")
+        await until(
+            lambda: scene.staff_matching(lambda text: text.startswith("Does dim achos #99.")),
+            what="no such case, in Welsh",
+        )
+
     reviewed = scene_config(
         scene, language="cy", region="GB-WLS", messages={"reviewed_locales": ["cy"]}
     )

@@ -21,6 +21,7 @@ from appservice.config import ConfigError, load_config
 from appservice.registration import write_registration
 from bot.config.resource_packs import pack_for
 from bot.config.settings import MessageTemplates
+from bot.staff.commands import CommandError
 from bot.texts.catalogue_tool import TEMPLATE_FILE, catalogue_files, compile_catalogue
 from bot.texts.catalogue_tool import template_catalogue as source_catalogue
 from bot.texts.catalogues import CatalogueMissing, language, shipped_languages
@@ -212,3 +213,52 @@ def test_an_unreviewed_language_is_warned_of_until_the_charity_lists_it(tmp_path
 def test_the_language_is_part_of_the_recorded_config_hash(tmp_path):
     english = load_config(config_with(tmp_path)).config_hash
     assert load_config(config_with(tmp_path, language="cy")).config_hash != english
+
+
+# ---- what staff read in reply to their commands ----------------------------------------------
+
+
+def test_a_case_timeline_and_listing_read_in_welsh():
+    from zoneinfo import ZoneInfo
+
+    from bot.staff.replies import case_listing, case_timeline
+    from bot.steps import STEP_TYPES
+    from bot.store.audit import AuditEntry
+    from bot.store.cases import Case
+
+    at = dt.datetime(2026, 7, 1, 9, 30, tzinfo=dt.UTC)
+    fields = dict.fromkeys(Case.__dataclass_fields__)
+    fields |= {"id": 3, "member_id": "@m:l", "room_id": "!r:l", "state": "open"}
+    fields |= {"received_at": at, "due_at": at + dt.timedelta(days=1)}
+    case = Case(**fields)
+
+    def entry(kind: str, **facts: object) -> AuditEntry:
+        return AuditEntry(1, 3, at, kind, dict(facts), None, "v", "h", "x")
+
+    steps = [entry(f"step.{step.name}", status="done") for step in STEP_TYPES]
+    failed = entry("step.redact_flag", status="failed", why="the homeserver refused")
+    cy = language("cy")
+    names = {"!r:l": "Grŵp", "@m:l": "Sam"}
+    shown = case_timeline(
+        case, [*steps, failed], zone=ZoneInfo("Europe/London"), names=names, language=cy
+    )
+    assert shown.startswith("Achos #3: Sam (@m:l) yn Grŵp (!r:l) — agored (amseroedd: Europe")
+    assert "Mer 01 Gorff 2026, 10:30  y nodyn wedi'i dynnu o'r ystafell — wedi methu; pam:" in shown
+    english = case_timeline(case, [*steps, failed], names=names)
+    assert len(shown.splitlines()) == len(english.splitlines())
+    for line in shown.splitlines()[1:]:
+        assert line not in english, f"an English line among the Welsh: {line}"
+    listing = case_listing([case], "open", at + dt.timedelta(hours=2), language=cy)
+    assert listing.startswith("Achosion (agored), 1–1 o 1 (amseroedd: UTC):")
+    assert "#3 @m:l yn !r:l — agored, 2h oed, cysylltu i fod Iau 02 Gorff 2026, 09:30" in listing
+    assert case_listing([], "open", at, language=cy) == "Dim achosion (agored)."
+
+
+def test_a_command_that_cannot_be_read_is_explained_in_welsh():
+    from bot.staff.commands import USAGE, parse_case_command
+
+    error = parse_case_command("!case 5 note")
+    assert isinstance(error, CommandError)
+    assert error.in_(language("cy")) == "ysgrifennwch `!case 5 note <text>`"
+    assert error.message == "write `!case 5 note <text>`"
+    assert language("cy")._(USAGE).startswith("!case list [open|closed|all] [tudalen] — yr")
