@@ -78,7 +78,7 @@ class CaseCommand:
 
     @property
     def service(self) -> str:
-        return " ".join(self.words[1:]) or "emergency services"
+        return " ".join(self.words[1:]) or N_("emergency services")
 
 
 @dataclass(frozen=True)

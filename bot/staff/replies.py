@@ -8,97 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from bot.store.audit import AuditEntry
 from bot.store.cases import Case
+from bot.texts.case_words import kind_words, word
 from bot.texts.catalogues import N_, Language
 from bot.texts.wording import ENGLISH, person, place, when
-
-# What each step did, in words (its status is added when it is not "done").
-_STEP_WORDS = {
-    "notify": N_("member told (the notice)"),
-    "remove": N_("member removed from the room"),
-    "room_notice": N_("room told (no one named)"),
-    "alert": N_("staff alerted"),
-    "schedule": N_("check-in scheduled"),
-    "checkin": N_("check-in opened"),
-    "checkin_notice": N_("staff told the check-in is open"),
-    "checkin_reminder": N_("staff reminded of the check-in"),
-    "escalate": N_("alert raised again (unacknowledged)"),
-    "redact_flag": N_("the flag taken out of the room"),
-    "redact_message": N_("the flagged message taken out of the room"),
-    "debrief": N_("moderator debriefed"),
-    "withdraw_apology": N_("member sent an apology (flag withdrawn)"),
-    "withdraw_reinvite": N_("member invited back (flag withdrawn)"),
-    "withdraw_report": N_("staff told the flag was withdrawn"),
-    "remove_again": N_("member removed again"),
-    "corroboration": N_("staff told of another flag"),
-    "rejoin": N_("staff told the member came back"),
-    "purge": N_("personal data purged (retention)"),
-    "unread_notice": N_("staff told the notice is unread"),
-    "mark_dm": N_("the member's DM marked as a direct chat"),
-}
-
-_KIND_WORDS = {
-    **{f"step.{step}": words for step, words in _STEP_WORDS.items()},
-    "flagged": N_("flagged"),
-    "corroborated": N_("flagged again (corroboration)"),
-    "step.notify": N_("member notified"),
-    "notice_read": N_("member read the notice"),
-    "step.unread_notice": N_("staff told the notice is unread"),
-    "step.remove": N_("member removed"),
-    "step.room_notice": N_("room notice"),
-    "step.alert": N_("staff alerted"),
-    "step.schedule": N_("check-in scheduled"),
-    "step.checkin": N_("check-in opened"),
-    "member_rejoined": N_("member rejoined the room"),
-    "member_replied": N_("member replied in the DM (relayed)"),
-    "checkin_member_wrote": N_("member wrote in the check-in room (relayed)"),
-    "moderator_replied": N_("moderator replied to the debrief (relayed)"),
-    "flag_withdrawn": N_("flag withdrawn"),
-    "checkin_member_joined": N_("member joined the check-in"),
-    "checkin_invite_rejected": N_("member declined the check-in invite"),
-    "checkin_staff_joined": N_("staff joined the check-in"),
-    "checkin_claimed": N_("check-in claimed"),
-    "checkin_reminded": N_("staff reminded about the check-in"),
-    "emergency_services_informed": N_("emergency services informed"),
-    "note": N_("staff note"),
-    "alert_acknowledged": N_("alert acknowledged"),
-    "alert_raised_again": N_("alert raised again (unacknowledged)"),
-    "closed": N_("case closed"),
-    "reopened": N_("case reopened"),
-    "held": N_("placed on hold"),
-    "purged": N_("personal data purged (retention)"),
-}
-# The words of a case's state, of a step's status and of each detail a timeline line gives.
-_WORDS = {
-    "open": N_("open"),
-    "closed": N_("closed"),
-    "all": N_("all"),
-    "failed": N_("failed"),
-    "skipped": N_("skipped"),
-    "started": N_("started"),
-    "pending": N_("pending"),
-    "method": N_("method"),
-    "why": N_("why"),
-    "via": N_("via"),
-    "by": N_("by"),
-    "flagger": N_("flagger"),
-    "reference": N_("reference"),
-    "service": N_("service"),
-    "outcome": N_("outcome"),
-    "error": N_("error"),
-    "text": N_("text"),
-}
-
-
-def word(key: str, language: Language) -> str:
-    """A state, status or detail's name in words, in `language` (as recorded if unknown)."""
-    english = _WORDS.get(key)
-    return language._(english) if english else key
-
-
-def _words(kind: str, language: Language) -> str:
-    """An entry's kind in words: the table's, else its name read as words."""
-    english = _KIND_WORDS.get(kind)
-    return language._(english) if english else kind.removeprefix("step.").replace("_", " ")
 
 
 def _zone_note(zone: dt.tzinfo, language: Language) -> str:
@@ -114,12 +26,14 @@ def _whose(case: Case, names: Mapping[str, str | None], language: Language) -> s
     return language._("{member} in {room}").format(member=member, room=room)
 
 
-def _age(since: dt.datetime, now: dt.datetime) -> str:
+def _age(since: dt.datetime, now: dt.datetime, language: Language) -> str:
+    """'3d', '5h', '12m': how long a case has been open, as short as a listing needs."""
     seconds = int((now - since).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    units = ((N_("{count}d"), 86400), (N_("{count}h"), 3600), (N_("{count}m"), 60))
+    for unit, size in units:
         if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
+            return language._(unit).format(count=seconds // size)
+    return language._(N_("{count}s")).format(count=max(seconds, 0))
 
 
 # Cases per `!case list` page: with ids at their longest the reply stays far below
@@ -176,7 +90,7 @@ def case_listing(
                 case=case.id,
                 whose=_whose(case, names or {}, language),
                 state=word(case.state, language),
-                age=_age(case.received_at, now),
+                age=_age(case.received_at, now, language),
                 checkin=checkin,
             )
         )
@@ -215,13 +129,13 @@ def _entry_line(
         value = personal.get(key)
         if isinstance(value, str) and value.startswith("@"):
             personal[key] = person(value, (names or {}).get(value))
-    words = _words(entry.kind, language)
+    words = kind_words(entry.kind, language)
     detail = []
     if entry.kind.startswith("step.") and facts.get("status") not in (None, "done"):
         detail.append(word(str(facts["status"]), language))
     for key in ("method", "why", "via"):
         if facts.get(key):
-            detail.append(f"{word(key, language)}: {facts[key]}")
+            detail.append(f"{word(key, language)}: {word(str(facts[key]), language)}")
     if entry.kind == "notice_read" and isinstance(facts.get("read_at"), str):
         read_at = when(dt.datetime.fromisoformat(facts["read_at"]), zone, language)
         detail.append(language._("read at {when}").format(when=read_at))

@@ -333,10 +333,10 @@ class StaffTools:
                 "(reference {reference}; lawful basis: {basis})."
             ).format(
                 case=case.id,
-                service=command.service,
+                service=_(command.service),
                 by=sender,
                 reference=command.reference,
-                basis=policy.lawful_basis,
+                basis=_(policy.lawful_basis),
             )
         if command.action == "note":
             await entry("note", {"kind": "opinion"}, {"text": command.text})

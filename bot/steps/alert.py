@@ -25,6 +25,7 @@ from bot.core.ports import EncryptionUnavailable, Refused
 from bot.steps.base import PLAIN_CLOCK, CaseStep, Outcome, StepRun
 from bot.store import audit
 from bot.store.cases import Case, Step
+from bot.texts.catalogues import N_
 from bot.texts.messages import StepState
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,13 @@ def notice_state(notify: Step) -> StepState:
         return StepState("failed", notify.error or notify.result.get("why"))
     if notify.status == "skipped":
         return StepState("skipped", notify.result.get("why"))
-    return StepState("waiting", notify.error or "not tried yet")
+    return StepState("waiting", notify.error or N_("not tried yet"))
 
 
 def removal_state(remove: Step, notify: Step) -> StepState:
     if remove.status == "done":
         if remove.result.get("already_gone"):
-            return StepState("done", note="they had already left the room")
+            return StepState("done", note=N_("they had already left the room"))
         return StepState("done")
     if remove.status == "failed":
         return StepState("failed", remove.error or remove.result.get("why"))
@@ -65,8 +66,8 @@ def removal_state(remove: Step, notify: Step) -> StepState:
     if notify.status in ("failed", "skipped") and not remove.progress.get("decided_by"):
         return StepState("held")
     if notify.status != "done":
-        return StepState("waiting", "waiting until they have been told")
-    return StepState("waiting", remove.error or "not tried yet")
+        return StepState("waiting", N_("waiting until they have been told"))
+    return StepState("waiting", remove.error or N_("not tried yet"))
 
 
 def stated(step: Step) -> str:

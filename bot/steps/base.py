@@ -241,13 +241,13 @@ class Toolbox:
     async def person(self, user_id: str | None) -> str:
         """`Sam (@sam:example.org)` as staff texts name people."""
         if not user_id:
-            return "(unknown)"
+            return self.texts.language._("(unknown)")
         return person(user_id, await self.homeserver.display_name(user_id))
 
     async def place(self, room_id: str | None) -> str:
         """`Group chat (!abc:example.org)` as staff texts name rooms."""
         if not room_id:
-            return "(unknown)"
+            return self.texts.language._("(unknown)")
         return place(room_id, await self.homeserver.room_name(room_id))
 
     async def send_to_staff(

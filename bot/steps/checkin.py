@@ -54,7 +54,7 @@ class Checkin(CaseStep):
             created = await self.hs.create_room(
                 marker=run.marker(),
                 invite=[],
-                name=self.deployment.checkin.room_name,
+                name=self.tools.texts.language._(self.deployment.checkin.room_name),
                 encrypted=self.deployment.encrypt_private_rooms and made_plain is None,
             )
             if isinstance(created, Refused):
@@ -69,7 +69,11 @@ class Checkin(CaseStep):
         invited, not_invited = await self._invite_all(
             room_id, [case.member_id, *self.deployment.policy.staff]
         )
-        staff_roles = ["a member of our staff team"] if self.deployment.policy.staff else []
+        staff_roles = (
+            [self.tools.texts.language._("a member of our staff team")]
+            if self.deployment.policy.staff
+            else []
+        )
         content = self.tools.texts.checkin(
             flagged_at=case.flagged_at, now=now, staff_roles=staff_roles
         )

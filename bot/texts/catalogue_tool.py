@@ -22,6 +22,7 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po, write_po
 
 from bot.config.resource_packs import PACKS
+from bot.config.settings import CheckinSettings, PolicySettings, default_resources
 from bot.texts.catalogues import DOMAIN, LOCALE_DIR, RESOURCE_CONTEXT, SOURCE_LANGUAGE
 from bot.texts.templates import CATALOGUE
 
@@ -40,11 +41,16 @@ def source_messages() -> Iterator[tuple[str | None, str, str]]:
     ):
         if isinstance(message, str):
             yield context, message, f"bot/{filename}:{lineno}"
-    for pack in PACKS.values():
-        for resource in pack.resources:
+    packs = [pack.resources for pack in PACKS.values()]
+    for resources in [*packs, default_resources()]:
+        for resource in resources:
             for phrase in (resource.contact, resource.when):
                 if phrase:
                     yield RESOURCE_CONTEXT, phrase, "bot/config/resource_packs.py"
+    # The settings' defaults that people read (an install's own values are its own).
+    policy, checkin = PolicySettings(), CheckinSettings()
+    for phrase in (policy.moderator_support, policy.lawful_basis, checkin.room_name):
+        yield None, phrase, "bot/config/settings.py"
 
 
 def template_catalogue() -> Catalog:

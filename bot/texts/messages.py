@@ -14,11 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from bot.config.deployment import Deployment
 from bot.config.settings import MessageTemplates
+from bot.texts.case_words import step_words, word
 from bot.texts.catalogues import language
 from bot.texts.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
 from bot.texts.wording import (
@@ -92,6 +93,15 @@ class Texts:
 
     def duration(self, delta: dt.timedelta) -> str:
         return duration_words(delta, self.language)
+
+    def _said(self, state: StepState) -> StepState:
+        """A step state's own phrases (`not tried yet`) in this language; a reason
+        recorded from elsewhere (the homeserver's, a step's) stays as recorded."""
+        return replace(
+            state,
+            why=self._(state.why) if state.why else state.why,
+            note=self._(state.note) if state.note else state.note,
+        )
 
     # ---- to the member and the room ----------------------------------------------------
 
@@ -184,7 +194,7 @@ class Texts:
                 "moderator_debrief",
                 case=case_number,
                 checkin_when=checkin_when(now, due_at, self._zone, self.language),
-                support=self._policy.moderator_support,
+                support=self._(self._policy.moderator_support),
             )
         )
 
@@ -207,6 +217,7 @@ class Texts:
         dry_run: bool,
     ) -> dict[str, Any]:
         _ = self._
+        notice, removal = self._said(notice), self._said(removal)
         if dry_run:
             status_line = _(" — DRY RUN: the member was not messaged or removed")
             outcomes = _("Nothing was sent to the member and no one was removed (dry run).")
@@ -241,7 +252,7 @@ class Texts:
                 room=room,
                 flagger=flagger,
                 when=self.when(flagged_at),
-                method=method,
+                method=word(method, self.language),
                 reason=reason or _("(none given)"),
                 outcomes=outcomes,
                 late=_(" — arrived {delay} late").format(delay=self.duration(late_by))
@@ -387,7 +398,7 @@ class Texts:
             case=case_number,
             flagger=flagger,
             member=member,
-            method=method,
+            method=word(method, self.language),
             when=self.when(at),
             reason=reason or self._("(none given)"),
         )
@@ -522,7 +533,10 @@ class Texts:
         self, *, case_number: int, step: str, error: str | None, reply_to: str | None
     ) -> dict[str, Any]:
         text = self.text(
-            "step_failed", case=case_number, step=step, error=f" ({error})" if error else ""
+            "step_failed",
+            case=case_number,
+            step=step_words(step, self.language),
+            error=f" ({error})" if error else "",
         )
         return notice(text, reply_to=reply_to)
 
@@ -536,7 +550,7 @@ class Texts:
                 detail=detail,
                 room=room,
                 flagger=flagger,
-                method=method,
+                method=word(method, self.language),
                 member=self._(" — member: {member}").format(member=member) if member else "",
             )
         )

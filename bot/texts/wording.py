@@ -7,9 +7,26 @@ import re
 from collections.abc import Sequence
 
 from bot.config.settings import Resource
-from bot.texts.catalogues import Language, language
+from bot.texts.catalogues import N_, Language, language
 
 ENGLISH = language()
+# "on Monday" … as a whole phrase: languages inflect it (Welsh: "ddydd Llun").
+ON_WEEKDAY = (
+    N_("on Monday"),
+    N_("on Tuesday"),
+    N_("on Wednesday"),
+    N_("on Thursday"),
+    N_("on Friday"),
+    N_("on Saturday"),
+    N_("on Sunday"),
+)
+
+
+def _first_upper(text: str) -> str:
+    """The first letter made a capital, the rest as written (`str.capitalize` would
+    lower-case "A&E", "SHOUT")."""
+    return text[:1].upper() + text[1:]
+
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 MAX_NAME = 64
@@ -76,8 +93,10 @@ def checkin_when(
             return _("tomorrow morning")
         return _("tomorrow afternoon") if local_due.hour < 17 else _("tomorrow evening")
     if days < 7:
-        return _("on {weekday}").format(weekday=language.date(local_due, "EEEE"))
-    return _("on {weekday}").format(weekday=language.date(local_due, "EEEE dd MMMM"))
+        return _(ON_WEEKDAY[local_due.weekday()])
+    return _("{on_weekday} {date}").format(
+        on_weekday=_(ON_WEEKDAY[local_due.weekday()]), date=language.date(local_due, "d MMMM")
+    )
 
 
 def since_words(
@@ -92,8 +111,8 @@ def since_words(
     if days == 1:
         return _("yesterday")
     if days < 7:
-        return _("on {weekday}").format(weekday=language.date(local_then, "EEEE"))
-    return _("on {date}").format(date=language.date(local_then, "dd MMMM"))
+        return _(ON_WEEKDAY[local_then.weekday()])
+    return _("on {date}").format(date=language.date(local_then, "d MMMM"))
 
 
 def resource_lines(resources: Sequence[Resource], language: Language = ENGLISH) -> str:
@@ -123,7 +142,7 @@ def emergency_line(resources: Sequence[Resource], language: Language = ENGLISH) 
         return _("If your life is in danger right now, call your local emergency number.")
     return " ".join(
         _("{when}, {contact}.").format(
-            when=(language.resource(r.when) if r.when else _("in an emergency")).capitalize(),
+            when=_first_upper(language.resource(r.when) if r.when else _("in an emergency")),
             contact=language.resource(r.contact),
         )
         for r in emergencies

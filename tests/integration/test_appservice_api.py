@@ -166,6 +166,7 @@ async def test_health_names_each_check(synapse, tmp_path):
         "encryption",
         "ready_dm_rooms",
         "transactions",
+        "messages",
     }
     assert set(body["checks"]["inbox"]["lanes"]) == {"flags", "other", "refusals", "decrypt"}
     assert all(check["ok"] for check in body["checks"].values())

@@ -67,7 +67,7 @@ async def test_a_welsh_community_is_told_in_welsh(scene):
             lambda: scene.staff_matching(lambda text: text.startswith("Achos #1: ")),
             what="the case's timeline, in Welsh",
         )
-        assert "(amseroedd: Europe/London)" in timeline and "wedi'i nodi" in timeline
+        assert "(amseroedd: Europe/London)" in timeline and "wedi'i fflagio" in timeline
         await scene.staff.send_text(scene.staff_room, "!case 99")
         await until(
             lambda: scene.staff_matching(lambda text: text.startswith("Does dim achos #99.")),

@@ -243,14 +243,19 @@ def test_a_case_timeline_and_listing_read_in_welsh():
         case, [*steps, failed], zone=ZoneInfo("Europe/London"), names=names, language=cy
     )
     assert shown.startswith("Achos #3: Sam (@m:l) yn Grŵp (!r:l) — agored (amseroedd: Europe")
-    assert "Mer 01 Gorff 2026, 10:30  y nodyn wedi'i dynnu o'r ystafell — wedi methu; pam:" in shown
+    assert (
+        "Mer 01 Gorff 2026, 10:30  y fflag wedi'i thynnu o'r ystafell — wedi methu; pam:" in shown
+    )
     english = case_timeline(case, [*steps, failed], names=names)
     assert len(shown.splitlines()) == len(english.splitlines())
     for line in shown.splitlines()[1:]:
         assert line not in english, f"an English line among the Welsh: {line}"
     listing = case_listing([case], "open", at + dt.timedelta(hours=2), language=cy)
     assert listing.startswith("Achosion (agored), 1–1 o 1 (amseroedd: UTC):")
-    assert "#3 @m:l yn !r:l — agored, 2h oed, cysylltu i fod Iau 02 Gorff 2026, 09:30" in listing
+    assert (
+        "#3 @m:l yn !r:l — agored, ers 2 awr, ystafell gysylltu'n agor Iau 02 Gorff 2026, 09:30"
+        in listing
+    )
     assert case_listing([], "open", at, language=cy) == "Dim achosion (agored)."
 
 
@@ -262,3 +267,45 @@ def test_a_command_that_cannot_be_read_is_explained_in_welsh():
     assert error.in_(language("cy")) == "ysgrifennwch `!case 5 note <text>`"
     assert error.message == "write `!case 5 note <text>`"
     assert language("cy")._(USAGE).startswith("!case list [open|closed|all] [tudalen] — yr")
+
+
+def test_the_check_in_and_the_notice_carry_no_english_in_welsh():
+    """The words code puts into a template (who is checking in, the weekday, the UK list
+    used when no region is chosen) are in the catalogue too."""
+    texts = welsh()  # the default resources: no region chosen
+    checkin = texts.checkin(
+        flagged_at=NOW - dt.timedelta(days=3),
+        now=NOW,
+        staff_roles=[texts.language._("a member of our staff team")],
+    )["body"]
+    assert checkin.startswith("Helo, aelod o'n tîm staff sydd yma.")
+    assert "ddydd Sul" in checkin  # three days before a Wednesday, as an adverb
+    notice = texts.notice(NOW + dt.timedelta(days=3), NOW)["body"]
+    assert "ddydd Sadwrn" in notice and "tecstia THEMIX i 85258" in notice
+    for english in ("call ", "text ", "free", "if you", "any time"):
+        assert english not in notice, english
+
+
+def test_the_alerts_own_words_and_the_flags_method_are_translated():
+    body = welsh().alert(
+        case_number=2,
+        member="Sam",
+        room="Grŵp",
+        flagger="Mo",
+        flagged_at=NOW,
+        method="reaction",
+        reason="poeni",
+        notice=StepState("waiting", why="not tried yet"),
+        removal=StepState("waiting", why="waiting until they have been told"),
+        late_by=None,
+        due_at=None,
+        dry_run=False,
+    )["body"]
+    assert "Wedi'i fflagio gan Mo (ymateb)" in body
+    assert "heb ei drio eto" in body and "yn aros nes eu bod wedi cael gwybod" in body
+    # A reason recorded from elsewhere (the homeserver's) is quoted as it was recorded.
+    refused = welsh().step_failed(
+        case_number=2, step="checkin_reminder", error="M_FORBIDDEN", reply_to=None
+    )["body"]
+    assert "y staff wedi cael eu hatgoffa am y sgwrs gysylltu" in refused
+    assert "(M_FORBIDDEN)" in refused
