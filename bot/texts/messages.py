@@ -94,6 +94,14 @@ class Texts:
     def duration(self, delta: dt.timedelta) -> str:
         return duration_words(delta, self.language)
 
+    def _emergency_contact(self) -> str:
+        """How staff reach emergency services where this community is (its resources'
+        emergency line: `call 911` in the US), never a number from elsewhere."""
+        emergencies = [r for r in self._resources if r.emergency]
+        if not emergencies:
+            return self._("your local emergency number")
+        return "; ".join(self.language.resource(r.contact) for r in emergencies)
+
     def _said(self, state: StepState) -> StepState:
         """A step state's own phrases (`not tried yet`) in this language; a reason
         recorded from elsewhere (the homeserver's, a step's) stays as recorded."""
@@ -238,11 +246,12 @@ class Texts:
         checkin = checkin.format(when=self.when(due_at) if due_at else "")
         checklist = _(
             "If a life may be at immediate risk:\n"
-            "☐ Call 999 and give them what you know (the member's details from your records)\n"
+            "☐ Contact emergency services ({emergency}) and give them what you know (the "
+            "member's details from your records)\n"
             "☐ Record it: !case {case} es <reference> [service]\n"
             "☐ Acknowledge this alert: react ✅ or write !case {case} ack\n"
             "☐ Notes: !case {case} note <text> — the whole case: !case {case}"
-        ).format(case=case_number)
+        ).format(case=case_number, emergency=self._emergency_contact())
         return content(
             self.text(
                 "alert",

@@ -47,7 +47,7 @@ async def test_a_welsh_community_is_told_in_welsh(scene):
             lambda: scene.staff_matching(lambda text: text.startswith("Achos #1")),
             what="the alert, in Welsh",
         )
-        assert "Aelod:" in alert[0] and "Ffoniwch 999" in alert[0]
+        assert "Aelod:" in alert[0] and "Cysylltwch â'r gwasanaethau brys (ffonia 999" in alert[0]
         assert scene.member.user_id in alert[0]
         # What the room sees: the removal's reason and the room's notice, in Welsh too.
         kick = next(

@@ -14,7 +14,7 @@ from appservice.config import UNCHOSEN_RESOURCES, ConfigError, load_config
 from appservice.registration import write_registration
 from bot.config.resource_packs import PACKS, pack_for
 from bot.config.settings import default_resources
-from bot.texts.messages import Texts
+from bot.texts.messages import StepState, Texts
 from tests.support.policy import deployment
 from tests.unit.test_config import MINIMAL, write
 
@@ -108,3 +108,30 @@ def test_the_member_is_told_the_regions_numbers_in_the_notice(region):
     for resource in pack.resources:
         assert resource.contact in body or resource.name in body
     assert body.count(pack.resources[0].contact) == 1, "the emergency line is said once"
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_staff_are_told_the_regions_emergency_number_never_another(region):
+    """The alert's checklist names the emergency line of the community's own region (a
+    US team told to "call 999" would lose minutes)."""
+    pack = pack_for(region)
+    assert pack is not None
+    options = dataclasses.replace(deployment(), resources=pack.resources)
+    body = Texts(options).alert(
+        case_number=1,
+        member="Sam",
+        room="Group",
+        flagger="Mo",
+        flagged_at=NOW,
+        method="reaction",
+        reason=None,
+        notice=StepState("done"),
+        removal=StepState("done"),
+        late_by=None,
+        due_at=None,
+        dry_run=False,
+    )["body"]
+    emergency = pack.resources[0]
+    assert f"☐ Contact emergency services ({emergency.contact})" in body
+    if "999" not in emergency.contact:
+        assert "999" not in body
