@@ -80,3 +80,34 @@ async def test_a_welsh_community_is_told_in_welsh(scene):
     async with running_service(reviewed) as service:
         _status, report = await health(service)
         assert "warning" not in report["checks"]["messages"]
+
+
+async def test_the_welsh_check_in_room_and_its_message(scene):
+    """The room's default name, who is checking in and the weekday are Welsh too: the
+    words code puts into the check-in, not only its template."""
+    config = scene_config(scene, language="cy", region="GB-WLS", checkin={"after": "2s"})
+    async with running_service(config):
+        await open_group_room(scene)
+        said = await scene.member.send_text(scene.group, "Alla i ddim")
+        await scene.moderator.react(scene.group, said, "🚨")
+
+        async def checkin_room() -> str | None:
+            staff_invites = await scene.staff.invites()
+            for room, state in (await scene.member.invites()).items():
+                name = state.get("m.room.name", {}).get("name")
+                if name == "Cysylltu â ti" and room in staff_invites:
+                    return room
+            return None
+
+        room = await until(checkin_room, within=60, what="the check-in room, named in Welsh")
+        await scene.member.join(room)
+        (message,) = await until(lambda: scene.bot_messages(scene.member, room), what="message")
+        body = message["content"]["body"]
+        assert body.startswith("Helo, aelod o'n tîm staff sydd yma.")
+        assert "a member of our staff team" not in body and "ffonia 999" in body
+        await until(
+            lambda: scene.staff_matching(
+                lambda text: "mae'r ystafell gysylltu ar agor" in text and room in text
+            ),
+            what="the staff room told, in Welsh",
+        )

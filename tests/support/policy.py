@@ -17,7 +17,8 @@ from bot.rooms.ready_rooms import ReadyRooms
 from bot.rooms.staff_room import StaffRoom
 from bot.steps import CASE_STEPS, Toolbox, build_steps
 from bot.store import audit, cases
-from bot.texts.messages import Texts
+from bot.texts.messages import StepState, Texts
+from bot.texts.wording import person, place
 from tests.support.fake_homeserver import FakeHomeserver
 
 GROUP, STAFF = "!group:localhost", "!staff:localhost"
@@ -206,3 +207,27 @@ def notices(hs: FakeHomeserver, step: str) -> list[dict[str, Any]]:
 async def steps(engine: AsyncEngine, case_id: int) -> dict[str, cases.Step]:
     async with engine.connect() as conn:
         return {s.step: s for s in await cases.steps_of(conn, case_id)}
+
+
+def alert_body(texts: Texts | None = None, **overrides: Any) -> str:
+    """The staff alert's text for a plain case (#7, Sam flagged by Alex in Group chat, told
+    and removed), `overrides` replacing any of `Texts.alert`'s arguments; by default in a
+    London-time deployment."""
+    values: dict[str, Any] = dict(
+        case_number=7,
+        member=person("@m:l", "Sam"),
+        room=place("!r:l", "Group chat"),
+        flagger=person("@mod:l", "Alex"),
+        flagged_at=dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC),
+        method="reaction",
+        reason=None,
+        notice=StepState("done"),
+        removal=StepState("done"),
+        late_by=None,
+        due_at=dt.datetime(2026, 7, 25, 9, tzinfo=dt.UTC),
+        dry_run=False,
+    )
+    if texts is None:
+        london = CheckinSettings(at=dt.time(10), timezone="Europe/London")
+        texts = Texts(deployment(checkin=london))
+    return texts.alert(**(values | overrides))["body"]

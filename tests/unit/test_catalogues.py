@@ -28,7 +28,7 @@ from bot.texts.catalogues import CatalogueMissing, language, shipped_languages
 from bot.texts.messages import StepState, Texts
 from bot.texts.templates import CATALOGUE
 from bot.texts.wording import checkin_when, duration_words, since_words, when
-from tests.support.policy import deployment
+from tests.support.policy import alert_body, deployment
 
 NOW = dt.datetime(2026, 11, 25, 9, 0, tzinfo=dt.UTC)  # a Wednesday
 ZONE = dt.UTC
@@ -120,20 +120,17 @@ def test_every_welsh_template_renders_with_its_placeholders():
 
 
 def test_staff_read_the_alert_in_welsh_with_welsh_dates():
-    body = welsh().alert(
-        case_number=7,
+    body = alert_body(
+        welsh(),
         member="Sam (@sam:localhost)",
         room="Group (!g:localhost)",
         flagger="Mo (@mo:localhost)",
         flagged_at=NOW,
         method="🚨",
-        reason=None,
-        notice=StepState("done"),
         removal=StepState("waiting", why="the homeserver is away"),
         late_by=dt.timedelta(minutes=3),
         due_at=NOW + dt.timedelta(days=1),
-        dry_run=False,
-    )["body"]
+    )
     assert body.startswith("Achos #7\nAelod: Sam (@sam:localhost)")
     assert "Mer 25 Tach 2026" in body
     assert "cyrhaeddodd 3 munud yn hwyr" in body
@@ -287,20 +284,15 @@ def test_the_check_in_and_the_notice_carry_no_english_in_welsh():
 
 
 def test_the_alerts_own_words_and_the_flags_method_are_translated():
-    body = welsh().alert(
+    body = alert_body(
+        welsh(),
         case_number=2,
-        member="Sam",
-        room="Grŵp",
         flagger="Mo",
-        flagged_at=NOW,
-        method="reaction",
         reason="poeni",
         notice=StepState("waiting", why="not tried yet"),
         removal=StepState("waiting", why="waiting until they have been told"),
-        late_by=None,
         due_at=None,
-        dry_run=False,
-    )["body"]
+    )
     assert "Wedi'i fflagio gan Mo (ymateb)" in body
     assert "heb ei drio eto" in body and "yn aros nes eu bod wedi cael gwybod" in body
     # A reason recorded from elsewhere (the homeserver's) is quoted as it was recorded.

@@ -14,8 +14,8 @@ from appservice.config import UNCHOSEN_RESOURCES, ConfigError, load_config
 from appservice.registration import write_registration
 from bot.config.resource_packs import PACKS, pack_for
 from bot.config.settings import default_resources
-from bot.texts.messages import StepState, Texts
-from tests.support.policy import deployment
+from bot.texts.messages import Texts
+from tests.support.policy import alert_body, deployment
 from tests.unit.test_config import MINIMAL, write
 
 REGIONS = ("GB", "GB-SCT", "GB-WLS", "GB-NIR", "IE", "US", "CA", "AU")
@@ -117,20 +117,7 @@ def test_staff_are_told_the_regions_emergency_number_never_another(region):
     pack = pack_for(region)
     assert pack is not None
     options = dataclasses.replace(deployment(), resources=pack.resources)
-    body = Texts(options).alert(
-        case_number=1,
-        member="Sam",
-        room="Group",
-        flagger="Mo",
-        flagged_at=NOW,
-        method="reaction",
-        reason=None,
-        notice=StepState("done"),
-        removal=StepState("done"),
-        late_by=None,
-        due_at=None,
-        dry_run=False,
-    )["body"]
+    body = alert_body(Texts(options))
     emergency = pack.resources[0]
     assert f"☐ Contact emergency services ({emergency.contact})" in body
     if "999" not in emergency.contact:

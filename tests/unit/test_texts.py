@@ -8,11 +8,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bot.config.settings import CheckinSettings, MessageTemplates, Resource
+from bot.config.settings import MessageTemplates, Resource
 from bot.texts.messages import StepState, Texts
 from bot.texts.templates import CATALOGUE, KICK_REASON_LIMIT, validate_templates
-from bot.texts.wording import checkin_when, clean_name, person, place, since_words
-from tests.support.policy import deployment
+from bot.texts.wording import checkin_when, clean_name, person, since_words
+from tests.support.policy import alert_body, deployment
 
 LONDON = ZoneInfo("Europe/London")
 NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
@@ -124,23 +124,7 @@ def test_overrides_and_unknown_placeholders():
     assert validate_templates(MessageTemplates(notice="{broken"))[0].startswith("messages.notice")
 
 
-def alert(**overrides):
-    values = dict(
-        case_number=7,
-        member=person("@m:l", "Sam"),
-        room=place("!r:l", "Group chat"),
-        flagger=person("@mod:l", "Alex"),
-        flagged_at=dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC),
-        method="reaction",
-        reason=None,
-        notice=StepState("done"),
-        removal=StepState("done"),
-        late_by=None,
-        due_at=dt.datetime(2026, 7, 25, 9, tzinfo=dt.UTC),
-        dry_run=False,
-    )
-    settings = deployment(checkin=CheckinSettings(at=dt.time(10), timezone="Europe/London"))
-    return Texts(settings).alert(**(values | overrides))["body"]
+alert = alert_body
 
 
 def test_alert_names_people_and_rooms_and_one_zone():
