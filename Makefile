@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # The message catalogues, compiled from their .po files (bot/texts/catalogues.py).
 CATALOGUES := $(patsubst %.po,%.mo,$(wildcard bot/texts/locale/*/LC_MESSAGES/*.po))
 
-.PHONY: run test test-image lint bench clean messages
+.PHONY: all run test test-image lint bench clean messages
+
+# `make` alone: the virtualenv and the compiled catalogues.
+all: $(STAMP) $(CATALOGUES)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 %.mo: %.po $(STAMP)
-	$(BIN)/python -m bot.texts.catalogue_tool compile
+	$(BIN)/python -m bot.texts.catalogue_tool compile $< $@
 
 # After changing a text in the code: the .pot and every .po brought in step (then translate).
 messages: $(STAMP)

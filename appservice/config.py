@@ -44,7 +44,7 @@ from bot.config.settings import (
     coerce_duration,
     default_resources,
 )
-from bot.texts.catalogues import SOURCE_LANGUAGE, shipped_languages
+from bot.texts.catalogues import SOURCE_LANGUAGE, CatalogueMissing, language
 from bot.texts.templates import validate_templates
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -182,11 +182,12 @@ class ConfigFile(_Strict):
     @field_validator("language")
     @classmethod
     def _shipped_language(cls, code: str) -> str:
-        if code not in shipped_languages():
-            raise ValueError(
-                f"no message catalogue for language {code!r} "
-                f"(there are: {', '.join(shipped_languages())})"
-            )
+        # Loaded here, so a catalogue that is missing or was never compiled stops
+        # check-config, not the service's start.
+        try:
+            language(code)
+        except CatalogueMissing as exc:
+            raise ValueError(str(exc)) from None
         return code
 
     @property
@@ -309,8 +310,8 @@ class Config:
         language is not marked reviewed by a native speaker (`messages.reviewed_locales`):
         a crisis message that reads wrongly can do harm."""
         code = self.language
-        if code in self.messages.reviewed_locales:
-            return None
+        if code == SOURCE_LANGUAGE or code in self.messages.reviewed_locales:
+            return None  # English is the texts' source, written and reviewed here
         return (
             f"language {code!r}: its built-in texts are not marked reviewed "
             f"(messages.reviewed_locales: {self.messages.reviewed_locales}): have a native "

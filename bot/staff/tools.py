@@ -333,7 +333,9 @@ class StaffTools:
                 "(reference {reference}; lawful basis: {basis})."
             ).format(
                 case=case.id,
-                service=_(command.service),
+                # The default ("emergency services") in this language; a service staff
+                # named, as they wrote it.
+                service=command.service if len(command.words) > 1 else _(command.service),
                 by=sender,
                 reference=command.reference,
                 basis=_(policy.lawful_basis),

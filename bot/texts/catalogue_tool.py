@@ -92,9 +92,15 @@ def compile_all() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["compile"] and len(argv) == 3:  # one catalogue: make's rule, per file
+        compile_catalogue(Path(argv[1]), Path(argv[2]))
+        return 0
     commands = {"update": update, "compile": compile_all}
     if len(argv) != 1 or argv[0] not in commands:
-        print(f"usage: python -m bot.texts.catalogue_tool {'|'.join(commands)}", file=sys.stderr)
+        print(
+            "usage: python -m bot.texts.catalogue_tool update|compile [SOURCE.po TARGET.mo]",
+            file=sys.stderr,
+        )
         return 2
     commands[argv[0]]()
     return 0

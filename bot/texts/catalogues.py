@@ -62,8 +62,9 @@ class Language:
     translations: gettext.NullTranslations
 
     def _(self, message: str) -> str:
-        """A phrase in this language (the English if the catalogue lacks it)."""
-        return self.translations.gettext(message)
+        """A phrase in this language (the English if the catalogue lacks it). An empty
+        text stays empty: gettext would answer it with the catalogue's header."""
+        return self.translations.gettext(message) if message else message
 
     def template(self, name: str, english: str) -> str:
         """The built-in template `name` in this language."""
@@ -71,7 +72,7 @@ class Language:
 
     def resource(self, phrase: str) -> str:
         """A built-in crisis resource's phrase; an install's own are left as written."""
-        return self.translations.pgettext(RESOURCE_CONTEXT, phrase)
+        return self.translations.pgettext(RESOURCE_CONTEXT, phrase) if phrase else phrase
 
     def date(self, at: dt.datetime | dt.date, pattern: str) -> str:
         """`at` by a CLDR pattern (`EEE dd MMM y, HH:mm`), with this language's names."""

@@ -235,7 +235,7 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"case", "member", "waited", "sent"}),
     ),
     "step_failed": (
-        "Case #{case}: the step '{step}' could not be done{error}. Please act on it by hand; "
+        "Case #{case}: a step could not be done — {step}{error}. Please act on it by hand; "
         "`!case {case}` shows the whole case.",
         frozenset({"case", "step", "error"}),
     ),

@@ -63,6 +63,8 @@ def test_the_template_file_is_in_step_with_the_code():
 def test_every_shipped_catalogue_is_complete_and_keeps_every_placeholder(code):
     catalogue = read(Path(f"bot/texts/locale/{code}/LC_MESSAGES/safeguard.po"))
     assert keys(catalogue) == keys(source_catalogue()), "run `make messages`, then translate"
+    # pybabel (the image build) skips a catalogue whose header is fuzzy, and says nothing.
+    assert not catalogue.fuzzy, "the header is marked fuzzy: remove the mark"
     for message in catalogue:
         if not message.id:
             continue
@@ -201,10 +203,32 @@ def test_an_unreviewed_language_is_warned_of_until_the_charity_lists_it(tmp_path
     assert load_config(reviewed).language_warning is None
     assert main(["check-config", "-c", str(reviewed)]) == 0
     assert "not marked reviewed" not in capsys.readouterr().out
-    # English is reviewed by default; a charity that lists only cy is warned of English.
+    # English is the texts' source: never warned of, whatever the list says.
     assert load_config(config_with(tmp_path)).language_warning is None
     only_cy = config_with(tmp_path, messages={"reviewed_locales": ["cy"]})
-    assert load_config(only_cy).language_warning is not None
+    assert load_config(only_cy).language_warning is None
+
+
+def test_a_catalogue_never_compiled_stops_check_config_not_the_start(tmp_path, monkeypatch):
+    from bot.texts import catalogues
+
+    uncompiled = tmp_path / "locale" / "xx" / "LC_MESSAGES"
+    uncompiled.mkdir(parents=True)
+    (uncompiled / "safeguard.po").write_text('msgid ""\nmsgstr ""\n', encoding="utf-8")
+    monkeypatch.setattr(catalogues, "LOCALE_DIR", tmp_path / "locale")
+    with pytest.raises(CatalogueMissing, match="never compiled: run `make`"):
+        language("xx")
+    with pytest.raises(ConfigError, match="language: the 'xx' message catalogue was never"):
+        config_with(tmp_path, language="xx")
+
+
+def test_an_empty_setting_stays_empty_in_every_language():
+    """gettext answers an empty text with the catalogue's header: never sent to anyone."""
+    assert language("cy")._("") == "" and language("cy").resource("") == ""
+    debrief = welsh(moderator_support="").moderator_debrief(case_number=1, due_at=None, now=NOW)[
+        "body"
+    ]
+    assert "Project-Id-Version" not in debrief and "Content-Type" not in debrief
 
 
 def test_the_language_is_part_of_the_recorded_config_hash(tmp_path):
