@@ -27,6 +27,7 @@ from bot.texts.wording import (
     confidentiality_line,
     duration_words,
     emergency_line,
+    emergency_resources,
     resource_lines,
     since_words,
     when,
@@ -97,7 +98,7 @@ class Texts:
     def _emergency_contact(self) -> str:
         """How staff reach emergency services where this community is (its resources'
         emergency line: `call 911` in the US), never a number from elsewhere."""
-        emergencies = [r for r in self._resources if r.emergency]
+        emergencies = emergency_resources(self._resources)
         if not emergencies:
             return self._("your local emergency number")
         return "; ".join(self.language.resource(r.contact) for r in emergencies)

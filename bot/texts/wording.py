@@ -134,10 +134,15 @@ def confidentiality_line(url: str | None, language: Language = ENGLISH) -> str:
     return "\n\n" + language._("What we share and why: {url}").format(url=url) if url else ""
 
 
+def emergency_resources(resources: Sequence[Resource]) -> list[Resource]:
+    """The emergency lines among the resources (said apart from the services to talk to)."""
+    return [r for r in resources if r.emergency]
+
+
 def emergency_line(resources: Sequence[Resource], language: Language = ENGLISH) -> str:
     """'If your life is in danger right now, call 999 or go to A&E.' — from the resources."""
     _ = language._
-    emergencies = [r for r in resources if r.emergency]
+    emergencies = emergency_resources(resources)
     if not emergencies:
         return _("If your life is in danger right now, call your local emergency number.")
     return " ".join(

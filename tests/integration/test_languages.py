@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.checkins import checkin_rooms
 from tests.support.scene import (
     build_scene,
     health,
@@ -91,15 +92,11 @@ async def test_the_welsh_check_in_room_and_its_message(scene):
         said = await scene.member.send_text(scene.group, "Alla i ddim")
         await scene.moderator.react(scene.group, said, "🚨")
 
-        async def checkin_room() -> str | None:
-            staff_invites = await scene.staff.invites()
-            for room, state in (await scene.member.invites()).items():
-                name = state.get("m.room.name", {}).get("name")
-                if name == "Cysylltu â ti" and room in staff_invites:
-                    return room
-            return None
-
-        room = await until(checkin_room, within=60, what="the check-in room, named in Welsh")
+        (room,) = await until(
+            lambda: checkin_rooms(scene, name="Cysylltu â ti"),
+            within=60,
+            what="the check-in room, named in Welsh",
+        )
         await scene.member.join(room)
         (message,) = await until(lambda: scene.bot_messages(scene.member, room), what="message")
         body = message["content"]["body"]

@@ -27,11 +27,12 @@ async def flagged_and_scheduled(scene, config) -> None:
     await until(lambda: recorded(config, "step.schedule"), what="scheduling")
 
 
-async def checkin_rooms(scene) -> list[str]:
-    """Rooms the member is invited to whose name is the check-in's (not the DM)."""
+async def checkin_rooms(scene, name: str = "Checking in") -> list[str]:
+    """Rooms the member and staff are invited to whose name is the check-in's (not the
+    DM): `checkin_config`'s, unless another is given."""
     staff_invites = await scene.staff.invites()
     return [
         room
         for room, state in (await scene.member.invites()).items()
-        if state.get("m.room.name", {}).get("name") == "Checking in" and room in staff_invites
+        if state.get("m.room.name", {}).get("name") == name and room in staff_invites
     ]
