@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from bot.store import audit
 from tests.support.synapse import appservice_delivering
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 BOT = "@safeguard:localhost"
 
 
@@ -41,8 +43,27 @@ async def until(
         if value:
             return value  # type: ignore[return-value]
         if loop.time() > deadline:
+            # What the service was doing meanwhile, so a failure on a busy CI machine can
+            # be read from its log alone (a task stuck on an await shows where).
+            log.error("waiting for %s timed out; the running tasks:\n%s", what, _task_stacks())
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def _task_stacks(frames: int = 6) -> str:
+    """Every task of the loop but the caller's, each with its innermost frames."""
+    lines = []
+    current = asyncio.current_task()
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        if task is current or task.done():
+            continue
+        stack = task.get_stack(limit=None)[-frames:]
+        where = " <- ".join(
+            f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+            for frame in reversed(stack)
+        )
+        lines.append(f"  {task.get_name()}: {where or '(not started)'}")
+    return "\n".join(lines)
 
 
 # The operators' token for /health's detail, in every test config.
