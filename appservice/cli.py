@@ -233,7 +233,7 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
     from bot.store import cases
 
     async def listing(conn: Any) -> int:
-        found = await cases.listing(conn, args.state)
+        found = await cases.listing(conn, args.state, community=args.community)
         if args.json:
             rows = [records.case_summary(c, await cases.steps_of(conn, c.id)) for c in found]
             print(json.dumps({"cases": rows}, indent=2, ensure_ascii=False))
@@ -248,7 +248,7 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     async def show(conn: Any) -> int:
-        document = await records.export(conn, case_id=args.number)
+        document = await records.export(conn, case_id=args.number, community=args.community)
         if not document["cases"]:
             print(f"no case #{args.number}", file=sys.stderr)
             return 1
@@ -257,7 +257,9 @@ def cmd_cases(args: argparse.Namespace, config: Config) -> int:
 
     async def export(conn: Any) -> int:
         since = args.since
-        document = await records.export(conn, since=since, case_id=args.case)
+        document = await records.export(
+            conn, since=since, case_id=args.case, community=args.community
+        )
         text = (
             json.dumps(document, indent=2, ensure_ascii=False)
             if args.format == "json"
@@ -487,16 +489,23 @@ def build_parser() -> argparse.ArgumentParser:
         handler=cmd_db_upgrade
     )
 
+    # Every case command reads one community's cases with --community (default: all).
+    community = argparse.ArgumentParser(add_help=False)
+    community.add_argument(
+        "--community", metavar="ID", help="only this community's cases (and refusals)"
+    )
     p = sub.add_parser("cases", parents=[common], help="read the case records")
     actions = p.add_subparsers(dest="action", required=True)
-    q = actions.add_parser("list", parents=[common], help="one line per case")
+    q = actions.add_parser("list", parents=[common, community], help="one line per case")
     q.add_argument("state", nargs="?", default="all", choices=["open", "closed", "all"])
     q.add_argument("--json", action="store_true", help="JSON instead of a table")
     q.set_defaults(handler=cmd_cases)
-    q = actions.add_parser("show", parents=[common], help="one case with its whole timeline")
+    q = actions.add_parser(
+        "show", parents=[common, community], help="one case with its whole timeline"
+    )
     q.add_argument("number", type=int)
     q.set_defaults(handler=cmd_cases)
-    q = actions.add_parser("export", parents=[common], help="export the audit trail")
+    q = actions.add_parser("export", parents=[common, community], help="export the audit trail")
     q.add_argument("--format", choices=["json", "csv"], default="json")
     q.add_argument(
         "--since", type=_date_argument, help="only cases received on/after this date (YYYY-MM-DD)"

@@ -33,6 +33,7 @@ def _iso(value: dt.datetime | None) -> str | None:
 def case_summary(case: cases.Case, steps: list[cases.Step]) -> dict[str, Any]:
     return {
         "number": case.id,
+        "community": case.community,
         "room": case.room_id,
         "member": case.member_id,
         "state": case.state,
@@ -54,10 +55,15 @@ def case_summary(case: cases.Case, steps: list[cases.Step]) -> dict[str, Any]:
 
 
 async def export(
-    conn: AsyncConnection, *, since: dt.datetime | None = None, case_id: int | None = None
+    conn: AsyncConnection,
+    *,
+    since: dt.datetime | None = None,
+    case_id: int | None = None,
+    community: str | None = None,
 ) -> dict[str, Any]:
-    """{"cases": [...], "refusals": [...]}: each case with its entries in order."""
-    chosen = await cases.listing(conn)
+    """{"cases": [...], "refusals": [...]}: each case with its entries in order.
+    `community`: that community's cases and refusals alone (None: every community's)."""
+    chosen = await cases.listing(conn, community=community)
     if case_id is not None:
         chosen = [case for case in chosen if case.id == case_id]
     if since is not None:
@@ -73,7 +79,7 @@ async def export(
         else [
             entry.as_dict()
             for entry in await audit.entries(conn, without_case=True, since=since)
-            if entry.kind == "refused"
+            if entry.kind == "refused" and _of_community(entry, community)
         ]
     )
     head_seq, head_hash = await audit.head(conn)
@@ -85,6 +91,14 @@ async def export(
         "cases": exported,
         "refusals": refusals,
     }
+
+
+def _of_community(entry: audit.AuditEntry, community: str | None) -> bool:
+    """Whether an entry of no case (a refusal) is `community`'s: as its facts name it, and
+    the one community's if they do not (recorded before there were communities)."""
+    if community is None:
+        return True
+    return (entry.facts or {}).get("community", cases.DEFAULT_COMMUNITY) == community
 
 
 def export_csv(document: dict[str, Any]) -> str:

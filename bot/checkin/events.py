@@ -87,7 +87,7 @@ class CheckinEvents:
     async def claim_by_reaction(self, handling: Handling, target: str) -> bool:
         """✋ on a check-in notice in the staff room; False if `target` is none."""
         async with self._db.connect() as conn:
-            case = await cases.by_checkin_notice(conn, target)
+            case = await cases.by_checkin_notice(conn, target, community=self._deployment.community)
         if case is None:
             return False
         sender = handling.item.payload.get("sender", "")

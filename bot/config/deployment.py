@@ -13,6 +13,7 @@ from bot.config.settings import (
     Resource,
 )
 from bot.store.audit import Provenance
+from bot.store.cases import DEFAULT_COMMUNITY
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,5 @@ class Deployment:
     retention_days: int = 0
     # The language of every text people read (bot/texts/catalogues.py).
     language: str = "en"
+    # The community these settings are of: its cases, its staff (bot/store/cases.py).
+    community: str = DEFAULT_COMMUNITY

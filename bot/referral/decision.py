@@ -277,6 +277,7 @@ class Referral:
             flagged_at=flagged_at,
             received_at=item.received_at,
             caught_up=item.caught_up,
+            community=self._deployment.community,
         )
         # Before the case exists, so no membership of theirs from then on goes unqueued.
         self._watch_member(flag.room_id, target)
@@ -334,7 +335,11 @@ class Referral:
                 conn,
                 self._deployment.provenance,
                 "refused",
-                facts={"code": "found_too_late", "method": flag.method},
+                facts={
+                    "code": "found_too_late",
+                    "method": flag.method,
+                    "community": self._deployment.community,
+                },
                 personal={
                     "room": flag.room_id,
                     "flagger": flag.flagger,
@@ -365,7 +370,12 @@ class Referral:
                 conn,
                 self._deployment.provenance,
                 "refused",
-                facts={"code": refusal.code, "method": flag.method},
+                facts={
+                    "code": refusal.code,
+                    "method": flag.method,
+                    # Whose staff were told: a community's export carries its refusals.
+                    "community": self._deployment.community,
+                },
                 personal={
                     "detail": refusal.detail,
                     "room": flag.room_id,

@@ -59,6 +59,9 @@ class StaffTools:
         self._db = db
         self._room_admin = room_admin
         self._deployment = deployment
+        # Its staff see its cases alone: another community's case number is answered as
+        # one that does not exist, and its alerts and notices are not theirs to act on.
+        self._community = deployment.community
         # Every time staff read, in the zone the alert and the check-in use.
         self._zone = deployment.checkin.zone
         self._language = language(deployment.language)
@@ -103,7 +106,7 @@ class StaffTools:
         if key != ACK_KEY:
             return
         async with self._db.connect() as conn:
-            case = await cases.by_alert(conn, target)
+            case = await cases.by_alert(conn, target, community=self._community)
         if case is not None:
             # Answered as a reply to the alert itself, naming who acknowledged it.
             await self._run(handling, CaseCommand("ack", case.id), via="reaction", reply_to=target)
@@ -116,8 +119,8 @@ class StaffTools:
         if not await self._is_staff(handling.item.payload.get("sender", "")):
             return
         async with self._db.connect() as conn:
-            alerted = await cases.by_alert(conn, target)
-            opened = await cases.by_checkin_notice(conn, target)
+            alerted = await cases.by_alert(conn, target, community=self._community)
+            opened = await cases.by_checkin_notice(conn, target, community=self._community)
         case = alerted or opened
         _ = self._
         if key == CLAIM_KEY and case is not None and case.checkin_opened_at is None:
@@ -236,7 +239,7 @@ class StaffTools:
     async def _claim(self, handling: Handling, command: CaseCommand, sender: str) -> None:
         assert command.case is not None
         async with self._db.connect() as conn:
-            case = await cases.get(conn, command.case)
+            case = await cases.get(conn, command.case, community=self._community)
         if case is None or case.checkin_room_id is None:
             text = (
                 self._("Case #{case} has no open check-in to claim yet.")
@@ -257,12 +260,12 @@ class StaffTools:
         the rooms and people it names (the id after, once)."""
         async with self._db.connect() as conn:
             if command.action == "list":
-                total = await cases.count(conn, command.text)
-                shown = await _listed(conn, command)
+                total = await cases.count(conn, command.text, community=self._community)
+                shown = await _listed(conn, command, self._community)
                 entries: list[audit.AuditEntry] = []
             else:
                 assert command.case is not None
-                case = await cases.get(conn, command.case)
+                case = await cases.get(conn, command.case, community=self._community)
                 if case is None:
                     return self._no_such_case(command.case)
                 shown = [case]
@@ -298,7 +301,7 @@ class StaffTools:
         if command.action == "stats":
             return await self._stats(conn, command.page, now)
         assert command.case is not None
-        case = await cases.get(conn, command.case)
+        case = await cases.get(conn, command.case, community=self._community)
         if case is None:
             return self._no_such_case(command.case)
         _ = self._
@@ -504,7 +507,7 @@ class StaffTools:
         since = now - dt.timedelta(days=days)
         flags = [
             e
-            for e in await audit.entries(conn, since=since)
+            for e in await audit.entries(conn, since=since, community=self._community)
             if e.kind in ("flagged", "corroborated")
         ]
         _ = self._
@@ -578,8 +581,12 @@ class StaffTools:
         self._on_outbox()
 
 
-async def _listed(conn: AsyncConnection, command: CaseCommand) -> list[cases.Case]:
-    """The cases on the page `!case list [which] [page]` asks for."""
+async def _listed(conn: AsyncConnection, command: CaseCommand, community: str) -> list[cases.Case]:
+    """The community's cases on the page `!case list [which] [page]` asks for."""
     return await cases.page(
-        conn, command.text, offset=(command.page - 1) * LIST_PAGE_SIZE, limit=LIST_PAGE_SIZE
+        conn,
+        command.text,
+        offset=(command.page - 1) * LIST_PAGE_SIZE,
+        limit=LIST_PAGE_SIZE,
+        community=community,
     )

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bot.core.audit_chain import KEYED, ChainedEntry, personal_digest
-from bot.store.schema import audit_entries, audit_head
+from bot.store.schema import audit_entries, audit_head, cases
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,13 @@ async def entries(
     case_id: int | None = None,
     without_case: bool = False,
     since: dt.datetime | None = None,
+    community: str | None = None,
 ) -> list[AuditEntry]:
+    """The entries in order; `community`: only those of that community's cases."""
     query = sa.select(audit_entries).order_by(audit_entries.c.seq)
+    if community is not None:
+        theirs = sa.select(cases.c.id).where(cases.c.community == community)
+        query = query.where(audit_entries.c.case_id.in_(theirs))
     if case_id is not None:
         query = query.where(audit_entries.c.case_id == case_id)
     if without_case:

@@ -19,6 +19,9 @@ FINISHED = frozenset({"done", "failed", "skipped"})
 UNFINISHED = ("pending", "started")
 # What a step that raised (a bug of ours) records as its error, and /health looks for.
 INTERNAL_ERROR = "internal error"
+# The community of an install without `communities:` (its one), and of every case
+# recorded before there were communities.
+DEFAULT_COMMUNITY = "default"
 
 
 def active_key(room_id: str, member_id: str) -> str:
@@ -64,6 +67,7 @@ class Case:
     debrief_room_id: str | None = None  # the DM with the moderator who flagged
     notice_event_id: str | None = None  # the member's notice, in their DM
     notice_read_at: dt.datetime | None = None  # their first read receipt on or after it
+    community: str = DEFAULT_COMMUNITY  # whose staff see it (the room's community)
 
     @property
     def active(self) -> bool:
@@ -122,6 +126,7 @@ class NewFlag:
     received_at: dt.datetime
     # Found by reconciliation: the homeserver never delivered it to us.
     caught_up: bool = False
+    community: str = DEFAULT_COMMUNITY  # the flagged room's
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,8 @@ def _flag_facts(flag: NewFlag) -> dict[str, Any]:
 _ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("key"))
 _INSERT_CASE = cases.insert().returning(cases.c.id)
 _CASE = sa.select(cases).where(cases.c.id == sa.bindparam("b_case"))
+# One community's case: another's number reads as a number that does not exist.
+_CASE_OF = _CASE.where(cases.c.community == sa.bindparam("b_community"))
 _UPDATE_CASE = cases.update().where(cases.c.id == sa.bindparam("b_case"))
 _STEPS_OF = (
     sa.select(case_steps)
@@ -208,6 +215,7 @@ async def open_or_corroborate(
             "due_at": due_at,
             "next_attempt_at": flag.received_at,
             "nonce": secrets.token_hex(8),
+            "community": flag.community,
         }
         try:
             if conn.dialect.name == "sqlite":
@@ -266,15 +274,29 @@ async def open_or_corroborate(
     return Opened(existing, created=False, seq=seq)
 
 
-async def get(conn: AsyncConnection, case_id: int) -> Case | None:
-    row = (await conn.execute(_CASE, {"b_case": case_id})).first()
+async def get(conn: AsyncConnection, case_id: int, *, community: str | None = None) -> Case | None:
+    """The case; with `community`, only if it is that community's (None: any)."""
+    if community is None:
+        row = (await conn.execute(_CASE, {"b_case": case_id})).first()
+    else:
+        row = (await conn.execute(_CASE_OF, {"b_case": case_id, "b_community": community})).first()
     return _case(row) if row else None
 
 
-async def listing(conn: AsyncConnection, state: str = "all") -> list[Case]:
-    query = sa.select(cases).order_by(cases.c.id)
+def _chosen(query: Any, state: str, community: str | None) -> Any:
+    """`query` narrowed to the cases in `state` (open, closed or all) of `community` (None:
+    every community's)."""
     if state in ("open", "closed"):
         query = query.where(cases.c.state == state)
+    if community is not None:
+        query = query.where(cases.c.community == community)
+    return query
+
+
+async def listing(
+    conn: AsyncConnection, state: str = "all", *, community: str | None = None
+) -> list[Case]:
+    query = _chosen(sa.select(cases).order_by(cases.c.id), state, community)
     return [_case(row) for row in await conn.execute(query)]
 
 
@@ -544,10 +566,11 @@ async def has_active(conn: AsyncConnection, room_id: str, member_id: str) -> boo
     return (await conn.execute(query)).first() is not None
 
 
-async def _latest_where(conn: AsyncConnection, condition: Any) -> Case | None:
-    row = (
-        await conn.execute(sa.select(cases).where(condition).order_by(cases.c.id.desc()).limit(1))
-    ).first()
+async def _latest_where(
+    conn: AsyncConnection, condition: Any, community: str | None = None
+) -> Case | None:
+    query = _chosen(sa.select(cases).where(condition), "all", community)
+    row = (await conn.execute(query.order_by(cases.c.id.desc()).limit(1))).first()
     return _case(row) if row else None
 
 
@@ -565,14 +588,18 @@ async def by_checkin_room(conn: AsyncConnection, room_id: str) -> Case | None:
     return await _latest_where(conn, cases.c.checkin_room_id == room_id)
 
 
-async def by_checkin_notice(conn: AsyncConnection, event_id: str) -> Case | None:
+async def by_checkin_notice(
+    conn: AsyncConnection, event_id: str, *, community: str | None = None
+) -> Case | None:
     """The case whose check-in notice in the staff room is this event (✋ claims it)."""
-    return await _latest_where(conn, cases.c.checkin_notice_event_id == event_id)
+    return await _latest_where(conn, cases.c.checkin_notice_event_id == event_id, community)
 
 
-async def by_alert(conn: AsyncConnection, event_id: str) -> Case | None:
+async def by_alert(
+    conn: AsyncConnection, event_id: str, *, community: str | None = None
+) -> Case | None:
     """The case whose staff alert is this event (✅ acknowledges it)."""
-    return await _latest_where(conn, cases.c.alert_event_id == event_id)
+    return await _latest_where(conn, cases.c.alert_event_id == event_id, community)
 
 
 @dataclass(frozen=True)
@@ -701,16 +728,20 @@ async def checkin_counts(
     return CheckinCounts(counts.pending - counts.overdue, counts.overdue, unclaimed)
 
 
-async def count(conn: AsyncConnection, state: str = "all") -> int:
-    query = sa.select(sa.func.count()).select_from(cases)
-    if state in ("open", "closed"):
-        query = query.where(cases.c.state == state)
+async def count(conn: AsyncConnection, state: str = "all", *, community: str | None = None) -> int:
+    query = _chosen(sa.select(sa.func.count()).select_from(cases), state, community)
     return (await conn.execute(query)).scalar_one()
 
 
-async def page(conn: AsyncConnection, state: str, *, offset: int, limit: int) -> list[Case]:
+async def page(
+    conn: AsyncConnection,
+    state: str,
+    *,
+    offset: int,
+    limit: int,
+    community: str | None = None,
+) -> list[Case]:
     """One page of the listing, oldest first."""
-    query = sa.select(cases).order_by(cases.c.id).offset(offset).limit(limit)
-    if state in ("open", "closed"):
-        query = query.where(cases.c.state == state)
+    query = _chosen(sa.select(cases), state, community)
+    query = query.order_by(cases.c.id).offset(offset).limit(limit)
     return [_case(row) for row in await conn.execute(query)]

@@ -158,9 +158,14 @@ cases = sa.Table(
     # their first read receipt on it or after it (bot/intake/notice_reads.py).
     sa.Column("notice_event_id", sa.String(255), nullable=True),
     sa.Column("notice_read_at", UTCDateTime, nullable=True),
+    # The community the case lives in (its room's): its staff see it, no one else's do.
+    # Every case of an install without `communities:` is the one community `default`'s.
+    sa.Column("community", sa.String(64), nullable=False, server_default="default"),
     # The DMs whose notice is still unread are found among open cases at every sync: the
     # index keeps that proportional to them, not to every case ever.
     sa.Index("ix_cases_state", "state", "notice_read_at"),
+    # `!case list` and `!case N` read one community's cases, in number order.
+    sa.Index("ix_cases_community", "community", "id"),
 )
 
 case_steps = sa.Table(

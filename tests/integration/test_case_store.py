@@ -409,3 +409,48 @@ async def test_an_intake_connection_closed_under_it_is_an_outage_then_reopened(t
     finally:
         await recorder.close()
         await engine.dispose()
+
+
+async def test_a_community_reads_its_own_cases_and_no_one_elses(engine):
+    """Two communities' cases in one database: each reads as if the other's did not
+    exist (its number, its alert, its check-in notice, its count, its pages, its
+    entries), while a read with no community sees every case."""
+    from dataclasses import replace as with_
+
+    from bot.cases import records
+
+    ours = await open_case(engine, flag(room="!ours:localhost"))
+    theirs = await open_case(engine, with_(flag(room="!theirs:localhost"), community="wales"))
+    async with engine.begin() as conn:
+        await cases.set_fields(
+            conn, theirs.case_id, alert_event_id="$alert", checkin_notice_event_id="$notice"
+        )
+        for community in ("wales", "default"):  # a refusal told to each community's staff
+            await audit.append(
+                conn, PROVENANCE, "refused", facts={"code": "x", "community": community}, at=NOW
+            )
+        await audit.append(conn, PROVENANCE, "refused", facts={"code": "older"}, at=NOW)
+    async with engine.connect() as conn:
+        assert (await cases.get(conn, theirs.case_id)).community == "wales"
+        assert await cases.get(conn, theirs.case_id, community="default") is None
+        assert (await cases.get(conn, ours.case_id, community="default")).id == ours.case_id
+        assert await cases.by_alert(conn, "$alert", community="default") is None
+        assert (await cases.by_alert(conn, "$alert", community="wales")).id == theirs.case_id
+        assert await cases.by_checkin_notice(conn, "$notice", community="default") is None
+        assert await cases.count(conn, "open", community="default") == 1
+        assert await cases.count(conn, "open") == 2
+        listed = await cases.page(conn, "all", offset=0, limit=10, community="wales")
+        assert [c.id for c in listed] == [theirs.case_id]
+        assert [c.id for c in await cases.listing(conn, community="nobody")] == []
+        entries = await audit.entries(conn, community="default")
+        assert {e.case_id for e in entries} == {ours.case_id}
+        welsh = await records.export(conn, community="wales")
+        everyone = await records.export(conn)
+    assert [c["number"] for c in welsh["cases"]] == [theirs.case_id]
+    assert welsh["cases"][0]["community"] == "wales"
+    assert [r["facts"]["code"] for r in welsh["refusals"]] == ["x"]
+    assert len(everyone["cases"]) == 2 and len(everyone["refusals"]) == 3
+    # Recorded before communities: the one community's.
+    async with engine.connect() as conn:
+        default = await records.export(conn, community="default")
+    assert sorted(r["facts"]["code"] for r in default["refusals"]) == ["older", "x"]

@@ -54,10 +54,13 @@ async def test_an_older_database_keeps_its_own_first_start(engine):
     import datetime as dt
 
     from bot.store import audit, positions
-    from tests.support.policy import new_case
+    from tests.support.policy import PROVENANCE
 
     await upgrade(engine, "0006")
-    await new_case(engine)  # a case (and its `flagged` entry), recorded before the upgrade
+    async with engine.begin() as conn:  # an entry recorded before the upgrade
+        await audit.append(
+            conn, PROVENANCE, "refused", facts={}, at=dt.datetime.now(dt.UTC).replace(microsecond=0)
+        )
     async with engine.connect() as conn:
         (entry,) = await audit.entries(conn)
     await asyncio.sleep(1.5)
@@ -98,3 +101,29 @@ async def test_event_ids_recorded_before_0010_keep_their_time_and_are_pruned_by_
     assert removed == 1
     async with engine.connect() as conn:
         assert await ingest.not_seen(conn, ["$old", "$recent"]) == {"$old"}
+
+
+async def test_cases_recorded_before_0013_are_the_one_community_defaults(engine):
+    """0013 puts every case in a community: those recorded before it in `default`, the
+    one community of an install without `communities:`, whose staff keep seeing them."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from bot.store import cases
+
+    await upgrade(engine, "0012")
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO cases (room_id, member_id, state, dry_run, flagged_at, received_at)"
+                " VALUES ('!r:x', '@m:x', 'open', false, :t, :t)"
+            ),
+            {"t": dt.datetime(2026, 12, 1, 12, 0)},
+        )
+    await upgrade(engine)
+    async with engine.connect() as conn:
+        (case,) = await cases.listing(conn)
+        assert case.community == cases.DEFAULT_COMMUNITY
+        assert await cases.get(conn, case.id, community="default") == case
+        assert await cases.get(conn, case.id, community="wales") is None

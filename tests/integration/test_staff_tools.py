@@ -229,3 +229,77 @@ async def test_export_round_trips_and_audit_verifies(synapse, tmp_path):
     assert code == 0, out
     code, out, _ = await safeguard_cli("cases", "list", "-c", str(config))
     assert code == 0 and scene.member.user_id in out and "CHECK-IN DUE" in out
+
+
+async def test_staff_see_their_own_communitys_cases_alone(synapse, tmp_path):
+    """Another community's case, in the same database: to these staff its number is one
+    that does not exist (shown, acted on, listed or counted), and to the CLI it is there
+    with --community naming it, and not with another."""
+    from bot.store import cases
+
+    scene = await build_scene(synapse, tmp_path)
+    config = checkin_config(scene, after="1h")
+    async with running_service(config) as service:
+        await open_group_room(scene)
+        await flag_member(scene)
+        await until(
+            lambda: scene.last_staff_event(lambda body: body.startswith("Case #1")),
+            what="the alert",
+        )
+        theirs = cases.NewFlag(
+            room_id="!theirs:localhost",
+            member_id="@someone:localhost",
+            flagger="@their-moderator:localhost",
+            method="reaction",
+            flag_event_id="$their-flag",
+            target_event_id="$their-message",
+            reason=None,
+            flagged_at=_now(),
+            received_at=_now(),
+            community="wales",
+        )
+        async with service.engine.begin() as conn:
+            opened = await cases.open_or_corroborate(
+                conn,
+                service.deployment.provenance,
+                theirs,
+                steps=["notify"],
+                dry_run=False,
+                due_at=None,
+            )
+            # Recorded, not run: this service's steps are not that community's to run.
+            await cases.set_fields(conn, opened.case_id, next_attempt_at=None)
+        assert opened.case_id == 2
+
+        missing = await command(scene, scene.staff, "!case 99")
+        assert await command(scene, scene.staff, "!case 2") == missing.replace("99", "2")
+        assert "no case #2" in await command(scene, scene.staff, "!case 2 ack")
+        assert "no case #2" in await command(scene, scene.staff, "!case 2 note see them")
+        listing = await command(scene, scene.staff, "!case list all")
+        assert "#1 " in listing and "#2" not in listing
+        stats = await command(scene, scene.staff, "!case stats")
+        assert ": 1 " in stats.splitlines()[0], stats
+        assert "their-moderator" not in stats and "!theirs" not in stats
+
+    assert not await recorded(config, "alert_acknowledged")
+    assert not await recorded(config, "note")
+    code, out, _ = await safeguard_cli(
+        "cases", "list", "-c", str(config), "--community", "wales", "--json"
+    )
+    assert code == 0 and [c["number"] for c in json.loads(out)["cases"]] == [2]
+    code, _, err = await safeguard_cli(
+        "cases", "show", "2", "-c", str(config), "--community", "default"
+    )
+    assert code == 1 and "no case #2" in err
+    code, out, _ = await safeguard_cli(
+        "cases", "export", "-c", str(config), "--community", "default"
+    )
+    assert code == 0 and [c["number"] for c in json.loads(out)["cases"]] == [1]
+    code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
+    assert code == 0 and "audit log OK" in out, "one chain, verified whole"
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,29 @@
+"""Cases live in a community: its staff see them, no one else's do. Every case recorded
+before communities existed is the one community `default`'s (an install without
+`communities:` is that community).
+
+Revision ID: 0013
+Revises: 0012
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("cases") as batch:
+        batch.add_column(
+            sa.Column("community", sa.String(length=64), nullable=False, server_default="default")
+        )
+    op.create_index("ix_cases_community", "cases", ["community", "id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_cases_community", table_name="cases")
+    with op.batch_alter_table("cases") as batch:
+        batch.drop_column("community")
