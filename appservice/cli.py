@@ -20,7 +20,6 @@ import yaml
 
 from appservice.config import (
     DEFAULT_CONFIG_PATH,
-    UNCHOSEN_RESOURCES,
     Config,
     check_runnable,
     load_config,
@@ -68,15 +67,16 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
     for warning in load_registration(config.registration_path).warnings(config):
         print(f"warning: appservice.registration: {warning}")
-    if config.policy.staff_room and not config.policy.staff_room.startswith("!"):
-        print(
-            "note: policy.staff_room is an alias: it is pinned to the room it first resolves "
-            "to; a room id leaves no doubt about which room gets the alerts"
-        )
-    if config.resources_unchosen:
-        print(f"warning: {UNCHOSEN_RESOURCES}")
-    if (language := config.language_warning) is not None:
-        print(f"warning: {language}")
+    for community in config.communities:
+        staff_room = community.policy.staff_room
+        if staff_room and not staff_room.startswith("!"):
+            note = (
+                "its staff_room is an alias: it is pinned to the room it first resolves to; "
+                "a room id leaves no doubt about which room gets the alerts"
+            )
+            print(f"note: {config.about(community, note)}")
+    for warning in [*config.resources_unchosen, *config.language_warnings]:
+        print(f"warning: {warning}")
     for resource in config.stale_resources():
         print(
             f"warning: resources: {resource.name!r} was verified on {resource.verified_on}; "

@@ -145,6 +145,105 @@ class LoggingSettings(_Strict):
     format: Literal["text", "json"] = "text"
 
 
+def known_region(region: str | None) -> str | None:
+    """A region with built-in crisis resources, as the pack spells it (None: none set)."""
+    if region is None:
+        return None
+    pack = pack_for(region)
+    if pack is None:
+        known = ", ".join(PACKS)
+        raise ValueError(
+            f"no built-in crisis resources for region {region!r} (there are: {known}); "
+            "list your own under resources:"
+        )
+    return pack.region
+
+
+def shipped_language(code: str | None) -> str | None:
+    """A language with a catalogue in the package. Loaded here, so a catalogue that is
+    missing or was never compiled stops check-config, not the service's start."""
+    if code is None:
+        return None
+    try:
+        language(code)
+    except CatalogueMissing as exc:
+        raise ValueError(str(exc)) from None
+    return code
+
+
+UserId = Annotated[str, Field(pattern=r"^@[^:]+:.+$")]
+RoomAddress = Annotated[str, Field(pattern=r"^[!#].+")]
+# The sections a community may override key by key; what it does not set comes from
+# the top level. Who its staff are and where they meet are its own keys, never these.
+OVERRIDABLE = {"policy": PolicySettings, "checkin": CheckinSettings, "messages": MessageTemplates}
+OWN_KEYS = ("staff_room", "staff")
+
+
+class CommunitySettings(_Strict):
+    """One of the groups an install serves (README: Communities): its own staff, rooms,
+    crisis resources, language, and any policy, checkin or messages key it overrides."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    name: str = Field(min_length=1, max_length=100)
+    staff_room: RoomAddress
+    staff: list[UserId] = Field(default_factory=list)
+    # Its group rooms (ids or aliases); rooms its staff add the bot to are its own too.
+    rooms: list[RoomAddress] = Field(default_factory=list)
+    language: str | None = None
+    region: str | None = None
+    resources: list[Resource] | None = Field(default=None, min_length=1)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    checkin: dict[str, Any] = Field(default_factory=dict)
+    messages: dict[str, Any] = Field(default_factory=dict)
+
+    _region = field_validator("region")(classmethod(lambda cls, v: known_region(v)))
+    _language = field_validator("language")(classmethod(lambda cls, v: shipped_language(v)))
+
+    @field_validator("policy")
+    @classmethod
+    def _not_own_keys(cls, policy: dict[str, Any]) -> dict[str, Any]:
+        for key in OWN_KEYS:
+            if key in policy:
+                raise ValueError(
+                    f"{key} is the community's own key (communities[].{key}), not a policy one"
+                )
+        return policy
+
+
+@dataclass(frozen=True)
+class Community:
+    """A community as the service runs it: every setting resolved, the top level's
+    where it sets nothing of its own."""
+
+    id: str
+    name: str
+    policy: PolicySettings  # with its staff_room and staff
+    checkin: CheckinSettings
+    messages: MessageTemplates
+    resources: tuple[Resource, ...]
+    language: str
+    rooms: tuple[str, ...]
+    # Neither it nor the top level chose crisis resources: the UK list is shown.
+    resources_unchosen: bool
+
+    @property
+    def language_warning(self) -> str | None:
+        """While its language is not marked reviewed by a native speaker
+        (`messages.reviewed_locales`): a crisis message that reads wrongly can do harm."""
+        code = self.language
+        if code == SOURCE_LANGUAGE or code in self.messages.reviewed_locales:
+            return None  # English is the texts' source, written and reviewed here
+        return (
+            f"language {code!r}: its built-in texts are not marked reviewed "
+            f"(messages.reviewed_locales: {self.messages.reviewed_locales}): have a native "
+            "speaker read every message members, moderators and staff will get "
+            f"(bot/texts/locale/{code}), then add {code!r} there"
+        )
+
+
+DEFAULT_COMMUNITY_ID = "default"
+
+
 class ConfigFile(_Strict):
     homeserver: HomeserverSettings
     appservice: AppserviceSettings
@@ -160,47 +259,106 @@ class ConfigFile(_Strict):
     # The language of every text people read (bot/texts/catalogues.py): en, or a
     # language with a catalogue in the package (cy).
     language: str = SOURCE_LANGUAGE
+    # Several communities on one install (README: Communities); unset, the install is
+    # the one community `default`, made of the keys above.
+    communities: list[CommunitySettings] | None = Field(default=None, min_length=1)
     audit: AuditSettings = AuditSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     encryption: EncryptionSettings = EncryptionSettings()
     logging: LoggingSettings = LoggingSettings()
 
-    @field_validator("region")
-    @classmethod
-    def _known_region(cls, region: str | None) -> str | None:
-        if region is None:
-            return None
-        pack = pack_for(region)
-        if pack is None:
-            known = ", ".join(PACKS)
-            raise ValueError(
-                f"no built-in crisis resources for region {region!r} (there are: {known}); "
-                "list your own under resources:"
-            )
-        return pack.region
-
-    @field_validator("language")
-    @classmethod
-    def _shipped_language(cls, code: str) -> str:
-        # Loaded here, so a catalogue that is missing or was never compiled stops
-        # check-config, not the service's start.
-        try:
-            language(code)
-        except CatalogueMissing as exc:
-            raise ValueError(str(exc)) from None
-        return code
+    _region = field_validator("region")(classmethod(lambda cls, v: known_region(v)))
+    _language = field_validator("language")(classmethod(lambda cls, v: shipped_language(v)))
 
     @property
     def crisis_resources(self) -> list[Resource]:
         """What members are pointed to: the install's own list, else its region's pack,
         else (neither set) the UK list this project has always shipped."""
-        if self.resources is not None:
-            return self.resources
-        if self.region is not None:
-            pack = pack_for(self.region)
-            assert pack is not None  # validated
-            return list(pack.resources)
-        return default_resources()
+        return _crisis_resources(self.resources, self.region)
+
+    @model_validator(mode="after")
+    def _communities_apart(self) -> ConfigFile:
+        """Each community's settings resolve, and no two share an id, a staff room or a
+        group room; staff and their room belong to the communities, not the top level."""
+        if self.communities is None:
+            return self
+        for key in OWN_KEYS:
+            if key in self.policy.model_fields_set:
+                raise ValueError(
+                    f"policy.{key}: with communities: each community has its own "
+                    f"({key} under its entry); remove it here"
+                )
+        seen: dict[str, str] = {}
+        for community in self.communities:
+            if f"id:{community.id}" in seen:
+                raise ValueError(f"communities: the id {community.id!r} is used twice")
+            seen[f"id:{community.id}"] = community.id
+            for room in (community.staff_room, *community.rooms):
+                if room in seen:
+                    raise ValueError(
+                        f"communities: {room} is claimed by both {seen[room]!r} and "
+                        f"{community.id!r}: a room belongs to one community"
+                    )
+                seen[room] = community.id
+        self.resolved_communities()  # every override valid, or an error naming it
+        return self
+
+    def resolved_communities(self) -> list[Community]:
+        """The communities the service runs: each with every setting resolved."""
+        if self.communities is None:
+            return [
+                Community(
+                    id=DEFAULT_COMMUNITY_ID,
+                    name=DEFAULT_COMMUNITY_ID,
+                    policy=self.policy,
+                    checkin=self.checkin,
+                    messages=self.messages,
+                    resources=tuple(self.crisis_resources),
+                    language=self.language,
+                    rooms=(),
+                    resources_unchosen=self.resources is None and self.region is None,
+                )
+            ]
+        return [self._resolved(community) for community in self.communities]
+
+    def _resolved(self, community: CommunitySettings) -> Community:
+        sections: dict[str, Any] = {}
+        for name, model in OVERRIDABLE.items():
+            base = getattr(self, name).model_dump(exclude_unset=True)
+            own = getattr(community, name)
+            if name == "policy":
+                own = own | {"staff_room": community.staff_room, "staff": community.staff}
+            try:
+                sections[name] = model.model_validate(base | own)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    ": ".join(
+                        part
+                        for part in (
+                            ".".join(str(key) for key in error["loc"]),
+                            error["msg"].removeprefix("Value error, "),
+                        )
+                        if part
+                    )
+                    for error in exc.errors()
+                )
+                raise ValueError(f"communities[{community.id}].{name}: {problems}") from None
+        own_resources = community.resources is not None or community.region is not None
+        return Community(
+            id=community.id,
+            name=community.name,
+            policy=sections["policy"],
+            checkin=sections["checkin"],
+            messages=sections["messages"],
+            resources=tuple(
+                _crisis_resources(community.resources, community.region)
+                if own_resources
+                else self.crisis_resources
+            ),
+            language=community.language or self.language,
+            rooms=tuple(community.rooms),
+            resources_unchosen=not own_resources and self.resources is None and self.region is None,
+        )
 
     @model_validator(mode="after")
     def _one_retention(self) -> ConfigFile:
@@ -219,6 +377,17 @@ class ConfigFile(_Strict):
             if days is not None:
                 return days
         return DEFAULT_RETENTION_DAYS
+
+
+def _crisis_resources(own: list[Resource] | None, region: str | None) -> list[Resource]:
+    """A list given, else a region's pack, else the UK list this project always shipped."""
+    if own is not None:
+        return own
+    if region is not None:
+        pack = pack_for(region)
+        assert pack is not None  # validated
+        return list(pack.resources)
+    return default_resources()
 
 
 @dataclass(frozen=True)
@@ -279,7 +448,7 @@ class Config:
     def config_hash(self) -> str:
         """A digest of the policy-relevant settings, recorded with every audit entry."""
         relevant = self.file.model_dump(
-            mode="json", include={"policy", "checkin", "messages", "language"}
+            mode="json", include={"policy", "checkin", "messages", "language", "communities"}
         )
         # What members are shown, wherever it came from (a list, or a region's pack).
         relevant["resources"] = [r.model_dump(mode="json") for r in self.resources]
@@ -296,33 +465,44 @@ class Config:
         ]
 
     @property
-    def resources_unchosen(self) -> bool:
-        """Neither `region` nor `resources` is set: the UK list is used by default."""
-        return self.file.region is None and self.file.resources is None
+    def resources_unchosen(self) -> list[str]:
+        """What is said of each community that shows the UK list because neither it nor
+        the top level set `region` or `resources`."""
+        return [
+            self.about(community, UNCHOSEN_RESOURCES)
+            for community in self.communities
+            if community.resources_unchosen
+        ]
 
     @property
     def language(self) -> str:
         return self.file.language
 
     @property
-    def language_warning(self) -> str | None:
-        """Said by check-config, the doctor, the log at start and /health while the texts'
-        language is not marked reviewed by a native speaker (`messages.reviewed_locales`):
-        a crisis message that reads wrongly can do harm."""
-        code = self.language
-        if code == SOURCE_LANGUAGE or code in self.messages.reviewed_locales:
-            return None  # English is the texts' source, written and reviewed here
-        return (
-            f"language {code!r}: its built-in texts are not marked reviewed "
-            f"(messages.reviewed_locales: {self.messages.reviewed_locales}): have a native "
-            "speaker read every message members, moderators and staff will get "
-            f"(bot/texts/locale/{code}), then add {code!r} there"
-        )
+    def communities(self) -> list[Community]:
+        return self.file.resolved_communities()
+
+    @property
+    def language_warnings(self) -> list[str]:
+        """Said by check-config, the doctor, the log at start and /health while a
+        community's language is not marked reviewed by a native speaker
+        (`messages.reviewed_locales`): a crisis message that reads wrongly can do harm."""
+        return [
+            self.about(community, warning)
+            for community in self.communities
+            if (warning := community.language_warning) is not None
+        ]
+
+    def about(self, community: Community, text: str) -> str:
+        """`text` said of one community: named, where the install has several."""
+        return text if self.file.communities is None else f"community {community.id}: {text}"
 
     def stale_resources(self, today: dt.date | None = None) -> list[Resource]:
+        """Every community's crisis resources last checked too long ago (each once)."""
         today = today or dt.date.today()
         limit = dt.timedelta(days=self.file.resources_max_age_days)
-        return [r for r in self.resources if today - r.verified_on > limit]
+        shown = {r: None for community in self.communities for r in community.resources}
+        return [r for r in shown if today - r.verified_on > limit]
 
 
 # Keys whose values are secrets, or may hold one (a URL with a password or a token in
@@ -459,8 +639,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def check_runnable(config: Config) -> None:
     """Everything `run` needs beyond the file's shape — paths, registration, staff room,
     templates — checked before connecting to anything. `check-config` runs the same."""
-    problems: list[str] = list(validate_templates(config.messages))
-    if config.policy.staff_room is None:
+    problems: list[str] = []
+    for community in config.communities:
+        problems += [config.about(community, p) for p in validate_templates(community.messages)]
+    if config.policy.staff_room is None and config.file.communities is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
     webhook = config.policy.alert_webhook
     if webhook is not None and (refused := webhook_problem(webhook)) is not None:

@@ -22,7 +22,7 @@ import datetime as dt
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -31,12 +31,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 from aiohttp import web
 
-from appservice.config import UNCHOSEN_RESOURCES, Config, check_runnable, load_config
+from appservice.config import Community, Config, check_runnable, load_config
 from appservice.errors import ConfigError
 from appservice.registration import Registration, load_registration
 from bot.moderation.authorization import event_level, moderation_level, power_level, room_powers
 from bot.moderation.room_state import Snapshot, snapshot
-from bot.rooms.staff_room import PIN, not_staffs_room
+from bot.rooms.staff_room import not_staffs_room
 
 Status = Literal["ok", "warn", "fail"]
 MARKS: dict[Status, str] = {"ok": "✓", "warn": "⚠", "fail": "✗"}
@@ -183,9 +183,12 @@ def check_timezone(config: Config) -> Finding:
 
 
 def check_language(config: Config) -> Finding:
-    if (warning := config.language_warning) is not None:
-        return warn("language", warning, "list it under messages.reviewed_locales once read")
-    return ok("language", f"{config.language}, reviewed")
+    if warnings := config.language_warnings:
+        return warn(
+            "language", "; ".join(warnings), "list it under messages.reviewed_locales once read"
+        )
+    languages = sorted({community.language for community in config.communities})
+    return ok("language", f"{', '.join(languages)}, reviewed")
 
 
 def check_resources(config: Config) -> Finding:
@@ -200,8 +203,8 @@ def check_resources(config: Config) -> Finding:
             f"{names} last verified more than {config.file.resources_max_age_days} days ago",
             "check each number and website, then update verified_on",
         )
-    if config.resources_unchosen:
-        return warn("crisis resources", "none chosen", UNCHOSEN_RESOURCES)
+    if unchosen := config.resources_unchosen:
+        return warn("crisis resources", "none chosen", "; ".join(unchosen))
     oldest = min(r.verified_on for r in resources)
     where = f" (region {config.file.region})" if config.file.resources is None else ""
     return ok("crisis resources", f"{len(resources)}{where}, all verified since {oldest}")
@@ -475,8 +478,12 @@ def _state_if_joined(
     return found
 
 
-def judge_staff_room(read: RoomRead, config: Config) -> list[Finding]:
+def judge_staff_room(
+    read: RoomRead, config: Config, staff: Sequence[str] | None = None
+) -> list[Finding]:
+    """`staff`: the staff of the community whose room it is (the install's policy.staff)."""
     bot = config.bot_user_id
+    staff = config.policy.staff if staff is None else staff
     where = {"room_id": read.room_id, "room_name": read.name}
     found = _state_if_joined(
         read,
@@ -500,7 +507,7 @@ def judge_staff_room(read: RoomRead, config: Config) -> list[Finding]:
                 **where,
             )
         )
-    if (why := not_staffs_room(read.state, config.policy.staff)) is not None:
+    if (why := not_staffs_room(read.state, staff)) is not None:
         findings.append(
             fail(
                 "staff room",
@@ -574,31 +581,36 @@ def judge_group_room(read: RoomRead, config: Config) -> list[Finding]:
     return findings
 
 
-async def rooms_to_check(config: Config) -> tuple[str | None, list[str], list[Finding]]:
-    """The staff room (pinned id if the service pinned its alias) and the moderated rooms,
-    from the service's database."""
+async def rooms_to_check(
+    config: Config,
+) -> tuple[list[tuple[Community, str | None]], list[str], list[Finding]]:
+    """Each community's staff room (the pinned id if the service pinned its alias) and
+    the moderated rooms, from the service's database."""
+    from appservice.communities import staff_room_of
     from appservice.database import create_engine
-    from bot.store import pins, rooms
+    from bot.store import rooms
 
-    staff_room = config.policy.staff_room
+    staff_rooms = [(c, c.policy.staff_room) for c in config.communities]
     moderated: list[str] = []
     findings: list[Finding] = []
     sqlite = config.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        return staff_room, moderated, findings
+        return staff_rooms, moderated, findings
     engine = create_engine(config.database_url)
     try:
+        pinned = []
+        for community, _ in staff_rooms:
+            room = staff_room_of(community, engine)
+            await room.load_pin()
+            pinned.append((community, room.room_id or room.configured))
+        staff_rooms = pinned
         async with engine.connect() as conn:
-            if staff_room and staff_room.startswith("#"):
-                pin = await pins.get(conn, PIN)
-                if pin is not None and pin.source == staff_room:
-                    staff_room = pin.value
             moderated = [room.room_id for room in await rooms.moderated(conn)]
     except Exception:  # the database check says what is wrong with it
         pass
     finally:
         await engine.dispose()
-    return staff_room, moderated, findings
+    return staff_rooms, moderated, findings
 
 
 async def resolve_alias(hs: Homeserver, alias: str) -> tuple[str | None, str]:
@@ -611,28 +623,29 @@ async def resolve_alias(hs: Homeserver, alias: str) -> tuple[str | None, str]:
 
 
 async def check_rooms(hs: Homeserver, config: Config) -> list[Finding]:
-    staff_room, moderated, findings = await rooms_to_check(config)
-    if staff_room and staff_room.startswith("#"):
-        resolved, why = await resolve_alias(hs, staff_room)
-        if resolved is None:
-            return [
-                *findings,
-                fail(
-                    "staff room",
-                    f"{staff_room} points to no room ({why})",
-                    "create the staff room with that address, or give its room id",
-                ),
-            ]
-        staff_room = resolved
+    staff_rooms, moderated, findings = await rooms_to_check(config)
     limit = asyncio.Semaphore(ROOMS_AT_ONCE)
 
     async def read(room_id: str) -> RoomRead:
         async with limit:
             return await read_room(hs, room_id)
 
-    reads = await asyncio.gather(read(staff_room or ""), *(read(r) for r in moderated))
-    findings.extend(judge_staff_room(reads[0], config))
-    for room in reads[1:]:
+    async def staff_room(community: Community, address: str | None) -> list[Finding]:
+        if address and address.startswith("#"):
+            resolved, why = await resolve_alias(hs, address)
+            if resolved is None:
+                problem = config.about(community, f"{address} points to no room ({why})")
+                fix = "create the staff room with that address, or give its room id"
+                return [fail("staff room", problem, fix)]
+            address = resolved
+        return judge_staff_room(await read(address or ""), config, community.policy.staff)
+
+    judged = await asyncio.gather(
+        *(staff_room(community, address) for community, address in staff_rooms)
+    )
+    findings.extend(finding for each in judged for finding in each)
+    reads = await asyncio.gather(*(read(r) for r in moderated))
+    for room in reads:
         findings.extend(judge_group_room(room, config))
     if not moderated:
         findings.append(

@@ -31,7 +31,7 @@ from appservice.database import write_heartbeat
 from appservice.homeserver import NioHomeserver
 from bot.core.metrics import Metrics
 from bot.intake.accept import FLAG_LANE, LANES, Intake
-from bot.rooms.staff_room import StaffRoom
+from bot.rooms.staff_room import StaffRoom, StaffRooms
 from bot.store import cases, ingest, outbox
 
 CHECK_SECONDS = 5.0
@@ -57,7 +57,7 @@ class HealthChecks:
         db: AsyncEngine,
         health_db: AsyncEngine,
         homeserver: NioHomeserver,
-        staff_room: StaffRoom,
+        staff_room: StaffRoom | StaffRooms,
         intake: Intake,
         metrics: Metrics,
         *,
@@ -192,10 +192,24 @@ class HealthChecks:
         return {"ok": counts.overdue == 0, **asdict(counts)}
 
     async def staff_room(self) -> dict[str, Any]:
-        problem = await self._staff_room.problem(self._hs)
-        result: dict[str, Any] = {"ok": problem is None, "room": self._staff_room.room_id}
-        if problem:
-            result["problem"] = problem
+        """Can every community's staff be told: each staff room resolved and joined.
+        `room` and `problem`: the first's, or the first not ok; with several, each under
+        `communities`."""
+        rooms = (
+            self._staff_room.by_community
+            if isinstance(self._staff_room, StaffRooms)
+            else {"default": self._staff_room}
+        )
+        each: dict[str, dict[str, Any]] = {}
+        for community, room in rooms.items():
+            problem = await room.problem(self._hs)
+            each[community] = {"ok": problem is None, "room": room.room_id}
+            if problem:
+                each[community]["problem"] = problem
+        failing = [one for one in each.values() if not one["ok"]]
+        result: dict[str, Any] = dict(failing[0] if failing else next(iter(each.values())))
+        if len(each) > 1:
+            result["communities"] = each
         warning = self._staff_room_warning()
         if warning:
             result["warning"] = warning

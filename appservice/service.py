@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from appservice.config import UNCHOSEN_RESOURCES, Config, check_runnable
+from appservice.communities import CommunityParts, new_parts
+from appservice.config import Config, check_runnable
 from appservice.crypto import BotCrypto
 from appservice.database import (
     HEALTH_BUSY_TIMEOUT_MS,
@@ -31,6 +33,7 @@ from appservice.database import (
     write_heartbeat,
 )
 from appservice.digest_key import load_digest_key
+from appservice.errors import ConfigError
 from appservice.health import HealthChecks
 from appservice.homeserver import NioHomeserver
 from appservice.moderation_user import ModerationUser
@@ -41,6 +44,7 @@ from appservice.webhook import HttpWebhook
 from bot.cases.engine import StepEngine
 from bot.cases.retention import purge
 from bot.checkin.events import CheckinEvents
+from bot.community.routing import CommunityRouter
 from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import HomeserverUnavailable, Refused
@@ -69,9 +73,8 @@ from bot.referral.decision import Referral
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.rooms.refusal_reports import RefusalReports
-from bot.rooms.staff_room import StaffRoom
+from bot.rooms.staff_room import StaffRoom, StaffRooms
 from bot.staff.delivery import OutboxDelivery
-from bot.staff.members import StaffDirectory
 from bot.staff.relay import Relay
 from bot.staff.room_admin import RoomAdmin
 from bot.staff.tools import StaffTools
@@ -133,7 +136,6 @@ class Service:
             else None,
             retention_days=config.retention_days,
         )
-        assert config.policy.staff_room is not None  # check_runnable
         self._connect_retry = connect_retry_seconds
         self._lock = InstanceLock(config.database_url)
         busy_timeout = config.file.database.busy_timeout.total_seconds()
@@ -192,24 +194,40 @@ class Service:
         self._staff_room_news = asyncio.Event()
         self._fallbacks: set[asyncio.Task[None]] = set()
 
-        # ---- who and where ----
-        self.staff_room = StaffRoom(
-            config.policy.staff_room, self.engine, staff=config.policy.staff
-        )
-        self.rooms = RoomDirectory(self.staff_room)
-        self.staff = StaffDirectory(self.homeserver, config.policy, self.staff_room)
+        # ---- who and where: each community's staff, texts and settings ----
+        self.parts = {
+            community.id: new_parts(
+                community,
+                self.deployment,
+                db=self.engine,
+                homeserver=self.homeserver,
+                on_fallback=self._template_fell_back,
+            )
+            for community in config.communities
+        }
+        first = next(iter(self.parts.values()))
+        # The first community's, where one is wanted (an install without communities:
+        # its only one): the log's and /health's own words, what belongs to no community.
+        self.deployment = first.deployment
+        self.staff_room = first.staff_room
+        self.staff = first.staff
+        self.texts = first.texts
+        self.staff_rooms = StaffRooms({key: part.staff_room for key, part in self.parts.items()})
+        self.rooms = RoomDirectory(self.staff_rooms)
+        for community in config.communities:
+            for room in community.rooms:
+                self.rooms.listed[room] = community.id
         # Filled by the intake, read by the referral: who sent each recent event.
         self.recent_senders = RecentSenders()
         self.room_state = RoomStateCache(self.homeserver)
-        self.texts = Texts(self.deployment, on_fallback=self._template_fell_back)
         webhook = HttpWebhook(secret=config.policy.alert_webhook_secret)
 
         # ---- the workers ----
         self.outbox = OutboxDelivery(
             self.engine,
             self.homeserver,
-            self.texts,
-            self.staff_room,
+            self._texts_of_room,
+            self.staff_rooms,
             plain_after=self.deployment.plain_fallback_after,
         )
         self.outbox_worker = Worker("outbox", self.outbox.work_once)
@@ -227,132 +245,46 @@ class Service:
             gather_for=REFILL_AFTER_SECONDS,
         )
         self.ready_rooms.on_taken = self.ready_rooms_worker.wake
-        tools = Toolbox(
-            db=self.engine,
-            homeserver=self.homeserver,
-            deployment=self.deployment,
-            texts=self.texts,
-            staff_room=self.staff_room,
-            rooms=self.rooms,
-            metrics=self.metrics,
-            webhook=webhook,
-            ready_rooms=self.ready_rooms,
-        )
-        self.steps = StepEngine(self.engine, build_steps(tools), tools)
+        for part in self.parts.values():
+            part.tools = Toolbox(
+                db=self.engine,
+                homeserver=self.homeserver,
+                deployment=part.deployment,
+                texts=part.texts,
+                staff_room=part.staff_room,
+                rooms=self.rooms,
+                metrics=self.metrics,
+                webhook=webhook,
+                ready_rooms=self.ready_rooms,
+            )
+        kits = {key: (build_steps(part.tools), part.tools) for key, part in self.parts.items()}
+        first_steps, first_tools = kits.pop(first.id)
+        self.steps = StepEngine(self.engine, first_steps, first_tools, others=kits)
         self.steps.on_outbox = self.outbox_worker.wake
 
-        # ---- the inbox ----
+        # ---- the inbox: each community's handlers, each event to its room's ----
         on_outbox = self.outbox_worker.wake
-        self.refusal_reports = RefusalReports(
-            self.engine,
-            self.staff_room,
-            config.policy.refusal_report_every,
-            texts=self.texts,
-            on_outbox=on_outbox,
-        )
-        referral = Referral(
-            self.homeserver,
-            self.deployment,
-            self.staff,
-            self.staff_room,
-            self.metrics,
-            room_state=self.room_state,
-            reports=self.refusal_reports,
-            texts=self.texts,
-            on_case=self.steps.start_case,
-            on_outbox=on_outbox,
-            senders=self.recent_senders,
-            watch_member=self.rooms.watch_member,
-            is_moderated=self.rooms.moderated.__contains__,
-            before_notice=self._before_notice,
-            begin=self.steps.begin,
-        )
-
-        async def may_invite(user_id: str) -> bool:
-            return await self.staff.may_invite_bot(user_id, self.deployment.extra_inviters)
-
-        upgrades = RoomUpgrades(
-            self.engine,
-            self.homeserver,
-            self.deployment,
-            self.staff_room,
-            self.rooms,
-            room_state=self.room_state,
-            reports=self.refusal_reports,
-            texts=self.texts,
-            on_outbox=on_outbox,
-        )
-        self.membership = Membership(
-            self.engine,
-            self.homeserver,
-            self.deployment,
-            self.staff_room,
-            self.rooms,
-            may_invite=may_invite,
-            room_state=self.room_state,
-            reports=self.refusal_reports,
-            texts=self.texts,
-            on_outbox=on_outbox,
-            on_staff_room_joined=self._staff_room_news.set,
-            on_case=self.steps.start_case,
-            upgrades=upgrades,
-        )
-        checkins = CheckinEvents(
-            self.engine,
-            self.homeserver,
-            self.deployment,
-            self.staff_room,
-            is_staff=self.staff.is_staff,
-            on_outbox=on_outbox,
-        )
-        self.staff_tools = StaffTools(
-            self.engine,
-            self.deployment,
-            self.staff_room,
-            is_staff=self.staff.is_staff,
-            checkins=checkins,
-            room_admin=RoomAdmin(
-                self.engine, self.homeserver, self.deployment, self.room_state, self.rooms
-            ),
-            on_outbox=on_outbox,
-            on_case_changed=self.steps.start_case,
-        )
-        relay = Relay(
-            self.engine,
-            self.homeserver,
-            self.deployment,
-            self.staff_room,
-            self.rooms,
-            texts=self.texts,
-            on_outbox=on_outbox,
-        )
-        policy_explainer = PolicyExplainer(
-            self.engine, self.homeserver, self.deployment, self.rooms, texts=self.texts
-        )
+        referrals = {key: self._community_handlers(part) for key, part in self.parts.items()}
+        self.refusal_reports = first.refusal_reports
+        self.membership = first.membership
+        self.staff_tools = first.staff_tools
         action_filter = ActionFilter(
-            config.policy,
+            [community.policy for community in config.communities],
             self.rooms,
             bot_user_id=config.bot_user_id,
             can_decrypt=self.crypto is not None,
             power_of=self._known_power,
         )
+        router = CommunityRouter(
+            self.rooms,
+            {key: part.handlers or {} for key, part in self.parts.items()},
+            inviter_community=self._inviter_community,
+        )
         self.dispatcher = Dispatcher(
             self.engine,
             self.homeserver,
             Classifier(self.rooms, config.bot_user_id),
-            {
-                EventKind.FLAG: referral,
-                EventKind.BOT_MEMBERSHIP: self.membership.bot_membership,
-                EventKind.MEMBERSHIP: self.membership.member_event,
-                EventKind.CHECKIN_MEMBERSHIP: checkins.membership,
-                EventKind.POWER_LEVELS: self.membership.power_levels_changed,
-                EventKind.TOMBSTONE: upgrades.tombstone,
-                EventKind.STAFF_MESSAGE: self.staff_tools.message,
-                EventKind.STAFF_REACTION: self.staff_tools.reaction,
-                EventKind.MEMBER_MESSAGE: relay,
-                EventKind.POLICY_REQUEST: policy_explainer.request,
-                EventKind.POLICY_ROOM_MESSAGE: policy_explainer.written_to,
-            },
+            router.handlers(),
             deployment=self.deployment,
             staff_room=self.staff_room,
             metrics=self.metrics,
@@ -364,6 +296,7 @@ class Service:
             on_moved=self._wake_lane,
             hand_over_lanes=frozenset({FLAG_LANE}),
         )
+        referral = referrals[first.id]
         # One worker a lane (bot/intake/accept.py): flags are worked the moment they arrive;
         # everything else in small batches.
         self.lane_workers = {
@@ -393,7 +326,9 @@ class Service:
             busy_timeout=busy_timeout,
             # A flag goes to its lane in memory as it is recorded: no read of it back.
             hand_over=self.dispatcher.hand_over,
-            foresee=referral.foresee,
+            foresee=lambda event: referrals.get(
+                self.rooms.community_of(event.get("room_id", "")) or first.id, referral
+            ).foresee(event),
         )
         self.reconciler = Reconciler(
             self.engine,
@@ -402,7 +337,7 @@ class Service:
             self._watched_rooms,
             self.deployment.reconcile,
             is_flag=lambda event: action_filter.lane(event) in (FLAG_LANE, REFUSAL_LANE),
-            is_staff_room=self.staff_room.is_staff_room,
+            is_staff_room=self.staff_rooms.is_staff_room,
             on_caught_up=lambda count: self.stranded.missed(
                 count, first_round=self.catch_up.rounds == 0
             ),
@@ -432,7 +367,7 @@ class Service:
             self.engine,
             self._health_engine,
             self.homeserver,
-            self.staff_room,
+            self.staff_rooms,
             self.intake,
             self.metrics,
             connected=self.connected.is_set,
@@ -449,6 +384,150 @@ class Service:
         )
         self.port: int | None = None
 
+    def _community_handlers(self, part: CommunityParts) -> Referral:
+        """A community's handlers of its events (its settings, texts, staff room and
+        staff); returns its referral (the intake asks it ahead about a flag's member)."""
+        on_outbox = self.outbox_worker.wake
+        deployment, texts, staff_room, staff = (
+            part.deployment,
+            part.texts,
+            part.staff_room,
+            part.staff,
+        )
+        part.refusal_reports = RefusalReports(
+            self.engine,
+            staff_room,
+            deployment.policy.refusal_report_every,
+            texts=texts,
+            on_outbox=on_outbox,
+        )
+        referral = Referral(
+            self.homeserver,
+            deployment,
+            staff,
+            staff_room,
+            self.metrics,
+            room_state=self.room_state,
+            reports=part.refusal_reports,
+            texts=texts,
+            on_case=self.steps.start_case,
+            on_outbox=on_outbox,
+            senders=self.recent_senders,
+            watch_member=self.rooms.watch_member,
+            is_moderated=self._moderated_by(part.id),
+            before_notice=self._before_notice,
+            begin=self.steps.begin,
+        )
+
+        async def may_invite(user_id: str) -> bool:
+            return await staff.may_invite_bot(user_id, deployment.extra_inviters)
+
+        upgrades = RoomUpgrades(
+            self.engine,
+            self.homeserver,
+            deployment,
+            staff_room,
+            self.rooms,
+            room_state=self.room_state,
+            reports=part.refusal_reports,
+            texts=texts,
+            on_outbox=on_outbox,
+        )
+        part.membership = Membership(
+            self.engine,
+            self.homeserver,
+            deployment,
+            staff_room,
+            self.rooms,
+            may_invite=may_invite,
+            room_state=self.room_state,
+            reports=part.refusal_reports,
+            texts=texts,
+            on_outbox=on_outbox,
+            on_staff_room_joined=self._staff_room_news.set,
+            on_case=self.steps.start_case,
+            upgrades=upgrades,
+        )
+        checkins = CheckinEvents(
+            self.engine,
+            self.homeserver,
+            deployment,
+            staff_room,
+            is_staff=staff.is_staff,
+            on_outbox=on_outbox,
+        )
+        part.staff_tools = StaffTools(
+            self.engine,
+            deployment,
+            staff_room,
+            is_staff=staff.is_staff,
+            checkins=checkins,
+            room_admin=RoomAdmin(
+                self.engine, self.homeserver, deployment, self.room_state, self.rooms
+            ),
+            on_outbox=on_outbox,
+            on_case_changed=self.steps.start_case,
+        )
+        relay = Relay(
+            self.engine,
+            self.homeserver,
+            deployment,
+            staff_room,
+            self.rooms,
+            texts=texts,
+            on_outbox=on_outbox,
+        )
+        policy_explainer = PolicyExplainer(
+            self.engine, self.homeserver, deployment, self.rooms, texts=texts
+        )
+        part.handlers = {
+            EventKind.FLAG: referral,
+            EventKind.BOT_MEMBERSHIP: part.membership.bot_membership,
+            EventKind.MEMBERSHIP: part.membership.member_event,
+            EventKind.CHECKIN_MEMBERSHIP: checkins.membership,
+            EventKind.POWER_LEVELS: part.membership.power_levels_changed,
+            EventKind.TOMBSTONE: upgrades.tombstone,
+            EventKind.STAFF_MESSAGE: part.staff_tools.message,
+            EventKind.STAFF_REACTION: part.staff_tools.reaction,
+            EventKind.MEMBER_MESSAGE: relay,
+            EventKind.POLICY_REQUEST: policy_explainer.request,
+            EventKind.POLICY_ROOM_MESSAGE: policy_explainer.written_to,
+        }
+        return referral
+
+    def _moderated_by(self, community: str) -> Any:
+        """Whether a room is one this community moderates: a flag in another community's
+        room is never this one's to act on."""
+        moderated, communities = self.rooms.moderated, self.rooms
+
+        def moderates(room_id: str) -> bool:
+            if room_id not in moderated:
+                return False
+            return communities.community_of(room_id) in (community, None)
+
+        return moderates
+
+    async def _inviter_community(self, user_id: str) -> str | None:
+        """The one community whose staff (or allowed inviters) the user is; None if none's,
+        or more than one's (the room is then no community's until one lists it)."""
+        found = [
+            key
+            for key, part in self.parts.items()
+            if await part.staff.may_invite_bot(user_id, part.deployment.extra_inviters)
+        ]
+        if len(found) > 1:
+            log.warning(
+                "%s may add the bot for several communities (%s): a room they add belongs "
+                "to none until one lists it under rooms:",
+                user_id,
+                ", ".join(found),
+            )
+        return found[0] if len(found) == 1 else None
+
+    def _texts_of_room(self, room_id: str) -> Texts:
+        community = self.staff_rooms.community_of(room_id)
+        return self.parts[community].texts if community in self.parts else self.texts
+
     # ---- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -460,12 +539,11 @@ class Service:
             protect_files(*files, self.config.crypto_store if self.crypto is not None else None)
             self._lock_held.set()
             self._lock.watch(self._lock_lost, self._lock_regained, self._lock_taken)
-            await self.staff_room.load_pin()
+            for part in self.parts.values():
+                await part.staff_room.load_pin()
             await self._load_rooms()
-            if self.config.resources_unchosen:
-                log.warning(UNCHOSEN_RESOURCES)
-            if (language := self.config.language_warning) is not None:
-                log.warning(language)
+            for warning in [*self.config.resources_unchosen, *self.config.language_warnings]:
+                log.warning(warning)
             for resource in self.config.stale_resources():
                 log.warning(
                     "crisis resource %r was last verified on %s: check it is still right",
@@ -500,9 +578,28 @@ class Service:
         async with self.engine.connect() as conn:
             known = await cases.rooms_of_cases(conn)
             former = await retention.former_room_ids(conn)
-            moderated = [room.room_id for room in await rooms.moderated(conn)]
+            moderated_rooms = await rooms.moderated(conn)
+            moderated = [room.room_id for room in moderated_rooms]
             policy_dms = await policy_rooms.room_ids(conn)
             self.reconciler.first_started = await positions.database_first_started(conn)
+            open_in = await cases.open_communities(conn)
+        if stranded := sorted(open_in - set(self.parts)):
+            # Their steps and their staff are gone from the config: nobody would hear.
+            raise ConfigError(
+                f"open cases belong to the community {', '.join(map(repr, stranded))}, which "
+                "the config no longer has: keep it under communities: (an install that had "
+                "none: a community with id default) until its cases are closed"
+            )
+        for room in moderated_rooms:
+            if room.community in self.parts:
+                self.rooms.community[room.room_id] = room.community
+            else:
+                log.error(
+                    "the room %s belongs to the community %r, which the config does not "
+                    "have: flags there are refused until a community lists it under rooms:",
+                    room.room_id,
+                    room.community,
+                )
         self.rooms.know(
             watched=known.watched,
             # Rooms of purged cases the bot could not leave: a former member may write there.
@@ -532,6 +629,7 @@ class Service:
         if self.moderation is not None:
             self._background.append(asyncio.create_task(self.moderation.run(), name="moderation"))
         await self._join_staff_room()
+        await self._resolve_listed_rooms()
         async with self._pause_resume:
             # Nothing acts without the instance lock (a PostgreSQL blip may have taken it).
             await self._lock_held.wait()
@@ -541,8 +639,14 @@ class Service:
             self.timers.start()
             now = dt.datetime.now(dt.UTC)
             self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
-            self.timers.every("post-chain-head", CHAIN_HEAD_EVERY, self.staff_tools.post_chain_head)
-            self.timers.every("refusal-reports", REFUSAL_FLUSH_EVERY, self.refusal_reports.flush)
+            for part in self.parts.values():
+                # The one chain's head, to every community's staff: any of them can check it.
+                self.timers.every(
+                    f"post-chain-head:{part.id}", CHAIN_HEAD_EVERY, part.staff_tools.post_chain_head
+                )
+                self.timers.every(
+                    f"refusal-reports:{part.id}", REFUSAL_FLUSH_EVERY, part.refusal_reports.flush
+                )
             self.catch_up.start()
             self._acting = self._started = True
         await self._warm_room_state()
@@ -562,7 +666,7 @@ class Service:
                 "encryption_failed" if why else "encryption_restored",
                 facts={},
                 personal={"why": why} if why else {},
-                content=self.texts.encryption_broken(why=why),
+                content=lambda texts: texts.encryption_broken(why=why),
                 plain=why is not None,
             )
 
@@ -571,17 +675,20 @@ class Service:
         name), or can again: recorded, and staff told."""
         assert self.moderation is not None
         moderator = self.moderation.user_id
-        if why is None:
-            kind = "moderation_user_seated"
-            content = self.texts.moderation_seated(moderator=moderator, room=room_id)
-        else:
-            kind = "moderation_user_unseated"
-            content = self.texts.moderation_unseated(moderator=moderator, room=room_id, why=why)
+        kind = "moderation_user_unseated" if why else "moderation_user_seated"
+
+        def content(texts: Texts) -> dict[str, Any]:
+            if why is None:
+                return texts.moderation_seated(moderator=moderator, room=room_id)
+            return texts.moderation_unseated(moderator=moderator, room=room_id, why=why)
+
         await self._record_and_tell(
             kind,
             facts={},
             personal={"room": room_id, **({"why": why} if why else {})},
             content=content,
+            # The room's community's staff alone: the room is theirs.
+            community=self.rooms.community_of(room_id),
         )
 
     async def _record_and_tell(
@@ -590,12 +697,15 @@ class Service:
         *,
         facts: dict[str, Any],
         personal: dict[str, Any],
-        content: dict[str, Any],
+        content: dict[str, Any] | Callable[[Texts], dict[str, Any]],
         plain: bool = False,
+        community: str | None = None,
     ) -> None:
         """Something about the service itself (not a case): an audit entry, and a staff
-        message queued with it, however long the database takes to record again (the
-        store and the database often share a disk that filled up)."""
+        message queued with it for every community's staff (each in its language),
+        however long the database takes to record again (the store and the database
+        often share a disk that filled up). `content`: the message, in the first
+        community's words, or how to word it in a community's."""
         delay = 1.0
         while True:
             now = dt.datetime.now(dt.UTC)
@@ -609,7 +719,11 @@ class Service:
                         personal=personal,
                         at=now,
                     )
-                    await outbox.queue(conn, self.staff_room.address, content, now, plain=plain)
+                    for part in self.parts.values():
+                        if community is not None and part.id != community:
+                            continue
+                        worded = content(part.texts) if callable(content) else content
+                        await outbox.queue(conn, part.staff_room.address, worded, now, plain=plain)
                 break
             except Exception as exc:
                 log.warning("could not record %s yet (%s)", kind, exc)
@@ -684,8 +798,9 @@ class Service:
         async with self.engine.connect() as conn:
             for room in await rooms.moderated(conn):
                 self.room_state.warm(room.room_id)
-        if self.staff_room.room_id is not None:
-            self.room_state.warm(self.staff_room.room_id)
+        for part in self.parts.values():
+            if part.staff_room.room_id is not None:
+                self.room_state.warm(part.staff_room.room_id)
         with contextlib.suppress(HomeserverUnavailable):
             await self.homeserver.direct_rooms()
 
@@ -696,8 +811,10 @@ class Service:
         """The texts' language, and whether a native speaker has reviewed it: a warning,
         not a fault (the service works, and a 503 for ever would hide real faults)."""
         status: dict[str, Any] = {"ok": True, "language": self.config.language}
-        if (warning := self.config.language_warning) is not None:
-            status["warning"] = warning
+        if self.config.file.communities is not None:
+            status["languages"] = {c.id: c.language for c in self.config.communities}
+        if warnings := self.config.language_warnings:
+            status["warning"] = "; ".join(warnings)
         return status
 
     async def _ready_rooms_status(self) -> dict[str, Any]:
@@ -729,14 +846,27 @@ class Service:
             self.catch_up.hold()  # the flag's calls first, its burst in one answer after
 
     def _staff_room_warning(self) -> str | None:
-        """What an operator should know of the staff room that stops nothing, from what is
-        known ahead (no read): does joining it make anyone staff; are members' encrypted
-        replies copied into it in the clear (safety first: they are relayed all the same)."""
-        room_id = self.staff_room.room_id
+        """What an operator should know of the staff rooms that stops nothing, from what
+        is known ahead (no read): does joining one make anyone staff; are members'
+        encrypted replies copied into it in the clear (safety first: they are relayed
+        all the same)."""
+        warnings = [
+            self.config.about(part.settings, warning)
+            for part in self.parts.values()
+            if (warning := self._one_staff_room_warning(part)) is not None
+        ]
+        warning = "; ".join(warnings) or None
+        if warning and warning != self._staff_room_warned:
+            log.warning("%s", warning)
+        self._staff_room_warned = warning
+        return warning
+
+    def _one_staff_room_warning(self, part: CommunityParts) -> str | None:
+        room_id = part.staff_room.room_id
         if room_id is None:
             return None
         warnings = []
-        if self.staff.everyone_is_staff(self.room_state.current(room_id)):
+        if part.staff.everyone_is_staff(self.room_state.current(room_id)):
             warnings.append(
                 "anyone who joins the staff room is staff: its power levels' users_default "
                 "reaches policy.staff_power_level (lower the default, or raise the level)"
@@ -750,11 +880,7 @@ class Service:
                 "the staff room is not encrypted: members' replies from their encrypted DMs "
                 "are copied into it in the clear (turn encryption on in the staff room)"
             )
-        warning = "; ".join(warnings) or None
-        if warning and warning != self._staff_room_warned:
-            log.warning("%s", warning)
-        self._staff_room_warned = warning
-        return warning
+        return "; ".join(warnings) or None
 
     def _known_power(self, room_id: str, user_id: str) -> float | None:
         """A sender's power in a room, as known from pushed state (None: not known now)."""
@@ -769,8 +895,7 @@ class Service:
         watched: list[tuple[str, dt.datetime | None]] = [
             (room.room_id, room.joined_at) for room in moderated
         ]
-        if self.staff_room.room_id:
-            watched.append((self.staff_room.room_id, None))
+        watched.extend((room.room_id, None) for room in self.staff_rooms if room.room_id)
         watched.extend((room_id, None) for room_id in sorted(private))
         return watched
 
@@ -780,27 +905,50 @@ class Service:
             return {room.room_id: room.joined_at for room in await rooms.moderated(conn)}
 
     async def _join_staff_room(self) -> None:
-        """Try once now; if the room is not ready, keep trying in the background.
+        """Every community's staff room: tried once now; one that is not ready is kept
+        trying in the background (each on its own: one not ready holds no other back).
 
         Whatever is for staff waits for the room (see bot.rooms.staff_room) rather than being
         dropped, so an alias created or an invite sent after the service started is enough.
         """
-        try:
-            problem = await self.staff_room.connect(self.homeserver)
-        except HomeserverUnavailable as exc:
-            problem = f"the homeserver is not reachable ({exc})"
-        if problem is not None:
-            log.error("%s; staff messages wait until it is fixed", problem)
-            self._background.append(
-                asyncio.create_task(self._keep_joining_staff_room(problem), name="staff-room")
-            )
-        else:
-            await self._learn_staff_room_encryption()
+        for part in self.parts.values():
+            staff_room = part.staff_room
+            try:
+                problem = await staff_room.connect(self.homeserver)
+            except HomeserverUnavailable as exc:
+                problem = f"the homeserver is not reachable ({exc})"
+            if problem is not None:
+                log.error("%s; staff messages wait until it is fixed", problem)
+                self._background.append(
+                    asyncio.create_task(
+                        self._keep_joining_staff_room(staff_room, problem),
+                        name=f"staff-room:{part.id}",
+                    )
+                )
+            else:
+                await self._learn_staff_room_encryption(staff_room)
 
-    async def _learn_staff_room_encryption(self) -> None:
+    async def _resolve_listed_rooms(self) -> None:
+        """The rooms communities list by alias, known by their ids: an invite there is
+        that community's, whoever sends it (an alias that does not resolve yet is logged
+        and tried at the next start; a room id listed needs nothing)."""
+        for address, community in list(self.rooms.listed.items()):
+            if address.startswith("!"):
+                continue
+            try:
+                room_id = await self.homeserver.resolve_room(address)
+            except HomeserverUnavailable as exc:
+                log.warning("could not resolve %s (listed by %s): %s", address, community, exc)
+                continue
+            if isinstance(room_id, Refused):
+                log.warning("%s (listed by %s) does not resolve: %s", address, community, room_id)
+                continue
+            self.rooms.listed.setdefault(room_id, community)
+
+    async def _learn_staff_room_encryption(self, staff_room: StaffRoom) -> None:
         """Whether the staff room is encrypted, known from the start (no full-state sync
         tells the device): /health warns of one in the clear (`_staff_room_warning`)."""
-        room_id = self.staff_room.room_id
+        room_id = staff_room.room_id
         if room_id is None:
             return
         try:
@@ -808,26 +956,26 @@ class Service:
         except HomeserverUnavailable as exc:  # known at the first message to staff instead
             log.warning("could not read whether the staff room is encrypted: %s", exc)
 
-    async def _keep_joining_staff_room(self, problem: str) -> None:
+    async def _keep_joining_staff_room(self, staff_room: StaffRoom, problem: str) -> None:
         delay = self._connect_retry
         while problem is not None:
-            # An invite to the staff room cuts the wait short.
+            # An invite to a staff room cuts the wait short.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._staff_room_news.wait(), delay)
             self._staff_room_news.clear()
             delay = min(delay * 2, STAFF_ROOM_RETRY_MAX)
             try:
-                now = await self.staff_room.connect(self.homeserver)
+                now = await staff_room.connect(self.homeserver)
             except HomeserverUnavailable as exc:
                 log.warning("staff room: homeserver not reachable (%s); retrying", exc)
                 continue
             if now is not None and now != problem:
                 log.error("%s; staff messages wait until it is fixed", now)
             problem = now
-        log.info("joined the staff room %s", self.staff_room.room_id)
-        if self.staff_room.room_id is not None:
-            self.room_state.warm(self.staff_room.room_id)
-        await self._learn_staff_room_encryption()
+        log.info("joined the staff room %s", staff_room.room_id)
+        if staff_room.room_id is not None:
+            self.room_state.warm(staff_room.room_id)
+        await self._learn_staff_room_encryption(staff_room)
         await self.steps.retry_waiting()
         self.outbox_worker.wake()
 
@@ -867,7 +1015,7 @@ class Service:
             "template_fallback",
             facts={"template": name, "problem": problem},
             personal={},
-            content=self.texts.template_fallback(name=name, problem=problem),
+            content=lambda texts: texts.template_fallback(name=name, problem=problem),
         )
 
     def _lock_lost(self, why: str) -> None:

@@ -101,14 +101,19 @@ class StepEngine:
         steps: Mapping[str, CaseStep],
         tools: Toolbox,
         *,
+        others: Mapping[str, tuple[Mapping[str, CaseStep], Toolbox]] | None = None,
         max_parallel_cases: int = 8,
         poll_interval: float = 30.0,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
         failure_delays: tuple[float, ...] = FAILURE_DELAYS,
     ) -> None:
         self._db = db
-        self._steps = dict(steps)
-        self._tools = tools
+        # Each community's steps, with its settings, texts and staff room: a case is run
+        # by its own community's (`steps` and `tools`: the first community's; `others`:
+        # the rest, by id).
+        self._kits = {tools.deployment.community: (dict(steps), tools)}
+        self._kits.update({key: (dict(units), kit) for key, (units, kit) in (others or {}).items()})
+        self._homeserver = tools.homeserver
         self._metrics = tools.metrics
         self._slots = asyncio.Semaphore(max_parallel_cases)
         self._poll = poll_interval
@@ -195,7 +200,7 @@ class StepEngine:
             conn, opened.case_id, None, True, set(), known
         )
         if case is not None and step is not None:
-            progress = await self._steps[step.step].begin(conn, case, step)
+            progress = await self._units(case)[step.step].begin(conn, case, step)
             if progress is not None:
                 step = steps[step.step] = replace(step, progress=progress)
         return Begun(case, steps, step)
@@ -298,9 +303,15 @@ class StepEngine:
             await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
         return told, case, steps, step
 
+    def _units(self, case: Case) -> dict[str, CaseStep]:
+        return self._kits[case.community][0]
+
+    def _tools(self, case: Case) -> Toolbox:
+        return self._kits[case.community][1]
+
     def _when(self, case: Case, steps: Mapping[str, Step], step: Step) -> dt.datetime | None:
         """When `step` may run (None: its preconditions do not hold yet)."""
-        unit = self._steps.get(step.step)
+        unit = self._units(case).get(step.step)
         if unit is None or step.finished or not unit.ready(case, steps):
             return None
         times = [t for t in (unit.due(case, steps), step.not_before) if t is not None]
@@ -312,7 +323,7 @@ class StepEngine:
         """The next step to run: a promise that fell due (the alert at its deadline) first,
         then the others in the policy's order."""
         ordered = sorted(steps.values(), key=lambda s: s.position)
-        promises = [s for s in ordered if self._is_promise(s)]
+        promises = [s for s in ordered if self._is_promise(case, s)]
         for step in [*promises, *ordered]:
             if step.step in skip and step.status == "started":
                 continue
@@ -321,19 +332,19 @@ class StepEngine:
                 return step
         return None
 
-    def _is_promise(self, step: Step) -> bool:
-        unit = self._steps.get(step.step)
+    def _is_promise(self, case: Case, step: Step) -> bool:
+        unit = self._units(case).get(step.step)
         return unit is not None and unit.promise
 
     def _cut_at(self, case: Case, steps: Mapping[str, Step], step: Step) -> float | None:
         """When an attempt at `step` is cut short (loop time): at the due time of a promise
         still to keep (the alert's deadline), so no other step can hold it up. None: not."""
-        if self._is_promise(step):
+        if self._is_promise(case, step):
             return None
         dues = [
             self._when(case, steps, other)
             for other in steps.values()
-            if self._is_promise(other) and not other.finished
+            if self._is_promise(case, other) and not other.finished
         ]
         now = _now()
         upcoming = [due for due in dues if due is not None and due > now]
@@ -354,7 +365,7 @@ class StepEngine:
         A staff room that cannot take messages, or a room that cannot be encrypted for
         yet, defers only the steps that need it: the case's other steps go on.
         """
-        unit = self._steps[step.step]
+        unit = self._units(case)[step.step]
         run = StepRun(case, step, steps, self._saver(case, step))
         began = time.perf_counter()
         limit = asyncio.timeout_at(self._cut_at(case, steps, step))
@@ -392,7 +403,7 @@ class StepEngine:
         if isinstance(exc, StaffRoomUnavailable | EncryptionUnavailable):
             return True
         try:
-            return await self._tools.homeserver.check() is None
+            return await self._homeserver.check() is None
         except Exception:
             return False
 
@@ -475,11 +486,11 @@ class StepEngine:
             )
             await cases.save_progress(conn, case.id, step.step, progress)
             if tell:
-                content = self._tools.texts.step_failed(
+                content = self._tools(case).texts.step_failed(
                     case_number=case.id, step=step.step, error=error, reply_to=case.alert_event_id
                 )
                 await outbox.queue(
-                    conn, self._tools.staff_room.address, content, _now(), case_id=case.id
+                    conn, self._tools(case).staff_room.address, content, _now(), case_id=case.id
                 )
         run.progress = progress
         if tell:
@@ -501,7 +512,7 @@ class StepEngine:
             step.step,
             outcome.error,
             step.failures + 1,
-            self._steps[step.step].retries,
+            self._units(case)[step.step].retries,
             extra={"case": case.id},
         )
 
@@ -531,7 +542,7 @@ class StepEngine:
             await cases.set_fields(conn, case.id, **outcome.case_fields)
         await audit.append(
             conn,
-            self._tools.deployment.provenance,
+            self._tools(case).deployment.provenance,
             unit.kind,
             case_id=case.id,
             facts=facts,
@@ -573,7 +584,7 @@ class StepEngine:
             news = stated.get(step.step) != outcome.status or step.progress.get("staff_asked")
             if alert is not None and alert.status == "done" and news:
                 remove = steps.get("remove")
-                content = self._tools.texts.step_update(
+                content = self._tools(case).texts.step_update(
                     case_number=case.id,
                     step=step.step,
                     status=outcome.status,
@@ -583,7 +594,7 @@ class StepEngine:
                     reply_to=case.alert_event_id,
                 )
         elif outcome.status == "failed" and step.step != "alert":
-            content = self._tools.texts.step_failed(
+            content = self._tools(case).texts.step_failed(
                 case_number=case.id,
                 step=step.step,
                 error=outcome.error,
@@ -591,7 +602,9 @@ class StepEngine:
             )
         if content is None:
             return False
-        await outbox.queue(conn, self._tools.staff_room.address, content, now, case_id=case.id)
+        await outbox.queue(
+            conn, self._tools(case).staff_room.address, content, now, case_id=case.id
+        )
         return True
 
     async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:
@@ -602,11 +615,11 @@ class StepEngine:
             outcome.error,
             extra={"case": case.id},
         )
-        url = self._tools.deployment.policy.alert_webhook
+        url = self._tools(case).deployment.policy.alert_webhook
         problem = "no alert_webhook is configured"
         if url:
             problem = (
-                await self._tools.webhook.post_json(
+                await self._tools(case).webhook.post_json(
                     url,
                     {
                         "event": "safeguard.alert_failed",
@@ -621,7 +634,7 @@ class StepEngine:
         async with self._db.begin() as conn:
             await audit.append(
                 conn,
-                self._tools.deployment.provenance,
+                self._tools(case).deployment.provenance,
                 "alert_paged",
                 case_id=case.id,
                 facts={"webhook": problem},

@@ -129,7 +129,7 @@ class ActionFilter:
 
     def __init__(
         self,
-        policy: PolicySettings,
+        policy: PolicySettings | Sequence[PolicySettings],
         rooms: RoomDirectory,
         *,
         bot_user_id: str,
@@ -140,23 +140,28 @@ class ActionFilter:
         self._moderated = rooms.moderated
         # A sender's power in a room as known from pushed state (None: not known now).
         self._power_of = power_of
-        self._moderator_level = policy.moderator_power_level
+        # Every community's flags take the flag lane (its own referral then decides): the
+        # keys and commands of all, and the lowest moderator level any of them sets.
+        policies = [policy] if isinstance(policy, PolicySettings) else list(policy)
+        self._moderator_level = min(p.moderator_power_level for p in policies)
         # Read on every event: the private-room test, without two method calls per event.
         self._conversations = rooms.conversations
-        self._staff_room = rooms.staff_room
+        self._staff_rooms = rooms.staff_rooms
         self._bot = bot_user_id
         # With the bot's encryption on, an encrypted message in a group room may be a
         # `!safeguard` command: it is queued (in its own lane) to be decrypted and read.
         self._can_decrypt = can_decrypt
-        self._flag_keys = frozenset(normalise_key(k) for k in policy.reactions)
+        self._flag_keys = frozenset(normalise_key(k) for p in policies for k in p.reactions)
         self._staff_keys = frozenset({normalise_key(CLAIM_KEY), normalise_key(ACK_KEY)})
-        self._command = re.compile(re.escape(policy.command), re.IGNORECASE)
+        commands = sorted({p.command for p in policies})
+        self._command = re.compile("|".join(map(re.escape, commands)), re.IGNORECASE)
         # Nearly every message lacks the command's first character (a "!"): a scan for it
         # in C rules them out before the regex. Letters have case variants the regex
         # matches (Unicode folding included), so a command starting with one is not
-        # pre-tested.
-        first = policy.command[0]
-        self._command_mark: str | None = None if first.isalpha() else first
+        # pre-tested. Communities' commands starting differently are not pre-tested either.
+        marks = {command[0] for command in commands}
+        mark = marks.pop() if len(marks) == 1 else None
+        self._command_mark: str | None = mark if mark is not None and not mark.isalpha() else None
 
     def _flag_lane(self, event: Mapping[str, Any], room_id: str) -> int:
         """A possible flag's lane: the flag lane only where it could be acted on."""
@@ -178,7 +183,7 @@ class ActionFilter:
         """
         if event_type is None or room_id is None:
             event_type, room_id = event["type"], event["room_id"]
-        if room_id in self._conversations or room_id == self._staff_room.room_id:
+        if room_id in self._conversations or self._staff_rooms.is_staff_room(room_id):
             return OTHER_LANE  # the staff room, a DM or a check-in room (RoomDirectory)
         # Chat first: nearly every event is a message or a reaction in a group room.
         if event_type == "m.room.message":

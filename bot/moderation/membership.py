@@ -120,8 +120,9 @@ class Membership:
         self._on_case(case.id)
 
     async def _invited(self, handling: Handling) -> None:
-        """The bot acts only where staff put it: the staff room's invite is always taken;
-        any other room's only from staff (or the inviters operators allowed)."""
+        """The bot acts only where staff put it: the staff room's invite is always taken,
+        and a room's the community lists; any other room's only from staff (or the
+        inviters operators allowed)."""
         item = handling.item
         inviter = item.payload.get("sender", "")
         room_id = item.room_id
@@ -148,7 +149,8 @@ class Membership:
                     by=upgrade.upgraded_by,
                 )
             return
-        if not await self._may_invite(inviter):
+        listed = self._rooms.listed.get(room_id) == self._deployment.community
+        if not listed and not await self._may_invite(inviter):
             await self._hs.leave_room(room_id)  # rejects the invite
             async with handling.transaction() as conn:
                 await audit.append(
@@ -174,12 +176,18 @@ class Membership:
             return
         # From the join on, a flag there is decided as a flag (not left as a stranger's),
         # even while what follows waits for the homeserver.
-        self._rooms.moderate(room_id)
+        self._rooms.moderate(room_id, self._deployment.community)
         kick, redact = await self._powers(room_id)
         named = await named_room(self._hs, room_id)
         async with handling.transaction() as conn:
             await rooms.joined(
-                conn, room_id, inviter=inviter, at=now, can_kick=kick, can_redact=redact
+                conn,
+                room_id,
+                inviter=inviter,
+                at=now,
+                can_kick=kick,
+                can_redact=redact,
+                community=self._deployment.community,
             )
             await audit.append(
                 conn,

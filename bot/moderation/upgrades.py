@@ -161,7 +161,8 @@ class RoomUpgrades:
             return
         # From the join on, a flag there is a flag (not a stranger's), and the members
         # whose cases move are watched before their cases do (bot/rooms/directory.py).
-        self._rooms.moderate(new_room_id)
+        # The replacement is the old room's community's (these handlers are its).
+        self._rooms.moderate(new_room_id, self._deployment.community)
         async with self._db.connect() as conn:
             members = await cases.active_members(conn, old_room_id)
         for member in members:
@@ -177,7 +178,13 @@ class RoomUpgrades:
             await store.noted(conn, old_room_id=old_room_id, new_room_id=new_room_id, by=by, at=now)
             await store.followed(conn, new_room_id, now)
             await rooms.joined(
-                conn, new_room_id, inviter=by, at=now, can_kick=kick, can_redact=redact
+                conn,
+                new_room_id,
+                inviter=by,
+                at=now,
+                can_kick=kick,
+                can_redact=redact,
+                community=self._deployment.community,
             )
             moved = await cases.follow_upgrade(conn, old_room_id, new_room_id)
             await audit.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
-from bot.rooms.staff_room import StaffRoom
+from bot.rooms.staff_room import StaffRoom, StaffRooms
 
 
 class RoomKind(Enum):
@@ -22,8 +22,16 @@ class RoomKind(Enum):
 
 
 class RoomDirectory:
-    def __init__(self, staff_room: StaffRoom) -> None:
-        self.staff_room = staff_room
+    def __init__(self, staff_rooms: StaffRoom | StaffRooms) -> None:
+        self.staff_rooms = (
+            staff_rooms
+            if isinstance(staff_rooms, StaffRooms)
+            else StaffRooms({"default": staff_rooms})
+        )
+        # The community of each group room the bot moderates (bot/store/rooms.py), and of
+        # each room a community lists in the config (ids and aliases as written).
+        self.community: dict[str, str] = {}
+        self.listed: dict[str, str] = {}
         self._dms: set[str] = set()
         self._checkins: set[str] = set()
         self._policy: set[str] = set()
@@ -74,8 +82,18 @@ class RoomDirectory:
         self._checkins.discard(room_id)
         self.conversations.discard(room_id)
 
-    def moderate(self, room_id: str) -> None:
+    def moderate(self, room_id: str, community: str | None = None) -> None:
         self.moderated.add(room_id)
+        if community is not None:
+            self.community[room_id] = community
+
+    def community_of(self, room_id: str) -> str | None:
+        """The community a group room or staff room belongs to (None: none known)."""
+        return (
+            self.community.get(room_id)
+            or self.listed.get(room_id)
+            or self.staff_rooms.community_of(room_id)
+        )
 
     def stop_moderating(self, room_id: str) -> None:
         self.moderated.discard(room_id)
@@ -87,7 +105,7 @@ class RoomDirectory:
         return (room_id, member_id) in self._watched
 
     def kind(self, room_id: str) -> RoomKind:
-        if self.staff_room.is_staff_room(room_id):
+        if self.staff_rooms.is_staff_room(room_id):
             return RoomKind.STAFF
         if room_id in self._dms:
             return RoomKind.DM
@@ -99,4 +117,4 @@ class RoomDirectory:
 
     def is_private(self, room_id: str) -> bool:
         """The staff room, a DM or a check-in room: every event there may need acting on."""
-        return room_id in self.conversations or self.staff_room.is_staff_room(room_id)
+        return room_id in self.conversations or self.staff_rooms.is_staff_room(room_id)

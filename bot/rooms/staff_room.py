@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -76,10 +76,18 @@ class StaffRoom:
     """The staff room as configured, and the room id it resolved to (pinned)."""
 
     def __init__(
-        self, configured: str, db: AsyncEngine | None = None, *, staff: Sequence[str] = ()
+        self,
+        configured: str,
+        db: AsyncEngine | None = None,
+        *,
+        staff: Sequence[str] = (),
+        pin: str = PIN,
     ) -> None:
         self.configured = configured
         self._db = db
+        # Where its alias's room is pinned: one pin a community (the first keeps the
+        # name it always had, so an install that gains communities keeps its room).
+        self._pin = pin
         self._staff = tuple(staff)
         self.room_id: str | None = configured if configured.startswith("!") else None
         # Why the room the alias points to was not taken (None: none refused).
@@ -110,7 +118,7 @@ class StaffRoom:
         if not self.is_alias or self._db is None:
             return
         async with self._db.connect() as conn:
-            pinned = await pins.get(conn, PIN)
+            pinned = await pins.get(conn, self._pin)
         if pinned is not None and pinned.source == self.configured:
             self.room_id = pinned.value
 
@@ -126,7 +134,7 @@ class StaffRoom:
             return Refused(NOT_STAFFS, refused)
         if self._db is not None:
             async with self._db.begin() as conn:
-                await pins.put(conn, PIN, room_id, self.configured, dt.datetime.now(dt.UTC))
+                await pins.put(conn, self._pin, room_id, self.configured, dt.datetime.now(dt.UTC))
         log.info("staff room %s pinned to %s", self.configured, room_id)
         self.room_id = room_id
         return room_id
@@ -195,4 +203,36 @@ class StaffRoom:
                     f"{self.room_id} (pinned when it was first resolved): find out who "
                     "moved it; to use another room, configure its room id"
                 )
+        return None
+
+
+class StaffRooms:
+    """Every community's staff room (one, without communities): which room is whose."""
+
+    def __init__(self, rooms: Mapping[str, StaffRoom]) -> None:
+        self.by_community = dict(rooms)
+        self._all = tuple(self.by_community.values())
+
+    def __iter__(self) -> Iterator[StaffRoom]:
+        return iter(self._all)
+
+    def is_staff_room(self, room_id: str) -> bool:
+        # On the intake's hot path: a plain loop over a handful, no generator.
+        for room in self._all:  # noqa: SIM110
+            if room.room_id == room_id:
+                return True
+        return False
+
+    def community_of(self, room_id: str) -> str | None:
+        """The community whose staff room this is (None: none's)."""
+        for community, room in self.by_community.items():
+            if room.room_id == room_id:
+                return community
+        return None
+
+    def by_address(self, address: str) -> StaffRoom | None:
+        """The staff room a message was queued for (its alias as configured, or its id)."""
+        for room in self.by_community.values():
+            if address in (room.configured, room.room_id):
+                return room
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,7 +25,7 @@ from bot.core.ports import (
     Refused,
     message_txn_id,
 )
-from bot.rooms.staff_room import StaffRoom
+from bot.rooms.staff_room import StaffRoom, StaffRooms
 from bot.store import outbox
 from bot.texts.messages import Texts
 
@@ -38,36 +39,49 @@ class OutboxDelivery:
         self,
         db: AsyncEngine,
         homeserver: Homeserver,
-        texts: Texts,
-        staff_room: StaffRoom,
+        texts: Texts | Callable[[str], Texts],
+        staff_rooms: StaffRoom | StaffRooms,
         *,
         plain_after: dt.timedelta | None = None,
     ) -> None:
-        self._staff_room = staff_room
+        self._staff_rooms = (
+            staff_rooms
+            if isinstance(staff_rooms, StaffRooms)
+            else StaffRooms({"default": staff_rooms})
+        )
         self._db = db
         self._hs = homeserver
-        self._texts = texts
+        # The texts of the community whose staff room a note goes to (its language).
+        self._texts_for = texts if callable(texts) else (lambda room_id: texts)
         # A message waiting this long for encryption: staff hear, in the clear, that
         # messages wait (None: encryption.fallback none).
         self._plain_after = plain_after
         self._waiting_for: str | None = None  # why the queue is held, logged once per hold
-        self._told_waiting = False  # the plain "messages are waiting" note, once per wait
+        # The rooms told in the clear that messages wait for encryption, once per wait.
+        self._told_waiting: set[str] = set()
 
     async def work_once(self) -> bool:
+        """Send what is due, in order in each room. A room that cannot take messages now
+        holds its own queue, never another's (one community's staff room not resolved
+        yet does not keep another's alert back); the homeserver away holds them all."""
         now = dt.datetime.now(dt.UTC)
         async with self._db.connect() as conn:
             queued = await outbox.pending(conn, now=now)
-        held_by_encryption: str | None = None
+        held: dict[str, str] = {}  # room (as queued) -> why it holds its queue
+        by_encryption: dict[str, str] = {}  # rooms whose encrypted messages wait
+        sent_any = False
         for message in queued:
-            if held_by_encryption is not None and not message.plain:
-                continue  # waits for encryption, in order; a plain message need not
+            address = message.room_id
+            if address in held or (address in by_encryption and not message.plain):
+                continue  # waits, in order; a plain message need not wait for encryption
             try:
                 # Queued while the staff room's alias did not resolve yet: the room it was
                 # pinned to since, never what the alias points to now (anyone may have
                 # made it point to a room of theirs).
-                room_id = self._where(message.room_id)
+                room_id = self._where(address)
                 if room_id is None:
-                    return self._hold(f"the staff room {message.room_id} is not resolved yet")
+                    held[address] = f"the staff room {address} is not resolved yet"
+                    continue
                 event_id = None
                 if message.attempts:
                     # A previous attempt may have been sent before a crash or a lost answer.
@@ -86,41 +100,45 @@ class OutboxDelivery:
                     if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
                         # Not (yet) in the staff room, or not allowed to post: an operator
                         # can fix that (/health says so), and nothing for staff is dropped.
-                        return self._hold(f"cannot post in {room_id} ({sent})")
+                        held[address] = f"cannot post in {room_id} ({sent})"
+                        continue
                     if isinstance(sent, Refused):
                         await self._refused(message, sent, now)
                         continue
                     event_id = sent.event_id
             except EncryptionUnavailable as exc:
                 await self._tell_waiting(room_id, message, exc, now)
-                held_by_encryption = f"cannot encrypt for {room_id} ({exc})"
+                by_encryption[address] = f"cannot encrypt for {room_id} ({exc})"
                 continue
             except HomeserverUnavailable as exc:
                 log.warning("staff message %d waits for the homeserver: %s", message.id, exc)
                 return False
             async with self._db.begin() as conn:
                 await outbox.mark(conn, message.id, status="sent", now=now, event_id=event_id)
-            if held_by_encryption is None:
-                self._waiting_for = None
-                self._told_waiting = False
-        if held_by_encryption is not None:
-            return self._hold(held_by_encryption)
+            sent_any = True
+            if address not in by_encryption:
+                self._told_waiting.discard(room_id)
+        if held or by_encryption:
+            self._hold("; ".join([*held.values(), *by_encryption.values()]))
+            return sent_any
+        self._waiting_for = None
         return bool(queued)
 
     def _where(self, address: str) -> str | None:
-        if address == self._staff_room.configured:
-            return self._staff_room.room_id
+        room = self._staff_rooms.by_address(address)
+        if room is not None:
+            return room.room_id
         return address if address.startswith("!") else None
 
     async def _tell_waiting(
         self, room_id: str, message: outbox.Outgoing, why: Exception, now: dt.datetime
     ) -> None:
         """Encryption holds the queue: past the fall-back time, one plain note says so."""
-        if self._plain_after is None or self._told_waiting or message.created_at is None:
+        if self._plain_after is None or room_id in self._told_waiting:
             return
-        if now - message.created_at < self._plain_after:
+        if message.created_at is None or now - message.created_at < self._plain_after:
             return
-        content = self._texts.encryption_failing(case_number=None)
+        content = self._texts_for(room_id).encryption_failing(case_number=None)
         try:
             sent = await self._hs.send(
                 room_id, content, txn_id=f"safeguard.waiting.{message.id}", plain=True
@@ -131,7 +149,7 @@ class OutboxDelivery:
         if isinstance(sent, Refused):
             log.warning("could not say that staff messages wait: %s", sent)
             return
-        self._told_waiting = True
+        self._told_waiting.add(room_id)
         log.error("staff messages wait for encryption (%s): staff told, unencrypted", why)
 
     async def _refused(self, message: outbox.Outgoing, sent: Refused, now: dt.datetime) -> None:
@@ -145,9 +163,8 @@ class OutboxDelivery:
             await outbox.retry_later(conn, message.id, now + delay, error=str(sent))
         log.warning("staff message %d refused (%s); retrying", message.id, sent)
 
-    def _hold(self, why: str) -> bool:
-        """Keep the queue (in order) until the next round; say why once, not every round."""
+    def _hold(self, why: str) -> None:
+        """Keep the rooms' queues (in order) until the next round; say why once."""
         if why != self._waiting_for:
             log.error("staff messages wait: %s", why)
             self._waiting_for = why
-        return False

@@ -49,7 +49,8 @@ class RoomAdmin:
     async def listing(self) -> str:
         """One line a room, its powers read now (not as they were when the bot joined)."""
         async with self._db.connect() as conn:
-            moderated = await rooms.moderated(conn)
+            # Its own community's rooms alone: another's are not its staff's to see.
+            moderated = await rooms.moderated(conn, community=self._deployment.community)
         if not moderated:
             return self._("I moderate no rooms yet. A staff member can invite me into one.")
         shown = moderated[:MAX_LISTED]
@@ -92,7 +93,8 @@ class RoomAdmin:
             return self._("I cannot find {room} ({why}).").format(room=room, why=room_id), None
         async with self._db.connect() as conn:
             known = await rooms.get(conn, room_id)
-        if known is None or known.left_at is not None:
+        theirs = known is not None and known.community == self._deployment.community
+        if not theirs or known is None or known.left_at is not None:
             return (
                 self._("I do not moderate {room}: `!rooms` lists the rooms I do.").format(
                     room=room

@@ -300,6 +300,12 @@ async def listing(
     return [_case(row) for row in await conn.execute(query)]
 
 
+async def open_communities(conn: AsyncConnection) -> set[str]:
+    """The communities with open cases (their staff must still be reachable)."""
+    query = sa.select(cases.c.community).where(cases.c.state == "open").distinct()
+    return set((await conn.execute(query)).scalars())
+
+
 async def steps_of(conn: AsyncConnection, case_id: int) -> list[Step]:
     rows = await conn.execute(_STEPS_OF, {"b_case": case_id})
     return [_step(row) for row in rows]

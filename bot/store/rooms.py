@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bot.store.cases import DEFAULT_COMMUNITY
 from bot.store.schema import rooms
 
 
@@ -19,11 +20,18 @@ class ModeratedRoom:
     can_kick: bool | None
     left_at: dt.datetime | None
     can_redact: bool | None = None
+    community: str = DEFAULT_COMMUNITY
 
 
 def _room(row: sa.Row) -> ModeratedRoom:  # type: ignore[type-arg]
     return ModeratedRoom(
-        row.room_id, row.inviter, row.joined_at, row.can_kick, row.left_at, row.can_redact
+        row.room_id,
+        row.inviter,
+        row.joined_at,
+        row.can_kick,
+        row.left_at,
+        row.can_redact,
+        row.community,
     )
 
 
@@ -35,8 +43,10 @@ async def joined(
     at: dt.datetime,
     can_kick: bool | None,
     can_redact: bool | None,
+    community: str = DEFAULT_COMMUNITY,
 ) -> None:
     values = {
+        "community": community,
         "inviter": inviter,
         "joined_at": at,
         "can_kick": can_kick,
@@ -67,9 +77,10 @@ async def set_powers(
     )
 
 
-async def moderated(conn: AsyncConnection) -> list[ModeratedRoom]:
-    """Rooms the bot is in to moderate (joined, not since removed)."""
-    rows = await conn.execute(
-        sa.select(rooms).where(rooms.c.left_at.is_(None)).order_by(rooms.c.joined_at)
-    )
+async def moderated(conn: AsyncConnection, *, community: str | None = None) -> list[ModeratedRoom]:
+    """Rooms the bot is in to moderate (joined, not since removed); of one community's."""
+    query = sa.select(rooms).where(rooms.c.left_at.is_(None)).order_by(rooms.c.joined_at)
+    if community is not None:
+        query = query.where(rooms.c.community == community)
+    rows = await conn.execute(query)
     return [_room(row) for row in rows]

@@ -270,6 +270,8 @@ rooms = sa.Table(
     sa.Column("can_kick", sa.Boolean, nullable=True),
     sa.Column("left_at", UTCDateTime, nullable=True),
     sa.Column("can_redact", sa.Boolean, nullable=True),
+    # The community it belongs to: listed by it, or added by its staff (bot/community).
+    sa.Column("community", sa.String(64), nullable=False, server_default="default"),
 )
 
 # A moderated room that was upgraded (a tombstone from someone with the power to send it):

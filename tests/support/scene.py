@@ -51,16 +51,23 @@ async def until(
 
 
 def _task_stacks(frames: int = 6) -> str:
-    """Every task of the loop but the caller's, each with its innermost frames."""
+    """Every task of the loop but the caller's, each with the innermost frames of its
+    chain of awaits (what it waits on, and why)."""
     lines = []
     current = asyncio.current_task()
     for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
         if task is current or task.done():
             continue
-        stack = task.get_stack(limit=None)[-frames:]
+        chain = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                chain.append(frame)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         where = " <- ".join(
             f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
-            for frame in reversed(stack)
+            for frame in reversed(chain[-frames:])
         )
         lines.append(f"  {task.get_name()}: {where or '(not started)'}")
     return "\n".join(lines)

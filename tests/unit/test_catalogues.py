@@ -195,18 +195,18 @@ def test_an_unknown_language_stops_the_config(tmp_path):
 
 def test_an_unreviewed_language_is_warned_of_until_the_charity_lists_it(tmp_path, capsys):
     unreviewed = load_config(config_with(tmp_path, language="cy"))
-    assert unreviewed.language_warning is not None
+    assert unreviewed.language_warnings
     assert main(["check-config", "-c", str(tmp_path / "config.yaml")]) == 0
     out = capsys.readouterr().out
     assert "warning: language 'cy': its built-in texts are not marked reviewed" in out
     reviewed = config_with(tmp_path, language="cy", messages={"reviewed_locales": ["en", "cy"]})
-    assert load_config(reviewed).language_warning is None
+    assert not load_config(reviewed).language_warnings
     assert main(["check-config", "-c", str(reviewed)]) == 0
     assert "not marked reviewed" not in capsys.readouterr().out
     # English is the texts' source: never warned of, whatever the list says.
-    assert load_config(config_with(tmp_path)).language_warning is None
+    assert not load_config(config_with(tmp_path)).language_warnings
     only_cy = config_with(tmp_path, messages={"reviewed_locales": ["cy"]})
-    assert load_config(only_cy).language_warning is None
+    assert not load_config(only_cy).language_warnings
 
 
 def test_a_catalogue_never_compiled_stops_check_config_not_the_start(tmp_path, monkeypatch):

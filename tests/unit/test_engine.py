@@ -328,7 +328,7 @@ async def test_alert_refused_for_good_is_failed_paged_and_listed(engine):
     await run_until_waiting(runner, engine, case_id)
     done = await steps(engine, case_id)
     assert done["alert"].status == "failed" and done["alert"].attempts == 3, "retried twice"
-    webhook = runner._tools.webhook
+    webhook = runner._kits["default"][1].webhook
     ((url, payload),) = [p for p in webhook.posted if p[1]["event"] == "safeguard.alert_failed"]
     assert url == "https://pager.example/hook" and payload["case"] == case_id
     async with engine.connect() as conn:
@@ -345,8 +345,8 @@ async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(e
     async def broken(run):
         raise KeyError("a bug")
 
-    runner._steps["escalate"].run = broken
-    runner._steps["escalate"].due = lambda case, steps: NOW
+    runner._kits["default"][0]["escalate"].run = broken
+    runner._kits["default"][0]["escalate"].due = lambda case, steps: NOW
     async with engine.begin() as conn:
         await cases.set_fields(conn, case_id, next_attempt_at=NOW)
     for _ in range(3):
@@ -373,7 +373,7 @@ async def test_a_crashing_notice_never_lets_the_removal_go_ahead(engine):
     async def broken(run):
         raise AttributeError("'NoneType' object has no attribute 'encrypt'")
 
-    runner._steps["notify"].run = broken
+    runner._kits["default"][0]["notify"].run = broken
     await runner.run_case(case_id)
     await asyncio.sleep(0.6)
     await runner.run_case(case_id)
@@ -422,7 +422,7 @@ async def test_checkin_does_not_wait_for_a_broken_staff_room(engine):
     hs.unavailable_for = {"find_marked_message"}  # irrelevant: first attempts never look
     case_id = await new_case(engine, due_in=dt.timedelta(seconds=-1))
     runner = step_engine(engine, hs)
-    runner._tools.staff_room.room_id = None  # the staff room cannot be resolved
+    runner._kits["default"][1].staff_room.room_id = None  # the staff room cannot be resolved
     await runner.run_case(case_id)
     done = await steps(engine, case_id)
     assert done["notify"].status == done["remove"].status == "done"
@@ -439,7 +439,7 @@ async def test_template_failing_at_run_time_falls_back_and_is_reported(engine):
     settings = deployment(messages=broken)
     runner = step_engine(engine, hs, settings)
     reported: list[str] = []
-    runner._tools.texts.on_fallback = lambda name, problem: reported.append(name)
+    runner._kits["default"][1].texts.on_fallback = lambda name, problem: reported.append(name)
     await runner.run_case(case_id)
     (notice,) = notices(hs, "notify")
     assert "worried about you" in notice["content"]["body"], "the built-in text was sent"
@@ -496,13 +496,13 @@ async def test_an_alert_not_posted_by_its_deadline_pages_once_and_shows_on_healt
     case_id = await new_case(engine)
     policy = {"alert_webhook": "https://pager.example/hook", "alert_deadline": dt.timedelta(0)}
     runner = step_engine(engine, hs, deployment(**policy))
-    runner._tools.staff_room.room_id = None  # the staff room cannot take anything
+    runner._kits["default"][1].staff_room.room_id = None  # the staff room cannot take anything
     await runner.run_case(case_id)
     await runner.run_case(case_id)
     done = await steps(engine, case_id)
     assert done["notify"].status == done["remove"].status == "done", "the member goes first"
     assert done["alert"].status == "started"
-    webhook = runner._tools.webhook
+    webhook = runner._kits["default"][1].webhook
     pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_undelivered"]
     assert len(pages) == 1 and pages[0]["case"] == case_id, "paged once, not every retry"
     async with engine.connect() as conn:
@@ -515,14 +515,14 @@ async def test_a_step_that_hangs_is_cut_at_the_alert_deadline_and_the_alert_goes
     hs = homeserver()
     case_id = await new_case(engine)
     runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.5)))
-    sending = runner._steps["notify"].run
+    sending = runner._kits["default"][0]["notify"].run
 
     async def hangs(run):
         if run.step.attempts == 1:
             await asyncio.Event().wait()
         return await sending(run)
 
-    runner._steps["notify"].run = hangs
+    runner._kits["default"][0]["notify"].run = hangs
     await asyncio.wait_for(runner.run_case(case_id), 5)
     done = await steps(engine, case_id)
     assert done["alert"].status == "done" and done["notify"].status == "started"

@@ -29,6 +29,7 @@ LAYERS = (
     "checkin",  # who joins a check-in reads moderation's room state
     "staff",  # `!case` claims a check-in; `!rooms` reads the bot's powers in a room
     "referral",  # the decision asks who is staff and when the check-in falls due
+    "community",  # each event to its room's community's handlers
 )
 
 

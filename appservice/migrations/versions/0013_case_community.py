@@ -1,6 +1,6 @@
-"""Cases live in a community: its staff see them, no one else's do. Every case recorded
-before communities existed is the one community `default`'s (an install without
-`communities:` is that community).
+"""Cases and rooms live in a community: its staff see them, no one else's do. Every case
+and room recorded before communities existed is the one community `default`'s (an
+install without `communities:` is that community).
 
 Revision ID: 0013
 Revises: 0012
@@ -21,9 +21,15 @@ def upgrade() -> None:
             sa.Column("community", sa.String(length=64), nullable=False, server_default="default")
         )
     op.create_index("ix_cases_community", "cases", ["community", "id"])
+    with op.batch_alter_table("rooms") as batch:
+        batch.add_column(
+            sa.Column("community", sa.String(length=64), nullable=False, server_default="default")
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("rooms") as batch:
+        batch.drop_column("community")
     op.drop_index("ix_cases_community", table_name="cases")
     with op.batch_alter_table("cases") as batch:
         batch.drop_column("community")

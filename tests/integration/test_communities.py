@@ -1,0 +1,149 @@
+"""Two communities on one install, against a real Synapse: each room is its community's,
+a flag there is decided by that community's settings and told in its language to its
+staff alone, and each staff room sees its own cases as if the other's did not exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.scene import (
+    BOT,
+    build_scene,
+    health,
+    open_group_room,
+    running_service,
+    safeguard_cli,
+    scene_config,
+    until,
+)
+
+pytestmark = pytest.mark.synapse
+
+
+def two_communities(scene, staff_b, staff_room_b: str) -> Path:
+    """The scene's config with its staff room and staff as community `england`'s, and a
+    second, Welsh community `wales` with its own staff and staff room."""
+    path = scene_config(scene)
+    config = yaml.safe_load(path.read_text())
+    policy = config["policy"]
+    england = {
+        "id": "england",
+        "name": "Young Voices",
+        "staff_room": policy.pop("staff_room"),
+        "staff": policy.pop("staff"),
+    }
+    wales = {
+        "id": "wales",
+        "name": "Young Voices Cymru",
+        "staff_room": staff_room_b,
+        "staff": [staff_b.user_id],
+        "language": "cy",
+        "region": "GB-WLS",
+        "policy": {"reactions": ["🆘"]},
+    }
+    config["communities"] = [england, wales]
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+async def texts_to(user, room: str, matching=lambda text: True) -> list[str]:
+    """What the bot said in the room, as `user` reads it (those `matching`)."""
+    return [
+        body
+        for e in await user.messages(room)
+        if e.get("sender") == BOT and e.get("type") == "m.room.message"
+        if matching(body := e["content"].get("body", ""))
+    ]
+
+
+async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    config = two_communities(scene, staff_b, staff_room_b)
+    code, out, err = await safeguard_cli("check-config", "-c", str(config))
+    assert code == 0, err
+    assert "community wales: language 'cy'" in out, "its unreviewed texts, named"
+
+    async with running_service(config) as service:
+        await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
+        group_a = await open_group_room(scene)  # staff of england add the bot
+        group_b = await scene.owner.create_room(
+            name="Grŵp",
+            preset="private_chat",
+            invite=[scene.moderator.user_id, scene.member.user_id, staff_b.user_id],
+            power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        )
+        for user in (scene.moderator, scene.member, staff_b):
+            await user.join(group_b)
+        await staff_b.invite(group_b, BOT)  # staff of wales add the bot
+        await until(lambda: scene.bot_joined(group_b), what="the bot in the Welsh group")
+        assert service.rooms.community_of(group_a) == "england"
+        assert service.rooms.community_of(group_b) == "wales"
+        await until(
+            lambda: texts_to(staff_b, staff_room_b), what="wales told of its room, in Welsh"
+        )
+
+        # England's flag key does nothing in Wales (its own is 🆘): no case, nobody told.
+        said = await scene.member.send_text(group_b, "Dw i ddim eisiau bod yma")
+        await scene.moderator.react(group_b, said, "🚨")
+        await scene.moderator.react(group_b, said, "🆘")
+        alert_b = await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: t.startswith("Achos #")),
+            what="the Welsh alert, to Welsh staff",
+        )
+        assert alert_b[0].startswith("Achos #1"), "one case, from the Welsh key alone"
+        assert "ffonia 999" in alert_b[0]
+
+        said = await scene.member.send_text(group_a, "I can't do this")
+        await scene.moderator.react(group_a, said, "🚨")
+        alert_a = await until(
+            lambda: texts_to(scene.staff, scene.staff_room, lambda t: t.startswith("Case #")),
+            what="the English alert, to English staff",
+        )
+        assert alert_a[0].startswith("Case #2")
+        # The same member, two cases, neither staff team told of the other's.
+        assert not await texts_to(scene.staff, scene.staff_room, lambda t: "#1" in t)
+        assert not await texts_to(staff_b, staff_room_b, lambda t: "#2" in t)
+
+        await scene.staff.send_text(scene.staff_room, "!case 1")
+        await staff_b.send_text(staff_room_b, "!case list all")
+        await until(
+            lambda: texts_to(
+                scene.staff, scene.staff_room, lambda t: t.startswith("There is no case #1.")
+            ),
+            what="Wales's case is no case to England",
+        )
+        listing = await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: "#1 " in t and "—" in t),
+            what="Wales's listing",
+        )
+        assert "#2" not in listing[0]
+        # Its rooms alone, too.
+        await staff_b.send_text(staff_room_b, "!rooms")
+        (rooms,) = await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: "!rooms leave" in t),
+            what="Wales's rooms",
+        )
+        assert "Grŵp" in rooms and "Group chat" not in rooms and group_a not in rooms
+        await staff_b.send_text(staff_room_b, f"!rooms leave {group_a}")
+        await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: group_a in t),
+            what="England's room is not Wales's to leave",
+        )
+        assert await scene.bot_joined(group_a), "still in England's room"
+
+        status, report = await health(service)
+        assert status == 200, report
+        rooms = report["checks"]["staff_room"]["communities"]
+        assert set(rooms) == {"england", "wales"} and all(r["ok"] for r in rooms.values())
+
+    code, out, _ = await safeguard_cli(
+        "cases", "list", "-c", str(config), "--community", "wales", "--json"
+    )
+    (case,) = json.loads(out)["cases"]
+    assert case["number"] == 1 and case["community"] == "wales"
