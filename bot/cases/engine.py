@@ -178,15 +178,22 @@ class StepEngine:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def _start_due_cases(self) -> dt.datetime | None:
-        """Start every due case not already running; returns when to look next."""
+        """Start every due case not already running; returns when to look next.
+
+        One `now` for both: a case falling due between the two reads (a timer fires a
+        little early, the reads take a while on a busy machine) is looked at again at
+        once, never left to the next poll, half a minute later (a plain word to staff, or
+        the alert itself, is due seconds after a failure)."""
+        now = _now()
         async with self._db.connect() as conn:
-            due = await cases.due(conn, _now())
+            due = await cases.due(conn, now)
             next_at = await cases.next_due_at(conn)
         for case_id in due:
             self.start_case(case_id)
-        if next_at is not None and next_at <= _now():
-            # Only cases in flight are due: they wake the timer when they finish.
-            return None if len(due) < 100 else next_at
+        if next_at is not None and next_at <= now and len(due) < cases.DUE_BATCH:
+            # Every case due by `now` was just read: started, or in flight (a case in
+            # flight wakes the timer when it finishes).
+            return None
         return next_at
 
     async def begin(self, conn: AsyncConnection, opened: cases.Opened) -> Begun:

@@ -311,7 +311,11 @@ async def steps_of(conn: AsyncConnection, case_id: int) -> list[Step]:
     return [_step(row) for row in rows]
 
 
-async def due(conn: AsyncConnection, now: dt.datetime, *, limit: int = 100) -> list[int]:
+# The most cases the step engine starts from one look (the rest at its next, at once).
+DUE_BATCH = 100
+
+
+async def due(conn: AsyncConnection, now: dt.datetime, *, limit: int = DUE_BATCH) -> list[int]:
     """Cases the step engine should look at now, the longest-waiting first."""
     rows = await conn.execute(
         sa.select(cases.c.id)

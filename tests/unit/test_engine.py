@@ -608,3 +608,29 @@ async def test_killed_after_the_case_began_resumes_it_once(engine, crash_at):
     assert len([r for r in hs.rooms.values() if r.members.get(MEMBER) == "invite"]) == 1
     assert len(notices(hs, "notify")) == 1
     assert hs.kicks == [(GROUP, MEMBER)]
+
+
+async def test_a_case_falling_due_while_the_timer_reads_is_looked_at_again_at_once(
+    engine, monkeypatch
+):
+    """Seen on a busy CI machine: a retry fell due between the timer's read of the due
+    cases and its check of the clock, so it was taken for one in flight, and the timer
+    slept its whole poll (30 s) while staff waited for a plain word due in 3 s."""
+    from bot.cases import engine as engine_module
+
+    runner = step_engine(engine, homeserver(), deployment())
+    case_id = await new_case(engine)
+    due_at = dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=50)
+    async with engine.begin() as conn:
+        await cases.set_next_attempt(conn, case_id, due_at)
+    # The clock as a timer that fired just before the case's time sees it, then moves on
+    # past it while the reads run.
+    ticks = iter([due_at - dt.timedelta(milliseconds=1)])
+    monkeypatch.setattr(
+        engine_module, "_now", lambda: next(ticks, due_at + dt.timedelta(seconds=1))
+    )
+    started: list[int] = []
+    monkeypatch.setattr(runner, "start_case", lambda case, begun=None: started.append(case))
+    look_again = await runner._start_due_cases()
+    assert not started, "not due yet when it read"
+    assert look_again == due_at, "looked at again when it falls due, not at the next poll"
