@@ -56,6 +56,7 @@ class CommunityParts:
     handlers: dict[EventKind, Handler] | None = None
     refusal_reports: Any = None
     membership: Any = None
+    upgrades: Any = None
     staff_tools: Any = None
 
     @property

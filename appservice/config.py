@@ -177,6 +177,9 @@ RoomAddress = Annotated[str, Field(pattern=r"^[!#].+")]
 # the top level. Who its staff are and where they meet are its own keys, never these.
 OVERRIDABLE = {"policy": PolicySettings, "checkin": CheckinSettings, "messages": MessageTemplates}
 OWN_KEYS = ("staff_room", "staff")
+# Policy keys of the install as a whole (one retention sweep, one pool of rooms made
+# ahead, one policy version in the record, one alert deadline /health watches).
+INSTALL_WIDE = ("retention_days", "ready_dm_rooms", "policy_version", "alert_deadline")
 
 
 class CommunitySettings(_Strict):
@@ -207,6 +210,9 @@ class CommunitySettings(_Strict):
                 raise ValueError(
                     f"{key} is the community's own key (communities[].{key}), not a policy one"
                 )
+        for key in INSTALL_WIDE:
+            if key in policy:
+                raise ValueError(f"{key} is the whole install's: set policy.{key} at the top level")
         return policy
 
 
@@ -448,8 +454,10 @@ class Config:
     def config_hash(self) -> str:
         """A digest of the policy-relevant settings, recorded with every audit entry."""
         relevant = self.file.model_dump(
-            mode="json", include={"policy", "checkin", "messages", "language", "communities"}
+            mode="json", include={"policy", "checkin", "messages", "language"}
         )
+        if self.file.communities is not None:  # an install without them: its digest as before
+            relevant["communities"] = [c.model_dump(mode="json") for c in self.file.communities]
         # What members are shown, wherever it came from (a list, or a region's pack).
         relevant["resources"] = [r.model_dump(mode="json") for r in self.resources]
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
@@ -644,9 +652,10 @@ def check_runnable(config: Config) -> None:
         problems += [config.about(community, p) for p in validate_templates(community.messages)]
     if config.policy.staff_room is None and config.file.communities is None:
         problems.append("policy.staff_room: required to run (a room id or #alias the bot is in)")
-    webhook = config.policy.alert_webhook
-    if webhook is not None and (refused := webhook_problem(webhook)) is not None:
-        problems.append(f"policy.alert_webhook: {refused}")
+    for community in config.communities:
+        webhook = community.policy.alert_webhook
+        if webhook is not None and (refused := webhook_problem(webhook)) is not None:
+            problems.append(config.about(community, f"policy.alert_webhook: {refused}"))
     database = config.sqlite_path
     if database is None and make_url(config.database_url).drivername.startswith("sqlite"):
         problems.append(

@@ -58,7 +58,7 @@ from bot.intake.accept import (
     ActionFilter,
     Intake,
 )
-from bot.intake.dispatch import Classifier, Dispatcher, EventKind
+from bot.intake.dispatch import Classifier, Dispatcher, EventKind, Handling, StaffOfRoom
 from bot.intake.notice_reads import NoticeReads
 from bot.intake.recent_senders import RecentSenders
 from bot.intake.reconcile import Reconciler
@@ -66,11 +66,11 @@ from bot.intake.safety_net import SafetyNet
 from bot.intake.stranded import StrandedWatch
 from bot.members.policy import PolicyExplainer
 from bot.moderation.authorization import power_level
-from bot.moderation.membership import Membership
+from bot.moderation.membership import Membership, declined_invite
 from bot.moderation.room_state import RoomStateCache
 from bot.moderation.upgrades import RoomUpgrades
 from bot.referral.decision import Referral
-from bot.rooms.directory import RoomDirectory
+from bot.rooms.directory import RoomDirectory, RoomKind
 from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom, StaffRooms
@@ -220,7 +220,6 @@ class Service:
         # Filled by the intake, read by the referral: who sent each recent event.
         self.recent_senders = RecentSenders()
         self.room_state = RoomStateCache(self.homeserver)
-        webhook = HttpWebhook(secret=config.policy.alert_webhook_secret)
 
         # ---- the workers ----
         self.outbox = OutboxDelivery(
@@ -254,7 +253,8 @@ class Service:
                 staff_room=part.staff_room,
                 rooms=self.rooms,
                 metrics=self.metrics,
-                webhook=webhook,
+                # Each community pages its own webhook, signed with its own secret.
+                webhook=HttpWebhook(secret=part.deployment.policy.alert_webhook_secret),
                 ready_rooms=self.ready_rooms,
             )
         kits = {key: (build_steps(part.tools), part.tools) for key, part in self.parts.items()}
@@ -278,7 +278,8 @@ class Service:
         router = CommunityRouter(
             self.rooms,
             {key: part.handlers or {} for key, part in self.parts.items()},
-            inviter_community=self._inviter_community,
+            invite_community=self._invite_community,
+            decline=self._decline_invite,
         )
         self.dispatcher = Dispatcher(
             self.engine,
@@ -295,6 +296,7 @@ class Service:
             lane_of=action_filter.lane,
             on_moved=self._wake_lane,
             hand_over_lanes=frozenset({FLAG_LANE}),
+            staff_of=self._staff_of_room,
         )
         referral = referrals[first.id]
         # One worker a lane (bot/intake/accept.py): flags are worked the moment they arrive;
@@ -400,6 +402,7 @@ class Service:
             deployment.policy.refusal_report_every,
             texts=texts,
             on_outbox=on_outbox,
+            community=part.id,
         )
         referral = Referral(
             self.homeserver,
@@ -422,7 +425,7 @@ class Service:
         async def may_invite(user_id: str) -> bool:
             return await staff.may_invite_bot(user_id, deployment.extra_inviters)
 
-        upgrades = RoomUpgrades(
+        upgrades = part.upgrades = RoomUpgrades(
             self.engine,
             self.homeserver,
             deployment,
@@ -499,17 +502,30 @@ class Service:
         """Whether a room is one this community moderates: a flag in another community's
         room is never this one's to act on."""
         moderated, communities = self.rooms.moderated, self.rooms
+        if len(self.parts) == 1:
+            return moderated.__contains__  # one community: every room the bot moderates
 
         def moderates(room_id: str) -> bool:
-            if room_id not in moderated:
-                return False
-            return communities.community_of(room_id) in (community, None)
+            # A room of a community the config no longer has is no one's: refused.
+            return room_id in moderated and communities.community_of(room_id) == community
 
         return moderates
 
-    async def _inviter_community(self, user_id: str) -> str | None:
-        """The one community whose staff (or allowed inviters) the user is; None if none's,
-        or more than one's (the room is then no community's until one lists it)."""
+    async def _invite_community(self, user_id: str, room_id: str) -> str | None:
+        """Whose a room the bot is invited into is, when the room is of no known community:
+        a staff room whose alias only now resolves; the replacement of an upgraded room
+        (its old room's community); else the one community whose staff (or allowed
+        inviters) the inviter is. None if none's, or more than one's (declined, until a
+        community lists the room)."""
+        for part in self.parts.values():
+            if part.staff_room.room_id is None:
+                with contextlib.suppress(HomeserverUnavailable):
+                    await part.staff_room.resolve(self.homeserver)
+            if part.staff_room.room_id == room_id:
+                return part.id
+        upgrades = next(iter(self.parts.values())).upgrades
+        if (upgrade := await upgrades.awaited(room_id)) is not None:
+            return self.rooms.community_of(upgrade.old_room_id)
         found = [
             key
             for key, part in self.parts.items()
@@ -523,6 +539,33 @@ class Service:
                 ", ".join(found),
             )
         return found[0] if len(found) == 1 else None
+
+    async def _staff_of_room(self, room_id: str) -> StaffOfRoom:
+        """Who hears of trouble with an event in a room: its community's staff (a case's
+        DM or check-in room: its case's), else the first community's."""
+        community = self.rooms.community_of(room_id)
+        if community is None and self.rooms.kind(room_id) in (RoomKind.DM, RoomKind.CHECKIN):
+            async with self.engine.connect() as conn:
+                community = await cases.community_of_room(conn, room_id)
+        part = self.parts.get(community or "") or next(iter(self.parts.values()))
+        return StaffOfRoom(part.staff_room, part.texts, part.refusal_reports)
+
+    async def _decline_invite(self, handling: Handling) -> None:
+        """An invite into a room of no community (or claimed by staff of several):
+        declined, recorded, and logged for the operator; no staff room is told (whose
+        would it be?)."""
+        item = handling.item
+        now = dt.datetime.now(dt.UTC)
+        async with declined_invite(
+            self.homeserver, handling, self.deployment.provenance, "no community's", now
+        ):
+            pass
+        log.warning(
+            "declined %s's invite into %s: the room belongs to no community (list it under "
+            "a community's rooms: to have the bot moderate it)",
+            item.payload.get("sender", ""),
+            item.room_id,
+        )
 
     def _texts_of_room(self, room_id: str) -> Texts:
         community = self.staff_rooms.community_of(room_id)
@@ -582,13 +625,13 @@ class Service:
             moderated = [room.room_id for room in moderated_rooms]
             policy_dms = await policy_rooms.room_ids(conn)
             self.reconciler.first_started = await positions.database_first_started(conn)
-            open_in = await cases.open_communities(conn)
-        if stranded := sorted(open_in - set(self.parts)):
+            with_cases = await cases.communities_with_cases(conn)
+        if stranded := sorted(with_cases - set(self.parts)):
             # Their steps and their staff are gone from the config: nobody would hear.
             raise ConfigError(
-                f"open cases belong to the community {', '.join(map(repr, stranded))}, which "
-                "the config no longer has: keep it under communities: (an install that had "
-                "none: a community with id default) until its cases are closed"
+                f"cases belong to the community {', '.join(map(repr, stranded))}, which the "
+                "config no longer has: keep it under communities: (an install that had none: "
+                "a community with id default) until retention has purged its cases"
             )
         for room in moderated_rooms:
             if room.community in self.parts:
@@ -640,12 +683,14 @@ class Service:
             now = dt.datetime.now(dt.UTC)
             self.timers.every("housekeeping", HOUSEKEEPING_EVERY, self.housekeeping, first=now)
             for part in self.parts.values():
-                # The one chain's head, to every community's staff: any of them can check it.
+                # Each community's own jobs (named as they always were with one): the one
+                # chain's head to every community's staff, so any of them can check it.
+                suffix = f":{part.id}" if len(self.parts) > 1 else ""
                 self.timers.every(
-                    f"post-chain-head:{part.id}", CHAIN_HEAD_EVERY, part.staff_tools.post_chain_head
+                    f"post-chain-head{suffix}", CHAIN_HEAD_EVERY, part.staff_tools.post_chain_head
                 )
                 self.timers.every(
-                    f"refusal-reports:{part.id}", REFUSAL_FLUSH_EVERY, part.refusal_reports.flush
+                    f"refusal-reports{suffix}", REFUSAL_FLUSH_EVERY, part.refusal_reports.flush
                 )
             self.catch_up.start()
             self._acting = self._started = True
@@ -687,8 +732,9 @@ class Service:
             facts={},
             personal={"room": room_id, **({"why": why} if why else {})},
             content=content,
-            # The room's community's staff alone: the room is theirs.
-            community=self.rooms.community_of(room_id),
+            # The room's community's staff alone: the room is theirs (no community's:
+            # the first's, never every community's).
+            community=self.rooms.community_of(room_id) or next(iter(self.parts)),
         )
 
     async def _record_and_tell(

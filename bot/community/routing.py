@@ -29,15 +29,18 @@ class CommunityRouter:
         rooms: RoomDirectory,
         handlers: Mapping[str, Mapping[EventKind, Handler]],
         *,
-        inviter_community: Callable[[str], Awaitable[str | None]],
+        invite_community: Callable[[str, str], Awaitable[str | None]],
+        decline: Handler,
     ) -> None:
         """`handlers`: each community's, by id, the first the one for what is no one's.
-        `inviter_community`: whose staff the sender of an invite of the bot is (None:
-        no community's, or more than one's)."""
+        `invite_community(inviter, room)`: whose an invite of the bot into a room of no
+        known community is (None: no community's, or more than one's); `decline`: how
+        such an invite is declined (recorded and logged, no staff told)."""
         self._rooms = rooms
         self._handlers = {community: dict(kinds) for community, kinds in handlers.items()}
         self._first = next(iter(self._handlers))
-        self._inviter_community = inviter_community
+        self._invite_community = invite_community
+        self._decline = decline
 
     def handlers(self) -> dict[EventKind, Handler]:
         """The dispatcher's map: each kind to the router (each to the one community's
@@ -50,7 +53,20 @@ class CommunityRouter:
     def _routed(self, kind: EventKind) -> Handler:
         async def handle(handling: Handling) -> None:
             community = await self.community_of(handling, kind)
-            handler = self._handlers.get(community or self._first, {}).get(kind)
+            if community is None and _is_invite(handling, kind):
+                # No community's, or claimed by staff of several: whose it is is not
+                # the first community's to guess.
+                await self._decline(handling)
+                return
+            if community is not None and community not in self._handlers:
+                log.warning(
+                    "%s in %s: its community %r is not configured; handled as no one's",
+                    kind.value,
+                    handling.item.room_id,
+                    community,
+                )
+                community = None
+            handler = self._handlers[community or self._first].get(kind)
             if handler is not None:
                 await handler(handling)
 
@@ -66,20 +82,23 @@ class CommunityRouter:
         room_kind = self._rooms.kind(room_id)
         if room_kind in (RoomKind.DM, RoomKind.CHECKIN):
             async with handling.database() as conn:
-                case = (
-                    await cases.by_dm_room(conn, room_id)
-                    or await cases.by_checkin_room(conn, room_id)
-                    or await cases.by_debrief_room(conn, room_id)
-                )
-            if case is not None:
-                return case.community
-        if (
-            kind is EventKind.BOT_MEMBERSHIP
-            and item.payload.get("content", {}).get("membership") == "invite"
-        ):
-            community = await self._inviter_community(item.payload.get("sender", ""))
+                community = await cases.community_of_room(conn, room_id)
+            if community is not None:
+                return community
+        if _is_invite(handling, kind):
+            community = await self._invite_community(item.payload.get("sender", ""), room_id)
             if community is not None:
                 # The room is that community's from the join on (its handlers record it).
                 return community
         log.info("%s in %s: the room belongs to no community", kind.value, room_id)
         return None
+
+
+def _is_invite(handling: Handling, kind: EventKind) -> bool:
+    """An invite of the bot into a room."""
+    content = handling.item.payload.get("content")
+    return (
+        kind is EventKind.BOT_MEMBERSHIP
+        and isinstance(content, dict)
+        and content.get("membership") == "invite"
+    )

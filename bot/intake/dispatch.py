@@ -25,7 +25,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, ParamSpec, TypeVar
 
@@ -172,6 +172,16 @@ class Handling:
 Handler = Callable[[Handling], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class StaffOfRoom:
+    """Who hears of trouble with an event in a room: its community's staff room, in its
+    words, coalesced by its refusal reports."""
+
+    staff_room: StaffRoom
+    texts: Texts
+    refusal_reports: RefusalReports
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -192,7 +202,11 @@ class Dispatcher:
         retry_delays: tuple[float, ...] = RETRY_DELAYS,
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
         hand_over_lanes: frozenset[int] = frozenset(),
+        staff_of: Callable[[str], Awaitable[StaffOfRoom]] | None = None,
     ) -> None:
+        # Whose staff hear of trouble with an event in a room (its community's): by
+        # default the one staff room's, with these texts and reports.
+        self._staff_of = staff_of
         # Events the intake hands over as it queues them (`hand_over`), by lane and queue
         # number: a lane takes them from memory, not from a read of what was just written,
         # while it is `clear` — every event it holds pending is known here (none waits in
@@ -301,6 +315,12 @@ class Dispatcher:
             self._clear.add(lane)
         return len(items) == BATCH
 
+    async def _staff_for(self, room_id: str) -> StaffOfRoom:
+        """The staff room, texts and refusal reports of the room's community."""
+        if self._staff_of is not None:
+            return await self._staff_of(room_id)
+        return StaffOfRoom(self._staff_room, self._texts, self._reports)
+
     async def _withdrawn(self, item: InboxItem) -> None:
         """A flag removed before the queue reached it: recorded, and nothing done."""
         now = dt.datetime.now(dt.UTC)
@@ -363,6 +383,7 @@ class Dispatcher:
         sender's in a room at once, any more in that window in one summary (a broken
         client, or someone sending noise, must not flood the staff room)."""
         sender = str(item.payload.get("sender", ""))
+        staff = await self._staff_for(item.room_id)
         async with self._db.begin() as conn:
             await ingest.finish(conn, item.seq, now, error="its key never arrived")
             await audit.append(
@@ -373,12 +394,12 @@ class Dispatcher:
                 personal={"room": item.room_id, "sender": sender},
                 at=now,
             )
-            told = await self._reports.refused(
+            told = await staff.refusal_reports.refused(
                 conn,
                 kind="undecryptable",
                 actor=sender,
                 room_id=item.room_id,
-                report=self._texts.undecryptable(sender=sender, room=item.room_id),
+                report=staff.texts.undecryptable(sender=sender, room=item.room_id),
                 now=now,
             )
         self._keys_asked.discard(item.event_id)
@@ -424,6 +445,7 @@ class Dispatcher:
     async def _poisoned(self, item: InboxItem, error: str) -> None:
         now = dt.datetime.now(dt.UTC)
         self._metrics.errors.labels("event").inc()
+        staff = await self._staff_for(item.room_id)
         async with self._db.begin() as conn:
             await ingest.finish(conn, item.seq, now, error=error)
             await audit.append(
@@ -441,8 +463,8 @@ class Dispatcher:
             # A failed event might have been a flag: a person must look at it.
             await outbox.queue(
                 conn,
-                self._staff_room.address,
-                self._texts.processing_failed(event_id=item.event_id, room=item.room_id),
+                staff.staff_room.address,
+                staff.texts.processing_failed(event_id=item.event_id, room=item.room_id),
                 now,
             )
         log.error("event %s failed for good after %d attempts", item.event_id, item.attempts + 1)

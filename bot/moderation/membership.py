@@ -7,12 +7,13 @@ told again if that power is taken away later.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.config.deployment import Deployment
 from bot.core.ports import Homeserver, Refused
@@ -27,6 +28,7 @@ from bot.rooms.staff_room import StaffRoom
 from bot.steps import POSITIONS
 from bot.steps.rejoin import rejoin_due
 from bot.store import audit, cases, outbox, rooms
+from bot.store.audit import Provenance
 from bot.texts.messages import Texts
 
 log = logging.getLogger(__name__)
@@ -151,16 +153,9 @@ class Membership:
             return
         listed = self._rooms.listed.get(room_id) == self._deployment.community
         if not listed and not await self._may_invite(inviter):
-            await self._hs.leave_room(room_id)  # rejects the invite
-            async with handling.transaction() as conn:
-                await audit.append(
-                    conn,
-                    self._deployment.provenance,
-                    "invite_refused",
-                    facts={"why": "inviter not allowed"},
-                    personal={"room": room_id, "inviter": inviter},
-                    at=now,
-                )
+            async with declined_invite(
+                self._hs, handling, self._deployment.provenance, "inviter not allowed", now
+            ) as conn:
                 told = await self._reports.refused(
                     conn,
                     kind="invite",
@@ -330,3 +325,27 @@ class Membership:
                 personal=personal,
                 at=dt.datetime.now(dt.UTC),
             )
+
+
+@contextlib.asynccontextmanager
+async def declined_invite(
+    homeserver: Homeserver,
+    handling: Handling,
+    provenance: Provenance,
+    why: str,
+    now: dt.datetime,
+) -> AsyncIterator[AsyncConnection]:
+    """Decline the bot's invite (it leaves the room) and record why, in a transaction
+    the caller may add to (who is told)."""
+    item = handling.item
+    await homeserver.leave_room(item.room_id)  # rejects the invite
+    async with handling.transaction() as conn:
+        await audit.append(
+            conn,
+            provenance,
+            "invite_refused",
+            facts={"why": why},
+            personal={"room": item.room_id, "inviter": item.payload.get("sender", "")},
+            at=now,
+        )
+        yield conn

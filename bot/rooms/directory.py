@@ -89,14 +89,18 @@ class RoomDirectory:
 
     def community_of(self, room_id: str) -> str | None:
         """The community a group room or staff room belongs to (None: none known)."""
+        # A staff room is its community's whatever else names it.
         return (
-            self.community.get(room_id)
+            self.staff_rooms.community_of(room_id)
+            or self.community.get(room_id)
             or self.listed.get(room_id)
-            or self.staff_rooms.community_of(room_id)
         )
 
     def stop_moderating(self, room_id: str) -> None:
+        """The bot left it: whose it was is forgotten too (added again, it is whoever's
+        staff add it)."""
         self.moderated.discard(room_id)
+        self.community.pop(room_id, None)
 
     def watch_member(self, room_id: str, member_id: str) -> None:
         self._watched.add((room_id, member_id))

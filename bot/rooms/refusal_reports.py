@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.rooms.staff_room import StaffRoom
 from bot.store import outbox, refusal_reports
+from bot.store.cases import DEFAULT_COMMUNITY
 from bot.texts.messages import Texts
 
 
@@ -29,8 +30,10 @@ class RefusalReports:
         *,
         texts: Texts,
         on_outbox: Callable[[], None],
+        community: str = DEFAULT_COMMUNITY,
     ) -> None:
         self._texts = texts
+        self._community = community  # its windows, told to its staff room alone
         self._db = db
         self._staff_room = staff_room
         self._every = every
@@ -50,7 +53,13 @@ class RefusalReports:
 
         Returns whether it was queued (the caller wakes the outbox)."""
         first = await refusal_reports.note(
-            conn, kind=kind, actor=actor, room_id=room_id, now=now, every=self._every
+            conn,
+            kind=kind,
+            actor=actor,
+            room_id=room_id,
+            now=now,
+            every=self._every,
+            community=self._community,
         )
         if first:
             await outbox.queue(conn, self._staff_room.address, report, now)
@@ -61,7 +70,7 @@ class RefusalReports:
         now = dt.datetime.now(dt.UTC)
         queued = False
         async with self._db.begin() as conn:
-            for pending in await refusal_reports.due(conn, now, self._every):
+            for pending in await refusal_reports.due(conn, now, self._every, self._community):
                 await outbox.queue(
                     conn,
                     self._staff_room.address,
@@ -76,6 +85,6 @@ class RefusalReports:
                 )
                 await refusal_reports.reported(conn, pending.key, now)
                 queued = True
-            await refusal_reports.forget_quiet(conn, now - 2 * self._every)
+            await refusal_reports.forget_quiet(conn, now - 2 * self._every, self._community)
         if queued:
             self._on_outbox()

@@ -71,16 +71,16 @@ class OutboxDelivery:
         by_encryption: dict[str, str] = {}  # rooms whose encrypted messages wait
         sent_any = False
         for message in queued:
-            address = message.room_id
-            if address in held or (address in by_encryption and not message.plain):
+            # Queued while the staff room's alias did not resolve yet: the room it was
+            # pinned to since, never what the alias points to now (anyone may have made
+            # it point to a room of theirs). Held by room, however it was queued.
+            room_id = self._where(message.room_id)
+            room = room_id or message.room_id
+            if room in held or (room in by_encryption and not message.plain):
                 continue  # waits, in order; a plain message need not wait for encryption
             try:
-                # Queued while the staff room's alias did not resolve yet: the room it was
-                # pinned to since, never what the alias points to now (anyone may have
-                # made it point to a room of theirs).
-                room_id = self._where(address)
                 if room_id is None:
-                    held[address] = f"the staff room {address} is not resolved yet"
+                    held[room] = f"the staff room {room} is not resolved yet"
                     continue
                 event_id = None
                 if message.attempts:
@@ -100,7 +100,7 @@ class OutboxDelivery:
                     if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
                         # Not (yet) in the staff room, or not allowed to post: an operator
                         # can fix that (/health says so), and nothing for staff is dropped.
-                        held[address] = f"cannot post in {room_id} ({sent})"
+                        held[room] = f"cannot post in {room_id} ({sent})"
                         continue
                     if isinstance(sent, Refused):
                         await self._refused(message, sent, now)
@@ -108,7 +108,7 @@ class OutboxDelivery:
                     event_id = sent.event_id
             except EncryptionUnavailable as exc:
                 await self._tell_waiting(room_id, message, exc, now)
-                by_encryption[address] = f"cannot encrypt for {room_id} ({exc})"
+                by_encryption[room] = f"cannot encrypt for {room_id} ({exc})"
                 continue
             except HomeserverUnavailable as exc:
                 log.warning("staff message %d waits for the homeserver: %s", message.id, exc)
@@ -116,8 +116,8 @@ class OutboxDelivery:
             async with self._db.begin() as conn:
                 await outbox.mark(conn, message.id, status="sent", now=now, event_id=event_id)
             sent_any = True
-            if address not in by_encryption:
-                self._told_waiting.discard(room_id)
+            if room not in by_encryption:
+                self._told_waiting.discard(room)
         if held or by_encryption:
             self._hold("; ".join([*held.values(), *by_encryption.values()]))
             return sent_any

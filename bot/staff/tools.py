@@ -199,7 +199,7 @@ class StaffTools:
                 conn,
                 self._deployment.provenance,
                 "command_refused",
-                case_id=case_id,
+                case_id=await self._ours(conn, case_id),
                 facts={"action": action, "via": via, "why": "not staff"},
                 personal={"by": sender},
                 at=dt.datetime.now(dt.UTC),
@@ -224,7 +224,12 @@ class StaffTools:
                 shown if shown is not None else await self._apply(conn, command, sender, now, via)
             )
             await self._queue_reply(
-                conn, handling, reply, now, reply_to=reply_to, case_id=command.case
+                conn,
+                handling,
+                reply,
+                now,
+                reply_to=reply_to,
+                case_id=await self._ours(conn, command.case),
             )
         self._on_outbox()
         if command.case is not None and command.action in (
@@ -550,6 +555,13 @@ class StaffTools:
         async with handling.transaction() as conn:
             await self._queue_reply(conn, handling, text, dt.datetime.now(dt.UTC), case_id=case_id)
         self._on_outbox()
+
+    async def _ours(self, conn: AsyncConnection, case_id: int | None) -> int | None:
+        """The case number if it is this community's case (what is recorded against it,
+        and redacted with it), else None: another community's case gets nothing of ours."""
+        if case_id is None or await cases.get(conn, case_id, community=self._community) is None:
+            return None
+        return case_id
 
     def _not_understood(self, why: str) -> str:
         return self._("Sorry, I did not understand that: {why}.").format(why=why)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
 from bot.rooms.ready_rooms import ReadyRooms, taken
 from bot.steps.base import Outcome, StepRun, Told, Toolbox
+from bot.store import cases
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ async def tell_by_dm(
         encrypted=encrypted,
         case_field=case_field,
         ready=tools.ready_rooms if made_ahead and room_plain is None else None,
+        not_shared=lambda rooms: _of_other_communities(tools, run, rooms),
         # A room made ahead: the invite goes alongside the message (kept() below).
         invite_later=True,
     )
@@ -172,10 +174,13 @@ async def open_dm(
     case_field: str,
     ready: ReadyRooms | None = None,
     invite_later: bool = False,
+    not_shared: Callable[[list[str]], Awaitable[set[str]]] | None = None,
 ) -> OpenedDm | Refused:
     """The DM room with `user`, with them in it — except a room made ahead taken with
     `invite_later`: its invite is the caller's to send (`_invite_into_ready`).
-    `case_field`: the case's column a room made ahead is recorded in as it is taken."""
+    `case_field`: the case's column a room made ahead is recorded in as it is taken.
+    `not_shared`: which of their DMs with the bot another community's cases use (never
+    shared: each community's words and replies stay in its own rooms)."""
     known = run.progress.get(f"{what}_room")
     tag = run.marker(what)
     direct: Mapping[str, Sequence[str]] | None = None
@@ -198,7 +203,11 @@ async def open_dm(
         # The case's own DM with them too: the notice's is marked in m.direct only by a
         # later step (bot/steps/mark_dm.py).
         own = run.case.dm_room_id if user == run.case.member_id else None
-        room_id = await _shared_dm(hs, user, [*direct.get(user, ()), *([own] if own else [])])
+        candidates = [*direct.get(user, ()), *([own] if own else [])]
+        if not_shared is not None and candidates:
+            others = await not_shared(candidates)
+            candidates = [room for room in candidates if room not in others]
+        room_id = await _shared_dm(hs, user, candidates)
     if room_id is None and ready is not None:
         room_id = await ready.take(run.case.id, run.step.step, what, run.progress, case_field)
         if room_id is not None:
@@ -332,6 +341,12 @@ async def _invite_into_ready(
         await run.save(progress=run.progress, case_fields={case_field: None})
         return False
     return True
+
+
+async def _of_other_communities(tools: Toolbox, run: StepRun, rooms: list[str]) -> set[str]:
+    """Which of `rooms` another community's cases use as a DM or a debrief."""
+    async with tools.db.connect() as conn:
+        return await cases.private_rooms_of_others(conn, rooms, run.case.community)
 
 
 async def _shared_dm(hs: Homeserver, user: str, rooms: Sequence[str]) -> str | None:

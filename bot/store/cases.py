@@ -300,9 +300,33 @@ async def listing(
     return [_case(row) for row in await conn.execute(query)]
 
 
-async def open_communities(conn: AsyncConnection) -> set[str]:
-    """The communities with open cases (their staff must still be reachable)."""
-    query = sa.select(cases.c.community).where(cases.c.state == "open").distinct()
+async def community_of_room(conn: AsyncConnection, room_id: str) -> str | None:
+    """The community of the case whose member's DM, check-in or moderator's debrief
+    this room is (the newest such case); None if none's."""
+    case = (
+        await by_dm_room(conn, room_id)
+        or await by_checkin_room(conn, room_id)
+        or await by_debrief_room(conn, room_id)
+    )
+    return None if case is None else case.community
+
+
+async def private_rooms_of_others(
+    conn: AsyncConnection, rooms: list[str], community: str
+) -> set[str]:
+    """Which of `rooms` a case of another community uses as its member's DM or its
+    moderator's debrief."""
+    query = sa.select(cases.c.dm_room_id, cases.c.debrief_room_id).where(
+        cases.c.community != community,
+        sa.or_(cases.c.dm_room_id.in_(rooms), cases.c.debrief_room_id.in_(rooms)),
+    )
+    return {room for row in await conn.execute(query) for room in row if room in rooms}
+
+
+async def communities_with_cases(conn: AsyncConnection) -> set[str]:
+    """The communities with cases not yet purged: their steps still run (a purge, at
+    the least) and their staff must still be reachable."""
+    query = sa.select(cases.c.community).where(cases.c.purged_at.is_(None)).distinct()
     return set((await conn.execute(query)).scalars())
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bot.store.cases import DEFAULT_COMMUNITY
 from bot.store.schema import refusal_reports
 
 
@@ -33,8 +34,10 @@ async def note(
     room_id: str,
     now: dt.datetime,
     every: dt.timedelta,
+    community: str = DEFAULT_COMMUNITY,
 ) -> bool:
-    """Count a refusal; True if staff should be told now (the first in its window)."""
+    """Count a refusal; True if staff should be told now (the first in its window).
+    `community`: whose staff are told (its windows are summarised to them alone)."""
     key = report_key(kind, actor, room_id)
     row = (
         await conn.execute(sa.select(refusal_reports).where(refusal_reports.c.key == key))
@@ -48,6 +51,7 @@ async def note(
                 room_id=room_id,
                 window_started_at=now,
                 suppressed=0,
+                community=community,
             )
         )
         return True
@@ -66,11 +70,19 @@ async def note(
     return False
 
 
-async def due(conn: AsyncConnection, now: dt.datetime, every: dt.timedelta) -> list[Pending]:
-    """Windows that have ended with refusals staff were not yet told about."""
+async def due(
+    conn: AsyncConnection,
+    now: dt.datetime,
+    every: dt.timedelta,
+    community: str = DEFAULT_COMMUNITY,
+) -> list[Pending]:
+    """The community's windows that have ended with refusals its staff were not yet told
+    about."""
     rows = await conn.execute(
         sa.select(refusal_reports).where(
-            refusal_reports.c.suppressed > 0, refusal_reports.c.window_started_at <= now - every
+            refusal_reports.c.suppressed > 0,
+            refusal_reports.c.window_started_at <= now - every,
+            refusal_reports.c.community == community,
         )
     )
     return [
@@ -87,10 +99,15 @@ async def reported(conn: AsyncConnection, key: str, now: dt.datetime) -> None:
     )
 
 
-async def forget_quiet(conn: AsyncConnection, before: dt.datetime) -> None:
-    """Windows long over with nothing pending hold names for no reason: drop them."""
+async def forget_quiet(
+    conn: AsyncConnection, before: dt.datetime, community: str = DEFAULT_COMMUNITY
+) -> None:
+    """The community's windows long over with nothing pending hold names for no reason:
+    drop them."""
     await conn.execute(
         refusal_reports.delete().where(
-            refusal_reports.c.suppressed == 0, refusal_reports.c.window_started_at < before
+            refusal_reports.c.suppressed == 0,
+            refusal_reports.c.window_started_at < before,
+            refusal_reports.c.community == community,
         )
     )

@@ -311,6 +311,8 @@ refusal_reports = sa.Table(
     sa.Column("room_id", sa.String(255), nullable=False),
     sa.Column("window_started_at", UTCDateTime, nullable=False),
     sa.Column("suppressed", sa.Integer, nullable=False, server_default="0"),
+    # Whose staff are told: each community's windows are summarised to its staff alone.
+    sa.Column("community", sa.String(64), nullable=False, server_default="default"),
 )
 
 # What the service settled once and must not let drift: the staff room an alias

@@ -454,3 +454,27 @@ async def test_a_community_reads_its_own_cases_and_no_one_elses(engine):
     async with engine.connect() as conn:
         default = await records.export(conn, community="default")
     assert sorted(r["facts"]["code"] for r in default["refusals"]) == ["older", "x"]
+
+
+async def test_refusal_windows_are_summarised_to_their_own_communitys_staff(engine):
+    """One table of refusal windows for every community: each community's summary reads
+    its own windows alone (who was refused where is not another community's business)."""
+    from bot.store import refusal_reports
+
+    every = dt.timedelta(minutes=5)
+    async with engine.begin() as conn:
+        for _ in range(3):  # the first told at once, two more counted
+            await refusal_reports.note(
+                conn,
+                kind="flag",
+                actor="@someone:localhost",
+                room_id="!cymru:localhost",
+                now=NOW,
+                every=every,
+                community="wales",
+            )
+    later = NOW + 2 * every
+    async with engine.connect() as conn:
+        assert await refusal_reports.due(conn, later, every, "default") == []
+        (pending,) = await refusal_reports.due(conn, later, every, "wales")
+    assert (pending.room_id, pending.suppressed) == ("!cymru:localhost", 2)

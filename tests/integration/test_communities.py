@@ -137,6 +137,17 @@ async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
         )
         assert await scene.bot_joined(group_a), "still in England's room"
 
+        # Someone who is no community's staff adds the bot to a room: whose would it be?
+        # Declined, and no staff room is told (the operator's log says why).
+        stray = await scene.owner.create_room(name="Somewhere else", invite=[BOT])
+
+        async def declined() -> bool:
+            return (await scene.owner.members(stray)).get(BOT) == "leave"
+
+        await until(declined, what="the stray invite declined")
+        for user, room in ((scene.staff, scene.staff_room), (staff_b, staff_room_b)):
+            assert not await texts_to(user, room, lambda t: stray in t or "Somewhere" in t)
+
         status, report = await health(service)
         assert status == 200, report
         rooms = report["checks"]["staff_room"]["communities"]

@@ -106,6 +106,7 @@ def test_each_community_resolves_its_own_keys_over_the_top_levels(tmp_path):
         ({}, [WALES | {"policy": {"staff_room": "!z:localhost"}}], "the community's own key"),
         ({}, [WALES | {"policy": {"ack_within": "soon"}}], "communities[wales].policy: ack_within"),
         ({}, [WALES | {"policy": {"no_such_key": 1}}], "no_such_key"),
+        ({}, [WALES | {"policy": {"retention_days": 30}}], "retention_days is the whole install's"),
         ({}, [WALES | {"id": "Wales Cymru"}], "communities.0.id"),
         ({}, [WALES | {"language": "fr"}], "no message catalogue for language 'fr'"),
         ({}, [WALES | {"region": "FR"}], "no built-in crisis resources for region 'FR'"),

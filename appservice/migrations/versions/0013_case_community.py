@@ -15,21 +15,23 @@ branch_labels = None
 depends_on = None
 
 
+# Each holds what one community's staff see (refusal_reports: whose staff are told).
+TABLES = ("cases", "rooms", "refusal_reports")
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("cases") as batch:
-        batch.add_column(
-            sa.Column("community", sa.String(length=64), nullable=False, server_default="default")
-        )
+    for table in TABLES:
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(
+                sa.Column(
+                    "community", sa.String(length=64), nullable=False, server_default="default"
+                )
+            )
     op.create_index("ix_cases_community", "cases", ["community", "id"])
-    with op.batch_alter_table("rooms") as batch:
-        batch.add_column(
-            sa.Column("community", sa.String(length=64), nullable=False, server_default="default")
-        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("rooms") as batch:
-        batch.drop_column("community")
     op.drop_index("ix_cases_community", table_name="cases")
-    with op.batch_alter_table("cases") as batch:
-        batch.drop_column("community")
+    for table in TABLES:
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("community")
