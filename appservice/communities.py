@@ -57,6 +57,7 @@ class CommunityParts:
     refusal_reports: Any = None
     membership: Any = None
     upgrades: Any = None
+    spaces: Any = None  # its Space's rooms (bot/community/spaces.py), if it has one
     staff_tools: Any = None
 
     @property

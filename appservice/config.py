@@ -192,6 +192,8 @@ class CommunitySettings(_Strict):
     staff: list[UserId] = Field(default_factory=list)
     # Its group rooms (ids or aliases); rooms its staff add the bot to are its own too.
     rooms: list[RoomAddress] = Field(default_factory=list)
+    # A Space whose rooms are its own (walked to depth 3; rooms added later followed).
+    space: RoomAddress | None = None
     language: str | None = None
     region: str | None = None
     resources: list[Resource] | None = Field(default=None, min_length=1)
@@ -229,6 +231,7 @@ class Community:
     resources: tuple[Resource, ...]
     language: str
     rooms: tuple[str, ...]
+    space: str | None
     # Neither it nor the top level chose crisis resources: the UK list is shown.
     resources_unchosen: bool
 
@@ -299,7 +302,8 @@ class ConfigFile(_Strict):
             if f"id:{community.id}" in seen:
                 raise ValueError(f"communities: the id {community.id!r} is used twice")
             seen[f"id:{community.id}"] = community.id
-            for room in (community.staff_room, *community.rooms):
+            claimed = [community.staff_room, *community.rooms, *filter(None, [community.space])]
+            for room in claimed:
                 if room in seen:
                     raise ValueError(
                         f"communities: {room} is claimed by both {seen[room]!r} and "
@@ -322,6 +326,7 @@ class ConfigFile(_Strict):
                     resources=tuple(self.crisis_resources),
                     language=self.language,
                     rooms=(),
+                    space=None,
                     resources_unchosen=self.resources is None and self.region is None,
                 )
             ]
@@ -363,6 +368,7 @@ class ConfigFile(_Strict):
             ),
             language=community.language or self.language,
             rooms=tuple(community.rooms),
+            space=community.space,
             resources_unchosen=not own_resources and self.resources is None and self.region is None,
         )
 

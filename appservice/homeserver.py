@@ -436,6 +436,27 @@ class NioHomeserver:
             return result
         return Refused("M_UNKNOWN", "the room's state was not a list", 200)
 
+    async def space_children(self, space_id: str, *, max_depth: int) -> list[str] | Refused:
+        """The rooms in a Space, walked `max_depth` deep (the Spaces in it are walked,
+        not listed), every page of the hierarchy read."""
+        found: list[str] = []
+        page: str | None = None
+        while True:
+            query = f"max_depth={max_depth}&limit=50" + (f"&from={_quote(page)}" if page else "")
+            answer = await self._raw(
+                "GET", f"/_matrix/client/v1/rooms/{_quote(space_id)}/hierarchy?{query}"
+            )
+            if isinstance(answer, Refused):
+                return answer
+            for room in answer.get("rooms") or []:
+                if not isinstance(room, dict) or room.get("room_id") == space_id:
+                    continue
+                if room.get("room_type") != "m.space" and isinstance(room.get("room_id"), str):
+                    found.append(room["room_id"])
+            page = answer.get("next_batch")
+            if not isinstance(page, str) or not page:
+                return found
+
     async def get_event(self, room_id: str, event_id: str) -> dict[str, Any] | Refused:
         response = await self._call(
             f"get event {event_id}", lambda: self.client.room_get_event(room_id, event_id)

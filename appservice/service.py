@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +45,7 @@ from bot.cases.engine import StepEngine
 from bot.cases.retention import purge
 from bot.checkin.events import CheckinEvents
 from bot.community.routing import CommunityRouter
+from bot.community.spaces import SpaceRooms
 from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import HomeserverUnavailable, Refused
@@ -71,6 +72,7 @@ from bot.moderation.room_state import RoomStateCache
 from bot.moderation.upgrades import RoomUpgrades
 from bot.referral.decision import Referral
 from bot.rooms.directory import RoomDirectory, RoomKind
+from bot.rooms.names import names_of
 from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom, StaffRooms
@@ -91,6 +93,7 @@ from bot.store import (
 )
 from bot.store.audit import Provenance
 from bot.texts.messages import Texts
+from bot.texts.wording import place
 
 log = logging.getLogger(__name__)
 # Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
@@ -450,7 +453,17 @@ class Service:
             on_staff_room_joined=self._staff_room_news.set,
             on_case=self.steps.start_case,
             upgrades=upgrades,
+            on_space_joined=lambda space: part.spaces.load() if part.spaces else _nothing(),
         )
+        if part.settings.space is not None:
+            part.spaces = SpaceRooms(
+                self.homeserver,
+                self.rooms,
+                community=part.id,
+                space=part.settings.space,
+                enrol=part.membership.enrol,
+                claimed_twice=self._claimed_twice,
+            )
         checkins = CheckinEvents(
             self.engine,
             self.homeserver,
@@ -495,6 +508,7 @@ class Service:
             EventKind.MEMBER_MESSAGE: relay,
             EventKind.POLICY_REQUEST: policy_explainer.request,
             EventKind.POLICY_ROOM_MESSAGE: policy_explainer.written_to,
+            **({EventKind.SPACE_CHILD: part.spaces.child_changed} if part.spaces else {}),
         }
         return referral
 
@@ -549,6 +563,23 @@ class Service:
                 community = await cases.community_of_room(conn, room_id)
         part = self.parts.get(community or "") or next(iter(self.parts.values()))
         return StaffOfRoom(part.staff_room, part.texts, part.refusal_reports)
+
+    async def _claimed_twice(self, room_id: str, owner: str, claimant: str) -> None:
+        """A room in one community's Space that is another's: recorded, and both staff
+        rooms told (the room stays its owner's)."""
+        names = await names_of(self.homeserver, [room_id])
+        room = place(room_id, names.get(room_id))
+        owner_name = self.parts[owner].settings.name
+        claimant_name = self.parts[claimant].settings.name
+        await self._record_and_tell(
+            "room_claimed_twice",
+            facts={"owner": owner, "claimed_by": claimant},
+            personal={"room": room_id},
+            content=lambda texts: texts.room_claimed_twice(
+                room=room, owner=owner_name, claimant=claimant_name
+            ),
+            communities={owner, claimant},
+        )
 
     async def _decline_invite(self, handling: Handling) -> None:
         """An invite into a room of no community (or claimed by staff of several):
@@ -673,6 +704,9 @@ class Service:
             self._background.append(asyncio.create_task(self.moderation.run(), name="moderation"))
         await self._join_staff_room()
         await self._resolve_listed_rooms()
+        for part in self.parts.values():
+            if part.spaces is not None:
+                await part.spaces.load()
         async with self._pause_resume:
             # Nothing acts without the instance lock (a PostgreSQL blip may have taken it).
             await self._lock_held.wait()
@@ -734,7 +768,7 @@ class Service:
             content=content,
             # The room's community's staff alone: the room is theirs (no community's:
             # the first's, never every community's).
-            community=self.rooms.community_of(room_id) or next(iter(self.parts)),
+            communities={self.rooms.community_of(room_id) or next(iter(self.parts))},
         )
 
     async def _record_and_tell(
@@ -745,7 +779,7 @@ class Service:
         personal: dict[str, Any],
         content: dict[str, Any] | Callable[[Texts], dict[str, Any]],
         plain: bool = False,
-        community: str | None = None,
+        communities: Collection[str] | None = None,
     ) -> None:
         """Something about the service itself (not a case): an audit entry, and a staff
         message queued with it for every community's staff (each in its language),
@@ -766,7 +800,7 @@ class Service:
                         at=now,
                     )
                     for part in self.parts.values():
-                        if community is not None and part.id != community:
+                        if communities is not None and part.id not in communities:
                             continue
                         worded = content(part.texts) if callable(content) else content
                         await outbox.queue(conn, part.staff_room.address, worded, now, plain=plain)
@@ -1153,3 +1187,7 @@ class Service:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _nothing() -> None:
+    return None

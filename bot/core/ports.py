@@ -157,6 +157,10 @@ class Homeserver(Protocol):
 
     async def join_room(self, room_id: str) -> Done | Refused: ...
 
+    async def space_children(self, space_id: str, *, max_depth: int) -> list[str] | Refused:
+        """The rooms in a Space (Spaces in it walked, to `max_depth`)."""
+        ...
+
     async def leave_room(self, room_id: str) -> Done | Refused: ...
 
     async def find_marked_room(self, marker: str) -> str | None:

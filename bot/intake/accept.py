@@ -236,6 +236,8 @@ class ActionFilter:
         if event_type in STATE_TYPES:
             # The bot's own state (a room it made) changes nothing it decides.
             return OTHER_LANE if event.get("sender") != self._bot else None
+        if event_type == "m.space.child" and room_id in self._rooms.spaces:
+            return OTHER_LANE  # a room added to (or taken out of) a community's Space
         return None
 
 

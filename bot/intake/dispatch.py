@@ -82,6 +82,7 @@ class EventKind(Enum):
     MEMBER_MESSAGE = "member_message"  # in a DM or check-in room: relayed to staff
     POLICY_REQUEST = "policy_request"  # `!policy` in a group room (bot/members/policy.py)
     POLICY_ROOM_MESSAGE = "policy_room_message"  # written in a `!policy` DM
+    SPACE_CHILD = "space_child"  # a room added to a community's Space (bot/community)
     IGNORED = "ignored"
 
 
@@ -103,6 +104,8 @@ class Classifier:
             return EventKind.MEMBERSHIP if kind is RoomKind.GROUP else EventKind.IGNORED
         if item.event_type == "m.room.power_levels":
             return EventKind.POWER_LEVELS
+        if item.event_type == "m.space.child":
+            return EventKind.SPACE_CHILD
         if item.event_type == "m.room.tombstone":
             return EventKind.TOMBSTONE if kind is RoomKind.GROUP else EventKind.IGNORED
         if kind is RoomKind.STAFF:

@@ -53,8 +53,11 @@ class Membership:
         on_staff_room_joined: Callable[[], None],
         on_case: Callable[[int], None] = lambda case_id: None,
         upgrades: RoomUpgrades | None = None,
+        on_space_joined: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._on_case = on_case
+        # Told when the bot joins its community's Space (its rooms are then claimed).
+        self._on_space_joined = on_space_joined
         self._upgrades = upgrades
         self._db = db
         self._hs = homeserver
@@ -135,6 +138,12 @@ class Membership:
         if self._staff_room.is_staff_room(room_id):
             await self._join_staff_room(handling, inviter)
             return
+        if self._rooms.spaces.get(room_id) == self._deployment.community:
+            # The community's Space: joined to read (and follow) its rooms, not moderated.
+            joined = await self._join(handling, inviter, tell_staff=False)
+            if joined and self._on_space_joined is not None:
+                await self._on_space_joined(room_id)
+            return
         if room_id in self._rooms.moderated:
             # Taken already: the same invite, seen by the bot's sync (bot/intake/safety_net.py)
             # before Synapse's push came (a room the bot is in cannot invite it again).
@@ -167,14 +176,21 @@ class Membership:
             if told:
                 self._on_outbox()
             return
-        if not await self._join(handling, inviter, tell_staff=True):
+        await self.enrol(room_id, inviter, handling)
+
+    async def enrol(self, room_id: str, inviter: str, handling: Handling | None) -> None:
+        """Join a room of this community's and moderate it: recorded, and its staff told
+        (as for an invite from them; a room found in the community's Space too, when
+        there is no event being handled: `handling` None)."""
+        if not await self._join(handling, inviter, tell_staff=True, room_id=room_id):
             return
         # From the join on, a flag there is decided as a flag (not left as a stranger's),
         # even while what follows waits for the homeserver.
         self._rooms.moderate(room_id, self._deployment.community)
         kick, redact = await self._powers(room_id)
         named = await named_room(self._hs, room_id)
-        async with handling.transaction() as conn:
+        now = dt.datetime.now(dt.UTC)
+        async with self._transaction(handling) as conn:
             await rooms.joined(
                 conn,
                 room_id,
@@ -202,15 +218,30 @@ class Membership:
             )
         self._on_outbox()
 
-    async def _join(self, handling: Handling, inviter: str, *, tell_staff: bool) -> bool:
-        """Join the room the bot was invited to; a refusal is recorded, and staff are told
-        (when it is not the staff room itself: that failure is on /health)."""
-        room_id = handling.item.room_id
+    def _transaction(
+        self, handling: Handling | None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """The event's transaction (marking it done), or one of its own without one."""
+        return handling.transaction() if handling is not None else self._db.begin()
+
+    async def _join(
+        self,
+        handling: Handling | None,
+        inviter: str,
+        *,
+        tell_staff: bool,
+        room_id: str | None = None,
+    ) -> bool:
+        """Join the room the bot was invited to (or `room_id`); a refusal is recorded,
+        and staff are told (when it is not the staff room itself: that is on /health)."""
+        if room_id is None:
+            assert handling is not None
+            room_id = handling.item.room_id
         joined = await self._hs.join_room(room_id)
         if not isinstance(joined, Refused):
             return True
         now = dt.datetime.now(dt.UTC)
-        async with handling.transaction() as conn:
+        async with self._transaction(handling) as conn:
             await audit.append(
                 conn,
                 self._deployment.provenance,

@@ -32,6 +32,8 @@ class RoomDirectory:
         # each room a community lists in the config (ids and aliases as written).
         self.community: dict[str, str] = {}
         self.listed: dict[str, str] = {}
+        # Each community's Space (bot/community/spaces.py): read and followed, not moderated.
+        self.spaces: dict[str, str] = {}
         self._dms: set[str] = set()
         self._checkins: set[str] = set()
         self._policy: set[str] = set()
@@ -94,6 +96,7 @@ class RoomDirectory:
             self.staff_rooms.community_of(room_id)
             or self.community.get(room_id)
             or self.listed.get(room_id)
+            or self.spaces.get(room_id)
         )
 
     def stop_moderating(self, room_id: str) -> None:

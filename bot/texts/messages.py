@@ -622,6 +622,9 @@ class Texts:
         powers = self._powers(can_kick, can_redact)
         return notice(self.text("room_joined", inviter=inviter, room=room, powers=powers))
 
+    def room_claimed_twice(self, *, room: str, owner: str, claimant: str) -> dict[str, Any]:
+        return notice(self.text("room_claimed_twice", room=room, owner=owner, claimant=claimant))
+
     def join_failed(self, *, inviter: str, room: str, error: str) -> dict[str, Any]:
         return notice(self.text("join_failed", inviter=inviter, room=room, error=error))
 

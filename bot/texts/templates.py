@@ -261,6 +261,11 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "{inviter} added me to {room}. I'm now watching it for flags. {powers}",
         frozenset({"inviter", "room", "powers"}),
     ),
+    "room_claimed_twice": (
+        "{room} is in {claimant}'s Space, but it belongs to {owner}: it stays {owner}'s, "
+        "and flags there go to {owner}'s staff. Take it out of one of them.",
+        frozenset({"room", "owner", "claimant"}),
+    ),
     "join_failed": (
         "{inviter} added me to {room}, but I could not join it ({error}). I am not "
         "watching that room: flags there will not reach me. Invite me again, or check "

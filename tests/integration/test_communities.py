@@ -24,7 +24,7 @@ from tests.support.scene import (
 pytestmark = pytest.mark.synapse
 
 
-def two_communities(scene, staff_b, staff_room_b: str) -> Path:
+def two_communities(scene, staff_b, staff_room_b: str, *, space: str | None = None) -> Path:
     """The scene's config with its staff room and staff as community `england`'s, and a
     second, Welsh community `wales` with its own staff and staff room."""
     path = scene_config(scene)
@@ -44,6 +44,7 @@ def two_communities(scene, staff_b, staff_room_b: str) -> Path:
         "language": "cy",
         "region": "GB-WLS",
         "policy": {"reactions": ["🆘"]},
+        **({"space": space} if space else {}),
     }
     config["communities"] = [england, wales]
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -158,3 +159,75 @@ async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
     )
     (case,) = json.loads(out)["cases"]
     assert case["number"] == 1 and case["community"] == "wales"
+
+
+async def in_space(owner, space: str, name: str, scene) -> str:
+    """A group room in the Space, made by `owner` (staff): the moderator at 50, the bot
+    able to kick, members of the Space may join it (the bot among them)."""
+    room = await owner.create_room(
+        name=name,
+        invite=[scene.moderator.user_id, scene.member.user_id],
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+        initial_state=[
+            {
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {
+                    "join_rule": "restricted",
+                    "allow": [{"type": "m.room_membership", "room_id": space}],
+                },
+            }
+        ],
+    )
+    await scene.moderator.join(room)
+    await scene.member.join(room)
+    await owner.put_state(space, "m.space.child", {"via": ["localhost"]}, key=room)
+    return room
+
+
+async def test_a_communitys_space_is_its_rooms_and_followed(synapse, tmp_path):
+    """Wales names a Space: the rooms in it are Wales's (the bot joins them as a member
+    of the Space), a room added later is too, and England's room put into it stays
+    England's, with both staff rooms told."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    space = await staff_b.create_room(
+        name="Cymru", invite=[BOT], creation_content={"type": "m.space"}
+    )
+    first = await in_space(staff_b, space, "Grŵp un", scene)
+    config = two_communities(scene, staff_b, staff_room_b, space=space)
+
+    async def bot_in(room: str) -> bool:
+        return (await staff_b.members(room)).get(BOT) == "join"
+
+    async with running_service(config) as service:
+        await until(lambda: bot_in(first), what="the bot in the Space's room")
+        await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: "Grŵp un" in t),
+            what="Wales told of its room",
+        )
+        assert service.rooms.community_of(first) == "wales"
+        second = await in_space(staff_b, space, "Grŵp dau", scene)
+        await until(lambda: bot_in(second), what="the bot in a room added to the Space later")
+        assert service.rooms.community_of(second) == "wales"
+
+        said = await scene.member.send_text(second, "Dw i ddim yn iawn")
+        await scene.moderator.react(second, said, "🆘")
+        await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: t.startswith("Achos #1")),
+            what="the Welsh alert, from the Space's room",
+        )
+
+        group_a = await open_group_room(scene)  # England's
+        await staff_b.invite(space, scene.staff.user_id)
+        await scene.staff.join(space)
+        await staff_b.put_state(space, "m.space.child", {"via": ["localhost"]}, key=group_a)
+        for user, room in ((scene.staff, scene.staff_room), (staff_b, staff_room_b)):
+            await until(
+                lambda user=user, room=room: texts_to(
+                    user, room, lambda t: "Young Voices Cymru" in t
+                ),
+                what="both staff rooms told of the room claimed twice",
+            )
+        assert service.rooms.community_of(group_a) == "england"

@@ -181,6 +181,9 @@ class FakeHomeserver:
         self._enter("is_redacted")
         return any(r[:2] == (room_id, event_id) for r in self.redactions)
 
+    async def space_children(self, space_id: str, *, max_depth: int) -> list[str] | Refused:
+        return []
+
     async def join_room(self, room_id: str) -> Done | Refused:
         self._enter("join_room")
         self.rooms[room_id].members[self._bot] = "join"

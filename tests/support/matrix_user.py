@@ -60,8 +60,11 @@ class MatrixUser:
         encrypted: bool = False,
         is_direct: bool = False,
         alias: str | None = None,
+        creation_content: dict[str, Any] | None = None,
     ) -> str:
         body: dict[str, Any] = {"preset": preset, "invite": list(invite), "is_direct": is_direct}
+        if creation_content:
+            body["creation_content"] = creation_content
         if name:
             body["name"] = name
         if alias:

@@ -104,6 +104,11 @@ def test_each_community_resolves_its_own_keys_over_the_top_levels(tmp_path):
             "!cymru:localhost is claimed by both",
         ),
         ({}, [WALES | {"policy": {"staff_room": "!z:localhost"}}], "the community's own key"),
+        (
+            {},
+            [WALES | {"space": "#s:localhost"}, DUBLIN | {"space": "#s:localhost"}],
+            "#s:localhost is claimed by both",
+        ),
         ({}, [WALES | {"policy": {"ack_within": "soon"}}], "communities[wales].policy: ack_within"),
         ({}, [WALES | {"policy": {"no_such_key": 1}}], "no_such_key"),
         ({}, [WALES | {"policy": {"retention_days": 30}}], "retention_days is the whole install's"),
