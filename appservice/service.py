@@ -282,7 +282,7 @@ class Service:
             self.rooms,
             {key: part.handlers or {} for key, part in self.parts.items()},
             invite_community=self._invite_community,
-            decline=self._decline_invite,
+            decline=self._no_ones_invite,
         )
         self.dispatcher = Dispatcher(
             self.engine,
@@ -481,6 +481,7 @@ class Service:
             room_admin=RoomAdmin(
                 self.engine, self.homeserver, deployment, self.room_state, self.rooms
             ),
+            enrol=part.membership.enrol,
             on_outbox=on_outbox,
             on_case_changed=self.steps.start_case,
         )
@@ -540,19 +541,16 @@ class Service:
         upgrades = next(iter(self.parts.values())).upgrades
         if (upgrade := await upgrades.awaited(room_id)) is not None:
             return self.rooms.community_of(upgrade.old_room_id)
-        found = [
+        found = await self._inviters_communities(user_id)
+        return found[0] if len(found) == 1 else None
+
+    async def _inviters_communities(self, user_id: str) -> list[str]:
+        """The communities whose staff (or allowed inviters) the user is."""
+        return [
             key
             for key, part in self.parts.items()
             if await part.staff.may_invite_bot(user_id, part.deployment.extra_inviters)
         ]
-        if len(found) > 1:
-            log.warning(
-                "%s may add the bot for several communities (%s): a room they add belongs "
-                "to none until one lists it under rooms:",
-                user_id,
-                ", ".join(found),
-            )
-        return found[0] if len(found) == 1 else None
 
     async def _staff_of_room(self, room_id: str) -> StaffOfRoom:
         """Who hears of trouble with an event in a room: its community's staff (a case's
@@ -581,12 +579,38 @@ class Service:
             communities={owner, claimant},
         )
 
-    async def _decline_invite(self, handling: Handling) -> None:
-        """An invite into a room of no community (or claimed by staff of several):
-        declined, recorded, and logged for the operator; no staff room is told (whose
-        would it be?)."""
+    async def _no_ones_invite(self, handling: Handling) -> None:
+        """An invite into a room of no community. From someone who is staff of several:
+        held, and each of those communities' staff asked whose it is (`!rooms claim`).
+        From anyone else: declined, recorded, and logged for the operator; no staff room
+        is told (whose would it be?)."""
         item = handling.item
+        inviter = item.payload.get("sender", "")
         now = dt.datetime.now(dt.UTC)
+        candidates = await self._inviters_communities(inviter)
+        if len(candidates) > 1:
+            self.rooms.held_invites[item.room_id] = set(candidates)
+            names = await names_of(self.homeserver, [item.room_id])
+            room = place(item.room_id, names.get(item.room_id))
+            async with handling.transaction() as conn:
+                await audit.append(
+                    conn,
+                    self.deployment.provenance,
+                    "invite_held",
+                    facts={"communities": sorted(candidates)},
+                    personal={"room": item.room_id, "inviter": inviter},
+                    at=now,
+                )
+                for community in candidates:
+                    part = self.parts[community]
+                    await outbox.queue(
+                        conn,
+                        part.staff_room.address,
+                        part.texts.room_whose(inviter=inviter, room=room, room_id=item.room_id),
+                        now,
+                    )
+            self.outbox_worker.wake()
+            return
         async with declined_invite(
             self.homeserver, handling, self.deployment.provenance, "no community's", now
         ):

@@ -35,7 +35,7 @@ class CommunityRouter:
         """`handlers`: each community's, by id, the first the one for what is no one's.
         `invite_community(inviter, room)`: whose an invite of the bot into a room of no
         known community is (None: no community's, or more than one's); `decline`: how
-        such an invite is declined (recorded and logged, no staff told)."""
+        such an invite is answered (asked about, or declined: bot/community, README)."""
         self._rooms = rooms
         self._handlers = {community: dict(kinds) for community, kinds in handlers.items()}
         self._first = next(iter(self._handlers))

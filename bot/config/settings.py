@@ -303,6 +303,7 @@ class MessageTemplates(_Strict):
     invite_refused: str | None = None
     room_joined: str | None = None
     room_claimed_twice: str | None = None
+    room_whose: str | None = None
     join_failed: str | None = None
     room_upgraded: str | None = None
     upgrade_join_failed: str | None = None

@@ -34,6 +34,10 @@ class RoomDirectory:
         self.listed: dict[str, str] = {}
         # Each community's Space (bot/community/spaces.py): read and followed, not moderated.
         self.spaces: dict[str, str] = {}
+        # Invites held while the communities whose staff the inviter is say whose the
+        # room is (`!rooms claim`): room -> those communities. Not kept over a restart:
+        # the bot's sync shows the invite again, and they are asked again.
+        self.held_invites: dict[str, set[str]] = {}
         self._dms: set[str] = set()
         self._checkins: set[str] = set()
         self._policy: set[str] = set()

@@ -57,7 +57,9 @@ USAGE = N_("""\
 !case stats [days] — flags per moderator and per room (default: the last 30 days)
 !case help — this list
 !rooms — the rooms I moderate: who added me, when, whether I can remove and redact there
-!rooms leave <room> — make me leave a room (a room id or #alias)""")
+!rooms leave <room> — make me leave a room (a room id or #alias)
+!rooms claim <room> — a room I was asked about (invited by staff of more than one
+    community): make it this community's""")
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,10 @@ def _usage(case: int, action: str) -> str:
 
 @dataclass(frozen=True)
 class RoomsCommand:
-    """`!rooms` (list) or `!rooms leave <room>`."""
+    """`!rooms` (list), `!rooms leave <room>`, or `!rooms claim <room>` (a room the bot
+    was invited to by someone who is staff of several communities)."""
 
-    action: Literal["list", "leave"]
+    action: Literal["list", "leave", "claim"]
     room: str | None = None
 
 
@@ -183,6 +186,12 @@ def parse_rooms_command(body: str) -> RoomsCommand | CommandError | None:
         return None
     if len(words) == 1:
         return RoomsCommand("list")
-    if words[1].casefold() == "leave" and len(words) == 3 and words[2][:1] in ("!", "#"):
-        return RoomsCommand("leave", words[2])
-    return CommandError(N_("write `!rooms`, or `!rooms leave !roomid:server` (or a #alias)"))
+    action = words[1].casefold()
+    if action in ("leave", "claim") and len(words) == 3 and words[2][:1] in ("!", "#"):
+        return RoomsCommand("leave" if action == "leave" else "claim", words[2])
+    return CommandError(
+        N_(
+            "write `!rooms`, `!rooms leave !roomid:server` (or a #alias), or "
+            "`!rooms claim !roomid:server`"
+        )
+    )

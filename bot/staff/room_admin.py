@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -111,6 +111,22 @@ class RoomAdmin:
             ).format(room=room_id, by=by),
             room_id,
         )
+
+    async def claim(self, room: str, by: str, enrol: Callable[[str, str], Awaitable[None]]) -> str:
+        """`!rooms claim <room>`: a room the bot was invited to by someone who is staff
+        of several communities, claimed by one of them (the first to say wins)."""
+        room_id = await self._hs.resolve_room(room)
+        if isinstance(room_id, Refused):
+            return self._("I cannot find {room} ({why}).").format(room=room, why=room_id)
+        held = self._rooms.held_invites.get(room_id)
+        if held is None or self._deployment.community not in held:
+            return self._(
+                "I am not waiting to hear whose {room} is: only a room I asked about here "
+                "can be claimed."
+            ).format(room=room)
+        del self._rooms.held_invites[room_id]
+        await enrol(room_id, by)
+        return self._("{room} is this community's now, as {by} said.").format(room=room, by=by)
 
     async def record_left(
         self, conn: AsyncConnection, room_id: str, by: str, now: dt.datetime

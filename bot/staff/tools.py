@@ -53,11 +53,14 @@ class StaffTools:
         is_staff: Callable[[str], Awaitable[bool]],
         checkins: CheckinEvents,
         room_admin: RoomAdmin,
+        enrol: Callable[[str, str, Any], Awaitable[None]],
         on_outbox: Callable[[], None],
         on_case_changed: Callable[[int], None],
     ) -> None:
         self._db = db
         self._room_admin = room_admin
+        # Join a room and moderate it as this community's (Membership.enrol).
+        self._enrol = enrol
         self._deployment = deployment
         # Its staff see its cases alone: another community's case number is answered as
         # one that does not exist, and its alerts and notices are not theirs to act on.
@@ -179,6 +182,12 @@ class StaffTools:
             return
         assert command.room is not None
         sender = handling.item.payload.get("sender", "")
+        if command.action == "claim":
+            reply = await self._room_admin.claim(
+                command.room, sender, lambda room, by: self._enrol(room, by, None)
+            )
+            await self._reply(handling, reply)
+            return
         reply, left = await self._room_admin.leave(command.room, sender)
         now = dt.datetime.now(dt.UTC)
         async with handling.transaction() as conn:

@@ -622,6 +622,9 @@ class Texts:
         powers = self._powers(can_kick, can_redact)
         return notice(self.text("room_joined", inviter=inviter, room=room, powers=powers))
 
+    def room_whose(self, *, inviter: str, room: str, room_id: str) -> dict[str, Any]:
+        return notice(self.text("room_whose", inviter=inviter, room=room, room_id=room_id))
+
     def room_claimed_twice(self, *, room: str, owner: str, claimant: str) -> dict[str, Any]:
         return notice(self.text("room_claimed_twice", room=room, owner=owner, claimant=claimant))
 

@@ -261,6 +261,12 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "{inviter} added me to {room}. I'm now watching it for flags. {powers}",
         frozenset({"inviter", "room", "powers"}),
     ),
+    "room_whose": (
+        "{inviter} invited me to {room}, and they are staff of more than one community, so "
+        "I cannot tell whose the room is. If it is this community's, send `!rooms claim "
+        "{room_id}` here, and I will join it and watch it for flags.",
+        frozenset({"inviter", "room", "room_id"}),
+    ),
     "room_claimed_twice": (
         "{room} is in {claimant}'s Space, but it belongs to {owner}: it stays {owner}'s, "
         "and flags there go to {owner}'s staff. Take it out of one of them.",

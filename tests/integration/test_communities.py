@@ -24,7 +24,9 @@ from tests.support.scene import (
 pytestmark = pytest.mark.synapse
 
 
-def two_communities(scene, staff_b, staff_room_b: str, *, space: str | None = None) -> Path:
+def two_communities(
+    scene, staff_b, staff_room_b: str, *, space: str | None = None, staff_of_both: str = ""
+) -> Path:
     """The scene's config with its staff room and staff as community `england`'s, and a
     second, Welsh community `wales` with its own staff and staff room."""
     path = scene_config(scene)
@@ -34,13 +36,13 @@ def two_communities(scene, staff_b, staff_room_b: str, *, space: str | None = No
         "id": "england",
         "name": "Young Voices",
         "staff_room": policy.pop("staff_room"),
-        "staff": policy.pop("staff"),
+        "staff": [*policy.pop("staff"), *filter(None, [staff_of_both])],
     }
     wales = {
         "id": "wales",
         "name": "Young Voices Cymru",
         "staff_room": staff_room_b,
-        "staff": [staff_b.user_id],
+        "staff": [staff_b.user_id, *filter(None, [staff_of_both])],
         "language": "cy",
         "region": "GB-WLS",
         "policy": {"reactions": ["🆘"]},
@@ -231,3 +233,36 @@ async def test_a_communitys_space_is_its_rooms_and_followed(synapse, tmp_path):
                 what="both staff rooms told of the room claimed twice",
             )
         assert service.rooms.community_of(group_a) == "england"
+
+
+async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse, tmp_path):
+    """Someone who is staff of both communities adds the bot to a room: the bot cannot
+    tell whose it is, asks both staff rooms, and joins it as the first to claim it."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    both = await synapse.new_user("both")
+    config = two_communities(scene, staff_b, staff_room_b, staff_of_both=both.user_id)
+    async with running_service(config) as service:
+        await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
+        room = await both.create_room(name="Pwy?", invite=[BOT])
+        for user, staff_room in ((scene.staff, scene.staff_room), (staff_b, staff_room_b)):
+            await until(
+                lambda user=user, staff_room=staff_room: texts_to(
+                    user, staff_room, lambda t: f"!rooms claim {room}" in t
+                ),
+                what="each staff room asked whose the room is",
+            )
+        await staff_b.send_text(staff_room_b, f"!rooms claim {room}")
+
+        async def joined() -> bool:
+            return (await both.members(room)).get(BOT) == "join"
+
+        await until(joined, what="the bot in the claimed room")
+        assert service.rooms.community_of(room) == "wales"
+        await scene.staff.send_text(scene.staff_room, f"!rooms claim {room}")
+        await until(
+            lambda: texts_to(scene.staff, scene.staff_room, lambda t: "not waiting" in t),
+            what="England told the room is not waiting for it",
+        )
+        assert service.rooms.community_of(room) == "wales"
