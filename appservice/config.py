@@ -232,7 +232,8 @@ class Community:
     language: str
     rooms: tuple[str, ...]
     space: str | None
-    # Neither it nor the top level chose crisis resources: the UK list is shown.
+    # It chose no crisis resources of its own (a community: no region or resources of
+    # its own; the install without communities: neither at the top level).
     resources_unchosen: bool
 
     @property
@@ -369,7 +370,7 @@ class ConfigFile(_Strict):
             language=community.language or self.language,
             rooms=tuple(community.rooms),
             space=community.space,
-            resources_unchosen=not own_resources and self.resources is None and self.region is None,
+            resources_unchosen=not own_resources,
         )
 
     @model_validator(mode="after")
@@ -482,8 +483,17 @@ class Config:
     def resources_unchosen(self) -> list[str]:
         """What is said of each community that shows the UK list because neither it nor
         the top level set `region` or `resources`."""
+        if self.file.resources is None and self.file.region is None:
+            unchosen = UNCHOSEN_RESOURCES
+        else:
+            # Another country's numbers may be shown to its members: said all the same.
+            region = f" (region {self.file.region})" if self.file.resources is None else ""
+            unchosen = (
+                "no region or resources of its own: its members are shown the top level's "
+                f"crisis resources{region}; set region: or resources: for it"
+            )
         return [
-            self.about(community, UNCHOSEN_RESOURCES)
+            self.about(community, unchosen)
             for community in self.communities
             if community.resources_unchosen
         ]

@@ -266,3 +266,34 @@ async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse,
             what="England told the room is not waiting for it",
         )
         assert service.rooms.community_of(room) == "wales"
+
+
+async def test_an_upgraded_room_stays_its_communitys(synapse, tmp_path):
+    """Wales's room is upgraded by its owner (no one's staff): the invite into the
+    replacement is Wales's, the replacement is enrolled in Wales, and only Wales's
+    staff hear of it."""
+    from tests.integration.test_room_upgrades import upgrade
+
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    config = two_communities(scene, staff_b, staff_room_b)
+    async with running_service(config) as service:
+        await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
+        old = await scene.owner.create_room(
+            name="Grŵp",
+            invite=[staff_b.user_id],
+            power_levels={"users": {BOT: 50}},
+        )
+        await staff_b.join(old)
+        await staff_b.invite(old, BOT)
+        await until(lambda: scene.bot_joined(old), what="the bot in Wales's room")
+        new = await upgrade(scene.owner, old)
+        await until(
+            lambda: texts_to(staff_b, staff_room_b, lambda t: new in t),
+            what="Wales asked to let the bot into the replacement",
+        )
+        await scene.owner.invite(new, BOT)  # the owner is no community's staff
+        await until(lambda: scene.bot_joined(new), what="the bot in the replacement")
+        await until(lambda: service.rooms.community_of(new) == "wales", what="enrolled in Wales")
+        assert not await texts_to(scene.staff, scene.staff_room, lambda t: new in t or old in t)

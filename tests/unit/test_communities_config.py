@@ -141,3 +141,19 @@ def test_the_config_hash_changes_with_a_communitys_settings(tmp_path):
     first = load_config(with_communities(tmp_path, WALES, DUBLIN)).config_hash
     changed = DUBLIN | {"policy": {"reactions": ["🆘", "🚨"]}}
     assert load_config(with_communities(tmp_path, WALES, changed)).config_hash != first
+
+
+def test_a_community_without_crisis_resources_of_its_own_is_warned_of(tmp_path, capsys):
+    """The top level's region is not a community's: Dublin's members would be shown the
+    UK's numbers, so check-config says so."""
+    dublin = {k: v for k, v in DUBLIN.items() if k != "region"}
+    path = with_communities(tmp_path, WALES, dublin, region="GB")
+    wales, dublin_resolved = load_config(path).communities
+    assert dublin_resolved.resources_unchosen and not wales.resources_unchosen
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: community dublin: no region or resources of its own: its members are "
+        "shown the top level's crisis resources (region GB)"
+    ) in out
+    assert "community wales: no region" not in out
