@@ -618,7 +618,7 @@ class Service:
         log.warning(
             "declined %s's invite into %s: the room belongs to no community (list it under "
             "a community's rooms: to have the bot moderate it)",
-            item.payload.get("sender", ""),
+            inviter,
             item.room_id,
         )
 
@@ -801,15 +801,15 @@ class Service:
         *,
         facts: dict[str, Any],
         personal: dict[str, Any],
-        content: dict[str, Any] | Callable[[Texts], dict[str, Any]],
+        content: Callable[[Texts], dict[str, Any]],
         plain: bool = False,
         communities: Collection[str] | None = None,
     ) -> None:
         """Something about the service itself (not a case): an audit entry, and a staff
         message queued with it for every community's staff (each in its language),
         however long the database takes to record again (the store and the database
-        often share a disk that filled up). `content`: the message, in the first
-        community's words, or how to word it in a community's."""
+        often share a disk that filled up). `content`: how to word the message in a
+        community's texts."""
         delay = 1.0
         while True:
             now = dt.datetime.now(dt.UTC)
@@ -826,8 +826,9 @@ class Service:
                     for part in self.parts.values():
                         if communities is not None and part.id not in communities:
                             continue
-                        worded = content(part.texts) if callable(content) else content
-                        await outbox.queue(conn, part.staff_room.address, worded, now, plain=plain)
+                        await outbox.queue(
+                            conn, part.staff_room.address, content(part.texts), now, plain=plain
+                        )
                 break
             except Exception as exc:
                 log.warning("could not record %s yet (%s)", kind, exc)

@@ -36,7 +36,7 @@ class SpaceRooms:
         claimed_twice: Callable[[str, str, str], Awaitable[None]],
     ) -> None:
         """`space`: as configured (an id or an alias). `enrol(room, by, handling)`: join
-        the room and moderate it as the community's. `claimed_twice(room, owner, by)`:
+        the room and moderate it as the community's. `claimed_twice(room, owner, claimant)`:
         tell both communities' staff that this one's Space holds another's room."""
         self._hs = homeserver
         self._rooms = rooms
