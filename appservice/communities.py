@@ -9,8 +9,9 @@ community), and the steps its cases run.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appservice.config import DEFAULT_COMMUNITY_ID, Community
@@ -59,6 +60,10 @@ class CommunityParts:
     upgrades: Any = None
     spaces: Any = None  # its Space's rooms (bot/community/spaces.py), if it has one
     staff_tools: Any = None
+    # Set when the bot is invited into (joins) its staff room, or its Space: the retries
+    # of either (appservice/service.py, bot/community/spaces.py) go at once.
+    staff_room_news: asyncio.Event = field(default_factory=asyncio.Event)
+    space_news: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def id(self) -> str:

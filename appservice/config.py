@@ -343,17 +343,7 @@ class ConfigFile(_Strict):
             try:
                 sections[name] = model.model_validate(base | own)
             except ValidationError as exc:
-                problems = "; ".join(
-                    ": ".join(
-                        part
-                        for part in (
-                            ".".join(str(key) for key in error["loc"]),
-                            error["msg"].removeprefix("Value error, "),
-                        )
-                        if part
-                    )
-                    for error in exc.errors()
-                )
+                problems = "; ".join(_describe(error) for error in exc.errors())
                 raise ValueError(f"communities[{community.id}].{name}: {problems}") from None
         own_resources = community.resources is not None or community.region is not None
         return Community(

@@ -49,6 +49,7 @@ from bot.community.spaces import SpaceRooms
 from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import HomeserverUnavailable, Refused
+from bot.core.retry import until_done
 from bot.core.timers import Timers
 from bot.core.worker import STOP_GRACE_SECONDS, Worker
 from bot.intake.accept import (
@@ -71,7 +72,7 @@ from bot.moderation.membership import Membership, declined_invite
 from bot.moderation.room_state import RoomStateCache
 from bot.moderation.upgrades import RoomUpgrades
 from bot.referral.decision import Referral
-from bot.rooms.directory import RoomDirectory, RoomKind
+from bot.rooms.directory import RoomDirectory
 from bot.rooms.names import names_of
 from bot.rooms.ready_rooms import REFILL_AFTER_SECONDS, ReadyRooms
 from bot.rooms.refusal_reports import RefusalReports
@@ -96,8 +97,9 @@ from bot.texts.messages import Texts
 from bot.texts.wording import place
 
 log = logging.getLogger(__name__)
-# Retrying the staff room backs off to this (seconds); /health shows the problem meanwhile.
-STAFF_ROOM_RETRY_MAX = 60.0
+# Retrying a staff room, a Space or a listed alias backs off to this (seconds); /health
+# shows the problem meanwhile.
+RETRY_MAX = 60.0
 HOUSEKEEPING_EVERY = dt.timedelta(hours=1)
 CHAIN_HEAD_EVERY = dt.timedelta(days=1)
 # How often the homeserver is probed, so catch-up starts as soon as it answers again.
@@ -190,11 +192,14 @@ class Service:
         self._pause_resume = asyncio.Lock()  # one pause or resume at a time, in order
         self._encryption_reports = asyncio.Lock()  # "failed" and "works again", in order
         self._staff_room_warned: str | None = None  # logged once, until it changes
+        # The rooms communities list by alias: resolved (known by id in RoomDirectory.listed),
+        # and not yet, with why (retried in the background, shown on /health).
+        self._listed_resolved: set[str] = set()
+        self._listed_unresolved: dict[str, str] = {}
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
         self.fatal: str | None = None
         self._runner: web.AppRunner | None = None
         self._background: list[asyncio.Task[Any]] = []
-        self._staff_room_news = asyncio.Event()
         self._fallbacks: set[asyncio.Task[None]] = set()
 
         # ---- who and where: each community's staff, texts and settings ----
@@ -385,6 +390,7 @@ class Service:
                 "transactions": self._transactions_status,
                 "messages": self._messages_status,
                 **({"moderation_user": self._moderation_status} if self.moderation else {}),
+                **({"community_rooms": self._community_rooms_status} if self._finds_rooms else {}),
             },
         )
         self.port: int | None = None
@@ -450,10 +456,10 @@ class Service:
             reports=part.refusal_reports,
             texts=texts,
             on_outbox=on_outbox,
-            on_staff_room_joined=self._staff_room_news.set,
+            on_staff_room_joined=part.staff_room_news.set,
             on_case=self.steps.start_case,
             upgrades=upgrades,
-            on_space_joined=lambda space: part.spaces.load() if part.spaces else _nothing(),
+            on_space_joined=part.space_news.set,
         )
         if part.settings.space is not None:
             part.spaces = SpaceRooms(
@@ -463,6 +469,7 @@ class Service:
                 space=part.settings.space,
                 enrol=part.membership.enrol,
                 claimed_twice=self._claimed_twice,
+                joined=part.space_news,
             )
         checkins = CheckinEvents(
             self.engine,
@@ -555,12 +562,36 @@ class Service:
     async def _staff_of_room(self, room_id: str) -> StaffOfRoom:
         """Who hears of trouble with an event in a room: its community's staff (a case's
         DM or check-in room: its case's), else the first community's."""
-        community = self.rooms.community_of(room_id)
-        if community is None and self.rooms.kind(room_id) in (RoomKind.DM, RoomKind.CHECKIN):
-            async with self.engine.connect() as conn:
-                community = await cases.community_of_room(conn, room_id)
+        community = await self.rooms.community_of_any(room_id, self.engine.connect)
         part = self.parts.get(community or "") or next(iter(self.parts.values()))
         return StaffOfRoom(part.staff_room, part.texts, part.refusal_reports)
+
+    @property
+    def _finds_rooms(self) -> bool:
+        """Some community has a Space, or lists a room by alias: found at start, and
+        shown on /health until found."""
+        return any(part.spaces is not None for part in self.parts.values()) or any(
+            not address.startswith("!") for address in self.rooms.listed
+        )
+
+    async def _community_rooms_status(self) -> dict[str, Any]:
+        """Whether each community's Space is read (its rooms claimed, and followed) and
+        each room listed by alias resolved: until they are, their rooms' flags and
+        invites are no one's (refused, declined)."""
+        spaces = {
+            part.id: {"space": part.spaces.configured, "ok": part.spaces.problem is None}
+            | ({"error": part.spaces.problem} if part.spaces.problem else {})
+            for part in self.parts.values()
+            if part.spaces is not None
+        }
+        result: dict[str, Any] = {
+            "ok": not self._listed_unresolved and all(s["ok"] for s in spaces.values())
+        }
+        if spaces:
+            result["spaces"] = spaces
+        if self._listed_unresolved:
+            result["unresolved"] = dict(self._listed_unresolved)
+        return result
 
     async def _claimed_twice(self, room_id: str, owner: str, claimant: str) -> None:
         """A room in one community's Space that is another's: recorded, and both staff
@@ -728,9 +759,20 @@ class Service:
             self._background.append(asyncio.create_task(self.moderation.run(), name="moderation"))
         await self._join_staff_room()
         await self._resolve_listed_rooms()
+        if self._listed_unresolved:
+            self._background.append(
+                asyncio.create_task(self._keep_resolving_listed_rooms(), name="listed-rooms")
+            )
         for part in self.parts.values():
             if part.spaces is not None:
-                await part.spaces.load()
+                self._background.append(
+                    asyncio.create_task(
+                        part.spaces.keep_loaded(
+                            first_pause=self._connect_retry, longest_pause=RETRY_MAX
+                        ),
+                        name=f"space:{part.id}",
+                    )
+                )
         async with self._pause_resume:
             # Nothing acts without the instance lock (a PostgreSQL blip may have taken it).
             await self._lock_held.wait()
@@ -1026,29 +1068,47 @@ class Service:
                 log.error("%s; staff messages wait until it is fixed", problem)
                 self._background.append(
                     asyncio.create_task(
-                        self._keep_joining_staff_room(staff_room, problem),
+                        self._keep_joining_staff_room(part, problem),
                         name=f"staff-room:{part.id}",
                     )
                 )
             else:
                 await self._learn_staff_room_encryption(staff_room)
 
-    async def _resolve_listed_rooms(self) -> None:
+    async def _resolve_listed_rooms(self) -> str | None:
         """The rooms communities list by alias, known by their ids: an invite there is
-        that community's, whoever sends it (an alias that does not resolve yet is logged
-        and tried at the next start; a room id listed needs nothing)."""
+        that community's, whoever sends it (a room id listed needs nothing). Returns what
+        is left unresolved (None: nothing), kept for /health and tried again meanwhile."""
         for address, community in list(self.rooms.listed.items()):
-            if address.startswith("!"):
+            if address.startswith("!") or address in self._listed_resolved:
                 continue
             try:
-                room_id = await self.homeserver.resolve_room(address)
+                resolved = await self.homeserver.resolve_room(address)
             except HomeserverUnavailable as exc:
-                log.warning("could not resolve %s (listed by %s): %s", address, community, exc)
-                continue
-            if isinstance(room_id, Refused):
-                log.warning("%s (listed by %s) does not resolve: %s", address, community, room_id)
-                continue
-            self.rooms.listed.setdefault(room_id, community)
+                problem = f"the homeserver is not reachable ({exc})"
+            else:
+                if not isinstance(resolved, Refused):
+                    self._listed_unresolved.pop(address, None)
+                    self._listed_resolved.add(address)
+                    self.rooms.listed.setdefault(resolved, community)
+                    continue
+                problem = f"does not resolve ({resolved})"
+            if self._listed_unresolved.get(address) != problem:  # logged as it changes
+                log.warning("%s (listed by %s): %s", address, community, problem)
+            self._listed_unresolved[address] = problem
+        if not self._listed_unresolved:
+            return None
+        return f"{len(self._listed_unresolved)} listed room(s) not resolved yet"
+
+    async def _keep_resolving_listed_rooms(self) -> None:
+        await until_done(
+            self._resolve_listed_rooms,
+            problem=f"{len(self._listed_unresolved)} listed room(s) not resolved yet",
+            what="the rooms communities list by alias",
+            first_pause=self._connect_retry,
+            longest_pause=RETRY_MAX,
+        )
+        log.info("every room the communities list is known by its id")
 
     async def _learn_staff_room_encryption(self, staff_room: StaffRoom) -> None:
         """Whether the staff room is encrypted, known from the start (no full-state sync
@@ -1061,22 +1121,17 @@ class Service:
         except HomeserverUnavailable as exc:  # known at the first message to staff instead
             log.warning("could not read whether the staff room is encrypted: %s", exc)
 
-    async def _keep_joining_staff_room(self, staff_room: StaffRoom, problem: str) -> None:
-        delay = self._connect_retry
-        while problem is not None:
-            # An invite to a staff room cuts the wait short.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._staff_room_news.wait(), delay)
-            self._staff_room_news.clear()
-            delay = min(delay * 2, STAFF_ROOM_RETRY_MAX)
-            try:
-                now = await staff_room.connect(self.homeserver)
-            except HomeserverUnavailable as exc:
-                log.warning("staff room: homeserver not reachable (%s); retrying", exc)
-                continue
-            if now is not None and now != problem:
-                log.error("%s; staff messages wait until it is fixed", now)
-            problem = now
+    async def _keep_joining_staff_room(self, part: CommunityParts, problem: str) -> None:
+        staff_room = part.staff_room
+        await until_done(
+            lambda: staff_room.connect(self.homeserver),
+            problem=problem,
+            what=f"staff room ({part.id}); staff messages wait until it is fixed",
+            first_pause=self._connect_retry,
+            longest_pause=RETRY_MAX,
+            # An invite to the staff room cuts the wait short.
+            news=part.staff_room_news,
+        )
         log.info("joined the staff room %s", staff_room.room_id)
         if staff_room.room_id is not None:
             self.room_state.warm(staff_room.room_id)
@@ -1212,7 +1267,3 @@ class Service:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-async def _nothing() -> None:
-    return None

@@ -17,8 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from bot.intake.dispatch import EventKind, Handler, Handling
-from bot.rooms.directory import RoomDirectory, RoomKind
-from bot.store import cases
+from bot.rooms.directory import RoomDirectory
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +75,9 @@ class CommunityRouter:
         """The community the event's room belongs to (None: none's, as far as is known)."""
         item = handling.item
         room_id = item.room_id
-        known = self._rooms.community_of(room_id)
+        known = await self._rooms.community_of_any(room_id, handling.database)
         if known is not None:
             return known
-        room_kind = self._rooms.kind(room_id)
-        if room_kind in (RoomKind.DM, RoomKind.CHECKIN):
-            async with handling.database() as conn:
-                community = await cases.community_of_room(conn, room_id)
-            if community is not None:
-                return community
         if _is_invite(handling, kind):
             community = await self._invite_community(item.payload.get("sender", ""), room_id)
             if community is not None:

@@ -1,7 +1,10 @@
 """A community's Space: the rooms in it are the community's (README: Communities).
 
 At start the Space is walked to depth 3 (Spaces in it included); from then on its
-`m.space.child` events are followed as they come. The bot joins each room it finds
+`m.space.child` events are followed as they come. A Space that cannot be read yet (the
+homeserver away, its alias not made, the bot not invited) is tried again with a growing
+pause, at once when the bot is invited into it, and shown on /health meanwhile; it is
+walked again whenever the bot joins it anew. The bot joins each room it finds
 there (a room restricted to the Space's members lets it in; any other must invite
 it) and moderates it as if the community's staff had added it. A room in two
 communities' Spaces, or listed by another, stays the first claimant's: the log and
@@ -10,10 +13,12 @@ both staff rooms say so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from bot.core.ports import Homeserver, HomeserverUnavailable, Refused
+from bot.core.retry import until_done
 from bot.intake.dispatch import Handling
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.names import names_of
@@ -34,10 +39,12 @@ class SpaceRooms:
         space: str,
         enrol: Callable[[str, str, Handling | None], Awaitable[None]],
         claimed_twice: Callable[[str, str, str], Awaitable[None]],
+        joined: asyncio.Event,
     ) -> None:
         """`space`: as configured (an id or an alias). `enrol(room, by, handling)`: join
         the room and moderate it as the community's. `claimed_twice(room, owner, claimant)`:
-        tell both communities' staff that this one's Space holds another's room."""
+        tell both communities' staff that this one's Space holds another's room. `joined`:
+        set when the bot joins the Space (bot/moderation/membership.py)."""
         self._hs = homeserver
         self._rooms = rooms
         self._community = community
@@ -45,41 +52,63 @@ class SpaceRooms:
         self.space_id: str | None = space if space.startswith("!") else None
         self._enrol = enrol
         self._claimed_twice = claimed_twice
+        self._joined = joined
+        # What stops the Space being read now (None: read, and followed): for /health.
+        self.problem: str | None = "not read yet"
 
-    async def load(self) -> None:
+    @property
+    def configured(self) -> str:
+        return self._configured
+
+    async def keep_loaded(self, *, first_pause: float, longest_pause: float) -> None:
+        """Read the Space now, again with a growing pause until that works, and again each
+        time the bot joins it anew (runs until the service stops)."""
+        what = f"the Space {self._configured} ({self._community})"
+        while True:
+            problem = await self.load()
+            if problem is not None:
+                log.warning("%s: %s", what, problem)
+                await until_done(
+                    self.load,
+                    problem=problem,
+                    what=what,
+                    first_pause=first_pause,
+                    longest_pause=longest_pause,
+                    news=self._joined,
+                )
+            log.info("%s: read; its rooms are this community's", what)
+            await self._joined.wait()
+            self._joined.clear()
+
+    async def load(self) -> str | None:
         """Find the Space (joining it: staff invite the bot, or it is public) and claim
-        every room in it. What cannot be done now is logged and tried again at the next
-        start, or when the bot is invited into the Space."""
+        every room in it. Returns what stopped that (None: done)."""
+        self.problem = await self._load()
+        return self.problem
+
+    async def _load(self) -> str | None:
         try:
             if self.space_id is None:
                 resolved = await self._hs.resolve_room(self._configured)
                 if isinstance(resolved, Refused):
-                    log.warning("the Space %s does not resolve: %s", self._configured, resolved)
-                    return
+                    return f"it does not resolve ({resolved})"
                 self.space_id = resolved
             self._rooms.spaces[self.space_id] = self._community
             if await self._hs.membership(self.space_id, self._hs.bot_user_id) != "join":
                 joined = await self._hs.join_room(self.space_id)
                 if isinstance(joined, Refused):
-                    log.warning(
-                        "cannot join the Space %s (%s): invite %s into it",
-                        self.space_id,
-                        joined,
-                        self._hs.bot_user_id,
-                    )
-                    return
+                    return f"cannot join it ({joined}): invite {self._hs.bot_user_id} into it"
             children = await self._hs.space_children(self.space_id, max_depth=DEPTH)
+            if isinstance(children, Refused):
+                return f"cannot read its rooms ({children})"
+            # Who "added" the rooms found there: the Space, by its name.
+            names = await names_of(self._hs, [self.space_id])
+            by = place(self.space_id, names.get(self.space_id))
+            for room_id in children:  # one claimed already is passed over when tried again
+                await self.claim(room_id, by=by, handling=None)
         except HomeserverUnavailable as exc:
-            log.warning("the Space %s could not be read now: %s", self._configured, exc)
-            return
-        if isinstance(children, Refused):
-            log.warning("the Space %s could not be read: %s", self.space_id, children)
-            return
-        # Who "added" the rooms found there: the Space, by its name.
-        names = await names_of(self._hs, [self.space_id])
-        by = place(self.space_id, names.get(self.space_id))
-        for room_id in children:
-            await self.claim(room_id, by=by, handling=None)
+            return f"the homeserver is not reachable ({exc})"
+        return None
 
     async def child_changed(self, handling: Handling) -> None:
         """An `m.space.child` event in the Space: a room added is claimed; a room taken

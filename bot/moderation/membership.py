@@ -53,7 +53,7 @@ class Membership:
         on_staff_room_joined: Callable[[], None],
         on_case: Callable[[int], None] = lambda case_id: None,
         upgrades: RoomUpgrades | None = None,
-        on_space_joined: Callable[[str], Awaitable[None]] | None = None,
+        on_space_joined: Callable[[], None] | None = None,
     ) -> None:
         self._on_case = on_case
         # Told when the bot joins its community's Space (its rooms are then claimed).
@@ -142,7 +142,7 @@ class Membership:
             # The community's Space: joined to read (and follow) its rooms, not moderated.
             joined = await self._join(handling, inviter, tell_staff=False)
             if joined and self._on_space_joined is not None:
-                await self._on_space_joined(room_id)
+                self._on_space_joined()
             return
         if room_id in self._rooms.moderated:
             # Taken already: the same invite, seen by the bot's sync (bot/intake/safety_net.py)

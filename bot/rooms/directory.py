@@ -7,10 +7,14 @@ Any other room the bot is in is a group room it moderates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from enum import Enum
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from bot.rooms.staff_room import StaffRoom, StaffRooms
+from bot.store import cases
 
 
 class RoomKind(Enum):
@@ -23,11 +27,7 @@ class RoomKind(Enum):
 
 class RoomDirectory:
     def __init__(self, staff_rooms: StaffRoom | StaffRooms) -> None:
-        self.staff_rooms = (
-            staff_rooms
-            if isinstance(staff_rooms, StaffRooms)
-            else StaffRooms({"default": staff_rooms})
-        )
+        self.staff_rooms = StaffRooms.of(staff_rooms)
         # The community of each group room the bot moderates (bot/store/rooms.py), and of
         # each room a community lists in the config (ids and aliases as written).
         self.community: dict[str, str] = {}
@@ -102,6 +102,19 @@ class RoomDirectory:
             or self.listed.get(room_id)
             or self.spaces.get(room_id)
         )
+
+    async def community_of_any(
+        self,
+        room_id: str,
+        database: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
+    ) -> str | None:
+        """The community of any room the bot knows: a staff or group room's from memory,
+        a case's DM or check-in room's through its case (one read). None: none's."""
+        known = self.community_of(room_id)
+        if known is None and self.kind(room_id) in (RoomKind.DM, RoomKind.CHECKIN):
+            async with database() as conn:
+                return await cases.community_of_room(conn, room_id)
+        return known
 
     def stop_moderating(self, room_id: str) -> None:
         """The bot left it: whose it was is forgotten too (added again, it is whoever's

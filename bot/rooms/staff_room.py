@@ -213,8 +213,17 @@ class StaffRooms:
         self.by_community = dict(rooms)
         self._all = tuple(self.by_community.values())
 
+    @classmethod
+    def of(cls, rooms: StaffRoom | StaffRooms) -> StaffRooms:
+        """The set itself, or one staff room as the only community's (`default`)."""
+        return rooms if isinstance(rooms, StaffRooms) else cls({"default": rooms})
+
     def __iter__(self) -> Iterator[StaffRoom]:
         return iter(self._all)
+
+    def __len__(self) -> int:
+        """How many communities the install has (each has its staff room)."""
+        return len(self._all)
 
     def is_staff_room(self, room_id: str) -> bool:
         # On the intake's hot path: a plain loop over a handful, no generator.

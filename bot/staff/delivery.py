@@ -44,11 +44,7 @@ class OutboxDelivery:
         *,
         plain_after: dt.timedelta | None = None,
     ) -> None:
-        self._staff_rooms = (
-            staff_rooms
-            if isinstance(staff_rooms, StaffRooms)
-            else StaffRooms({"default": staff_rooms})
-        )
+        self._staff_rooms = StaffRooms.of(staff_rooms)
         self._db = db
         self._hs = homeserver
         # The texts of the community whose staff room a note goes to (its language).

@@ -93,8 +93,11 @@ class RoomAdmin:
             return self._("I cannot find {room} ({why}).").format(room=room, why=room_id), None
         async with self._db.connect() as conn:
             known = await rooms.get(conn, room_id)
-        theirs = known is not None and known.community == self._deployment.community
-        if not theirs or known is None or known.left_at is not None:
+        if (
+            known is None
+            or known.community != self._deployment.community  # another community's
+            or known.left_at is not None
+        ):
             return (
                 self._("I do not moderate {room}: `!rooms` lists the rooms I do.").format(
                     room=room

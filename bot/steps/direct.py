@@ -107,7 +107,12 @@ async def tell_by_dm(
         encrypted=encrypted,
         case_field=case_field,
         ready=tools.ready_rooms if made_ahead and room_plain is None else None,
-        not_shared=lambda rooms: _of_other_communities(tools, run, rooms),
+        # With one community there are no others' cases to keep apart from: no read.
+        not_shared=(
+            (lambda rooms: _of_other_communities(tools, run, rooms))
+            if len(tools.rooms.staff_rooms) > 1
+            else None
+        ),
         # A room made ahead: the invite goes alongside the message (kept() below).
         invite_later=True,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.store import cases
 from tests.support.scene import (
     BOT,
     build_scene,
@@ -51,6 +52,13 @@ def two_communities(
     config["communities"] = [england, wales]
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     return path
+
+
+async def case_of(service, number: int) -> cases.Case:
+    async with service.engine.connect() as conn:
+        case = await cases.get(conn, number)
+    assert case is not None
+    return case
 
 
 async def texts_to(user, room: str, matching=lambda text: True) -> list[str]:
@@ -101,6 +109,13 @@ async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
         )
         assert alert_b[0].startswith("Achos #1"), "one case, from the Welsh key alone"
         assert "ffonia 999" in alert_b[0]
+        # Wales's DM with the member is in the bot's m.direct before England's flag, so
+        # England's case could reuse it if it did not keep communities apart.
+        dm_b = (await case_of(service, 1)).dm_room_id
+        await until(
+            lambda: dm_b in (service.homeserver.direct_rooms_known(scene.member.user_id) or ()),
+            what="Wales's DM in the bot's m.direct",
+        )
 
         said = await scene.member.send_text(group_a, "I can't do this")
         await scene.moderator.react(group_a, said, "🚨")
@@ -109,6 +124,8 @@ async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
             what="the English alert, to English staff",
         )
         assert alert_a[0].startswith("Case #2")
+        dm_a = (await case_of(service, 2)).dm_room_id
+        assert dm_a is not None and dm_a != dm_b, "a DM of its own for each community's case"
         # The same member, two cases, neither staff team told of the other's.
         assert not await texts_to(scene.staff, scene.staff_room, lambda t: "#1" in t)
         assert not await texts_to(staff_b, staff_room_b, lambda t: "#2" in t)
@@ -233,6 +250,65 @@ async def test_a_communitys_space_is_its_rooms_and_followed(synapse, tmp_path):
                 what="both staff rooms told of the room claimed twice",
             )
         assert service.rooms.community_of(group_a) == "england"
+
+
+async def test_a_space_and_an_alias_not_ready_at_start_are_found_later(synapse, tmp_path):
+    """Wales names a Space the bot is not in yet and lists a room by an alias nobody has
+    made yet: /health says so (a flag or an invite there would be no one's), and each is
+    found without a restart once staff invite the bot into the Space and make the room;
+    then an invite into the listed room from a member (no one's staff) is taken."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    space = await staff_b.create_room(name="Cymru", creation_content={"type": "m.space"})
+    first = await in_space(staff_b, space, "Grŵp un", scene)
+    path = two_communities(scene, staff_b, staff_room_b, space=space)
+    config = yaml.safe_load(path.read_text())
+    config["communities"][1]["rooms"] = ["#nes-ymlaen:localhost"]
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+
+    async def community_rooms() -> dict:
+        return (await health(service))[1]["checks"]["community_rooms"]
+
+    async with running_service(path) as service:
+        await until(
+            lambda: _not_ok_with(community_rooms, "wales", "#nes-ymlaen:localhost"),
+            what="/health naming the Space not joined and the alias not resolved",
+        )
+        status, _ = await health(service)
+        assert status == 503
+        assert service.rooms.community_of(first) is None
+
+        await staff_b.invite(space, BOT)
+        await until(lambda: _bot_in(staff_b, first), what="the bot in the Space's room, no restart")
+        assert service.rooms.community_of(first) == "wales"
+        later = await scene.member.create_room(name="Nes ymlaen", alias="nes-ymlaen")
+        await until(
+            lambda: _ok(community_rooms),
+            within=45,
+            what="/health: the Space read, the alias resolved",
+        )
+        await scene.member.invite(later, BOT)  # a member, no one's staff: a listed room
+        await until(lambda: _bot_in(scene.member, later), what="the bot in the listed room")
+        await until(lambda: service.rooms.community_of(later) == "wales", what="Wales's room")
+
+
+async def _bot_in(user, room: str) -> bool:
+    return (await user.members(room)).get(BOT) == "join"
+
+
+async def _ok(check) -> bool:
+    return (await check()).get("ok") is True
+
+
+async def _not_ok_with(check, community: str, alias: str) -> bool:
+    found = await check()
+    space = found.get("spaces", {}).get(community, {})
+    return (
+        found["ok"] is False
+        and "invite" in space.get("error", "")
+        and alias in found.get("unresolved", {})
+    )
 
 
 async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse, tmp_path):
