@@ -336,6 +336,7 @@ class Service:
             busy_timeout=busy_timeout,
             # A flag goes to its lane in memory as it is recorded: no read of it back.
             hand_over=self.dispatcher.hand_over,
+            writer_met=self._before_notice if self._devices_looked_up else None,
             foresee=lambda event: referrals.get(
                 self.rooms.community_of(event.get("room_id", "")) or first.id, referral
             ).foresee(event),
@@ -979,11 +980,18 @@ class Service:
             )
         return status
 
+    @property
+    def _devices_looked_up(self) -> bool:
+        """Members' notices are encrypted: their devices are read ahead of any flag."""
+        return self.crypto is not None and self.deployment.encrypt_private_rooms
+
     def _before_notice(self, member: str) -> None:
-        """A possible flag arriving (Referral.foresee), or accepted on a member it had to
-        read the message to know: their devices read meanwhile, so their encrypted
-        notice's key goes out without waiting for that read. (Asked twice, they are read
-        once: the device follows them from the first answer.)"""
+        """Someone writing in a moderated room (the message a flag would name arrives
+        before the flag), a possible flag arriving (Referral.foresee), or one accepted on
+        a member it had to read the message to know: their devices read meanwhile, so an
+        encrypted notice's key goes out without waiting for that read. (Asked again, they
+        are not read again: the device follows them from the first answer, the sync
+        saying when their devices change.)"""
         if self.crypto is not None and self.deployment.encrypt_private_rooms:
             self.crypto.look_up_devices(member)
 

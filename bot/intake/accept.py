@@ -43,6 +43,8 @@ POLICY_COMMAND = "!policy"
 _ROOM_STATE = STATE_TYPES | {"m.room.join_rules"}
 # Matrix ids are far shorter; the columns hold 255 characters.
 MAX_ID_LENGTH = 255
+# Members told of as writers (Intake's `writer_met`) are remembered up to this many.
+WRITERS_KEPT = 100_000
 _REQUIRED = itemgetter("event_id", "room_id", "type", "sender")
 # The inbox's lanes, each drained in order by a worker of its own (bot/intake/dispatch.py):
 # - FLAG: a possible flag in a room the bot moderates, from someone not known to be
@@ -137,7 +139,7 @@ class ActionFilter:
         power_of: Callable[[str, str], float | None] = lambda room_id, user_id: None,
     ) -> None:
         self._rooms = rooms
-        self._moderated = rooms.moderated
+        self._moderated = self.moderated = rooms.moderated
         # A sender's power in a room as known from pushed state (None: not known now).
         self._power_of = power_of
         # Every community's flags take the flag lane (its own referral then decides): the
@@ -285,7 +287,14 @@ class Intake:
         busy_timeout: float = 5.0,
         hand_over: Callable[[list[ingest.InboxItem]], None] | None = None,
         foresee: Callable[[dict[str, Any]], None] = lambda event: None,
+        writer_met: Callable[[str], None] | None = None,
     ) -> None:
+        # Told once of each member who writes in a room the bot moderates (None: no one
+        # needs to know): their devices are read then, so a notice to them if they are
+        # flagged later need not wait for that read (appservice/service.py).
+        self._writer_met = writer_met
+        self._writers_known: set[str] = set()
+        self._moderated = action_filter.moderated
         # Shown each possible flag as it arrives, before it is recorded (the referral
         # asks now for what the member's notice will need: bot/referral/decision.py).
         self._foresee = foresee
@@ -341,6 +350,8 @@ class Intake:
             raise self._unavailable(Exception(self.paused))
         lane_of = self._filter.lane
         on_state = self._on_state
+        writer_met, writers_known = self._writer_met, self._writers_known
+        moderated = self._moderated
         kept: list[dict[str, Any]] = []
         event_ids: list[str] = []
         to_act_on: list[tuple[dict[str, Any], int]] = []
@@ -348,9 +359,16 @@ class Intake:
             fields = shape(event, valid_text)
             if fields is None:
                 continue
-            event_id, room_id, kind, _sender = fields
+            event_id, room_id, kind, sender = fields
             kept.append(event)  # type: ignore[arg-type]
             event_ids.append(event_id)
+            if (
+                writer_met
+                and kind == "m.room.message"
+                and sender not in writers_known
+                and room_id in moderated  # a DM's writer is known already
+            ):
+                self._met(sender)
             if kind in _ROOM_STATE:
                 on_state(room_id, kind, event.get("state_key"))  # type: ignore[attr-defined]
             lane = lane_of(event, kind, room_id)  # type: ignore[arg-type]
@@ -384,6 +402,18 @@ class Intake:
             for lane in sorted({lane for _, lane in to_act_on}):
                 self._on_queued(lane)
         return recorded
+
+    def _met(self, writer: str) -> None:
+        """Someone writing in a room the bot moderates: told once."""
+        if self._writer_met is None:
+            return
+        if len(self._writers_known) >= WRITERS_KEPT:
+            self._writers_known.clear()  # bounded; one told twice is read at most once more
+        self._writers_known.add(writer)
+        try:
+            self._writer_met(writer)
+        except Exception:  # a look ahead: nothing depends on it
+            log.exception("could not look ahead at a writer")
 
     def _foreseen(self, event: dict[str, Any]) -> None:
         try:

@@ -166,6 +166,7 @@ def _flag_facts(flag: NewFlag) -> dict[str, Any]:
 # costs more than SQLite takes to run it. An update sets the columns its parameters name.
 _ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("key"))
 _INSERT_CASE = cases.insert().returning(cases.c.id)
+_INSERT_STEPS = case_steps.insert()
 _CASE = sa.select(cases).where(cases.c.id == sa.bindparam("b_case"))
 # One community's case: another's number reads as a number that does not exist.
 _CASE_OF = _CASE.where(cases.c.community == sa.bindparam("b_community"))
@@ -235,7 +236,7 @@ async def open_or_corroborate(
                 for index, name in enumerate(steps)
             )
             await conn.execute(
-                case_steps.insert(),
+                _INSERT_STEPS,
                 [
                     {
                         "case_id": case_id,

@@ -44,24 +44,35 @@ async def forget(conn: AsyncConnection, marker: str) -> None:
     await conn.execute(ready_rooms.delete().where(ready_rooms.c.marker == marker))
 
 
+# The oldest created room of a kind (`b_encrypted`), and taking it: one statement on the
+# flag's path (in the transaction that opens the case), where a read and a delete were two.
+_OLDEST = (
+    sa.select(ready_rooms.c.marker)
+    .where(
+        ready_rooms.c.room_id.is_not(None),
+        ready_rooms.c.encrypted == sa.bindparam("b_encrypted"),
+    )
+    .order_by(ready_rooms.c.planned_at, ready_rooms.c.marker)
+    .limit(1)
+)
+_TAKE_OLDEST = (
+    ready_rooms.delete()
+    .where(ready_rooms.c.marker == _OLDEST.scalar_subquery())
+    .returning(ready_rooms.c.room_id)
+)
+
+
 async def take(conn: AsyncConnection, *, encrypted: bool) -> str | None:
     """Hand over the oldest created room of that kind (gone from the table in this
     transaction), or None if there is none.
 
-    The delete's row count decides, so two takers at once never get the same room,
-    on either backend: the one whose delete removed nothing tries the next.
+    The delete decides, so two takers at once never get the same room, on either
+    backend: the one whose delete removed nothing (the other took that room first)
+    tries the next, if there is one.
     """
     while True:
-        row = (
-            await conn.execute(
-                sa.select(ready_rooms.c.marker, ready_rooms.c.room_id)
-                .where(ready_rooms.c.room_id.is_not(None), ready_rooms.c.encrypted == encrypted)
-                .order_by(ready_rooms.c.planned_at, ready_rooms.c.marker)
-                .limit(1)
-            )
-        ).first()
-        if row is None:
+        taken = (await conn.execute(_TAKE_OLDEST, {"b_encrypted": encrypted})).scalar()
+        if taken is not None:
+            return str(taken)
+        if (await conn.execute(_OLDEST, {"b_encrypted": encrypted})).first() is None:
             return None
-        deleted = await conn.execute(ready_rooms.delete().where(ready_rooms.c.marker == row.marker))
-        if deleted.rowcount == 1:
-            return row.room_id

@@ -14,6 +14,7 @@ from tests.support.processes import run_service_process
 from tests.support.scene import (
     build_scene,
     health,
+    open_group_room,
     running_service,
     safeguard_cli,
     scene_config,
@@ -78,3 +79,22 @@ async def test_a_staff_room_in_the_clear_is_warned_of(synapse, tmp_path):
         assert "not encrypted" in warning and "in the clear" in warning
         code, out, _ = await safeguard_cli("check-config", "-c", str(config))
         assert code == 0 and "keep the staff room encrypted" in out
+
+
+async def test_a_writers_devices_are_read_before_any_flag(synapse, tmp_path):
+    """With members' DMs encrypted (the default), whoever writes in a room the bot
+    moderates has their devices read as the message arrives: a flag on it later sends
+    the encrypted notice without waiting for that read."""
+    scene = await build_scene(synapse, tmp_path)
+    config = scene_config(scene, encryption={"private_rooms": True})
+    async with running_service(config) as service:
+        assert service.crypto is not None
+        await until(service.crypto.ready.is_set, what="the bot's device")
+        await open_group_room(scene)
+        olm = service.crypto.client.olm
+        assert scene.member.user_id not in olm.tracked_users
+        await scene.member.send_text(scene.group, "hello all")
+        await until(
+            lambda: scene.member.user_id in olm.tracked_users,
+            what="the writer's devices read, with no flag",
+        )

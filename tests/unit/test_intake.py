@@ -222,6 +222,38 @@ async def test_who_sent_an_accepted_event_is_known_from_its_body_and_never_wrong
         assert senders.sender_of("!elsewhere:l", event["event_id"]) is None
 
 
+async def test_each_writer_in_a_moderated_room_is_told_once_for_their_devices_to_be_read():
+    """Whoever writes in a room the bot moderates may be flagged: the service is told of
+    them once, as the message arrives, so their devices are read before any flag."""
+    met: list[str] = []
+    intake = Intake(
+        None,  # type: ignore[arg-type]
+        action_filter()[0],
+        Metrics(),
+        on_queued=lambda lane: None,
+        recorder=_Recorder(),  # type: ignore[arg-type]
+        writer_met=met.append,
+    )
+
+    def message(n: int, room: str, sender: str, kind: str = "m.room.message") -> dict[str, Any]:
+        content = {"body": "hi"} if kind == "m.room.message" else {}
+        return {
+            "type": kind,
+            "event_id": f"$e{n}",
+            "room_id": room,
+            "sender": sender,
+            "content": content,
+        }
+
+    await intake.accept("t1", [message(1, GROUP, MEMBER), message(2, GROUP, MEMBER)])
+    await intake.accept("t2", [message(3, GROUP, MEMBER), message(4, DM, "@other:l")])
+    await intake.accept("t3", [message(5, "!elsewhere:l", "@stranger:l")])
+    await intake.accept("t4", [message(6, GROUP, MOD, "m.reaction")])
+    assert met == [MEMBER], "once each, only writers of messages in a moderated room"
+    await intake.accept("t5", [message(7, GROUP, "@new:l")])
+    assert met == [MEMBER, "@new:l"]
+
+
 def test_rooms_known_at_start_are_known_as_if_added_one_by_one():
     """`RoomDirectory.know` (the cases read at start) and the one-by-one adds agree."""
     from bot.rooms.directory import RoomKind
