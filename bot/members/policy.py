@@ -68,8 +68,14 @@ class PolicyExplainer:
         now = self._now()
         async with handling.database() as conn:
             known = await store.of_member(conn, member)
-        if known is not None and known.last_sent_at and now - known.last_sent_at < REPEAT_AFTER:
-            return  # told moments ago: the message is there
+        community = self._deployment.community
+        if (
+            known is not None
+            and known.community == community
+            and known.last_sent_at
+            and now - known.last_sent_at < REPEAT_AFTER
+        ):
+            return  # told moments ago, in this community's words: the message is there
         room_id = await self._room_with(member, known)
         if isinstance(room_id, Refused):
             await self._not_sent(handling, member, room_id)
@@ -81,7 +87,7 @@ class PolicyExplainer:
             await self._not_sent(handling, member, sent)
             return
         async with handling.transaction() as conn:
-            await store.sent(conn, member, now)
+            await store.sent(conn, member, now, community=community)
             await audit.append(
                 conn,
                 self._deployment.provenance,
@@ -128,7 +134,9 @@ class PolicyExplainer:
         self._rooms.add_policy_room(created.room_id)
         async with self._db.begin() as conn:
             if await store.in_room(conn, created.room_id) is None:
-                await store.opened(conn, member, created.room_id, self._now())
+                await store.opened(
+                    conn, member, created.room_id, self._now(), community=self._deployment.community
+                )
         if created.existing:
             return await self._with_them_in(created.room_id, member)
         self._hs.expect_member(created.room_id, member)

@@ -298,6 +298,9 @@ policy_rooms = sa.Table(
     sa.Column("opened_at", UTCDateTime, nullable=False),
     sa.Column("last_sent_at", UTCDateTime, nullable=True),
     sa.Column("last_reply_at", UTCDateTime, nullable=True),
+    # The community the member last asked in: what they write there is answered in its
+    # words (its language, its crisis resources).
+    sa.Column("community", sa.String(64), nullable=False, server_default="default"),
 )
 
 # Refusals from one person in one room are reported to staff once per window (the

@@ -71,6 +71,21 @@ async def texts_to(user, room: str, matching=lambda text: True) -> list[str]:
     ]
 
 
+async def welsh_group(scene, staff_b) -> str:
+    """A group room Wales's staff add the bot to, the scene's moderator and member in it."""
+    group_b = await scene.owner.create_room(
+        name="Grŵp",
+        preset="private_chat",
+        invite=[scene.moderator.user_id, scene.member.user_id, staff_b.user_id],
+        power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
+    )
+    for user in (scene.moderator, scene.member, staff_b):
+        await user.join(group_b)
+    await staff_b.invite(group_b, BOT)  # staff of wales add the bot
+    await until(lambda: scene.bot_joined(group_b), what="the bot in the Welsh group")
+    return group_b
+
+
 async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
     scene = await build_scene(synapse, tmp_path)
     staff_b = await synapse.new_user("staff-cymru")
@@ -83,16 +98,7 @@ async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
     async with running_service(config) as service:
         await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
         group_a = await open_group_room(scene)  # staff of england add the bot
-        group_b = await scene.owner.create_room(
-            name="Grŵp",
-            preset="private_chat",
-            invite=[scene.moderator.user_id, scene.member.user_id, staff_b.user_id],
-            power_levels={"users": {scene.moderator.user_id: 50, BOT: 50}},
-        )
-        for user in (scene.moderator, scene.member, staff_b):
-            await user.join(group_b)
-        await staff_b.invite(group_b, BOT)  # staff of wales add the bot
-        await until(lambda: scene.bot_joined(group_b), what="the bot in the Welsh group")
+        group_b = await welsh_group(scene, staff_b)
         assert service.rooms.community_of(group_a) == "england"
         assert service.rooms.community_of(group_b) == "wales"
         await until(
@@ -373,3 +379,34 @@ async def test_an_upgraded_room_stays_its_communitys(synapse, tmp_path):
         await until(lambda: scene.bot_joined(new), what="the bot in the replacement")
         await until(lambda: service.rooms.community_of(new) == "wales", what="enrolled in Wales")
         assert not await texts_to(scene.staff, scene.staff_room, lambda t: new in t or old in t)
+
+
+async def test_a_members_policy_dm_answers_for_the_community_they_asked_in(synapse, tmp_path):
+    """A member's `!policy` DM is one, whichever community's room they ask in: what they
+    write there is answered in the words (language, crisis resources) of the community
+    they last asked in, and asking in another at once is not taken for asking again."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    config = two_communities(scene, staff_b, staff_room_b)
+    async with running_service(config) as service:
+        await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
+        group_a = await open_group_room(scene)
+        group_b = await welsh_group(scene, staff_b)
+        wales, england = service.parts["wales"].texts, service.parts["england"].texts
+
+        async def said_in_dm(dm: str, content: dict) -> list[str]:
+            return await texts_to(scene.member, dm, lambda text: text == content["body"])
+
+        await scene.member.send_text(group_b, "!policy")
+        dm = await until(scene.dm_room_of_member, what="the policy DM")
+        await scene.member.join(dm)
+        await until(lambda: said_in_dm(dm, wales.policy_explained()), what="told in Welsh")
+        await scene.member.send_text(dm, "Helo? Oes rhywun yna?")
+        await until(lambda: said_in_dm(dm, wales.policy_room_reply()), what="answered in Welsh")
+
+        await scene.member.send_text(group_a, "!policy")
+        await until(lambda: said_in_dm(dm, england.policy_explained()), what="told in English")
+        await scene.member.send_text(dm, "Hello? Is anyone there?")
+        await until(lambda: said_in_dm(dm, england.policy_room_reply()), what="answered in English")
+        assert wales.policy_room_reply()["body"] != england.policy_room_reply()["body"]
