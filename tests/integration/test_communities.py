@@ -71,6 +71,15 @@ async def texts_to(user, room: str, matching=lambda text: True) -> list[str]:
     ]
 
 
+async def england_and_wales(synapse, tmp_path):
+    """The scene (England's) and Wales's staff and staff room: (scene, staff_b,
+    staff_room_b, the config of both)."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    return scene, staff_b, staff_room_b, two_communities(scene, staff_b, staff_room_b)
+
+
 async def welsh_group(scene, staff_b) -> str:
     """A group room Wales's staff add the bot to, the scene's moderator and member in it."""
     group_b = await scene.owner.create_room(
@@ -87,10 +96,7 @@ async def welsh_group(scene, staff_b) -> str:
 
 
 async def test_two_communities_each_see_their_own_alone(synapse, tmp_path):
-    scene = await build_scene(synapse, tmp_path)
-    staff_b = await synapse.new_user("staff-cymru")
-    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
-    config = two_communities(scene, staff_b, staff_room_b)
+    scene, staff_b, staff_room_b, config = await england_and_wales(synapse, tmp_path)
     code, out, err = await safeguard_cli("check-config", "-c", str(config))
     assert code == 0, err
     assert "community wales: language 'cy'" in out, "its unreviewed texts, named"
@@ -356,10 +362,7 @@ async def test_an_upgraded_room_stays_its_communitys(synapse, tmp_path):
     staff hear of it."""
     from tests.integration.test_room_upgrades import upgrade
 
-    scene = await build_scene(synapse, tmp_path)
-    staff_b = await synapse.new_user("staff-cymru")
-    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
-    config = two_communities(scene, staff_b, staff_room_b)
+    scene, staff_b, staff_room_b, config = await england_and_wales(synapse, tmp_path)
     async with running_service(config) as service:
         await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
         old = await scene.owner.create_room(
@@ -385,10 +388,7 @@ async def test_a_members_policy_dm_answers_for_the_community_they_asked_in(synap
     """A member's `!policy` DM is one, whichever community's room they ask in: what they
     write there is answered in the words (language, crisis resources) of the community
     they last asked in, and asking in another at once is not taken for asking again."""
-    scene = await build_scene(synapse, tmp_path)
-    staff_b = await synapse.new_user("staff-cymru")
-    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
-    config = two_communities(scene, staff_b, staff_room_b)
+    scene, staff_b, staff_room_b, config = await england_and_wales(synapse, tmp_path)
     async with running_service(config) as service:
         await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
         group_a = await open_group_room(scene)
