@@ -823,22 +823,24 @@ class BotCrypto:
             client.olm.outbound_group_sessions.pop(room_id, None)
             self._fault(_store_fault(exc, self.store))
 
-    def look_up_devices(self, user_id: str) -> None:
+    def look_up_devices(self, user_id: str) -> bool:
         """Someone about to get an encrypted message (a flagged member, while their case
         is being opened): their devices read now, in the background, so the message's
         key goes to them without waiting for that read. Best effort: encrypting reads
         them itself if this has not finished or failed. Nothing is read for someone the
-        device already follows (the sync says when their devices change)."""
+        device already follows (the sync says when their devices change). False: the
+        device cannot read them now (not ready), so ask again later."""
         client = self.client
         if client is None or client.olm is None or not self.ready.is_set():
-            return
+            return False
         olm = client.olm
         if user_id in olm.tracked_users and user_id not in olm.users_for_key_query:
-            return
+            return True
         olm.users_for_key_query.add(user_id)
         task = asyncio.create_task(self._query_devices(client), name="crypto:look-up-devices")
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
+        return True
 
     async def _query_devices(self, client: CryptoClient) -> None:
         try:

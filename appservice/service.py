@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable, Collection
 from typing import Any
@@ -225,6 +226,8 @@ class Service:
         for community in config.communities:
             for room in community.rooms:
                 self.rooms.listed[room] = community.id
+                if not room.startswith("!"):  # /health: not known by its id until resolved
+                    self._listed_unresolved[room] = "not resolved yet"
         # Filled by the intake, read by the referral: who sent each recent event.
         self.recent_senders = RecentSenders()
         self.room_state = RoomStateCache(self.homeserver)
@@ -461,6 +464,7 @@ class Service:
             on_case=self.steps.start_case,
             upgrades=upgrades,
             on_space_joined=part.space_news.set,
+            is_space=functools.partial(self._is_community_space, part.id),
         )
         if part.settings.space is not None:
             part.spaces = SpaceRooms(
@@ -566,6 +570,10 @@ class Service:
         community = await self.rooms.community_of_any(room_id, self.engine.connect)
         part = self.parts.get(community or "") or next(iter(self.parts.values()))
         return StaffOfRoom(part.staff_room, part.texts, part.refusal_reports)
+
+    async def _is_community_space(self, community: str, room_id: str) -> bool:
+        spaces = self.parts[community].spaces
+        return spaces is not None and await spaces.is_space(room_id)
 
     @property
     def _finds_rooms(self) -> bool:
@@ -985,15 +993,16 @@ class Service:
         """Members' notices are encrypted: their devices are read ahead of any flag."""
         return self.crypto is not None and self.deployment.encrypt_private_rooms
 
-    def _before_notice(self, member: str) -> None:
+    def _before_notice(self, member: str) -> bool:
         """Someone writing in a moderated room (the message a flag would name arrives
         before the flag), a possible flag arriving (Referral.foresee), or one accepted on
         a member it had to read the message to know: their devices read meanwhile, so an
         encrypted notice's key goes out without waiting for that read. (Asked again, they
         are not read again: the device follows them from the first answer, the sync
-        saying when their devices change.)"""
+        saying when their devices change.) False: not asked now (the device not ready)."""
         if self.crypto is not None and self.deployment.encrypt_private_rooms:
-            self.crypto.look_up_devices(member)
+            return self.crypto.look_up_devices(member)
+        return False
 
     def _wake_lane(self, lane: int) -> None:
         self.lane_workers[lane].wake()
@@ -1098,6 +1107,16 @@ class Service:
                 if not isinstance(resolved, Refused):
                     self._listed_unresolved.pop(address, None)
                     self._listed_resolved.add(address)
+                    owner = self.rooms.community_of(resolved)
+                    if owner is not None and owner != community:
+                        log.warning(
+                            "%s (listed by %s) is %s, which is %s's already: it stays %s's",
+                            address,
+                            community,
+                            resolved,
+                            owner,
+                            owner,
+                        )
                     self.rooms.listed.setdefault(resolved, community)
                     continue
                 problem = f"does not resolve ({resolved})"
@@ -1254,8 +1273,15 @@ class Service:
         await self.timers.stop()
         for task in self._background:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in self._background:
+            # One that died of an error was logged where it died (or is logged here): the
+            # rest of stopping (the server, the database, the lock) goes on regardless.
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task %s had failed", task.get_name())
         self._background.clear()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -55,6 +55,10 @@ class SpaceRooms:
         self._joined = joined
         # What stops the Space being read now (None: read, and followed): for /health.
         self.problem: str | None = "not read yet"
+        # Rooms being claimed now (a walk and an m.space.child event may meet one), and
+        # rooms whose staff were told they are another's (told once, not at every walk).
+        self._claiming: set[str] = set()
+        self._told_twice: set[str] = set()
 
     @property
     def configured(self) -> str:
@@ -80,10 +84,27 @@ class SpaceRooms:
             await self._joined.wait()
             self._joined.clear()
 
+    async def is_space(self, room_id: str) -> bool:
+        """Whether `room_id` is this community's Space (its alias resolved now if need be)."""
+        if self.space_id is None:
+            try:
+                resolved = await self._hs.resolve_room(self._configured)
+            except HomeserverUnavailable:
+                return False
+            if isinstance(resolved, Refused):
+                return False
+            self.space_id = resolved
+            self._rooms.spaces[resolved] = self._community
+        return room_id == self.space_id
+
     async def load(self) -> str | None:
         """Find the Space (joining it: staff invite the bot, or it is public) and claim
         every room in it. Returns what stopped that (None: done)."""
-        self.problem = await self._load()
+        try:
+            self.problem = await self._load()
+        except Exception as exc:  # the database, or a bug of ours: tried again, never lost
+            log.exception("the Space %s: could not be read", self._configured)
+            self.problem = f"{type(exc).__name__}: {exc}"
         return self.problem
 
     async def _load(self) -> str | None:
@@ -126,6 +147,8 @@ class SpaceRooms:
     async def claim(self, room_id: str, *, by: str, handling: Handling | None) -> None:
         owner = self._rooms.community_of(room_id)
         if owner is not None and owner != self._community:
+            if room_id in self._told_twice:
+                return
             log.warning(
                 "%s is in %s's Space, but it is %s's: it stays %s's",
                 room_id,
@@ -134,7 +157,13 @@ class SpaceRooms:
                 owner,
             )
             await self._claimed_twice(room_id, owner, self._community)
+            self._told_twice.add(room_id)
             return
         self._rooms.listed[room_id] = self._community
-        if room_id not in self._rooms.moderated:
+        if room_id in self._rooms.moderated or room_id in self._claiming:
+            return
+        self._claiming.add(room_id)
+        try:
             await self._enrol(room_id, by, handling)
+        finally:
+            self._claiming.discard(room_id)

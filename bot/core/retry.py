@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from bot.core.ports import HomeserverUnavailable
 
 log = logging.getLogger(__name__)
+_pause = asyncio.sleep  # the wait between tries without news (replaced in tests)
 
 
 async def until_done(
@@ -29,12 +30,13 @@ async def until_done(
     news: asyncio.Event | None = None,
 ) -> None:
     """Try `attempt` again (it answers what is still wrong, None once done) until it is
-    done. `problem`: what the first try said; `what`: named in the log."""
+    done. `problem`: what the first try said; `what`: named in the log. An attempt that
+    raises is logged and tried again: nothing but its success ends the trying."""
     pause = first_pause
     current: str | None = problem
     while current is not None:
         if news is None:
-            await asyncio.sleep(pause)
+            await _pause(pause)
         else:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(news.wait(), pause)
@@ -44,6 +46,9 @@ async def until_done(
             now = await attempt()
         except HomeserverUnavailable as exc:
             log.warning("%s: homeserver not reachable (%s); retrying", what, exc)
+            continue
+        except Exception as exc:  # the database, or a bug of ours: never the end of trying
+            log.exception("%s: could not be done (%s); retrying", what, exc)
             continue
         if now is not None and now != current:
             log.error("%s: %s", what, now)

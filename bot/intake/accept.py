@@ -287,11 +287,12 @@ class Intake:
         busy_timeout: float = 5.0,
         hand_over: Callable[[list[ingest.InboxItem]], None] | None = None,
         foresee: Callable[[dict[str, Any]], None] = lambda event: None,
-        writer_met: Callable[[str], None] | None = None,
+        writer_met: Callable[[str], bool] | None = None,
     ) -> None:
         # Told once of each member who writes in a room the bot moderates (None: no one
         # needs to know): their devices are read then, so a notice to them if they are
-        # flagged later need not wait for that read (appservice/service.py).
+        # flagged later need not wait for that read (appservice/service.py). It answers
+        # False when it could not take it now (told again at their next message).
         self._writer_met = writer_met
         self._writers_known: set[str] = set()
         self._moderated = action_filter.moderated
@@ -407,13 +408,15 @@ class Intake:
         """Someone writing in a room the bot moderates: told once."""
         if self._writer_met is None:
             return
-        if len(self._writers_known) >= WRITERS_KEPT:
-            self._writers_known.clear()  # bounded; one told twice is read at most once more
-        self._writers_known.add(writer)
         try:
-            self._writer_met(writer)
+            taken = self._writer_met(writer)
         except Exception:  # a look ahead: nothing depends on it
             log.exception("could not look ahead at a writer")
+            return
+        if taken:
+            if len(self._writers_known) >= WRITERS_KEPT:
+                self._writers_known.clear()  # bounded; one told twice is read once at most
+            self._writers_known.add(writer)
 
     def _foreseen(self, event: dict[str, Any]) -> None:
         try:

@@ -54,10 +54,14 @@ class Membership:
         on_case: Callable[[int], None] = lambda case_id: None,
         upgrades: RoomUpgrades | None = None,
         on_space_joined: Callable[[], None] | None = None,
+        is_space: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._on_case = on_case
         # Told when the bot joins its community's Space (its rooms are then claimed).
         self._on_space_joined = on_space_joined
+        # Whether a room is the community's Space, its alias resolved now if it was not
+        # yet (staff may make the alias and invite the bot in one go).
+        self._is_space = is_space
         self._upgrades = upgrades
         self._db = db
         self._hs = homeserver
@@ -138,7 +142,9 @@ class Membership:
         if self._staff_room.is_staff_room(room_id):
             await self._join_staff_room(handling, inviter)
             return
-        if self._rooms.spaces.get(room_id) == self._deployment.community:
+        if self._rooms.spaces.get(room_id) == self._deployment.community or (
+            self._is_space is not None and await self._is_space(room_id)
+        ):
             # The community's Space: joined to read (and follow) its rooms, not moderated.
             joined = await self._join(handling, inviter, tell_staff=False)
             if joined and self._on_space_joined is not None:
@@ -187,6 +193,18 @@ class Membership:
         # From the join on, a flag there is decided as a flag (not left as a stranger's),
         # even while what follows waits for the homeserver.
         self._rooms.moderate(room_id, self._deployment.community)
+        try:
+            await self._record_enrolment(room_id, inviter, handling)
+        except BaseException:
+            # Not recorded: not taken either, so the invite's retry (or the Space's next
+            # walk) enrols it again rather than passing it over as done.
+            self._rooms.stop_moderating(room_id)
+            raise
+        self._on_outbox()
+
+    async def _record_enrolment(
+        self, room_id: str, inviter: str, handling: Handling | None
+    ) -> None:
         kick, redact = await self._powers(room_id)
         named = await named_room(self._hs, room_id)
         now = dt.datetime.now(dt.UTC)
@@ -216,7 +234,6 @@ class Membership:
                 ),
                 now,
             )
-        self._on_outbox()
 
     def _transaction(
         self, handling: Handling | None

@@ -85,7 +85,7 @@ class Referral:
         senders: RecentSenders,
         watch_member: Callable[[str, str], None],
         is_moderated: Callable[[str], bool],
-        before_notice: Callable[[str], None] = lambda member: None,
+        before_notice: Callable[[str], object] = lambda member: None,
         begin: Callable[[AsyncConnection, cases.Opened], Awaitable[Begun]] | None = None,
     ) -> None:
         # Writes a new case's first step's intent in the transaction that opens it.

@@ -226,13 +226,19 @@ async def test_each_writer_in_a_moderated_room_is_told_once_for_their_devices_to
     """Whoever writes in a room the bot moderates may be flagged: the service is told of
     them once, as the message arrives, so their devices are read before any flag."""
     met: list[str] = []
+    ready = True
+
+    def writer_met(writer: str) -> bool:
+        met.append(writer)
+        return ready  # False: the device could not take it now
+
     intake = Intake(
         None,  # type: ignore[arg-type]
         action_filter()[0],
         Metrics(),
         on_queued=lambda lane: None,
         recorder=_Recorder(),  # type: ignore[arg-type]
-        writer_met=met.append,
+        writer_met=writer_met,
     )
 
     def message(n: int, room: str, sender: str, kind: str = "m.room.message") -> dict[str, Any]:
@@ -252,6 +258,12 @@ async def test_each_writer_in_a_moderated_room_is_told_once_for_their_devices_to
     assert met == [MEMBER], "once each, only writers of messages in a moderated room"
     await intake.accept("t5", [message(7, GROUP, "@new:l")])
     assert met == [MEMBER, "@new:l"]
+    # Not taken (the device not ready yet): told again at their next message.
+    ready = False
+    await intake.accept("t6", [message(8, GROUP, "@later:l")])
+    ready = True
+    await intake.accept("t7", [message(9, GROUP, "@later:l"), message(10, GROUP, "@later:l")])
+    assert met == [MEMBER, "@new:l", "@later:l", "@later:l"]
 
 
 def test_rooms_known_at_start_are_known_as_if_added_one_by_one():

@@ -31,7 +31,7 @@ async def test_backs_off_doubling_to_the_longest_pause_and_stops_when_done(monke
     async def sleep(seconds: float) -> None:
         pauses.append(seconds)
 
-    monkeypatch.setattr("bot.core.retry.asyncio.sleep", sleep)
+    monkeypatch.setattr("bot.core.retry._pause", sleep)
     attempt = Attempts("still", "still", "still", "still", None)
     await until_done(attempt, problem="first", what="x", first_pause=1, longest_pause=4)
     assert len(attempt.at) == 5, "tried until done, not after"
@@ -68,3 +68,13 @@ async def test_a_problem_is_logged_as_it_changes_not_at_every_try(caplog):
         )
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert said == ["the thing: other"]
+
+
+async def test_any_error_is_logged_and_tried_again_never_the_end(caplog):
+    """A database error or a bug of ours in one attempt does not end the trying (a task
+    that died of it would leave /health saying what it said last, forever)."""
+    attempt = Attempts(RuntimeError("database is locked"), None)
+    with caplog.at_level(logging.ERROR):
+        await until_done(attempt, problem="p", what="x", first_pause=0.001, longest_pause=0.01)
+    assert len(attempt.at) == 2
+    assert "x: could not be done (database is locked); retrying" in caplog.text
