@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import pytest
@@ -76,7 +77,10 @@ async def test_sigkill_between_notify_and_remove_resumes_once(synapse, tmp_path)
         await proxy.stop()
 
 
-async def test_synapse_unreachable_for_a_while_loses_nothing(synapse, tmp_path):
+async def test_synapse_unreachable_for_a_while_loses_nothing(synapse, tmp_path, caplog):
+    # INFO kept: a failure here (seen once in CI, 2026-12-07: the flag's third attempt
+    # left no WARNING) then shows what the flag lane decided, a refusal included.
+    caplog.set_level(logging.INFO)
     scene = await build_scene(synapse, tmp_path)
     proxy = HoldingProxy(synapse.url)
     await proxy.start()
