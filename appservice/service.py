@@ -193,9 +193,8 @@ class Service:
         self._pause_resume = asyncio.Lock()  # one pause or resume at a time, in order
         self._encryption_reports = asyncio.Lock()  # "failed" and "works again", in order
         self._staff_room_warned: str | None = None  # logged once, until it changes
-        # The rooms communities list by alias: resolved (known by id in RoomDirectory.listed),
-        # and not yet, with why (retried in the background, shown on /health).
-        self._listed_resolved: set[str] = set()
+        # The rooms communities list by alias not resolved yet, with why (retried in the
+        # background, shown on /health); once resolved, known by id in RoomDirectory.listed.
         self._listed_unresolved: dict[str, str] = {}
         self.stopped = asyncio.Event()  # set when the service stops itself (a fatal fault)
         self.fatal: str | None = None
@@ -767,10 +766,9 @@ class Service:
         if self.moderation is not None:
             self._background.append(asyncio.create_task(self.moderation.run(), name="moderation"))
         await self._join_staff_room()
-        await self._resolve_listed_rooms()
-        if self._listed_unresolved:
+        if problem := await self._resolve_listed_rooms():
             self._background.append(
-                asyncio.create_task(self._keep_resolving_listed_rooms(), name="listed-rooms")
+                asyncio.create_task(self._keep_resolving_listed_rooms(problem), name="listed-rooms")
             )
         for part in self.parts.values():
             if part.spaces is not None:
@@ -1096,17 +1094,15 @@ class Service:
         """The rooms communities list by alias, known by their ids: an invite there is
         that community's, whoever sends it (a room id listed needs nothing). Returns what
         is left unresolved (None: nothing), kept for /health and tried again meanwhile."""
-        for address, community in list(self.rooms.listed.items()):
-            if address.startswith("!") or address in self._listed_resolved:
-                continue
+        for address in list(self._listed_unresolved):
+            community = self.rooms.listed[address]
             try:
                 resolved = await self.homeserver.resolve_room(address)
             except HomeserverUnavailable as exc:
                 problem = f"the homeserver is not reachable ({exc})"
             else:
                 if not isinstance(resolved, Refused):
-                    self._listed_unresolved.pop(address, None)
-                    self._listed_resolved.add(address)
+                    del self._listed_unresolved[address]
                     owner = self.rooms.community_of(resolved)
                     if owner is not None and owner != community:
                         log.warning(
@@ -1127,10 +1123,10 @@ class Service:
             return None
         return f"{len(self._listed_unresolved)} listed room(s) not resolved yet"
 
-    async def _keep_resolving_listed_rooms(self) -> None:
+    async def _keep_resolving_listed_rooms(self, problem: str) -> None:
         await until_done(
             self._resolve_listed_rooms,
-            problem=f"{len(self._listed_unresolved)} listed room(s) not resolved yet",
+            problem=problem,
             what="the rooms communities list by alias",
             first_pause=self._connect_retry,
             longest_pause=RETRY_MAX,
