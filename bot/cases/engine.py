@@ -61,13 +61,22 @@ OUTAGE_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILURE_DELAYS = (2.0, 10.0, 30.0, 60.0)
 
 
+class Ahead(NamedTuple):
+    """The intent of the step that follows another at once (`CaseStep.follows_at_once`),
+    written in the same transaction as that one's: the step as it was, and as started."""
+
+    was: Step
+    started: Step
+
+
 class Begun(NamedTuple):
     """A case as the transaction that opened it left it: its first step's intent written
-    (`step` None: none to run now)."""
+    (`step` None: none to run now), and that of the step to follow it at once, if any."""
 
     case: Case | None
     steps: dict[str, Step]
     step: Step | None
+    ahead: Ahead | None = None
 
 
 class _Finished(NamedTuple):
@@ -92,6 +101,13 @@ def _database_outage(exc: BaseException) -> bool:
 
 def _delay(delays: tuple[float, ...], count: int) -> dt.timedelta:
     return dt.timedelta(seconds=delays[min(max(count, 1), len(delays)) - 1])
+
+
+def _started(step: Step, now: dt.datetime) -> Step:
+    """The step as `cases.start_step` leaves its row: started, this attempt counted."""
+    return replace(
+        step, status="started", attempts=step.attempts + 1, started_at=step.started_at or now
+    )
 
 
 class StepEngine:
@@ -120,6 +136,7 @@ class StepEngine:
         self._outage_delays = outage_delays
         self._failure_delays = failure_delays
         self._running: set[int] = set()
+        self._changed: set[int] = set()  # running cases changed since their run read them
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -203,20 +220,25 @@ class StepEngine:
         known = None
         if opened.case is not None:  # as just written: no need to read it back
             known = opened.case, {step.step: step for step in opened.steps}
-        _, case, steps, step = await self._between_steps(
+        _, case, steps, step, ahead = await self._between_steps(
             conn, opened.case_id, None, True, set(), known
         )
         if case is not None and step is not None:
             progress = await self._units(case)[step.step].begin(conn, case, step)
             if progress is not None:
                 step = steps[step.step] = replace(step, progress=progress)
-        return Begun(case, steps, step)
+        return Begun(case, steps, step, ahead)
 
     def start_case(self, case_id: int, begun: Begun | None = None) -> None:
         """Run a case now (e.g. just opened, `begun` there), unless it is already running
         (that run finds the intent written, and resumes the step as it would after a
         crash)."""
-        if case_id in self._running or self._stopping:
+        if case_id in self._running:
+            # Changed while it runs (a staff command, another flag): the run reads the case
+            # again before its next step, and runs none ahead of that read.
+            self._changed.add(case_id)
+            return
+        if self._stopping:
             return
         self._running.add(case_id)
         task = asyncio.create_task(self._run_guarded(case_id, begun), name=f"case:{case_id}")
@@ -239,6 +261,7 @@ class StepEngine:
             await asyncio.sleep(1)
         finally:
             self._running.discard(case_id)
+            self._changed.discard(case_id)
             self.wake()
 
     async def retry_waiting(self) -> None:
@@ -256,32 +279,83 @@ class StepEngine:
         the case as it is now (a staff command may have changed it meanwhile), and the
         intent of the next (or, with none to run now, when to look again). So a step
         waits for one commit after the one before it, not three.
+
+        A step that follows another at once (the removal, after the notice) waits for
+        none: its intent was written with that one's, and it begins the moment that one
+        is done, while that outcome is recorded (`_follow`).
         """
         deferred: set[str] = set()  # each step is tried at most once per round when waiting
         finished: _Finished | None = None  # the last step's outcome, not yet recorded
         go_on = True
+        ahead: Ahead | None = None  # an intent written ahead, not acted on
         while True:
             if begun is not None:
                 # The transaction that opened the case wrote the first intent (`begin`).
-                (case, steps, step), told, begun = begun, False, None
+                (case, steps, step, ahead), told, begun = begun, False, None
             else:
-                told, case, steps, step = await transact(
-                    self._db, self._between_steps, case_id, finished, go_on, deferred
+                self._changed.discard(case_id)  # this transaction reads the case as it is
+                told, case, steps, step, ahead = await transact(
+                    self._db, self._between_steps, case_id, finished, go_on, deferred, None, ahead
                 )
             if finished is not None:
                 await self._outcome_recorded(finished, told)
             if case is None or step is None:
                 return
             deferred.add(step.step)
-            step = replace(
-                step,
-                status="started",
-                attempts=step.attempts + 1,
-                started_at=step.started_at or _now(),
-            )
-            steps[step.step] = step
             # False: the homeserver is away, and the other steps would wait for it too.
             go_on, finished = await self._run_step(case, step, steps)
+            if ahead is not None and go_on and finished is not None:
+                following = self._follows(case_id, finished, ahead, deferred)
+                if following is not None:
+                    case, steps = following
+                    deferred.add(ahead.started.step)
+                    go_on, finished = await self._follow(case, steps, finished, ahead.started)
+                    ahead = None
+
+    def _follows(
+        self, case_id: int, before: _Finished, ahead: Ahead, deferred: set[str]
+    ) -> tuple[Case, dict[str, Step]] | None:
+        """The case and its steps as `ahead` would see them, if it is the step to run now
+        that `before` has its outcome; None if not (or if the case changed meanwhile: then
+        the next transaction reads it again, and undoes the intent written ahead)."""
+        if case_id in self._changed:
+            return None
+        outcome, now = before.outcome, _now()
+        done = replace(
+            before.step,
+            status=outcome.status,
+            result=outcome.facts | outcome.personal,
+            error=outcome.error,
+            finished_at=now,
+            not_before=None,
+        )
+        steps = {**before.steps, done.step: done, ahead.started.step: ahead.started}
+        fields = {k: v for k, v in outcome.case_fields.items() if k in Case.__dataclass_fields__}
+        case = replace(before.case, **fields)
+        upcoming = self._next_runnable(case, steps, now, skip=deferred)
+        if upcoming is None or upcoming.step != ahead.started.step:
+            return None
+        return case, steps
+
+    async def _follow(
+        self, case: Case, steps: dict[str, Step], before: _Finished, step: Step
+    ) -> tuple[bool, _Finished | None]:
+        """Run `step`, whose intent was written ahead, while `before`'s outcome is recorded.
+
+        Both are on record before the next transaction: if the process dies between,
+        the next run finds both steps started and resumes them in order, each looking
+        for what it did first (a kick that went through is the bot's own leave event).
+        """
+
+        async def record() -> None:
+            told = await transact(self._db, self._write_outcome, before)
+            await self._outcome_recorded(before, told)
+
+        recording = asyncio.create_task(record(), name=f"case:{case.id}:record")
+        try:
+            return await self._run_step(case, step, steps)
+        finally:
+            await recording
 
     async def _between_steps(
         self,
@@ -291,24 +365,51 @@ class StepEngine:
         go_on: bool,
         deferred: set[str],
         known: tuple[Case, dict[str, Step]] | None = None,
-    ) -> tuple[bool, Case | None, dict[str, Step], Step | None]:
+        unused: Ahead | None = None,
+    ) -> tuple[bool, Case | None, dict[str, Step], Step | None, Ahead | None]:
         """The transaction between two steps (run whole: bot/store/transact.py): the last
-        one's outcome recorded, the case read (`known`: as this transaction wrote it), and
-        the next one's intent written."""
+        one's outcome recorded, an intent written ahead and not acted on undone, the case
+        read (`known`: as this transaction wrote it), and the next one's intent written
+        (with that of the step to follow it at once, if any)."""
         told = await self._write_outcome(conn, finished) if finished else False
+        if unused is not None:
+            await cases.unstart_step(conn, case_id, unused.was)
         if known is not None:
             case, steps = known
         else:
             case = await cases.get(conn, case_id)
             steps = {step.step: step for step in await cases.steps_of(conn, case_id)}
         step: Step | None = None
+        ahead: Ahead | None = None
         if case is not None and go_on:
-            step = self._next_runnable(case, steps, _now(), skip=deferred)
+            now = _now()
+            step = self._next_runnable(case, steps, now, skip=deferred)
             if step is not None:
-                await cases.start_step(conn, case_id, step.step, _now())  # the intent
+                ahead = self._ahead_of(case, steps, step, now)
+                # The intent (and the one written ahead, if any): one statement.
+                names = [step.step] if ahead is None else [step.step, ahead.was.step]
+                await cases.start_steps(conn, case_id, names, now)
+                step = steps[step.step] = _started(step, now)
         if case is not None and step is None:
             await cases.set_next_attempt(conn, case_id, self._next_look(case, steps))
-        return told, case, steps, step
+        return told, case, steps, step, ahead
+
+    def _ahead_of(
+        self, case: Case, steps: Mapping[str, Step], step: Step, now: dt.datetime
+    ) -> Ahead | None:
+        """The step whose intent is written with `step`'s: the one that would run next were
+        `step` done, if it follows at once (`CaseStep.follows_at_once`) and has not begun.
+        So it waits for `step` alone, not for `step`'s record. It is acted on only if it is
+        still the one to run when `step` has its outcome (`_follows`); else the next
+        transaction undoes it. Left by a crash, it only makes that step look before it
+        acts."""
+        if_done = {**steps, step.step: replace(step, status="done")}
+        upcoming = self._next_runnable(case, if_done, now, skip=set())
+        if upcoming is None or upcoming.status != "pending":
+            return None
+        if not self._units(case)[upcoming.step].follows_at_once:
+            return None
+        return Ahead(upcoming, _started(upcoming, now))
 
     def _units(self, case: Case) -> dict[str, CaseStep]:
         return self._kits[case.community][0]

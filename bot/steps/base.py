@@ -281,6 +281,11 @@ class CaseStep(ABC):
     # A promise with a deadline (the staff alert): once due it runs before any other step
     # of the case, and no other step's attempt may run past its due time.
     promise: ClassVar[bool] = False
+    # Begins the moment the step before it is done, while that outcome is recorded (the
+    # removal, after the notice): its intent is written with that step's, and the step
+    # then waits for no transaction (bot/cases/engine.py). Only for a step whose resumed
+    # attempt looks before it acts, as every step's must.
+    follows_at_once: ClassVar[bool] = False
 
     def __init__(self, tools: Toolbox) -> None:
         self.tools = tools

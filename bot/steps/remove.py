@@ -33,6 +33,8 @@ class Remove(CaseStep):
     # A refused kick is definite (the bot lacks the power, or the member is staff
     # elsewhere): the alert must not wait for retries to say so.
     retries = 0
+    # The member is told, and waits in the room: the kick waits for no record of that.
+    follows_at_once = True
 
     def ready(self, case: Case, steps: Mapping[str, Step]) -> bool:
         if steps["remove"].progress.get("decided_by"):

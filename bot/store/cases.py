@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -165,7 +167,13 @@ def _flag_facts(flag: NewFlag) -> dict[str, Any]:
 # Statements of every step of every case, built once: building one with its values
 # costs more than SQLite takes to run it. An update sets the columns its parameters name.
 _ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("key"))
-_INSERT_CASE = cases.insert().returning(cases.c.id)
+# A new case, unless the member has an active one in that room (`active_key` is unique):
+# then nothing is inserted, and nothing is returned. One statement, with no read before
+# it and no savepoint around it (a failed insert would need one on PostgreSQL).
+_NEW_CASE = {
+    "sqlite": sqlite_insert(cases).on_conflict_do_nothing().returning(cases.c.id),
+    "postgresql": postgresql_insert(cases).on_conflict_do_nothing().returning(cases.c.id),
+}
 _INSERT_STEPS = case_steps.insert()
 _CASE = sa.select(cases).where(cases.c.id == sa.bindparam("b_case"))
 # One community's case: another's number reads as a number that does not exist.
@@ -179,13 +187,24 @@ _STEPS_OF = (
 _UPDATE_STEP = case_steps.update().where(
     case_steps.c.case_id == sa.bindparam("b_case"), case_steps.c.step == sa.bindparam("b_step")
 )
-_START_STEP = _UPDATE_STEP.values(
-    status="started",
-    attempts=case_steps.c.attempts + 1,
-    # Typed as the column, so a datetime is stored as every other one (UTC).
-    started_at=sa.func.coalesce(
-        case_steps.c.started_at, sa.bindparam("b_now", type_=case_steps.c.started_at.type)
-    ),
+_START_STEPS = (
+    case_steps.update()
+    .where(
+        case_steps.c.case_id == sa.bindparam("b_case"),
+        case_steps.c.step.in_(sa.bindparam("b_steps", expanding=True)),
+    )
+    .values(
+        status="started",
+        attempts=case_steps.c.attempts + 1,
+        # Typed as the column, so a datetime is stored as every other one (UTC).
+        started_at=sa.func.coalesce(
+            case_steps.c.started_at, sa.bindparam("b_now", type_=case_steps.c.started_at.type)
+        ),
+    )
+)
+
+_UNSTART_STEP = _UPDATE_STEP.where(
+    case_steps.c.status == "started", case_steps.c.attempts == sa.bindparam("b_attempts")
 )
 
 
@@ -203,76 +222,59 @@ async def open_or_corroborate(
     Runs inside the caller's transaction: case, first entry and steps commit together.
     """
     key = active_key(flag.room_id, flag.member_id)
-    existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one_or_none()
-    if existing is None:
-        values = {
-            "room_id": flag.room_id,
-            "member_id": flag.member_id,
-            "active_key": key,
-            "state": "open",
-            "dry_run": dry_run,
-            "flagged_at": flag.flagged_at,
-            "received_at": flag.received_at,
-            "due_at": due_at,
-            "next_attempt_at": flag.received_at,
-            "nonce": secrets.token_hex(8),
-            "community": flag.community,
-        }
-        try:
-            if conn.dialect.name == "sqlite":
-                # Every writer here takes SQLite's write lock as it begins (BEGIN
-                # IMMEDIATE: appservice/database.py): no flag can open it between our
-                # read and our insert, so no savepoint is needed to survive that.
-                case_id = (await conn.execute(_INSERT_CASE, values)).scalar_one()
-            else:
-                async with conn.begin_nested():
-                    case_id = (await conn.execute(_INSERT_CASE, values)).scalar_one()
-        except IntegrityError:
-            # Another flag opened it between our read and our insert.
-            existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
-        else:
-            new_steps = tuple(
-                Step(case_id, name, index, "pending", 0, None, None, {}, {}, None)
-                for index, name in enumerate(steps)
-            )
-            await conn.execute(
-                _INSERT_STEPS,
-                [
-                    {
-                        "case_id": case_id,
-                        "step": step.step,
-                        "position": step.position,
-                        "status": step.status,
-                    }
-                    for step in new_steps
-                ],
-            )
-            facts = _flag_facts(flag) | {"dry_run": dry_run}
-            if due_at is not None:
-                facts["checkin_due_at"] = due_at.isoformat()
-            seq = await audit.append(
-                conn,
-                provenance,
-                "flagged",
-                case_id=case_id,
-                facts=facts,
-                personal=_flag_personal(flag),
-                at=flag.received_at,
-            )
-            # Every field the insert did not set is empty in a new case.
-            written = values | {"id": case_id}
-            case = Case(**{name: written.get(name) for name in Case.__dataclass_fields__})
-            return Opened(case_id, created=True, seq=seq, case=case, steps=new_steps)
+    values = {
+        "room_id": flag.room_id,
+        "member_id": flag.member_id,
+        "active_key": key,
+        "state": "open",
+        "dry_run": dry_run,
+        "flagged_at": flag.flagged_at,
+        "received_at": flag.received_at,
+        "due_at": due_at,
+        "next_attempt_at": flag.received_at,
+        "nonce": secrets.token_hex(8),
+        "community": flag.community,
+    }
+    case_id = (await conn.execute(_NEW_CASE[conn.dialect.name], values)).scalar_one_or_none()
+    if case_id is None:
+        existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
+        seq = await audit.append(
+            conn,
+            provenance,
+            "corroborated",
+            case_id=existing,
+            facts=_flag_facts(flag),
+            personal=_flag_personal(flag),
+            at=flag.received_at,
+        )
+        return Opened(existing, created=False, seq=seq)
+    new_steps = tuple(
+        Step(case_id, name, index, "pending", 0, None, None, {}, {}, None)
+        for index, name in enumerate(steps)
+    )
+    await conn.execute(
+        _INSERT_STEPS,
+        [
+            {"case_id": case_id, "step": s.step, "position": s.position, "status": s.status}
+            for s in new_steps
+        ],
+    )
+    facts = _flag_facts(flag) | {"dry_run": dry_run}
+    if due_at is not None:
+        facts["checkin_due_at"] = due_at.isoformat()
     seq = await audit.append(
         conn,
         provenance,
-        "corroborated",
-        case_id=existing,
-        facts=_flag_facts(flag),
+        "flagged",
+        case_id=case_id,
+        facts=facts,
         personal=_flag_personal(flag),
         at=flag.received_at,
     )
-    return Opened(existing, created=False, seq=seq)
+    # Every field the insert did not set is empty in a new case.
+    written = values | {"id": case_id}
+    case = Case(**{name: written.get(name) for name in Case.__dataclass_fields__})
+    return Opened(case_id, created=True, seq=seq, case=case, steps=new_steps)
 
 
 async def get(conn: AsyncConnection, case_id: int, *, community: str | None = None) -> Case | None:
@@ -461,7 +463,30 @@ async def rearm_step(
 
 async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
     """Write the intent before the network call: a restart then knows to look before acting."""
-    await conn.execute(_START_STEP, {"b_case": case_id, "b_step": step, "b_now": now})
+    await start_steps(conn, case_id, (step,), now)
+
+
+async def start_steps(
+    conn: AsyncConnection, case_id: int, steps: Sequence[str], now: dt.datetime
+) -> None:
+    """`start_step` for each of `steps`, in one statement."""
+    await conn.execute(_START_STEPS, {"b_case": case_id, "b_steps": list(steps), "b_now": now})
+
+
+async def unstart_step(conn: AsyncConnection, case_id: int, was: Step) -> None:
+    """An intent written ahead and never acted on: the step as it was before (`was`), if
+    its row is still as that intent left it (started, that one attempt counted)."""
+    await conn.execute(
+        _UNSTART_STEP,
+        {
+            "b_case": case_id,
+            "b_step": was.step,
+            "b_attempts": was.attempts + 1,
+            "status": was.status,
+            "attempts": was.attempts,
+            "started_at": was.started_at,
+        },
+    )
 
 
 async def save_progress(

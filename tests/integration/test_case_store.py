@@ -175,6 +175,21 @@ async def test_second_flag_corroborates_the_active_case(engine):
     assert [s.step for s in steps] == ["notify", "remove"]
 
 
+async def test_two_flags_at_once_open_one_case_and_corroborate_it(engine):
+    """Two moderators flag the same member at the same moment, in transactions of their
+    own: the insert that finds the member's case there already inserts nothing (on
+    PostgreSQL it waits for the other to commit) and corroborates it."""
+    opened = await asyncio.gather(
+        open_case(engine, flag()), open_case(engine, flag(flagger="@mod2:localhost"))
+    )
+    assert sorted(o.created for o in opened) == [False, True]
+    assert opened[0].case_id == opened[1].case_id
+    async with engine.connect() as conn:
+        kinds = [e.kind for e in await audit.entries(conn, case_id=opened[0].case_id)]
+        assert len(await cases.listing(conn)) == 1
+    assert sorted(kinds) == ["corroborated", "flagged"]
+
+
 async def test_a_case_opened_is_told_as_a_read_of_it_would_return_it(engine):
     """The step engine begins a new case from what its opening wrote, without reading it
     back (bot/cases/engine.py): that must be what a read returns, whatever columns a case

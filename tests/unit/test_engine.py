@@ -178,6 +178,7 @@ async def test_undeliverable_notice_holds_the_removal_for_staff_to_decide(engine
     await runner.run_case(case_id)
     done = await steps(engine, case_id)
     assert done["notify"].status == "failed" and done["remove"].status == "pending"
+    assert done["remove"].attempts == 0, "the intent written ahead was undone"
     assert hs.kicks == [], "not removed without being told"
     (alert,) = notices(hs, "alert")
     body = alert["content"]["body"]
@@ -379,6 +380,7 @@ async def test_a_crashing_notice_never_lets_the_removal_go_ahead(engine):
     await runner.run_case(case_id)
     done = await steps(engine, case_id)
     assert done["notify"].status == "started" and done["remove"].status == "pending"
+    assert done["remove"].attempts == 0, "the intent written ahead was undone"
     assert hs.kicks == []
     (alert,) = notices(hs, "alert")
     first = alert["content"]["body"].splitlines()[0]
@@ -608,6 +610,115 @@ async def test_killed_after_the_case_began_resumes_it_once(engine, crash_at):
     assert len([r for r in hs.rooms.values() if r.members.get(MEMBER) == "invite"]) == 1
     assert len(notices(hs, "notify")) == 1
     assert hs.kicks == [(GROUP, MEMBER)]
+
+
+def _noting_records(runner, monkeypatch) -> list[str]:
+    """The steps whose outcomes have been written, in order (as the writes finish)."""
+    recorded: list[str] = []
+    write = runner._write_outcome
+
+    async def noted(conn, finished):
+        told = await write(conn, finished)
+        recorded.append(finished.step.step)
+        return told
+
+    monkeypatch.setattr(runner, "_write_outcome", noted)
+    return recorded
+
+
+def _records_at_kick(hs, recorded: list[str], monkeypatch) -> list[list[str]]:
+    """What had been recorded each time the member was kicked."""
+    seen: list[list[str]] = []
+    kick = hs.kick
+
+    async def watched(room_id, user_id, reason):
+        seen.append(list(recorded))
+        return await kick(room_id, user_id, reason)
+
+    monkeypatch.setattr(hs, "kick", watched)
+    return seen
+
+
+async def test_the_removal_begins_as_the_member_is_told_not_after_the_record(engine, monkeypatch):
+    """The kick waits for the notice alone: its intent was written with the notice's, and
+    the notice's outcome is recorded alongside it, both before the next transaction."""
+    hs = homeserver()
+    runner = step_engine(engine, hs)
+    case_id, begun = await open_and_begin(engine, runner)
+    assert begun.ahead is not None and begun.ahead.started.step == "remove"
+    rows = await steps(engine, case_id)
+    assert (rows["remove"].status, rows["remove"].attempts) == ("started", 1), "intent first"
+    recorded = _noting_records(runner, monkeypatch)
+    at_kick = _records_at_kick(hs, recorded, monkeypatch)
+    await runner.run_case(case_id, begun)
+    assert at_kick == [[]], "the kick waited for no record"
+    done = await steps(engine, case_id)
+    assert [done[s].status for s in REFERRAL_STEPS] == ["done"] * 5
+    assert done["notify"].attempts == done["remove"].attempts == 1, "neither taken for a resume"
+    assert recorded[:2] == ["notify", "remove"], "recorded in order"
+    assert done["remove"].result["notified_first"] is True
+    assert (await kinds(engine, case_id))[:3] == ["flagged", "step.notify", "step.remove"]
+    async with engine.connect() as conn:
+        rows = [row async for row in audit.chain_rows(conn)]
+    assert verify_chain(rows).ok
+
+
+async def test_killed_after_the_kick_before_the_notice_was_recorded_resumes_once(
+    engine, monkeypatch
+):
+    """The kick took effect; the notice's record, made alongside it, never committed. The
+    next run resumes both in order: the notice found, the kick found to be the bot's own."""
+    hs = homeserver()
+    runner = step_engine(engine, hs)
+    case_id, begun = await open_and_begin(engine, runner)
+    write = runner._write_outcome
+
+    async def dies(conn, finished):
+        if finished.step.step == "notify":
+            raise Crash()  # the process died before this transaction committed
+        return await write(conn, finished)
+
+    monkeypatch.setattr(runner, "_write_outcome", dies)
+    with contextlib.suppress(Crash):
+        await runner.run_case(case_id, begun)
+    assert hs.kicks == [(GROUP, MEMBER)], "the kick went through"
+    rows = await steps(engine, case_id)
+    assert rows["notify"].status == rows["remove"].status == "started", "nothing recorded"
+    hs.txn_ids.clear()  # Synapse restarted too
+    await step_engine(engine, hs).run_case(case_id)
+    done = await steps(engine, case_id)
+    assert all(done[s].status == "done" for s in REFERRAL_STEPS), done
+    assert len(notices(hs, "notify")) == 1, "the notice found, not sent again"
+    assert hs.kicks == [(GROUP, MEMBER)], "kicked once"
+    assert done["remove"].result["resumed"] is True, "its own kick, found"
+    assert done["remove"].attempts == 2
+
+
+async def test_a_case_changed_during_the_notice_is_read_again_before_the_removal(
+    engine, monkeypatch
+):
+    """A staff command (or another flag) while the notice is under way: the removal waits
+    for the case to be read again, and the intent written ahead is undone and written anew
+    (one attempt, as recorded)."""
+    hs = homeserver()
+    runner = step_engine(engine, hs)
+    case_id, begun = await open_and_begin(engine, runner)
+    send = hs.send
+
+    async def changed_meanwhile(room_id, content, **kwargs):
+        runner.start_case(case_id)  # as a staff command does after changing the case
+        return await send(room_id, content, **kwargs)
+
+    monkeypatch.setattr(hs, "send", changed_meanwhile)
+    recorded = _noting_records(runner, monkeypatch)
+    at_kick = _records_at_kick(hs, recorded, monkeypatch)
+    runner.start_case(case_id, begun)
+    while runner._tasks:
+        await asyncio.gather(*runner._tasks)
+    assert at_kick == [["notify"]], "kicked after a transaction that read the case again"
+    done = await steps(engine, case_id)
+    assert [done[s].status for s in REFERRAL_STEPS] == ["done"] * 5
+    assert done["remove"].attempts == 1 and "resumed" not in done["remove"].result
 
 
 async def test_a_case_falling_due_while_the_timer_reads_is_looked_at_again_at_once(
