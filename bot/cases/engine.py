@@ -206,7 +206,7 @@ class StepEngine:
             due = await cases.due(conn, now)
             next_at = await cases.next_due_at(conn)
         for case_id in due:
-            self.start_case(case_id)
+            self._start(case_id)  # one running already is not changed by falling due
         if next_at is not None and next_at <= now and len(due) < cases.DUE_BATCH:
             # Every case due by `now` was just read: started, or in flight (a case in
             # flight wakes the timer when it finishes).
@@ -230,15 +230,17 @@ class StepEngine:
         return Begun(case, steps, step, ahead)
 
     def start_case(self, case_id: int, begun: Begun | None = None) -> None:
-        """Run a case now (e.g. just opened, `begun` there), unless it is already running
-        (that run finds the intent written, and resumes the step as it would after a
-        crash)."""
+        """Run a case now (just opened, `begun` there; or changed by a staff command or
+        another flag), unless it is already running: that run then reads the case again
+        before its next step, and runs none ahead of that read (`_follows`)."""
         if case_id in self._running:
-            # Changed while it runs (a staff command, another flag): the run reads the case
-            # again before its next step, and runs none ahead of that read.
             self._changed.add(case_id)
-            return
-        if self._stopping:
+        self._start(case_id, begun)
+
+    def _start(self, case_id: int, begun: Begun | None = None) -> None:
+        """Run the case now unless it is running already (that run finds the intent
+        written, and resumes the step as it would after a crash)."""
+        if case_id in self._running or self._stopping:
             return
         self._running.add(case_id)
         task = asyncio.create_task(self._run_guarded(case_id, begun), name=f"case:{case_id}")

@@ -171,8 +171,12 @@ _ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("k
 # then nothing is inserted, and nothing is returned. One statement, with no read before
 # it and no savepoint around it (a failed insert would need one on PostgreSQL).
 _NEW_CASE = {
-    "sqlite": sqlite_insert(cases).on_conflict_do_nothing().returning(cases.c.id),
-    "postgresql": postgresql_insert(cases).on_conflict_do_nothing().returning(cases.c.id),
+    "sqlite": sqlite_insert(cases)
+    .on_conflict_do_nothing(index_elements=[cases.c.active_key])
+    .returning(cases.c.id),
+    "postgresql": postgresql_insert(cases)
+    .on_conflict_do_nothing(index_elements=[cases.c.active_key])
+    .returning(cases.c.id),
 }
 _INSERT_STEPS = case_steps.insert()
 _CASE = sa.select(cases).where(cases.c.id == sa.bindparam("b_case"))
@@ -235,9 +239,19 @@ async def open_or_corroborate(
         "nonce": secrets.token_hex(8),
         "community": flag.community,
     }
-    case_id = (await conn.execute(_NEW_CASE[conn.dialect.name], values)).scalar_one_or_none()
-    if case_id is None:
-        existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
+    existing: int | None = None
+    if conn.dialect.name != "sqlite":
+        # PostgreSQL takes the next case number before an insert finds the conflict: a
+        # second flag must not use one up (staff would look for the missing case). SQLite
+        # takes none then, and needs no read: every writer there begins with the write
+        # lock (BEGIN IMMEDIATE), so no flag opens the case between the two.
+        existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one_or_none()
+    case_id: int | None = None
+    if existing is None:
+        case_id = (await conn.execute(_NEW_CASE[conn.dialect.name], values)).scalar_one_or_none()
+        if case_id is None:  # opened by another flag since the read
+            existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
+    if existing is not None:
         seq = await audit.append(
             conn,
             provenance,
@@ -248,6 +262,7 @@ async def open_or_corroborate(
             at=flag.received_at,
         )
         return Opened(existing, created=False, seq=seq)
+    assert case_id is not None  # inserted: a conflict leaves `existing` set
     new_steps = tuple(
         Step(case_id, name, index, "pending", 0, None, None, {}, {}, None)
         for index, name in enumerate(steps)

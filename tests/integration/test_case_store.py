@@ -177,8 +177,9 @@ async def test_second_flag_corroborates_the_active_case(engine):
 
 async def test_two_flags_at_once_open_one_case_and_corroborate_it(engine):
     """Two moderators flag the same member at the same moment, in transactions of their
-    own: the insert that finds the member's case there already inserts nothing (on
-    PostgreSQL it waits for the other to commit) and corroborates it."""
+    own: one opens the case, the other corroborates it. (On SQLite the write lock runs
+    them one after the other; on PostgreSQL the second insert waits for the first to
+    commit, then inserts nothing.)"""
     opened = await asyncio.gather(
         open_case(engine, flag()), open_case(engine, flag(flagger="@mod2:localhost"))
     )
@@ -188,6 +189,15 @@ async def test_two_flags_at_once_open_one_case_and_corroborate_it(engine):
         kinds = [e.kind for e in await audit.entries(conn, case_id=opened[0].case_id)]
         assert len(await cases.listing(conn)) == 1
     assert sorted(kinds) == ["corroborated", "flagged"]
+
+
+async def test_a_corroborating_flag_uses_up_no_case_number(engine):
+    """Staff know cases by number: a second flag on a member's case must leave no gap
+    before the next case (PostgreSQL takes a number before an insert meets its conflict)."""
+    first = await open_case(engine, flag())
+    await open_case(engine, flag(flagger="@mod2:localhost"))
+    other = await open_case(engine, flag(member="@other:localhost"))
+    assert other.created and other.case_id == first.case_id + 1
 
 
 async def test_a_case_opened_is_told_as_a_read_of_it_would_return_it(engine):

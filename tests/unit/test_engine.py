@@ -721,6 +721,19 @@ async def test_a_case_changed_during_the_notice_is_read_again_before_the_removal
     assert done["remove"].attempts == 1 and "resumed" not in done["remove"].result
 
 
+async def test_only_a_change_keeps_a_running_case_from_its_removal_at_once(engine):
+    """The timer finding a running case due (it is, from the moment it opens) changes
+    nothing in it; a staff command or another flag does (`start_case`)."""
+    runner = step_engine(engine, homeserver())
+    case_id = await new_case(engine)
+    runner._running.add(case_id)  # as while its notice is under way
+    await runner._start_due_cases()
+    assert case_id not in runner._changed, "falling due is no change"
+    runner.start_case(case_id)
+    assert case_id in runner._changed
+    assert not runner._tasks, "not run twice"
+
+
 async def test_a_case_falling_due_while_the_timer_reads_is_looked_at_again_at_once(
     engine, monkeypatch
 ):
