@@ -463,6 +463,7 @@ class Service:
             on_case=self.steps.start_case,
             upgrades=upgrades,
             on_space_joined=part.space_news.set,
+            on_space_left=functools.partial(self._space_left, part.id),
             is_space=functools.partial(self._is_community_space, part.id),
         )
         if part.settings.space is not None:
@@ -573,6 +574,11 @@ class Service:
     async def _is_community_space(self, community: str, room_id: str) -> bool:
         spaces = self.parts[community].spaces
         return spaces is not None and await spaces.is_space(room_id)
+
+    def _space_left(self, community: str, by: str) -> None:
+        spaces = self.parts[community].spaces
+        if spaces is not None:
+            spaces.left(by)
 
     @property
     def _finds_rooms(self) -> bool:

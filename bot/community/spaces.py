@@ -84,6 +84,16 @@ class SpaceRooms:
             await self._joined.wait()
             self._joined.clear()
 
+    def left(self, by: str) -> None:
+        """The bot was removed from the Space: its rooms added from now on are not seen
+        until the bot is back (invited again: the Space is then walked again, and what was
+        added meanwhile claimed). /health says so meanwhile."""
+        self.problem = (
+            f"the bot was removed from it by {by}: rooms added to it are not seen; "
+            f"invite {self._hs.bot_user_id} back into it"
+        )
+        log.warning("the Space %s (%s): %s", self._configured, self._community, self.problem)
+
     async def is_space(self, room_id: str) -> bool:
         """Whether `room_id` is this community's Space (its alias resolved now if need be)."""
         if self.space_id is None:

@@ -54,11 +54,14 @@ class Membership:
         on_case: Callable[[int], None] = lambda case_id: None,
         upgrades: RoomUpgrades | None = None,
         on_space_joined: Callable[[], None] | None = None,
+        on_space_left: Callable[[str], None] | None = None,
         is_space: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._on_case = on_case
-        # Told when the bot joins its community's Space (its rooms are then claimed).
+        # Told when the bot joins its community's Space (its rooms are then claimed), and
+        # when someone removes it from the Space (by whom).
         self._on_space_joined = on_space_joined
+        self._on_space_left = on_space_left
         # Whether a room is the community's Space, its alias resolved now if it was not
         # yet (staff may make the alias and invite the bot in one go).
         self._is_space = is_space
@@ -294,6 +297,11 @@ class Membership:
         if by == self._deployment.bot_user_id:
             return
         now = dt.datetime.now(dt.UTC)
+        if (
+            self._on_space_left is not None
+            and self._rooms.spaces.get(item.room_id) == self._deployment.community
+        ):
+            self._on_space_left(str(by))
         async with self._db.connect() as conn:
             known = await rooms.get(conn, item.room_id)
         moderated = known is not None and known.left_at is None

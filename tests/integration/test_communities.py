@@ -311,6 +311,38 @@ async def test_a_space_and_an_alias_not_ready_at_start_are_found_later(synapse, 
         await until(lambda: service.rooms.community_of(later) == "wales", what="Wales's room")
 
 
+async def test_the_bot_removed_from_a_space_shows_until_it_is_invited_back(synapse, tmp_path):
+    """Staff remove the bot from Wales's Space: /health says so (rooms added to it now
+    would be no one's), not that the Space is read. Invited back, the bot walks it again,
+    and a room added while it was out is Wales's."""
+    scene = await build_scene(synapse, tmp_path)
+    staff_b = await synapse.new_user("staff-cymru")
+    staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
+    space = await staff_b.create_room(
+        name="Cymru", invite=[BOT], creation_content={"type": "m.space"}
+    )
+    path = two_communities(scene, staff_b, staff_room_b, space=space)
+
+    async def community_rooms() -> dict:
+        return (await health(service))[1]["checks"]["community_rooms"]
+
+    async def removed() -> bool:
+        error = (await community_rooms()).get("spaces", {}).get("wales", {}).get("error", "")
+        return "removed from it" in error
+
+    async with running_service(path) as service:
+        await until(lambda: _ok(community_rooms), what="/health: the Space read")
+        await staff_b.kick(space, BOT, "tidying up")
+        await until(removed, what="/health: the bot removed from the Space")
+        status, _ = await health(service)
+        assert status == 503
+        added = await in_space(staff_b, space, "Grŵp dau", scene)  # while the bot is out
+        await staff_b.invite(space, BOT)
+        await until(lambda: _bot_in(staff_b, added), what="the room added meanwhile, claimed")
+        assert service.rooms.community_of(added) == "wales"
+        await until(lambda: _ok(community_rooms), what="/health: the Space read again")
+
+
 async def _bot_in(user, room: str) -> bool:
     return (await user.members(room)).get(BOT) == "join"
 
