@@ -139,7 +139,8 @@ class ActionFilter:
         power_of: Callable[[str, str], float | None] = lambda room_id, user_id: None,
     ) -> None:
         self._rooms = rooms
-        self._moderated = self.moderated = rooms.moderated
+        # The rooms the bot moderates (the intake reads it too).
+        self.moderated = rooms.moderated
         # A sender's power in a room as known from pushed state (None: not known now).
         self._power_of = power_of
         # Every community's flags take the flag lane (its own referral then decides): the
@@ -167,7 +168,7 @@ class ActionFilter:
 
     def _flag_lane(self, event: Mapping[str, Any], room_id: str) -> int:
         """A possible flag's lane: the flag lane only where it could be acted on."""
-        if room_id not in self._moderated:
+        if room_id not in self.moderated:
             return REFUSAL_LANE
         power = self._power_of(room_id, event["sender"])
         if power is not None and power < self._moderator_level:
@@ -197,7 +198,7 @@ class ActionFilter:
             if mark is not None and mark not in body and POLICY_COMMAND[0] not in body:
                 return None
             if self._command.search(body) is None:
-                if is_policy_request(body) and room_id in self._moderated:
+                if is_policy_request(body) and room_id in self.moderated:
                     return OTHER_LANE  # a member asking how safeguarding works here
                 return None
             return self._flag_lane(event, room_id)
@@ -219,7 +220,7 @@ class ActionFilter:
         if event_type == "m.room.redaction":
             # A flag removed before it was acted on must not be: the flag lane reads its
             # redactions with it (bot/intake/dispatch.py). Only in rooms the bot moderates.
-            if room_id in self._moderated and event.get("sender") != self._bot:
+            if room_id in self.moderated and event.get("sender") != self._bot:
                 return FLAG_LANE
             return None
         if event_type == "m.room.member":
@@ -369,7 +370,7 @@ class Intake:
                 and sender not in writers_known
                 and room_id in moderated  # a DM's writer is known already
             ):
-                self._met(sender)
+                self._met(writer_met, sender)
             if kind in _ROOM_STATE:
                 on_state(room_id, kind, event.get("state_key"))  # type: ignore[attr-defined]
             lane = lane_of(event, kind, room_id)  # type: ignore[arg-type]
@@ -404,12 +405,10 @@ class Intake:
                 self._on_queued(lane)
         return recorded
 
-    def _met(self, writer: str) -> None:
+    def _met(self, writer_met: Callable[[str], bool], writer: str) -> None:
         """Someone writing in a room the bot moderates: told once."""
-        if self._writer_met is None:
-            return
         try:
-            taken = self._writer_met(writer)
+            taken = writer_met(writer)
         except Exception:  # a look ahead: nothing depends on it
             log.exception("could not look ahead at a writer")
             return
