@@ -104,7 +104,7 @@ def _delay(delays: tuple[float, ...], count: int) -> dt.timedelta:
 
 
 def _started(step: Step, now: dt.datetime) -> Step:
-    """The step as `cases.start_step` leaves its row: started, this attempt counted."""
+    """The step as `cases.start_steps` leaves its row: started, this attempt counted."""
     return replace(
         step, status="started", attempts=step.attempts + 1, started_at=step.started_at or now
     )

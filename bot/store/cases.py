@@ -168,8 +168,8 @@ def _flag_facts(flag: NewFlag) -> dict[str, Any]:
 # costs more than SQLite takes to run it. An update sets the columns its parameters name.
 _ACTIVE_CASE = sa.select(cases.c.id).where(cases.c.active_key == sa.bindparam("key"))
 # A new case, unless the member has an active one in that room (`active_key` is unique):
-# then nothing is inserted, and nothing is returned. One statement, with no read before
-# it and no savepoint around it (a failed insert would need one on PostgreSQL).
+# then nothing is inserted, and nothing is returned. No savepoint is needed around it (a
+# failed insert would need one on PostgreSQL), and on SQLite no read before it.
 _NEW_CASE = {
     "sqlite": sqlite_insert(cases)
     .on_conflict_do_nothing(index_elements=[cases.c.active_key])
@@ -476,15 +476,11 @@ async def rearm_step(
         )
 
 
-async def start_step(conn: AsyncConnection, case_id: int, step: str, now: dt.datetime) -> None:
-    """Write the intent before the network call: a restart then knows to look before acting."""
-    await start_steps(conn, case_id, (step,), now)
-
-
 async def start_steps(
     conn: AsyncConnection, case_id: int, steps: Sequence[str], now: dt.datetime
 ) -> None:
-    """`start_step` for each of `steps`, in one statement."""
+    """Write the intent of each of `steps` before the network call, in one statement: a
+    restart then knows to look before acting."""
     await conn.execute(_START_STEPS, {"b_case": case_id, "b_steps": list(steps), "b_now": now})
 
 

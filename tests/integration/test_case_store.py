@@ -219,8 +219,8 @@ async def test_a_step_and_an_event_keep_their_times_in_utc(engine):
     opened = await open_case(engine, flag())
     later = NOW + dt.timedelta(minutes=5)
     async with engine.begin() as conn:
-        await cases.start_step(conn, opened.case_id, "notify", NOW)
-        await cases.start_step(conn, opened.case_id, "notify", later)  # the first start stays
+        await cases.start_steps(conn, opened.case_id, ["notify"], NOW)
+        await cases.start_steps(conn, opened.case_id, ["notify"], later)  # the first stays
         await cases.finish_step(
             conn, opened.case_id, "notify", status="done", result={}, error=None, now=later
         )
