@@ -309,6 +309,7 @@ class MessageTemplates(_Strict):
     upgrade_join_failed: str | None = None
     tombstone_ignored: str | None = None
     room_removed: str | None = None
+    space_removed: str | None = None
     powers_lost: str | None = None
     moderation_unseated: str | None = None
     moderation_seated: str | None = None

@@ -290,40 +290,40 @@ class Membership:
 
     async def _removed(self, handling: Handling, membership: str) -> None:
         """Someone removed the bot from a room. From a moderated room, staff are told: flags
-        there no longer reach it. Its own leaving is recorded by what made it leave
+        there no longer reach it; from their community's Space, too: rooms added to it are
+        not seen until the bot is invited back. Its own leaving is recorded by what made it leave
         (`!rooms leave`, a declined invite), not again here."""
         item = handling.item
         by = item.payload.get("sender")
         if by == self._deployment.bot_user_id:
             return
         now = dt.datetime.now(dt.UTC)
-        if (
-            self._on_space_left is not None
-            and self._rooms.spaces.get(item.room_id) == self._deployment.community
-        ):
+        # This community's Space: rooms added to it from now on are not seen.
+        space = self._rooms.spaces.get(item.room_id) == self._deployment.community
+        if space and self._on_space_left is not None:
             self._on_space_left(str(by))
         async with self._db.connect() as conn:
             known = await rooms.get(conn, item.room_id)
         moderated = known is not None and known.left_at is None
         self._rooms.stop_moderating(item.room_id)
+        told = None
+        if moderated:
+            told = self._texts.room_removed(by=str(by), room=item.room_id)
+        elif space:
+            told = self._texts.space_removed(by=str(by), space=item.room_id)
         async with handling.transaction() as conn:
             await rooms.left(conn, item.room_id, at=now)
             await audit.append(
                 conn,
                 self._deployment.provenance,
                 "bot_removed",
-                facts={"membership": membership, "moderated": moderated},
+                facts={"membership": membership, "moderated": moderated, "space": space},
                 personal={"room": item.room_id, "by": by},
                 at=now,
             )
-            if moderated:
-                await outbox.queue(
-                    conn,
-                    self._staff_room.address,
-                    self._texts.room_removed(by=str(by), room=item.room_id),
-                    now,
-                )
-        if moderated:
+            if told is not None:
+                await outbox.queue(conn, self._staff_room.address, told, now)
+        if told is not None:
             self._on_outbox()
 
     async def power_levels_changed(self, handling: Handling) -> None:

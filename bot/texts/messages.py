@@ -663,6 +663,9 @@ class Texts:
     def room_removed(self, *, by: str, room: str) -> dict[str, Any]:
         return notice(self.text("room_removed", by=by, room=room))
 
+    def space_removed(self, *, by: str, space: str) -> dict[str, Any]:
+        return notice(self.text("space_removed", by=by, space=space))
+
     def powers_lost(
         self, *, room: str, can_kick: bool | None, can_redact: bool | None
     ) -> dict[str, Any]:

@@ -300,6 +300,13 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "reach me. If it should still be moderated, a staff member can invite me back.",
         frozenset({"by", "room"}),
     ),
+    "space_removed": (
+        "{by} removed me from this community's Space, {space}. Rooms added to it from now "
+        "on are not seen: flags there will not reach me. The rooms I already watch are "
+        "still watched. To keep the Space moderated, invite me back into it: I will take "
+        "on whatever was added meanwhile.",
+        frozenset({"by", "space"}),
+    ),
     "powers_lost": (
         "My power level in {room} was changed: {powers}",
         frozenset({"room", "powers"}),

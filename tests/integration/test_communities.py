@@ -312,9 +312,9 @@ async def test_a_space_and_an_alias_not_ready_at_start_are_found_later(synapse, 
 
 
 async def test_the_bot_removed_from_a_space_shows_until_it_is_invited_back(synapse, tmp_path):
-    """Staff remove the bot from Wales's Space: /health says so (rooms added to it now
-    would be no one's), not that the Space is read. Invited back, the bot walks it again,
-    and a room added while it was out is Wales's."""
+    """Staff remove the bot from Wales's Space: Wales's staff are told, and /health says
+    so (rooms added to it now would be no one's), not that the Space is read. Invited
+    back, the bot walks it again, and a room added while it was out is Wales's."""
     scene = await build_scene(synapse, tmp_path)
     staff_b = await synapse.new_user("staff-cymru")
     staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
@@ -336,6 +336,15 @@ async def test_the_bot_removed_from_a_space_shows_until_it_is_invited_back(synap
         await until(removed, what="/health: the bot removed from the Space")
         status, _ = await health(service)
         assert status == 503
+
+        async def told_staff() -> list[str]:
+            return await texts_to(staff_b, staff_room_b, lambda text: space in text)
+
+        # Wales's staff are told, in Welsh; England's hear nothing of Wales's Space.
+        await until(told_staff, what="Wales's staff told the bot was removed from the Space")
+        (told,) = await told_staff()
+        assert staff_b.user_id in told and "Ofod y gymuned hon" in told
+        assert not await texts_to(scene.staff, scene.staff_room, lambda text: space in text)
         added = await in_space(staff_b, space, "Grŵp dau", scene)  # while the bot is out
         await staff_b.invite(space, BOT)
         await until(lambda: _bot_in(staff_b, added), what="the room added meanwhile, claimed")
