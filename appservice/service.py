@@ -638,6 +638,7 @@ class Service:
             names = await names_of(self.homeserver, [item.room_id])
             room = place(item.room_id, names.get(item.room_id))
             async with handling.transaction() as conn:
+                await rooms.hold_invite(conn, item.room_id, set(candidates), now)
                 await audit.append(
                     conn,
                     self.deployment.provenance,
@@ -724,6 +725,7 @@ class Service:
             moderated_rooms = await rooms.moderated(conn)
             moderated = [room.room_id for room in moderated_rooms]
             policy_dms = await policy_rooms.room_ids(conn)
+            held_invites = await rooms.held(conn)
             self.reconciler.first_started = await positions.database_first_started(conn)
             with_cases = await cases.communities_with_cases(conn)
         if stranded := sorted(with_cases - set(self.parts)):
@@ -751,6 +753,11 @@ class Service:
             moderated=moderated,
             policy=policy_dms,
         )
+        moderated_now = set(moderated)
+        for room_id, communities in held_invites.items():
+            # Claimed just before a restart (joined, the hold not yet released): moderated.
+            if room_id not in moderated_now and (configured := communities & set(self.parts)):
+                self.rooms.held_invites[room_id] = configured
         await self.ready_rooms.load()
 
     async def _connect(self) -> None:

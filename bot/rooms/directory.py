@@ -14,7 +14,7 @@ from enum import Enum
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bot.rooms.staff_room import StaffRoom, StaffRooms
-from bot.store import cases, policy_rooms
+from bot.store import cases, policy_rooms, retention
 
 
 class RoomKind(Enum):
@@ -109,15 +109,19 @@ class RoomDirectory:
         database: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
     ) -> str | None:
         """The community of any room the bot knows: a staff or group room's from memory,
-        a case's DM or check-in room's through its case, a member's `!policy` DM's as the
-        community they last asked in (one read). None: none's."""
+        a case's DM or check-in room's through its case (a purged case's room the bot
+        could not leave: as recorded with it), a member's `!policy` DM's as the community
+        they last asked in (one read). None: none's."""
         known = self.community_of(room_id)
         if known is not None:
             return known
         kind = self.kind(room_id)
         if kind in (RoomKind.DM, RoomKind.CHECKIN):
             async with database() as conn:
-                return await cases.community_of_room(conn, room_id)
+                # Else a purged case's room the bot could not leave: its case's community.
+                return await cases.community_of_room(
+                    conn, room_id
+                ) or await retention.community_of_former_room(conn, room_id)
         if kind is RoomKind.POLICY:  # the community the member last asked in
             async with database() as conn:
                 return await policy_rooms.community_of(conn, room_id)

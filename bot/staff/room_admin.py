@@ -129,6 +129,9 @@ class RoomAdmin:
             ).format(room=room)
         del self._rooms.held_invites[room_id]
         await enrol(room_id, by)
+        # After the join: a restart between the two finds the room moderated, not held.
+        async with self._db.begin() as conn:
+            await rooms.release_invite(conn, room_id)
         return self._("{room} is this community's now, as {by} said.").format(room=room, by=by)
 
     async def record_left(

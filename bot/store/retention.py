@@ -202,6 +202,13 @@ async def is_former_room(conn: AsyncConnection, room_id: str) -> bool:
     return (await conn.execute(query)).first() is not None
 
 
+async def community_of_former_room(conn: AsyncConnection, room_id: str) -> str | None:
+    """The community of the purged case whose room this was (None: not a former room, or
+    one recorded before communities were)."""
+    query = sa.select(former_rooms.c.community).where(former_rooms.c.room_id == room_id)
+    return (await conn.execute(query)).scalar()
+
+
 async def erase(
     conn: AsyncConnection,
     case_id: int,
@@ -218,11 +225,12 @@ async def erase(
     (the purge step's own record is its caller's to write). Its staff-message
     bookkeeping and its rooms' read positions go, except for rooms in `keep` (another
     case still uses them); rooms in `stayed` (the bot could not leave them) are
-    remembered without any case, so a former member who writes there is answered.
+    remembered without any case but its community, so a former member who writes there
+    is answered in its words.
     """
-    rooms = (
+    *rooms, community = (
         await conn.execute(
-            sa.select(*(cases.c[name] for name in PRIVATE_ROOM_COLUMNS)).where(
+            sa.select(*(cases.c[name] for name in PRIVATE_ROOM_COLUMNS), cases.c.community).where(
                 cases.c.id == case_id
             )
         )
@@ -255,7 +263,9 @@ async def erase(
         await conn.execute(room_positions.delete().where(room_positions.c.room_id.in_(gone)))
     for room in stayed:
         if not await is_former_room(conn, room):
-            await conn.execute(former_rooms.insert().values(room_id=room, since=now))
+            await conn.execute(
+                former_rooms.insert().values(room_id=room, since=now, community=community)
+            )
     await conn.execute(
         cases.update()
         .where(cases.c.id == case_id)

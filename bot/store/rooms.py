@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bot.store.cases import DEFAULT_COMMUNITY
-from bot.store.schema import rooms
+from bot.store.schema import held_invites, rooms
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,25 @@ async def moderated(conn: AsyncConnection, *, community: str | None = None) -> l
         query = query.where(rooms.c.community == community)
     rows = await conn.execute(query)
     return [_room(row) for row in rows]
+
+
+async def hold_invite(
+    conn: AsyncConnection, room_id: str, communities: set[str], now: dt.datetime
+) -> None:
+    """An invite into a room of no community, held for the staff of one of `communities`
+    to claim (`!rooms claim`); held again, it is asked about anew."""
+    await conn.execute(held_invites.delete().where(held_invites.c.room_id == room_id))
+    await conn.execute(
+        held_invites.insert().values(room_id=room_id, communities=sorted(communities), since=now)
+    )
+
+
+async def held(conn: AsyncConnection) -> dict[str, set[str]]:
+    """Each held invite's room, and the communities whose staff may claim it."""
+    rows = await conn.execute(sa.select(held_invites.c.room_id, held_invites.c.communities))
+    return {row.room_id: set(row.communities) for row in rows}
+
+
+async def release_invite(conn: AsyncConnection, room_id: str) -> None:
+    """A held invite claimed: no longer held."""
+    await conn.execute(held_invites.delete().where(held_invites.c.room_id == room_id))

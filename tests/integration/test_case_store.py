@@ -481,6 +481,34 @@ async def test_a_community_reads_its_own_cases_and_no_one_elses(engine):
     assert sorted(r["facts"]["code"] for r in default["refusals"]) == ["older", "x"]
 
 
+async def test_a_purged_cases_room_the_bot_stayed_in_is_still_its_communitys(engine):
+    """A purged case's DM the bot could not leave has no case to name its community: the
+    room keeps it, so a former member who writes there is answered in that community's
+    words and its staff are told (bot/staff/relay.py); a room of a case not purged is its
+    case's, and a room of no case is no one's."""
+    from dataclasses import replace as with_
+
+    from bot.rooms.directory import RoomDirectory
+    from bot.rooms.staff_room import StaffRoom
+    from bot.store import retention
+
+    welsh = await open_case(engine, with_(flag(room="!cymru:localhost"), community="wales"))
+    english = await open_case(engine, flag(room="!england:localhost", member="@other:localhost"))
+    async with engine.begin() as conn:
+        await cases.set_fields(conn, welsh.case_id, dm_room_id="!dm-cymru:localhost")
+        await cases.set_fields(conn, english.case_id, dm_room_id="!dm-england:localhost")
+        await retention.erase(conn, welsh.case_id, NOW, stayed=["!dm-cymru:localhost"])
+    rooms = RoomDirectory(StaffRoom("!staff:localhost"))
+    for dm in ("!dm-cymru:localhost", "!dm-england:localhost", "!dm-nobody:localhost"):
+        rooms.add_dm(dm)
+    async with engine.connect() as conn:
+        assert (await cases.get(conn, welsh.case_id)).dm_room_id is None, "erased"
+        assert await retention.is_former_room(conn, "!dm-cymru:localhost")
+    assert await rooms.community_of_any("!dm-cymru:localhost", engine.connect) == "wales"
+    assert await rooms.community_of_any("!dm-england:localhost", engine.connect) == "default"
+    assert await rooms.community_of_any("!dm-nobody:localhost", engine.connect) is None
+
+
 async def test_refusal_windows_are_summarised_to_their_own_communitys_staff(engine):
     """One table of refusal windows for every community: each community's summary reads
     its own windows alone (who was refused where is not another community's business)."""

@@ -372,7 +372,8 @@ async def _not_ok_with(check, community: str, alias: str) -> bool:
 
 async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse, tmp_path):
     """Someone who is staff of both communities adds the bot to a room: the bot cannot
-    tell whose it is, asks both staff rooms, and joins it as the first to claim it."""
+    tell whose it is, asks both staff rooms, and joins it as the first to claim it, a
+    restart in between (the homeserver would not show the invite again)."""
     scene = await build_scene(synapse, tmp_path)
     staff_b = await synapse.new_user("staff-cymru")
     staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
@@ -388,6 +389,8 @@ async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse,
                 ),
                 what="each staff room asked whose the room is",
             )
+    async with running_service(config) as service:
+        assert service.rooms.held_invites == {room: {"england", "wales"}}
         await staff_b.send_text(staff_room_b, f"!rooms claim {room}")
 
         async def joined() -> bool:
@@ -401,6 +404,12 @@ async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse,
             what="England told the room is not waiting for it",
         )
         assert service.rooms.community_of(room) == "wales"
+        assert not service.rooms.held_invites
+    for user, staff_room in ((scene.staff, scene.staff_room), (staff_b, staff_room_b)):
+        asked = await texts_to(user, staff_room, lambda t: f"!rooms claim {room}" in t)
+        assert len(asked) == 1, "asked once, the restart notwithstanding"
+    async with running_service(config) as service:
+        assert not service.rooms.held_invites, "claimed: held no more"
 
 
 async def test_an_upgraded_room_stays_its_communitys(synapse, tmp_path):
