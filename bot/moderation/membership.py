@@ -306,6 +306,8 @@ class Membership:
             known = await rooms.get(conn, item.room_id)
         moderated = known is not None and known.left_at is None
         self._rooms.stop_moderating(item.room_id)
+        # An invite held for staff to claim, withdrawn: there is nothing left to claim.
+        withdrawn = self._rooms.held_invites.pop(item.room_id, None) is not None
         told = None
         if moderated:
             told = self._texts.room_removed(by=str(by), room=item.room_id)
@@ -313,11 +315,18 @@ class Membership:
             told = self._texts.space_removed(by=str(by), space=item.room_id)
         async with handling.transaction() as conn:
             await rooms.left(conn, item.room_id, at=now)
+            if withdrawn:
+                await rooms.release_invite(conn, item.room_id)
             await audit.append(
                 conn,
                 self._deployment.provenance,
                 "bot_removed",
-                facts={"membership": membership, "moderated": moderated, "space": space},
+                facts={
+                    "membership": membership,
+                    "moderated": moderated,
+                    "space": space,
+                    "held_invite_withdrawn": withdrawn,
+                },
                 personal={"room": item.room_id, "by": by},
                 at=now,
             )

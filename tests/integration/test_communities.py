@@ -370,15 +370,22 @@ async def _not_ok_with(check, community: str, alias: str) -> bool:
     )
 
 
-async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse, tmp_path):
-    """Someone who is staff of both communities adds the bot to a room: the bot cannot
-    tell whose it is, asks both staff rooms, and joins it as the first to claim it, a
-    restart in between (the homeserver would not show the invite again)."""
+async def with_staff_of_both(synapse, tmp_path):
+    """England (the scene) and Wales, and someone who is staff of both: (scene, staff_b,
+    staff_room_b, both, the config)."""
     scene = await build_scene(synapse, tmp_path)
     staff_b = await synapse.new_user("staff-cymru")
     staff_room_b = await staff_b.create_room(name="Staff Cymru", invite=[BOT])
     both = await synapse.new_user("both")
     config = two_communities(scene, staff_b, staff_room_b, staff_of_both=both.user_id)
+    return scene, staff_b, staff_room_b, both, config
+
+
+async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse, tmp_path):
+    """Someone who is staff of both communities adds the bot to a room: the bot cannot
+    tell whose it is, asks both staff rooms, and joins it as the first to claim it, a
+    restart in between (the homeserver would not show the invite again)."""
+    scene, staff_b, staff_room_b, both, config = await with_staff_of_both(synapse, tmp_path)
     async with running_service(config) as service:
         await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
         room = await both.create_room(name="Pwy?", invite=[BOT])
@@ -410,6 +417,28 @@ async def test_a_room_added_by_staff_of_both_is_asked_about_and_claimed(synapse,
         assert len(asked) == 1, "asked once, the restart notwithstanding"
     async with running_service(config) as service:
         assert not service.rooms.held_invites, "claimed: held no more"
+
+
+async def test_a_held_invite_withdrawn_is_no_longer_claimable(synapse, tmp_path):
+    """The invite held for staff to claim is withdrawn by whoever made it: neither kept
+    nor claimable, after a restart too (a claim is told nothing is waiting)."""
+    _, staff_b, staff_room_b, both, config = await with_staff_of_both(synapse, tmp_path)
+    async with running_service(config) as service:
+        await until(lambda: service.staff_rooms.is_staff_room(staff_room_b), what="room B")
+        room = await both.create_room(name="Pwy?", invite=[BOT])
+        await until(lambda: room in service.rooms.held_invites, what="the invite held")
+        await both.kick(room, BOT, "wrong room")  # the invite withdrawn
+        await until(lambda: room not in service.rooms.held_invites, what="no longer held")
+    async with running_service(config) as service:
+        assert not service.rooms.held_invites
+        await staff_b.send_text(staff_room_b, f"!rooms claim {room}")
+        await until(
+            lambda: texts_to(
+                staff_b, staff_room_b, lambda t: room in t and "!rooms claim" not in t
+            ),
+            what="Wales told nothing is waiting to be claimed",
+        )
+    assert (await both.members(room)).get(BOT) != "join"
 
 
 async def test_an_upgraded_room_stays_its_communitys(synapse, tmp_path):
