@@ -965,15 +965,14 @@ class BotCrypto:
             client = self.client
             if client is None:
                 raise EncryptionUnavailable("end-to-end encryption is starting again")
-            room = client.rooms.get(room_id)
-            whole = room_id in self._loaded and room is not None
-            if whole and room.encrypted and all(m in room.users for m in members):
+            room = self._known_whole(client, room_id, members)
+            if room is not None:
                 return room
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self._load_room(client, room_id)
-            room = client.rooms.get(room_id)
-            if room is not None and room.encrypted and all(m in room.users for m in members):
+            room = self._known_whole(client, room_id, members)
+            if room is not None:
                 return room
             if time.monotonic() >= deadline:
                 raise EncryptionUnavailable(
@@ -981,6 +980,15 @@ class BotCrypto:
                     retry_after=1.0,
                 )
             await asyncio.sleep(0.25)
+
+    def _known_whole(self, client: CryptoClient, room_id: str, members: list[str]) -> Any:
+        """The room if nio knows it whole (read from the homeserver, not only partly through
+        the sync: nio will not encrypt to a room whose members it has not read), encrypted,
+        with these members in it; else None."""
+        room = client.rooms.get(room_id)
+        if room is None or room_id not in self._loaded or not room.encrypted:
+            return None
+        return room if all(m in room.users for m in members) else None
 
     async def _load_room(self, client: CryptoClient, room_id: str) -> None:
         """nio's room read from the homeserver: its encryption, and its members (joined
