@@ -306,8 +306,9 @@ class Membership:
             known = await rooms.get(conn, item.room_id)
         moderated = known is not None and known.left_at is None
         self._rooms.stop_moderating(item.room_id)
-        # An invite held for staff to claim, withdrawn: there is nothing left to claim.
-        withdrawn = self._rooms.held_invites.pop(item.room_id, None) is not None
+        # An invite held for staff to claim, withdrawn: there is nothing left to claim
+        # (forgotten here once that is recorded: a retry after a failed write finds it).
+        withdrawn = item.room_id in self._rooms.held_invites
         told = None
         if moderated:
             told = self._texts.room_removed(by=str(by), room=item.room_id)
@@ -332,6 +333,8 @@ class Membership:
             )
             if told is not None:
                 await outbox.queue(conn, self._staff_room.address, told, now)
+        if withdrawn:
+            self._rooms.held_invites.pop(item.room_id, None)
         if told is not None:
             self._on_outbox()
 

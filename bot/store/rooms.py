@@ -91,7 +91,7 @@ async def hold_invite(
 ) -> None:
     """An invite into a room of no community, held for the staff of one of `communities`
     to claim (`!rooms claim`); held again, it is asked about anew."""
-    await conn.execute(held_invites.delete().where(held_invites.c.room_id == room_id))
+    await release_invite(conn, room_id)
     await conn.execute(
         held_invites.insert().values(room_id=room_id, communities=sorted(communities), since=now)
     )
@@ -104,5 +104,5 @@ async def held(conn: AsyncConnection) -> dict[str, set[str]]:
 
 
 async def release_invite(conn: AsyncConnection, room_id: str) -> None:
-    """A held invite claimed: no longer held."""
+    """A held invite claimed or withdrawn: no longer held."""
     await conn.execute(held_invites.delete().where(held_invites.c.room_id == room_id))
