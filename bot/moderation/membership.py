@@ -22,7 +22,7 @@ from bot.moderation.authorization import room_powers
 from bot.moderation.room_state import RoomStateCache, membership_in
 from bot.moderation.upgrades import RoomUpgrades
 from bot.rooms.directory import RoomDirectory, RoomKind
-from bot.rooms.names import named_room
+from bot.rooms.names import named_room, names_of
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.steps import POSITIONS
@@ -30,6 +30,7 @@ from bot.steps.rejoin import rejoin_due
 from bot.store import audit, cases, outbox, rooms
 from bot.store.audit import Provenance
 from bot.texts.messages import Texts
+from bot.texts.wording import person, place
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +311,16 @@ class Membership:
         # (forgotten here once that is recorded: a retry after a failed write finds it).
         withdrawn = item.room_id in self._rooms.held_invites
         told = None
-        if moderated:
-            told = self._texts.room_removed(by=str(by), room=item.room_id)
-        elif space:
-            told = self._texts.space_removed(by=str(by), space=item.room_id)
+        if moderated or space:
+            # Named as staff know them: the bot may still read the room's name as it was
+            # when it was removed; the ids alone where it cannot.
+            names = await names_of(self._hs, [item.room_id, str(by)])
+            whom = person(str(by), names[str(by)])
+            where = place(item.room_id, names[item.room_id])
+            if moderated:
+                told = self._texts.room_removed(by=whom, room=where)
+            else:
+                told = self._texts.space_removed(by=whom, space=where)
         async with handling.transaction() as conn:
             await rooms.left(conn, item.room_id, at=now)
             if withdrawn:

@@ -344,6 +344,7 @@ async def test_the_bot_removed_from_a_space_shows_until_it_is_invited_back(synap
         await until(told_staff, what="Wales's staff told the bot was removed from the Space")
         (told,) = await told_staff()
         assert staff_b.user_id in told and "Ofod y gymuned hon" in told
+        assert f"Cymru ({space})" in told, "the Space named as staff know it"
         assert not await texts_to(scene.staff, scene.staff_room, lambda text: space in text)
         added = await in_space(staff_b, space, "Grŵp dau", scene)  # while the bot is out
         await staff_b.invite(space, BOT)

@@ -306,6 +306,7 @@ async def test_staff_are_told_when_someone_removes_the_bot(synapse, tmp_path):
             lambda: scene.staff_matching(lambda m: "removed me from" in m), what="staff told"
         )
         assert scene.owner.user_id in told[0] and "flags there will not reach me" in told[0]
+        assert f"Group chat ({scene.group})" in told[0], "the room named as staff know it"
         (removed,) = await entries(service, "bot_removed")
         assert removed.facts["moderated"] is True
         assert "moderate no rooms" in await _command(scene, "!rooms")
