@@ -281,6 +281,7 @@ class MessageTemplates(_Strict):
     redaction_reason: str | None = None
     room_notice: str | None = None
     moderator_debrief: str | None = None
+    moderator_debrief_unalerted: str | None = None
     alert: str | None = None
     alert_again: str | None = None
     corroborated: str | None = None

@@ -1,4 +1,5 @@
-"""debrief: the moderator who flagged is looked after — a short DM once staff have the case.
+"""debrief: the moderator who flagged is looked after — a short DM once staff have the case
+(or once the alert failed for good: then it asks them to tell staff directly).
 
 Thanks, the case number, that staff have it and what happens next, that they did
 the right thing, and where to get support themselves (`policy.moderator_support`).
@@ -29,7 +30,13 @@ class Debrief(CaseStep):
         if not isinstance(moderator, str):
             return Outcome.skipped("the flagging moderator is not known (purged)")
         content = self.tools.texts.moderator_debrief(
-            case_number=case.id, due_at=case.due_at, now=dt.datetime.now(dt.UTC)
+            case_number=case.id,
+            due_at=case.due_at,
+            now=dt.datetime.now(dt.UTC),
+            # It runs once the alert has finished, which may be as failed: then "staff have
+            # it, you need do nothing more" would be untrue, and the moderator is asked to
+            # tell staff themselves.
+            staff_alerted=run.steps["alert"].status == "done",
         )
         # Their reply reaches staff (the DM is kept as the case's debrief room).
         result = await tell_by_dm(self.tools, run, moderator, "debrief", content, "debrief_room_id")

@@ -64,6 +64,9 @@ class _Redact(CaseStep):
 
 class RedactFlag(_Redact):
     name = "redact_flag"
+    # Once the notice has had its go, not after the removal: a removal held for staff's
+    # decision (the notice undeliverable) must not leave the room seeing who was flagged.
+    requires = ("notify",)
     field = "flag_event"
     setting = "redact_flag"
 

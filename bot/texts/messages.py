@@ -192,15 +192,24 @@ class Texts:
         return self.text("retention_redaction_reason")[:KICK_REASON_LIMIT]
 
     def room_notice(self) -> dict[str, Any]:
-        text = self.text("room_notice", resources=resource_lines(self._resources, self.language))
+        text = self.text(
+            "room_notice",
+            resources=resource_lines(self._resources, self.language),
+            emergency=emergency_line(self._resources, self.language),
+        )
         return content(text, "m.notice")
 
     def moderator_debrief(
-        self, *, case_number: int, due_at: dt.datetime | None, now: dt.datetime
+        self,
+        *,
+        case_number: int,
+        due_at: dt.datetime | None,
+        now: dt.datetime,
+        staff_alerted: bool = True,
     ) -> dict[str, Any]:
         return content(
             self.text(
-                "moderator_debrief",
+                "moderator_debrief" if staff_alerted else "moderator_debrief_unalerted",
                 case=case_number,
                 checkin_when=checkin_when(now, due_at, self._zone, self.language),
                 support=self._(self._policy.moderator_support),
@@ -242,6 +251,12 @@ class Texts:
             checkin = _("Check-in: could not be scheduled — arrange it by hand.")
         elif dry_run:
             checkin = _("Check-in would open {when} (dry run: it will not).")
+        elif removal.state == "held":
+            # The check-in follows the removal: it waits for staff's decision too.
+            checkin = _(
+                "Check-in room opens {when} at the earliest: it waits for your decision "
+                "on the removal."
+            )
         else:
             checkin = _("Check-in room opens {when}.")
         checkin = checkin.format(when=self.when(due_at) if due_at else "")
@@ -436,7 +451,7 @@ class Texts:
             "debrief": self._("(the moderator who flagged) replied to their debrief"),
         }.get(where) or self._("wrote in the check-in room")
         waiting = (
-            self._(" No one from staff has joined it yet.") if where == "check-in room" else ""
+            self._(" (no one from staff has joined it yet)") if where == "check-in room" else ""
         )
         return notice(
             self.text(

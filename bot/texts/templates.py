@@ -42,7 +42,8 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"resources", "emergency", "checkin_when", "confidentiality"}),
     ),
     "checkin": (
-        "Hi, it's {staff} here.\n"
+        # Posted by the bot as it opens the room: staff are invited, not there yet.
+        "Hi, this is a private room for you and {staff}.\n"
         "We're checking in after what happened {since}, to see how you are "
         "and talk it through.\n"
         "There's no rush: reply whenever you're ready.\n"
@@ -113,9 +114,10 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
     "redaction_reason": ("Removed by a moderator", frozenset()),
     "room_notice": (
         "A moderator has stepped in here.\n"
+        "{emergency}\n"
         "If anything in this conversation has affected you, these services can talk now:\n"
         "{resources}",
-        frozenset({"resources"}),
+        frozenset({"resources", "emergency"}),
     ),
     # ---- to the moderator who flagged ---------------------------------------------------
     "moderator_debrief": (
@@ -125,6 +127,17 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "It's Case #{case}: our staff team has it now, and will follow up with the "
         "person privately.\n"
         "You don't need to do anything more. Please don't discuss it in the group.\n"
+        "\n"
+        "Moments like this can stay with you. If you'd like to talk it over: {support}.",
+        frozenset({"case", "checkin_when", "support"}),
+    ),
+    # The same, when the alert could not reach the staff room: the moderator is one more
+    # person who can make sure staff know, and must not be told to stand down.
+    "moderator_debrief_unalerted": (
+        "Thank you for flagging that. You did the right thing.\n"
+        "It's Case #{case}, but I could not pass it to our staff team: please tell a "
+        "member of staff about it directly, now.\n"
+        "Please don't discuss it in the group.\n"
         "\n"
         "Moments like this can stay with you. If you'd like to talk it over: {support}.",
         frozenset({"case", "checkin_when", "support"}),
@@ -174,7 +187,7 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"case", "member", "room", "action"}),
     ),
     "relay": (
-        "Case #{case} — {member} {said}:{waiting}\n{text}",
+        "Case #{case} — {member} {said}{waiting}:\n{text}",
         frozenset({"case", "member", "said", "waiting", "text"}),
     ),
     "checkin_opened": (

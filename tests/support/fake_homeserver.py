@@ -52,6 +52,7 @@ class FakeHomeserver:
         self.crash_at: int | None = None
         self.unavailable_for: set[str] = set()
         self.refuse: dict[str, Refused] = {}
+        self.refuse_sends_in: dict[str, Refused] = {}  # one room refusing every message
         self.down = False  # what check() reports: the whole homeserver away
         self.display_names: dict[str, str] = {}
         self.redactions: list[tuple[str, str, str]] = []
@@ -309,6 +310,8 @@ class FakeHomeserver:
             raise EncryptionUnavailable(self.encryption_broken)
         if "send" in self.refuse:
             return self.refuse["send"]
+        if room_id in self.refuse_sends_in:
+            return self.refuse_sends_in[room_id]
         if (room_id, txn_id) in self.txn_ids:  # Synapse's own dedupe, while it remembers
             return Sent(self.txn_ids[room_id, txn_id])
         event_id = f"$ev{next(self._ids)}"

@@ -299,7 +299,7 @@ def test_the_check_in_and_the_notice_carry_no_english_in_welsh():
         now=NOW,
         staff_roles=[texts.language._("a member of our staff team")],
     )["body"]
-    assert checkin.startswith("Helo, aelod o'n tîm staff sydd yma.")
+    assert checkin.startswith("Helo, dyma ystafell breifat i ti ac aelod o'n tîm staff.")
     assert "ddydd Sul" in checkin  # three days before a Wednesday, as an adverb
     notice = texts.notice(NOW + dt.timedelta(days=3), NOW)["body"]
     assert "ddydd Sadwrn" in notice and "tecstia THEMIX i 85258" in notice

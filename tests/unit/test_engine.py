@@ -27,6 +27,7 @@ from tests.support.policy import (
     NOW,
     PROVENANCE,
     REFERRAL_STEPS,
+    STAFF,
     deployment,
     homeserver,
     new_case,
@@ -180,10 +181,14 @@ async def test_undeliverable_notice_holds_the_removal_for_staff_to_decide(engine
     assert done["notify"].status == "failed" and done["remove"].status == "pending"
     assert done["remove"].attempts == 0, "the intent written ahead was undone"
     assert hs.kicks == [], "not removed without being told"
+    # The room does not go on seeing who was flagged while staff decide.
+    assert hs.redactions == [(GROUP, "$flag", "Removed by a moderator")]
+    assert done["schedule"].status == "pending", "the check-in waits for the removal"
     (alert,) = notices(hs, "alert")
     body = alert["content"]["body"]
     assert "NOT" in body.splitlines()[0], "staff must reach them"
     assert f"!case {case_id} remove" in body and f"!case {case_id} notify" in body
+    assert "at the earliest: it waits for your decision on the removal" in body
     assert done["alert"].result["stated"] == {"notify": "failed", "remove": "pending"}
 
     # A staff member decides: removed without the notice, recorded as their decision.
@@ -335,6 +340,21 @@ async def test_alert_refused_for_good_is_failed_paged_and_listed(engine):
     async with engine.connect() as conn:
         assert await cases.failed_alerts(conn) == [case_id]
     assert "alert_paged" in await kinds(engine, case_id)
+
+
+async def test_a_moderator_whose_flag_staff_never_heard_of_is_asked_to_tell_them(engine):
+    """The alert failed for good: the debrief must not tell the moderator to stand down."""
+    hs = homeserver()
+    hs.refuse_sends_in[STAFF] = Refused("M_TOO_LARGE", "event too large", 413)
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["alert"].status == "failed" and done["debrief"].status == "done"
+    (debrief,) = notices(hs, "debrief")
+    body = debrief["content"]["body"]
+    assert "I could not pass it to our staff team" in body and "directly, now" in body
+    assert "You don't need to do anything more" not in body
 
 
 async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(engine):
