@@ -59,12 +59,16 @@ def event_time(event: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
 
 def _was_joined(event: Mapping[str, Any] | None) -> bool:
     """Whether a leave (or ban) ended a membership: what it replaced was a join. Synapse
-    gives what a state event replaced (`unsigned.prev_content`); without it, a leave is
-    taken as one (as before the rule)."""
+    gives what a state event replaced (`unsigned.prev_content`). An event that replaced
+    nothing (no `replaces_state`) ended no membership: a ban of someone never in the room,
+    which a moderator can make of any user, must not let them be flagged (a crisis DM to
+    anyone). Only one that replaced an earlier membership not shown is taken as a join."""
     unsigned = (event or {}).get("unsigned")
-    previous = unsigned.get("prev_content") if isinstance(unsigned, dict) else None
+    if not isinstance(unsigned, dict):
+        return False
+    previous = unsigned.get("prev_content")
     if not isinstance(previous, dict):
-        return True
+        return "replaces_state" in unsigned
     return previous.get("membership") == "join"
 
 
@@ -223,7 +227,8 @@ class Referral:
         if membership == "knock":
             return Refusal("not_in_room", f"{target} is only knocking at that room, not in it")
         if not _was_joined(event):
-            return Refusal("not_in_room", f"{target} was never in that room (an invite refused)")
+            how = "banned before ever joining" if membership == "ban" else "an invite refused"
+            return Refusal("not_in_room", f"{target} was never in that room ({how})")
         return Refusal(
             "not_in_room",
             f"{target} left that room more than {_duration(self._policy.recent_leave)} "

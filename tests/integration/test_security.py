@@ -354,6 +354,28 @@ async def test_someone_only_invited_cannot_be_flagged(synapse, tmp_path):
         assert not await scene.staff_matching(lambda m: m.startswith("Case #"))
 
 
+async def test_someone_banned_before_ever_joining_cannot_be_flagged(synapse, tmp_path):
+    """A moderator can ban any user of any homeserver, in the room or not: a ban must not
+    make a stranger someone who "left lately", or anyone could be sent a crisis DM."""
+    scene = await build_scene(synapse, tmp_path)
+    stranger = await synapse.new_user("banned-stranger")
+    async with running_service(configure(scene)) as service:
+        await open_group_room(scene)
+        await scene.moderator.request(
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote(scene.group, safe='')}/ban",
+            {"user_id": stranger.user_id, "reason": "spam"},
+        )
+        await scene.moderator.send_text(scene.group, f"!safeguard {stranger.user_id}")
+        (refused,) = await until(
+            lambda: _refusals(service, "not_in_room", 1), what="the flag refused"
+        )
+        assert "banned before ever joining" in refused.personal["detail"]
+        await asyncio.sleep(1)
+        assert await stranger.invited_rooms() == [], "no crisis DM"
+        assert not await scene.staff_matching(lambda m: m.startswith("Case #"))
+
+
 async def _two(found):
     entries_found = await found
     return entries_found if len(entries_found) == 2 else None
