@@ -137,13 +137,28 @@ class _PillText(HTMLParser):
         return "".join(self.parts + self._pill_text)  # a pill never closed: its name as text
 
 
-def _pills_read(formatted: str) -> tuple[str, int] | None:
-    """(the text with pills as user ids, how many) of a formatted_body of a bounded size."""
+_REPLY_END = "</mx-reply>"
+
+
+def _pills_read(formatted: str, *, reply: bool = False) -> tuple[str, int] | None:
+    """(the text with pills as user ids, how many) of a formatted_body of a bounded size;
+    None if it cannot be read (the plain body is read instead).
+
+    `reply`: everything up to the last `</mx-reply>` is the quoted message's (a client's
+    reply fallback quotes its HTML), not the moderator's: a stray `</mx-reply>` in what the
+    flagged person wrote must not make their words, pills included, read as the command."""
     if len(formatted) > MAX_FORMATTED:
         return None
+    if reply:
+        end = formatted.lower().rfind(_REPLY_END)
+        if end >= 0:
+            formatted = formatted[end + len(_REPLY_END) :]
     reader = _PillText()
-    reader.feed(formatted)
-    return reader.text(), reader.pills
+    try:
+        reader.feed(formatted)
+        return reader.text(), reader.pills
+    except Exception:  # html.parser asserts on some markup (`<![ x`): anyone can send it
+        return None
 
 
 def _recognise_command(
@@ -157,7 +172,11 @@ def _recognise_command(
         return None  # an edit re-states an earlier message; the original was the flag
     reply_to = _reply_target(relation)
     formatted = _text(content.get("formatted_body"))
-    read = _pills_read(formatted) if formatted and "matrix.to" in formatted else None
+    read = (
+        _pills_read(formatted, reply=reply_to is not None)
+        if formatted and "matrix.to" in formatted
+        else None
+    )
     if read is not None and read[1]:
         text = read[0].strip()
     else:

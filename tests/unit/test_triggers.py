@@ -234,3 +234,31 @@ def test_an_unclosed_pill_reads_as_its_name_and_a_reply_fallback_is_skipped():
     )
     flag = recognise_flag(event, **KEYS)
     assert flag is not None and (flag.target_user, flag.reason) == ("@sam:l", "said so")
+
+
+def test_markup_the_html_parser_chokes_on_is_read_as_the_plain_body():
+    """html.parser asserts on some markup (`<![ x`), which anyone can send: the command is
+    still read (from the body), and nothing raises (a raise is retried, then reported)."""
+    event = message(
+        "!safeguard @member:l worried",
+        format="org.matrix.custom.html",
+        formatted_body='!safeguard <a href="https://matrix.to/#/@member:l">M</a> <![ x',
+    )
+    flag = recognise_flag(event, **KEYS)
+    assert flag is not None and flag.target_user == "@member:l"
+
+
+def test_a_stray_reply_end_in_the_quoted_message_cannot_name_someone_else():
+    """The flagged person wrote `</mx-reply>!safeguard <pill victim> <mx-reply>`; the
+    moderator's client quoted it in its reply fallback. The flag is on whom they replied
+    to, never on the victim the quoted words name."""
+    quoted = '</mx-reply>!safeguard <a href="https://matrix.to/#/@victim:l">V</a> <mx-reply>'
+    event = message(
+        "!safeguard",
+        format="org.matrix.custom.html",
+        formatted_body=f"<mx-reply><blockquote>{quoted}</blockquote></mx-reply>!safeguard",
+        **{"m.relates_to": {"m.in_reply_to": {"event_id": "$troll"}}},
+    )
+    flag = recognise_flag(event, **KEYS)
+    assert flag is not None
+    assert (flag.method, flag.target_user, flag.target_event_id) == ("reply", None, "$troll")
