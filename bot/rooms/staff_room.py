@@ -13,8 +13,9 @@ logged and shown on /health; configuring a room id avoids the question altogethe
 
 An alias that does not exist yet can be created by anyone on the homeserver. So the
 room it first resolves to is taken only if staff made it theirs: its creator, or an
-admin there (power 100), is named in `policy.staff`, and nobody can join it without
-an invite. Any other room is left at once, never posted in, never pinned; the log
+admin there (power 100) who has joined it, is named in `policy.staff`, and nobody can
+join it without an invite. (Power can be given to anyone without their consent; joining
+cannot.) Any other room is left at once, never posted in, never pinned; the log
 and /health say why, and the service keeps looking (staff can still make theirs).
 """
 
@@ -41,30 +42,46 @@ INVITE_ONLY = frozenset({"invite", "private", "knock"})
 
 
 def not_staffs_room(events: Iterable[Any], staff: Sequence[str]) -> str | None:
-    """Why a room (its whole state, as read) is not one staff made theirs; None if it is."""
-    creators: set[str] = set()
-    admins: set[str] = set()
+    """Why a room (its whole state, as read) is not one staff made theirs; None if it is.
+
+    Its creator (the create event's sender) made it. Anyone else it names — an admin
+    (power 100), or an additional creator (room version 12) — counts only once joined:
+    whoever creates a room can name anyone there without their consent, and could
+    otherwise make a room of theirs the staff room by naming a staff member in it."""
+    creator: str | None = None
+    named: set[str] = set()
+    joined: set[str] = set()
     join_rule = "invite"  # the spec's default when the room has no join rules
     for event in events:
-        if not isinstance(event, dict) or event.get("state_key") != "":
+        if not isinstance(event, dict):
             continue
         content = event.get("content") if isinstance(event.get("content"), dict) else {}
         kind = event.get("type")
+        state_key = event.get("state_key")
+        if kind == "m.room.member":
+            if isinstance(state_key, str) and content.get("membership") == "join":
+                joined.add(state_key)
+            continue
+        if state_key != "":
+            continue
         if kind == "m.room.create":
-            creators.add(str(event.get("sender")))
+            creator = str(event.get("sender"))
             extra = content.get("additional_creators")
             if isinstance(extra, list):
-                creators.update(user for user in extra if isinstance(user, str))
+                named.update(user for user in extra if isinstance(user, str))
         elif kind == "m.room.power_levels":
             users = content.get("users")
             if isinstance(users, dict):
-                admins.update(u for u, level in users.items() if level == 100)
+                named.update(u for u, level in users.items() if level == 100)
         elif kind == "m.room.join_rules":
             join_rule = str(content.get("join_rule"))
     if join_rule not in INVITE_ONLY:
         return f"anyone can join it (join rule {join_rule!r})"
-    if not (creators | admins) & set(staff):
-        return "neither its creator nor an admin there (power 100) is named in policy.staff"
+    if not ({creator} | (named & joined)) & set(staff):
+        return (
+            "neither its creator nor an admin there (power 100) who has joined it is named "
+            "in policy.staff"
+        )
     return None
 
 

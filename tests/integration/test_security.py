@@ -448,6 +448,30 @@ async def test_a_squatter_cannot_become_the_staff_room(synapse, tmp_path):
         assert service.staff_room.room_id is None, "never pinned"
 
 
+async def test_a_room_naming_a_staff_member_admin_without_them_is_not_the_staff_room(
+    synapse, tmp_path
+):
+    """An invite-only room of the squatter's, on the alias, with a staff member given power
+    100 there (which needs nobody's consent) and never joined: not taken, never pinned."""
+    scene = await build_scene(synapse, tmp_path, staff_room=False)
+    squatter = await synapse.new_user("squatter-admin")
+    alias_name = f"staff-{tmp_path.name[-20:]}"
+    squatted = await squatter.create_room(name="Staff", invite=[BOT], alias=alias_name)
+    await squatter.set_power_level(squatted, scene.staff.user_id, 100)
+    config = scene_config(scene, staff_room=f"#{alias_name}:{synapse.server_name}")
+    async with running_service(config) as service:
+
+        async def refused() -> dict | None:
+            _status, body = await health(service)
+            check = body["checks"]["staff_room"]
+            return check if "not a staff room" in check.get("problem", "") else None
+
+        check = await until(refused, what="/health to say why the room was not taken")
+        assert "who has joined it" in check["problem"]
+        assert service.staff_room.room_id is None, "never pinned"
+        assert (await squatter.members(squatted)).get(BOT) in (None, "leave", "invite")
+
+
 async def _left_group(scene) -> bool:
     return await scene.membership(scene.group, scene.member) == "leave"
 

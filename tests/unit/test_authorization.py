@@ -168,10 +168,21 @@ def test_a_staff_room_whose_default_reaches_the_staff_level_is_told():
 def test_a_staff_room_is_invite_only_and_made_by_staff():
     from bot.rooms.staff_room import not_staffs_room
 
-    def state(creator: str, join_rule: str | None, admins: dict[str, int]) -> list[dict]:
+    def state(
+        creator: str,
+        join_rule: str | None,
+        admins: dict[str, int],
+        joined: tuple[str, ...] = (),
+        creators: tuple[str, ...] = (),
+    ) -> list[dict]:
+        create = {"additional_creators": list(creators)} if creators else {}
         events = [
-            {"type": "m.room.create", "state_key": "", "sender": creator, "content": {}},
+            {"type": "m.room.create", "state_key": "", "sender": creator, "content": create},
             {"type": "m.room.power_levels", "state_key": "", "content": {"users": admins}},
+        ]
+        events += [
+            {"type": "m.room.member", "state_key": user, "content": {"membership": "join"}}
+            for user in joined
         ]
         if join_rule is not None:
             rule = {"join_rule": join_rule}
@@ -180,7 +191,19 @@ def test_a_staff_room_is_invite_only_and_made_by_staff():
 
     staff = ["@lead:l"]
     assert not_staffs_room(state("@lead:l", "invite", {}), staff) is None
-    assert not_staffs_room(state("@other:l", None, {"@lead:l": 100}), staff) is None, "an admin"
+    admin = state("@other:l", None, {"@lead:l": 100}, joined=("@lead:l",))
+    assert not_staffs_room(admin, staff) is None, "an admin who joined"
+    # Power, or a place among the creators, can be given to anyone without their consent.
+    assert "who has joined" in not_staffs_room(state("@other:l", None, {"@lead:l": 100}), staff)
+    named = state("@other:l", None, {}, creators=("@lead:l",))
+    assert "policy.staff" in not_staffs_room(named, staff)
+    joined_creator = state("@other:l", None, {}, joined=("@lead:l",), creators=("@lead:l",))
+    assert not_staffs_room(joined_creator, staff) is None
+    invited = state("@other:l", None, {"@lead:l": 100})
+    invited.append(
+        {"type": "m.room.member", "state_key": "@lead:l", "content": {"membership": "invite"}}
+    )
+    assert "policy.staff" in not_staffs_room(invited, staff), "invited is not joined"
     assert "anyone can join" in not_staffs_room(state("@lead:l", "public", {}), staff)
     assert "restricted" in not_staffs_room(state("@lead:l", "restricted", {}), staff)
     assert "policy.staff" in not_staffs_room(state("@squatter:l", "invite", {}), staff)
