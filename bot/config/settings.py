@@ -273,6 +273,7 @@ class MessageTemplates(_Strict):
     notice: str | None = None
     checkin: str | None = None
     withdrawn: str | None = None
+    withdrawn_unremoved: str | None = None
     farewell: str | None = None
     policy_explained: str | None = None
     policy_room_reply: str | None = None

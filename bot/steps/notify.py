@@ -41,6 +41,11 @@ class Notify(CaseStep):
         case = run.case
         if case.dry_run:
             return Outcome.skipped("dry run")
+        if case.state == "closed" and not run.progress.get("staff_asked"):
+            # Closed (or withdrawn as a wrong flag) while the notice waited (an outage, the
+            # wait for encryption): a crisis notice then would be news of a case staff
+            # ended, and a withdrawn one's apology may have gone already.
+            return Outcome.skipped("the case was closed before the member was told")
         assert case.member_id is not None
         content = self.tools.texts.notice(case.due_at, dt.datetime.now(dt.UTC))
         # Marked in the bot's m.direct by the case's `mark_dm` step, after the removal.

@@ -39,6 +39,8 @@ class Remove(CaseStep):
     def ready(self, case: Case, steps: Mapping[str, Step]) -> bool:
         if steps["remove"].progress.get("decided_by"):
             return True  # staff decided: now, whatever the notice is doing
+        if case.state == "closed":
+            return True  # a removal held for staff's decision ends with the case: skipped
         notify = steps.get("notify")
         return notify is None or notify.status in ("done", "skipped")
 
@@ -47,12 +49,15 @@ class Remove(CaseStep):
         if case.dry_run:
             return Outcome.skipped("dry run")
         assert case.room_id is not None and case.member_id is not None
+        decided_by = run.progress.get("decided_by")
+        if case.state == "closed" and not decided_by:
+            # Closed, or withdrawn as a wrong flag, before the removal: never after.
+            return Outcome.skipped("the case was closed before the member was removed")
         if run.resumed:
             gone = await self._already_gone(case.room_id, case.member_id)
             if gone is not None:
                 return gone
         notified = run.steps["notify"].status == "done"
-        decided_by = run.progress.get("decided_by")
         reason = self.tools.texts.kick_reason(notified=notified)
         kicked = await self.hs.kick(case.room_id, case.member_id, reason)
         if isinstance(kicked, Refused):

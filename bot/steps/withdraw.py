@@ -8,24 +8,43 @@ done on the homeserver, each once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.steps.direct import NotToldByDm, tell_by_dm
+from bot.store.cases import Step
 
 WITHDRAW_STEPS = ["withdraw_apology", "withdraw_reinvite", "withdraw_report"]
 
 
 class WithdrawApology(CaseStep):
     name = "withdraw_apology"
+    # What they are apologised for is what happened: the notice and the removal, each
+    # over (done, or skipped as the case closed) before a word is chosen; and the way
+    # back, which the apology says was given.
+    requires = ("notify", "remove", "withdraw_reinvite")
 
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
         if case.dry_run or case.member_id is None:
             return Outcome.skipped("nobody was told anything (dry run)")
+        notify, remove = run.steps.get("notify"), run.steps.get("remove")
+        told = notify is not None and notify.status == "done"
+        removed = (
+            remove is not None and remove.status == "done" and not remove.result.get("already_gone")
+        )
+        if not told and not removed:
+            # Withdrawn before anything reached them: an apology would be the first they
+            # hear of a flag that was a mistake.
+            return Outcome.skipped("the member was neither told nor removed")
+        # The room by its name alone: the member is no reader of room ids.
+        room = await self.hs.room_name(case.room_id) if case.room_id else None
+        room = room or self.tools.texts.language._("the group chat")
         # A DM of its own ("apology"), unless they are still in one with the bot: the
         # notice's room, marked "dm", may be one they have left (and its marker names it).
         # The apology invites a reply ("our staff team will see it"): it must reach them.
-        content = self.tools.texts.withdrawn(room=await self.tools.place(case.room_id))
+        content = self.tools.texts.withdrawn(room=room, removed=removed)
         result = await tell_by_dm(self.tools, run, case.member_id, "apology", content, "dm_room_id")
         if isinstance(result, NotToldByDm):
             return result.outcome("the member", "the apology")
@@ -36,6 +55,7 @@ class WithdrawApology(CaseStep):
 
 class WithdrawReinvite(CaseStep):
     name = "withdraw_reinvite"
+    requires = ("remove",)  # after the removal is over: never before a kick still to come
 
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
@@ -60,16 +80,8 @@ class WithdrawReport(CaseStep):
         apology, back = run.steps["withdraw_apology"], run.steps["withdraw_reinvite"]
         _ = self.tools.texts.language._
         lines = [
-            _("✔ Apology sent to the member")
-            if apology.status == "done"
-            else _("✘ No apology sent ({why})").format(
-                why=apology.error or apology.result.get("why")
-            ),
-            _("✔ Invited back into the room")
-            if back.status == "done"
-            else _("✘ Not invited back ({why}): please invite them yourself").format(
-                why=back.error or back.result.get("why")
-            ),
+            _apology_line(apology, _),
+            _way_back_line(back, _),
         ]
         checkin = run.steps.get("checkin")
         if checkin is not None:
@@ -89,3 +101,22 @@ class WithdrawReport(CaseStep):
         if isinstance(sent, Refused):
             return Outcome.refused("the staff room refused the report", sent, retry=True)
         return Outcome("done", {"event": sent})
+
+
+def _apology_line(apology: Step, _: Callable[[str], str]) -> str:
+    if apology.status == "done":
+        return _("✔ Apology sent to the member")
+    why = apology.error or apology.result.get("why")
+    if apology.status == "skipped":
+        return _("No apology sent: {why}").format(why=why)
+    return _("✘ No apology sent ({why})").format(why=why)
+
+
+def _way_back_line(back: Step, _: Callable[[str], str]) -> str:
+    if back.status == "done":
+        if back.result.get("already_back"):
+            return _("✔ Still in the room, or invited back already")
+        return _("✔ Invited back into the room")
+    return _("✘ Not invited back ({why}): please invite them yourself").format(
+        why=back.error or back.result.get("why")
+    )

@@ -145,8 +145,10 @@ class Texts:
             )
         )
 
-    def withdrawn(self, *, room: str) -> dict[str, Any]:
-        return content(self.text("withdrawn", room=room))
+    def withdrawn(self, *, room: str, removed: bool = True) -> dict[str, Any]:
+        """The apology for a wrong flag: for the removal, or (told, never removed) for the
+        notice alone."""
+        return content(self.text("withdrawn" if removed else "withdrawn_unremoved", room=room))
 
     def farewell(self) -> dict[str, Any]:
         """Where to get help now, as the bot leaves a conversation whose case is purged."""

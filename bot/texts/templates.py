@@ -60,6 +60,13 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "If you'd like to talk about it, reply here: our staff team will see it.",
         frozenset({"room"}),
     ),
+    # The same, when the flag was withdrawn after the notice but before any removal.
+    "withdrawn_unremoved": (
+        "We're sorry: the message we sent you about {room} was a mistake.\n"
+        "You did nothing wrong, and you're not being moved out of it.\n"
+        "If you'd like to talk about it, reply here: our staff team will see it.",
+        frozenset({"room"}),
+    ),
     # The last word in a conversation the bot is closing (its case's time to be kept is
     # over), and the answer to anyone who writes in one afterwards.
     "farewell": (

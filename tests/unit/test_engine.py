@@ -357,6 +357,63 @@ async def test_a_moderator_whose_flag_staff_never_heard_of_is_asked_to_tell_them
     assert "You don't need to do anything more" not in body
 
 
+async def _withdraw(engine, case_id: int) -> None:
+    """What `!case N withdraw wrong` records (bot/staff/tools.py), for the engine to act on."""
+    from bot.steps import POSITIONS, WITHDRAW_STEPS
+
+    async with engine.begin() as conn:
+        await cases.set_fields(
+            conn, case_id, state="closed", closed_at=NOW, outcome="withdrawn: wrong"
+        )
+        for name in WITHDRAW_STEPS:
+            await cases.rearm_step(conn, case_id, name, POSITIONS[name], {})
+        await cases.set_next_attempt(conn, case_id, NOW)
+
+
+async def test_a_case_withdrawn_while_its_notice_waits_never_tells_nor_removes(engine):
+    """The notice waits (an outage) and staff withdraw the flag: the member is never sent
+    the crisis notice nor removed once it is over, and gets no apology for a flag they
+    never heard of."""
+    hs = homeserver()
+    hs.unavailable_for = {"create_room"}
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
+    assert notices(hs, "notify") == [] and hs.kicks == []
+    await _withdraw(engine, case_id)
+    hs.unavailable_for = set()
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["notify"].status == "skipped" and done["remove"].status == "skipped"
+    assert notices(hs, "notify") == [] and hs.kicks == [], "nothing of a withdrawn flag"
+    assert done["withdraw_apology"].status == "skipped" and notices(hs, "withdraw_apology") == []
+    assert done["withdraw_reinvite"].result == {"already_back": True}
+    (report,) = [e["content"]["body"] for e in notices(hs, "withdraw_report")]
+    assert "No apology sent: the member was neither told nor removed" in report
+    assert "Still in the room" in report
+
+
+async def test_a_case_withdrawn_while_its_removal_is_held_apologises_for_the_notice(engine):
+    """Told, the removal held for staff (here: the kick waits out an outage), then
+    withdrawn: no kick ever; the apology is for the notice, naming the room by its name."""
+    hs = homeserver()
+    hs.rooms[GROUP].state[("m.room.name", "")] = {"name": "Peer support"}
+    hs.unavailable_for = {"kick"}
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
+    assert len(notices(hs, "notify")) == 1 and hs.kicks == []
+    await _withdraw(engine, case_id)
+    hs.unavailable_for = set()
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["remove"].status == "skipped" and hs.kicks == []
+    (apology,) = notices(hs, "withdraw_apology")
+    body = apology["content"]["body"]
+    assert body.startswith("We're sorry: the message we sent you about Peer support")
+    assert GROUP not in body, "no room id for the member to read"
+
+
 async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(engine):
     hs = homeserver()
     case_id = await new_case(engine)
