@@ -191,6 +191,11 @@ class NioHomeserver:
     def bot_user_id(self) -> str:
         return self._bot_user_id
 
+    def is_ours(self, user_id: object) -> bool:
+        return user_id == self._bot_user_id or (
+            self.moderation is not None and user_id == self.moderation.user_id
+        )
+
     async def _saw_error(self, response: ErrorResponse) -> None:
         if response.status_code == "M_LIMIT_EXCEEDED" or (
             response.transport_response is not None and response.transport_response.status == 429
@@ -357,6 +362,8 @@ class NioHomeserver:
             result = await action()
         if isinstance(result, Refused) and result.errcode == "M_FORBIDDEN":
             assert self.moderation is not None
+            if await self.moderation.still_empowered(room_id):
+                return result  # refused for its target, not for want of power: as it is
             self.moderation.unseat(room_id, str(result))
             return await action()
         return result

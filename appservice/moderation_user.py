@@ -121,6 +121,15 @@ class ModerationUser:
                 log.warning("the moderation user cannot act in %s: %s", room_id, why)
             self._news_of(room_id, why)
 
+    async def still_empowered(self, room_id: str) -> bool:
+        """Whether it still has the power it was seated with, as the room says now: a
+        refusal it met may be about whom it acted on (a kick of someone not in the room,
+        as a retried kick whose first answer was lost meets), not about its power."""
+        state = await self._hs.room_state(room_id)
+        if isinstance(state, Refused):
+            return False
+        return power_level(self.user_id, state) >= moderation_level(state)
+
     async def _seat(self, room_id: str) -> str | None:
         """Join it to the room with the power it needs; why not, if it cannot be."""
         hs = self._hs

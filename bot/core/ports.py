@@ -115,6 +115,11 @@ class Homeserver(Protocol):
     @property
     def bot_user_id(self) -> str: ...
 
+    def is_ours(self, user_id: object) -> bool:
+        """Whether the service acted as `user_id`: the bot, or its moderation user (which
+        kicks and redacts where it is seated)."""
+        ...
+
     async def room_state(self, room_id: str) -> RoomState | Refused:
         """Fresh create + power-levels state of a room (never a cached copy)."""
         ...

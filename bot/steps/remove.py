@@ -89,6 +89,6 @@ class Remove(CaseStep):
         membership = content.get("membership")
         if membership in PRESENT:
             return None
-        if membership == "leave" and event and event.get("sender") == self.hs.bot_user_id:
+        if membership == "leave" and event and self.hs.is_ours(event.get("sender")):
             return Outcome("done", {"already_gone": False, "resumed": True})
         return Outcome("done", {"already_gone": True, "membership": membership})

@@ -14,6 +14,7 @@ import json
 import pytest
 import yaml
 
+from bot.core.ports import Refused
 from tests.support.checkins import checkin_config, checkin_rooms
 from tests.support.scene import (
     BOT,
@@ -360,6 +361,11 @@ async def test_a_moderation_user_acts_so_the_room_sees_nothing_of_safeguarding(s
         timeline = await scene.owner.messages(scene.group, limit=200)
         acted = [e for e in timeline if e.get("sender") == BOT and e["type"] != "m.room.member"]
         assert acted == [], "the bot did nothing the room can see"
+        # The kick again, as a retry whose first answer was lost makes it: Synapse refuses
+        # it (they are gone), which is no loss of power: the moderation user stays seated.
+        again = await service.homeserver.kick(scene.group, scene.member.user_id, "again")
+        assert isinstance(again, Refused) and again.errcode == "M_FORBIDDEN"
+        assert service.moderation.seated_in(scene.group), "not unseated for its target"
 
 
 async def test_without_power_the_moderation_user_stands_aside_and_the_bot_acts(synapse, tmp_path):

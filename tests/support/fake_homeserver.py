@@ -42,6 +42,7 @@ class FakeRoom:
 class FakeHomeserver:
     def __init__(self, bot_user_id: str = "@safeguard:localhost") -> None:
         self._bot = bot_user_id
+        self.moderator: str | None = None  # the moderation user, who kicks when set
         self.rooms: dict[str, FakeRoom] = {}
         self.direct: dict[str, list[str]] = {}
         self.calls: list[str] = []
@@ -69,6 +70,9 @@ class FakeHomeserver:
     @property
     def bot_user_id(self) -> str:
         return self._bot
+
+    def is_ours(self, user_id: object) -> bool:
+        return user_id in (self._bot, self.moderator)
 
     def _enter(self, verb: str) -> None:
         self.calls.append(verb)
@@ -285,7 +289,7 @@ class FakeHomeserver:
                 "type": "m.room.member",
                 "state_key": user_id,
                 "reason": reason,
-                "sender": self._bot,
+                "sender": self.moderator or self._bot,
                 "content": {"membership": "leave"},
                 "event_id": f"$kick{next(self._ids)}",
                 "order": next(self._ids),
