@@ -263,7 +263,13 @@ class StepEngine:
             await asyncio.sleep(1)
         finally:
             self._running.discard(case_id)
+            # Changed after this run's last read of it (a staff command committed as the
+            # run wrote its next look, which may have put back a later time): run again
+            # now, not at that time.
+            changed = case_id in self._changed
             self._changed.discard(case_id)
+            if changed:
+                self._start(case_id)
             self.wake()
 
     async def retry_waiting(self) -> None:

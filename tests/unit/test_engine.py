@@ -838,3 +838,24 @@ async def test_a_case_falling_due_while_the_timer_reads_is_looked_at_again_at_on
     look_again = await runner._start_due_cases()
     assert not started, "not due yet when it read"
     assert look_again == due_at, "looked at again when it falls due, not at the next poll"
+
+
+async def test_a_case_changed_as_its_run_ends_is_run_again_at_once(engine, monkeypatch):
+    """A staff command (`!case N remove`) commits as a run writes the case's next look,
+    which may put back a later time over the command's "now" (PostgreSQL reads what was
+    committed at each statement): the run that ends after the change runs it again."""
+    runner = step_engine(engine, homeserver())
+    runs: list[int] = []
+
+    async def run_case(case_id, begun=None):
+        runs.append(case_id)
+        if len(runs) == 1:
+            runner.start_case(case_id)  # the command's wake-up, while this run ends
+
+    monkeypatch.setattr(runner, "run_case", run_case)
+    runner.start_case(7)
+    for _ in range(100):
+        if len(runs) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert runs == [7, 7]
