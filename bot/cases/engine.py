@@ -645,7 +645,7 @@ class StepEngine:
             code = outcome.error.split(":", 1)[0]
             if code.startswith("M_") and code.replace("_", "").isalnum():
                 facts["errcode"] = code
-        await cases.finish_step(
+        if not await cases.finish_step(
             conn,
             case.id,
             step.step,
@@ -653,7 +653,8 @@ class StepEngine:
             result=outcome.facts | outcome.personal,
             error=outcome.error,
             now=now,
-        )
+        ):
+            log.info("case #%d: %s armed again as it ran: it runs again", case.id, step.step)
         if outcome.case_fields:
             await cases.set_fields(conn, case.id, **outcome.case_fields)
         await audit.append(

@@ -32,10 +32,13 @@ class Corroboration(CaseStep):
 
     async def run(self, run: StepRun) -> Outcome:
         case = run.case
-        pending: list[int] = list(run.progress.get("pending", []))
         told: list[int] = list(run.progress.get("told", []))
         async with self.tools.db.connect() as conn:
             entries = {e.seq: e for e in await audit.entries(conn, case_id=case.id)}
+        # Every corroborating flag on the record, not only those the arming listed: one
+        # recorded while an attempt ran is not lost when that attempt saves its progress.
+        pending = [*run.progress.get("pending", [])]
+        pending += [s for s, e in entries.items() if e.kind == "corroborated" and s not in pending]
         member = await self.tools.person(case.member_id)
         for seq in pending:
             if seq in told or seq not in entries:

@@ -191,6 +191,7 @@ _STEPS_OF = (
 _UPDATE_STEP = case_steps.update().where(
     case_steps.c.case_id == sa.bindparam("b_case"), case_steps.c.step == sa.bindparam("b_step")
 )
+_FINISH_STEP = _UPDATE_STEP.where(case_steps.c.status != "pending")
 _START_STEPS = (
     case_steps.update()
     .where(
@@ -536,9 +537,12 @@ async def finish_step(
     result: dict[str, Any],
     error: str | None,
     now: dt.datetime,
-) -> None:
-    await conn.execute(
-        _UPDATE_STEP,
+) -> bool:
+    """The step's outcome; False, and the row left as it is, if it was armed again while
+    this attempt ran (a new flag to tell staff of, or to redact; the member back again):
+    it is pending, and runs again for what was added meanwhile."""
+    finished = await conn.execute(
+        _FINISH_STEP,
         {
             "b_case": case_id,
             "b_step": step,
@@ -549,6 +553,7 @@ async def finish_step(
             "not_before": None,
         },
     )
+    return bool(finished.rowcount)
 
 
 async def set_fields(conn: AsyncConnection, case_id: int, **values: Any) -> None:

@@ -859,3 +859,47 @@ async def test_a_case_changed_as_its_run_ends_is_run_again_at_once(engine, monke
             break
         await asyncio.sleep(0.01)
     assert runs == [7, 7]
+
+
+async def _corroborate(engine, flagger: str, flag_event: str) -> None:
+    """Another moderator's flag of the member, recorded as the flag's decision records it."""
+    from bot.steps import POSITIONS
+    from bot.steps.corroboration import corroboration_due
+
+    flag = cases.NewFlag(GROUP, MEMBER, flagger, "reaction", flag_event, "$msg", None, NOW, NOW)
+    async with engine.begin() as conn:
+        opened = await cases.open_or_corroborate(
+            conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW + HOUR
+        )
+        assert not opened.created
+        await corroboration_due(
+            conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
+        )
+        await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
+
+
+async def test_a_flag_corroborating_while_staff_are_told_of_another_is_told_too(
+    engine, monkeypatch
+):
+    """A third moderator flags as the second one's flag is being told to staff: the step,
+    armed again while it ran, is not finished over that; staff hear of both."""
+    hs = homeserver()
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await run_until_waiting(runner, engine, case_id)
+    await _corroborate(engine, "@mod2:localhost", "$f2")
+    send = hs.send
+    flagged_meanwhile: list[bool] = []
+
+    async def send_and_flag(room_id, content, **kwargs):
+        sent = await send(room_id, content, **kwargs)
+        if "also flagged" in content.get("body", "") and not flagged_meanwhile:
+            flagged_meanwhile.append(True)
+            await _corroborate(engine, "@mod3:localhost", "$f3")
+        return sent
+
+    monkeypatch.setattr(hs, "send", send_and_flag)
+    await run_until_waiting(runner, engine, case_id)
+    told = [e["content"]["body"] for e in hs.rooms[STAFF].events if "also flagged" in str(e)]
+    assert len(told) == 2, told
+    assert "@mod2:localhost" in told[0] and "@mod3:localhost" in told[1]
