@@ -274,12 +274,20 @@ class Dispatcher:
         # Clear again only once this round has left nothing of the lane waiting.
         self._clear.discard(lane)
         # Flags their sender removed (redacted) before they were reached: not acted on.
-        withdrawn = {redacted for item in items if (redacted := _redacts(item)) is not None}
+        # Only their own sender's redaction, in their room: a redaction event names any
+        # event it likes (one from another server is not checked against power when it
+        # is sent), and must not cancel someone else's flag.
+        withdrawn = {
+            (redacted, item.room_id, item.payload.get("sender"))
+            for item in items
+            if (redacted := _redacts(item)) is not None
+        }
         nothing_to_do: list[int] = []
         left_waiting = False
         try:
             for item in items:
-                if item.event_id in withdrawn and item.event_type != "m.room.redaction":
+                taken_back = (item.event_id, item.room_id, item.payload.get("sender"))
+                if taken_back in withdrawn and item.event_type != "m.room.redaction":
                     await self._withdrawn(item)
                     continue
                 readable = await self._readable(item)

@@ -289,6 +289,27 @@ async def test_a_flag_removed_before_it_was_reached_is_not_acted_on(engine):
     assert entries[0].facts["event"] == "$flag"
 
 
+@pytest.mark.parametrize(
+    ("sender", "room"), [("@someone:elsewhere", GROUP), (MOD, "!another:localhost")]
+)
+async def test_only_its_own_sender_in_its_room_takes_a_flag_back(engine, sender, room):
+    """A redaction names any event it likes (one from another server is not checked
+    against power when sent): someone else's, or one sent elsewhere, cancels no flag."""
+    dispatcher = build(engine, homeserver())
+    redaction = {
+        "event_id": "$undo",
+        "room_id": room,
+        "type": "m.room.redaction",
+        "sender": sender,
+        "content": {"redacts": "$flag"},
+    }
+    await queue(engine, (redaction, FLAG_LANE), (flag("$flag"), FLAG_LANE))
+    await drain(dispatcher, FLAG_LANE)
+    async with engine.connect() as conn:
+        kinds = [e.kind for e in await audit.entries(conn)]
+    assert kinds == ["flagged"], "acted on"
+
+
 OTHER, THIRD = "@other:localhost", "@third:localhost"
 
 
