@@ -31,6 +31,32 @@ _STEP_WORDS = {
     "mark_dm": N_("the member's DM marked as a direct chat"),
 }
 
+# What each step sets out to do: what a notice of one that could not be done names (its
+# outcome's words, `member removed again`, would read as if it had been).
+_STEP_ACTIONS = {
+    "notify": N_("telling the member (the notice)"),
+    "remove": N_("removing the member from the room"),
+    "room_notice": N_("telling the room (no one named)"),
+    "alert": N_("alerting staff"),
+    "schedule": N_("scheduling the check-in"),
+    "checkin": N_("opening the check-in room"),
+    "checkin_notice": N_("telling staff the check-in is open"),
+    "checkin_reminder": N_("reminding staff of the check-in"),
+    "escalate": N_("raising the alert again"),
+    "redact_flag": N_("taking the flag out of the room"),
+    "redact_message": N_("taking the flagged message out of the room"),
+    "debrief": N_("debriefing the moderator"),
+    "withdraw_apology": N_("apologising to the member (flag withdrawn)"),
+    "withdraw_reinvite": N_("inviting the member back (flag withdrawn)"),
+    "withdraw_report": N_("telling staff how the withdrawal went"),
+    "remove_again": N_("removing the member again"),
+    "corroboration": N_("telling staff of another flag"),
+    "rejoin": N_("telling staff the member came back"),
+    "purge": N_("purging personal data (retention)"),
+    "unread_notice": N_("telling staff the notice is unread"),
+    "mark_dm": N_("marking the member's DM as a direct chat"),
+}
+
 _KIND_WORDS = {
     **{f"step.{step}": words for step, words in _STEP_WORDS.items()},
     "flagged": N_("flagged"),
@@ -94,9 +120,9 @@ _WORDS = {
 }
 
 
-def step_words(step: str, language: Language) -> str:
-    """What a step does, in words (`the flag taken out of the room`), not its name."""
-    english = _STEP_WORDS.get(step)
+def step_action_words(step: str, language: Language) -> str:
+    """What a step sets out to do, in words (`removing the member again`)."""
+    english = _STEP_ACTIONS.get(step)
     return language._(english) if english else step.replace("_", " ")
 
 

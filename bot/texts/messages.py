@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from bot.config.deployment import Deployment
 from bot.config.settings import MessageTemplates
-from bot.texts.case_words import step_words, word
+from bot.texts.case_words import step_action_words, word
 from bot.texts.catalogues import language
 from bot.texts.templates import KICK_REASON_LIMIT, TemplateError, content, notice, render_text
 from bot.texts.wording import (
@@ -562,7 +562,7 @@ class Texts:
         text = self.text(
             "step_failed",
             case=case_number,
-            step=step_words(step, self.language),
+            step=step_action_words(step, self.language),
             error=f" ({error})" if error else "",
         )
         return notice(text, reply_to=reply_to)

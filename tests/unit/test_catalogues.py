@@ -323,5 +323,5 @@ def test_the_alerts_own_words_and_the_flags_method_are_translated():
     refused = welsh().step_failed(
         case_number=2, step="checkin_reminder", error="M_FORBIDDEN", reply_to=None
     )["body"]
-    assert "y staff wedi cael eu hatgoffa am y sgwrs gysylltu" in refused
+    assert "atgoffa'r staff am y sgwrs gysylltu" in refused, "what it set out to do"
     assert "(M_FORBIDDEN)" in refused

@@ -436,7 +436,7 @@ async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(e
     async with engine.connect() as conn:
         queued = await outbox.pending(conn)
         assert await cases.crashing(conn) == [case_id]
-    (told,) = [m for m in queued if "alert raised again" in m.content["body"]]
+    (told,) = [m for m in queued if "raising the alert again" in m.content["body"]]
     assert told.content["body"].startswith(f"Case #{case_id}")
     assert told.content["m.relates_to"]["m.in_reply_to"]["event_id"]  # a reply to the alert
 

@@ -212,3 +212,18 @@ def test_the_confidentiality_link_must_be_https(url):
 
     with pytest.raises(ValidationError):
         PolicySettings(staff_room="!staff:localhost", confidentiality_url=url)
+
+
+@pytest.mark.parametrize(
+    ("step", "action"),
+    [
+        ("remove_again", "removing the member again"),
+        ("checkin", "opening the check-in room"),
+        ("withdraw_apology", "apologising to the member"),
+    ],
+)
+def test_a_step_that_could_not_be_done_is_named_by_what_it_set_out_to_do(step, action):
+    """Not by its outcome's words: "could not be done — member removed again" reads as if
+    the member had been removed."""
+    body = texts().step_failed(case_number=3, step=step, error="M_FORBIDDEN", reply_to=None)["body"]
+    assert f"could not be done — {action}" in body
