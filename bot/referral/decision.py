@@ -30,6 +30,7 @@ from bot.intake.recent_senders import RecentSenders
 from bot.moderation.authorization import Refusal, decide_flag, power_level
 from bot.moderation.room_state import RoomStateCache
 from bot.referral.triggers import Flag, recognise_flag
+from bot.rooms.names import names_of
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.staff.members import StaffDirectory
@@ -38,6 +39,7 @@ from bot.steps.corroboration import corroboration_due
 from bot.store import audit, cases, outbox
 from bot.texts.messages import Texts
 from bot.texts.wording import duration_words as _duration
+from bot.texts.wording import person, place
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -335,6 +337,12 @@ class Referral:
         now = dt.datetime.now(dt.UTC)
         target = await self._flagged_sender(flag)
         member = target if isinstance(target, str) else None
+        # Staff must act on this by hand: named as they know them (rare: read each time).
+        ids = [flag.room_id, flag.flagger, *([member] if member else [])]
+        names = await names_of(self._hs, ids)
+        room = place(flag.room_id, names[flag.room_id])
+        flagger = person(flag.flagger, names[flag.flagger])
+        member_named = person(member, names[member]) if member else None
         async with handling.transaction() as conn:
             await audit.append(
                 conn,
@@ -358,7 +366,7 @@ class Referral:
                 conn,
                 self._staff_room.address,
                 self._texts.flag_found_late(
-                    flagged_at=flagged_at, room=flag.room_id, flagger=flag.flagger, member=member
+                    flagged_at=flagged_at, room=room, flagger=flagger, member=member_named
                 ),
                 now,
             )

@@ -530,10 +530,10 @@ class Texts:
         return notice(
             self.text(
                 "flag_found_late",
-                when=self.when(flagged_at),
+                when=f"{self.when(flagged_at)} ({self._zone_name})",
                 room=room,
                 flagger=flagger,
-                member=member or self._("(the flagged message could not be read)"),
+                member=member or self._("someone whose message could not be read"),
             )
         )
 

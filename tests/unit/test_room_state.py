@@ -350,6 +350,8 @@ async def test_a_flag_caught_up_after_the_lookback_is_told_to_staff_not_acted_on
 
     hs = homeserver()
     hs.rooms[GROUP].events.append({"event_id": "$msg", "type": "m.room.message", "sender": MEMBER})
+    hs.rooms[GROUP].state[("m.room.name", "")] = {"name": "Peer support"}
+    hs.display_names[MEMBER] = "Sam"
     referral = build_referral(engine, hs)
     event = reaction("$old", MOD, "$msg") | {"origin_server_ts": 1_000}
     await record_events(engine, "t", ["$old"], [(event, 0)], NOW)
@@ -363,5 +365,6 @@ async def test_a_flag_caught_up_after_the_lookback_is_told_to_staff_not_acted_on
         (told,) = [m.content["body"] for m in await outbox.pending(conn)]
     assert entry.facts["code"] == "found_too_late"
     assert told.startswith("A flag from Thu 01 Jan 1970") and "found late" in told
-    assert MEMBER in told, "who it was about: staff must check on them"
+    assert f"Sam ({MEMBER})" in told, "who it was about: staff must check on them"
+    assert f"in Peer support ({GROUP})" in told and "(Europe/London)" in told
     assert hs.kicks == [] and "create_room" not in hs.calls
