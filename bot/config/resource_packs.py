@@ -160,7 +160,7 @@ PACKS: dict[str, ResourcePack] = {
                     "call 1800 66 66 66",
                     "free, any time, if you are under 18",
                 ),
-                ("50808", "text 50808", "free, any time, by text"),
+                ("50808", "text HELLO to 50808", "free, any time, by text"),
                 ("Pieta", "call 1800 247 247 or text HELP to 51444", "free, any time"),
                 _SAMARITANS,
             ],

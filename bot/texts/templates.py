@@ -89,7 +89,8 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "away.\n"
         "• They are moved out of the group chat for now. It is not a punishment, and they "
         "are not in trouble.\n"
-        "• Our staff team is told: who it is, what they wrote and who was worried. Staff "
+        # What the alert carries: not what they wrote (never stored, never passed on).
+        "• Our staff team is told who it is, where and when, and who was worried and why. Staff "
         "decide whether to contact emergency services. If they do, they share only what "
         "is needed to keep the person safe.\n"
         "• The next day, someone from our staff team opens a private chat with them to "

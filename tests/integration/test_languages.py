@@ -100,7 +100,7 @@ async def test_the_welsh_check_in_room_and_its_message(scene):
         await scene.member.join(room)
         (message,) = await until(lambda: scene.bot_messages(scene.member, room), what="message")
         body = message["content"]["body"]
-        assert body.startswith("Helo, aelod o'n tîm staff sydd yma.")
+        assert body.startswith("Helo, dyma ystafell breifat i ti ac aelod o'n tîm staff.")
         assert "a member of our staff team" not in body and "ffonia 999" in body
         await until(
             lambda: scene.staff_matching(
