@@ -512,7 +512,8 @@ def judge_staff_room(
             fail(
                 "staff room",
                 f"not a room staff made theirs: {why}",
-                "make it invite-only, created by (or with an admin) named in policy.staff",
+                "make it invite-only, created by someone named in policy.staff (or with one "
+                "of them as an admin who has joined it)",
                 **where,
             )
         )

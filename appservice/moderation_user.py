@@ -125,6 +125,8 @@ class ModerationUser:
         """Whether it still has the power it was seated with, as the room says now: a
         refusal it met may be about whom it acted on (a kick of someone not in the room,
         as a retried kick whose first answer was lost meets), not about its power."""
+        if await self._hs.membership(room_id, self.user_id) != "join":
+            return False  # kicked or banned from it: its power there is no use
         state = await self._hs.room_state(room_id)
         if isinstance(state, Refused):
             return False

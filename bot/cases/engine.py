@@ -699,6 +699,8 @@ class StepEngine:
             stated = (alert.result.get("stated") or {}) if alert is not None else {}
             # News: not what the alert said, or asked for by staff (`!case N notify`).
             news = stated.get(step.step) != outcome.status or step.progress.get("staff_asked")
+            if outcome.status == "skipped" and case.state == "closed":
+                news = False  # staff closed (or withdrew) it themselves: nothing to act on
             if alert is not None and alert.status == "done" and news:
                 remove = steps.get("remove")
                 content = self._tools(case).texts.step_update(

@@ -229,7 +229,7 @@ class Referral:
         if membership == "knock":
             return Refusal("not_in_room", f"{target} is only knocking at that room, not in it")
         if not _was_joined(event):
-            how = "banned before ever joining" if membership == "ban" else "an invite refused"
+            how = "banned while not in it" if membership == "ban" else "an invite refused"
             return Refusal("not_in_room", f"{target} was never in that room ({how})")
         return Refusal(
             "not_in_room",

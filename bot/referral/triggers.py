@@ -137,7 +137,7 @@ class _PillText(HTMLParser):
         return "".join(self.parts + self._pill_text)  # a pill never closed: its name as text
 
 
-_REPLY_END = "</mx-reply>"
+_REPLY_END = re.compile(r"</mx-reply\s*>", re.IGNORECASE)
 
 
 def _pills_read(formatted: str, *, reply: bool = False) -> tuple[str, int] | None:
@@ -150,9 +150,10 @@ def _pills_read(formatted: str, *, reply: bool = False) -> tuple[str, int] | Non
     if len(formatted) > MAX_FORMATTED:
         return None
     if reply:
-        end = formatted.lower().rfind(_REPLY_END)
-        if end >= 0:
-            formatted = formatted[end + len(_REPLY_END) :]
+        # Found in the text itself: a lower-cased copy may differ in length ("İ").
+        ends = list(_REPLY_END.finditer(formatted))
+        if ends:
+            formatted = formatted[ends[-1].end() :]
     reader = _PillText()
     try:
         reader.feed(formatted)

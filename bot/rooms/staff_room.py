@@ -177,7 +177,8 @@ class StaffRoom:
         self.refused = (
             f"{self.configured} points to {room_id}, which is not a staff room: {why}. Nothing "
             "is posted there; make the staff room invite-only with a staff member from "
-            "policy.staff as its creator or admin, or configure policy.staff_room as a room id"
+            "policy.staff as its creator (or as an admin who has joined it), or configure "
+            "policy.staff_room as a room id"
         )
         log.error("%s", self.refused)
         return self.refused

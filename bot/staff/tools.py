@@ -369,6 +369,12 @@ class StaffTools:
             return _("Case #{case}: alert acknowledged by {by}.").format(case=case.id, by=sender)
         if command.action == "withdraw":
             return await self._withdraw(conn, case, command, sender, now, entry)
+        if command.action in ("remove", "notify") and case.state == "closed":
+            # A closed case's notice and removal are not made (bot/steps/notify.py).
+            return _(
+                "Case #{case} is closed: nothing is sent to the member or done to them. "
+                "`!case {case} reopen <why>` reopens it first."
+            ).format(case=case.id)
         if command.action == "remove":
             return await self._remove(conn, case, sender, now, entry)
         if command.action == "notify":
@@ -450,15 +456,20 @@ class StaffTools:
         _ = self._
         if case.dry_run or remove is None:
             return _("Case #{case} has no removal to make (dry run).").format(case=case.id)
-        if remove.finished:
+        # Skipped: the case was closed before it was made, and has been reopened since.
+        if remove.finished and remove.status != "skipped":
             return _("Case #{case}: the removal is over already ({status}).").format(
                 case=case.id, status=word(remove.status, self._language)
             )
-        if remove.progress.get("decided_by"):
+        if remove.progress.get("decided_by") and not remove.finished:
             return _("Case #{case}: the removal is under way already.").format(case=case.id)
         notified = notify is not None and notify.status == "done"
         await entry("removal_decided", {"notified_first": notified}, {})
-        await cases.save_progress(conn, case.id, "remove", remove.progress | {"decided_by": sender})
+        decided = remove.progress | {"decided_by": sender}
+        if remove.finished:
+            await cases.rearm_step(conn, case.id, "remove", POSITIONS["remove"], decided)
+        else:
+            await cases.save_progress(conn, case.id, "remove", decided)
         await cases.set_next_attempt(conn, case.id, now)
         if notified:
             return _("Case #{case}: they have been told; removing them now.").format(case=case.id)

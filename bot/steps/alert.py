@@ -63,7 +63,9 @@ def removal_state(remove: Step, notify: Step) -> StepState:
         return StepState("failed", remove.error or remove.result.get("why"))
     if remove.status == "skipped":
         return StepState("skipped", remove.result.get("why"))
-    if notify.status in ("failed", "skipped") and not remove.progress.get("decided_by"):
+    if notify.status == "skipped":
+        return StepState("skipped", notify.result.get("why"))  # the case closed first
+    if notify.status == "failed" and not remove.progress.get("decided_by"):
         return StepState("held")
     if notify.status != "done":
         return StepState("waiting", N_("waiting until they have been told"))

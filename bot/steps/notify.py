@@ -41,7 +41,7 @@ class Notify(CaseStep):
         case = run.case
         if case.dry_run:
             return Outcome.skipped("dry run")
-        if case.state == "closed" and not run.progress.get("staff_asked"):
+        if case.state == "closed":
             # Closed (or withdrawn as a wrong flag) while the notice waited (an outage, the
             # wait for encryption): a crisis notice then would be news of a case staff
             # ended, and a withdrawn one's apology may have gone already.

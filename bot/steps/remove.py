@@ -37,10 +37,10 @@ class Remove(CaseStep):
     follows_at_once = True
 
     def ready(self, case: Case, steps: Mapping[str, Step]) -> bool:
-        if steps["remove"].progress.get("decided_by"):
-            return True  # staff decided: now, whatever the notice is doing
         if case.state == "closed":
             return True  # a removal held for staff's decision ends with the case: skipped
+        if steps["remove"].progress.get("decided_by"):
+            return True  # staff decided: now, whatever the notice is doing
         notify = steps.get("notify")
         return notify is None or notify.status in ("done", "skipped")
 
@@ -50,8 +50,9 @@ class Remove(CaseStep):
             return Outcome.skipped("dry run")
         assert case.room_id is not None and case.member_id is not None
         decided_by = run.progress.get("decided_by")
-        if case.state == "closed" and not decided_by:
-            # Closed, or withdrawn as a wrong flag, before the removal: never after.
+        if case.state == "closed":
+            # Closed, or withdrawn as a wrong flag, before the removal: never after (staff's
+            # decision to remove included: closing it came later).
             return Outcome.skipped("the case was closed before the member was removed")
         if run.resumed:
             gone = await self._already_gone(case.room_id, case.member_id)

@@ -312,6 +312,8 @@ class Texts:
             return _(
                 "… Member NOT notified yet ({why}): still trying; I'll reply here when they are"
             ).format(why=notice.why)
+        if notice.state == "skipped":
+            return _("– Member not notified: {why}").format(why=notice.why)
         return _("✘ Member was NOT notified ({why}): please reach them another way").format(
             why=notice.why
         )
@@ -332,6 +334,8 @@ class Texts:
             return _("… Not removed yet ({why}): I'll reply here when they are").format(
                 why=removal.why
             )
+        if removal.state == "skipped":
+            return _("– Not removed: {why}").format(why=removal.why)
         return _("✘ Not removed: {why}").format(why=removal.why or _("unknown reason"))
 
     def step_update(

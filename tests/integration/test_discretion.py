@@ -252,6 +252,12 @@ async def test_a_wrong_flag_is_withdrawn_with_an_apology_and_a_way_back(synapse,
         await scene.member.join(dm)
         texts = [e["content"]["body"] for e in await scene.bot_messages(scene.member, dm)]
         assert any("by mistake" in text for text in texts)
+        # Nothing more is done to them on a withdrawn case, whoever asks.
+        await scene.staff.send_text(scene.staff_room, "!case 1 remove")
+        await until(
+            lambda: scene.staff_matching(lambda m: "is closed: nothing is sent" in m),
+            what="the removal refused on a closed case",
+        )
     (case,) = (await export_json(config))["cases"]
     assert case["state"] == "closed" and case["outcome"].startswith("withdrawn")
     assert case["steps"]["checkin"] == "skipped"
@@ -366,6 +372,25 @@ async def test_a_moderation_user_acts_so_the_room_sees_nothing_of_safeguarding(s
         again = await service.homeserver.kick(scene.group, scene.member.user_id, "again")
         assert isinstance(again, Refused) and again.errcode == "M_FORBIDDEN"
         assert service.moderation.seated_in(scene.group), "not unseated for its target"
+
+
+async def test_a_moderation_user_kicked_from_the_room_stands_aside_and_the_bot_acts(
+    synapse, tmp_path
+):
+    """Kicked, it keeps its power level in the room's state, but cannot act there: its
+    refused kick must not be taken for one about the member, who is removed all the same."""
+    scene = await build_scene(synapse, tmp_path)
+    moderation = f"@{MODERATION_LOCALPART}:{synapse.server_name}"
+    config = with_moderation_user(configure(scene))
+    async with running_service(config) as service:
+        await open_group_room(scene, power={moderation: 50})
+        await until(
+            lambda: service.moderation.seated_in(scene.group), what="the moderation user seated"
+        )
+        await scene.owner.kick(scene.group, moderation, "not wanted")
+        said = await scene.member.send_text(scene.group, "I can't go on")
+        await scene.moderator.react(scene.group, said, "🚨")
+        await until(lambda: kick_event(scene, scene.member), what="the removal, by the bot")
 
 
 async def test_without_power_the_moderation_user_stands_aside_and_the_bot_acts(synapse, tmp_path):

@@ -391,6 +391,32 @@ async def test_a_case_withdrawn_while_its_notice_waits_never_tells_nor_removes(e
     (report,) = [e["content"]["body"] for e in notices(hs, "withdraw_report")]
     assert "No apology sent: the member was neither told nor removed" in report
     assert "Still in the room" in report
+    # The alert, gone after the withdrawal, asks staff to do nothing to the member.
+    (alert,) = notices(hs, "alert")
+    body = alert["content"]["body"]
+    assert "– Member not notified: the case was closed before the member was told" in body
+    assert "– Not removed: the case was closed" in body
+    assert f"!case {case_id} remove" not in body and "reach them another way" not in body
+
+
+async def test_a_withdrawal_overrides_a_removal_staff_decided_earlier(engine):
+    """Staff decided to remove an untold member, the kick waits out an outage, then staff
+    withdraw the flag: the withdrawal is the later word, and nobody is kicked."""
+    hs = homeserver()
+    hs.refuse["create_room"] = Refused("M_FORBIDDEN", "user is deactivated", 403)
+    hs.unavailable_for = {"kick"}
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
+    async with engine.begin() as conn:
+        await cases.save_progress(conn, case_id, "remove", {"decided_by": "@staff:localhost"})
+        await cases.set_next_attempt(conn, case_id, NOW)
+    await runner.run_case(case_id)
+    assert (await steps(engine, case_id))["remove"].status == "started", "the kick waits"
+    await _withdraw(engine, case_id)
+    hs.unavailable_for = set()
+    await run_until_waiting(runner, engine, case_id)
+    assert (await steps(engine, case_id))["remove"].status == "skipped" and hs.kicks == []
 
 
 async def test_a_case_withdrawn_while_its_removal_is_held_apologises_for_the_notice(engine):
@@ -400,9 +426,12 @@ async def test_a_case_withdrawn_while_its_removal_is_held_apologises_for_the_not
     hs.rooms[GROUP].state[("m.room.name", "")] = {"name": "Peer support"}
     hs.unavailable_for = {"kick"}
     case_id = await new_case(engine)
-    runner = step_engine(engine, hs)
+    runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.3)))
     await runner.run_case(case_id)
     assert len(notices(hs, "notify")) == 1 and hs.kicks == []
+    await asyncio.sleep(0.4)
+    await runner.run_case(case_id)  # the alert goes at its deadline: "not removed yet"
+    assert len(notices(hs, "alert")) == 1
     await _withdraw(engine, case_id)
     hs.unavailable_for = set()
     await run_until_waiting(runner, engine, case_id)
@@ -412,6 +441,9 @@ async def test_a_case_withdrawn_while_its_removal_is_held_apologises_for_the_not
     body = apology["content"]["body"]
     assert body.startswith("We're sorry: the message we sent you about Peer support")
     assert GROUP not in body, "no room id for the member to read"
+    async with engine.connect() as conn:
+        queued = [m.content["body"] for m in await outbox.pending(conn)]
+    assert not [b for b in queued if "could NOT be removed" in b], "nothing to do by hand"
 
 
 async def test_a_step_that_crashes_is_retried_never_failed_and_staff_told_once(engine):

@@ -262,3 +262,20 @@ def test_a_stray_reply_end_in_the_quoted_message_cannot_name_someone_else():
     flag = recognise_flag(event, **KEYS)
     assert flag is not None
     assert (flag.method, flag.target_user, flag.target_event_id) == ("reply", None, "$troll")
+
+
+def test_the_reply_cut_is_found_in_the_text_itself_whatever_its_letters():
+    """ "İ" lower-cases to two characters: a cut found in a lower-cased copy would land
+    inside the moderator's own words."""
+    quoted = "İ" * 12
+    event = message(
+        "!safeguard Sam",
+        format="org.matrix.custom.html",
+        formatted_body=(
+            f"<mx-reply><blockquote>{quoted}</blockquote></mx-reply>"
+            '!safeguard <a href="https://matrix.to/#/@sam:l">Sam</a>'
+        ),
+        **{"m.relates_to": {"m.in_reply_to": {"event_id": "$said"}}},
+    )
+    flag = recognise_flag(event, **KEYS)
+    assert flag is not None and flag.target_user == "@sam:l"
