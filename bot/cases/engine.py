@@ -179,6 +179,10 @@ class StepEngine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
+        try:
+            await self._page_failed_alerts_never_paged()
+        except Exception:
+            log.exception("could not look for failed alerts never paged; /health lists them")
         while not self._stopping:
             self._wakeup.clear()
             timeout = self._poll
@@ -725,6 +729,25 @@ class StepEngine:
             conn, self._tools(case).staff_room.address, content, now, case_id=case.id
         )
         return True
+
+    async def _page_failed_alerts_never_paged(self) -> None:
+        """At start: a failed alert is paged once its failure is recorded; a process that
+        died between the two left it unpaged. Paged now (failed alerts are few: this does
+        not grow with the cases)."""
+        unpaged: list[tuple[Case, Step]] = []
+        async with self._db.connect() as conn:
+            for case_id in await cases.failed_alerts(conn):
+                entries = await audit.entries(conn, case_id=case_id)
+                if any(entry.kind == "alert_paged" for entry in entries):
+                    continue
+                case = await cases.get(conn, case_id)
+                alert = next(
+                    (s for s in await cases.steps_of(conn, case_id) if s.step == "alert"), None
+                )
+                if case is not None and alert is not None and case.community in self._kits:
+                    unpaged.append((case, alert))
+        for case, alert in unpaged:
+            await self._page_failed_alert(case, Outcome("failed", error=alert.error))
 
     async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:
         """Staff could not be told in their room: page whoever is on call (and /health says)."""

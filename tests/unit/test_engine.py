@@ -935,3 +935,32 @@ async def test_a_flag_corroborating_while_staff_are_told_of_another_is_told_too(
     told = [e["content"]["body"] for e in hs.rooms[STAFF].events if "also flagged" in str(e)]
     assert len(told) == 2, told
     assert "@mod2:localhost" in told[0] and "@mod3:localhost" in told[1]
+
+
+async def test_a_failed_alert_left_unpaged_by_a_crash_is_paged_at_the_next_start(
+    engine, monkeypatch
+):
+    """The alert's failure committed, the process died before the page: the next start
+    pages it, once."""
+    hs = homeserver()
+    hs.refuse_sends_in[STAFF] = Refused("M_TOO_LARGE", "event too large", 413)
+    case_id = await new_case(engine)
+    policy = deployment(alert_webhook="https://pager.example/hook")
+    dying = step_engine(engine, hs, policy)
+
+    async def died(case, outcome):
+        raise Crash("before the page")
+
+    monkeypatch.setattr(dying, "_page_failed_alert", died)
+    with contextlib.suppress(Crash):
+        await run_until_waiting(dying, engine, case_id)
+    assert (await steps(engine, case_id))["alert"].status == "failed"
+    assert "alert_paged" not in await kinds(engine, case_id)
+
+    restarted = step_engine(engine, hs, policy)
+    await restarted._page_failed_alerts_never_paged()
+    await restarted._page_failed_alerts_never_paged()  # a second start: paged already
+    webhook = restarted._kits["default"][1].webhook
+    pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_failed"]
+    assert len(pages) == 1 and pages[0]["case"] == case_id
+    assert (await kinds(engine, case_id)).count("alert_paged") == 1
