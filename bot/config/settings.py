@@ -273,6 +273,7 @@ class MessageTemplates(_Strict):
     notice: str | None = None
     checkin: str | None = None
     withdrawn: str | None = None
+    removed_again: str | None = None
     withdrawn_unremoved: str | None = None
     farewell: str | None = None
     policy_explained: str | None = None

@@ -108,8 +108,10 @@ class Membership:
             if case.state == "open" and removing:
                 # They are removed again: the case stays the one later flags corroborate.
                 # From the room they came back to (the replacement of an upgraded room).
+                # The return's event names the message that tells them, once a return.
+                again = {"room": item.room_id, "return": item.event_id}
                 await cases.rearm_step(
-                    conn, case.id, "remove_again", POSITIONS["remove_again"], {"room": item.room_id}
+                    conn, case.id, "remove_again", POSITIONS["remove_again"], again
                 )
             else:
                 await cases.end_active(conn, item.room_id, user, now)

@@ -1,7 +1,10 @@
 """remove_again: the member rejoined while their case is open, and `policy.on_rejoin` is
-`remove` — removed again, as discreetly as the first time. Armed again on each return."""
+`remove` — told why in their DM first (each return), then removed again, as discreetly as
+the first time. Armed again on each return."""
 
 from __future__ import annotations
+
+import hashlib
 
 from bot.core.ports import Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
@@ -20,8 +23,23 @@ class RemoveAgain(CaseStep):
         membership = await self.hs.membership(room, case.member_id)
         if membership not in ("join", "invite", "knock"):
             return Outcome("done", {"already_gone": True})
+        told = await self._tell(run, room)
         reason = self.tools.texts.kick_reason(notified=True)
         kicked = await self.hs.kick(room, case.member_id, reason)
         if isinstance(kicked, Refused):
             return Outcome.refused("the homeserver refused the removal", kicked)
-        return Outcome("done", {"already_gone": False})
+        return Outcome("done", {"already_gone": False, "told": told})
+
+    async def _tell(self, run: StepRun, room: str) -> bool:
+        """Why, in the DM the notice went to (they were told the first time; a DM they
+        left or that refuses it does not hold the removal back). False if not told."""
+        case = run.case
+        if case.dm_room_id is None:
+            return False  # never told in a DM (the notice failed, and staff removed them)
+        name = await self.hs.room_name(room) or self.tools.texts.language._("the group chat")
+        # One message a return (its join event), found again if this attempt is resumed.
+        key = hashlib.sha256(str(run.progress.get("return", "")).encode()).hexdigest()[:12]
+        told = await self.tools.tell(
+            run, case.dm_room_id, self.tools.texts.removed_again(room=name), f"again-{key}"
+        )
+        return not isinstance(told, Refused)

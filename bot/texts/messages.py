@@ -145,6 +145,16 @@ class Texts:
             )
         )
 
+    def removed_again(self, *, room: str) -> dict[str, Any]:
+        return content(
+            self.text(
+                "removed_again",
+                room=room,
+                resources=resource_lines(self._resources, self.language),
+                emergency=emergency_line(self._resources, self.language),
+            )
+        )
+
     def withdrawn(self, *, room: str, removed: bool = True) -> dict[str, Any]:
         """The apology for a wrong flag: for the removal, or (told, never removed) for the
         notice alone."""

@@ -60,6 +60,22 @@ CATALOGUE: dict[str, tuple[str, frozenset[str]]] = {
         "If you'd like to talk about it, reply here: our staff team will see it.",
         frozenset({"room"}),
     ),
+    # Before a member who came back is removed again (`policy.on_rejoin: remove`), in
+    # their DM: told each time, not only the first.
+    "removed_again": (
+        "You came back to {room}, so we've moved you out of it again for now, for your "
+        "safety.\n"
+        "This is not a punishment, and you are not in trouble. Our staff team will be in "
+        "touch.\n"
+        "\n"
+        "{emergency}\n"
+        "\n"
+        "These services can talk with you now:\n"
+        "{resources}\n"
+        "\n"
+        "You can reply here at any time: our staff team will see it.",
+        frozenset({"room", "resources", "emergency"}),
+    ),
     # The same, when the flag was withdrawn after the notice but before any removal.
     "withdrawn_unremoved": (
         "We're sorry: the message we sent you about {room} was a mistake.\n"

@@ -325,6 +325,19 @@ async def test_a_member_coming_back_is_seen(synapse, tmp_path, on_rejoin):
 
         if on_rejoin == "remove":
             await until(lambda: _is(kicks, 2), what="removed again")
+            # Told why in their DM, each time they come back, before the removal.
+            dm = next(room for room in await scene.member.invites() if room != scene.group)
+            await scene.member.join(dm)
+
+            async def whys() -> int:
+                messages = await scene.bot_messages(scene.member, dm)
+                return sum("You came back to Group chat" in e["content"]["body"] for e in messages)
+
+            await until(lambda: _is(whys, 1), what="told why")
+            await scene.owner.invite(scene.group, scene.member.user_id)
+            await scene.member.join(scene.group)
+            await until(lambda: _is(kicks, 3), what="removed again, a second time")
+            await until(lambda: _is(whys, 2), what="told why again")
         else:
             await asyncio.sleep(2)
             assert await kicks() == 1
