@@ -698,37 +698,67 @@ class StepEngine:
         to it. Any other step's failure is told in a reply of its own.
         """
         alert = steps.get("alert")
-        content: dict[str, Any] | None = None
+        contents: list[dict[str, Any]] = []
         if step.step in REPORTED_BY_ALERT:
             stated = (alert.result.get("stated") or {}) if alert is not None else {}
             # News: not what the alert said, or asked for by staff (`!case N notify`).
             news = stated.get(step.step) != outcome.status or step.progress.get("staff_asked")
-            if outcome.status == "skipped" and case.state == "closed":
-                news = False  # staff closed (or withdrew) it themselves: nothing to act on
             if alert is not None and alert.status == "done" and news:
-                remove = steps.get("remove")
-                content = self._tools(case).texts.step_update(
+                update = self._step_update(
+                    case, steps, step.step, outcome.status, outcome.facts, outcome.error
+                )
+                contents += [update] if update is not None else []
+        elif step.step == "alert" and outcome.status == "done":
+            # Found posted by an earlier attempt, it says what was so then: what finished
+            # since (while this step waited to be recorded) follows as replies to it.
+            said = outcome.facts.get("stated") or {}
+            reply_to = outcome.case_fields.get("alert_event_id")
+            for name in REPORTED_BY_ALERT:
+                was = steps.get(name)
+                if was is None or not was.finished or said.get(name) == was.status:
+                    continue
+                update = self._step_update(
+                    case, steps, name, was.status, was.result, was.error, reply_to
+                )
+                contents += [update] if update is not None else []
+        elif outcome.status == "failed" and step.step != "alert":
+            contents.append(
+                self._tools(case).texts.step_failed(
                     case_number=case.id,
                     step=step.step,
-                    status=outcome.status,
-                    facts=outcome.facts,
                     error=outcome.error,
-                    removed=remove is not None and remove.status == "done",
                     reply_to=case.alert_event_id,
                 )
-        elif outcome.status == "failed" and step.step != "alert":
-            content = self._tools(case).texts.step_failed(
-                case_number=case.id,
-                step=step.step,
-                error=outcome.error,
-                reply_to=case.alert_event_id,
             )
-        if content is None:
-            return False
-        await outbox.queue(
-            conn, self._tools(case).staff_room.address, content, now, case_id=case.id
+        for content in contents:
+            await outbox.queue(
+                conn, self._tools(case).staff_room.address, content, now, case_id=case.id
+            )
+        return bool(contents)
+
+    def _step_update(
+        self,
+        case: Case,
+        steps: Mapping[str, Step],
+        name: str,
+        status: str,
+        facts: Mapping[str, Any],
+        error: str | None,
+        reply_to: str | None = None,
+    ) -> dict[str, Any] | None:
+        """A reply to the alert: what became of the notice or the removal since it said."""
+        if status == "skipped" and case.state == "closed":
+            return None  # staff closed (or withdrew) it themselves: nothing to act on
+        remove = steps.get("remove")
+        return self._tools(case).texts.step_update(
+            case_number=case.id,
+            step=name,
+            status=status,
+            facts=facts,
+            error=error,
+            removed=remove is not None and remove.status == "done",
+            reply_to=reply_to or case.alert_event_id,
         )
-        return True
 
     async def _page_failed_alerts_never_paged(self) -> None:
         """At start: a failed alert is paged once its failure is recorded; a process that

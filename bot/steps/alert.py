@@ -115,6 +115,12 @@ class Alert(CaseStep):
             due_at=case.due_at,
             dry_run=case.dry_run,
         )
+        stating = {"notify": stated(notify), "remove": stated(remove)}
+        said = await self._said_before(run) or stating
+        if said is stating:
+            # What this post says, on record before it goes: a resumed attempt that finds
+            # it knows what it told staff (and the engine replies with what changed since).
+            await run.save(progress=run.progress | {"stating": stating})
         began = dt.datetime.now(dt.UTC)
         try:
             sent = await self.tools.send_to_staff(run, content)
@@ -123,10 +129,20 @@ class Alert(CaseStep):
             raise
         if isinstance(sent, Refused):
             return Outcome.refused("the staff room refused the alert", sent, retry=True)
-        facts = {"event": sent, "stated": {"notify": stated(notify), "remove": stated(remove)}}
+        facts = {"event": sent, "stated": said}
         if run.progress.get("plain_event"):
             facts["plain_first"] = run.progress["plain_event"]
         return Outcome("done", facts, case_fields={"alert_event_id": sent})
+
+    async def _said_before(self, run: StepRun) -> dict[str, str] | None:
+        """What an earlier attempt's alert said, if it was posted (found by its marker)."""
+        stating = run.progress.get("stating")
+        if not run.resumed or not isinstance(stating, dict):
+            return None
+        room_id = self.tools.staff_room.require()
+        if await self.hs.find_marked_message(room_id, run.marker()) is None:
+            return None
+        return stating
 
     async def _plain_word_first(self, run: StepRun, failed_at: dt.datetime) -> None:
         """The staff room is encrypted and the bot cannot encrypt: once the fall-back

@@ -964,3 +964,42 @@ async def test_a_failed_alert_left_unpaged_by_a_crash_is_paged_at_the_next_start
     pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_failed"]
     assert len(pages) == 1 and pages[0]["case"] == case_id
     assert (await kinds(engine, case_id)).count("alert_paged") == 1
+
+
+async def test_an_alert_found_posted_by_a_resumed_attempt_is_followed_by_what_changed(engine):
+    """The alert went at its deadline ("not notified yet"), its answer lost; the notice and
+    the removal finished before its resumed attempt found the post. That post still says
+    "not yet": what became of each follows as a reply, as promised there."""
+    from bot.core.ports import HomeserverUnavailable
+
+    hs = homeserver()
+    hs.unavailable_for = {"create_room"}
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs, deployment(alert_deadline=dt.timedelta(seconds=0.3)))
+    await runner.run_case(case_id)  # the notice waits for the homeserver
+    await asyncio.sleep(0.4)
+    hs.unavailable_for = set()
+    send, lost = hs.send, []
+
+    async def answer_lost(room_id, content, **kwargs):
+        sent = await send(room_id, content, **kwargs)
+        if room_id == STAFF and not lost:
+            lost.append(sent)
+            raise HomeserverUnavailable("the answer was lost")
+        return sent
+
+    hs.send = answer_lost
+    for _ in range(10):
+        await run_until_waiting(runner, engine, case_id)
+        if (await steps(engine, case_id))["alert"].status == "done":
+            break
+        await asyncio.sleep(0.3)
+    done = await steps(engine, case_id)
+    assert lost and done["alert"].status == "done"
+    (alert,) = notices(hs, "alert")
+    assert "NOT notified yet" in alert["content"]["body"], "posted before the notice went"
+    assert done["alert"].result["stated"] == {"notify": "pending", "remove": "pending"}
+    async with engine.connect() as conn:
+        queued = [m.content["body"] for m in await outbox.pending(conn)]
+    assert any("the member has now been notified by DM" in body for body in queued)
+    assert any("they have now been removed from the room" in body for body in queued)
