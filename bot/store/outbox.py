@@ -24,7 +24,12 @@ class Outgoing:
 
     @property
     def marker(self) -> str:
-        return f"outbox:{self.id}"
+        """Its id and when it was queued: ids start again in a database restored from a
+        backup, and a message found (or deduplicated by Synapse) under an id alone could be
+        one sent before the restore, this one never sent."""
+        if self.created_at is None:
+            return f"outbox:{self.id}"
+        return f"outbox:{self.id}.{int(self.created_at.timestamp() * 1_000_000)}"
 
 
 async def queue(

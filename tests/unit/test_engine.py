@@ -1003,3 +1003,31 @@ async def test_an_alert_found_posted_by_a_resumed_attempt_is_followed_by_what_ch
         queued = [m.content["body"] for m in await outbox.pending(conn)]
     assert any("the member has now been notified by DM" in body for body in queued)
     assert any("they have now been removed from the room" in body for body in queued)
+
+
+async def test_a_staff_message_queued_after_a_restore_is_not_taken_for_one_sent_before(
+    tmp_path,
+):
+    """Restored from a backup, the database numbers its outbox from where the backup left
+    it: message 1 again. A retry of the new message 1 must not find the old one (sent
+    before the restore) and count itself sent."""
+    from appservice.database import create_engine, upgrade
+    from bot.rooms.staff_room import StaffRoom
+    from bot.staff.delivery import OutboxDelivery
+    from bot.texts.messages import Texts
+
+    hs = homeserver()
+    texts = Texts(deployment())
+    bodies = []
+    for n, then in enumerate((NOW, NOW + HOUR)):
+        db = create_engine(f"sqlite+aiosqlite:///{tmp_path / f'db{n}.db'}")
+        await upgrade(db)
+        async with db.begin() as conn:
+            await outbox.queue(conn, STAFF, {"msgtype": "m.notice", "body": f"m{n}"}, then)
+            if n:  # the new message 1 was tried once already (its answer lost)
+                (message,) = await outbox.pending(conn)
+                await outbox.mark(conn, message.id, status="pending", now=then)
+        await OutboxDelivery(db, hs, texts, StaffRoom(STAFF)).work_once()
+        bodies = [e["content"]["body"] for e in hs.rooms[STAFF].events]
+        await db.dispose()
+    assert bodies == ["m0", "m1"], "the message after the restore was sent"
