@@ -83,8 +83,17 @@ class Checkin(CaseStep):
             # staff notice says the check-in could not be opened, and why).
             return Outcome.refused("the check-in message could not be sent", told, retry=True)
         plain_because = told.plain_because or made_plain
+        remove = run.steps.get("remove")
         facts: dict[str, Any] = {
             "late_seconds": round(late.total_seconds()) if late > LATE_AFTER else 0,
+            # Late because the removal it follows waited for staff's decision past its
+            # time, not because the service was away: staff are told which.
+            "waited_for_removal": bool(
+                case.due_at
+                and remove is not None
+                and remove.finished_at is not None
+                and remove.finished_at > case.due_at
+            ),
             "message": told.event_id,
             "member_invited": case.member_id in invited,
         }

@@ -41,6 +41,7 @@ class CheckinNotice(CaseStep):
                 link=matrix_to(room_id or ""),
                 late_by=dt.timedelta(seconds=late) if late else None,
                 member_not_invited=not_invited,
+                waited_for_removal=bool(checkin.result.get("waited_for_removal")),
             )
         sent = await self.tools.send_to_staff(run, content)
         if isinstance(sent, Refused):

@@ -482,15 +482,14 @@ class Texts:
         link: str,
         late_by: dt.timedelta | None,
         member_not_invited: str | None,
+        waited_for_removal: bool = False,
     ) -> dict[str, Any]:
-        late = (
-            "\n"
-            + self._("It opened {delay} late (the service was unavailable).").format(
-                delay=self.duration(late_by)
-            )
-            if late_by
-            else ""
+        why_late = (
+            self._("It opened {delay} late: it waited for the removal to be decided.")
+            if waited_for_removal
+            else self._("It opened {delay} late (the service was unavailable).")
         )
+        late = "\n" + why_late.format(delay=self.duration(late_by)) if late_by else ""
         not_invited = (
             "\n"
             + self._(

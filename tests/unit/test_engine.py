@@ -1031,3 +1031,24 @@ async def test_a_staff_message_queued_after_a_restore_is_not_taken_for_one_sent_
         bodies = [e["content"]["body"] for e in hs.rooms[STAFF].events]
         await db.dispose()
     assert bodies == ["m0", "m1"], "the message after the restore was sent"
+
+
+async def test_a_checkin_late_because_the_removal_waited_for_staff_says_so(engine):
+    """The notice failed, the removal (and so the check-in) waited for staff's decision
+    past the check-in's time: staff are told why it is late, not "the service was away"."""
+    hs = homeserver()
+    hs.refuse["create_room"] = Refused("M_FORBIDDEN", "user is deactivated", 403)
+    case_id = await new_case(engine, due_in=dt.timedelta(minutes=-1))
+    runner = step_engine(engine, hs)
+    await runner.run_case(case_id)
+    assert (await steps(engine, case_id))["checkin"].status == "pending"
+    hs.refuse.pop("create_room")
+    async with engine.begin() as conn:
+        await cases.save_progress(conn, case_id, "remove", {"decided_by": "@staff:localhost"})
+        await cases.set_next_attempt(conn, case_id, NOW)
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert done["checkin"].status == "done" and done["checkin"].result["waited_for_removal"]
+    (told,) = [e["content"]["body"] for e in notices(hs, "checkin_notice")]
+    assert "late: it waited for the removal to be decided" in told
+    assert "the service was unavailable" not in told
