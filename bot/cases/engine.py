@@ -179,10 +179,7 @@ class StepEngine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
-        try:
-            await self._page_failed_alerts_never_paged()
-        except Exception:
-            log.exception("could not look for failed alerts never paged; /health lists them")
+        repaging: asyncio.Task[None] | None = None
         while not self._stopping:
             self._wakeup.clear()
             timeout = self._poll
@@ -191,6 +188,14 @@ class StepEngine:
                 if next_at is not None:
                     timeout = min(self._poll, max((next_at - _now()).total_seconds(), 0.0))
                 self.ready.set()
+                if repaging is None:
+                    # After the first look, beside the cases: a webhook slow to answer
+                    # holds none of them back.
+                    repaging = asyncio.create_task(
+                        self._page_failed_alerts_never_paged(), name="repage-failed-alerts"
+                    )
+                    self._tasks.add(repaging)
+                    repaging.add_done_callback(self._tasks.discard)
             except Exception:
                 # A database hiccup must not stop the timer: the rows are still the truth.
                 log.exception("the step engine could not read its due cases; retrying")
@@ -713,7 +718,7 @@ class StepEngine:
             # since (while this step waited to be recorded) follows as replies to it.
             said = outcome.facts.get("stated") or {}
             reply_to = outcome.case_fields.get("alert_event_id")
-            for name in REPORTED_BY_ALERT:
+            for name in ("notify", "remove"):  # in the order they happen
                 was = steps.get(name)
                 if was is None or not was.finished or said.get(name) == was.status:
                     continue
@@ -765,6 +770,18 @@ class StepEngine:
         died between the two left it unpaged. Paged now (failed alerts are few: this does
         not grow with the cases)."""
         unpaged: list[tuple[Case, Step]] = []
+        try:
+            unpaged = await self._failed_alerts_never_paged()
+        except Exception:
+            log.exception("could not look for failed alerts never paged; /health lists them")
+        for case, alert in unpaged:
+            try:
+                await self._page_failed_alert(case, Outcome("failed", error=alert.error))
+            except Exception:
+                log.exception("case #%d: its failed alert could not be paged", case.id)
+
+    async def _failed_alerts_never_paged(self) -> list[tuple[Case, Step]]:
+        unpaged: list[tuple[Case, Step]] = []
         async with self._db.connect() as conn:
             for case_id in await cases.failed_alerts(conn):
                 entries = await audit.entries(conn, case_id=case_id)
@@ -776,8 +793,7 @@ class StepEngine:
                 )
                 if case is not None and alert is not None and case.community in self._kits:
                     unpaged.append((case, alert))
-        for case, alert in unpaged:
-            await self._page_failed_alert(case, Outcome("failed", error=alert.error))
+        return unpaged
 
     async def _page_failed_alert(self, case: Case, outcome: Outcome) -> None:
         """Staff could not be told in their room: page whoever is on call (and /health says)."""

@@ -116,33 +116,39 @@ class Alert(CaseStep):
             dry_run=case.dry_run,
         )
         stating = {"notify": stated(notify), "remove": stated(remove)}
-        said = await self._said_before(run) or stating
-        if said is stating:
+        posted = await self._posted_before(run)
+        if posted is not None:
+            # An earlier attempt's post stands, saying what it said then (the engine
+            # replies with what changed since): looked for once, and not sent again.
+            sent, said = posted
+            await self.tools.staff_post_recorded(run, sent)
+        else:
             # What this post says, on record before it goes: a resumed attempt that finds
-            # it knows what it told staff (and the engine replies with what changed since).
+            # it knows what it told staff.
+            said = stating
             await run.save(progress=run.progress | {"stating": stating})
-        began = dt.datetime.now(dt.UTC)
-        try:
-            sent = await self.tools.send_to_staff(run, content)
-        except EncryptionUnavailable:
-            await self._plain_word_first(run, began)
-            raise
-        if isinstance(sent, Refused):
-            return Outcome.refused("the staff room refused the alert", sent, retry=True)
+            began = dt.datetime.now(dt.UTC)
+            try:
+                sent = await self.tools.send_to_staff(run, content)
+            except EncryptionUnavailable:
+                await self._plain_word_first(run, began)
+                raise
+            if isinstance(sent, Refused):
+                return Outcome.refused("the staff room refused the alert", sent, retry=True)
         facts = {"event": sent, "stated": said}
         if run.progress.get("plain_event"):
             facts["plain_first"] = run.progress["plain_event"]
         return Outcome("done", facts, case_fields={"alert_event_id": sent})
 
-    async def _said_before(self, run: StepRun) -> dict[str, str] | None:
-        """What an earlier attempt's alert said, if it was posted (found by its marker)."""
+    async def _posted_before(self, run: StepRun) -> tuple[str, dict[str, str]] | None:
+        """An earlier attempt's post (found by its marker), and what it said; None if
+        none was made (or none that said what it said was recorded first)."""
         stating = run.progress.get("stating")
         if not run.resumed or not isinstance(stating, dict):
             return None
         room_id = self.tools.staff_room.require()
-        if await self.hs.find_marked_message(room_id, run.marker()) is None:
-            return None
-        return stating
+        found = await self.hs.find_marked_message(room_id, run.marker())
+        return None if found is None else (found, stating)
 
     async def _plain_word_first(self, run: StepRun, failed_at: dt.datetime) -> None:
         """The staff room is encrypted and the bot cannot encrypt: once the fall-back

@@ -263,11 +263,14 @@ class Toolbox:
         if isinstance(sent, Refused) and sent.errcode == "M_FORBIDDEN":
             raise StaffRoomUnavailable(f"cannot post in the staff room {room_id}: {sent}")
         if isinstance(sent, str):
-            # Recorded before the step goes on, so retention can redact it (a resumed
-            # attempt finds the message by its marker, and records it again: once).
-            async with self.db.begin() as conn:
-                await record_staff_post(conn, run.case.id, sent, dt.datetime.now(dt.UTC))
+            await self.staff_post_recorded(run, sent)
         return sent
+
+    async def staff_post_recorded(self, run: StepRun, event_id: str) -> None:
+        """Recorded before the step goes on, so retention can redact it (a resumed attempt
+        finds the message by its marker, and records it again: once)."""
+        async with self.db.begin() as conn:
+            await record_staff_post(conn, run.case.id, event_id, dt.datetime.now(dt.UTC))
 
 
 class CaseStep(ABC):

@@ -87,12 +87,15 @@ class Checkin(CaseStep):
         facts: dict[str, Any] = {
             "late_seconds": round(late.total_seconds()) if late > LATE_AFTER else 0,
             # Late because the removal it follows waited for staff's decision past its
-            # time, not because the service was away: staff are told which.
+            # time (and opened as that was done), not because the service was away:
+            # staff are told which.
             "waited_for_removal": bool(
                 case.due_at
                 and remove is not None
+                and remove.progress.get("decided_by")
                 and remove.finished_at is not None
                 and remove.finished_at > case.due_at
+                and now - remove.finished_at <= LATE_AFTER
             ),
             "message": told.event_id,
             "member_invited": case.member_id in invited,

@@ -5,9 +5,12 @@ the first time. Armed again on each return."""
 from __future__ import annotations
 
 import hashlib
+import logging
 
-from bot.core.ports import Refused
+from bot.core.ports import HomeserverUnavailable, Refused
 from bot.steps.base import CaseStep, Outcome, StepRun
+
+log = logging.getLogger(__name__)
 
 
 class RemoveAgain(CaseStep):
@@ -31,15 +34,22 @@ class RemoveAgain(CaseStep):
         return Outcome("done", {"already_gone": False, "told": told})
 
     async def _tell(self, run: StepRun, room: str) -> bool:
-        """Why, in the DM the notice went to (they were told the first time; a DM they
-        left or that refuses it does not hold the removal back). False if not told."""
+        """Why, in the DM the notice went to; False if not told. They were told the first
+        time: nothing here holds the removal back — a DM they left or that refuses it, nor
+        encryption that cannot be done now (it would wait for its fall-back time, or for
+        ever with `fallback: none`), nor a call that went unanswered (the kick's own call
+        says whether the homeserver is away)."""
         case = run.case
         if case.dm_room_id is None:
             return False  # never told in a DM (the notice failed, and staff removed them)
-        name = await self.hs.room_name(room) or self.tools.texts.language._("the group chat")
         # One message a return (its join event), found again if this attempt is resumed.
         key = hashlib.sha256(str(run.progress.get("return", "")).encode()).hexdigest()[:12]
-        told = await self.tools.tell(
-            run, case.dm_room_id, self.tools.texts.removed_again(room=name), f"again-{key}"
-        )
+        try:
+            name = await self.hs.room_name(room) or self.tools.texts.language._("the group chat")
+            told = await self.tools.tell(
+                run, case.dm_room_id, self.tools.texts.removed_again(room=name), f"again-{key}"
+            )
+        except HomeserverUnavailable as exc:  # EncryptionUnavailable among them
+            log.warning("case #%d: not told why before removal again: %s", case.id, exc)
+            return False
         return not isinstance(told, Refused)

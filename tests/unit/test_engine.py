@@ -957,12 +957,18 @@ async def test_a_failed_alert_left_unpaged_by_a_crash_is_paged_at_the_next_start
     assert (await steps(engine, case_id))["alert"].status == "failed"
     assert "alert_paged" not in await kinds(engine, case_id)
 
-    restarted = step_engine(engine, hs, policy)
-    await restarted._page_failed_alerts_never_paged()
-    await restarted._page_failed_alerts_never_paged()  # a second start: paged already
-    webhook = restarted._kits["default"][1].webhook
-    pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_failed"]
-    assert len(pages) == 1 and pages[0]["case"] == case_id
+    for _start in range(2):  # a second start: paged already
+        restarted = step_engine(engine, hs, policy)
+        restarted.start()
+        for _ in range(100):
+            if "alert_paged" in await kinds(engine, case_id):
+                break
+            await asyncio.sleep(0.02)
+        await restarted.stop()
+        webhook = restarted._kits["default"][1].webhook
+        pages = [p for _url, p in webhook.posted if p["event"] == "safeguard.alert_failed"]
+        assert len(pages) == (1 if _start == 0 else 0)
+        assert not pages or pages[0]["case"] == case_id
     assert (await kinds(engine, case_id)).count("alert_paged") == 1
 
 
@@ -1052,3 +1058,29 @@ async def test_a_checkin_late_because_the_removal_waited_for_staff_says_so(engin
     (told,) = [e["content"]["body"] for e in notices(hs, "checkin_notice")]
     assert "late: it waited for the removal to be decided" in told
     assert "the service was unavailable" not in told
+
+
+async def test_a_member_back_is_removed_again_even_when_why_cannot_be_encrypted(engine):
+    """They were told the first time: a DM that cannot be encrypted now (which would wait
+    for its fall-back time, or for ever) does not hold their removal again back."""
+    from bot.steps import POSITIONS
+
+    hs = homeserver()
+    case_id = await new_case(engine)
+    runner = step_engine(engine, hs)
+    await run_until_waiting(runner, engine, case_id)
+    async with engine.connect() as conn:
+        case = await cases.get(conn, case_id)
+    assert case is not None and case.dm_room_id is not None
+    hs.encrypted_rooms.add(case.dm_room_id)
+    hs.encryption_broken = "no keys for their devices"
+    hs.rooms[GROUP].members[MEMBER] = "join"  # they came back
+    async with engine.begin() as conn:
+        again = {"room": GROUP, "return": "$back"}
+        await cases.rearm_step(conn, case_id, "remove_again", POSITIONS["remove_again"], again)
+        await cases.set_next_attempt(conn, case_id, dt.datetime.now(dt.UTC))
+    await run_until_waiting(runner, engine, case_id)
+    done = await steps(engine, case_id)
+    assert hs.kicks == [(GROUP, MEMBER), (GROUP, MEMBER)], "removed again at once"
+    assert done["remove_again"].status == "done"
+    assert done["remove_again"].result["told"] is False
