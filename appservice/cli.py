@@ -75,7 +75,11 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
                 "a room id leaves no doubt about which room gets the alerts"
             )
             print(f"note: {config.about(community, note)}")
-    for warning in [*config.resources_unchosen, *config.language_warnings]:
+    for warning in [
+        *config.resources_unchosen,
+        *config.language_warnings,
+        *config.alias_warnings,
+    ]:
         print(f"warning: {warning}")
     for resource in config.stale_resources():
         print(

@@ -507,6 +507,29 @@ class Config:
             if (warning := community.language_warning) is not None
         ]
 
+    @property
+    def alias_warnings(self) -> list[str]:
+        """A Space or a group room given by an alias: an alias not made yet can be made by
+        anyone on the homeserver, on a room of theirs, which the bot would then take as the
+        community's (unlike the staff room's, these are not vetted). Said by check-config
+        and the log at start."""
+        warnings = []
+        for community in self.communities:
+            addresses = [("space", community.space)] if community.space else []
+            addresses += [("rooms", room) for room in community.rooms]
+            for key, address in addresses:
+                if address.startswith("!"):
+                    continue
+                warnings.append(
+                    self.about(
+                        community,
+                        f"{key}: {address} is an alias: while it does not exist, anyone on "
+                        "the homeserver can create it on a room of theirs, which I would then "
+                        "moderate as this community's; give the room id (!…) instead",
+                    )
+                )
+        return warnings
+
     def about(self, community: Community, text: str) -> str:
         """`text` said of one community: named, where the install has several."""
         return text if self.file.communities is None else f"community {community.id}: {text}"

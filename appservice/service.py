@@ -686,7 +686,11 @@ class Service:
             for part in self.parts.values():
                 await part.staff_room.load_pin()
             await self._load_rooms()
-            for warning in [*self.config.resources_unchosen, *self.config.language_warnings]:
+            for warning in [
+                *self.config.resources_unchosen,
+                *self.config.language_warnings,
+                *self.config.alias_warnings,
+            ]:
                 log.warning(warning)
             for resource in self.config.stale_resources():
                 log.warning(

@@ -135,6 +135,9 @@ def test_check_config_names_the_community_a_warning_is_about(tmp_path, capsys):
     assert "warning: community wales: language 'cy'" in out
     assert "warning: community dublin: neither region nor resources is set" in out
     assert "community wales: neither" not in out, "its own region chose for it"
+    # Wales lists a room by alias: anyone could make it first, and have theirs moderated.
+    assert "warning: community wales: rooms: #grwp:localhost is an alias" in out
+    assert "community dublin: rooms" not in out, "a room id leaves no doubt"
 
 
 def test_the_config_hash_changes_with_a_communitys_settings(tmp_path):
