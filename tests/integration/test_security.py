@@ -428,13 +428,9 @@ async def test_a_squatter_cannot_become_the_staff_room(synapse, tmp_path):
     squatted = await squatter.create_room(name="Staff", preset="public_chat", alias=alias_name)
     config = scene_config(scene, staff_room=f"#{alias_name}:{synapse.server_name}")
     async with running_service(config) as service:
-
-        async def refused() -> dict | None:
-            _status, body = await health(service)
-            check = body["checks"]["staff_room"]
-            return check if "not a staff room" in check.get("problem", "") else None
-
-        check = await until(refused, what="/health to say why the room was not taken")
+        check = await until(
+            lambda: _staff_room_refused(service), what="/health to say why the room was not taken"
+        )
         assert "anyone can join it" in check["problem"]
         await open_group_room(scene)
         said = await scene.member.send_text(scene.group, "nobody cares")
@@ -460,16 +456,19 @@ async def test_a_room_naming_a_staff_member_admin_without_them_is_not_the_staff_
     await squatter.set_power_level(squatted, scene.staff.user_id, 100)
     config = scene_config(scene, staff_room=f"#{alias_name}:{synapse.server_name}")
     async with running_service(config) as service:
-
-        async def refused() -> dict | None:
-            _status, body = await health(service)
-            check = body["checks"]["staff_room"]
-            return check if "not a staff room" in check.get("problem", "") else None
-
-        check = await until(refused, what="/health to say why the room was not taken")
+        check = await until(
+            lambda: _staff_room_refused(service), what="/health to say why the room was not taken"
+        )
         assert "who has joined it" in check["problem"]
         assert service.staff_room.room_id is None, "never pinned"
         assert (await squatter.members(squatted)).get(BOT) in (None, "leave", "invite")
+
+
+async def _staff_room_refused(service) -> dict | None:
+    """/health's staff_room check, once it says the alias's room was not taken."""
+    _status, body = await health(service)
+    check = body["checks"]["staff_room"]
+    return check if "not a staff room" in check.get("problem", "") else None
 
 
 async def _left_group(scene) -> bool:
