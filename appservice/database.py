@@ -167,7 +167,9 @@ class SqliteEngine(AsyncEngine):
 def _plain_engine(engine: SqliteEngine) -> sa.Engine:
     """A synchronous engine on the same file, holding one plain connection (for the
     thread that opens it), whose transactions begin as the pool's writes do."""
-    plain = sa.create_engine("sqlite://", creator=engine.plain_connection, poolclass=StaticPool)
+    plain = sa.create_engine(
+        "sqlite://", creator=engine.plain_connection, poolclass=StaticPool, hide_parameters=True
+    )
 
     @event.listens_for(plain, "begin")
     def _on_begin(connection: Any) -> None:
@@ -180,7 +182,9 @@ def _plain_engine(engine: SqliteEngine) -> sa.Engine:
 def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.drivername.startswith("sqlite"):
-        plain = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+        plain = create_async_engine(
+            url, connect_args={"timeout": busy_timeout_ms / 1000}, hide_parameters=True
+        )
         engine = SqliteEngine(plain.sync_engine)
         engine.busy_timeout_ms = busy_timeout_ms
 
@@ -202,6 +206,9 @@ def create_engine(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
     seconds = busy_timeout_ms / 1000
     return create_async_engine(
         url,
+        # A failed statement's error never carries what it wrote (a member's reply, a
+        # staff note) into the log, the inbox's error or the audit's `event_failed`.
+        hide_parameters=True,
         pool_size=10,
         max_overflow=10,
         pool_pre_ping=True,

@@ -103,3 +103,20 @@ async def test_without_a_thread_it_is_an_ordinary_transaction(tmp_path: Path) ->
     assert await transact(plain, _write, "a") == threading.current_thread().name
     assert await _count(plain) == 1
     await plain.dispose()
+
+
+async def test_a_failed_statement_never_carries_what_it_wrote_into_its_error(engine):
+    """A write that fails (a full disk, a dropped connection, a constraint) is logged and
+    recorded with its error: a member's reply in it must not come along."""
+    secret = "I am going to do it tonight"
+
+    async def insert_twice(conn: AsyncConnection) -> None:
+        await conn.execute(sa.insert(notes), [{"text": secret}, {"text": secret}])
+
+    with pytest.raises(IntegrityError) as on_the_thread:
+        await transact(engine, insert_twice)  # the whole transaction on its thread
+    async with engine.begin() as conn:
+        with pytest.raises(IntegrityError) as in_the_pool:
+            await insert_twice(conn)
+    for failed in (on_the_thread, in_the_pool):
+        assert secret not in str(failed.value)
