@@ -245,7 +245,9 @@ async def erase(
         )
     ).scalar_one()
     await conn.execute(
-        audit_entries.update().where(audit_entries.c.case_id == case_id).values(personal=None)
+        audit_entries.update()
+        .where(audit_entries.c.case_id == case_id)
+        .values(personal=sa.null())  # SQL NULL: None would be stored as JSON 'null'
     )
     others = sa.and_(case_steps.c.case_id == case_id, case_steps.c.step != PURGE_STEP)
     # Nothing is left to do for the case: a step still waiting would act on nothing.
@@ -290,6 +292,14 @@ async def erase_now(
     return entries
 
 
+# Personal fields left: not SQL NULL, nor JSON 'null' (what earlier purges wrote: counted
+# again, and a tombstone added, at every purge since).
+_has_personal = sa.and_(
+    audit_entries.c.personal.is_not(None),
+    sa.cast(audit_entries.c.personal, sa.Text) != "null",
+)
+
+
 async def purge_caseless_before(
     conn: AsyncConnection, provenance: audit.Provenance, cutoff: dt.datetime, now: dt.datetime
 ) -> int:
@@ -298,7 +308,7 @@ async def purge_caseless_before(
     condition = sa.and_(
         audit_entries.c.case_id.is_(None),
         audit_entries.c.at < cutoff,
-        audit_entries.c.personal.is_not(None),
+        _has_personal,
         audit_entries.c.kind != "purged",
     )
     span = (
@@ -311,7 +321,7 @@ async def purge_caseless_before(
     count, first, last = span
     if not count:
         return 0
-    await conn.execute(audit_entries.update().where(condition).values(personal=None))
+    await conn.execute(audit_entries.update().where(condition).values(personal=sa.null()))
     facts: dict[str, Any] = {
         "entries_purged": count,
         "outside_cases": True,
