@@ -319,6 +319,13 @@ class StaffTools:
         if case is None:
             return self._no_such_case(command.case)
         _ = self._
+        if case.purged_at is not None:
+            # Its personal data is gone by retention: nothing new is recorded of it (a
+            # note, a reference, a reason would be personal data no purge comes back for).
+            return _(
+                "Case #{case} was purged (its time to be kept is over): nothing more is "
+                "recorded for it."
+            ).format(case=case.id)
 
         def entry(kind: str, facts: dict[str, Any], personal: dict[str, Any]) -> Any:
             return audit.append(
@@ -578,8 +585,13 @@ class StaffTools:
 
     async def _ours(self, conn: AsyncConnection, case_id: int | None) -> int | None:
         """The case number if it is this community's case (what is recorded against it,
-        and redacted with it), else None: another community's case gets nothing of ours."""
-        if case_id is None or await cases.get(conn, case_id, community=self._community) is None:
+        and redacted with it), else None: another community's case gets nothing of ours,
+        and a purged one nothing that its purge, done already, would not come back for
+        (recorded outside cases, it is purged with those)."""
+        if case_id is None:
+            return None
+        case = await cases.get(conn, case_id, community=self._community)
+        if case is None or case.purged_at is not None:
             return None
         return case_id
 

@@ -261,6 +261,13 @@ async def test_a_closed_case_past_retention_is_purged_end_to_end(synapse, tmp_pa
         # Handing it again does nothing: it is gone.
         again = await hand_to_purge(config)
         assert (again.cases, again.scheduled) == (0, ())
+        # Nor does staff's word add personal data to it that no purge would come back for.
+        await scene.staff.send_text(scene.staff_room, f"!case {number} note called them")
+        await until(
+            lambda: scene.staff_matching(lambda m: "was purged" in m), what="the note refused"
+        )
+        after = await the_case(config)
+        assert [e["kind"] for e in after["entries"]] == [e["kind"] for e in gone["entries"]]
 
 
 async def test_killed_mid_purge_resumes_and_does_nothing_twice(synapse, tmp_path, sqlite_database):
