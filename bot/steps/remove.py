@@ -49,41 +49,39 @@ class Remove(CaseStep):
         if case.dry_run:
             return Outcome.skipped("dry run")
         assert case.room_id is not None and case.member_id is not None
-        decided_by = run.progress.get("decided_by")
         if case.state == "closed":
             # Closed, or withdrawn as a wrong flag, before the removal: never after (staff's
             # decision to remove included: closing it came later).
             return Outcome.skipped("the case was closed before the member was removed")
+        notified = run.steps["notify"].status == "done"
         if run.resumed:
-            gone = await self._already_gone(case.room_id, case.member_id)
+            gone = await self._already_gone(run, notified)
             if gone is not None:
                 return gone
-        notified = run.steps["notify"].status == "done"
         reason = self.tools.texts.kick_reason(notified=notified)
         kicked = await self.hs.kick(case.room_id, case.member_id, reason)
         if isinstance(kicked, Refused):
             # Refused because they are not in the room (or a kick whose answer was lost
             # already worked: then the leave is ours)?
-            gone = await self._already_gone(case.room_id, case.member_id)
+            gone = await self._already_gone(run, notified)
             if gone is not None:
                 return gone
             return Outcome.refused("the homeserver refused the removal", kicked)
         self.tools.metrics.flag_to_action_seconds.observe(
             (dt.datetime.now(dt.UTC) - case.received_at).total_seconds()
         )
-        facts: dict[str, object] = {"already_gone": False, "notified_first": notified}
-        if decided_by and not notified:
-            return Outcome("done", facts | {"staff_decision": True}, {"decided_by": decided_by})
-        return Outcome("done", facts)
+        return _kicked(run, notified, {})
 
-    async def _already_gone(self, room_id: str, member_id: str) -> Outcome | None:
+    async def _already_gone(self, run: StepRun, notified: bool) -> Outcome | None:
         """The removal's outcome if the member is not in the room, as the homeserver says
         now; None if they are in it, or if it will not say (a kick's answer decides then).
 
         Asked only after a crash or a refused kick, so a leave by the bot is a kick of
         ours whose answer was lost.
         """
-        event = await self.hs.member_event(room_id, member_id)
+        case = run.case
+        assert case.room_id is not None and case.member_id is not None
+        event = await self.hs.member_event(case.room_id, case.member_id)
         if isinstance(event, Refused):
             return None
         content = (event or {}).get("content") or {}
@@ -91,5 +89,16 @@ class Remove(CaseStep):
         if membership in PRESENT:
             return None
         if membership == "leave" and event and self.hs.is_ours(event.get("sender")):
-            return Outcome("done", {"already_gone": False, "resumed": True})
+            # Our own kick, found: recorded as any kick is (told first? staff's decision?).
+            return _kicked(run, notified, {"resumed": True})
         return Outcome("done", {"already_gone": True, "membership": membership})
+
+
+def _kicked(run: StepRun, notified: bool, more: dict[str, object]) -> Outcome:
+    """A kick of ours, done: whether they were told first, and whose decision it was when
+    they were not (the record must say)."""
+    facts: dict[str, object] = {"already_gone": False, "notified_first": notified} | more
+    decided_by = run.progress.get("decided_by")
+    if decided_by and not notified:
+        return Outcome("done", facts | {"staff_decision": True}, {"decided_by": decided_by})
+    return Outcome("done", facts)

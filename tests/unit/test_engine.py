@@ -802,7 +802,11 @@ async def test_killed_after_the_kick_before_the_notice_was_recorded_resumes_once
     assert all(done[s].status == "done" for s in REFERRAL_STEPS), done
     assert len(notices(hs, "notify")) == 1, "the notice found, not sent again"
     assert hs.kicks == [(GROUP, MEMBER)], "kicked once"
-    assert done["remove"].result == {"already_gone": False, "resumed": True}, "its own kick"
+    assert done["remove"].result == {
+        "already_gone": False,
+        "notified_first": True,  # the record says they were told first, resumed or not
+        "resumed": True,
+    }, "its own kick"
     assert done["remove"].attempts == 2
 
 
