@@ -298,6 +298,16 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
                 break
         result = verifier.result()
         if result.ok:
+            # The chain read whole must end where its head row says: entries cut off the
+            # end leave a chain that verifies, but not this.
+            head_seq, head_hash = await audit.head(conn)
+            if (head_seq, head_hash) != (result.head_seq, result.head_hash):
+                print(
+                    f"audit log FAILED at its end: it ends at entry {result.head_seq} "
+                    f"({result.head_hash}), but its head says {head_seq} ({head_hash}): "
+                    "entries were removed from the end"
+                )
+                return 1
             print(
                 f"audit log OK: {result.entries} entries, head {result.head_seq}:{result.head_hash}"
             )

@@ -83,6 +83,17 @@ async def test_verify_passes_then_names_the_altered_entry(database):
     assert code == 1 and "FAILED at entry 3" in out
 
 
+async def test_verify_names_entries_cut_off_the_end(database):
+    """The last entries deleted: what is left still chains, but ends short of its head."""
+    engine, config = database
+    await closed_case(engine, "@a:localhost")
+    await closed_case(engine, "@b:localhost")
+    async with engine.begin() as conn:
+        await conn.execute(audit_entries.delete().where(audit_entries.c.seq >= 3))
+    code, out, _ = await safeguard_cli("audit", "verify", "-c", str(config))
+    assert code == 1 and "FAILED at its end: it ends at entry 2" in out, out
+
+
 async def test_purge_keeps_the_chain_and_the_counts(database):
     engine, config = database
     purged_case = await closed_case(engine, "@gone:localhost")
