@@ -244,6 +244,12 @@ class Toolbox:
             return self.texts.language._("(unknown)")
         return person(user_id, await self.homeserver.display_name(user_id))
 
+    async def room_as_members_know_it(self, room_id: str | None) -> str:
+        """`Peer support`, or `the group chat`: how a member's message names a room (by
+        its name alone: a member is no reader of room ids)."""
+        name = await self.homeserver.room_name(room_id) if room_id else None
+        return name or self.texts.language._("the group chat")
+
     async def place(self, room_id: str | None) -> str:
         """`Group chat (!abc:example.org)` as staff texts name rooms."""
         if not room_id:

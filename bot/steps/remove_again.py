@@ -45,7 +45,7 @@ class RemoveAgain(CaseStep):
         # One message a return (its join event), found again if this attempt is resumed.
         key = hashlib.sha256(str(run.progress.get("return", "")).encode()).hexdigest()[:12]
         try:
-            name = await self.hs.room_name(room) or self.tools.texts.language._("the group chat")
+            name = await self.tools.room_as_members_know_it(room)
             told = await self.tools.tell(
                 run, case.dm_room_id, self.tools.texts.removed_again(room=name), f"again-{key}"
             )

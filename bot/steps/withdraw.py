@@ -38,9 +38,7 @@ class WithdrawApology(CaseStep):
             # Withdrawn before anything reached them: an apology would be the first they
             # hear of a flag that was a mistake.
             return Outcome.skipped("the member was neither told nor removed")
-        # The room by its name alone: the member is no reader of room ids.
-        room = await self.hs.room_name(case.room_id) if case.room_id else None
-        room = room or self.tools.texts.language._("the group chat")
+        room = await self.tools.room_as_members_know_it(case.room_id)
         # A DM of its own ("apology"), unless they are still in one with the bot: the
         # notice's room, marked "dm", may be one they have left (and its marker names it).
         # The apology invites a reply ("our staff team will see it"): it must reach them.
