@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from bot.core.ports import EncryptionUnavailable, Refused
 from bot.steps.base import PLAIN_CLOCK, CaseStep, Outcome, StepRun
@@ -89,9 +90,37 @@ class Alert(CaseStep):
         return case.received_at + self.deployment.policy.alert_deadline
 
     async def run(self, run: StepRun) -> Outcome:
-        case = run.case
         self.tools.staff_room.require()  # before reading anything: the alert waits for it
-        notify, remove = run.steps["notify"], run.steps["remove"]
+        posted = await self._posted_before(run)
+        if posted is not None:
+            # An earlier attempt's post stands, saying what it said then (the engine
+            # replies with what changed since): looked for once, and not sent again.
+            sent, said = posted
+            await self.tools.staff_post_recorded(run, sent)
+        else:
+            notify, remove = run.steps["notify"], run.steps["remove"]
+            content = await self._content(run, notify, remove)
+            # What this post says, on record before it goes: a resumed attempt that finds
+            # it knows what it told staff.
+            said = {"notify": stated(notify), "remove": stated(remove)}
+            await run.save(progress=run.progress | {"stating": said})
+            began = dt.datetime.now(dt.UTC)
+            try:
+                sent = await self.tools.send_to_staff(run, content)
+            except EncryptionUnavailable:
+                await self._plain_word_first(run, began)
+                raise
+            if isinstance(sent, Refused):
+                return Outcome.refused("the staff room refused the alert", sent, retry=True)
+        facts = {"event": sent, "stated": said}
+        if run.progress.get("plain_event"):
+            facts["plain_first"] = run.progress["plain_event"]
+        return Outcome("done", facts, case_fields={"alert_event_id": sent})
+
+    async def _content(self, run: StepRun, notify: Step, remove: Step) -> dict[str, Any]:
+        """The alert as it goes now: who, where, when, and how the notice and the removal
+        stand."""
+        case = run.case
         async with self.tools.db.connect() as conn:
             first = await audit.first_of_case(conn, case.id)
         personal = (first.personal if first else None) or {}
@@ -101,7 +130,7 @@ class Alert(CaseStep):
             self.tools.place(case.room_id),
             self.tools.person(personal.get("flagger")),
         )
-        content = self.tools.texts.alert(
+        return self.tools.texts.alert(
             case_number=case.id,
             member=member,
             room=room,
@@ -115,30 +144,6 @@ class Alert(CaseStep):
             due_at=case.due_at,
             dry_run=case.dry_run,
         )
-        stating = {"notify": stated(notify), "remove": stated(remove)}
-        posted = await self._posted_before(run)
-        if posted is not None:
-            # An earlier attempt's post stands, saying what it said then (the engine
-            # replies with what changed since): looked for once, and not sent again.
-            sent, said = posted
-            await self.tools.staff_post_recorded(run, sent)
-        else:
-            # What this post says, on record before it goes: a resumed attempt that finds
-            # it knows what it told staff.
-            said = stating
-            await run.save(progress=run.progress | {"stating": stating})
-            began = dt.datetime.now(dt.UTC)
-            try:
-                sent = await self.tools.send_to_staff(run, content)
-            except EncryptionUnavailable:
-                await self._plain_word_first(run, began)
-                raise
-            if isinstance(sent, Refused):
-                return Outcome.refused("the staff room refused the alert", sent, retry=True)
-        facts = {"event": sent, "stated": said}
-        if run.progress.get("plain_event"):
-            facts["plain_first"] = run.progress["plain_event"]
-        return Outcome("done", facts, case_fields={"alert_event_id": sent})
 
     async def _posted_before(self, run: StepRun) -> tuple[str, dict[str, str]] | None:
         """An earlier attempt's post (found by its marker), and what it said; None if
