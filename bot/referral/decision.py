@@ -318,9 +318,7 @@ class Referral:
             begun = await self._begin(conn, opened) if self._begin else None
             return opened, begun
         # Staff are told (as a reply to the alert), and this flag is redacted too.
-        await corroboration_due(
-            conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
-        )
+        await corroboration_due(conn, opened.case_id, position=POSITIONS["corroboration"])
         # What it redacted already stays recorded: only the new flag is new.
         await cases.rearm_step(
             conn, opened.case_id, "redact_flag", POSITIONS["redact_flag"], lambda was: was

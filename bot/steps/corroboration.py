@@ -13,17 +13,10 @@ from bot.steps.base import CaseStep, Outcome, StepRun
 from bot.store import audit, cases
 
 
-async def corroboration_due(
-    conn: AsyncConnection, case_id: int, seq: int, *, position: int
-) -> None:
-    """Add the flag recorded at `seq` to what the step has to tell staff."""
-    await cases.rearm_step(
-        conn,
-        case_id,
-        "corroboration",
-        position,
-        lambda was: was | {"pending": [*was.get("pending", []), seq]},
-    )
+async def corroboration_due(conn: AsyncConnection, case_id: int, *, position: int) -> None:
+    """A corroborating flag was recorded: the step runs again, and tells staff of every one
+    on the record it has not told of (those it told of stay `told`)."""
+    await cases.rearm_step(conn, case_id, "corroboration", position, lambda was: was)
 
 
 class Corroboration(CaseStep):
@@ -35,13 +28,12 @@ class Corroboration(CaseStep):
         told: list[int] = list(run.progress.get("told", []))
         async with self.tools.db.connect() as conn:
             entries = {e.seq: e for e in await audit.entries(conn, case_id=case.id)}
-        # Every corroborating flag on the record, not only those the arming listed: one
-        # recorded while an attempt ran is not lost when that attempt saves its progress.
-        pending = [*run.progress.get("pending", [])]
-        pending += [s for s, e in entries.items() if e.kind == "corroborated" and s not in pending]
+        # Every corroborating flag on the record, in order: one recorded while an attempt
+        # ran is not lost when that attempt saves its progress.
+        pending = [seq for seq, e in entries.items() if e.kind == "corroborated"]
         member = await self.tools.person(case.member_id)
         for seq in pending:
-            if seq in told or seq not in entries:
+            if seq in told:
                 continue
             entry = entries[seq]
             personal = entry.personal or {}

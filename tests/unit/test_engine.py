@@ -908,9 +908,7 @@ async def _corroborate(engine, flagger: str, flag_event: str) -> None:
             conn, PROVENANCE, flag, steps=CASE_STEPS, dry_run=False, due_at=NOW + HOUR
         )
         assert not opened.created
-        await corroboration_due(
-            conn, opened.case_id, opened.seq, position=POSITIONS["corroboration"]
-        )
+        await corroboration_due(conn, opened.case_id, position=POSITIONS["corroboration"])
         await cases.set_next_attempt(conn, opened.case_id, dt.datetime.now(dt.UTC))
 
 
