@@ -39,6 +39,16 @@ def homeserver() -> FakeHomeserver:
     return hs
 
 
+def redaction(redacts: str, *, sender: str = MOD, room: str = GROUP) -> dict:
+    return {
+        "event_id": "$undo",
+        "room_id": room,
+        "type": "m.room.redaction",
+        "sender": sender,
+        "content": {"redacts": redacts},
+    }
+
+
 def flag(event_id: str, member: str = MEMBER) -> dict:
     return {
         "event_id": event_id,
@@ -270,15 +280,11 @@ async def test_encrypted_chat_is_decrypted_apart_and_only_a_flag_moves_to_the_fl
 
 async def test_a_flag_removed_before_it_was_reached_is_not_acted_on(engine):
     dispatcher = build(engine, homeserver())
-    redaction = {
-        "event_id": "$undo",
-        "room_id": GROUP,
-        "type": "m.room.redaction",
-        "sender": MOD,
-        "content": {"redacts": "$flag"},
-    }
     await queue(
-        engine, (flag("$flag"), FLAG_LANE), (redaction, FLAG_LANE), (flag("$kept"), FLAG_LANE)
+        engine,
+        (flag("$flag"), FLAG_LANE),
+        (redaction("$flag"), FLAG_LANE),
+        (flag("$kept"), FLAG_LANE),
     )
     await drain(dispatcher, FLAG_LANE)
     async with engine.connect() as conn:
@@ -296,14 +302,11 @@ async def test_only_its_own_sender_in_its_room_takes_a_flag_back(engine, sender,
     """A redaction names any event it likes (one from another server is not checked
     against power when sent): someone else's, or one sent elsewhere, cancels no flag."""
     dispatcher = build(engine, homeserver())
-    redaction = {
-        "event_id": "$undo",
-        "room_id": room,
-        "type": "m.room.redaction",
-        "sender": sender,
-        "content": {"redacts": "$flag"},
-    }
-    await queue(engine, (redaction, FLAG_LANE), (flag("$flag"), FLAG_LANE))
+    await queue(
+        engine,
+        (redaction("$flag", sender=sender, room=room), FLAG_LANE),
+        (flag("$flag"), FLAG_LANE),
+    )
     await drain(dispatcher, FLAG_LANE)
     async with engine.connect() as conn:
         kinds = [e.kind for e in await audit.entries(conn)]
