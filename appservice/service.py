@@ -83,6 +83,7 @@ from bot.staff.relay import Relay
 from bot.staff.room_admin import RoomAdmin
 from bot.staff.tools import StaffTools
 from bot.steps import Toolbox, build_steps
+from bot.steps.notify_ahead import NoticesAhead
 from bot.store import (
     audit,
     cases,
@@ -254,6 +255,11 @@ class Service:
             gather_for=REFILL_AFTER_SECONDS,
         )
         self.ready_rooms.on_taken = self.ready_rooms_worker.wake
+        # Members' notices sent as their flag's push is recorded, ahead of their case
+        # (bot/steps/notify_ahead.py): into rooms made ahead, so only with some kept.
+        # Always there: reservations a run with rooms made ahead left are found at start
+        # whatever `ready_dm_rooms` says now (none are made without rooms made ahead).
+        self.notices_ahead = NoticesAhead(self.engine, self.ready_rooms, self.rooms)
         for part in self.parts.values():
             part.tools = Toolbox(
                 db=self.engine,
@@ -266,6 +272,7 @@ class Service:
                 # Each community pages its own webhook, signed with its own secret.
                 webhook=HttpWebhook(secret=part.deployment.policy.alert_webhook_secret),
                 ready_rooms=self.ready_rooms,
+                ahead=self.notices_ahead,
             )
         kits = {key: (build_steps(part.tools), part.tools) for key, part in self.parts.items()}
         first_steps, first_tools = kits.pop(first.id)
@@ -307,8 +314,14 @@ class Service:
             on_moved=self._wake_lane,
             hand_over_lanes=frozenset({FLAG_LANE}),
             staff_of=self._staff_of_room,
+            told_ahead=self._told_ahead,
         )
         referral = referrals[first.id]
+
+        def referral_of(event: dict[str, Any]) -> Referral:
+            room_id = event.get("room_id", "")
+            return referrals.get(self.rooms.community_of(room_id) or first.id, referral)
+
         # One worker a lane (bot/intake/accept.py): flags are worked the moment they arrive;
         # everything else in small batches.
         self.lane_workers = {
@@ -339,9 +352,9 @@ class Service:
             # A flag goes to its lane in memory as it is recorded: no read of it back.
             hand_over=self.dispatcher.hand_over,
             writer_met=self._before_notice if self._devices_looked_up else None,
-            foresee=lambda event: referrals.get(
-                self.rooms.community_of(event.get("room_id", "")) or first.id, referral
-            ).foresee(event),
+            foresee=lambda event: referral_of(event).foresee(event),
+            plan_ahead=lambda event, now: referral_of(event).plan_ahead(event, now),
+            ahead_recorded=self.notices_ahead.recorded,
         )
         self.reconciler = Reconciler(
             self.engine,
@@ -432,6 +445,8 @@ class Service:
             is_moderated=self._moderated_by(part.id),
             before_notice=self._before_notice,
             begin=self.steps.begin,
+            is_watched=self.rooms.is_watched,
+            ahead=(self.notices_ahead, part.tools),
         )
 
         async def may_invite(user_id: str) -> bool:
@@ -505,6 +520,7 @@ class Service:
             self.rooms,
             texts=texts,
             on_outbox=on_outbox,
+            awaits_case=self.notices_ahead.awaits_case,
         )
         policy_explainer = PolicyExplainer(
             self.engine, self.homeserver, deployment, self.rooms, texts=texts
@@ -763,6 +779,7 @@ class Service:
             if room_id not in moderated_now and (configured := communities & set(self.parts)):
                 self.rooms.held_invites[room_id] = configured
         await self.ready_rooms.load()
+        await self.notices_ahead.load()
 
     async def _connect(self) -> None:
         """Register the bot and ping, retrying until the homeserver answers; then the rest."""
@@ -987,6 +1004,10 @@ class Service:
         if warnings := self.config.language_warnings:
             status["warning"] = "; ".join(warnings)
         return status
+
+    def _told_ahead(self, event_id: str) -> bool:
+        """Whether the flag's member was told as its push was recorded."""
+        return self.notices_ahead.of_flag(event_id) is not None
 
     async def _ready_rooms_status(self) -> dict[str, Any]:
         return self.ready_rooms.status()

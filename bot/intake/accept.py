@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +30,10 @@ from bot.core.reactions import ACK_KEY, CLAIM_KEY, normalise_key
 from bot.intake.recent_senders import RecentSenders
 from bot.rooms.directory import RoomDirectory
 from bot.store import ingest
+from bot.store.ready_rooms import Reservation
+
+if TYPE_CHECKING:
+    from bot.steps.notify_ahead import NoticeAhead
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +248,22 @@ class ActionFilter:
         return None
 
 
+def redacted_by(event: Mapping[str, Any]) -> str | None:
+    """The event a redaction removes (`content.redacts` from room v11, `redacts` before);
+    None if it is no redaction, or names none."""
+    if event.get("type") != "m.room.redaction":
+        return None
+    content = event.get("content")
+    target = content.get("redacts") if isinstance(content, dict) else None
+    target = target or event.get("redacts")
+    return target if isinstance(target, str) else None
+
+
+def _redacted_here(event_id: str, events: Sequence[dict[str, Any]]) -> bool:
+    """Whether one of `events` is a redaction of that event."""
+    return any(redacted_by(event) == event_id for event in events)
+
+
 def is_policy_request(body: str) -> bool:
     """`!policy` alone (any case, spaces around it): a member asking how it works here."""
     return len(body) < 32 and body.strip().casefold() == POLICY_COMMAND
@@ -289,7 +309,14 @@ class Intake:
         hand_over: Callable[[list[ingest.InboxItem]], None] | None = None,
         foresee: Callable[[dict[str, Any]], None] = lambda event: None,
         writer_met: Callable[[str], bool] | None = None,
+        plan_ahead: Callable[[dict[str, Any], dt.datetime], NoticeAhead | None] | None = None,
+        ahead_recorded: Callable[[NoticeAhead, bool], None] = lambda notice, reserved: None,
     ) -> None:
+        # Asked of each possible flag pushed (one a transaction at most): its member's
+        # notice to send ahead of its case, reserved in the push's own record; told how that
+        # record ended, before the flag is handed to its lane (bot/steps/notify_ahead.py).
+        self._plan_ahead = plan_ahead
+        self._ahead_recorded = ahead_recorded
         # Told once of each member who writes in a room the bot moderates (None: no one
         # needs to know): their devices are read then, so a notice to them if they are
         # flagged later need not wait for that read (appservice/service.py). It answers
@@ -357,6 +384,8 @@ class Intake:
         kept: list[dict[str, Any]] = []
         event_ids: list[str] = []
         to_act_on: list[tuple[dict[str, Any], int]] = []
+        now = dt.datetime.now(dt.UTC)
+        flags: list[dict[str, Any]] = []  # possible flags, in order
         for event in events:
             fields = shape(event, valid_text)
             if fields is None:
@@ -378,6 +407,7 @@ class Intake:
                 to_act_on.append((event, lane))  # type: ignore[arg-type]
                 if lane == FLAG_LANE:
                     self._foreseen(event)  # type: ignore[arg-type]
+                    flags.append(event)  # type: ignore[arg-type]
         skipped = len(events) - len(kept)
         if skipped:
             self._metrics.events.labels("malformed").inc(skipped)
@@ -387,15 +417,30 @@ class Intake:
                 self._senders.note_body(body)
             else:
                 self._senders.note(event_ids, kept)
-        now = dt.datetime.now(dt.UTC)
+        # Once the whole push has been seen (a state change after the flag in it has made
+        # what it changed unknown, and every sender in it is known): one notice ahead.
+        ahead = self._plan(flags, kept, now) if flags and not caught_up else None
+        reserved = False
         try:
-            recorded = await self._record(txn_id, event_ids, to_act_on, now, caught_up)
+            recorded = await self._record(
+                txn_id,
+                event_ids,
+                to_act_on,
+                now,
+                caught_up,
+                ahead=None if ahead is None else ahead.reservation,
+            )
+            reserved = recorded.reserved
         except ingest.WriteUnavailable as exc:
             raise self._unavailable(exc) from exc
         except ingest.UnstorableEvents as exc:
             # Something in the events themselves: record them one by one, skip the bad.
             log.warning("%s: recording event by event (%s)", txn_id, exc)
             recorded = await self._record_one_by_one(txn_id, kept, to_act_on, now, caught_up)
+        finally:
+            # Before the flag is handed to its lane, which looks for its notice ahead.
+            if ahead is not None:
+                self._ahead_recorded(ahead, reserved)
         self.last_write_error = None
         self._count(recorded, len(kept))
         if recorded.handed and self._hand_over is not None:
@@ -417,6 +462,25 @@ class Intake:
                 self._writers_known.clear()  # bounded; one told twice is read once at most
             self._writers_known.add(writer)
 
+    def _plan(
+        self, flags: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]], now: dt.datetime
+    ) -> NoticeAhead | None:
+        """The first of the push's possible flags whose member's notice can go ahead of
+        their case; None for a flag taken back in the same push (its lane withdraws it)."""
+        if self._plan_ahead is None:
+            return None
+        for flag in flags:
+            if _redacted_here(flag["event_id"], kept):
+                continue
+            try:
+                ahead = self._plan_ahead(flag, now)
+            except Exception:  # a way to be faster only: the flag is decided in its lane
+                log.exception("could not plan a notice ahead of its case")
+                continue
+            if ahead is not None:
+                return ahead
+        return None
+
     def _foreseen(self, event: dict[str, Any]) -> None:
         try:
             self._foresee(event)
@@ -435,6 +499,8 @@ class Intake:
         to_act_on: Sequence[tuple[dict[str, Any], int]],
         now: dt.datetime,
         caught_up: bool,
+        *,
+        ahead: Reservation | None = None,
     ) -> ingest.Recorded:
         return await self._recorder.record(
             txn_id,
@@ -443,6 +509,7 @@ class Intake:
             now,
             caught_up=caught_up,
             hand_over_lane=FLAG_LANE if self._hand_over is not None else None,
+            ahead=ahead,
         )
 
     async def close(self) -> None:

@@ -35,7 +35,7 @@ from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.core.reactions import ACK_KEY, CLAIM_KEY, annotation
-from bot.intake.accept import DECRYPT_LANE, is_policy_request
+from bot.intake.accept import DECRYPT_LANE, is_policy_request, redacted_by
 from bot.rooms.directory import RoomDirectory, RoomKind
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
@@ -61,13 +61,10 @@ OUTAGE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def _redacts(item: InboxItem) -> str | None:
-    """The event a redaction removes (`content.redacts` from room v11, `redacts` before)."""
+    """The event a redaction removes (None: no redaction)."""
     if item.event_type != "m.room.redaction":
         return None
-    content = item.payload.get("content")
-    target = content.get("redacts") if isinstance(content, dict) else None
-    target = target or item.payload.get("redacts")
-    return target if isinstance(target, str) else None
+    return redacted_by(item.payload)
 
 
 class EventKind(Enum):
@@ -206,7 +203,11 @@ class Dispatcher:
         outage_delays: tuple[float, ...] = OUTAGE_DELAYS,
         hand_over_lanes: frozenset[int] = frozenset(),
         staff_of: Callable[[str], Awaitable[StaffOfRoom]] | None = None,
+        told_ahead: Callable[[str], bool] = lambda event_id: False,
     ) -> None:
+        # Whether a flag's member was told as its push was recorded (bot/steps/notify_ahead.py):
+        # then it was acted on, and its redaction no longer withdraws it unseen.
+        self._told_ahead = told_ahead
         # Whose staff hear of trouble with an event in a room (its community's): by
         # default the one staff room's, with these texts and reports.
         self._staff_of = staff_of
@@ -287,7 +288,11 @@ class Dispatcher:
         try:
             for item in items:
                 taken_back = (item.event_id, item.room_id, item.payload.get("sender"))
-                if taken_back in withdrawn and item.event_type != "m.room.redaction":
+                if (
+                    taken_back in withdrawn
+                    and item.event_type != "m.room.redaction"
+                    and not self._told_ahead(item.event_id)
+                ):
                     await self._withdrawn(item)
                     continue
                 readable = await self._readable(item)

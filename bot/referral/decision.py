@@ -10,6 +10,10 @@ levels and memberships (bot/moderation/room_state.py: invalidated by every state
 pushed before the flag, read again whenever not known to be current), and who
 sent the flagged message (bot/intake/recent_senders.py, else read). A flood of refused
 flags costs a database write each and never queues in front of a real one.
+
+When all of it is known, the flag is decided as its push is recorded (`plan_ahead`), and
+the member's notice goes the moment that record commits, before the case is written
+(bot/steps/notify_ahead.py); the flag's turn in its lane then opens the case, as decided.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bot.cases.engine import Begun
@@ -28,14 +33,16 @@ from bot.core.ports import Homeserver, Refused, RoomState
 from bot.intake.dispatch import Handling
 from bot.intake.recent_senders import RecentSenders
 from bot.moderation.authorization import Refusal, decide_flag, power_level
-from bot.moderation.room_state import RoomStateCache
+from bot.moderation.room_state import RoomStateCache, membership_in
 from bot.referral.triggers import Flag, recognise_flag
 from bot.rooms.names import names_of
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.staff.members import StaffDirectory
 from bot.steps import CASE_STEPS, POSITIONS
+from bot.steps.base import Toolbox
 from bot.steps.corroboration import corroboration_due
+from bot.steps.notify_ahead import NoticeAhead, NoticesAhead
 from bot.store import audit, cases, outbox
 from bot.texts.messages import Texts
 from bot.texts.wording import duration_words as _duration
@@ -93,7 +100,13 @@ class Referral:
         is_moderated: Callable[[str], bool],
         before_notice: Callable[[str], object] = lambda member: None,
         begin: Callable[[AsyncConnection, cases.Opened], Awaitable[Begun]] | None = None,
+        is_watched: Callable[[str, str], bool] = lambda room_id, member: True,
+        ahead: tuple[NoticesAhead, Toolbox] | None = None,
     ) -> None:
+        # Notices sent ahead of their cases, and this community's tools to send them with
+        # (None: every flag waits for its case).
+        self._ahead = ahead
+        self._is_watched = is_watched
         # Writes a new case's first step's intent in the transaction that opens it.
         self._begin = begin
         self._hs = homeserver
@@ -128,6 +141,60 @@ class Referral:
         if target is not None:
             self._before_notice(target)
 
+    def plan_ahead(self, event: dict[str, Any], now: dt.datetime) -> NoticeAhead | None:
+        """A possible flag as its push arrives: its notice to send ahead of its case, if
+        the flag is certain to open one from what is known now, without a read (else
+        None, and it is decided in its lane, as always). The caller records the push with
+        it (bot/intake/accept.py).
+
+        Known means known current: the room's and the staff room's state, the flagged
+        message's sender and their membership, and that they have no case (no watched
+        membership) and no DM with the bot. The decision is the lane's own (`decide_flag`);
+        only a member joined now qualifies (a recent leaver needs the lane's reads)."""
+        if self._ahead is None or self._policy.dry_run:
+            return None
+        notices, tools = self._ahead
+        flag = recognise_flag(event, reactions=self._policy.reactions, command=self._policy.command)
+        if flag is None or not self._is_moderated(flag.room_id):
+            return None
+        target = self._known_target(flag)
+        if target is None or self._is_watched(flag.room_id, target):
+            return None
+        room = self._room_state.current(flag.room_id)
+        staff_room: RoomState | None = None
+        if self._staff_room.room_id is not None:
+            staff_room = self._room_state.current(self._staff_room.room_id)
+            if staff_room is None:
+                return None
+        if room is None:
+            return None
+        known, member_event = self._room_state.known_member(flag.room_id, target)
+        if not known or membership_in((member_event or {}).get("content")) != "join":
+            return None
+        if self._decided(flag, target, room, staff_room) is not None:
+            return None
+        dms = self._hs.direct_rooms_known(target)
+        if dms is None or dms or tools.plain_room_because() is not None:
+            return None  # as Notify.begin: a DM with them may be the one to use
+        flagged_at = event_time(event, now)
+        notice = notices.plan(
+            tools,
+            flag_event_id=flag.flag_event_id,
+            group_room_id=flag.room_id,
+            member_id=target,
+            due_at=due_at(flagged_at, self._deployment.checkin),
+        )
+        if notice is None:
+            return None
+        try:
+            # Before anything is sent: no membership of theirs goes unqueued.
+            self._watch_member(flag.room_id, target)
+            self._before_notice(target)
+        except BaseException:
+            notices.recorded(notice, False)  # never left unsettled: a case would wait on it
+            raise
+        return notice
+
     async def __call__(self, handling: Handling) -> None:
         """Dispatcher entry: a possible flag in a group room."""
         flag = recognise_flag(
@@ -138,6 +205,12 @@ class Referral:
 
     async def handle(self, handling: Handling, flag: Flag) -> None:
         item = handling.item
+        told = self._ahead[0].of_flag(flag.flag_event_id) if self._ahead else None
+        if told is not None:
+            # Decided as its push was recorded, and the member told: the case opens now
+            # (or, opened by another flag of theirs meanwhile, is corroborated).
+            await self._open(handling, flag, told.reservation.member_id)
+            return
         flagged_at = event_time(item.payload, item.received_at)
         if item.caught_up and item.received_at - flagged_at > self._deployment.reconcile.lookback:
             await self._found_too_late(handling, flag, flagged_at)
@@ -180,14 +253,7 @@ class Referral:
             why = f"the bot cannot read the room's power levels ({room.errcode})"
             await self._refuse(handling, flag, target, Refusal("room_unreadable", why))
             return
-        refusal = decide_flag(
-            flagger=flag.flagger,
-            target=target,
-            room=room,
-            bot_user_id=self._deployment.bot_user_id,
-            moderator_power_level=self._policy.moderator_power_level,
-            target_is_staff=self._staff.is_staff_in(target, staff_room),
-        )
+        refusal = self._decided(flag, target, room, staff_room)
         if refusal is not None:
             await self._refuse(handling, flag, target, refusal)
             return
@@ -196,6 +262,20 @@ class Referral:
             await self._refuse(handling, flag, target, absent)
             return
         await self._open(handling, flag, target)
+
+    def _decided(
+        self, flag: Flag, target: str, room: RoomState, staff_room: RoomState | None
+    ) -> Refusal | None:
+        """The decision on who flagged whom where (None: accepted), the same ahead of the
+        push's record (`plan_ahead`) as in the flag's lane."""
+        return decide_flag(
+            flagger=flag.flagger,
+            target=target,
+            room=room,
+            bot_user_id=self._deployment.bot_user_id,
+            moderator_power_level=self._policy.moderator_power_level,
+            target_is_staff=self._staff.is_staff_in(target, staff_room),
+        )
 
     async def _absence(self, handling: Handling, flag: Flag, target: str) -> Refusal | None:
         """None if the target may be flagged in that room: joined, or gone from it (after
@@ -290,7 +370,16 @@ class Referral:
         self._watch_member(flag.room_id, target)
         if not self._policy.dry_run:
             self._before_notice(target)
+        if self._ahead is not None:
+            # Their notice sent ahead (by this flag or another): the case takes it over.
+            told = await self._ahead[0].settled_for(flag.room_id, target)
+            if told is not None:
+                new_flag = replace(new_flag, nonce=told.reservation.nonce)
         opened, begun = await handling.transact(self._record_flag, new_flag, flagged_at)
+        if self._ahead is not None:
+            if new_flag.nonce is not None:
+                self._ahead[0].taken_over(new_flag)
+            self._ahead[0].handled(flag.flag_event_id)
         self._metrics.flags.labels("accepted" if opened.created else "corroborated").inc()
         log.info(
             "case #%d %s by %s flag",
@@ -314,6 +403,9 @@ class Referral:
             dry_run=self._policy.dry_run,
             due_at=due_at(flagged_at, self._deployment.checkin),
         )
+        if new_flag.nonce is not None and self._ahead is not None:
+            # Their notice went ahead: the case's, whichever of its steps begins first.
+            opened = await self._ahead[0].take_over(conn, opened, new_flag)
         if opened.created:
             begun = await self._begin(conn, opened) if self._begin else None
             return opened, begun

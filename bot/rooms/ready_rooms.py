@@ -23,6 +23,7 @@ What can go wrong, and what then:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import uuid
@@ -49,6 +50,23 @@ def taken(what: str, room_id: str) -> dict[str, Any]:
     return {f"{what}_room": room_id, f"{what}_made_ahead": True}
 
 
+async def record_taken(
+    conn: AsyncConnection,
+    case_id: int,
+    step: str,
+    what: str,
+    progress: dict[str, Any],
+    case_field: str,
+    room_id: str,
+) -> dict[str, Any]:
+    """A room made ahead, taken: recorded as the step's `<what>_room` and the case's
+    `case_field`, in the caller's transaction; the step's progress as recorded."""
+    progress = progress | taken(what, room_id)
+    await cases.save_progress(conn, case_id, step, progress)
+    await cases.set_fields(conn, case_id, **{case_field: room_id})
+    return progress
+
+
 class ReadyRooms:
     def __init__(
         self,
@@ -70,6 +88,10 @@ class ReadyRooms:
         # The bot's m.direct, read ahead too: a notice takes a room as its case opens only
         # once it is known the member has no DM with the bot (bot/steps/notify.py).
         self._direct_read = False
+        # The created rooms of the kind DMs are, as last known: one is chosen from these,
+        # without a read, for a notice sent ahead (bot/steps/notify_ahead.py); the
+        # transaction that reserves it decides whether it is still there.
+        self._free: list[str] = []
 
     async def load(self) -> None:
         """Before the first transaction: ready rooms are the bot's conversations, not
@@ -79,12 +101,13 @@ class ReadyRooms:
         for room in known:
             if room.room_id is not None:
                 self._rooms.add_dm(room.room_id)
-        self.ready = sum(1 for r in known if r.room_id and r.encrypted == self._encrypted)
+        self._know(known)
 
     async def work_once(self) -> bool:
         """Finish, clear out or make one room; True if there may be more to do now."""
         async with self._db.connect() as conn:
             known = await store.all_rooms(conn)
+        self._know(known)
         try:
             if not self._direct_read and self.wanted > 0:
                 await self._hs.direct_rooms()
@@ -95,7 +118,6 @@ class ReadyRooms:
                     return True
                 if room.room_id is None:
                     return await self._create(room.marker)
-            self.ready = len(known)
             if self.ready >= self.wanted:
                 self.problem = None
                 return False
@@ -123,8 +145,21 @@ class ReadyRooms:
         self._rooms.add_dm(created.room_id)
         async with self._db.begin() as conn:
             await store.created(conn, marker, created.room_id)
+        self._free.append(created.room_id)
         self.problem = None
         return True
+
+    def _know(self, known: list[store.ReadyRoom]) -> None:
+        self._free = [r.room_id for r in known if r.room_id and r.encrypted == self._encrypted]
+        self.ready = len(self._free)
+
+    def claim_free(self) -> str | None:
+        """A created room to reserve, gone from what is known free (until the next round
+        reads the pool again); None if none is known. The newest: a case takes the
+        oldest (`take`), so two flags at once do not reach for the same room."""
+        if self.wanted <= 0 or not self._free:
+            return None
+        return self._free.pop()
 
     async def _discard(self, room: store.ReadyRoom) -> None:
         """A room of the kind DMs no longer are (the encryption setting changed)."""
@@ -180,8 +215,9 @@ class ReadyRooms:
             return None
         room_id = await store.take(conn, encrypted=self._encrypted)
         if room_id is not None:
-            await cases.save_progress(conn, case_id, step, progress | taken(what, room_id))
-            await cases.set_fields(conn, case_id, **{case_field: room_id})
+            with contextlib.suppress(ValueError):
+                self._free.remove(room_id)
+            await record_taken(conn, case_id, step, what, progress, case_field, room_id)
         return room_id
 
     def handed_over(self) -> None:

@@ -29,6 +29,10 @@ from bot.texts.messages import Texts
 log = logging.getLogger(__name__)
 
 
+class CaseNotOpenYet(Exception):
+    """A member wrote in their DM before the case their notice went ahead of was opened."""
+
+
 class Relay:
     def __init__(
         self,
@@ -40,7 +44,11 @@ class Relay:
         *,
         texts: Texts,
         on_outbox: Callable[[], None],
+        awaits_case: Callable[[str], bool] = lambda room_id: False,
     ) -> None:
+        # Whether a room is a member's DM whose notice went ahead of their case, the case
+        # not opened yet (bot/steps/notify_ahead.py): what they write waits for it.
+        self._awaits_case = awaits_case
         self._hs = homeserver
         self._texts = texts
         self._db = db
@@ -75,6 +83,9 @@ class Relay:
             await self._former_member(handling)
             return
         if case is None:
+            if self._awaits_case(item.room_id):
+                # Retried (bot/intake/dispatch.py) until the case that takes it is open.
+                raise CaseNotOpenYet(f"the case of the DM {item.room_id} is being opened")
             return
         if where == "debrief":
             await self._relay(handling, case, str(sender), body, where)

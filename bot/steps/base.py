@@ -19,7 +19,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -38,12 +38,18 @@ from bot.rooms.ready_rooms import ReadyRooms
 from bot.rooms.staff_room import StaffRoom, StaffRoomUnavailable
 from bot.store.cases import Case, Step
 from bot.store.retention import record_staff_post
+
+if TYPE_CHECKING:
+    from bot.steps.notify_ahead import NoticesAhead
 from bot.texts.messages import Texts
 from bot.texts.wording import person, place
 
 log = logging.getLogger(__name__)
 # In a step's progress: when encryption first failed for it (the plain fall-back's clock).
 PLAIN_CLOCK = "encryption_failing_since"
+# In the notice step's progress: its calls were made before the case was opened
+# (bot/steps/notify_ahead.py), so an attempt that cannot join them looks for them first.
+SENT_AHEAD = "sent_ahead"
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,9 @@ class StepRun:
 
     @property
     def resumed(self) -> bool:
-        """An earlier attempt started: it may have done part of the work already."""
-        return self.step.attempts > 1
+        """An earlier attempt started, or the work was begun ahead of the case: part of it
+        may be done already."""
+        return self.step.attempts > 1 or bool(self.progress.get(SENT_AHEAD))
 
     @property
     def began_at(self) -> dt.datetime | None:
@@ -138,6 +145,8 @@ class Toolbox:
     webhook: Webhook
     # DM rooms made ahead of any flag, for the member's notice (None: none are kept).
     ready_rooms: ReadyRooms | None = None
+    # Members' notices sent ahead of their cases (bot/steps/notify_ahead.py; None: never).
+    ahead: NoticesAhead | None = None
 
     async def send_once(
         self,

@@ -160,7 +160,7 @@ async def tell_by_dm(
         # one sent into the room made ahead reaches no one (no one else is in it, and the
         # room is never used again): redacted all the same, as far as it can be.
         if isinstance(told, Told):
-            await _withdraw_unread(hs, run, what, opened.room_id, told.event_id)
+            await withdraw_unread(hs, run, what, opened.room_id, told.event_id)
         return await tell_by_dm(
             tools, run, user, what, content, case_field, mark_direct=mark_direct
         )
@@ -316,7 +316,7 @@ async def _all_to_their_end(*calls: Awaitable[Any]) -> list[Any]:
     return results
 
 
-async def _withdraw_unread(
+async def withdraw_unread(
     hs: Homeserver, run: StepRun, what: str, room_id: str, event_id: str
 ) -> None:
     """Redact a message sent into a room made ahead that refused the invite: best effort

@@ -78,8 +78,23 @@ class Case:
     @property
     def tag(self) -> str:
         """The case as its markers name it: number and nonce (cases opened before the nonce
-        existed keep the plain number, so their steps still find what they did)."""
-        return f"case:{self.id}" if self.nonce is None else f"case:{self.id}.{self.nonce}"
+        existed keep the plain number, so their steps still find what they did); a nonce
+        chosen before the case had a number (its notice sent ahead) alone."""
+        if self.nonce is None:
+            return f"case:{self.id}"
+        if self.nonce.startswith(AHEAD_NONCE_PREFIX):
+            return ahead_tag(self.nonce)
+        return f"case:{self.id}.{self.nonce}"
+
+
+# The nonce of a case whose notice was sent before it was opened (bot/steps/notify_ahead.py):
+# chosen with the flag's push, so its markers cannot hold the case's number.
+AHEAD_NONCE_PREFIX = "ahead."
+
+
+def ahead_tag(nonce: str) -> str:
+    """`Case.tag` of the case with this nonce chosen ahead of it."""
+    return f"case:{nonce}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,9 @@ class NewFlag:
     # Found by reconciliation: the homeserver never delivered it to us.
     caught_up: bool = False
     community: str = DEFAULT_COMMUNITY  # the flagged room's
+    # Chosen ahead with the member's notice, sent before the case was opened
+    # (bot/steps/notify_ahead.py); None: a new random one.
+    nonce: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,7 @@ async def open_or_corroborate(
         "received_at": flag.received_at,
         "due_at": due_at,
         "next_attempt_at": flag.received_at,
-        "nonce": secrets.token_hex(8),
+        "nonce": flag.nonce or secrets.token_hex(8),
         "community": flag.community,
     }
     existing: int | None = None
@@ -253,13 +271,17 @@ async def open_or_corroborate(
         if case_id is None:  # opened by another flag since the read
             existing = (await conn.execute(_ACTIVE_CASE, {"key": key})).scalar_one()
     if existing is not None:
+        facts, personal = _flag_facts(flag), _flag_personal(flag)
+        if flag.nonce is not None:
+            # A notice went ahead to a member whose case was reopened meanwhile: said so.
+            facts["told_ahead"] = True
         seq = await audit.append(
             conn,
             provenance,
             "corroborated",
             case_id=existing,
-            facts=_flag_facts(flag),
-            personal=_flag_personal(flag),
+            facts=facts,
+            personal=personal,
             at=flag.received_at,
         )
         return Opened(existing, created=False, seq=seq)
@@ -276,6 +298,10 @@ async def open_or_corroborate(
         ],
     )
     facts = _flag_facts(flag) | {"dry_run": dry_run}
+    if flag.nonce is not None:
+        # Decided as its push was recorded, on what was known then, and the member told
+        # at once: the case was opened after.
+        facts["told_ahead"] = True
     if due_at is not None:
         facts["checkin_due_at"] = due_at.isoformat()
     seq = await audit.append(

@@ -17,7 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bot.store.cases import active_key
 from bot.store.outages import is_database_outage
+from bot.store.ready_rooms import Reservation
 from bot.store.schema import epoch_millis, inbox, seen_events, transactions
 from bot.store.writer_thread import WriterThread
 
@@ -37,6 +39,9 @@ class Recorded:
     # Of those queued in the lane the recorder was asked about (`hand_over_lane`): each
     # one's queue number, by event id, so it can be handed on in memory.
     handed: dict[str, int] = field(default_factory=dict)
+    # The notice ahead asked for (`record(ahead=...)`) reserved with it: its flag was new,
+    # and its room made ahead still there to take (bot/steps/notify_ahead.py).
+    reserved: bool = False
 
     @property
     def duplicate_transaction(self) -> bool:
@@ -95,6 +100,35 @@ _PG_RECORD = (
     " (SELECT array_agg(event_id) FROM queued WHERE lane = $11),"
     " (SELECT array_agg(seq) FROM queued WHERE lane = $11)"
 )
+# A notice sent ahead of its case (bot/steps/notify_ahead.py): its room made ahead taken
+# and the reservation written with the push, only if the flag was new (queued now), the
+# member has no active case there (a flag of theirs corroborates it: no second notice),
+# and the room is still there (a case may have taken it since it was chosen: the delete
+# decides).
+_NO_ACTIVE_CASE = "NOT EXISTS (SELECT 1 FROM cases WHERE active_key = {key})"
+_SQLITE_TAKE_READY = (
+    f"DELETE FROM ready_rooms WHERE room_id = ? AND {_NO_ACTIVE_CASE.format(key='?')}"
+)
+_SQLITE_RESERVE = (
+    "INSERT INTO notices_ahead"
+    " (flag_event_id, group_room_id, member_id, room_id, nonce, reserved_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_PG_RECORD_AHEAD = _PG_RECORD.replace(
+    ") SELECT (SELECT count(*) FROM queued),",
+    "), ready AS ("
+    f" DELETE FROM ready_rooms WHERE room_id = $15 AND {_NO_ACTIVE_CASE.format(key='$17')}"
+    " AND EXISTS (SELECT 1 FROM queued WHERE event_id = $12) RETURNING room_id"
+    "), ahead AS ("
+    " INSERT INTO notices_ahead"
+    " (flag_event_id, group_room_id, member_id, room_id, nonce, reserved_at)"
+    " SELECT $12, $13, $14, room_id, $16, $2 FROM ready RETURNING room_id"
+    ") SELECT (SELECT count(*) FROM queued),",
+).replace(
+    " (SELECT array_agg(seq) FROM queued WHERE lane = $11)",
+    " (SELECT array_agg(seq) FROM queued WHERE lane = $11), (SELECT count(*) FROM ahead)",
+)
+assert _PG_RECORD_AHEAD.count("notices_ahead") == 1 and "FROM ahead" in _PG_RECORD_AHEAD
 _PG_RECORD_IDS = (
     "WITH txn AS ("
     " INSERT INTO transactions (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
@@ -102,6 +136,10 @@ _PG_RECORD_IDS = (
     ") INSERT INTO seen_events (event_id, received_at) SELECT unnest($4::varchar[]), $2"
     " ON CONFLICT DO NOTHING"
 )
+
+
+def _active_key(ahead: Reservation) -> str:
+    return active_key(ahead.group_room_id, ahead.member_id)
 
 
 def _to_json(event: dict[str, Any]) -> str:
@@ -123,9 +161,11 @@ def _record_sqlite_rows(
     seen_at: int,
     caught_up: bool,
     hand_over_lane: int | None = None,
-) -> tuple[int, int, dict[str, int]]:
+    ahead: Reservation | None = None,
+) -> tuple[int, int, dict[str, int], bool]:
     """One SQLite write transaction, all of it on the calling thread: (queued, new events,
-    the queue numbers of those queued in `hand_over_lane`, by event id).
+    the queue numbers of those queued in `hand_over_lane`, by event id, whether `ahead`
+    was reserved).
 
     `received`: the time as the transaction and inbox rows store it; `seen_at`: the same
     time as `seen_events` stores it, integer milliseconds (bot/store/schema.py)."""
@@ -148,6 +188,24 @@ def _record_sqlite_rows(
                     queued += 1
             if rows:
                 queued += conn.executemany(_SQLITE_QUEUE, rows).rowcount
+        reserved = False
+        if (
+            ahead is not None
+            and ahead.flag_event_id in handed
+            and conn.execute(_SQLITE_TAKE_READY, (ahead.room_id, _active_key(ahead))).rowcount == 1
+        ):
+            conn.execute(
+                _SQLITE_RESERVE,
+                (
+                    ahead.flag_event_id,
+                    ahead.group_room_id,
+                    ahead.member_id,
+                    ahead.room_id,
+                    ahead.nonce,
+                    received,
+                ),
+            )
+            reserved = True
         new_events = 0
         if event_ids:
             new_events = conn.executemany(
@@ -158,7 +216,7 @@ def _record_sqlite_rows(
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    return queued, new_events, handed
+    return queued, new_events, handed, reserved
 
 
 class TransactionRecorder:
@@ -210,6 +268,7 @@ class TransactionRecorder:
         *,
         caught_up: bool = False,
         hand_over_lane: int | None = None,
+        ahead: Reservation | None = None,
     ) -> Recorded:
         """Persist a transaction; only events never seen before are queued to act on.
 
@@ -217,6 +276,8 @@ class TransactionRecorder:
         reused txn id (Synapse restored from backup) still has its new events queued.
         Raises WriteUnavailable or UnstorableEvents; nothing is recorded then.
         `hand_over_lane`: the queue numbers of the events queued in that lane are returned.
+        `ahead`: a notice to send ahead of its case, reserved in the same transaction if its
+        flag is new and queued in `hand_over_lane` (`Recorded.reserved`).
         """
         try:
             queue = [
@@ -245,9 +306,10 @@ class TransactionRecorder:
                         now,
                         caught_up,
                         hand_over_lane,
+                        ahead,
                     )
             return await self._record_sqlite(
-                txn_id, event_ids, queue, now, caught_up, deadline, hand_over_lane
+                txn_id, event_ids, queue, now, caught_up, deadline, hand_over_lane, ahead
             )
         except Exception as exc:
             if isinstance(exc, TimeoutError) or self._is_outage(exc):
@@ -285,7 +347,7 @@ class TransactionRecorder:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _sqlite_write(self, busy_ms: int, *args: Any) -> tuple[int, int, dict[str, int]]:
+    def _sqlite_write(self, busy_ms: int, *args: Any) -> tuple[int, int, dict[str, int], bool]:
         """On the recorder's thread: open the connection if need be, and write, waiting
         for another process's lock no longer than `busy_ms`."""
         if self._sqlite is None:
@@ -305,6 +367,7 @@ class TransactionRecorder:
         caught_up: bool,
         deadline: float,
         hand_over_lane: int | None,
+        ahead: Reservation | None,
     ) -> Recorded:
         # Our turn among this process's writers; then SQLite's write lock, taken up
         # front as every writer here does (appservice/database.py), each within what is
@@ -317,7 +380,7 @@ class TransactionRecorder:
             # In whole tenths of a second: uncontended, that is the same every time, and
             # the pragma is set again only when it changes.
             left_ms = max(100, int((deadline - loop.time()) * 10) * 100)
-            queued, new_events, handed = await self._thread.run(
+            queued, new_events, handed, reserved = await self._thread.run(
                 self._sqlite_write,
                 left_ms,
                 txn_id,
@@ -327,10 +390,11 @@ class TransactionRecorder:
                 epoch_millis(now),
                 caught_up,
                 hand_over_lane,
+                ahead,
             )
         finally:
             await turn.__aexit__(None, None, None)
-        return Recorded(new_events, queued, len(event_ids), handed)
+        return Recorded(new_events, queued, len(event_ids), handed, reserved)
 
     async def _record_postgresql(
         self,
@@ -341,6 +405,7 @@ class TransactionRecorder:
         now: dt.datetime,
         caught_up: bool,
         hand_over_lane: int | None,
+        ahead: Reservation | None,
     ) -> Recorded:
         received = self._stamp(now)
         if not queue:
@@ -351,8 +416,7 @@ class TransactionRecorder:
             )
             return Recorded(int(status.rsplit(" ", 1)[1]), 0, len(event_ids))
         columns = [list(column) for column in zip(*queue, strict=True)]
-        queued, new_events, handed_ids, handed_seqs = await driver.fetchrow(
-            _PG_RECORD,
+        arguments = (
             storable_txn_id(txn_id),
             received,
             len(event_ids),
@@ -361,8 +425,24 @@ class TransactionRecorder:
             caught_up,
             -1 if hand_over_lane is None else hand_over_lane,
         )
+        reserved = 0
+        if ahead is None:
+            queued, new_events, handed_ids, handed_seqs = await driver.fetchrow(
+                _PG_RECORD, *arguments
+            )
+        else:
+            queued, new_events, handed_ids, handed_seqs, reserved = await driver.fetchrow(
+                _PG_RECORD_AHEAD,
+                *arguments,
+                ahead.flag_event_id,
+                ahead.group_room_id,
+                ahead.member_id,
+                ahead.room_id,
+                ahead.nonce,
+                _active_key(ahead),
+            )
         handed = dict(zip(handed_ids or (), handed_seqs or (), strict=True))
-        return Recorded(new_events, queued, len(event_ids), handed)
+        return Recorded(new_events, queued, len(event_ids), handed, reserved == 1)
 
     def _is_outage(self, exc: BaseException) -> bool:
         """A driver error that means "not now" (vs. something in the data). Anything from

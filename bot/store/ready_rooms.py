@@ -1,4 +1,5 @@
-"""DM rooms made ahead of a flag: planned, created, handed to a case (bot/rooms/ready_rooms.py)."""
+"""DM rooms made ahead of a flag: planned, created, handed to a case (bot/rooms/ready_rooms.py),
+or reserved for a member's notice sent ahead of their case (bot/steps/notify_ahead.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bot.store.schema import ready_rooms
+from bot.store.schema import notices_ahead, ready_rooms
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,49 @@ async def take(conn: AsyncConnection, *, encrypted: bool) -> str | None:
             return str(taken)
         if (await conn.execute(_OLDEST, {"b_encrypted": encrypted})).first() is None:
             return None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A room made ahead, taken for a member's notice as their flag's push was recorded
+    (bot/store/ingest.py writes it, in that transaction), with the nonce their case will
+    have: what the notice was marked with before the case existed."""
+
+    flag_event_id: str
+    group_room_id: str
+    member_id: str
+    room_id: str
+    nonce: str
+
+
+async def reservations(conn: AsyncConnection) -> list[Reservation]:
+    """Every notice reserved and not yet taken over by a case (at start: a crash between)."""
+    rows = await conn.execute(
+        sa.select(
+            notices_ahead.c.flag_event_id,
+            notices_ahead.c.group_room_id,
+            notices_ahead.c.member_id,
+            notices_ahead.c.room_id,
+            notices_ahead.c.nonce,
+        ).order_by(notices_ahead.c.reserved_at)
+    )
+    return [Reservation(*row) for row in rows]
+
+
+_TAKE_RESERVED = (
+    notices_ahead.delete()
+    .where(
+        notices_ahead.c.group_room_id == sa.bindparam("b_group_room"),
+        notices_ahead.c.member_id == sa.bindparam("b_member"),
+    )
+    .returning(notices_ahead.c.flag_event_id)
+)
+
+
+async def take_reserved(conn: AsyncConnection, group_room_id: str, member_id: str) -> bool:
+    """The member's reservation in that room taken over by the case opening for them (in
+    its transaction): True if there was one."""
+    taken = await conn.execute(
+        _TAKE_RESERVED, {"b_group_room": group_room_id, "b_member": member_id}
+    )
+    return taken.first() is not None

@@ -358,6 +358,21 @@ ready_rooms = sa.Table(
     sa.Column("planned_at", UTCDateTime, nullable=False),
 )
 
+# A member's notice sent ahead of their case (bot/steps/notify_ahead.py): decided as the
+# flag's push was recorded, with the DM room made ahead it took, in the same transaction
+# (so a crash between the notice and the case finds it here, and sends nothing twice).
+# The case that opens for the member in that room takes it over, and deletes the row.
+notices_ahead = sa.Table(
+    "notices_ahead",
+    metadata,
+    sa.Column("flag_event_id", sa.String(255), primary_key=True),
+    sa.Column("group_room_id", sa.String(255), nullable=False),
+    sa.Column("member_id", sa.String(255), nullable=False),
+    sa.Column("room_id", sa.String(255), nullable=False),  # the DM room made ahead
+    sa.Column("nonce", sa.String(32), nullable=False),  # the case's, chosen ahead of it
+    sa.Column("reserved_at", UTCDateTime, nullable=False),
+)
+
 # The append-only, hash-chained audit log. `personal` holds the personal fields
 # (user ids, room ids, references, notes) apart from `facts`, and the hash
 # covers only their digest, so retention can erase them and the chain still verifies.

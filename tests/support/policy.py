@@ -55,6 +55,7 @@ def toolbox(
     settings: Deployment | None = None,
     *,
     ready_rooms: ReadyRooms | None = None,
+    ahead: Any = None,
 ) -> Toolbox:
     settings = settings or deployment()
     staff_room = StaffRoom(STAFF)
@@ -68,6 +69,7 @@ def toolbox(
         metrics=Metrics(),
         webhook=RecordingWebhook(),
         ready_rooms=ready_rooms,
+        ahead=ahead,
     )
 
 
@@ -77,9 +79,10 @@ def step_engine(
     settings: Deployment | None = None,
     *,
     ready_rooms: ReadyRooms | None = None,
+    ahead: Any = None,
     **options: Any,
 ) -> StepEngine:
-    tools = toolbox(db, homeserver, settings, ready_rooms=ready_rooms)
+    tools = toolbox(db, homeserver, settings, ready_rooms=ready_rooms, ahead=ahead)
     options.setdefault("outage_delays", (0.0,))
     options.setdefault("failure_delays", (0.0,))
     return StepEngine(db, build_steps(tools), tools, **options)

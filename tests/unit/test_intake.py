@@ -150,7 +150,7 @@ class _Recorder:
         self.calls: list[tuple[list[str], list[tuple[dict[str, Any], int]]]] = []
 
     async def record(
-        self, txn_id, event_ids, to_act_on, now, *, caught_up=False, hand_over_lane=None
+        self, txn_id, event_ids, to_act_on, now, *, caught_up=False, hand_over_lane=None, ahead=None
     ):
         self.calls.append((list(event_ids), list(to_act_on)))
         return ingest.Recorded(len(event_ids), len(to_act_on), len(event_ids))
