@@ -181,3 +181,36 @@ async def test_killed_after_the_reservation_before_anything_was_sent(
     async with running_service(config):
         await until(lambda: all_referrals_done(config, 1), within=60, what="the case")
     await assert_told_once_then_removed(scene, config)
+
+
+async def test_a_reply_written_before_the_case_opened_reaches_staff(synapse, tmp_path, monkeypatch):
+    """The member answers the notice before their case exists (its flag held in its lane):
+    what they wrote waits for the case, and staff read it then."""
+    scene = await build_scene(synapse, tmp_path)
+    config = ahead_config(scene, False)
+    release = asyncio.Event()
+    opened = Referral._open
+
+    async def held(self: Referral, *args: Any) -> None:
+        await release.wait()
+        await opened(self, *args)
+
+    async with running_service(config) as service:
+        await open_group_room(scene)
+        await until(lambda: rooms_ready(service), what="a room made ahead, m.direct read")
+        monkeypatch.setattr(Referral, "_open", held)
+        await flag_member(scene)
+        (notice,) = await until(lambda: list(service.notices_ahead._pending.values()))
+        assert notice.sending is not None
+        await asyncio.wait_for(asyncio.shield(notice.sending), 30)
+        (dm,) = await scene.member.invites()
+        await scene.member.join(dm)
+        await scene.member.send_text(dm, "ok I will call them")
+        await asyncio.sleep(1.5)  # its turn comes while the case is still held
+        assert (await export_json(config))["cases"] == [], "still held"
+        release.set()
+        await until(
+            lambda: scene.staff_matching(lambda m: "Case #1" in m and "ok I will call them" in m),
+            within=60,
+            what="the relayed reply",
+        )
