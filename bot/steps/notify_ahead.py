@@ -130,8 +130,8 @@ class NoticesAhead:
         reservation = store.Reservation(flag_event_id, group_room_id, member_id, room_id, nonce)
         notice = NoticeAhead(reservation, due_at, tools)
         self._pending[notice.member] = notice
-        # Made ready while the push is being recorded (the notice's text, the member's
-        # keys expected): it waits only for the record to end, then sends if reserved.
+        # Made ready while the push is being recorded (the notice's text): it waits only
+        # for the record to end, then sends if reserved.
         notice.sending = asyncio.create_task(
             self._send(notice), name=f"notice-ahead:{reservation.flag_event_id}"
         )
@@ -147,8 +147,8 @@ class NoticesAhead:
                 del self._pending[notice.member]
             return
         self._by_flag[notice.reservation.flag_event_id] = notice
+        # (Its room is a DM in the directory already, as every room made ahead is.)
         self._ready.handed_over()
-        self._rooms.add_dm(notice.reservation.room_id)
         log.info(
             "flag %s: its member told ahead of the case, in a room made ahead",
             notice.reservation.flag_event_id,
