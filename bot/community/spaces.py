@@ -170,7 +170,7 @@ class SpaceRooms:
             self._told_twice.add(room_id)
             return
         self._rooms.listed[room_id] = self._community
-        if room_id in self._rooms.moderated or room_id in self._claiming:
+        if self._rooms.enrolled(room_id) or room_id in self._claiming:
             return
         self._claiming.add(room_id)
         try:

@@ -156,6 +156,11 @@ class Membership:
             if joined and self._on_space_joined is not None:
                 self._on_space_joined()
             return
+        if room_id in self._rooms.unrecorded:
+            # Joined on this invite already (decided, and acted on), its record not made
+            # then: made now, not decided again.
+            await self.enrol(room_id, inviter, handling)
+            return
         if room_id in self._rooms.moderated:
             # Taken already: the same invite, seen by the bot's sync (bot/intake/safety_net.py)
             # before Synapse's push came (a room the bot is in cannot invite it again).
@@ -197,15 +202,15 @@ class Membership:
         if not await self._join(handling, inviter, tell_staff=True, room_id=room_id):
             return
         # From the join on, a flag there is decided as a flag (not left as a stranger's),
-        # even while what follows waits for the homeserver.
+        # even while what follows waits for the homeserver: the bot is in the room, and
+        # staff put it there. A record that fails leaves it so (`unrecorded`), never
+        # unmoderated: a flag raised meanwhile, queued as a flag, would be refused as from
+        # a room the bot does not moderate, and lost. The invite's retry (or the Space's
+        # next walk, or the claim's retry) records it.
         self._rooms.moderate(room_id, self._deployment.community)
-        try:
-            await self._record_enrolment(room_id, inviter, handling)
-        except BaseException:
-            # Not recorded: not taken either, so the invite's retry (or the Space's next
-            # walk) enrols it again rather than passing it over as done.
-            self._rooms.stop_moderating(room_id)
-            raise
+        self._rooms.unrecorded.add(room_id)
+        await self._record_enrolment(room_id, inviter, handling)
+        self._rooms.unrecorded.discard(room_id)
         self._on_outbox()
 
     async def _record_enrolment(

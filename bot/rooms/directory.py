@@ -47,6 +47,10 @@ class RoomDirectory:
         # The group rooms staff put the bot in (and it has not left): only there can a flag
         # be acted on, so only there does one take the flag lane (bot/intake/accept.py).
         self.moderated: set[str] = set()
+        # Joined, their enrolment not recorded yet (the homeserver or the database away as
+        # it was): moderated all the same, so a flag already raised there is acted on (the
+        # bot is in the room, put there by staff); the invite's retry records them.
+        self.unrecorded: set[str] = set()
         # (room, member) of every active case: the only people whose membership of a
         # group room the policy acts on (their return ends the case, or removes them
         # again). Added before the case is written, never taken away while running:
@@ -93,6 +97,10 @@ class RoomDirectory:
         if community is not None:
             self.community[room_id] = community
 
+    def enrolled(self, room_id: str) -> bool:
+        """Moderated, and recorded so: nothing left to do for an invite to it."""
+        return room_id in self.moderated and room_id not in self.unrecorded
+
     def community_of(self, room_id: str) -> str | None:
         """The community a group room or staff room belongs to (None: none known)."""
         # A staff room is its community's whatever else names it.
@@ -131,6 +139,7 @@ class RoomDirectory:
         """The bot left it: whose it was is forgotten too (added again, it is whoever's
         staff add it)."""
         self.moderated.discard(room_id)
+        self.unrecorded.discard(room_id)
         self.community.pop(room_id, None)
 
     def watch_member(self, room_id: str, member_id: str) -> None:

@@ -122,12 +122,17 @@ class RoomAdmin:
         if isinstance(room_id, Refused):
             return self._("I cannot find {room} ({why}).").format(room=room, why=room_id)
         held = self._rooms.held_invites.get(room_id)
-        if held is None or self._deployment.community not in held:
+        community = self._deployment.community
+        # This claim, retried: joined for this community then, its record not made.
+        retried = (
+            room_id in self._rooms.unrecorded and self._rooms.community_of(room_id) == community
+        )
+        if not retried and (held is None or community not in held):
             return self._(
                 "I am not waiting to hear whose {room} is: only a room I asked about here "
                 "can be claimed."
             ).format(room=room)
-        del self._rooms.held_invites[room_id]
+        self._rooms.held_invites.pop(room_id, None)
         await enrol(room_id, by)
         # After the join: a restart between the two finds the room moderated, not held.
         async with self._db.begin() as conn:
