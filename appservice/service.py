@@ -944,6 +944,7 @@ class Service:
             if was_down and not down:
                 log.info("the homeserver answers again: catching up")
                 self.catch_up.trigger()
+                await self._events_due_now()
                 await self._warm_room_state()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
@@ -979,6 +980,17 @@ class Service:
                 self.outbox_worker.wake()
             except Exception as exc:
                 log.debug("the database does not record yet: %s", exc)
+
+    async def _events_due_now(self) -> None:
+        """Events that waited out the outage go now, not at the end of their backoff."""
+        try:
+            await self.dispatcher.homeserver_back()
+        except Exception:
+            # Their backoff still ends: late, never lost.
+            log.warning("could not bring the waiting events forward", exc_info=True)
+        for lane, worker in self.lane_workers.items():
+            if lane != DECRYPT_LANE:
+                worker.wake()
 
     async def _warm_room_state(self) -> None:
         """Know what a flag's decision needs ahead of the first flag (read off any flag's

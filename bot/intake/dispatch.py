@@ -35,7 +35,7 @@ from bot.config.deployment import Deployment
 from bot.core.metrics import Metrics
 from bot.core.ports import Decrypter, Homeserver, HomeserverUnavailable
 from bot.core.reactions import ACK_KEY, CLAIM_KEY, annotation
-from bot.intake.accept import DECRYPT_LANE, is_policy_request, redacted_by
+from bot.intake.accept import DECRYPT_LANE, LANES, is_policy_request, redacted_by
 from bot.rooms.directory import RoomDirectory, RoomKind
 from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
@@ -422,6 +422,16 @@ class Dispatcher:
         log.warning("event %s could not be decrypted: its key never arrived", item.event_id)
         if told:
             self._on_outbox()
+
+    async def homeserver_back(self) -> None:
+        """The homeserver answers again: what waited it out (every lane but the one waiting
+        for keys) is due now, and the next outage backs off from its first delay."""
+        self._outages = 0
+        lanes = [lane for lane in LANES if lane != DECRYPT_LANE]
+        async with self._db.begin() as conn:
+            await ingest.retry_lanes_now(conn, lanes)
+        # What they hold is in the inbox now, not (only) in what was handed over.
+        self._clear.difference_update(lanes)
 
     async def _is_outage(self) -> bool:
         """Whether the homeserver itself is unwell (not just this event's call failing)."""

@@ -540,6 +540,20 @@ async def retry_encrypted_now(conn: AsyncConnection) -> None:
     )
 
 
+async def retry_lanes_now(conn: AsyncConnection, lanes: Collection[int]) -> None:
+    """The homeserver answers again: the lanes' events waiting to be retried are due at
+    once (a flag that waited out the outage must not wait out its backoff too)."""
+    await conn.execute(
+        inbox.update()
+        .where(
+            inbox.c.status == "pending",
+            inbox.c.lane.in_(list(lanes)),
+            inbox.c.next_attempt_at.is_not(None),
+        )
+        .values(next_attempt_at=None)
+    )
+
+
 async def move_to_lane(conn: AsyncConnection, seq: int, lane: int) -> None:
     """An event found (once decrypted) to belong to another lane: due there at once."""
     await conn.execute(

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from appservice.service import PROBE_SECONDS
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
@@ -129,7 +130,9 @@ async def test_a_flag_raised_while_the_rooms_enrolment_waits_for_the_homeserver(
             proxy.down = True
             proxy.release(drop=True)
             await until(
-                lambda: _invite_waits(service, scene.group), within=30, what="the record to fail"
+                lambda: _waits(service, scene.group, "m.room.member"),
+                within=30,
+                what="the record to fail",
             )
             assert scene.group in service.rooms.unrecorded
             said = await scene.member.send_text(scene.group, "nobody would miss me")
@@ -144,15 +147,46 @@ async def test_a_flag_raised_while_the_rooms_enrolment_waits_for_the_homeserver(
         await proxy.stop()
 
 
-async def _invite_waits(service, room_id: str) -> bool:
-    """Whether the bot's invite into the room waits to be tried again (its handling failed)."""
+async def test_a_flag_that_waited_out_an_outage_goes_once_the_homeserver_answers(synapse, tmp_path):
+    """A flag whose decision could not read the room waits a backoff that grows with the
+    outage (to 30 s): once the homeserver answers again it goes then, not at the end of
+    that backoff."""
+    scene = await build_scene(synapse, tmp_path)
+    proxy = HoldingProxy(synapse.url)
+    await proxy.start()
+    config = _config(scene, homeserver_url=proxy.url)
+    try:
+        async with running_service(config) as service:
+            await open_group_room(scene)
+            service.dispatcher._outage_delays = (30.0,)  # as deep into an outage as it goes
+            proxy.down = True
+            service.room_state.forget_everything()  # as an outage does: the decision reads
+            said = await scene.member.send_text(scene.group, "nobody would miss me")
+            await scene.moderator.react(scene.group, said, "🚨")
+            await until(
+                lambda: _waits(service, scene.group, "m.reaction"),
+                within=30,
+                what="the flag to wait out the outage",
+            )
+            await asyncio.sleep(PROBE_SECONDS + 1)  # the outage seen by the service's probe
+            proxy.down = False
+            # Its backoff ends 30 s after it failed; the service sees the homeserver back
+            # within one probe.
+            await until(lambda: _kicks_of(scene, scene.member), within=15, what="the removal")
+    finally:
+        await proxy.stop()
+
+
+async def _waits(service, room_id: str, event_type: str) -> bool:
+    """Whether an event of the type in the room waits to be tried again (its handling
+    failed)."""
     import sqlalchemy as sa
 
     from bot.store.schema import inbox
 
     query = sa.select(inbox.c.seq).where(
         inbox.c.room_id == room_id,
-        inbox.c.event_type == "m.room.member",
+        inbox.c.event_type == event_type,
         inbox.c.status == "pending",
         inbox.c.error.is_not(None),
     )
