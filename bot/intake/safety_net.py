@@ -99,7 +99,7 @@ class SafetyNet(TriggeredLoop):
         *,
         bot_user_id: str,
         joined_at: Callable[[], Awaitable[dict[str, dt.datetime | None]]],
-        poll_seconds: float = POLL_SECONDS,
+        poll_seconds: float | None = None,
         notice_reads: NoticeReads | None = None,
         on_interrupted: Callable[[str], None] = lambda why: None,
     ) -> None:
@@ -113,7 +113,8 @@ class SafetyNet(TriggeredLoop):
         self._bot = bot_user_id
         # When the bot was put in each room it moderates (nothing older is its to act on).
         self._joined_at = joined_at
-        self._poll = poll_seconds
+        # The module's, read now (not bound at import): a test of idle cost shortens it.
+        self._poll = POLL_SECONDS if poll_seconds is None else poll_seconds
         self._gather = settings.gather.total_seconds()
         self._brought = False  # the last answer brought events, invites or receipts
         self._backlog = False  # ... and more was waiting than it held: no pause then

@@ -125,7 +125,25 @@ async def idle_requests(proxy: HoldingProxy, seconds: float) -> int:
     return len(proxy.forwarded) - before
 
 
-async def test_idle_requests_do_not_grow_with_the_rooms(synapse, tmp_path):
+async def quiet(proxy: HoldingProxy, *, for_seconds: float, within: float = 60.0) -> None:
+    """Until the service has asked nothing but what it asks all the time (its long poll, the
+    probe's whoami) for `for_seconds` (what joining rooms set off is over), `within` at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    periodic = ("/sync", "/account/whoami")
+
+    def asked() -> int:
+        return sum(1 for _method, path, _body in proxy.forwarded if not path.endswith(periodic))
+
+    seen, since = asked(), loop.time()
+    while loop.time() - since < for_seconds:
+        assert loop.time() < deadline, "the service never went quiet"
+        await asyncio.sleep(0.5)
+        if asked() != seen:
+            seen, since = asked(), loop.time()
+
+
+async def test_idle_requests_do_not_grow_with_the_rooms(synapse, tmp_path, short_long_poll):
     scene = await build_scene(synapse, tmp_path)
     async with HoldingProxy(synapse.url) as proxy:
         config = scene_config(scene, homeserver_url=proxy.url)
@@ -146,13 +164,15 @@ async def test_idle_requests_do_not_grow_with_the_rooms(synapse, tmp_path):
                         return (await scene.staff.members(room)).get(BOT) == "join"
 
                     await until(joined, within=60, what="the bot to join")
-                # What joining sets off (staff told, state read) is over by then.
-                await asyncio.sleep(15)
+                # What joining sets off is over: staff told, state read, and the rooms'
+                # first timelines, back-filled after the long poll that brought them.
+                await quiet(proxy, for_seconds=short_long_poll + 2)
 
-            # Each window holds more than one long poll (30 s) and every periodic task.
+            # Each window holds two long polls and every periodic task of a few seconds.
+            window = 2 * short_long_poll + 1
             await add_rooms(5)
-            few = await idle_requests(proxy, 35)
+            few = await idle_requests(proxy, window)
             await add_rooms(35)
-            many = await idle_requests(proxy, 35)
-            print(f"idle requests in 35 s: {few} with 5 rooms, {many} with 40")
+            many = await idle_requests(proxy, window)
+            print(f"idle requests in {window:.0f} s: {few} with 5 rooms, {many} with 40")
             assert many <= few + 4, f"{few} requests with 5 rooms, {many} with 40"
