@@ -199,18 +199,26 @@ class Membership:
         """Join a room of this community's and moderate it: recorded, and its staff told
         (as for an invite from them; a room found in the community's Space too, when
         there is no event being handled: `handling` None)."""
-        if not await self._join(handling, inviter, tell_staff=True, room_id=room_id):
+        # Joined already, its record not made then: not joined again (a join refused now,
+        # in a room the bot is in, would tell staff it could not join).
+        joined = room_id in self._rooms.unrecorded
+        if not joined and not await self._join(handling, inviter, tell_staff=True, room_id=room_id):
             return
         # From the join on, a flag there is decided as a flag (not left as a stranger's),
         # even while what follows waits for the homeserver: the bot is in the room, and
         # staff put it there. A record that fails leaves it so (`unrecorded`), never
         # unmoderated: a flag raised meanwhile, queued as a flag, would be refused as from
         # a room the bot does not moderate, and lost. The invite's retry (or the Space's
-        # next walk, or the claim's retry) records it.
+        # next walk, or the claim's retry) records it. While a record is being made the
+        # room is not `unrecorded`, so no other path records it too.
         self._rooms.moderate(room_id, self._deployment.community)
-        self._rooms.unrecorded.add(room_id)
-        await self._record_enrolment(room_id, inviter, handling)
         self._rooms.unrecorded.discard(room_id)
+        try:
+            await self._record_enrolment(room_id, inviter, handling)
+        except BaseException:
+            if room_id in self._rooms.moderated:  # (not left meanwhile)
+                self._rooms.unrecorded.add(room_id)
+            raise
         self._on_outbox()
 
     async def _record_enrolment(

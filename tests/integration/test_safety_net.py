@@ -168,8 +168,9 @@ async def test_idle_requests_do_not_grow_with_the_rooms(synapse, tmp_path, short
                 # first timelines, back-filled after the long poll that brought them.
                 await quiet(proxy, for_seconds=short_long_poll + 2)
 
-            # Each window holds two long polls and every periodic task of a few seconds.
-            window = 2 * short_long_poll + 1
+            # Each window holds several long polls and every periodic task (the longest, at
+            # 30 s: a per-room cost on such a timer must show).
+            window = 35.0
             await add_rooms(5)
             few = await idle_requests(proxy, window)
             await add_rooms(35)
