@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
@@ -921,14 +921,15 @@ class Service:
 
     def _room_key_arrived(self) -> None:
         """A room key came: encrypted events waiting for one are worth trying again now."""
-        self._in_background(self._retry_encrypted())
+        self._in_background(self._bring_forward("encrypted events", self.dispatcher.keys_arrived()))
 
-    async def _retry_encrypted(self) -> None:
+    async def _bring_forward(self, what: str, waiting: Awaitable[None]) -> None:
+        """Events waiting to be retried made due now (`waiting`), and every lane woken to take
+        them. If that write fails, their backoff still ends: late, never lost."""
         try:
-            async with self.engine.begin() as conn:
-                await ingest.retry_encrypted_now(conn)
+            await waiting
         except Exception:
-            log.warning("could not bring encrypted events forward", exc_info=True)
+            log.warning("could not bring %s forward", what, exc_info=True)
         for worker in self.lane_workers.values():
             worker.wake()
 
@@ -944,7 +945,8 @@ class Service:
             if was_down and not down:
                 log.info("the homeserver answers again: catching up")
                 self.catch_up.trigger()
-                await self._events_due_now()
+                # What waited out the outage goes now, not at the end of its backoff.
+                await self._bring_forward("the waiting events", self.dispatcher.homeserver_back())
                 await self._warm_room_state()
                 await self.steps.retry_waiting()
                 self.outbox_worker.wake()
@@ -980,17 +982,6 @@ class Service:
                 self.outbox_worker.wake()
             except Exception as exc:
                 log.debug("the database does not record yet: %s", exc)
-
-    async def _events_due_now(self) -> None:
-        """Events that waited out the outage go now, not at the end of their backoff."""
-        try:
-            await self.dispatcher.homeserver_back()
-        except Exception:
-            # Their backoff still ends: late, never lost.
-            log.warning("could not bring the waiting events forward", exc_info=True)
-        for lane, worker in self.lane_workers.items():
-            if lane != DECRYPT_LANE:
-                worker.wake()
 
     async def _warm_room_state(self) -> None:
         """Know what a flag's decision needs ahead of the first flag (read off any flag's

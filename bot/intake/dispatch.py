@@ -423,6 +423,11 @@ class Dispatcher:
         if told:
             self._on_outbox()
 
+    async def keys_arrived(self) -> None:
+        """Room keys came: encrypted events waiting for theirs are due now."""
+        async with self._db.begin() as conn:
+            await ingest.retry_encrypted_now(conn)
+
     async def homeserver_back(self) -> None:
         """The homeserver answers again: what waited it out (every lane but the one waiting
         for keys) is due now, and the next outage backs off from its first delay."""
@@ -430,8 +435,6 @@ class Dispatcher:
         lanes = [lane for lane in LANES if lane != DECRYPT_LANE]
         async with self._db.begin() as conn:
             await ingest.retry_lanes_now(conn, lanes)
-        # What they hold is in the inbox now, not (only) in what was handed over.
-        self._clear.difference_update(lanes)
 
     async def _is_outage(self) -> bool:
         """Whether the homeserver itself is unwell (not just this event's call failing)."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 import pytest
 
-from appservice.service import PROBE_SECONDS
+from appservice.service import PROBE_SECONDS, Service
 from tests.support.processes import run_service_process
 from tests.support.proxy import HoldingProxy
 from tests.support.scene import (
     BOT,
+    Scene,
     build_scene,
     entries,
     export_json,
@@ -38,6 +41,23 @@ async def _kicks_of(scene, user) -> list[dict]:
         and e.get("state_key") == user.user_id
         and e["sender"] == BOT
     ]
+
+
+@contextlib.asynccontextmanager
+async def _behind_proxy(synapse, tmp_path) -> AsyncIterator[tuple[Scene, HoldingProxy, Service]]:
+    """The scene, and the service with its calls to Synapse through a proxy that fails them
+    on cue."""
+    scene = await build_scene(synapse, tmp_path)
+    async with (
+        HoldingProxy(synapse.url) as proxy,
+        running_service(_config(scene, homeserver_url=proxy.url)) as service,
+    ):
+        yield scene, proxy, service
+
+
+async def _flag_the_member(scene: Scene) -> None:
+    said = await scene.member.send_text(scene.group, "nobody would miss me")
+    await scene.moderator.react(scene.group, said, "🚨")
 
 
 async def test_sigkill_between_notify_and_remove_resumes_once(synapse, tmp_path):
@@ -84,98 +104,74 @@ async def test_synapse_unreachable_for_a_while_loses_nothing(synapse, tmp_path, 
     # (CI lost this flag twice so: the outage began between the bot's join and the record
     # of its enrolment; pinned by the test after this one).
     caplog.set_level(logging.INFO)
-    scene = await build_scene(synapse, tmp_path)
-    proxy = HoldingProxy(synapse.url)
-    await proxy.start()
-    config = _config(scene, homeserver_url=proxy.url)
-    try:
-        async with running_service(config) as service:
-            await open_group_room(scene)
-            proxy.down = True  # every call the bot makes now fails with 502
-            said = await scene.member.send_text(scene.group, "nobody would miss me")
-            await scene.moderator.react(scene.group, said, "🚨")
-            await asyncio.sleep(4)  # the flag arrives and its processing keeps failing
-            assert await scene.membership(scene.group, scene.member) == "join"
-            proxy.down = False
-            await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
-            await until(
-                lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
-                within=60,
-                what="the alert",
-            )
-            assert len(await _kicks_of(scene, scene.member)) == 1
-            # The alert is visible a moment before its outcome is recorded.
-            await until(
-                lambda: _steps_done(service, 1, "notify", "remove", "alert"),
-                what="the steps to be recorded as done",
-            )
-    finally:
-        await proxy.stop()
+    async with _behind_proxy(synapse, tmp_path) as (scene, proxy, service):
+        await open_group_room(scene)
+        proxy.down = True  # every call the bot makes now fails with 502
+        await _flag_the_member(scene)
+        await asyncio.sleep(4)  # the flag arrives and its processing keeps failing
+        assert await scene.membership(scene.group, scene.member) == "join"
+        proxy.down = False
+        await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
+        await until(
+            lambda: scene.staff_matching(lambda m: m.startswith("Case #1")),
+            within=60,
+            what="the alert",
+        )
+        assert len(await _kicks_of(scene, scene.member)) == 1
+        # The alert is visible a moment before its outcome is recorded.
+        await until(
+            lambda: _steps_done(service, 1, "notify", "remove", "alert"),
+            what="the steps to be recorded as done",
+        )
 
 
 async def test_a_flag_raised_while_the_rooms_enrolment_waits_for_the_homeserver(synapse, tmp_path):
     """The homeserver goes away between the bot's join and the record of its enrolment (CI
     lost a flag so, twice): the room stays moderated, the flag is acted on, not refused as
     from a room the bot does not moderate, and the enrolment is recorded once it is back."""
-    scene = await build_scene(synapse, tmp_path)
-    proxy = HoldingProxy(synapse.url)
-    await proxy.start()
-    config = _config(scene, homeserver_url=proxy.url)
-    try:
-        async with running_service(config) as service:
-            # The enrolment reads the room's state after the join: held, then lost.
-            proxy.hold(lambda request: request.method == "GET" and request.path.endswith("/state"))
-            await open_group_room(scene)
-            await asyncio.wait_for(proxy.held_event.wait(), 30)
-            proxy.down = True
-            proxy.release(drop=True)
-            await until(
-                lambda: _waits(service, scene.group, "m.room.member"),
-                within=30,
-                what="the record to fail",
-            )
-            assert scene.group in service.rooms.unrecorded
-            said = await scene.member.send_text(scene.group, "nobody would miss me")
-            await scene.moderator.react(scene.group, said, "🚨")
-            await asyncio.sleep(1)
-            proxy.down = False
-            await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
-            await until(lambda: service.rooms.enrolled(scene.group), what="the enrolment")
-            assert not [e for e in await entries(service, "refused")], "nothing refused"
-            assert len(await entries(service, "room_joined")) == 1
-    finally:
-        await proxy.stop()
+    async with _behind_proxy(synapse, tmp_path) as (scene, proxy, service):
+        # The enrolment reads the room's state after the join: held, then lost.
+        proxy.hold(lambda request: request.method == "GET" and request.path.endswith("/state"))
+        await open_group_room(scene)
+        await asyncio.wait_for(proxy.held_event.wait(), 30)
+        proxy.down = True
+        proxy.release(drop=True)
+        await until(
+            lambda: _waits(service, scene.group, "m.room.member"),
+            within=30,
+            what="the record to fail",
+        )
+        assert scene.group in service.rooms.unrecorded
+        await _flag_the_member(scene)
+        await asyncio.sleep(1)
+        proxy.down = False
+        await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
+        await until(lambda: service.rooms.enrolled(scene.group), what="the enrolment")
+        assert not [e for e in await entries(service, "refused")], "nothing refused"
+        assert len(await entries(service, "room_joined")) == 1
 
 
 async def test_a_flag_that_waited_out_an_outage_goes_once_the_homeserver_answers(synapse, tmp_path):
     """A flag whose decision could not read the room waits a backoff that grows with the
     outage (to 30 s, shared by every lane): once the homeserver answers again it goes then,
     not at the end of that backoff."""
-    scene = await build_scene(synapse, tmp_path)
-    proxy = HoldingProxy(synapse.url)
-    await proxy.start()
-    config = _config(scene, homeserver_url=proxy.url)
-    try:
-        async with running_service(config) as service:
-            await open_group_room(scene)
-            # Deeper into an outage than it goes (30 s): the difference plain, whatever the load.
-            service.dispatcher._outage_delays = (120.0,)
-            proxy.down = True
-            service.room_state.forget_everything()  # as an outage does: the decision reads
-            said = await scene.member.send_text(scene.group, "nobody would miss me")
-            await scene.moderator.react(scene.group, said, "🚨")
-            await until(
-                lambda: _waits(service, scene.group, "m.reaction"),
-                within=30,
-                what="the flag to wait out the outage",
-            )
-            await asyncio.sleep(PROBE_SECONDS + 1)  # the outage seen by the service's probe
-            proxy.down = False
-            # Its backoff ends 120 s after it failed; the service sees the homeserver back
-            # within one probe.
-            await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
-    finally:
-        await proxy.stop()
+    async with _behind_proxy(synapse, tmp_path) as (scene, proxy, service):
+        await open_group_room(scene)
+        # Deeper into an outage than it goes (30 s): the difference plain, whatever the load.
+        service.dispatcher._outage_delays = (120.0,)
+        proxy.down = True
+        service.room_state.forget_everything()  # as an outage does: the decision reads
+        await _flag_the_member(scene)
+        await until(
+            lambda: _waits(service, scene.group, "m.reaction"),
+            within=30,
+            what="the flag to wait out the outage",
+        )
+        await asyncio.sleep(PROBE_SECONDS + 1)  # the outage seen by the service's probe
+        proxy.down = False
+        # Its backoff ends 120 s after it failed; the service sees the homeserver back
+        # within one probe.
+        await until(lambda: _kicks_of(scene, scene.member), within=60, what="the removal")
 
 
 async def _waits(service, room_id: str, event_type: str) -> bool:

@@ -14,6 +14,7 @@ from bot.core.metrics import Metrics
 from bot.core.ports import MESSAGE_MARKER_KEY
 from bot.rooms.directory import RoomDirectory
 from bot.rooms.ready_rooms import ReadyRooms
+from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.steps import CASE_STEPS, Toolbox, build_steps
 from bot.store import audit, cases
@@ -103,6 +104,15 @@ async def run_until_waiting(runner: StepEngine, db: AsyncEngine, case_id: int) -
     raise AssertionError(f"case #{case_id} never settled")
 
 
+def refusal_reports(
+    db: AsyncEngine, staff_room: StaffRoom, settings: Deployment, texts: Texts
+) -> RefusalReports:
+    """Refusal reports as the service makes them, for one staff room."""
+    return RefusalReports(
+        db, staff_room, settings.policy.refusal_report_every, texts=texts, on_outbox=lambda: None
+    )
+
+
 def referral(
     db: AsyncEngine, homeserver: Any, settings: Deployment | None = None, **options: Any
 ) -> Any:
@@ -110,7 +120,6 @@ def referral(
     from bot.intake.recent_senders import RecentSenders
     from bot.moderation.room_state import RoomStateCache
     from bot.referral.decision import Referral
-    from bot.rooms.refusal_reports import RefusalReports
     from bot.staff.members import StaffDirectory
 
     options.setdefault("senders", RecentSenders())
@@ -127,13 +136,7 @@ def referral(
         staff_room,
         Metrics(),
         room_state=RoomStateCache(homeserver),
-        reports=RefusalReports(
-            db,
-            staff_room,
-            settings.policy.refusal_report_every,
-            texts=texts,
-            on_outbox=lambda: None,
-        ),
+        reports=refusal_reports(db, staff_room, settings, texts),
         texts=texts,
         on_case=lambda case_id, begun=None: None,
         on_outbox=lambda: None,

@@ -9,11 +9,10 @@ from bot.core.ports import HomeserverUnavailable
 from bot.moderation.membership import Membership
 from bot.moderation.room_state import RoomStateCache
 from bot.rooms.directory import RoomDirectory
-from bot.rooms.refusal_reports import RefusalReports
 from bot.rooms.staff_room import StaffRoom
 from bot.store import audit, rooms
 from bot.texts.messages import Texts
-from tests.support.policy import BOT, STAFF, deployment, homeserver
+from tests.support.policy import BOT, STAFF, deployment, homeserver, refusal_reports
 
 ROOM = "!group:localhost"
 INVITER = "@staff:localhost"
@@ -35,13 +34,7 @@ def membership(engine, hs, directory: RoomDirectory) -> Membership:
         directory,
         may_invite=may_invite,
         room_state=RoomStateCache(hs),
-        reports=RefusalReports(
-            engine,
-            staff_room,
-            settings.policy.refusal_report_every,
-            texts=texts,
-            on_outbox=lambda: None,
-        ),
+        reports=refusal_reports(engine, staff_room, settings, texts),
         texts=texts,
         on_outbox=lambda: None,
         on_staff_room_joined=lambda: None,
